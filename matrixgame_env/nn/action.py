@@ -1,0 +1,173 @@
+"""The action module: mouse and keyboard conditioning inside the first DiT blocks.
+
+Per latent frame f, both branches read a window of `window_video_frames` (12) video frames of
+actions: video frames 4f-12 .. 4f-1, with indices below 0 replaced by frame 0 (see
+`action_windows`). The mouse branch mixes each token with its frame's mouse window and attends
+over time at each spatial location; the keyboard branch lets every token attend to per-frame
+keyboard keys. Both add their output to the token stream.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import KVCache, FloatLayerNorm, attention, rms_normalize
+from .config import ActionConfig
+from .rope import Rotation, action_rope_angles
+
+
+def action_windows(actions: torch.Tensor, first_video_frame: int, start_frame: int, num_frames: int,
+                   window: int, compression: int = 4) -> torch.Tensor:
+    """Gather the action window of latent frames [start_frame, start_frame + num_frames).
+
+    actions: [B, T, C] holding video frames first_video_frame .. first_video_frame + T - 1, or
+    first_video_frame < 0 when the sequence is front-padded. Returns [B, num_frames, window, C]
+    where row (f, i) is video frame max(0, compression * f - window + i).
+    """
+    frames = torch.arange(start_frame, start_frame + num_frames)
+    video = (compression * frames[:, None] - window + torch.arange(window)[None, :]).clamp(min=0)
+    index = video - first_video_frame
+    if index.min() < 0 or index.max() >= actions.shape[1]:
+        raise ValueError(
+            f"actions hold video frames {first_video_frame}..{first_video_frame + actions.shape[1] - 1} "
+            f"but latent frames {start_frame}..{start_frame + num_frames - 1} need {int(video.min())}..{int(video.max())}"
+        )
+    return actions[:, index.to(actions.device)]
+
+
+class ActionCaches:
+    """The streaming caches of one action module (mouse: per spatial location; keyboard: per world)."""
+
+    def __init__(self, mouse: KVCache | None, keyboard: KVCache | None) -> None:
+        self.mouse = mouse
+        self.keyboard = keyboard
+
+
+class ActionModule(nn.Module):
+    """Mouse + keyboard conditioning; parameter names follow the official `ActionModule`."""
+
+    def __init__(self, config: ActionConfig, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.config = config
+        self.eps = eps
+        dim = config.img_hidden_size
+        window = config.window_video_frames
+        heads_dim = config.keyboard_hidden_dim
+        if config.enable_mouse:
+            hidden = config.mouse_hidden_dim
+            self.mouse_mlp = nn.Sequential(
+                nn.Linear(dim + config.mouse_dim_in * window, hidden),
+                nn.GELU(approximate="tanh"),
+                nn.Linear(hidden, hidden),
+                FloatLayerNorm(hidden, eps=1e-5),
+            )
+            self.t_qkv = nn.Linear(hidden, 3 * hidden, bias=False)
+            # Present in the official checkpoints but never applied by the official forward.
+            self.img_attn_q_norm = _UnusedNormWeight(config.head_dim)
+            self.img_attn_k_norm = _UnusedNormWeight(config.head_dim)
+            self.proj_mouse = nn.Linear(hidden, dim, bias=False)
+        if config.enable_keyboard:
+            self.keyboard_embed = nn.Sequential(
+                nn.Linear(config.keyboard_dim_in, config.hidden_size),
+                nn.SiLU(),
+                nn.Linear(config.hidden_size, config.hidden_size),
+            )
+            self.key_attn_q_norm = _UnusedNormWeight(config.head_dim)
+            self.key_attn_k_norm = _UnusedNormWeight(config.head_dim)
+            self.mouse_attn_q = nn.Linear(dim, heads_dim, bias=False)  # keyboard-branch queries (official name)
+            self.keyboard_attn_kv = nn.Linear(config.hidden_size * window, 2 * heads_dim, bias=False)
+            self.proj_keyboard = nn.Linear(heads_dim, dim, bias=False)
+
+    def rotation(self, start_frame: int, num_frames: int, device: torch.device) -> Rotation:
+        c = self.config
+        angles = action_rope_angles(c.head_dim, c.rope_dim_list[0], range(start_frame, start_frame + num_frames), c.rope_theta)
+        return Rotation(angles, device)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        num_frames: int,
+        start_frame: int,
+        mouse_windows: torch.Tensor | None,
+        keyboard_windows: torch.Tensor | None,
+        caches: ActionCaches | None = None,
+        frame_mask: torch.Tensor | None = None,
+        return_branches: bool = False,
+    ):
+        """x: [B, F*S, dim] tokens (float32 residual stream) -> x + mouse branch + keyboard branch.
+
+        mouse_windows [B, F, window, 2], keyboard_windows [B, F, window, K]. With `caches`, the new
+        frames' keys are stored and attention spans the cache; without, `frame_mask` [F, F] (or
+        full attention) applies over the given frames.
+        """
+        c = self.config
+        batch, tokens, dim = x.shape
+        spatial = tokens // num_frames
+        weight_dtype = self._weight_dtype()
+        rotation = self.rotation(start_frame, num_frames, x.device)
+        mouse_out = keyboard_out = None
+
+        if c.enable_mouse:
+            heads, head_dim = c.heads_num, c.mouse_hidden_dim // c.heads_num
+            mouse = mouse_windows.flatten(2).to(weight_dtype)  # [B, F, window*2]
+            features = torch.cat(
+                [x.to(weight_dtype).view(batch, num_frames, spatial, dim),
+                 mouse[:, :, None, :].expand(batch, num_frames, spatial, mouse.shape[-1])],
+                dim=-1,
+            )
+            hidden = self.mouse_mlp(features)  # [B, F, S, hidden]
+            qkv = self.t_qkv(hidden).view(batch, num_frames, spatial, 3, heads, head_dim)
+            # One temporal sequence per spatial location: [B*S, F, heads, head_dim].
+            qkv = qkv.permute(0, 2, 1, 3, 4, 5).reshape(batch * spatial, num_frames, 3, heads, head_dim)
+            q, k, v = qkv.unbind(dim=2)
+            q = rotation.apply(rms_normalize(q, self.eps))
+            k = rotation.apply(rms_normalize(k, self.eps))
+            if caches is not None:
+                k, v = _update_grouped(caches.mouse, start_frame, k, v, batch, spatial)
+                mask = None
+            else:
+                mask = frame_mask
+            out = attention(q, k, v, mask)  # [B*S, F, heads, head_dim]
+            out = out.reshape(batch, spatial, num_frames, heads * head_dim).transpose(1, 2)
+            mouse_out = self.proj_mouse(out.reshape(batch, tokens, heads * head_dim)).float()
+            x = x + mouse_out
+
+        if c.enable_keyboard:
+            heads, head_dim = c.heads_num, c.head_dim
+            embedded = self.keyboard_embed(keyboard_windows.to(weight_dtype))  # [B, F, window, hidden]
+            kv = self.keyboard_attn_kv(embedded.flatten(2)).view(batch, num_frames, 2, heads, head_dim)
+            k, v = kv.unbind(dim=2)  # [B, F, heads, head_dim]
+            q = self.mouse_attn_q(x.to(weight_dtype)).view(batch, tokens, heads, head_dim)
+            q = rms_normalize(q, self.eps).view(batch, num_frames, spatial, heads, head_dim)
+            q = rotation.apply(q.transpose(1, 2)).transpose(1, 2).reshape(batch, tokens, heads, head_dim)
+            k = rotation.apply(rms_normalize(k, self.eps))
+            if caches is not None:
+                k, v = caches.keyboard.update(start_frame, k, v)
+                mask = None
+            else:
+                mask = None if frame_mask is None else frame_mask.repeat_interleave(spatial, dim=0)
+            out = attention(q, k, v, mask)
+            keyboard_out = self.proj_keyboard(out.reshape(batch, tokens, heads * head_dim)).float()
+            x = x + keyboard_out
+
+        if return_branches:
+            return x, mouse_out, keyboard_out
+        return x
+
+    def _weight_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+
+def _update_grouped(cache: KVCache, start_frame: int, k: torch.Tensor, v: torch.Tensor, batch: int, spatial: int):
+    """Store per-location keys in a cache laid out [B, S, frames, heads, dim]; return [B*S, ...] views."""
+    k_all, v_all = cache.update(start_frame, k.unflatten(0, (batch, spatial)), v.unflatten(0, (batch, spatial)))
+    return k_all.flatten(0, 1), v_all.flatten(0, 1)
+
+
+class _UnusedNormWeight(nn.Module):
+    """Holds a q/k norm weight that the official checkpoints carry but the official forward ignores."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))

@@ -1,0 +1,270 @@
+"""The streaming few-step sampler: one block of latent frames per call, caches carried in a state.
+
+Per block (3 latent frames for the released models): start from noise, run the distilled steps
+([1000, 666, 333] warped onto the shift-5 schedule), converting each velocity prediction to x0 and
+re-noising to the next level, then run the DiT once more on the clean x0 at timestep
+`context_noise` so the caches hold clean-frame keys. Actions arrive block by block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..nn.action import ActionCaches, action_windows
+from ..nn.dit import CausalDiT, LayerCaches
+from ..nn.scheduler import FlowMatchScheduler
+from .cache import RingKVCache
+from .condition import ImageLatents, first_frame_mask
+from .state import WorldState
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Few-step sampling settings (the official inference YAML's keys)."""
+
+    denoising_steps: tuple[float, ...] = (1000, 666, 333)
+    warp_denoising_step: bool = True
+    timestep_shift: float = 5.0
+    frames_per_block: int = 3
+    context_noise: float = 0.0
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> SamplerConfig:
+        """Accept the official inference YAML contents (denoising_step_list, num_frame_per_block,
+        context_noise, warp_denoising_step, model_kwargs.timestep_shift) or our own keys."""
+        shift = cfg.get("timestep_shift", cfg.get("model_kwargs", {}).get("timestep_shift", 5.0))
+        return cls(
+            denoising_steps=tuple(cfg.get("denoising_steps", cfg.get("denoising_step_list", cls.denoising_steps))),
+            warp_denoising_step=bool(cfg.get("warp_denoising_step", True)),
+            timestep_shift=float(shift),
+            frames_per_block=int(cfg.get("frames_per_block", cfg.get("num_frame_per_block", 3))),
+            context_noise=float(cfg.get("context_noise", 0.0)),
+        )
+
+
+class StreamingSampler:
+    """Streams latent blocks from a `CausalDiT`, for a batch of worlds held in a `WorldState`."""
+
+    def __init__(
+        self,
+        model: CausalDiT,
+        config: SamplerConfig | None = None,
+        latent_size: tuple[int, int] = (44, 80),
+        window_frames: int | None = None,
+    ) -> None:
+        self.model = model
+        self.config = config or SamplerConfig()
+        self.latent_height, self.latent_width = latent_size
+        pt, ph, pw = model.config.patch_size
+        if self.latent_height % ph or self.latent_width % pw:
+            raise ValueError(f"latent size {latent_size} is not divisible by the patch size {(ph, pw)}")
+        if pt != 1:
+            raise ValueError(f"temporal patch size {pt} is not supported by streaming (the released models use 1)")
+        self.tokens_per_frame = model.tokens_per_frame(self.latent_height, self.latent_width)
+        window = window_frames if window_frames is not None else model.config.local_attn_size
+        if window is None or window <= 0:
+            raise ValueError(
+                f"streaming needs a finite attention window; the config has local_attn_size={window}: "
+                "pass window_frames (e.g. 6)"
+            )
+        if window < self.config.frames_per_block + model.config.sink_size:
+            raise ValueError(f"window of {window} frames cannot hold a block of {self.config.frames_per_block}")
+        self.window_frames = window
+        self.scheduler = FlowMatchScheduler(self.config.timestep_shift)
+        steps = list(self.config.denoising_steps)
+        self.timesteps = self.scheduler.warp(steps) if self.config.warp_denoising_step else [float(s) for s in steps]
+        # sigma of each step as the float32 table value, looked up once (no per-step device work).
+        self.sigmas = [float(self.scheduler.sigma(t)) for t in self.timesteps]
+        action = model.config.action
+        self.keyboard_dim = action.keyboard_dim_in if action and action.enable_keyboard else 0
+        self.mouse_dim = action.mouse_dim_in if action and action.enable_mouse else 0
+        self.action_window = action.window_video_frames if action else 0
+        self.compression = action.vae_time_compression_ratio if action else 4
+        self.condition_channels = model.config.in_dim - model.config.out_dim
+
+    # ------------------------------------------------------------------ start
+    @torch.no_grad()
+    def start(
+        self,
+        image_latents: torch.Tensor | ImageLatents,
+        visual_context: torch.Tensor,
+        seed: int | Sequence[int] | None = None,
+    ) -> WorldState:
+        """A fresh state for B worlds.
+
+        image_latents: [B, C, K, h, w] normalised VAE latents of the start image followed by zero
+        frames (later frames repeat frame K-1); visual_context: CLIP tokens [B, L, clip_dim];
+        seed: one per world (or one int: seed + b), None for random seeds.
+        """
+        model = self.model
+        device, dtype = model.device, model.dtype
+        image = image_latents if isinstance(image_latents, ImageLatents) else ImageLatents(image_latents)
+        latents = image.latents
+        batch = latents.shape[0]
+        image_channels = self.condition_channels - self._mask_channels()
+        expected = (batch, image_channels, latents.shape[2], self.latent_height, self.latent_width)
+        if latents.dim() != 5 or tuple(latents.shape) != expected or latents.shape[2] < 1:
+            raise ValueError(f"image latents must have shape [B, {image_channels}, K>=1, {self.latent_height}, "
+                             f"{self.latent_width}], got {tuple(latents.shape)}")
+        _check_finite(latents, "image latents")
+        if visual_context.dim() != 3 or visual_context.shape[0] != batch or visual_context.shape[2] != model.config.clip_dim:
+            raise ValueError(f"visual_context must be [{batch}, L, {model.config.clip_dim}], "
+                             f"got {tuple(visual_context.shape)}")
+        _check_finite(visual_context, "visual_context")
+        generators = _make_generators(seed, batch, device)
+        return WorldState(
+            caches=self._new_caches(batch),
+            context=model.context_kv(visual_context.to(device)),
+            image=image.to(device, torch.float32),
+            keyboard_history=None,
+            mouse_history=None,
+            generators=generators,
+            frame=0,
+        )
+
+    def _mask_channels(self) -> int:
+        return self.condition_channels - self.model.config.out_dim
+
+    def _new_caches(self, batch: int) -> list[LayerCaches]:
+        config, model = self.model.config, self.model
+        kwargs = dict(dtype=model.dtype, device=model.device)
+        caches = []
+        for block in model.blocks:
+            self_attn = RingKVCache((batch,), self.window_frames, self.tokens_per_frame, config.num_heads,
+                                    config.head_dim, sink=config.sink_size, **kwargs)
+            action = None
+            if block.action_model is not None:
+                a = config.action
+                heads, head_dim = a.heads_num, a.head_dim
+                mouse = (RingKVCache((batch, self.tokens_per_frame), self.window_frames, 1, heads, head_dim, **kwargs)
+                         if a.enable_mouse else None)
+                keyboard = (RingKVCache((batch,), self.window_frames, 1, heads, head_dim, **kwargs)
+                            if a.enable_keyboard else None)
+                action = ActionCaches(mouse, keyboard)
+            caches.append(LayerCaches(self_attn, action))
+        return caches
+
+    # ------------------------------------------------------------------ step
+    def video_frames_for_block(self, state: WorldState) -> int:
+        """New video frames of action (and of output) the next block covers: 9 first, then 12."""
+        f = self.config.frames_per_block
+        return 1 + self.compression * (f - 1) if state.frame == 0 else self.compression * f
+
+    @torch.no_grad()
+    def step(
+        self,
+        state: WorldState,
+        keyboard: torch.Tensor | None = None,
+        mouse: torch.Tensor | None = None,
+        *,
+        noise: torch.Tensor | None = None,
+        renoise: Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Generate the next block of latent frames for every world: [B, 16, frames_per_block, h, w].
+
+        keyboard [B, T, K] / mouse [B, T, 2] hold the actions of the block's T new video frames
+        (`video_frames_for_block`: 9 for the first block, 12 after), or [B, K] / [B, 2] for one
+        action held over the block. `noise` [B, 16, f, h, w] and `renoise` (one tensor per step
+        after the first) replace the state's random streams, for replaying stored noise.
+        """
+        model, cfg = self.model, self.config
+        batch, start, fpb = state.batch_size, state.frame, cfg.frames_per_block
+        device = model.device
+        new_frames = self.video_frames_for_block(state)
+        keyboard = self._check_actions(keyboard, "keyboard", self.keyboard_dim, batch, new_frames, device)
+        mouse = self._check_actions(mouse, "mouse", self.mouse_dim, batch, new_frames, device)
+        keyboard_windows, state.keyboard_history = self._windows(keyboard, state.keyboard_history, start, new_frames)
+        mouse_windows, state.mouse_history = self._windows(mouse, state.mouse_history, start, new_frames)
+
+        h, w, c = self.latent_height, self.latent_width, model.config.out_dim
+        cond = torch.cat(
+            [first_frame_mask(batch, self._mask_channels(), start, start + fpb, h, w, device),
+             state.image.frames(start, start + fpb)],
+            dim=1,
+        )
+        shape = (batch, c, fpb, h, w)
+        x = self._noise(noise, shape, state, "noise")
+        kwargs = dict(context=state.context, mouse_windows=mouse_windows, keyboard_windows=keyboard_windows,
+                      start_frame=start, caches=state.caches)
+        timestep = torch.empty(batch, fpb, device=device)
+        x0 = x
+        for k, (t, sigma) in enumerate(zip(self.timesteps, self.sigmas)):
+            flow = model(x, cond, timestep.fill_(t), **kwargs)
+            x0 = (x.double() - sigma * flow.double()).float()
+            if k + 1 < len(self.timesteps):
+                next_sigma = self.sigmas[k + 1]
+                eps = self._noise(renoise[k] if renoise is not None else None, shape, state, f"renoise[{k}]")
+                x = (1 - next_sigma) * x0 + next_sigma * eps
+        # Clean-context re-run: refreshes every cache with the keys of the final frames.
+        model(x0, cond, timestep.fill_(cfg.context_noise), **kwargs)
+        state.frame = start + fpb
+        return x0
+
+    # ------------------------------------------------------------------ helpers
+    def _noise(self, given: torch.Tensor | None, shape: tuple[int, ...], state: WorldState, name: str) -> torch.Tensor:
+        device = self.model.device
+        if given is not None:
+            if tuple(given.shape) != shape:
+                raise ValueError(f"{name} must have shape {list(shape)}, got {list(given.shape)}")
+            _check_finite(given, name)
+            return given.to(device, torch.float32)
+        return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in state.generators])
+
+    def _check_actions(self, actions: torch.Tensor | None, name: str, width: int, batch: int, frames: int,
+                       device: torch.device) -> torch.Tensor | None:
+        if width == 0:
+            if actions is not None:
+                raise ValueError(f"this model takes no {name} input, but {name} actions were given")
+            return None
+        if actions is None:
+            return torch.zeros(batch, frames, width, device=device)
+        actions = torch.as_tensor(actions)
+        if not actions.is_floating_point() and actions.dtype not in (torch.int8, torch.int16, torch.int32,
+                                                                       torch.int64, torch.uint8, torch.bool):
+            raise ValueError(f"{name} actions must be numeric, got dtype {actions.dtype}")
+        if actions.dim() == 2:
+            actions = actions[:, None, :].expand(actions.shape[0], frames, actions.shape[1])
+        if actions.dim() != 3 or tuple(actions.shape) != (batch, frames, width):
+            raise ValueError(f"{name} actions must be [{batch}, {frames}, {width}] (worlds, new video frames of this "
+                             f"block, {name} width) or [{batch}, {width}] held for the block; got {list(actions.shape)}")
+        actions = actions.to(device, torch.float32)
+        _check_finite(actions, f"{name} actions")
+        return actions
+
+    def _windows(self, actions: torch.Tensor | None, history: torch.Tensor | None, start: int, new_frames: int):
+        """Action windows of the block's latent frames, and the history to keep for the next block."""
+        if actions is None:
+            return None, None
+        window = self.action_window
+        if history is None:  # first block: the sequence is front-padded with copies of video frame 0
+            history = actions[:, :1].expand(actions.shape[0], window, actions.shape[2])
+        sequence = torch.cat([history, actions], dim=1)
+        first_video = (0 if start == 0 else 1 + self.compression * (start - 1)) - window
+        windows = action_windows(sequence, first_video, start, self.config.frames_per_block, window, self.compression)
+        return windows.to(self.model.dtype), sequence[:, -window:].clone()
+
+
+def _check_finite(t: torch.Tensor, name: str) -> None:
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise ValueError(f"{name} contain NaN or infinite values")
+
+
+def _make_generators(seed: int | Sequence[int] | None, batch: int, device: torch.device) -> list[torch.Generator]:
+    if seed is None:
+        seeds = [int(s) for s in torch.randint(0, 2**62, (batch,))]
+    elif isinstance(seed, int):
+        seeds = [seed + b for b in range(batch)]
+    else:
+        seeds = [int(s) for s in seed]
+        if len(seeds) != batch:
+            raise ValueError(f"got {len(seeds)} seeds for {batch} worlds")
+    generators = []
+    for s in seeds:
+        g = torch.Generator(device=device)
+        g.manual_seed(s)
+        generators.append(g)
+    return generators

@@ -1,0 +1,126 @@
+"""The world state: everything needed to continue a batch of streamed worlds, and nothing else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..nn.action import ActionCaches
+from ..nn.dit import ContextKV, LayerCaches
+from .cache import RingKVCache
+from .condition import ImageLatents
+
+
+@dataclass
+class WorldState:
+    """Caches, frame index, action history, image condition and random streams of B worlds.
+
+    `snapshot()` returns an independent copy; `restore(snapshot)` puts one back (exact: the same
+    actions then give the same latents again); `fork(n)` expands every world into n copies.
+    """
+
+    caches: list[LayerCaches]
+    context: ContextKV
+    image: ImageLatents
+    keyboard_history: torch.Tensor | None  # [B, window, K]: video frames just before the next block
+    mouse_history: torch.Tensor | None  # [B, window, 2]
+    generators: list[torch.Generator]
+    frame: int = 0  # latent frames generated so far (= first latent frame of the next block)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.generators)
+
+    @property
+    def device(self) -> torch.device:
+        return self.image.latents.device
+
+    @property
+    def video_frame(self) -> int:
+        """Video frames generated so far."""
+        return 0 if self.frame == 0 else 1 + 4 * (self.frame - 1)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the attention caches (the part that scales with model and batch size)."""
+        total = 0
+        for layer in self.caches:
+            total += layer.self_attn.nbytes
+            if layer.action is not None:
+                total += sum(c.nbytes for c in (layer.action.mouse, layer.action.keyboard) if c is not None)
+        return total
+
+    def snapshot(self) -> WorldState:
+        return WorldState(
+            caches=[_map_layer(layer, RingKVCache.clone) for layer in self.caches],
+            context=self.context,  # never modified after start
+            image=self.image,  # never modified after start
+            keyboard_history=_clone(self.keyboard_history),
+            mouse_history=_clone(self.mouse_history),
+            generators=[_clone_generator(g) for g in self.generators],
+            frame=self.frame,
+        )
+
+    def restore(self, snapshot: WorldState) -> None:
+        """Make this state equal to `snapshot` again (in place: no reallocation of caches)."""
+        if snapshot.batch_size != self.batch_size or len(snapshot.caches) != len(self.caches):
+            raise ValueError(
+                f"snapshot has {snapshot.batch_size} worlds and {len(snapshot.caches)} layers; "
+                f"this state has {self.batch_size} and {len(self.caches)}"
+            )
+        for mine, theirs in zip(self.caches, snapshot.caches):
+            mine.self_attn.copy_from(theirs.self_attn)
+            if mine.action is not None:
+                for a, b in ((mine.action.mouse, theirs.action.mouse), (mine.action.keyboard, theirs.action.keyboard)):
+                    if a is not None:
+                        a.copy_from(b)
+        self.context = snapshot.context
+        self.image = snapshot.image
+        self.keyboard_history = _clone(snapshot.keyboard_history)
+        self.mouse_history = _clone(snapshot.mouse_history)
+        for g, s in zip(self.generators, snapshot.generators):
+            g.set_state(s.get_state())
+        self.frame = snapshot.frame
+
+    def select(self, indices: torch.Tensor | list[int]) -> WorldState:
+        """A new state made of the given worlds (in that order; repeats allowed)."""
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        if indices.numel() and (indices.min() < 0 or indices.max() >= self.batch_size):
+            raise ValueError(f"world indices must lie in 0..{self.batch_size - 1}, got {indices.tolist()}")
+        return WorldState(
+            caches=[_map_layer(layer, lambda c: c.select(indices)) for layer in self.caches],
+            context=self.context.select(indices.to(self.context.keys[0].device)),
+            image=self.image.select(indices),
+            keyboard_history=None if self.keyboard_history is None else self.keyboard_history[indices.to(self.device)],
+            mouse_history=None if self.mouse_history is None else self.mouse_history[indices.to(self.device)],
+            generators=[_clone_generator(self.generators[i]) for i in indices.tolist()],
+            frame=self.frame,
+        )
+
+    def fork(self, n: int) -> WorldState:
+        """Batch expansion for planners: world b becomes worlds b*n .. b*n + n-1, each an exact copy
+        (same caches and same random stream, so equal actions give equal futures)."""
+        if n < 1:
+            raise ValueError(f"fork needs n >= 1, got {n}")
+        return self.select(torch.arange(self.batch_size).repeat_interleave(n))
+
+
+def _map_layer(layer: LayerCaches, fn) -> LayerCaches:
+    action = None
+    if layer.action is not None:
+        action = ActionCaches(
+            fn(layer.action.mouse) if layer.action.mouse is not None else None,
+            fn(layer.action.keyboard) if layer.action.keyboard is not None else None,
+        )
+    return LayerCaches(fn(layer.self_attn), action)
+
+
+def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.clone()
+
+
+def _clone_generator(g: torch.Generator) -> torch.Generator:
+    copy = torch.Generator(device=g.device)
+    copy.set_state(g.get_state())
+    return copy
