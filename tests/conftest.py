@@ -42,7 +42,9 @@ class Fixture:
         return value.float() if value.is_floating_point() else value
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return {k: (v.float() if v.is_floating_point() else v) for k, v in self.file(self.spec["files"]["weights"]).items()}
+        return {
+            k: (v.float() if v.is_floating_point() else v) for k, v in self.file(self.spec["files"]["weights"]).items()
+        }
 
     def io(self, name: str) -> torch.Tensor:
         """A tensor from the fixture's own io file."""

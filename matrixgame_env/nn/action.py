@@ -12,13 +12,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import KVCache, FloatLayerNorm, attention, rms_normalize
+from .attention import FloatLayerNorm, KVCache, attention, rms_normalize
 from .config import ActionConfig
 from .rope import Rotation, action_rope_angles
 
 
-def action_windows(actions: torch.Tensor, first_video_frame: int, start_frame: int, num_frames: int,
-                   window: int, compression: int = 4) -> torch.Tensor:
+def action_windows(
+    actions: torch.Tensor, first_video_frame: int, start_frame: int, num_frames: int, window: int, compression: int = 4
+) -> torch.Tensor:
     """Gather the action window of latent frames [start_frame, start_frame + num_frames).
 
     actions: [B, T, C] holding video frames first_video_frame .. first_video_frame + T - 1, or
@@ -31,7 +32,8 @@ def action_windows(actions: torch.Tensor, first_video_frame: int, start_frame: i
     if index.min() < 0 or index.max() >= actions.shape[1]:
         raise ValueError(
             f"actions hold video frames {first_video_frame}..{first_video_frame + actions.shape[1] - 1} "
-            f"but latent frames {start_frame}..{start_frame + num_frames - 1} need {int(video.min())}..{int(video.max())}"
+            f"but latent frames {start_frame}..{start_frame + num_frames - 1} "
+            f"need {int(video.min())}..{int(video.max())}"
         )
     return actions[:, index.to(actions.device)]
 
@@ -81,7 +83,9 @@ class ActionModule(nn.Module):
 
     def rotation(self, start_frame: int, num_frames: int, device: torch.device) -> Rotation:
         c = self.config
-        angles = action_rope_angles(c.head_dim, c.rope_dim_list[0], range(start_frame, start_frame + num_frames), c.rope_theta)
+        angles = action_rope_angles(
+            c.head_dim, c.rope_dim_list[0], range(start_frame, start_frame + num_frames), c.rope_theta
+        )
         return Rotation(angles, device)
 
     def forward(
@@ -112,8 +116,10 @@ class ActionModule(nn.Module):
             heads, head_dim = c.heads_num, c.mouse_hidden_dim // c.heads_num
             mouse = mouse_windows.flatten(2).to(weight_dtype)  # [B, F, window*2]
             features = torch.cat(
-                [x.to(weight_dtype).view(batch, num_frames, spatial, dim),
-                 mouse[:, :, None, :].expand(batch, num_frames, spatial, mouse.shape[-1])],
+                [
+                    x.to(weight_dtype).view(batch, num_frames, spatial, dim),
+                    mouse[:, :, None, :].expand(batch, num_frames, spatial, mouse.shape[-1]),
+                ],
                 dim=-1,
             )
             hidden = self.mouse_mlp(features)  # [B, F, S, hidden]

@@ -93,7 +93,9 @@ class DiTConfig:
         known = {f for f in cls.__dataclass_fields__} - {"action"}
         unknown = set(cfg) - known - _IGNORED_KEYS - {"action_config"}
         if unknown:
-            raise ValueError(f"unknown DiT config keys {sorted(unknown)}; accepted: {sorted(known | {'action_config'})}")
+            raise ValueError(
+                f"unknown DiT config keys {sorted(unknown)}; accepted: {sorted(known | {'action_config'})}"
+            )
         values = {k: cfg[k] for k in known if k in cfg}
         if "patch_size" in values:
             values["patch_size"] = tuple(int(p) for p in values["patch_size"])
@@ -137,5 +139,6 @@ class DiTConfig:
             raise ValueError("mouse_hidden_dim and keyboard_hidden_dim must be equal (they share the head size)")
         if action.rope_dim_list[0] > action.head_dim or action.rope_dim_list[0] % 2:
             raise ValueError(
-                f"action rope_dim_list[0] = {action.rope_dim_list[0]} must be even and at most the action head size {action.head_dim}"
+                f"action rope_dim_list[0] = {action.rope_dim_list[0]} must be even "
+                f"and at most the action head size {action.head_dim}"
             )

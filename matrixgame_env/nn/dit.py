@@ -60,8 +60,9 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
-    def forward(self, h: torch.Tensor, rotation: Rotation, start_frame: int,
-                cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, rotation: Rotation, start_frame: int, cache: KVCache | None, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         batch, tokens, dim = h.shape
         shape = (batch, tokens, self.num_heads, dim // self.num_heads)
         q = rotation.apply(self.norm_q(self.q(h)).view(shape))
@@ -109,7 +110,9 @@ class DiTBlock(nn.Module):
         self.cross_attn = CrossAttention(dim, config.num_heads, eps)
         self.action_model = ActionModule(config.action, eps) if with_action else None
         self.norm2 = FloatLayerNorm(dim, eps=eps, elementwise_affine=False)
-        self.ffn = nn.Sequential(nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim))
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim)
+        )
 
     def forward(
         self,
@@ -148,8 +151,13 @@ class DiTBlock(nn.Module):
 
         if self.action_model is not None:
             x = self.action_model(
-                x, num_frames, start_frame, mouse_windows, keyboard_windows,
-                cache.action if cache else None, frame_mask,
+                x,
+                num_frames,
+                start_frame,
+                mouse_windows,
+                keyboard_windows,
+                cache.action if cache else None,
+                frame_mask,
             )
 
         h = modulate(self.norm2(x), shift_ff, scale_ff).to(dtype)
@@ -266,8 +274,17 @@ class CausalDiT(nn.Module):
         rotation = Rotation(angles, x.device)
         for i, block in enumerate(self.blocks):
             x = block(
-                x, time_mod, num_frames, start_frame, rotation, context.keys[i], context.values[i],
-                mouse_windows, keyboard_windows, caches[i] if caches is not None else None, frame_mask,
+                x,
+                time_mod,
+                num_frames,
+                start_frame,
+                rotation,
+                context.keys[i],
+                context.values[i],
+                mouse_windows,
+                keyboard_windows,
+                caches[i] if caches is not None else None,
+                frame_mask,
             )
         out = self.head(x, time_emb, num_frames).float()  # [B, F*S, out_dim * pt * ph * pw]
         return self._unpatchify(out, grid)

@@ -68,10 +68,16 @@ class RingKVCache:
         while frame < end:  # at most two contiguous runs (the write may wrap around the ring)
             slot = self.slot(frame)
             run = min(end - frame, self.capacity - slot if frame >= self.sink else self.sink - slot)
-            src = slice((frame - start_frame) * self.tokens_per_frame, (frame - start_frame + run) * self.tokens_per_frame)
+            src = slice(
+                (frame - start_frame) * self.tokens_per_frame, (frame - start_frame + run) * self.tokens_per_frame
+            )
             dst = slice(slot * self.tokens_per_frame, (slot + run) * self.tokens_per_frame)
-            self.key.narrow(axis, dst.start, dst.stop - dst.start).copy_(key.narrow(axis, src.start, src.stop - src.start))
-            self.value.narrow(axis, dst.start, dst.stop - dst.start).copy_(value.narrow(axis, src.start, src.stop - src.start))
+            self.key.narrow(axis, dst.start, dst.stop - dst.start).copy_(
+                key.narrow(axis, src.start, src.stop - src.start)
+            )
+            self.value.narrow(axis, dst.start, dst.stop - dst.start).copy_(
+                value.narrow(axis, src.start, src.stop - src.start)
+            )
             frame += run
         self.end_frame = max(self.end_frame, end)
         self.last_write = (start_frame, end)

@@ -35,8 +35,16 @@ class ImageLatents:
         return ImageLatents(self.latents.to(device=device, dtype=dtype))
 
 
-def first_frame_mask(batch: int, channels: int, start: int, stop: int, height: int, width: int,
-                     device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def first_frame_mask(
+    batch: int,
+    channels: int,
+    start: int,
+    stop: int,
+    height: int,
+    width: int,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """The mask part of `cond_concat`: 1 on latent frame 0, 0 on every later frame."""
     mask = torch.zeros(batch, channels, stop - start, height, width, device=device, dtype=dtype)
     if start == 0:

@@ -101,19 +101,26 @@ class StreamingSampler:
         seed: one per world (or one int: seed + b), None for random seeds.
         """
         model = self.model
-        device, dtype = model.device, model.dtype
+        device = model.device
         image = image_latents if isinstance(image_latents, ImageLatents) else ImageLatents(image_latents)
         latents = image.latents
         batch = latents.shape[0]
         image_channels = self.condition_channels - self._mask_channels()
         expected = (batch, image_channels, latents.shape[2], self.latent_height, self.latent_width)
         if latents.dim() != 5 or tuple(latents.shape) != expected or latents.shape[2] < 1:
-            raise ValueError(f"image latents must have shape [B, {image_channels}, K>=1, {self.latent_height}, "
-                             f"{self.latent_width}], got {tuple(latents.shape)}")
+            raise ValueError(
+                f"image latents must have shape [B, {image_channels}, K>=1, {self.latent_height}, "
+                f"{self.latent_width}], got {tuple(latents.shape)}"
+            )
         _check_finite(latents, "image latents")
-        if visual_context.dim() != 3 or visual_context.shape[0] != batch or visual_context.shape[2] != model.config.clip_dim:
-            raise ValueError(f"visual_context must be [{batch}, L, {model.config.clip_dim}], "
-                             f"got {tuple(visual_context.shape)}")
+        if (
+            visual_context.dim() != 3
+            or visual_context.shape[0] != batch
+            or visual_context.shape[2] != model.config.clip_dim
+        ):
+            raise ValueError(
+                f"visual_context must be [{batch}, L, {model.config.clip_dim}], got {tuple(visual_context.shape)}"
+            )
         _check_finite(visual_context, "visual_context")
         generators = _make_generators(seed, batch, device)
         return WorldState(
@@ -134,16 +141,29 @@ class StreamingSampler:
         kwargs = dict(dtype=model.dtype, device=model.device)
         caches = []
         for block in model.blocks:
-            self_attn = RingKVCache((batch,), self.window_frames, self.tokens_per_frame, config.num_heads,
-                                    config.head_dim, sink=config.sink_size, **kwargs)
+            self_attn = RingKVCache(
+                (batch,),
+                self.window_frames,
+                self.tokens_per_frame,
+                config.num_heads,
+                config.head_dim,
+                sink=config.sink_size,
+                **kwargs,
+            )
             action = None
             if block.action_model is not None:
                 a = config.action
                 heads, head_dim = a.heads_num, a.head_dim
-                mouse = (RingKVCache((batch, self.tokens_per_frame), self.window_frames, 1, heads, head_dim, **kwargs)
-                         if a.enable_mouse else None)
-                keyboard = (RingKVCache((batch,), self.window_frames, 1, heads, head_dim, **kwargs)
-                            if a.enable_keyboard else None)
+                mouse = (
+                    RingKVCache((batch, self.tokens_per_frame), self.window_frames, 1, heads, head_dim, **kwargs)
+                    if a.enable_mouse
+                    else None
+                )
+                keyboard = (
+                    RingKVCache((batch,), self.window_frames, 1, heads, head_dim, **kwargs)
+                    if a.enable_keyboard
+                    else None
+                )
                 action = ActionCaches(mouse, keyboard)
             caches.append(LayerCaches(self_attn, action))
         return caches
@@ -182,14 +202,21 @@ class StreamingSampler:
 
         h, w, c = self.latent_height, self.latent_width, model.config.out_dim
         cond = torch.cat(
-            [first_frame_mask(batch, self._mask_channels(), start, start + fpb, h, w, device),
-             state.image.frames(start, start + fpb)],
+            [
+                first_frame_mask(batch, self._mask_channels(), start, start + fpb, h, w, device),
+                state.image.frames(start, start + fpb),
+            ],
             dim=1,
         )
         shape = (batch, c, fpb, h, w)
         x = self._noise(noise, shape, state, "noise")
-        kwargs = dict(context=state.context, mouse_windows=mouse_windows, keyboard_windows=keyboard_windows,
-                      start_frame=start, caches=state.caches)
+        kwargs = dict(
+            context=state.context,
+            mouse_windows=mouse_windows,
+            keyboard_windows=keyboard_windows,
+            start_frame=start,
+            caches=state.caches,
+        )
         timestep = torch.empty(batch, fpb, device=device)
         x0 = x
         for k, (t, sigma) in enumerate(zip(self.timesteps, self.sigmas)):
@@ -214,8 +241,9 @@ class StreamingSampler:
             return given.to(device, torch.float32)
         return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in state.generators])
 
-    def _check_actions(self, actions: torch.Tensor | None, name: str, width: int, batch: int, frames: int,
-                       device: torch.device) -> torch.Tensor | None:
+    def _check_actions(
+        self, actions: torch.Tensor | None, name: str, width: int, batch: int, frames: int, device: torch.device
+    ) -> torch.Tensor | None:
         if width == 0:
             if actions is not None:
                 raise ValueError(f"this model takes no {name} input, but {name} actions were given")
@@ -223,14 +251,22 @@ class StreamingSampler:
         if actions is None:
             return torch.zeros(batch, frames, width, device=device)
         actions = torch.as_tensor(actions)
-        if not actions.is_floating_point() and actions.dtype not in (torch.int8, torch.int16, torch.int32,
-                                                                       torch.int64, torch.uint8, torch.bool):
+        if not actions.is_floating_point() and actions.dtype not in (
+            torch.int8,
+            torch.int16,
+            torch.int32,
+            torch.int64,
+            torch.uint8,
+            torch.bool,
+        ):
             raise ValueError(f"{name} actions must be numeric, got dtype {actions.dtype}")
         if actions.dim() == 2:
             actions = actions[:, None, :].expand(actions.shape[0], frames, actions.shape[1])
         if actions.dim() != 3 or tuple(actions.shape) != (batch, frames, width):
-            raise ValueError(f"{name} actions must be [{batch}, {frames}, {width}] (worlds, new video frames of this "
-                             f"block, {name} width) or [{batch}, {width}] held for the block; got {list(actions.shape)}")
+            raise ValueError(
+                f"{name} actions must be [{batch}, {frames}, {width}] (worlds, new video frames of this "
+                f"block, {name} width) or [{batch}, {width}] held for the block; got {list(actions.shape)}"
+            )
         actions = actions.to(device, torch.float32)
         _check_finite(actions, f"{name} actions")
         return actions
