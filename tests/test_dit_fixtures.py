@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import load_fixture, max_relative_error, subsample_strides
 
-from matrixgame_env.nn import CausalDiT
 from matrixgame_env.nn.action import ActionCaches, ActionModule, action_windows
 from matrixgame_env.nn.config import ActionConfig
+from matrixgame_env.reference import replay_dit_fixture
 from matrixgame_env.world.cache import RingKVCache
-from matrixgame_env.world.sampler import SamplerConfig, StreamingSampler
+from matrixgame_env.world.condition import first_frame_mask
 
 TOLERANCE = 1e-4
 
@@ -31,46 +31,18 @@ def _token_subsample(t: torch.Tensor, description: str) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def streamed():
-    """Replay the official streaming run: returns (fixture, per-call flows, output latents)."""
+    """Replay the official streaming run: (fixture, per-call flows, output latents, sampler)."""
     f = load_fixture("dit_universal")
-    model = CausalDiT.from_config(f.spec["model_config"]).eval()
-    model.load_state_dict(f.weights(), strict=True)
-    pipeline = f.spec["pipeline_config"]
-    noise = f.input("noise")
-    sampler = StreamingSampler(model, SamplerConfig.from_dict(pipeline), latent_size=tuple(noise.shape[-2:]))
-    cond = f.input("cond_concat")
-    mask_channels = cond.shape[1] - noise.shape[1]
-    keyboard = f.input("keyboard_cond") if f.has_input("keyboard_cond") else None
-    mouse = f.input("mouse_cond") if f.has_input("mouse_cond") else None
-    renoise = f.input("renoise")
-    batch, channels = noise.shape[:2]
-    fpb = pipeline["num_frame_per_block"]
+    replay = replay_dit_fixture(f)
+    return f, replay.flows, replay.latents, replay.sampler
 
-    flows = []
-    handle = model.register_forward_hook(lambda module, args, out: flows.append(out))
-    state = sampler.start(cond[:, mask_channels:], f.input("visual_context"), seed=0)
-    outputs, draw = [], 0
-    for block in range(pipeline["num_blocks"]):
-        s = block * fpb
-        lo, hi = (0 if s == 0 else 1 + 4 * (s - 1)), 1 + 4 * (s + fpb - 1)
-        rows = []
-        for _ in range(len(sampler.timesteps) - 1):  # one draw per non-final step, rows [(b f), c, h, w]
-            rows.append(renoise[draw].reshape(batch, fpb, channels, *noise.shape[-2:]).transpose(1, 2))
-            draw += 1
-        outputs.append(
-            sampler.step(
-                state,
-                None if keyboard is None else keyboard[:, lo:hi],
-                None if mouse is None else mouse[:, lo:hi],
-                noise=noise[:, :, s : s + fpb],
-                renoise=rows,
-            )
-        )
-    handle.remove()
-    # The mask channels the sampler builds equal the fixture's.
-    assert torch.equal(cond[:, :mask_channels, :1], torch.ones_like(cond[:, :mask_channels, :1]))
-    assert not cond[:, :mask_channels, 1:].any()
-    return f, flows, torch.cat(outputs, dim=2), sampler
+
+def test_sampler_builds_the_fixture_mask_channels():
+    f = load_fixture("dit_universal")
+    cond, noise = f.input("cond_concat"), f.input("noise")
+    mask_channels = cond.shape[1] - noise.shape[1]
+    expected = first_frame_mask(noise.shape[0], mask_channels, 0, cond.shape[2], *noise.shape[-2:])
+    assert torch.equal(cond[:, :mask_channels], expected)
 
 
 def test_warped_timesteps_match(streamed):
