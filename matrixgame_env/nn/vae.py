@@ -1,0 +1,626 @@
+"""Wan 2.1 causal video VAE: 8x spatial and 4x temporal compression to 16 normalised latent channels.
+
+Everything is causal in time. Encoding runs video frame 0 alone and then 4 frames at a time, each
+chunk giving one latent frame; decoding runs one latent frame at a time, latent 0 giving one video
+frame and every later latent 4. Between chunks each causal layer keeps the last frames it saw in a
+`FeatureCache` slot, so a video can be encoded or decoded piece by piece with the same result as all
+at once, and a `DecoderCache` is all the state a streaming world needs to turn new latents into frames.
+
+Parameter names and shapes are those of the released `Wan2.1_VAE.pth` (no prefix): `encoder.*`,
+`conv1.*` (encoder output -> mean | log-variance), `conv2.*` (first layer of decoding), `decoder.*`.
+Hence the `nn.Sequential` index layouts below: they are the checkpoint's, not a choice.
+
+One behaviour of the official decoder is kept on purpose: on the first latent the temporal
+upsamplers only mark their slot, so the second latent is upsampled against zero padding rather than
+against the first latent (see `Upsample`). Decoded frames differ by up to ~2 without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Per-channel statistics of Wan 2.1 latents: the model works with (mu - mean) / std.
+WAN21_LATENT_MEAN = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)  # fmt: skip
+WAN21_LATENT_STD = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)  # fmt: skip
+
+_CONFIG_KEYS = (
+    "dim",
+    "z_dim",
+    "dim_mult",
+    "num_res_blocks",
+    "attn_scales",
+    "temporal_downsample",
+    "latent_mean",
+    "latent_std",
+)
+# The official code spells this argument "temperal"; accept its configs as they are.
+_OFFICIAL_SPELLINGS = {"temperal_downsample": "temporal_downsample"}
+
+CacheT = TypeVar("CacheT", bound="FeatureCache")
+
+
+class FeatureCache:
+    """The frames every causal layer of an encoder or decoder carries over to its next chunk.
+
+    Slot i belongs to one layer for good. It holds that layer's most recent input frames,
+    [B, C, 2, h, w] for a 3-tap causal convolution and [B, C, 1, h, w] for a temporal downsampler,
+    or None before the layer has run. Layers replace a slot's tensor instead of writing into it, so
+    the set of tensors, and the memory, stays the same however many chunks have gone through.
+    """
+
+    def __init__(self, num_slots: int, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.slots: list[torch.Tensor | None] = [None] * num_slots
+        self.batch_size = batch_size
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached frames."""
+        return sum(slot.nbytes for slot in self.slots if slot is not None)
+
+    def clone(self: CacheT) -> CacheT:
+        """An exact snapshot with its own tensors: later decoding with `self` leaves it unchanged."""
+        return self._map(torch.Tensor.clone, self.batch_size)
+
+    def select(self: CacheT, indices: Sequence[int] | torch.Tensor) -> CacheT:
+        """The cache of the batch elements `indices`, in that order (repeats allowed)."""
+        index = torch.as_tensor(indices, dtype=torch.long).flatten()
+        if index.numel() == 0 or index.min() < 0 or index.max() >= self.batch_size:
+            raise ValueError(f"indices must be a non-empty list of values in [0, {self.batch_size}), got {indices}")
+        return self._map(lambda slot: slot.index_select(0, index.to(slot.device)), index.numel())
+
+    def expand_batch(self: CacheT, repeats: int) -> CacheT:
+        """Each batch element `repeats` times in a row (element b becomes b*repeats .. b*repeats + repeats - 1)."""
+        if repeats < 1:
+            raise ValueError(f"repeats must be at least 1, got {repeats}")
+        return self._map(lambda slot: slot.repeat_interleave(repeats, dim=0), self.batch_size * repeats)
+
+    def to(self: CacheT, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> CacheT:
+        """A copy on another device and/or in another floating-point dtype."""
+        return self._map(lambda slot: slot.to(device=device, dtype=dtype), self.batch_size)
+
+    def _map(self: CacheT, transform: Callable[[torch.Tensor], torch.Tensor], batch_size: int) -> CacheT:
+        result = type(self)(len(self.slots), batch_size)
+        result.slots = [None if slot is None else transform(slot) for slot in self.slots]
+        return result
+
+
+class DecoderCache(FeatureCache):
+    """State of a streaming decode: one slot per causal layer of the decoder, each keeping 2 frames.
+
+    Make one with `WanVAE.new_decoder_cache(batch_size)`; `WanVAE.decode_stream` updates it in place.
+    `clone` snapshots a world, `select` / `expand_batch` drop or fork worlds of the batch.
+    """
+
+
+class RMSNorm(nn.Module):
+    """Each position's channel vector scaled to unit L2 norm, times sqrt(C) and a learned per-channel gain."""
+
+    def __init__(self, channels: int, spatial_dims: int = 3) -> None:
+        super().__init__()
+        self.scale = channels**0.5
+        # [C, 1, 1, 1] for videos [B, C, T, H, W], [C, 1, 1] for images [B, C, H, W] (checkpoint shapes).
+        self.gamma = nn.Parameter(torch.ones(channels, *[1] * spatial_dims))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1) * self.scale * self.gamma
+
+
+class CausalConv3d(nn.Conv3d):
+    """3D convolution that sees only the current and past frames in time, zero-padded in space.
+
+    A temporal kernel of k reads the k - 1 frames before the chunk from its cache slot (zeros before
+    the first chunk) and stores the last k - 1 frames it was given for the next chunk.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int, int]) -> None:
+        frames, height, width = (kernel_size,) * 3 if isinstance(kernel_size, int) else kernel_size
+        if frames < 2:
+            raise ValueError(f"a causal convolution needs a temporal kernel of at least 2, got {frames}")
+        super().__init__(in_channels, out_channels, (frames, height, width), padding=(0, height // 2, width // 2))
+        self.past_frames = frames - 1
+        self.cache_slot = -1  # set by _assign_cache_slots once the whole network exists
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        # x: [B, C, T, H, W] -> [B, C_out, T, H, W]
+        past = cache.slots[self.cache_slot]
+        if past is None:
+            past = x.new_zeros(*x.shape[:2], self.past_frames, *x.shape[3:])
+        x = torch.cat([past, x], dim=2)  # [B, C, past + T, H, W]
+        # A copy, so the cache does not keep the whole concatenation alive.
+        cache.slots[self.cache_slot] = x[:, :, -self.past_frames :].clone()
+        return super().forward(x)
+
+
+def _per_frame(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Runs a 2D layer on every frame of a video [B, C, T, H, W] -> [B, C', T, H', W']."""
+    batch = x.shape[0]
+    frames = layer(x.transpose(1, 2).flatten(0, 1))  # [B*T, C', H', W']
+    return frames.unflatten(0, (batch, -1)).transpose(1, 2)
+
+
+class ResidualBlock(nn.Module):
+    """x + [RMSNorm, SiLU, 3x3x3 causal conv] twice; the skip is a 1x1x1 conv where the width changes."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        # Checkpoint layout: norms at 0 and 3, convolutions at 2 and 6; 1 and 4 are the SiLUs and
+        # 5 was a dropout used only in training.
+        self.residual = nn.Sequential(
+            RMSNorm(in_channels),
+            nn.SiLU(),
+            CausalConv3d(in_channels, out_channels, 3),
+            RMSNorm(out_channels),
+            nn.SiLU(),
+            nn.Identity(),
+            CausalConv3d(out_channels, out_channels, 3),
+        )
+        self.shortcut = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        norm1, _, conv1, norm2, _, _, conv2 = self.residual
+        h = conv1(F.silu(norm1(x)), cache)
+        h = conv2(F.silu(norm2(h)), cache)
+        return h + self.shortcut(x)
+
+
+class AttentionBlock(nn.Module):
+    """x + single-head self-attention over the H*W positions of each frame on its own (C is the head size)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(channels, spatial_dims=2)
+        self.to_qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        """`cache` is unused (nothing crosses frames); it is taken so that every layer of a stack runs alike."""
+        return x + _per_frame(self._attend, x)
+
+    def _attend(self, frames: torch.Tensor) -> torch.Tensor:
+        # frames: [N, C, H, W]
+        n, c, h, w = frames.shape
+        qkv = self.to_qkv(self.norm(frames)).flatten(2).transpose(1, 2)  # [N, H*W, 3C]
+        query, key, value = qkv.unsqueeze(1).chunk(3, dim=-1)  # each [N, 1, H*W, C]
+        attended = F.scaled_dot_product_attention(query, key, value)  # [N, 1, H*W, C]
+        return self.proj(attended.squeeze(1).transpose(1, 2).reshape(n, c, h, w))
+
+
+class Downsample(nn.Module):
+    """Halves H and W; with `temporal`, also halves the frame count.
+
+    Space: one zero row/column at the bottom/right, then a 3x3 stride-2 conv. Time: a 3-tap stride-2
+    conv over [the previous chunk's last frame, this chunk]; the first chunk (one frame) has no
+    predecessor and passes through unchanged, so 1 frame stays 1 and every later 4 become 2, then 1.
+    """
+
+    def __init__(self, channels: int, temporal: bool) -> None:
+        super().__init__()
+        self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(channels, channels, 3, stride=2))
+        self.time_conv = nn.Conv3d(channels, channels, (3, 1, 1), stride=(2, 1, 1)) if temporal else None
+        self.cache_slot = -1
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        x = _per_frame(self.resample, x)  # [B, C, T, H/2, W/2]
+        if self.time_conv is None:
+            return x
+        previous = cache.slots[self.cache_slot]
+        cache.slots[self.cache_slot] = x[:, :, -1:].clone()
+        if previous is None:
+            return x
+        return self.time_conv(torch.cat([previous, x], dim=2))  # [B, C, T/2, H/2, W/2]
+
+
+class Upsample(nn.Module):
+    """Doubles H and W (nearest, then a 3x3 conv to half the channels); with `temporal`, first doubles time.
+
+    Time: a causal 3-tap conv to twice the channels whose two halves become two consecutive frames.
+    The official decoder skips this on the first latent (video frame 0 is not doubled) and leaves
+    the slot without that latent: the second latent sees zero padding. Both are reproduced here.
+    """
+
+    def __init__(self, channels: int, temporal: bool) -> None:
+        super().__init__()
+        self.resample = nn.Sequential(
+            nn.Upsample(scale_factor=2.0, mode="nearest"),
+            nn.Conv2d(channels, channels // 2, 3, padding=1),
+        )
+        self.time_conv = CausalConv3d(channels, 2 * channels, (3, 1, 1)) if temporal else None
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        if self.time_conv is not None:
+            x = self._double_frames(x, cache)
+        return _per_frame(self.resample, x)  # [B, C/2, T, 2H, 2W]
+
+    def _double_frames(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        batch, channels, frames, height, width = x.shape
+        slot = self.time_conv.cache_slot
+        if cache.slots[slot] is None:
+            cache.slots[slot] = x.new_zeros(batch, channels, self.time_conv.past_frames, height, width)
+            return x
+        pairs = self.time_conv(x, cache)  # [B, 2C, T, H, W]
+        pairs = pairs.view(batch, 2, channels, frames, height, width).permute(0, 2, 3, 1, 4, 5)
+        return pairs.reshape(batch, channels, 2 * frames, height, width)  # [B, C, 2T, H, W]
+
+
+def _assign_cache_slots(network: nn.Module) -> int:
+    """Gives each layer that carries frames between chunks its own cache slot; returns the slot count."""
+    count = 0
+    for module in network.modules():
+        if isinstance(module, CausalConv3d) or (isinstance(module, Downsample) and module.time_conv is not None):
+            module.cache_slot = count
+            count += 1
+    return count
+
+
+class Encoder(nn.Module):
+    """Video chunk [B, 3, T, H, W] -> [B, out_channels, T', H/8, W/8], carrying its past in a FeatureCache."""
+
+    def __init__(
+        self,
+        dim: int,
+        out_channels: int,
+        dim_mult: Sequence[int],
+        num_res_blocks: int,
+        attn_scales: Sequence[float],
+        temporal_downsample: Sequence[bool],
+    ) -> None:
+        super().__init__()
+        widths = [dim] + [dim * multiple for multiple in dim_mult]
+        self.conv1 = CausalConv3d(3, widths[0], 3)
+        layers: list[nn.Module] = []
+        scale = 1.0  # resolution relative to the input, for attn_scales
+        for stage, (in_width, width) in enumerate(zip(widths[:-1], widths[1:])):
+            for _ in range(num_res_blocks):
+                layers.append(ResidualBlock(in_width, width))
+                if scale in attn_scales:
+                    layers.append(AttentionBlock(width))
+                in_width = width
+            if stage < len(dim_mult) - 1:
+                layers.append(Downsample(width, temporal=temporal_downsample[stage]))
+                scale /= 2
+        self.downsamples = nn.ModuleList(layers)
+        self.middle = nn.ModuleList([ResidualBlock(width, width), AttentionBlock(width), ResidualBlock(width, width)])
+        self.head = nn.Sequential(RMSNorm(width), nn.SiLU(), CausalConv3d(width, out_channels, 3))
+        self.num_cache_slots = _assign_cache_slots(self)
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        x = self.conv1(x, cache)
+        for layer in [*self.downsamples, *self.middle]:
+            x = layer(x, cache)
+        norm, _, conv = self.head
+        return conv(F.silu(norm(x)), cache)
+
+
+class Decoder(nn.Module):
+    """Latent chunk [B, z_dim, t, h, w] -> video [B, 3, T, 8h, 8w], carrying its past in a FeatureCache."""
+
+    def __init__(
+        self,
+        dim: int,
+        z_dim: int,
+        dim_mult: Sequence[int],
+        num_res_blocks: int,
+        attn_scales: Sequence[float],
+        temporal_upsample: Sequence[bool],
+    ) -> None:
+        super().__init__()
+        widths = [dim * dim_mult[-1]] + [dim * multiple for multiple in reversed(dim_mult)]
+        self.conv1 = CausalConv3d(z_dim, widths[0], 3)
+        self.middle = nn.ModuleList(
+            [ResidualBlock(widths[0], widths[0]), AttentionBlock(widths[0]), ResidualBlock(widths[0], widths[0])]
+        )
+        layers: list[nn.Module] = []
+        scale = 1.0 / 2 ** (len(dim_mult) - 2)  # resolution relative to the output, for attn_scales
+        for stage, (in_width, width) in enumerate(zip(widths[:-1], widths[1:])):
+            if stage > 0:
+                in_width //= 2  # the upsampler before this stage halved the channels
+            for _ in range(num_res_blocks + 1):
+                layers.append(ResidualBlock(in_width, width))
+                if scale in attn_scales:
+                    layers.append(AttentionBlock(width))
+                in_width = width
+            if stage < len(dim_mult) - 1:
+                layers.append(Upsample(width, temporal=temporal_upsample[stage]))
+                scale *= 2
+        self.upsamples = nn.ModuleList(layers)
+        self.head = nn.Sequential(RMSNorm(width), nn.SiLU(), CausalConv3d(width, 3, 3))
+        self.num_cache_slots = _assign_cache_slots(self)
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        x = self.conv1(x, cache)
+        for layer in [*self.middle, *self.upsamples]:
+            x = layer(x, cache)
+        norm, _, conv = self.head
+        return conv(F.silu(norm(x)), cache)
+
+
+@dataclass(frozen=True)
+class ImageCondition:
+    """Normalised latents of a start image followed by all-zero video frames (the world model's `img_cond`).
+
+    After the image the encoder only ever sees zeros, so once its caches stop changing every later
+    latent frame is the same. `distinct_latents` [B, z_dim, D, h, w] holds the frames up to that
+    point; when `reached_fixed_point`, frame D - 1 repeats for ever, otherwise only D frames are known.
+    """
+
+    distinct_latents: torch.Tensor
+    reached_fixed_point: bool
+
+    @property
+    def num_distinct(self) -> int:
+        return self.distinct_latents.shape[2]
+
+    def frames(self, start: int, stop: int) -> torch.Tensor:
+        """Latent frames start .. stop - 1 as [B, z_dim, stop - start, h, w]."""
+        if not 0 <= start <= stop:
+            raise ValueError(f"expected 0 <= start <= stop, got start={start}, stop={stop}")
+        if not self.reached_fixed_point and stop > self.num_distinct:
+            raise ValueError(
+                f"only {self.num_distinct} latent frames were encoded (no fixed point was reached), got stop={stop}"
+            )
+        index = torch.arange(start, stop, device=self.distinct_latents.device).clamp_(max=self.num_distinct - 1)
+        return self.distinct_latents.index_select(2, index)
+
+    def latents(self, num_frames: int) -> torch.Tensor:
+        """The first `num_frames` latent frames, [B, z_dim, num_frames, h, w]."""
+        return self.frames(0, num_frames)
+
+
+class WanVAE(nn.Module):
+    """Wan 2.1 video VAE (encoder, decoder and latent normalisation), official layout at any width.
+
+    Videos are [B, 3, T, H, W] in [-1, 1] with T = 1 + 4k and H, W multiples of 8; latents are
+    normalised, [B, z_dim, 1 + k, H/8, W/8]. Decoded videos come back as [B, T, 3, H, W] in [-1, 1].
+    The factors 8 and 4 follow from `dim_mult` and `temporal_downsample` (2 per stage, 2 per True).
+    Inputs are cast to the dtype and device of the weights.
+    """
+
+    def __init__(
+        self,
+        dim: int = 96,
+        z_dim: int = 16,
+        dim_mult: Sequence[int] = (1, 2, 4, 4),
+        num_res_blocks: int = 2,
+        attn_scales: Sequence[float] = (),
+        temporal_downsample: Sequence[bool] = (False, True, True),
+        latent_mean: Sequence[float] = WAN21_LATENT_MEAN,
+        latent_std: Sequence[float] = WAN21_LATENT_STD,
+    ) -> None:
+        super().__init__()
+        if len(temporal_downsample) != len(dim_mult) - 1:
+            raise ValueError(
+                f"temporal_downsample needs one entry per downsampler ({len(dim_mult) - 1} for dim_mult "
+                f"{tuple(dim_mult)}), got {tuple(temporal_downsample)}"
+            )
+        if len(latent_mean) != z_dim or len(latent_std) != z_dim:
+            raise ValueError(
+                f"latent_mean and latent_std need z_dim={z_dim} values each, "
+                f"got {len(latent_mean)} and {len(latent_std)}"
+            )
+        self._config = {
+            "dim": int(dim),
+            "z_dim": int(z_dim),
+            "dim_mult": [int(m) for m in dim_mult],
+            "num_res_blocks": int(num_res_blocks),
+            "attn_scales": [float(s) for s in attn_scales],
+            "temporal_downsample": [bool(t) for t in temporal_downsample],
+            "latent_mean": [float(m) for m in latent_mean],
+            "latent_std": [float(s) for s in latent_std],
+        }
+        self.z_dim = z_dim
+        self.spatial_factor = 2 ** (len(dim_mult) - 1)
+        self.temporal_factor = 2 ** sum(bool(t) for t in temporal_downsample)
+
+        self.encoder = Encoder(dim, 2 * z_dim, dim_mult, num_res_blocks, attn_scales, temporal_downsample)
+        self.conv1 = nn.Conv3d(2 * z_dim, 2 * z_dim, 1)  # encoder output -> mean | log-variance
+        self.conv2 = nn.Conv3d(z_dim, z_dim, 1)  # first layer of decoding
+        self.decoder = Decoder(dim, z_dim, dim_mult, num_res_blocks, attn_scales, tuple(reversed(temporal_downsample)))
+        # Not in the checkpoint: constants of the latent space, kept with the model.
+        self.register_buffer("latent_mean", torch.tensor(latent_mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("latent_std", torch.tensor(latent_std, dtype=torch.float32), persistent=False)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> WanVAE:
+        """A VAE from a dict with any of the `config` keys (the official `temperal_downsample` is accepted)."""
+        settings = dict(config)
+        for official, ours in _OFFICIAL_SPELLINGS.items():
+            if official in settings:
+                if ours in settings:
+                    raise ValueError(f"config gives both {official!r} and {ours!r}")
+                settings[ours] = settings.pop(official)
+        unknown = sorted(set(settings) - set(_CONFIG_KEYS))
+        if unknown:
+            raise ValueError(f"unknown VAE config keys {unknown}; expected some of {list(_CONFIG_KEYS)}")
+        return cls(**settings)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments, as plain JSON-able values; `from_config(config)` rebuilds the model."""
+        return {key: list(value) if isinstance(value, list) else value for key, value in self._config.items()}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv2.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.conv2.weight.device
+
+    # Encoding
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """Video [B, 3, T, H, W] in [-1, 1], T = 1 + 4k -> normalised latents [B, z_dim, 1 + k, H/8, W/8].
+
+        Frame 0 is encoded alone, then 4 frames per latent, as the official code does; only the
+        mean of the posterior is used.
+        """
+        video = self._checked_pixels(video, "video", "[B, 3, T, H, W]")
+        frames = video.shape[2]
+        if (frames - 1) % self.temporal_factor:
+            raise ValueError(
+                f"video must have 1 + {self.temporal_factor}k frames (1, {1 + self.temporal_factor}, "
+                f"{1 + 2 * self.temporal_factor}, ...), got {frames}"
+            )
+        cache = FeatureCache(self.encoder.num_cache_slots, video.shape[0])
+        starts = [0, *range(1, frames, self.temporal_factor)]
+        stops = [1, *range(1 + self.temporal_factor, frames + 1, self.temporal_factor)]
+        latents = [self._encode_chunk(video[:, :, start:stop], cache) for start, stop in zip(starts, stops)]
+        return torch.cat(latents, dim=2)
+
+    @torch.no_grad()
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """Image [B, 3, H, W] in [-1, 1] -> latents [B, z_dim, 1, H/8, W/8].
+
+        The encoder being causal, this is latent frame 0 of any video that starts with the image.
+        """
+        image = self._checked_pixels(image, "image", "[B, 3, H, W]")
+        return self.encode(image.unsqueeze(2))
+
+    @torch.no_grad()
+    def encode_image_condition(self, image: torch.Tensor, num_latent_frames: int) -> ImageCondition:
+        """The official image condition: `encode` of the image followed by 4 (F - 1) zero frames.
+
+        Instead of encoding every zero frame (about 1,400 of them for 150 latents), zero chunks are
+        encoded one at a time until the encoder's whole cache after a chunk is bit-identical to the
+        cache before it. From there each chunk repeats the same computation on the same inputs, so
+        every later latent equals the last one computed. That takes 29 zero chunks (30 distinct
+        latent frames) with the fixture weights (dim 8, 32x48) and also at the official width (dim 96,
+        random weights): the count is set by how far back in time the causal layers reach, not by
+        the weights. For the official 150 latents that is 29 chunks instead of 149.
+
+        Args:
+            image: [B, 3, H, W] in [-1, 1].
+            num_latent_frames: F, the number of latent frames wanted; encoding stops there at the latest.
+        """
+        image = self._checked_pixels(image, "image", "[B, 3, H, W]")
+        if num_latent_frames < 1:
+            raise ValueError(f"num_latent_frames must be at least 1, got {num_latent_frames}")
+        cache = FeatureCache(self.encoder.num_cache_slots, image.shape[0])
+        latents = [self._encode_chunk(image.unsqueeze(2), cache)]
+        zeros = image.new_zeros(*image.shape[:2], self.temporal_factor, *image.shape[2:])
+        while len(latents) < num_latent_frames:
+            before = list(cache.slots)  # slots are replaced, never written into, so these stay as they were
+            latents.append(self._encode_chunk(zeros, cache))
+            if all(old is not None and torch.equal(old, new) for old, new in zip(before, cache.slots)):
+                return ImageCondition(torch.cat(latents, dim=2), reached_fixed_point=True)
+        return ImageCondition(torch.cat(latents, dim=2), reached_fixed_point=False)
+
+    def _encode_chunk(self, chunk: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        # chunk: [B, 3, 1 or 4, H, W] -> one normalised latent frame [B, z_dim, 1, H/8, W/8]
+        moments = self.conv1(self.encoder(chunk, cache))  # [B, 2 z_dim, 1, h, w]: mean | log-variance
+        return self._normalise(moments[:, : self.z_dim])
+
+    # Decoding
+
+    def new_decoder_cache(self, batch_size: int) -> DecoderCache:
+        """An empty cache for streaming `batch_size` worlds through `decode_stream` from their first latent."""
+        return DecoderCache(self.decoder.num_cache_slots, batch_size)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents [B, z_dim, F, h, w] -> video [B, 1 + 4 (F - 1), 3, 8h, 8w] in [-1, 1]."""
+        latents = self._checked_latents(latents)
+        return self.decode_stream(latents, self.new_decoder_cache(latents.shape[0]))
+
+    @torch.no_grad()
+    def decode_stream(self, latents: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
+        """Decodes the next n latent frames of a stream; `cache` is updated in place.
+
+        Args:
+            latents: [B, z_dim, n, h, w], normalised, the latents that follow those already decoded.
+            cache: from `new_decoder_cache(B)` before the first call, then passed back unchanged.
+
+        Returns:
+            Video frames [B, T, 3, 8h, 8w] in [-1, 1]: T = 1 + 4 (n - 1) on the first call, 4n later.
+        """
+        latents = self._checked_latents(latents)
+        self._check_decoder_cache(cache, latents)
+        x = self.conv2(self._denormalise(latents))  # [B, z_dim, n, h, w]
+        # One latent per decoder call, as the official decoder runs (the first-latent rule depends on it).
+        frames = [self.decoder(x[:, :, i : i + 1], cache) for i in range(x.shape[2])]  # [B, 3, 1 or 4, H, W] each
+        video = torch.cat(frames, dim=2)  # [B, 3, T, H, W]
+        return video.transpose(1, 2).contiguous().clamp_(-1.0, 1.0)  # [B, T, 3, H, W]
+
+    # Latent normalisation, written as the official code computes it: 1/std first, in float32.
+
+    def _normalise(self, mu: torch.Tensor) -> torch.Tensor:
+        mean, inv_std = self._latent_statistics(mu)
+        return (mu - mean) * inv_std
+
+    def _denormalise(self, latents: torch.Tensor) -> torch.Tensor:
+        mean, inv_std = self._latent_statistics(latents)
+        return latents / inv_std + mean
+
+    def _latent_statistics(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_std = 1.0 / self.latent_std.float()
+        shape = (1, self.z_dim, 1, 1, 1)
+        return self.latent_mean.to(like.dtype).view(shape), inv_std.to(like.dtype).view(shape)
+
+    # Input checks
+
+    def _checked_pixels(self, pixels: torch.Tensor, name: str, layout: str) -> torch.Tensor:
+        """Checks a video [B, 3, T, H, W] or image [B, 3, H, W] and casts it to the weights' dtype and device."""
+        pixels = _checked_tensor(pixels, name, layout, channels=3)
+        height, width = pixels.shape[-2:]
+        if height % self.spatial_factor or width % self.spatial_factor:
+            raise ValueError(
+                f"{name} height and width must be multiples of {self.spatial_factor}, got {height}x{width}"
+            )
+        return pixels.to(device=self.device, dtype=self.dtype)
+
+    def _checked_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        latents = _checked_tensor(latents, "latents", "[B, z_dim, F, h, w]", channels=self.z_dim)
+        return latents.to(device=self.device, dtype=self.dtype)
+
+    def _check_decoder_cache(self, cache: DecoderCache, latents: torch.Tensor) -> None:
+        if not isinstance(cache, DecoderCache) or len(cache.slots) != self.decoder.num_cache_slots:
+            raise ValueError(f"cache must come from this model's new_decoder_cache(), got {type(cache).__name__}")
+        if cache.batch_size != latents.shape[0]:
+            raise ValueError(
+                f"latents have batch size {latents.shape[0]} but the cache holds {cache.batch_size} worlds"
+            )
+        past = cache.slots[self.decoder.conv1.cache_slot]
+        if past is None:
+            return
+        if past.shape[-2:] != latents.shape[-2:]:
+            raise ValueError(
+                f"latents are {tuple(latents.shape[-2:])} (h, w) but the cache was filled at {tuple(past.shape[-2:])}"
+            )
+        if past.device != self.device or past.dtype != self.dtype:
+            raise ValueError(
+                f"cache is on {past.device} in {past.dtype} but the model on {self.device} in {self.dtype}; "
+                "use cache.to(device, dtype)"
+            )
+
+
+def _checked_tensor(tensor: torch.Tensor, name: str, layout: str, channels: int) -> torch.Tensor:
+    """Checks dimensions, channel count, non-empty sizes and finiteness against `layout` (e.g. "[B, 3, H, W]")."""
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor {layout}, got {type(tensor).__name__}")
+    ndim = layout.count(",") + 1
+    if tensor.ndim != ndim:
+        raise ValueError(f"{name} must be {layout} ({ndim} dims), got shape {tuple(tensor.shape)}")
+    if tensor.shape[1] != channels:
+        raise ValueError(f"{name} must have {channels} channels in dim 1 of {layout}, got shape {tuple(tensor.shape)}")
+    if tensor.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(tensor.shape)}")
+    if not tensor.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} must be finite, got NaN or infinite values")
+    return tensor

@@ -1,0 +1,362 @@
+"""Wan VAE: checkpoint layout, agreement with the official outputs, streaming decode, image condition, input checks."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+from conftest import MANIFEST_DIR, Fixture, load_fixture, max_relative_error
+
+from matrixgame_env.nn.vae import DecoderCache, ImageCondition, WanVAE
+
+TOLERANCE = 1e-4
+# The same values computed twice in float32 along the same path (skipped chunks, whole vs streamed).
+SAME_COMPUTATION_TOLERANCE = 1e-6
+# The same values at another batch size: on CPU, oneDNN picks other convolution kernels for other batch
+# sizes (a few 1e-6 apart; bit-identical with torch.backends.mkldnn disabled).
+OTHER_BATCH_TOLERANCE = 1e-5
+
+
+def _manifest_shapes(name: str) -> dict[str, list[int]]:
+    manifest = json.loads((MANIFEST_DIR / f"{name}.json").read_text())
+    return {key: entry["shape"] for key, entry in manifest.items()}
+
+
+def _state_dict_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
+    return {key: list(value.shape) for key, value in module.state_dict().items()}
+
+
+def _structure(fixture: Fixture) -> dict[str, Any]:
+    """The fixture model's structure arguments (no width), in the official spelling."""
+    keys = ("z_dim", "dim_mult", "num_res_blocks", "attn_scales", "temperal_downsample")
+    return {key: fixture.spec["model"][key] for key in keys}
+
+
+def _config(fixture: Fixture) -> dict[str, Any]:
+    normalisation = fixture.spec["latent_normalisation"]
+    return {
+        "dim": fixture.spec["model"]["dim"],
+        **_structure(fixture),
+        "latent_mean": normalisation["mean"],
+        "latent_std": normalisation["std"],
+    }
+
+
+@pytest.fixture(scope="module")
+def fixture() -> Fixture:
+    return load_fixture("vae")
+
+
+@pytest.fixture(scope="module")
+def vae(fixture: Fixture) -> WanVAE:
+    """The fixture's reduced-width VAE loaded from its weights, float32 on CPU."""
+    model = WanVAE.from_config(_config(fixture))
+    model.load_state_dict(fixture.weights(), strict=True)
+    return model.eval()
+
+
+def _image(fixture: Fixture) -> torch.Tensor:
+    """The start image as [B, 3, H, W] (stored as [B, 3, 1, H, W])."""
+    return fixture.input("image").squeeze(2)
+
+
+def _zero_frames_after(image: torch.Tensor, num_latent_frames: int, temporal_factor: int) -> torch.Tensor:
+    """The official image-condition video: the image then temporal_factor * (F - 1) zero frames."""
+    batch, channels, height, width = image.shape
+    zeros = image.new_zeros(batch, channels, temporal_factor * (num_latent_frames - 1), height, width)
+    return torch.cat([image.unsqueeze(2), zeros], dim=2)
+
+
+def _latents_per_decode_call(fixture: Fixture, temporal_factor: int) -> list[int]:
+    """Latent frames behind each recorded streaming call: 1 + f (n - 1) video frames first, f n later."""
+    frames = fixture.spec["decode_streaming"]["frames_per_chunk"]
+    return [(frames[0] - 1) // temporal_factor + 1] + [count // temporal_factor for count in frames[1:]]
+
+
+def _stream(vae: WanVAE, latents: torch.Tensor, sizes: list[int], cache: DecoderCache) -> list[torch.Tensor]:
+    outputs, start = [], 0
+    for size in sizes:
+        outputs.append(vae.decode_stream(latents[:, :, start : start + size], cache))
+        start += size
+    return outputs
+
+
+# Checkpoint layout
+
+
+def test_state_dict_matches_checkpoint_at_official_width(fixture: Fixture) -> None:
+    with torch.device("meta"):
+        model = WanVAE.from_config({"dim": fixture.spec["model"]["official_dim"], **_structure(fixture)})
+    assert _state_dict_shapes(model) == _manifest_shapes("vae")
+
+
+def test_decoder_part_matches_streaming_decoder_checkpoint(fixture: Fixture) -> None:
+    with torch.device("meta"):
+        model = WanVAE.from_config({"dim": fixture.spec["model"]["official_dim"], **_structure(fixture)})
+    decoder_part = {
+        key: shape for key, shape in _state_dict_shapes(model).items() if key.startswith(("decoder.", "conv2."))
+    }
+    assert decoder_part == _manifest_shapes("vae_decoder_wrapper")
+
+
+def test_latent_constants_are_buffers_outside_the_state_dict(vae: WanVAE, fixture: Fixture) -> None:
+    normalisation = fixture.spec["latent_normalisation"]
+    assert torch.equal(vae.latent_mean, torch.tensor(normalisation["mean"]))
+    assert torch.equal(vae.latent_std, torch.tensor(normalisation["std"]))
+    assert not {"latent_mean", "latent_std"} & set(vae.state_dict())
+
+
+def test_config_round_trips(vae: WanVAE) -> None:
+    rebuilt = WanVAE.from_config(vae.config)
+    assert rebuilt.config == vae.config
+    assert _state_dict_shapes(rebuilt) == _state_dict_shapes(vae)
+
+
+def test_unknown_config_key_is_rejected(fixture: Fixture) -> None:
+    with pytest.raises(ValueError, match="unknown VAE config keys"):
+        WanVAE.from_config({**_config(fixture), "dropout": 0.0})
+
+
+# Agreement with the official code
+
+
+def test_encode_image_followed_by_zero_frames_matches_official(vae: WanVAE, fixture: Fixture) -> None:
+    expected = fixture.io("encode_img_cond")
+    video = _zero_frames_after(_image(fixture), expected.shape[2], vae.temporal_factor)
+    assert max_relative_error(vae.encode(video), expected) <= TOLERANCE
+
+
+def test_encode_random_clip_matches_official(vae: WanVAE, fixture: Fixture) -> None:
+    expected = fixture.io("encode_rand_clip")
+    assert max_relative_error(vae.encode(fixture.input("rand_clip")), expected) <= TOLERANCE
+
+
+def test_streaming_decode_matches_official_chunks(vae: WanVAE, fixture: Fixture) -> None:
+    sizes = _latents_per_decode_call(fixture, vae.temporal_factor)
+    outputs = _stream(vae, fixture.input("latents"), sizes, vae.new_decoder_cache(1))
+    names = list(fixture.spec["decode_streaming"]["outputs"])
+    assert len(outputs) == len(names)
+    for output, name in zip(outputs, names):
+        expected = fixture.io(name)
+        assert output.shape == expected.shape
+        assert max_relative_error(output, expected) <= TOLERANCE, name
+
+
+def test_full_decode_equals_streaming_chunks(vae: WanVAE, fixture: Fixture) -> None:
+    latents = fixture.input("latents")
+    sizes = _latents_per_decode_call(fixture, vae.temporal_factor)
+    streamed = torch.cat(_stream(vae, latents, sizes, vae.new_decoder_cache(1)), dim=1)
+    full = vae.decode(latents)
+    assert max_relative_error(full, streamed) <= SAME_COMPUTATION_TOLERANCE
+    official = torch.cat([fixture.io(name) for name in fixture.spec["decode_streaming"]["outputs"]], dim=1)
+    assert max_relative_error(full, official) <= TOLERANCE
+
+
+def test_decode_stream_frame_counts(vae: WanVAE, fixture: Fixture) -> None:
+    latents = fixture.input("latents")
+    cache = vae.new_decoder_cache(1)
+    first = vae.decode_stream(latents[:, :, :2], cache)
+    later = vae.decode_stream(latents[:, :, 2:5], cache)
+    height, width = latents.shape[-2] * vae.spatial_factor, latents.shape[-1] * vae.spatial_factor
+    assert first.shape == (1, 1 + vae.temporal_factor, 3, height, width)
+    assert later.shape == (1, 3 * vae.temporal_factor, 3, height, width)
+    assert first.abs().max() <= 1 and later.abs().max() <= 1
+
+
+# Image condition
+
+
+def test_encode_image_is_first_latent_of_any_video_starting_with_it(vae: WanVAE, fixture: Fixture) -> None:
+    clip = fixture.input("rand_clip")
+    latent = vae.encode_image(clip[:, :, 0])
+    assert latent.shape[2] == 1
+    assert max_relative_error(latent, vae.encode(clip)[:, :, :1]) <= SAME_COMPUTATION_TOLERANCE
+
+
+def test_image_condition_matches_official_encode(vae: WanVAE, fixture: Fixture) -> None:
+    expected = fixture.io("encode_img_cond")
+    condition = vae.encode_image_condition(_image(fixture), expected.shape[2])
+    assert max_relative_error(condition.latents(expected.shape[2]), expected) <= TOLERANCE
+
+
+# Long enough to pass the encoder's fixed point (29 zero chunks for this architecture, 30 distinct latents).
+LONG_CONDITION_FRAMES = 40
+
+
+@pytest.fixture(scope="module")
+def long_plain_encode(vae: WanVAE, fixture: Fixture) -> torch.Tensor:
+    """encode() of the image and every zero frame, the way the official pipeline builds img_cond."""
+    return vae.encode(_zero_frames_after(_image(fixture), LONG_CONDITION_FRAMES, vae.temporal_factor))
+
+
+@pytest.mark.parametrize("num_latent_frames", [15, LONG_CONDITION_FRAMES])
+def test_image_condition_equals_encoding_every_zero_frame(
+    vae: WanVAE, fixture: Fixture, long_plain_encode: torch.Tensor, num_latent_frames: int
+) -> None:
+    # The encoder is causal: a shorter plain encode is the start of the long one.
+    plain = long_plain_encode[:, :, :num_latent_frames]
+    condition = vae.encode_image_condition(_image(fixture), num_latent_frames)
+    assert max_relative_error(condition.latents(num_latent_frames), plain) <= SAME_COMPUTATION_TOLERANCE
+    assert max_relative_error(condition.frames(3, num_latent_frames), plain[:, :, 3:]) <= SAME_COMPUTATION_TOLERANCE
+
+
+def test_image_condition_stops_at_fixed_point_and_repeats_its_last_frame(vae: WanVAE, fixture: Fixture) -> None:
+    condition = vae.encode_image_condition(_image(fixture), 10 * LONG_CONDITION_FRAMES)
+    assert condition.reached_fixed_point
+    assert condition.num_distinct < LONG_CONDITION_FRAMES
+    last = condition.distinct_latents[:, :, -1:]
+    beyond = condition.frames(condition.num_distinct - 1, 10 * LONG_CONDITION_FRAMES)
+    assert torch.equal(beyond, last.expand_as(beyond))
+
+
+def test_image_condition_without_fixed_point_refuses_unknown_frames() -> None:
+    condition = ImageCondition(torch.zeros(1, 4, 3, 2, 2), reached_fixed_point=False)
+    assert condition.latents(3).shape == (1, 4, 3, 2, 2)
+    with pytest.raises(ValueError, match="only 3 latent frames"):
+        condition.frames(0, 4)
+
+
+# Decoder cache
+
+
+def test_batched_decode_equals_each_world_alone(vae: WanVAE, fixture: Fixture) -> None:
+    first = fixture.input("latents")
+    second = torch.randn(first.shape, generator=torch.Generator().manual_seed(0))
+    sizes = _latents_per_decode_call(fixture, vae.temporal_factor)
+    batched = torch.cat(_stream(vae, torch.cat([first, second]), sizes, vae.new_decoder_cache(2)), dim=1)
+    for index, latents in enumerate([first, second]):
+        alone = torch.cat(_stream(vae, latents, sizes, vae.new_decoder_cache(1)), dim=1)
+        assert max_relative_error(batched[index : index + 1], alone) <= OTHER_BATCH_TOLERANCE
+
+
+def test_cache_clone_restores_identical_frames(vae: WanVAE, fixture: Fixture) -> None:
+    latents = fixture.input("latents")
+    cache = vae.new_decoder_cache(1)
+    vae.decode_stream(latents[:, :, :3], cache)
+    snapshot = cache.clone()
+    untouched = cache.clone()
+    continued = vae.decode_stream(latents[:, :, 3:6], cache)
+    assert all(torch.equal(a, b) for a, b in zip(snapshot.slots, untouched.slots))
+    replayed = vae.decode_stream(latents[:, :, 3:6], snapshot)
+    assert torch.equal(continued, replayed)
+
+
+def test_cache_select_and_expand_batch_fork_worlds(vae: WanVAE, fixture: Fixture) -> None:
+    first = fixture.input("latents")
+    second = torch.randn(first.shape, generator=torch.Generator().manual_seed(1))
+    cache = vae.new_decoder_cache(2)
+    vae.decode_stream(torch.cat([first, second])[:, :, :3], cache)
+    reference = vae.decode_stream(torch.cat([first, second])[:, :, 3:6], cache.clone())
+
+    forked = cache.expand_batch(2)
+    assert forked.batch_size == 4
+    forked_frames = vae.decode_stream(torch.cat([first, first, second, second])[:, :, 3:6], forked)
+    assert max_relative_error(forked_frames[0::2], reference) <= OTHER_BATCH_TOLERANCE
+    assert max_relative_error(forked_frames[1::2], reference) <= OTHER_BATCH_TOLERANCE
+
+    kept = cache.select([1])
+    assert kept.batch_size == 1
+    assert max_relative_error(vae.decode_stream(second[:, :, 3:6], kept), reference[1:]) <= OTHER_BATCH_TOLERANCE
+
+
+def test_cache_memory_does_not_grow(vae: WanVAE, fixture: Fixture) -> None:
+    latents = fixture.input("latents")
+    cache = vae.new_decoder_cache(1)
+
+    def layout() -> list[tuple[int, ...] | None]:
+        return [None if slot is None else tuple(slot.shape) for slot in cache.slots]
+
+    for block in range(10):
+        index = block % latents.shape[2]
+        vae.decode_stream(latents[:, :, index : index + 1], cache)
+        if block == 2:
+            bytes_after_3, layout_after_3 = cache.nbytes, layout()
+    assert cache.nbytes == bytes_after_3
+    assert layout() == layout_after_3
+    assert all(shape is not None and shape[2] == 2 for shape in layout_after_3)
+
+
+def test_cache_to_changes_dtype(vae: WanVAE, fixture: Fixture) -> None:
+    cache = vae.new_decoder_cache(1)
+    vae.decode_stream(fixture.input("latents")[:, :, :2], cache)
+    doubled = cache.to(dtype=torch.float64)
+    assert isinstance(doubled, DecoderCache)
+    assert all(slot.dtype == torch.float64 for slot in doubled.slots)
+    assert doubled.nbytes == 2 * cache.nbytes
+
+
+def test_cache_from_another_dtype_is_rejected(vae: WanVAE, fixture: Fixture) -> None:
+    latents = fixture.input("latents")
+    cache = vae.new_decoder_cache(1)
+    vae.decode_stream(latents[:, :, :1], cache)
+    with pytest.raises(ValueError, match="cache.to"):
+        vae.decode_stream(latents[:, :, 1:2], cache.to(dtype=torch.float64))
+
+
+# Input checks
+
+
+def _video(vae: WanVAE, extra_frames: int = 0, channels: int = 3, extra_rows: int = 0) -> torch.Tensor:
+    """A valid (or, with the extras, deliberately wrong) video of 2 latent frames at 2x2 latents."""
+    size = 2 * vae.spatial_factor
+    return torch.zeros(1, channels, 1 + vae.temporal_factor + extra_frames, size + extra_rows, size)
+
+
+def _with_nan(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.clone()
+    tensor.view(-1)[tensor.numel() // 2] = float("nan")
+    return tensor
+
+
+@pytest.mark.parametrize(
+    ("make_video", "message"),
+    [
+        (lambda vae: _video(vae)[:, :, 0], r"\[B, 3, T, H, W\] \(5 dims\), got shape \(1, 3, \d+, \d+\)"),
+        (lambda vae: _video(vae, channels=4), r"3 channels .* got shape \(1, 4,"),
+        (lambda vae: _video(vae, extra_rows=vae.spatial_factor // 2), r"multiples of \d+, got \d+x\d+"),
+        (lambda vae: _video(vae, extra_frames=-1), r"1 \+ \d+k frames .* got \d+"),
+        (lambda vae: _with_nan(_video(vae)), "NaN"),
+    ],
+    ids=["ndim", "channels", "height", "frames", "nan"],
+)
+def test_encode_rejects_bad_video(vae: WanVAE, make_video: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        vae.encode(make_video(vae))
+
+
+def test_encode_image_rejects_a_video(vae: WanVAE) -> None:
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\] \(4 dims\)"):
+        vae.encode_image(_video(vae))
+
+
+def test_image_condition_rejects_zero_frames(vae: WanVAE) -> None:
+    with pytest.raises(ValueError, match="num_latent_frames must be at least 1, got 0"):
+        vae.encode_image_condition(_video(vae)[:, :, 0], 0)
+
+
+@pytest.mark.parametrize(
+    ("make_latents", "message"),
+    [
+        (lambda vae: torch.zeros(1, vae.z_dim, 2, 2), r"\[B, z_dim, F, h, w\] \(5 dims\)"),
+        (lambda vae: torch.zeros(1, vae.z_dim + 1, 1, 2, 2), r"\d+ channels .* got shape \(1, \d+, 1, 2, 2\)"),
+        (lambda vae: _with_nan(torch.zeros(1, vae.z_dim, 1, 2, 2)), "NaN"),
+    ],
+    ids=["ndim", "channels", "nan"],
+)
+def test_decode_rejects_bad_latents(vae: WanVAE, make_latents: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        vae.decode(make_latents(vae))
+
+
+def test_decode_stream_rejects_a_cache_of_another_batch_size(vae: WanVAE) -> None:
+    with pytest.raises(ValueError, match="batch size 2 but the cache holds 1"):
+        vae.decode_stream(torch.zeros(2, vae.z_dim, 1, 2, 2), vae.new_decoder_cache(1))
+
+
+def test_decode_stream_rejects_a_change_of_latent_size(vae: WanVAE) -> None:
+    cache = vae.new_decoder_cache(1)
+    vae.decode_stream(torch.zeros(1, vae.z_dim, 1, 2, 2), cache)
+    with pytest.raises(ValueError, match=r"latents are \(3, 2\)"):
+        vae.decode_stream(torch.zeros(1, vae.z_dim, 1, 3, 2), cache)
