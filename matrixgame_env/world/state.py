@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -14,7 +15,8 @@ from .condition import ImageLatents
 
 @dataclass
 class WorldState:
-    """Caches, frame index, action history, image condition and random streams of B worlds.
+    """Caches, frame index, action history, image condition, random streams (and the VAE decoder
+    cache when frames are decoded) of B worlds.
 
     `snapshot()` returns an independent copy; `restore(snapshot)` puts one back (exact: the same
     actions then give the same latents again); `fork(n)` expands every world into n copies.
@@ -27,6 +29,7 @@ class WorldState:
     mouse_history: torch.Tensor | None  # [B, window, 2]
     generators: list[torch.Generator]
     frame: int = 0  # latent frames generated so far (= first latent frame of the next block)
+    decoder_cache: Any = None  # the VAE decoder's streaming cache, when frames are decoded
 
     @property
     def batch_size(self) -> int:
@@ -60,6 +63,7 @@ class WorldState:
             mouse_history=_clone(self.mouse_history),
             generators=[_clone_generator(g) for g in self.generators],
             frame=self.frame,
+            decoder_cache=None if self.decoder_cache is None else self.decoder_cache.clone(),
         )
 
     def restore(self, snapshot: WorldState) -> None:
@@ -82,6 +86,7 @@ class WorldState:
         for g, s in zip(self.generators, snapshot.generators):
             g.set_state(s.get_state())
         self.frame = snapshot.frame
+        self.decoder_cache = None if snapshot.decoder_cache is None else snapshot.decoder_cache.clone()
 
     def select(self, indices: torch.Tensor | list[int]) -> WorldState:
         """A new state made of the given worlds (in that order; repeats allowed)."""
@@ -96,6 +101,7 @@ class WorldState:
             mouse_history=None if self.mouse_history is None else self.mouse_history[indices.to(self.device)],
             generators=[_clone_generator(self.generators[i]) for i in indices.tolist()],
             frame=self.frame,
+            decoder_cache=None if self.decoder_cache is None else self.decoder_cache.select(indices),
         )
 
     def fork(self, n: int) -> WorldState:

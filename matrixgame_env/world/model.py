@@ -1,0 +1,93 @@
+"""`WorldModel`: picture in, frames out. DiT + streaming sampler + VAE + CLIP behind one API."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from ..checkpoints import LoadedModel, load_model
+from ..images import ImageLike, fit_images, to_uint8_frames
+from ..model_config import ModelConfig
+from ..nn.clip import CLIPVisionEncoder
+from ..nn.dit import CausalDiT
+from ..nn.vae import WanVAE
+from .condition import ImageLatents
+from .sampler import SamplerConfig, StreamingSampler
+from .state import WorldState
+
+
+class WorldModel:
+    """An interactive video world model.
+
+    `start(images, seed)` encodes the start pictures (VAE latents of the image followed by zero
+    frames, CLIP tokens) into a `WorldState`; every `step(state, keyboard, mouse)` generates one
+    block of frames (9 video frames for the first block, 12 after) for every world of the batch.
+    """
+
+    def __init__(self, dit: CausalDiT, vae: WanVAE, clip: CLIPVisionEncoder, config: ModelConfig) -> None:
+        self.dit, self.vae, self.clip, self.config = dit, vae, clip, config
+        self.sampler = StreamingSampler(dit, SamplerConfig.from_dict(config.sampler), latent_size=config.latent_size)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_name: str | os.PathLike,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        mode: str | None = None,
+    ) -> WorldModel:
+        """Load a preset name, one of our model folders, an official folder, or a hub id."""
+        loaded: LoadedModel = load_model(path_or_name, mode=mode, device=device, dtype=dtype)
+        return cls(loaded.dit, loaded.vae, loaded.clip, loaded.config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.dit.device
+
+    @property
+    def video_size(self) -> tuple[int, int]:
+        return self.config.video_size
+
+    @property
+    def frames_per_block(self) -> int:
+        """Video frames per block after the first (12 for the released models)."""
+        return 4 * self.sampler.config.frames_per_block
+
+    @torch.no_grad()
+    def encode_start(self, images: ImageLike | Sequence[ImageLike]) -> tuple[ImageLatents, torch.Tensor]:
+        """Start pictures -> (image-condition latents, CLIP tokens)."""
+        pixels = fit_images(images, self.config.video_size).to(self.device)
+        condition = self.vae.encode_image_condition(pixels.to(self.vae.dtype), num_latent_frames=4096)
+        context = self.clip(pixels.to(self.clip.patch_embedding.weight.dtype))
+        return ImageLatents(condition.distinct_latents.float()), context
+
+    @torch.no_grad()
+    def start(self, images: ImageLike | Sequence[ImageLike], seed: int | Sequence[int] | None = None) -> WorldState:
+        """A fresh state for one world per picture (path, PIL image or HxWx3 uint8; any size:
+        centre-cropped to the model's aspect and resized)."""
+        image_latents, context = self.encode_start(images)
+        state = self.sampler.start(image_latents, context, seed=seed)
+        state.decoder_cache = self.vae.new_decoder_cache(state.batch_size)
+        return state
+
+    @torch.no_grad()
+    def step_latents(self, state: WorldState, keyboard=None, mouse=None) -> torch.Tensor:
+        """One block of latent frames [B, 16, 3, h, w], without decoding."""
+        return self.sampler.step(state, keyboard, mouse)
+
+    @torch.no_grad()
+    def decode(self, state: WorldState, latents: torch.Tensor) -> torch.Tensor:
+        """Stream-decode a block of latents -> frames [B, T, H, W, 3] uint8 on the CPU."""
+        frames = self.vae.decode_stream(latents.to(self.vae.dtype), state.decoder_cache)
+        return to_uint8_frames(frames).cpu()
+
+    @torch.no_grad()
+    def step(self, state: WorldState, keyboard=None, mouse=None) -> torch.Tensor:
+        """Generate the next block for every world -> frames [B, T, H, W, 3] uint8 (CPU).
+
+        keyboard [B, K] / mouse [B, 2] are held for the block, or [B, T, K] / [B, T, 2] give one
+        action per new video frame (T = 9 for the first block, 12 after).
+        """
+        return self.decode(state, self.step_latents(state, keyboard, mouse))
