@@ -48,18 +48,22 @@ def fixture_agreement(device: str) -> list[dict]:
         for flow, call in zip(replay.flows, fixture.spec["calls"]):
             sub = flow[..., :: strides[0], :: strides[1]]
             call_errors.append(
-                (max_relative_error(sub, fixture.io(call["flow_pred_sub"])),
-                 norm_relative_error(sub, fixture.io(call["flow_pred_sub"])))
+                (
+                    max_relative_error(sub, fixture.io(call["flow_pred_sub"])),
+                    norm_relative_error(sub, fixture.io(call["flow_pred_sub"])),
+                )
             )
-        rows.append({
-            "dtype": str(dtype).replace("torch.", ""),
-            "calls": len(call_errors),
-            "flow_max_abs_err_worst": max(e[0] for e in call_errors),
-            "flow_rel_l2_worst": max(e[1] for e in call_errors),
-            "flow_rel_l2_first_call": call_errors[0][1],
-            "latents_max_abs_err": max_relative_error(replay.latents, expected_latents),
-            "latents_rel_l2": norm_relative_error(replay.latents, expected_latents),
-        })
+        rows.append(
+            {
+                "dtype": str(dtype).replace("torch.", ""),
+                "calls": len(call_errors),
+                "flow_max_abs_err_worst": max(e[0] for e in call_errors),
+                "flow_rel_l2_worst": max(e[1] for e in call_errors),
+                "flow_rel_l2_first_call": call_errors[0][1],
+                "latents_max_abs_err": max_relative_error(replay.latents, expected_latents),
+                "latents_rel_l2": norm_relative_error(replay.latents, expected_latents),
+            }
+        )
     return rows
 
 
@@ -74,7 +78,7 @@ def full_size_stream(device: str, batch: int, blocks: int, model: CausalDiT) -> 
     base = torch.cuda.memory_allocated() if cuda else 0
     state = sampler.start(image, context, seed=0)
     times, finite = [], True
-    for b in range(blocks):
+    for _ in range(blocks):
         frames = sampler.video_frames_for_block(state)
         keyboard = (torch.rand(batch, frames, 4, generator=g) > 0.5).float()
         mouse = 0.1 * torch.randn(batch, frames, 2, generator=g)
