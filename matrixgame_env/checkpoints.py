@@ -48,6 +48,7 @@ class LoadedModel:
     dit: CausalDiT
     vae: WanVAE
     clip: CLIPVisionEncoder
+    folder: Path | None = None  # where the weights (and any shipped start images) were read
 
 
 def available_presets() -> list[str]:
@@ -113,6 +114,7 @@ def load_model(
         dit=dit.to(device=device, dtype=dtype).eval(),
         vae=vae.to(device=device, dtype=dtype).eval(),
         clip=clip.to(device=device, dtype=dtype).eval(),
+        folder=folder,
     )
 
 

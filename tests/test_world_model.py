@@ -40,8 +40,8 @@ def test_frames_come_out_as_uint8_blocks_of_9_then_12(world):
     state = world.start(_picture(), seed=0)
     first = world.step(state, torch.tensor([[1.0, 0, 0, 0]]), torch.tensor([[0.0, 0.1]]))
     second = world.step(state, torch.tensor([[0.0, 0, 1, 0]]), torch.tensor([[0.1, 0.0]]))
-    assert first.shape == (1, 9, 32, 64, 3) and first.dtype == torch.uint8
-    assert second.shape == (1, 12, 32, 64, 3)
+    assert first.shape == (1, 9, 16, 32, 3) and first.dtype == torch.uint8
+    assert second.shape == (1, 12, 16, 32, 3)
     assert state.video_frame == 21
 
 

@@ -25,7 +25,7 @@ def tiny_model_config(mode: str = "universal") -> ModelConfig:
         sampler={"denoising_steps": [1000, 666, 333]},
         vae=dict(TINY_VAE),
         clip=dict(TINY_CLIP),
-        video_size=(32, 64),
+        video_size=(16, 32),
         fps=25,
     )
 
@@ -64,3 +64,20 @@ def write_official_layout(folder: Path, config: ModelConfig, seed: int = 0) -> P
                       "log_scale": torch.tensor(4.6)})
     torch.save(full_clip, folder / OFFICIAL_CLIP_FILE)
     return folder
+
+
+def write_tiny_model(folder: Path, mode: str = "universal", seed: int = 0, images: int = 2) -> Path:
+    """A complete tiny model folder in our format, with shipped start pictures."""
+    import numpy as np
+    from PIL import Image
+
+    from matrixgame_env.checkpoints import save_model
+
+    config = tiny_model_config(mode)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(images):
+        picture = rng.integers(0, 256, (48, 96, 3), dtype=np.uint8)
+        Image.fromarray(picture).save(folder / f"start_{i}.png")
+        config.start_images.append(f"start_{i}.png")
+    return save_model(folder, config, *tiny_modules(config, seed))

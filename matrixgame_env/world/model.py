@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -26,8 +27,16 @@ class WorldModel:
     block of frames (9 video frames for the first block, 12 after) for every world of the batch.
     """
 
-    def __init__(self, dit: CausalDiT, vae: WanVAE, clip: CLIPVisionEncoder, config: ModelConfig) -> None:
+    def __init__(
+        self,
+        dit: CausalDiT,
+        vae: WanVAE,
+        clip: CLIPVisionEncoder,
+        config: ModelConfig,
+        folder: str | os.PathLike | None = None,
+    ) -> None:
         self.dit, self.vae, self.clip, self.config = dit, vae, clip, config
+        self.folder = Path(folder) if folder is not None else None
         self.sampler = StreamingSampler(dit, SamplerConfig.from_dict(config.sampler), latent_size=config.latent_size)
 
     @classmethod
@@ -40,7 +49,13 @@ class WorldModel:
     ) -> WorldModel:
         """Load a preset name, one of our model folders, an official folder, or a hub id."""
         loaded: LoadedModel = load_model(path_or_name, mode=mode, device=device, dtype=dtype)
-        return cls(loaded.dit, loaded.vae, loaded.clip, loaded.config)
+        return cls(loaded.dit, loaded.vae, loaded.clip, loaded.config, loaded.folder)
+
+    def start_image_paths(self) -> list[Path]:
+        """The start pictures shipped with the model (config `start_images`, relative to its folder)."""
+        if self.folder is None:
+            return []
+        return [self.folder / name for name in self.config.start_images]
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,250 @@
+"""`MatrixGameEnv`: one dreamed world as a Gymnasium environment.
+
+One `step` generates one block of video (9 frames on the first step, 12 after) with the action
+held for the whole block. The observation is the block's last frame (or all its frames with
+`observation="block"`); `info["frames"]` always holds every frame of the block.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from .images import ImageLike, fit_image
+from .rewards import NeverTerminate, StepOutcome, ZeroReward, bind_all
+from .spaces import ActionLayout, layout_for
+from .world.model import WorldModel
+from .world.state import WorldState
+
+DEFAULT_MODEL = "doom-small"
+
+
+def resolve_world(model: str | os.PathLike | WorldModel, device=None, dtype=None, mode=None) -> WorldModel:
+    if isinstance(model, WorldModel):
+        return model
+    return WorldModel.from_pretrained(model, device=device, dtype=dtype, mode=mode)
+
+
+def start_picture(world: WorldModel, image: ImageLike | None, np_random: np.random.Generator) -> ImageLike:
+    """The given picture, or one of the model's shipped start pictures (chosen by the env's RNG)."""
+    if image is not None:
+        return image
+    shipped = world.start_image_paths()
+    if not shipped:
+        raise ValueError(
+            f"model {world.config.name!r} ships no start image: pass reset(options={{'image': ...}}) "
+            "with a path, a PIL image or an HxWx3 uint8 array"
+        )
+    return shipped[int(np_random.integers(len(shipped)))]
+
+
+def picture_as_uint8(picture: ImageLike, size: tuple[int, int]) -> np.ndarray:
+    """The start picture as the model sees it (centre-cropped, resized), HxWx3 uint8."""
+    return ((fit_image(picture, size) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+@dataclass
+class EnvSnapshot:
+    """Everything needed to continue an env exactly: world state, step count, last observation."""
+
+    world_state: WorldState
+    steps: int
+    last_frames: np.ndarray
+    np_random_state: dict
+
+
+class MatrixGameEnv(gym.Env):
+    """A world model as a Gymnasium env (see the module docstring).
+
+    model: a `WorldModel`, a preset name (e.g. "doom-small", "universal"), a model folder or a hub
+    id. reward / termination: plug-ins from `matrixgame_env.rewards` (or any callable of a
+    `StepOutcome`). max_episode_steps: truncation after that many blocks (None: never).
+    report_timing: add `info["timing"]` (generation seconds and fps of the block); off by default
+    because timings differ between identical runs (the same is always in `env.last_timing`).
+    """
+
+    metadata = {"render_modes": ["rgb_array", "human"], "render_fps": 25}
+
+    def __init__(
+        self,
+        model: str | os.PathLike | WorldModel = DEFAULT_MODEL,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        mode: str | None = None,
+        render_mode: str | None = None,
+        observation: str = "last",
+        reward: Any = None,
+        termination: Any = None,
+        max_episode_steps: int | None = None,
+        report_timing: bool = False,
+    ) -> None:
+        super().__init__()
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
+        if observation not in ("last", "block"):
+            raise ValueError(f"observation must be 'last' or 'block', got {observation!r}")
+        self.world = resolve_world(model, device, dtype, mode)
+        config = self.world.config
+        if mode is not None and mode != config.mode:
+            raise ValueError(f"model {config.name!r} is a {config.mode} model, not {mode}")
+        self.layout: ActionLayout = layout_for(config.mode, config.actions)
+        self.mode = self.layout.name
+        self.render_mode = render_mode
+        self.observation_mode = observation
+        self.max_episode_steps = max_episode_steps
+        self.metadata = dict(self.metadata, render_fps=config.fps)
+        height, width = config.video_size
+        self.block_frames = self.world.frames_per_block
+        if observation == "last":
+            self.observation_space = spaces.Box(0, 255, (height, width, 3), np.uint8)
+        else:
+            self.observation_space = spaces.Box(0, 255, (self.block_frames, height, width, 3), np.uint8)
+        self.action_space = self.layout.action_space()
+        self.reward_fn = reward if reward is not None else ZeroReward()
+        self.termination_fn = termination if termination is not None else NeverTerminate()
+        bind_all(self.world, self.reward_fn, self.termination_fn)
+        self._state: WorldState | None = None
+        self._steps = 0
+        self._last_frames: np.ndarray | None = None
+        self._display = None
+        self.report_timing = report_timing
+        self.last_timing: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ gymnasium API
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        options = dict(options or {})
+        unknown = set(options) - {"image"}
+        if unknown:
+            raise ValueError(f"unknown reset options {sorted(unknown)}; accepted: 'image'")
+        picture = start_picture(self.world, options.get("image"), self.np_random)
+        world_seed = int(self.np_random.integers(2**62))
+        self._state = self.world.start(picture, seed=world_seed)
+        self._steps = 0
+        self._last_frames = picture_as_uint8(picture, self.world.video_size)[None]
+        info = {"frames": self._last_frames, "frame_index": 0, "block": 0}
+        return self._observation(self._last_frames), info
+
+    def step(self, action: Any):
+        if self._state is None:
+            raise RuntimeError("step() called before reset(): call env.reset() first")
+        keyboard, mouse = self.layout.to_arrays(action)
+        started = time.perf_counter()
+        keyboard_t = torch.from_numpy(keyboard)[None]
+        mouse_t = torch.from_numpy(mouse)[None] if mouse is not None else None
+        latents = self.world.step_latents(self._state, keyboard_t, mouse_t)
+        frames = self.world.decode(self._state, latents).numpy()
+        elapsed = time.perf_counter() - started
+        self._steps += 1
+        outcome = StepOutcome(
+            frames=frames,
+            latents=latents,
+            keyboard=keyboard[None],
+            mouse=None if mouse is None else mouse[None],
+            step_index=np.array([self._steps]),
+        )
+        reward = float(np.asarray(self.reward_fn(outcome))[0])
+        terminated = bool(np.asarray(self.termination_fn(outcome))[0])
+        truncated = self.max_episode_steps is not None and self._steps >= self.max_episode_steps
+        self._last_frames = frames[0]
+        self.last_timing = {"generate_s": elapsed, "fps": len(frames[0]) / elapsed}
+        info = {"frames": frames[0], "frame_index": self._state.video_frame - 1, "block": self._steps}
+        if self.report_timing:
+            info["timing"] = dict(self.last_timing)
+        if self.render_mode == "human":
+            self.render()
+        return self._observation(frames[0]), reward, terminated, truncated, info
+
+    def render(self):
+        if self._last_frames is None:
+            return None
+        if self.render_mode == "rgb_array":
+            return self._last_frames[-1].copy()
+        if self.render_mode == "human":
+            from .display import FrameWindow
+
+            if self._display is None:
+                self._display = FrameWindow(title=f"matrixgame-env: {self.world.config.name}")
+            self._display.show(self._last_frames, fps=self.metadata["render_fps"])
+        return None
+
+    def close(self) -> None:
+        if self._display is not None:
+            self._display.close()
+            self._display = None
+        self._state = None
+
+    # ------------------------------------------------------------------ world state
+    def snapshot(self) -> EnvSnapshot:
+        """An exact copy of the episode so far; `restore` it to get the same frames again."""
+        if self._state is None:
+            raise RuntimeError("snapshot() needs a started episode: call reset() first")
+        return EnvSnapshot(
+            self._state.snapshot(), self._steps, self._last_frames.copy(), self.np_random.bit_generator.state
+        )
+
+    def restore(self, snapshot: EnvSnapshot) -> None:
+        if not isinstance(snapshot, EnvSnapshot):
+            raise TypeError(f"restore() takes what snapshot() returned, got {type(snapshot).__name__}")
+        if self._state is None or self._state.batch_size != snapshot.world_state.batch_size:
+            self._state = snapshot.world_state.snapshot()
+        else:
+            self._state.restore(snapshot.world_state)
+        self._steps = snapshot.steps
+        self._last_frames = snapshot.last_frames.copy()
+        self.np_random.bit_generator.state = snapshot.np_random_state
+
+    def imagine(self, plans: list[list[Any]] | np.ndarray) -> dict[str, np.ndarray]:
+        """Roll K action plans of H steps out from the current state, in one batch (fork), without
+        changing the env. Returns {"frames": [K, H, T, h, w, 3] uint8, "rewards": [K, H]}; T is the
+        block length (a first block of 9 frames is front-padded with its first frame)."""
+        if self._state is None:
+            raise RuntimeError("imagine() needs a started episode: call reset() first")
+        return imagine_plans(self.world, self.layout, self._state, self.reward_fn, plans, self._steps)
+
+    # ------------------------------------------------------------------ helpers
+    def _observation(self, frames: np.ndarray) -> np.ndarray:
+        if self.observation_mode == "last":
+            return frames[-1].copy()
+        if len(frames) < self.block_frames:  # reset and first block: front-pad with the first frame
+            pad = np.repeat(frames[:1], self.block_frames - len(frames), axis=0)
+            frames = np.concatenate([pad, frames])
+        return frames.copy()
+
+
+@torch.no_grad()
+def imagine_plans(
+    world: WorldModel, layout: ActionLayout, state: WorldState, reward_fn: Any, plans: Any, steps_so_far: int
+) -> dict[str, np.ndarray]:
+    """K plans rolled out from one world's state in one batch; the state itself is left unchanged."""
+    plans = list(plans)
+    horizon = len(plans[0]) if plans else 0
+    if not plans or horizon == 0 or any(len(p) != horizon for p in plans):
+        raise ValueError("plans must be K >= 1 action sequences of the same length H >= 1")
+    if state.batch_size != 1:
+        raise ValueError(f"imagine starts from one world, this state holds {state.batch_size}")
+    batch = state.fork(len(plans))
+    frames, rewards = [], []
+    for t in range(horizon):
+        arrays = [layout.to_arrays(plan[t]) for plan in plans]
+        keyboard = np.stack([a[0] for a in arrays])
+        mouse = np.stack([a[1] for a in arrays]) if layout.mouse else None
+        latents = world.step_latents(
+            batch, torch.from_numpy(keyboard), None if mouse is None else torch.from_numpy(mouse)
+        )
+        block = world.decode(batch, latents).numpy()
+        outcome = StepOutcome(block, latents, keyboard, mouse, np.full(len(plans), steps_so_far + t + 1))
+        rewards.append(np.asarray(reward_fn(outcome), np.float32))
+        if block.shape[1] < world.frames_per_block:  # a first block: front-pad with its first frame
+            pad = np.repeat(block[:, :1], world.frames_per_block - block.shape[1], axis=1)
+            block = np.concatenate([pad, block], axis=1)
+        frames.append(block)
+    return {"frames": np.stack(frames, axis=1), "rewards": np.stack(rewards, axis=1)}

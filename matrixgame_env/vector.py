@@ -1,0 +1,245 @@
+"""`MatrixGameVectorEnv`: N dreamed worlds stepped together, one forward per step.
+
+Worlds that started together share one batched `WorldState` (a cohort) and are generated in one
+DiT forward per step. A world that resets leaves its cohort and starts a new one with the other
+worlds resetting at the same step, because a fresh world's first block differs from later ones
+(9 video frames, the image-frame mask, empty caches). With episodes that end together (e.g. a
+fixed `max_episode_steps`), all N worlds stay in one cohort: one forward for all of them.
+Autoreset follows Gymnasium's next-step mode: the step after an episode ends returns the new
+episode's first observation, with reward 0 and the action ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium.utils import seeding
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from .env import DEFAULT_MODEL, imagine_plans, picture_as_uint8, resolve_world, start_picture
+from .images import ImageLike
+from .rewards import NeverTerminate, StepOutcome, ZeroReward, bind_all
+from .spaces import layout_for
+from .world.model import WorldModel
+from .world.state import WorldState
+
+
+class MatrixGameVectorEnv(VectorEnv):
+    """N worlds of one world model (see the module docstring).
+
+    reset(seed=s) seeds world i with s + i, so world i matches `MatrixGameEnv.reset(seed=s + i)`;
+    options={"image": picture or list of N pictures}.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 25, "autoreset_mode": AutoresetMode.NEXT_STEP}
+
+    def __init__(
+        self,
+        model: str | os.PathLike | WorldModel = DEFAULT_MODEL,
+        num_envs: int = 1,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        mode: str | None = None,
+        observation: str = "last",
+        reward: Any = None,
+        termination: Any = None,
+        max_episode_steps: int | None = None,
+        render_mode: str | None = None,
+    ) -> None:
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        if observation not in ("last", "block"):
+            raise ValueError(f"observation must be 'last' or 'block', got {observation!r}")
+        self.world = resolve_world(model, device, dtype, mode)
+        config = self.world.config
+        self.layout = layout_for(config.mode, config.actions)
+        self.num_envs = num_envs
+        self.render_mode = render_mode
+        self.observation_mode = observation
+        self.max_episode_steps = max_episode_steps
+        self.metadata = dict(self.metadata, render_fps=config.fps)
+        height, width = config.video_size
+        self.block_frames = self.world.frames_per_block
+        from gymnasium import spaces
+
+        if observation == "last":
+            self.single_observation_space = spaces.Box(0, 255, (height, width, 3), np.uint8)
+        else:
+            self.single_observation_space = spaces.Box(0, 255, (self.block_frames, height, width, 3), np.uint8)
+        self.single_action_space = self.layout.action_space()
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.reward_fn = reward if reward is not None else ZeroReward()
+        self.termination_fn = termination if termination is not None else NeverTerminate()
+        bind_all(self.world, self.reward_fn, self.termination_fn)
+        self._rngs = [seeding.np_random(None)[0] for _ in range(num_envs)]
+        self._cohorts: list[tuple[np.ndarray, WorldState]] = []
+        self._steps = np.zeros(num_envs, np.int64)
+        self._needs_reset = np.zeros(num_envs, bool)
+        self._last_frames: list[np.ndarray | None] = [None] * num_envs
+        self._images: list[ImageLike | None] = [None] * num_envs
+
+    # ------------------------------------------------------------------ gymnasium API
+    def reset(self, *, seed: int | Sequence[int] | None = None, options: dict[str, Any] | None = None):
+        options = dict(options or {})
+        unknown = set(options) - {"image"}
+        if unknown:
+            raise ValueError(f"unknown reset options {sorted(unknown)}; accepted: 'image'")
+        if seed is not None:
+            seeds = [seed + i for i in range(self.num_envs)] if isinstance(seed, int) else list(seed)
+            if len(seeds) != self.num_envs:
+                raise ValueError(f"got {len(seeds)} seeds for {self.num_envs} worlds")
+            self._rngs = [seeding.np_random(s)[0] for s in seeds]
+        if "image" in options:
+            images = options["image"]
+            if isinstance(images, (list, tuple)):
+                if len(images) != self.num_envs:
+                    raise ValueError(f"got {len(images)} start images for {self.num_envs} worlds")
+                self._images = list(images)
+            else:
+                self._images = [images] * self.num_envs
+        self._cohorts = []
+        self._start(np.arange(self.num_envs))
+        self._needs_reset[:] = False
+        frames = [self._last_frames[i] for i in range(self.num_envs)]
+        info = {"frame_index": np.zeros(self.num_envs, np.int64)}
+        return self._observations(frames), info
+
+    def step(self, actions: Any):
+        if not self._cohorts:
+            raise RuntimeError("step() called before reset(): call reset() first")
+        keyboard, mouse = self._split_actions(actions)
+        resetting = np.flatnonzero(self._needs_reset)
+        if len(resetting):
+            self._remove(resetting)
+            self._start(resetting)
+        rewards = np.zeros(self.num_envs, np.float32)
+        terminated = np.zeros(self.num_envs, bool)
+        truncated = np.zeros(self.num_envs, bool)
+        new_frames = np.zeros(self.num_envs, np.int64)
+        frame_index = np.zeros(self.num_envs, np.int64)
+        for indices, state in self._cohorts:
+            if np.isin(indices, resetting).any():
+                continue  # the cohort this step's resets just started: its worlds show their start picture
+            k = torch.from_numpy(keyboard[indices])
+            m = None if mouse is None else torch.from_numpy(mouse[indices])
+            latents = self.world.step_latents(state, k, m)
+            block = self.world.decode(state, latents).numpy()
+            self._steps[indices] += 1
+            outcome = StepOutcome(
+                block, latents, keyboard[indices], None if mouse is None else mouse[indices], self._steps[indices]
+            )
+            rewards[indices] = np.asarray(self.reward_fn(outcome), np.float32)
+            terminated[indices] = np.asarray(self.termination_fn(outcome), bool)
+            if self.max_episode_steps is not None:
+                truncated[indices] = self._steps[indices] >= self.max_episode_steps
+            for j, i in enumerate(indices):
+                self._last_frames[i] = block[j]
+            new_frames[indices] = block.shape[1]
+            frame_index[indices] = state.video_frame - 1
+        self._needs_reset = terminated | truncated
+        frames = [self._last_frames[i] for i in range(self.num_envs)]
+        info = {"frame_index": frame_index, "new_frames": new_frames, "frames": self._padded_blocks(frames)}
+        return self._observations(frames), rewards, terminated, truncated, info
+
+    def render(self):
+        if self.render_mode == "rgb_array" and self._last_frames[0] is not None:
+            return np.stack([f[-1] for f in self._last_frames])
+        return None
+
+    def close_extras(self, **kwargs: Any) -> None:
+        self._cohorts = []
+
+    def reset_worlds(self, indices: Sequence[int]) -> np.ndarray:
+        """Start new episodes in the given worlds now (same-step autoreset, as stable-baselines3
+        expects); returns their first observations."""
+        indices = np.asarray(indices, dtype=np.int64)
+        self._remove(indices)
+        self._start(indices)
+        self._needs_reset[indices] = False
+        return self._observations([self._last_frames[i] for i in indices])
+
+    # ------------------------------------------------------------------ planners
+    def imagine(self, world_index: int, plans: Any) -> dict[str, np.ndarray]:
+        """Roll K plans of H steps out from world `world_index` in one batch (the worlds are left
+        unchanged). Returns {"frames": [K, H, T, h, w, 3], "rewards": [K, H]}."""
+        state = self.world_state(world_index)
+        return imagine_plans(self.world, self.layout, state, self.reward_fn, plans, int(self._steps[world_index]))
+
+    def world_state(self, world_index: int) -> WorldState:
+        """A copy of one world's state (for planners and debugging)."""
+        if not 0 <= world_index < self.num_envs:
+            raise ValueError(f"world_index must lie in 0..{self.num_envs - 1}, got {world_index}")
+        for indices, state in self._cohorts:
+            position = np.flatnonzero(indices == world_index)
+            if len(position):
+                return state.select([int(position[0])])
+        raise RuntimeError("call reset() first")
+
+    @property
+    def num_cohorts(self) -> int:
+        """How many separate forwards a step costs (1 while all worlds started together)."""
+        return len(self._cohorts)
+
+    # ------------------------------------------------------------------ helpers
+    def _start(self, indices: np.ndarray) -> None:
+        pictures, seeds = [], []
+        for i in indices:
+            picture = start_picture(self.world, self._images[i], self._rngs[i])
+            seeds.append(int(self._rngs[i].integers(2**62)))
+            pictures.append(picture)
+            self._last_frames[i] = picture_as_uint8(picture, self.world.video_size)[None]
+        state = self.world.start(pictures, seed=seeds)
+        self._cohorts.append((np.asarray(indices), state))
+        self._steps[indices] = 0
+
+    def _remove(self, worlds: np.ndarray) -> None:
+        kept = []
+        for indices, state in self._cohorts:
+            keep = ~np.isin(indices, worlds)
+            if keep.all():
+                kept.append((indices, state))
+            elif keep.any():
+                kept.append((indices[keep], state.select(np.flatnonzero(keep).tolist())))
+        self._cohorts = kept
+
+    def _split_actions(self, actions: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.layout.one_hot:
+            actions = np.asarray(actions)
+            if actions.shape != (self.num_envs,):
+                raise ValueError(f"actions must be {self.num_envs} integers, got shape {actions.shape}")
+            per_world = [self.layout.to_arrays(a) for a in actions]
+        else:
+            if not isinstance(actions, dict):
+                raise ValueError(f"actions must be a dict of batched arrays, got {type(actions).__name__}")
+            per_world = []
+            for i in range(self.num_envs):
+                single = {}
+                for key, value in actions.items():
+                    value = np.asarray(value)
+                    if value.shape[:1] != (self.num_envs,):
+                        raise ValueError(f"actions[{key!r}] must have {self.num_envs} rows, got shape {value.shape}")
+                    single[key] = value[i]
+                per_world.append(self.layout.to_arrays(single))
+        keyboard = np.stack([p[0] for p in per_world]).astype(np.float32)
+        mouse = np.stack([p[1] for p in per_world]).astype(np.float32) if self.layout.mouse else None
+        return keyboard, mouse
+
+    def _padded_blocks(self, frames: list[np.ndarray]) -> np.ndarray:
+        out = []
+        for f in frames:
+            if len(f) < self.block_frames:
+                f = np.concatenate([np.repeat(f[:1], self.block_frames - len(f), axis=0), f])
+            out.append(f)
+        return np.stack(out)
+
+    def _observations(self, frames: list[np.ndarray]) -> np.ndarray:
+        if self.observation_mode == "last":
+            return np.stack([f[-1] for f in frames])
+        return self._padded_blocks(frames)
