@@ -7,8 +7,6 @@ from tiny_model import write_tiny_model
 from matrixgame_env.rewards import PixelGoalReward
 from matrixgame_env.world.model import WorldModel
 
-stable_baselines3 = pytest.importorskip("stable_baselines3", reason="install the [rl] extra")
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
