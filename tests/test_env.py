@@ -1,12 +1,12 @@
 """The Gymnasium env on a tiny random-weight model: API contract, exactness, planners, errors."""
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
 from tiny_model import write_tiny_model
 
-import gymnasium as gym
 import matrixgame_env
 from matrixgame_env.env import MatrixGameEnv
 from matrixgame_env.rewards import ClipGoalReward, GoalReached, PixelGoalReward
