@@ -470,16 +470,8 @@ class WanVAE(nn.Module):
         mean of the posterior is used.
         """
         video = self._checked_pixels(video, "video", "[B, 3, T, H, W]")
-        frames = video.shape[2]
-        if (frames - 1) % self.temporal_factor:
-            raise ValueError(
-                f"video must have 1 + {self.temporal_factor}k frames (1, {1 + self.temporal_factor}, "
-                f"{1 + 2 * self.temporal_factor}, ...), got {frames}"
-            )
         cache = FeatureCache(self.encoder.num_cache_slots, video.shape[0])
-        starts = [0, *range(1, frames, self.temporal_factor)]
-        stops = [1, *range(1 + self.temporal_factor, frames + 1, self.temporal_factor)]
-        latents = [self._encode_chunk(video[:, :, start:stop], cache) for start, stop in zip(starts, stops)]
+        latents = [self._encode_chunk(chunk, cache) for chunk in self._latent_chunks(video)]
         return torch.cat(latents, dim=2)
 
     @torch.no_grad()
@@ -525,6 +517,18 @@ class WanVAE(nn.Module):
         moments = self.conv1(self.encoder(chunk, cache))  # [B, 2 z_dim, 1, h, w]: mean | log-variance
         return self._normalise(moments[:, : self.z_dim])
 
+    def _latent_chunks(self, video: torch.Tensor) -> list[torch.Tensor]:
+        """The pieces of a video [B, 3, T, H, W] that give one latent frame each: frame 0, then 4 at a time."""
+        frames = video.shape[2]
+        if (frames - 1) % self.temporal_factor:
+            raise ValueError(
+                f"video must have 1 + {self.temporal_factor}k frames (1, {1 + self.temporal_factor}, "
+                f"{1 + 2 * self.temporal_factor}, ...), got {frames}"
+            )
+        starts = [0, *range(1, frames, self.temporal_factor)]
+        stops = [1, *range(1 + self.temporal_factor, frames + 1, self.temporal_factor)]
+        return [video[:, :, start:stop] for start, stop in zip(starts, stops)]
+
     # Decoding
 
     def new_decoder_cache(self, batch_size: int) -> DecoderCache:
@@ -555,6 +559,47 @@ class WanVAE(nn.Module):
         frames = [self.decoder(x[:, :, i : i + 1], cache) for i in range(x.shape[2])]  # [B, 3, 1 or 4, H, W] each
         video = torch.cat(frames, dim=2)  # [B, 3, T, H, W]
         return video.transpose(1, 2).contiguous().clamp_(-1.0, 1.0)  # [B, T, 3, H, W]
+
+    # Training: the same computations with gradients, on unnormalised latents, without clamping.
+
+    def encode_distribution(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Video [B, 3, T, H, W] in [-1, 1], T = 1 + 4k -> the posterior (mu, logvar), unnormalised.
+
+        Both are [B, z_dim, 1 + k, H/8, W/8]: the two halves of `conv1`'s output, chunked as `encode`
+        chunks (so `encode(video)` is the normalised `mu`). Runs with gradients; the log-variance is
+        clamped to [-30, 20] as the official posterior does, so exp(logvar) stays finite.
+        """
+        video = self._checked_pixels(video, "video", "[B, 3, T, H, W]")
+        cache = FeatureCache(self.encoder.num_cache_slots, video.shape[0])
+        moments = torch.cat([self.conv1(self.encoder(chunk, cache)) for chunk in self._latent_chunks(video)], dim=2)
+        mu, logvar = moments.chunk(2, dim=1)
+        return mu, logvar.clamp(-30.0, 20.0)
+
+    def decode_unnormalised(self, z: torch.Tensor) -> torch.Tensor:
+        """Unnormalised latents z [B, z_dim, F, h, w] -> video [B, 3, 1 + 4 (F - 1), 8h, 8w], with gradients.
+
+        The decoder of `decode` (one latent per call, same first-latent rule) without normalisation or
+        clamping, and in the encoder's [B, C, T, H, W] layout, so that losses see every pixel value.
+        """
+        z = _checked_tensor(z, "z", "[B, z_dim, F, h, w]", channels=self.z_dim).to(device=self.device, dtype=self.dtype)
+        x = self.conv2(z)
+        cache = self.new_decoder_cache(z.shape[0])
+        return torch.cat([self.decoder(x[:, :, i : i + 1], cache) for i in range(x.shape[2])], dim=2)
+
+    def normalise(self, mu: torch.Tensor) -> torch.Tensor:
+        """Unnormalised posterior means -> the model's latents, (mu - latent_mean) / latent_std per channel."""
+        return self._normalise(mu)
+
+    def set_latent_statistics(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Replace the per-channel latent mean and std (e.g. measured on a dataset after training)."""
+        if len(mean) != self.z_dim or len(std) != self.z_dim:
+            raise ValueError(f"need z_dim={self.z_dim} values each, got {len(mean)} and {len(std)}")
+        if min(std) <= 0:
+            raise ValueError(f"latent_std must be positive, got {list(std)}")
+        self.latent_mean.copy_(torch.tensor(list(mean), dtype=torch.float32))
+        self.latent_std.copy_(torch.tensor(list(std), dtype=torch.float32))
+        self._config["latent_mean"] = [float(m) for m in mean]
+        self._config["latent_std"] = [float(s) for s in std]
 
     # Latent normalisation, written as the official code computes it: 1/std first, in float32.
 

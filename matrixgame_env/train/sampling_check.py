@@ -1,0 +1,137 @@
+"""The check both DiT stages run on the model folder they write: does it load and generate, and how well.
+
+It works from the saved folder alone (`WorldModel.from_pretrained`), so it also proves the folder is
+complete: the validation flow-matching loss of the saved DiT, and a few blocks streamed by the
+few-step sampler from the validation clips' start pictures with their recorded actions, compared
+with the recorded latents.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..model_config import ModelConfig
+from ..nn.clip import CLIPVisionEncoder
+from ..nn.dit import CausalDiT
+from ..nn.scheduler import FlowMatchScheduler
+from ..nn.vae import WanVAE
+from ..world.model import WorldModel
+from .common import TrainRun, export_model
+from .conditions import ClipBatch, build_conditions
+from .forcing import DiffusionForcing
+
+
+@torch.no_grad()
+def validation_loss(world: WorldModel, forcing: DiffusionForcing, clips: list[ClipBatch], seed: int = 0) -> float:
+    """Mean flow MSE of the world's DiT over `clips`, with noise and levels fixed by `seed`."""
+    generator = torch.Generator(device=world.device).manual_seed(seed)
+    total = 0.0
+    for batch in clips:
+        batch = batch.to(world.device)
+        conditions = build_conditions(batch, world.dit.config, world.clip, world.vae)
+        total += float(forcing.loss(world.dit, batch.latents.float(), conditions, generator).flow_mse)
+    return total / len(clips)
+
+
+@torch.no_grad()
+def generation_mse(world: WorldModel, batch: ClipBatch, num_blocks: int, seed: int = 0) -> list[float]:
+    """Stream `num_blocks` blocks from each clip's start picture with its recorded actions.
+
+    Returns the mean squared error to the recorded latents, one value per block. The first block
+    starts from the true picture (teacher-forced start); later blocks show how errors compound.
+    Also decodes the blocks, so that a broken VAE in the folder fails here.
+    """
+    sampler = world.sampler
+    fpb = sampler.config.frames_per_block
+    if batch.num_frames < num_blocks * fpb:
+        raise ValueError(
+            f"{num_blocks} blocks need {num_blocks * fpb} latent frames, the clips hold {batch.num_frames}"
+        )
+    state = world.start(batch.first_frame.cpu(), seed=seed)
+    errors, video_frame = [], 0
+    for block in range(num_blocks):
+        new = sampler.video_frames_for_block(state)
+        window = slice(video_frame, video_frame + new)
+        latents = world.step_latents(state, batch.keyboard[:, window].float(), batch.mouse[:, window].float())
+        frames = world.decode(state, latents)
+        if frames.shape[1] != new:
+            raise RuntimeError(f"block {block} decoded to {frames.shape[1]} frames instead of {new}")
+        recorded = batch.latents[:, :, block * fpb : (block + 1) * fpb].to(latents.device, torch.float32)
+        errors.append(float((latents.float() - recorded).pow(2).mean()))
+        video_frame += new
+    return errors
+
+
+def check_model_folder(
+    folder: str | os.PathLike,
+    clips: list[ClipBatch],
+    num_blocks: int = 4,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+) -> dict[str, float | list[float]]:
+    """Load the folder as a `WorldModel` and report `val_flow_mse` and `generation_mse` (per block)."""
+    world = WorldModel.from_pretrained(folder, device=device, dtype=torch.float32)
+    sampler = world.sampler
+    forcing = DiffusionForcing(
+        FlowMatchScheduler(sampler.config.timestep_shift),
+        sampler.config.frames_per_block,
+        sampler.window_frames,
+        context_timestep=sampler.config.context_noise,
+    )
+    per_block = generation_mse(
+        world, clips[0], min(num_blocks, clips[0].num_frames // sampler.config.frames_per_block), seed
+    )
+    return {
+        "val_flow_mse": validation_loss(world, forcing, clips, seed),
+        "generation_mse": sum(per_block) / len(per_block),
+        "generation_mse_per_block": per_block,
+    }
+
+
+def export_and_check(
+    training: TrainRun,
+    stage: str,
+    config: ModelConfig,
+    parts: tuple[CausalDiT, WanVAE, CLIPVisionEncoder],
+    source: Path | None,
+    clips: list[ClipBatch],
+    num_blocks: int = 4,
+    trends: tuple[str, ...] = (),
+) -> Path:
+    """Write OUT/<stage>/model (config records the stage's steps), check it on `clips` (none: no
+    check), log the check to log.jsonl and OUT/<stage>/result.json. `trends` names logged training
+    metrics to summarise as `<name>_trend` (see `metric_trend`). Returns the model folder."""
+    config = copy.deepcopy(config)
+    dit, vae, clip = (copy.deepcopy(part).float().cpu().eval() for part in parts)
+    config.extra.setdefault("training", {})[stage] = {"steps": training.step, "finished": training.finished}
+    folder = export_model(training.folder / "model", config, dit, vae, clip, source=source)
+    if not clips:
+        training.message(f"{stage} model at step {training.step} written to {folder} (not checked)")
+        return folder
+    metrics = check_model_folder(folder, clips, num_blocks, device=training.device)
+    for name in trends:
+        metrics[f"{name}_trend"] = metric_trend(training.folder / "log.jsonl", name)
+    training.log(**metrics)
+    result = {"step": training.step, "finished": training.finished, "model": str(folder), **metrics}
+    (training.folder / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    training.message(
+        f"{stage} model at step {training.step} written to {folder}: val flow MSE {metrics['val_flow_mse']:.4f}, "
+        f"3-step generation MSE {metrics['generation_mse']:.4f}"
+    )
+    return folder
+
+
+def metric_trend(log_file: Path, name: str, parts: int = 4) -> list[float]:
+    """Mean of a logged metric over `parts` consecutive stretches of the run's log lines (oldest
+    first): a short summary of its trend over all sessions so far."""
+    values = []
+    if log_file.exists():
+        records = (json.loads(line) for line in log_file.read_text().splitlines() if line)
+        values = [record[name] for record in records if name in record]
+    stretches = [values[len(values) * i // parts : len(values) * (i + 1) // parts] for i in range(parts)]
+    return [sum(s) / len(s) for s in stretches if s]

@@ -1,0 +1,210 @@
+"""Stage `vae`: train the causal video VAE of a model config on recorded clips.
+
+    matrixgame-env train vae --data data/doom --out runs/doom --minutes 9 [--resume]
+
+Each step encodes clips of 1 + 4k frames with the causal chunked encoder, samples the posterior,
+decodes with the (non-streaming) decoder and minimises L1 + MSE + kl_weight * KL. When all `--steps`
+are done the stage measures the per-channel mean and std of the posterior means on training clips,
+stores them as the config's `vae.latent_mean` / `latent_std` (so the DiT sees unit-variance latents),
+reports reconstruction PSNR on the val split through the inference path (`encode` -> `decode`), and
+writes OUT/vae/model/: the trained VAE, the other parts from `--init` or freshly initialised, and a
+few start pictures from the data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ..data.dataset import VideoClipDataset
+from ..model_config import ModelConfig
+from ..nn.vae import WanVAE
+from .common import (
+    StageError,
+    TrainRun,
+    adamw,
+    add_optimizer_arguments,
+    add_session_arguments,
+    existing_dir,
+    export_model,
+    initial_model,
+    warmup_cosine,
+)
+
+STAGE = "vae"
+START_PICTURES = 4
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `matrixgame-env train vae`."""
+    # Batch 32 in bf16: about 80 clips (0.4 s) a step on an H100 at 96x176, 1300 steps per 9-minute session.
+    add_session_arguments(parser, batch_size=32)
+    add_optimizer_arguments(parser, steps=10_000, lr=3e-4)
+    parser.add_argument("--clip-frames", type=int, default=17, help="video frames per training clip, 1 + 4k")
+    parser.add_argument("--kl-weight", type=float, default=1e-5, help="weight of the mean KL per latent value")
+    parser.add_argument("--no-sample", action="store_true", help="decode the posterior mean instead of a sample")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of episodes held out (dataset split)")
+    parser.add_argument("--stats-clips", type=int, default=256, help="training clips for the latent statistics")
+    parser.add_argument("--val-clips", type=int, default=64, help="val clips for the reconstruction PSNR")
+
+
+def vae_losses(vae: WanVAE, video: torch.Tensor, kl_weight: float, sample: bool = True) -> dict[str, torch.Tensor]:
+    """Training losses of a batch of clips [B, 3, T, H, W] in [-1, 1].
+
+    Returns "loss" (to minimise) = l1 + mse + kl_weight * kl, and its parts: "l1", "mse" (pixel means),
+    "kl" (mean KL per latent value of the unnormalised posterior against N(0, 1)) and "psnr" (dB, 0..1 range).
+    """
+    mu, logvar = vae.encode_distribution(video)
+    z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample else mu
+    reconstruction = vae.decode_unnormalised(z).float()
+    target = video.to(reconstruction)
+    error = reconstruction - target
+    l1 = error.abs().mean()
+    mse = error.pow(2).mean()
+    mu, logvar = mu.float(), logvar.float()
+    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+    return {
+        "loss": l1 + mse + kl_weight * kl,
+        "l1": l1.detach(),
+        "mse": mse.detach(),
+        "kl": kl.detach(),
+        "psnr": psnr(reconstruction.detach().clamp(-1, 1), target),
+    }
+
+
+def psnr(video: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of videos in [-1, 1], on the 0..1 scale (a range of 2 here)."""
+    mse = (video.float() - target.float()).pow(2).mean().clamp(min=1e-12)
+    return 10.0 * torch.log10(4.0 / mse)
+
+
+@torch.no_grad()
+def latent_statistics(
+    vae: WanVAE, clips: Dataset, indices: Sequence[int], batch_size: int
+) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the posterior means mu (unnormalised) over the clips `indices`."""
+    total = torch.zeros(vae.z_dim, dtype=torch.float64)
+    total_sq = torch.zeros(vae.z_dim, dtype=torch.float64)
+    count = 0
+    for batch in _batches(clips, indices, batch_size):
+        mu, _ = vae.encode_distribution(batch.to(vae.device))
+        values = mu.double().transpose(0, 1).flatten(1).cpu()  # [z_dim, B * F * h * w]
+        total += values.sum(dim=1)
+        total_sq += values.pow(2).sum(dim=1)
+        count += values.shape[1]
+    mean = total / count
+    std = (total_sq / count - mean.pow(2)).clamp(min=1e-12).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae: WanVAE, clips: Dataset, indices: Sequence[int], batch_size: int) -> float:
+    """Mean PSNR (dB, 0..1 range) of `decode(encode(clip))`, the path the world model uses."""
+    values = []
+    for batch in _batches(clips, indices, batch_size):
+        video = batch.to(vae.device)
+        decoded = vae.decode(vae.encode(video)).transpose(1, 2)  # [B, 3, T, H, W]
+        values.append(float(psnr(decoded, video.to(decoded))))
+    return float(np.mean(values))
+
+
+def evenly_spaced(length: int, count: int) -> list[int]:
+    """Up to `count` distinct indices spread over range(length), first and last included."""
+    return sorted({int(round(i)) for i in np.linspace(0, length - 1, min(count, length))})
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Run (or continue) the stage; returns OUT/vae/model when all steps are done, else OUT/vae."""
+    data = existing_dir(args.data, "--data", "record one with: matrixgame-env record --out DIR --minutes N")
+    training = TrainRun.from_args(args, STAGE)
+    config, dit, vae, clip, source = initial_model(args.init, args.model_config)
+    train_clips, val_clips = _open_splits(data, config, args)
+    vae.to(training.device).train()
+    optimizer = adamw(vae.parameters(), args.lr, args.weight_decay)
+    training.add_module("vae", vae, ema_decay=args.ema)
+    training.add_optimizer("vae", optimizer, warmup_cosine(optimizer, args.warmup_steps, args.steps))
+    training.resume()
+    if not training.finished:
+        batches = training.batches(train_clips, args.batch_size, args.workers)
+        while training.keep_going():
+            video = next(batches)["video"].to(training.device, non_blocking=True)
+            with training.autocast():
+                losses = vae_losses(vae, video, args.kl_weight, sample=not args.no_sample)
+            grad_norm = training.optimize(losses.pop("loss"))
+            training.end_step(**losses, grad_norm=grad_norm)
+        training.save()
+    if not training.finished:
+        training.close()
+        training.message(f"stopped at step {training.step}/{training.total_steps}; continue with --resume")
+        return training.folder
+    folder = _finish(training, config, dit, training.weights("vae"), clip, source, train_clips, val_clips, args)
+    training.close()
+    return folder
+
+
+def _open_splits(
+    data: Path, config: ModelConfig, args: argparse.Namespace
+) -> tuple[VideoClipDataset, VideoClipDataset | None]:
+    options = {"clip_frames": args.clip_frames, "val_fraction": args.val_fraction, "size": config.video_size}
+    try:
+        train_clips = VideoClipDataset(data, split="train", **options)
+    except (FileNotFoundError, ValueError) as error:
+        raise StageError(str(error)) from error
+    try:
+        val_clips = VideoClipDataset(data, split="val", **options)
+    except ValueError:  # the same options worked for "train": the val split is empty
+        val_clips = None
+    return train_clips, val_clips
+
+
+def _finish(
+    training: TrainRun,
+    config: ModelConfig,
+    dit: torch.nn.Module,
+    vae: WanVAE,
+    clip: torch.nn.Module,
+    source: Path | None,
+    train_clips: VideoClipDataset,
+    val_clips: VideoClipDataset | None,
+    args: argparse.Namespace,
+) -> Path:
+    """Latent statistics, val PSNR, start pictures, and the model folder."""
+    vae.eval()
+    mean, std = latent_statistics(vae, train_clips, evenly_spaced(len(train_clips), args.stats_clips), args.batch_size)
+    vae.set_latent_statistics(mean, std)
+    config.vae.update(latent_mean=mean, latent_std=std)
+    measured_on = val_clips if val_clips is not None else train_clips
+    psnr_db = reconstruction_psnr(vae, measured_on, evenly_spaced(len(measured_on), args.val_clips), args.batch_size)
+    split = "val" if val_clips is not None else "train (no val clips)"
+    result = {"step": training.step, "psnr_db": psnr_db, "psnr_split": split, "latent_mean": mean, "latent_std": std}
+    training.log(val_psnr=psnr_db)
+    pictures = _start_pictures(measured_on, START_PICTURES)
+    config.start_images = list(pictures)
+    config.extra.setdefault("training", {})[STAGE] = {"steps": training.step, "psnr_db": round(psnr_db, 3)}
+    folder = export_model(training.folder / "model", config, dit, vae.cpu().float(), clip, source=source,
+                          extra_files=pictures)  # fmt: skip
+    (training.folder / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    training.message(f"VAE reconstruction PSNR on {split}: {psnr_db:.2f} dB; model written to {folder}")
+    return folder
+
+
+def _start_pictures(clips: VideoClipDataset, count: int) -> dict[str, Callable[[Path], None]]:
+    """{file name: writer} of PNGs of the first frames of `count` clips spread over the split."""
+    writers = {}
+    for number, index in enumerate(evenly_spaced(len(clips), count)):
+        frame = clips[index]["video"][:, 0]  # [3, H, W] in [-1, 1], exactly x / 127.5 - 1 of the stored bytes
+        picture = ((frame + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        writers[f"start_{number}.png"] = lambda path, picture=picture: Image.fromarray(picture).save(path)
+    return writers
+
+
+def _batches(clips: Dataset, indices: Sequence[int], batch_size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, len(indices), batch_size):
+        yield torch.stack([clips[i]["video"] for i in indices[start : start + batch_size]])

@@ -1,0 +1,103 @@
+"""`matrixgame-env`: dispatch to each command, the headless demo video, and clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tiny_training import run_cli, tiny_model_folder
+
+from matrixgame_env import cli, train
+from matrixgame_env.checkpoints import is_our_format
+from matrixgame_env.demo import scripted_actions
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return tiny_model_folder(tmp_path_factory)
+
+
+def _frames(path: Path) -> list[np.ndarray]:
+    import imageio.v2 as imageio
+
+    with imageio.get_reader(path) as reader:
+        return list(reader.iter_data())
+
+
+def test_demo_writes_a_readable_mp4_with_every_generated_frame(model, tmp_path) -> None:
+    out = tmp_path / "demo.mp4"
+    status, errors = run_cli("demo", "--model", str(model), "--out", str(out), "--blocks", "3", "--device", "cpu",
+                             "--no-progress")  # fmt: skip
+    assert status == 0, errors
+    frames = _frames(out)
+    assert len(frames) == 9 + 12 + 12  # the first block brings the start frame and 8 more, later blocks 12
+    assert frames[0].shape == (368, 736, 3)  # 16x32 scaled by 23, the first whole factor reaching 360 rows
+
+
+def test_demo_without_overlay_keeps_the_model_size(model, tmp_path) -> None:
+    out = tmp_path / "plain.mp4"
+    assert run_cli("demo", "--model", str(model), "--out", str(out), "--blocks", "1", "--device", "cpu",
+                   "--no-overlay", "--no-progress")[0] == 0  # fmt: skip
+    frames = _frames(out)
+    assert len(frames) == 9 and frames[0].shape == (16, 32, 3)
+
+
+def test_demo_script_walks_turns_and_looks_around() -> None:
+    labels = {action.label for action in scripted_actions(18)}
+    assert {"walk forward", "turn left", "turn right", "look up", "look down"} <= labels
+
+
+def test_demo_of_a_model_without_weights_is_a_clear_error(tmp_path) -> None:
+    status, errors = run_cli("demo", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.mp4"))
+    assert status == 2 and f"no model folder at {tmp_path / 'nowhere'}" in errors
+
+
+def test_unknown_stage_is_a_clear_error(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "sing"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'sing'" in capsys.readouterr().err
+
+
+def test_unknown_command_is_a_clear_error(capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["dance"])
+    assert "invalid choice: 'dance'" in capsys.readouterr().err
+
+
+def test_missing_data_folder_is_a_clear_error(tmp_path) -> None:
+    missing = tmp_path / "no-such-dataset"
+    status, errors = run_cli("train", "vae", "--data", str(missing), "--out", str(tmp_path / "out"), "--device", "cpu")
+    assert status == 2
+    assert f"--data {missing} is not a folder" in errors and "matrixgame-env record" in errors
+    assert "Traceback" not in errors
+
+
+def test_a_stage_whose_module_is_missing_is_a_clear_error(monkeypatch) -> None:
+    monkeypatch.setitem(train.STAGES, "dit", "matrixgame_env.train.no_such_module")
+    status, errors = run_cli("train", "dit", "--help")
+    assert status == 2 and "`train dit` is not available" in errors
+
+
+def test_convert_writes_our_format(model, tmp_path) -> None:
+    status, errors = run_cli("convert", str(model), str(tmp_path / "converted"))
+    assert status == 0, errors
+    assert is_our_format(tmp_path / "converted")
+
+
+def test_record_dispatches_to_the_recorder(tmp_path) -> None:
+    pytest.importorskip("vizdoom")
+    out = tmp_path / "recording"
+    status, errors = run_cli("record", "--out", str(out), "--minutes", str(20 / 17.5 / 60), "--workers", "1",
+                             "--size", "16", "32", "--chunk-frames", "20", "--no-progress")  # fmt: skip
+    assert status == 0, errors
+    assert (out / "manifest.json").is_file() and (out / "chunks" / "chunk_000000.npz").is_file()
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    result = subprocess.run([sys.executable, "-m", "matrixgame_env.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert all(command in result.stdout for command in ("record", "train", "convert", "play", "demo", "eval"))

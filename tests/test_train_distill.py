@@ -1,0 +1,204 @@
+"""Self-forcing DMD: rollouts are the streaming sampler's, the DMD gradient is the normalised score
+difference, a step trains student and critic only, and the stage resumes exactly and writes a
+checked student folder."""
+
+import argparse
+import copy
+import json
+import time
+
+import pytest
+import torch
+from tiny_clips import block_bounds, random_clips, write_latent_dataset
+from tiny_model import tiny_model_config, tiny_modules, write_tiny_model
+
+from matrixgame_env.nn.scheduler import FlowMatchScheduler
+from matrixgame_env.train import distill
+from matrixgame_env.train.common import TrainRun, adamw
+from matrixgame_env.train.conditions import build_conditions, start_pixels
+from matrixgame_env.train.dmd import DistributionMatching
+from matrixgame_env.train.forcing import DiffusionForcing, NoiseMix
+from matrixgame_env.train.self_forcing import SelfForcingRollout
+from matrixgame_env.weights import read_state_dict
+from matrixgame_env.world.model import WorldModel
+from matrixgame_env.world.sampler import SamplerConfig, StreamingSampler
+
+CONFIG = tiny_model_config()
+LATENT = CONFIG.latent_size
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return tiny_modules(CONFIG)
+
+
+@pytest.fixture(scope="module")
+def clips_and_conditions(parts):
+    dit, vae, clip = parts
+    batch = random_clips(CONFIG, batch=2, frames=12, seed=4)
+    with torch.no_grad():
+        return batch, build_conditions(batch, dit.config, clip, vae)
+
+
+def test_rollout_without_gradient_streams_exactly_like_the_sampler(parts, clips_and_conditions):
+    dit, vae, clip = parts
+    batch, conditions = clips_and_conditions
+    noise, renoise = torch.randn(2, 16, 12, *LATENT), torch.randn(2, 2, 16, 12, *LATENT)
+    with torch.no_grad():
+        rolled = SelfForcingRollout(dit, SamplerConfig(), LATENT)(conditions, noise, [2, 2, 2, 2], renoise)
+
+    sampler = StreamingSampler(dit, SamplerConfig(), latent_size=LATENT)
+    pixels = start_pixels(batch.first_frame)
+    with torch.no_grad():
+        state = sampler.start(vae.encode_image_condition(pixels, 4096).distinct_latents, clip(pixels))
+    streamed = []
+    for block, (lo, hi) in enumerate(block_bounds(4)):
+        frames = slice(3 * block, 3 * block + 3)
+        streamed.append(
+            sampler.step(
+                state, batch.keyboard[:, lo:hi], batch.mouse[:, lo:hi],
+                noise=noise[:, :, frames], renoise=[r[:, :, frames] for r in renoise],
+            )
+        )  # fmt: skip
+    assert torch.equal(rolled, torch.cat(streamed, dim=2))
+
+
+def test_rollout_has_one_gradient_call_per_block_and_the_same_latents(parts, clips_and_conditions):
+    dit = copy.deepcopy(parts[0])
+    _, conditions = clips_and_conditions
+    rollout = SelfForcingRollout(dit, SamplerConfig(), LATENT)
+    noise, renoise = torch.randn(2, 16, 12, *LATENT), torch.randn(2, 2, 16, 12, *LATENT)
+    exits = [0, 2, 1, 2]
+    grad_calls = []
+    hook = dit.register_forward_hook(lambda module, inputs, output: grad_calls.append(torch.is_grad_enabled()))
+    with_grad = rollout(conditions, noise, exits, renoise)
+    hook.remove()
+    with torch.no_grad():
+        without = rollout(conditions, noise, exits, renoise)
+    assert torch.equal(with_grad.detach(), without)
+    assert sum(grad_calls) == 4 and len(grad_calls) == sum(k + 1 for k in exits) + 4  # + 4 context re-runs
+    with_grad.square().mean().backward()
+    assert dit.head.head.weight.grad.abs().sum() > 0 and dit.img_emb.proj[1].weight.grad.abs().sum() > 0
+
+
+def _dmd_inputs(parts, clips_and_conditions):
+    _, conditions = clips_and_conditions
+    sample = torch.randn(2, 16, 12, *LATENT, requires_grad=True)
+    mask = DiffusionForcing(FlowMatchScheduler(5.0)).frame_mask(12)
+    return sample, conditions, mask
+
+
+def test_dmd_gives_no_gradient_when_the_critic_equals_the_teacher(parts, clips_and_conditions):
+    sample, conditions, mask = _dmd_inputs(parts, clips_and_conditions)
+    dmd = DistributionMatching(FlowMatchScheduler(5.0))
+    dmd.loss(sample, parts[0], parts[0], conditions, mask).loss.backward()
+    assert sample.grad.abs().max() == 0
+
+
+def test_dmd_gradient_is_the_score_difference_normalised_per_clip(parts, clips_and_conditions):
+    sample, conditions, mask = _dmd_inputs(parts, clips_and_conditions)
+    teacher = parts[0]
+    critic = copy.deepcopy(teacher)
+    with torch.no_grad():
+        critic.head.head.bias.add_(0.3)
+    scheduler = FlowMatchScheduler(5.0)
+    index, noise = torch.tensor([100, 700]), torch.randn(sample.shape)
+    DistributionMatching(scheduler).loss(
+        sample, teacher, critic, conditions, mask, index=index, noise=noise
+    ).loss.backward()
+
+    sigma = scheduler.sigmas[index].view(2, 1, 1, 1, 1)
+    x_t = (1 - sigma) * sample.detach() + sigma * noise
+    t = scheduler.timesteps[index][:, None].expand(2, 12)
+    with torch.no_grad():
+        real = x_t - sigma * teacher(x_t, conditions.cond, t, frame_mask=mask, **conditions.model_kwargs())
+        fake = x_t - sigma * critic(x_t, conditions.cond, t, frame_mask=mask, **conditions.model_kwargs())
+    expected = (fake - real) / (sample.detach() - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True) / sample.numel()
+    torch.testing.assert_close(sample.grad, expected, rtol=1e-4, atol=1e-9)
+
+
+def test_a_distill_step_trains_student_and_critic_but_not_the_teacher(parts, tmp_path):
+    teacher, _, clip = (copy.deepcopy(p) for p in parts)
+    student, critic = copy.deepcopy(teacher).train(), copy.deepcopy(teacher).train()
+    teacher.requires_grad_(False)
+    training = TrainRun(tmp_path, total_steps=10, device="cpu", progress=False)
+    training.add_optimizer("student", adamw(student.parameters(), 1e-3))
+    training.add_optimizer("critic", adamw(critic.parameters(), 1e-3))
+    forcing = DiffusionForcing(FlowMatchScheduler(5.0), mix=NoiseMix(0.0, 1.0, 0.0))
+    step = distill.Distillation(
+        training, teacher, student, critic, clip, SelfForcingRollout(student, SamplerConfig(), LATENT),
+        DistributionMatching(forcing.scheduler), forcing, critic_steps=2,
+    )  # fmt: skip
+    before = {name: copy.deepcopy(m.state_dict()) for name, m in [("t", teacher), ("s", student), ("c", critic)]}
+    metrics = step.step(random_clips(CONFIG, batch=6, frames=6, image_latents=True))
+    assert set(metrics) == {"dmd_loss", "critic_loss", "grad_norm"}
+
+    def changed(module, name):
+        return any(not torch.equal(v, before[name][k]) for k, v in module.state_dict().items())
+
+    assert changed(student, "s") and changed(critic, "c") and not changed(teacher, "t")
+
+
+# The stage
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A tiny model folder standing for the `train dit` output, and clips of 6 latent frames."""
+    root = tmp_path_factory.mktemp("distill_inputs")
+    model = write_tiny_model(root / "diffusion_model")
+    data = write_latent_dataset(root / "encode", CONFIG, {"train": 8, "val": 2}, frames=6)
+    return model, data
+
+
+def _args(inputs, out, *extra):
+    parser = argparse.ArgumentParser()
+    distill.add_arguments(parser)
+    model, data = inputs
+    return parser.parse_args(
+        ["--data", str(data), "--init", str(model), "--out", str(out), "--device", "cpu", "--workers", "0",
+         "--no-progress", "--batch-size", "1", "--critic-steps", "2", "--log-every", "1", "--check-clips", "2",
+         "--check-blocks", "2", "--warmup-steps", "1", *extra]
+    )  # fmt: skip
+
+
+def _log(folder):
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+def test_stage_resumed_after_two_steps_equals_four_steps_in_one_session(inputs, tmp_path):
+    no_check = ("--check-clips", "0")
+    distill.run(_args(inputs, tmp_path / "once", "--steps", "4", *no_check))
+    distill.run(_args(inputs, tmp_path / "twice", "--steps", "4", "--stop-after-steps", "2", *no_check))
+    distill.run(_args(inputs, tmp_path / "twice", "--steps", "4", "--resume", *no_check))
+    once, twice = (tmp_path / name / "distill" for name in ("once", "twice"))
+    checkpoints = [f / "checkpoints" / "step_00000004" for f in (once, twice)]
+    for part in ("student", "student.ema", "critic"):
+        a, b = (read_state_dict(c / f"{part}.safetensors") for c in checkpoints)
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    logs = [[(r["dmd_loss"], r["critic_loss"]) for r in _log(folder) if "dmd_loss" in r] for folder in (once, twice)]
+    assert logs[0] == logs[1] and len(logs[0]) == 4
+
+
+def test_stage_writes_the_student_folder_and_logs_dmd_loss_and_the_check(inputs, tmp_path):
+    folder = distill.run(_args(inputs, tmp_path, "--steps", "2"))
+    world = WorldModel.from_pretrained(folder, device="cpu")
+    assert world.config.extra["training"]["distill"] == {"steps": 2, "finished": True}
+    teacher = read_state_dict(inputs[0] / "dit.safetensors")
+    student = read_state_dict(folder / "dit.safetensors")
+    assert any(not torch.equal(teacher[k], student[k]) for k in teacher)
+    log = _log(tmp_path / "distill")
+    assert [r["step"] for r in log if "dmd_loss" in r] == [1, 2]
+    check = log[-1]
+    assert "val_flow_mse" in check and len(check["generation_mse_per_block"]) == 2
+    assert check["dmd_loss_trend"] == [log[0]["dmd_loss"], log[1]["dmd_loss"]]
+
+
+def test_stage_stops_by_itself_within_its_minutes(inputs, tmp_path):
+    minutes = 0.25
+    started = time.monotonic()
+    distill.run(_args(inputs, tmp_path, "--steps", "100000", "--minutes", str(minutes),
+                      "--finish-minutes", "0.1", "--check-clips", "0"))  # fmt: skip
+    assert time.monotonic() - started < minutes * 60
+    steps = json.loads((tmp_path / "distill" / "checkpoints" / "latest").read_text())["step"]
+    assert 0 < steps < 100000 and (tmp_path / "distill" / "model" / "dit.safetensors").exists()

@@ -1,0 +1,175 @@
+"""VAE training stage and the shared training machinery: loss, exact resume, time budget, model folder."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_training import VAL_FRACTION, run_cli, tiny_dataset, tiny_training_config, train
+
+from matrixgame_env.checkpoints import load_model
+from matrixgame_env.data.dataset import VideoClipDataset
+from matrixgame_env.nn.vae import WanVAE
+from matrixgame_env.train.common import StepBatchSampler, TrainRun, warmup_cosine
+from matrixgame_env.train.vae import evenly_spaced, vae_losses
+from matrixgame_env.weights import read_state_dict
+
+CLIP = ["--clip-frames", "9", "--val-fraction", VAL_FRACTION, "--batch-size", "2", "--warmup-steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return tiny_dataset(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def model_config(tmp_path_factory) -> Path:
+    return tiny_training_config(tmp_path_factory.mktemp("config"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(dataset, model_config, tmp_path_factory) -> Path:
+    """OUT of an uninterrupted 6-step run (EMA on, so its state is part of what must resume)."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train("vae", "--data", str(dataset), "--model-config", str(model_config), "--out", str(out), "--steps", "6",
+          "--ema", "0.9", "--stats-clips", "8", "--val-clips", "4", *CLIP)  # fmt: skip
+    return out
+
+
+def _checkpoint(out: Path) -> Path:
+    root = out / "vae" / "checkpoints"
+    return root / json.loads((root / "latest").read_text())["dir"]
+
+
+def test_training_reduces_the_loss_on_a_fixed_batch(dataset) -> None:
+    torch.manual_seed(0)
+    clips = VideoClipDataset(dataset, clip_frames=9, val_fraction=0.5)
+    video = torch.stack([clips[0]["video"], clips[20]["video"]])
+    vae = WanVAE(dim=4, num_res_blocks=1)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(30):
+        loss = vae_losses(vae, video, kl_weight=1e-5, sample=False)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    assert sum(losses[-3:]) < 0.6 * sum(losses[:3]), losses
+
+
+def test_encode_distribution_mean_is_what_encode_normalises() -> None:
+    torch.manual_seed(0)
+    vae = WanVAE(dim=4, num_res_blocks=1, latent_mean=[0.5] * 16, latent_std=[2.0] * 16).eval()
+    video = torch.rand(2, 3, 9, 16, 32) * 2 - 1
+    mu, logvar = vae.encode_distribution(video)
+    assert mu.shape == logvar.shape == (2, 16, 3, 2, 4)
+    torch.testing.assert_close(vae.encode(video), (mu - 0.5) / 2.0, atol=1e-5, rtol=1e-5)
+
+
+def test_training_decoder_is_the_inference_decoder_without_normalisation_or_clamping() -> None:
+    torch.manual_seed(0)
+    vae = WanVAE(dim=4, num_res_blocks=1, latent_mean=[0.5] * 16, latent_std=[2.0] * 16).eval()
+    latents = torch.randn(1, 16, 3, 2, 4)
+    decoded = vae.decode_unnormalised(latents * 2.0 + 0.5)  # [B, 3, T, H, W]
+    assert decoded.shape == (1, 3, 9, 16, 32) and decoded.requires_grad
+    torch.testing.assert_close(decoded.detach().clamp(-1, 1).transpose(1, 2), vae.decode(latents))
+
+
+def test_resume_continues_from_the_saved_step_as_if_never_interrupted(
+    dataset, model_config, finished_run, tmp_path
+) -> None:
+    common = ["--data", str(dataset), "--model-config", str(model_config), "--out", str(tmp_path), "--steps", "6",
+              "--ema", "0.9", "--stats-clips", "8", "--val-clips", "4", *CLIP]  # fmt: skip
+    train("vae", *common, "--stop-after-steps", "3")
+    assert _checkpoint(tmp_path).name == "step_00000003"
+    assert not (tmp_path / "vae" / "model").exists()
+    train("vae", *common, "--resume")
+    interrupted, uninterrupted = _checkpoint(tmp_path), _checkpoint(finished_run)
+    assert interrupted.name == uninterrupted.name == "step_00000006"
+    for name in ("vae.safetensors", "vae.ema.safetensors"):
+        resumed, straight = read_state_dict(interrupted / name), read_state_dict(uninterrupted / name)
+        assert all(torch.equal(resumed[key], straight[key]) for key in straight), name
+    steps = [json.loads(line)["step"] for line in (tmp_path / "vae" / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 6
+
+
+def test_train_state_loads_with_weights_only(finished_run) -> None:
+    state = torch.load(_checkpoint(finished_run) / "train_state.pt", weights_only=True)
+    assert state["step"] == 6 and set(state["optimizers"]) == {"vae"} and "torch" in state["rng"]
+
+
+def test_a_run_refuses_to_restart_over_a_checkpoint_without_resume(dataset, model_config, finished_run) -> None:
+    status, errors = run_cli("train", "vae", "--data", str(dataset), "--model-config", str(model_config),
+                             "--out", str(finished_run), "--device", "cpu", "--no-progress", *CLIP)  # fmt: skip
+    assert status == 2 and "--resume" in errors
+
+
+def test_minutes_budget_stops_the_session_and_saves(dataset, model_config, tmp_path) -> None:
+    budget_seconds = 3.0
+    started = time.monotonic()
+    train("vae", "--data", str(dataset), "--model-config", str(model_config), "--out", str(tmp_path),
+          "--steps", "100000", "--minutes", str(budget_seconds / 60), *CLIP)  # fmt: skip
+    elapsed = time.monotonic() - started
+    step = int(_checkpoint(tmp_path).name.removeprefix("step_"))
+    assert 0 < step < 100000
+    assert elapsed < budget_seconds + 5.0  # imports and dataset indexing come before the clock starts
+    assert not (tmp_path / "vae" / "model").exists()
+
+
+def test_finished_run_writes_a_model_folder_with_measured_latent_statistics(finished_run, dataset) -> None:
+    folder = finished_run / "vae" / "model"
+    model = load_model(folder, device="cpu")
+    trained = read_state_dict(_checkpoint(finished_run) / "vae.ema.safetensors")
+    assert all(torch.equal(model.vae.state_dict()[key], trained[key]) for key in trained)  # the EMA weights
+    clips = VideoClipDataset(dataset, clip_frames=9, val_fraction=0.5)
+    with torch.no_grad():  # the stage measured its statistics on 8 clips spread evenly over the training split
+        video = torch.stack([clips[i]["video"] for i in evenly_spaced(len(clips), 8)])
+        mu = model.vae.encode_distribution(video)[0].transpose(0, 1).flatten(1)  # [16, all values]
+    torch.testing.assert_close(model.vae.latent_mean, mu.mean(dim=1), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model.vae.latent_std, mu.std(dim=1, correction=0), atol=1e-4, rtol=1e-4)
+    assert model.config.vae["latent_mean"] == pytest.approx(model.vae.latent_mean.tolist())
+    assert model.config.extra["training"]["vae"]["steps"] == 6
+    assert [name for name in model.config.start_images if (folder / name).is_file()] == model.config.start_images
+    result = json.loads((finished_run / "vae" / "result.json").read_text())
+    assert result["psnr_split"] == "val" and result["psnr_db"] > 0
+
+
+def test_step_batch_sampler_resumes_the_same_order() -> None:
+    straight = iter(StepBatchSampler(num_items=7, batch_size=3, seed=1))
+    batches = [next(straight) for _ in range(6)]
+    resumed = iter(StepBatchSampler(num_items=7, batch_size=3, seed=1, start_batch=4))
+    assert [next(resumed), next(resumed)] == batches[4:6]
+    assert sorted(sum(batches[:7], [])[:7]) == list(range(7))  # the first epoch is a permutation
+
+
+def test_warmup_then_cosine_learning_rate() -> None:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = warmup_cosine(optimizer, warmup_steps=4, total_steps=20, final_fraction=0.1)
+    rates = []
+    for _ in range(20):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates[0] == pytest.approx(0.2) and rates[4] == pytest.approx(1.0)
+    assert rates == sorted(rates[:5]) + sorted(rates[5:], reverse=True)
+    assert rates[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(15 / 16 * torch.pi)).item()))
+
+
+def test_log_lines_after_the_resumed_checkpoint_are_dropped(tmp_path) -> None:
+    module = torch.nn.Linear(2, 1)
+    first = TrainRun(tmp_path, total_steps=10, progress=False, log_every=1)
+    first.add_module("linear", module)
+    for _ in range(2):
+        first.keep_going()
+        first.end_step(loss=1.0)
+    first.save()
+    first.keep_going()
+    first.end_step(loss=1.0)  # logged, never saved: the resumed run redoes step 3
+    resumed = TrainRun(tmp_path, total_steps=10, progress=False, resume=True)
+    resumed.add_module("linear", module)
+    assert resumed.resume() and resumed.step == 2
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
