@@ -50,6 +50,23 @@ def picture_as_uint8(picture: ImageLike, size: tuple[int, int]) -> np.ndarray:
     return ((fit_image(picture, size) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
+def frame_observation_space(video_size: tuple[int, int], observation: str, block_frames: int) -> spaces.Box:
+    """One world's observation space: the last frame, or the whole block ("block")."""
+    if observation not in ("last", "block"):
+        raise ValueError(f"observation must be 'last' or 'block', got {observation!r}")
+    shape = (*video_size, 3) if observation == "last" else (block_frames, *video_size, 3)
+    return spaces.Box(0, 255, shape, np.uint8)
+
+
+def pad_block(frames: np.ndarray, length: int, axis: int = 0) -> np.ndarray:
+    """Front-pad a short block (the 9-frame first block, or a start picture) with its first frame."""
+    missing = length - frames.shape[axis]
+    if missing <= 0:
+        return frames
+    first = np.take(frames, [0], axis=axis)
+    return np.concatenate([np.repeat(first, missing, axis=axis), frames], axis=axis)
+
+
 @dataclass
 class EnvSnapshot:
     """Everything needed to continue an env exactly: world state, step count, last observation."""
@@ -89,8 +106,6 @@ class MatrixGameEnv(gym.Env):
         super().__init__()
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
-        if observation not in ("last", "block"):
-            raise ValueError(f"observation must be 'last' or 'block', got {observation!r}")
         self.world = resolve_world(model, device, dtype, mode)
         config = self.world.config
         if mode is not None and mode != config.mode:
@@ -101,12 +116,8 @@ class MatrixGameEnv(gym.Env):
         self.observation_mode = observation
         self.max_episode_steps = max_episode_steps
         self.metadata = dict(self.metadata, render_fps=config.fps)
-        height, width = config.video_size
         self.block_frames = self.world.frames_per_block
-        if observation == "last":
-            self.observation_space = spaces.Box(0, 255, (height, width, 3), np.uint8)
-        else:
-            self.observation_space = spaces.Box(0, 255, (self.block_frames, height, width, 3), np.uint8)
+        self.observation_space = frame_observation_space(config.video_size, observation, self.block_frames)
         self.action_space = self.layout.action_space()
         self.reward_fn = reward if reward is not None else ZeroReward()
         self.termination_fn = termination if termination is not None else NeverTerminate()
@@ -214,10 +225,7 @@ class MatrixGameEnv(gym.Env):
     def _observation(self, frames: np.ndarray) -> np.ndarray:
         if self.observation_mode == "last":
             return frames[-1].copy()
-        if len(frames) < self.block_frames:  # reset and first block: front-pad with the first frame
-            pad = np.repeat(frames[:1], self.block_frames - len(frames), axis=0)
-            frames = np.concatenate([pad, frames])
-        return frames.copy()
+        return pad_block(frames, self.block_frames).copy()
 
 
 @torch.no_grad()
@@ -243,8 +251,5 @@ def imagine_plans(
         block = world.decode(batch, latents).numpy()
         outcome = StepOutcome(block, latents, keyboard, mouse, np.full(len(plans), steps_so_far + t + 1))
         rewards.append(np.asarray(reward_fn(outcome), np.float32))
-        if block.shape[1] < world.frames_per_block:  # a first block: front-pad with its first frame
-            pad = np.repeat(block[:, :1], world.frames_per_block - block.shape[1], axis=1)
-            block = np.concatenate([pad, block], axis=1)
-        frames.append(block)
+        frames.append(pad_block(block, world.frames_per_block, axis=1))
     return {"frames": np.stack(frames, axis=1), "rewards": np.stack(rewards, axis=1)}

@@ -21,7 +21,15 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from .env import DEFAULT_MODEL, imagine_plans, picture_as_uint8, resolve_world, start_picture
+from .env import (
+    DEFAULT_MODEL,
+    frame_observation_space,
+    imagine_plans,
+    pad_block,
+    picture_as_uint8,
+    resolve_world,
+    start_picture,
+)
 from .images import ImageLike
 from .rewards import NeverTerminate, StepOutcome, ZeroReward, bind_all
 from .spaces import layout_for
@@ -54,8 +62,6 @@ class MatrixGameVectorEnv(VectorEnv):
     ) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
-        if observation not in ("last", "block"):
-            raise ValueError(f"observation must be 'last' or 'block', got {observation!r}")
         self.world = resolve_world(model, device, dtype, mode)
         config = self.world.config
         self.layout = layout_for(config.mode, config.actions)
@@ -64,14 +70,8 @@ class MatrixGameVectorEnv(VectorEnv):
         self.observation_mode = observation
         self.max_episode_steps = max_episode_steps
         self.metadata = dict(self.metadata, render_fps=config.fps)
-        height, width = config.video_size
         self.block_frames = self.world.frames_per_block
-        from gymnasium import spaces
-
-        if observation == "last":
-            self.single_observation_space = spaces.Box(0, 255, (height, width, 3), np.uint8)
-        else:
-            self.single_observation_space = spaces.Box(0, 255, (self.block_frames, height, width, 3), np.uint8)
+        self.single_observation_space = frame_observation_space(config.video_size, observation, self.block_frames)
         self.single_action_space = self.layout.action_space()
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
@@ -232,12 +232,7 @@ class MatrixGameVectorEnv(VectorEnv):
         return keyboard, mouse
 
     def _padded_blocks(self, frames: list[np.ndarray]) -> np.ndarray:
-        out = []
-        for f in frames:
-            if len(f) < self.block_frames:
-                f = np.concatenate([np.repeat(f[:1], self.block_frames - len(f), axis=0), f])
-            out.append(f)
-        return np.stack(out)
+        return np.stack([pad_block(f, self.block_frames) for f in frames])
 
     def _observations(self, frames: list[np.ndarray]) -> np.ndarray:
         if self.observation_mode == "last":
