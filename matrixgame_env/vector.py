@@ -59,10 +59,13 @@ class MatrixGameVectorEnv(VectorEnv):
         termination: Any = None,
         max_episode_steps: int | None = None,
         render_mode: str | None = None,
+        fast: bool = True,
     ) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         self.world = resolve_world(model, device, dtype, mode)
+        if fast and self.world.device.type == "cuda" and self.world.sampler.graphs is None:
+            self.world.sampler.enable_cuda_graphs()  # same results as eager, without the launch overhead
         config = self.world.config
         self.layout = layout_for(config.mode, config.actions)
         self.num_envs = num_envs

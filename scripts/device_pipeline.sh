@@ -32,11 +32,11 @@ for item in "$@"; do
     dit)
       cli train dit --data "$WORK/runs/encode" --init "${MG_DIT_INIT:-$WORK/runs/vae/model}" --out "$WORK/runs" \
         --minutes "$minutes" --batch-size "${MG_DIT_BATCH:-32}" --steps "${MG_DIT_STEPS:-6000}" --workers 4 \
-        --no-progress $(resume_flag dit) ;;
+        --no-progress $(resume_flag dit) ${MG_DIT_ARGS:-} ;;
     distill)
       cli train distill --data "$WORK/runs/encode" --init "$WORK/runs/dit/model" --out "$WORK/runs" \
         --minutes "$minutes" --batch-size "${MG_DISTILL_BATCH:-8}" --steps "${MG_DISTILL_STEPS:-600}" --workers 4 \
-        --no-progress $(resume_flag distill) ;;
+        --no-progress $(resume_flag distill) ${MG_DISTILL_ARGS:-} ;;
     reward)
       cli train reward --data "$WORK/runs/encode" --init "${MG_REWARD_INIT:-$WORK/runs/distill/model}" \
         --out "$WORK/runs" --minutes "$minutes" --no-progress $(resume_flag reward) ;;

@@ -98,18 +98,21 @@ class ActionModule(nn.Module):
         caches: ActionCaches | None = None,
         frame_mask: torch.Tensor | None = None,
         return_branches: bool = False,
+        rotation: Rotation | None = None,
     ):
         """x: [B, F*S, dim] tokens (float32 residual stream) -> x + mouse branch + keyboard branch.
 
         mouse_windows [B, F, window, 2], keyboard_windows [B, F, window, K]. With `caches`, the new
         frames' keys are stored and attention spans the cache; without, `frame_mask` [F, F] (or
-        full attention) applies over the given frames.
+        full attention) applies over the given frames. `rotation` (from `self.rotation`) may be
+        passed precomputed.
         """
         c = self.config
         batch, tokens, dim = x.shape
         spatial = tokens // num_frames
         weight_dtype = self._weight_dtype()
-        rotation = self.rotation(start_frame, num_frames, x.device)
+        if rotation is None:
+            rotation = self.rotation(start_frame, num_frames, x.device)
         mouse_out = keyboard_out = None
 
         if c.enable_mouse:

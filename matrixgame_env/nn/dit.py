@@ -39,6 +39,24 @@ class LayerCaches:
 
 
 @dataclass
+class FrameRotations:
+    """RoPE of the frames of one call: the DiT's 3D rotation and the action modules' temporal one."""
+
+    dit: Rotation
+    action: Rotation | None = None
+
+    def copy_(self, other: FrameRotations) -> FrameRotations:
+        """Overwrite in place (the static inputs of a captured CUDA graph)."""
+        self.dit.copy_(other.dit)
+        if self.action is not None and other.action is not None:
+            self.action.copy_(other.action)
+        return self
+
+    def clone(self) -> FrameRotations:
+        return FrameRotations(self.dit.clone(), None if self.action is None else self.action.clone())
+
+
+@dataclass
 class ContextKV:
     """Cross-attention keys/values of the CLIP context, one (k, v) per block: [B, 257, heads, head_dim]."""
 
@@ -127,6 +145,7 @@ class DiTBlock(nn.Module):
         keyboard_windows: torch.Tensor | None,
         cache: LayerCaches | None,
         frame_mask: torch.Tensor | None,
+        action_rotation: Rotation | None = None,
     ) -> torch.Tensor:
         """x: [B, F*S, dim] float32; time_mod: [B, F, 6, dim] float32 (time_projection output)."""
         batch, tokens, dim = x.shape
@@ -158,6 +177,7 @@ class DiTBlock(nn.Module):
                 keyboard_windows,
                 cache.action if cache else None,
                 frame_mask,
+                rotation=action_rotation,
             )
 
         h = modulate(self.norm2(x), shift_ff, scale_ff).to(dtype)
@@ -247,6 +267,7 @@ class CausalDiT(nn.Module):
         start_frame: int = 0,
         caches: list[LayerCaches] | None = None,
         frame_mask: torch.Tensor | None = None,
+        rotations: FrameRotations | None = None,
     ) -> torch.Tensor:
         """Predict the flow (noise - x0) for latent frames [start_frame, start_frame + F).
 
@@ -254,7 +275,8 @@ class CausalDiT(nn.Module):
         timestep [B, F] (or [B], or a scalar) as floats on the 0..1000 scale; context = CLIP tokens
         [B, L, clip_dim] or precomputed `ContextKV`; mouse/keyboard windows [B, F, window, C] (see
         `action_windows`). With `caches`, the frames attend to what the caches hold (streaming);
-        without, to each other under `frame_mask` [F, F] (None = full attention).
+        without, to each other under `frame_mask` [F, F] (None = full attention). `rotations`
+        (from `frame_rotations`) may be passed precomputed.
         Returns flow [B, out_dim, F, H, W] in float32.
         """
         batch, _, num_frames, height, width = latents.shape
@@ -270,24 +292,34 @@ class CausalDiT(nn.Module):
         time_emb = self.time_embedding(timestep_embedding(timestep, self.config.freq_dim).to(self.dtype)).float()
         time_mod = self.time_projection(time_emb.to(self.dtype)).float().unflatten(2, (6, self.config.dim))
 
-        angles = dit_rope_angles(self.config.head_dim, range(start_frame, start_frame + grid[0]), grid[1], grid[2])
-        rotation = Rotation(angles, x.device)
+        if rotations is None:
+            rotations = self.frame_rotations(start_frame, grid[0], grid[1], grid[2], x.device)
         for i, block in enumerate(self.blocks):
             x = block(
                 x,
                 time_mod,
                 num_frames,
                 start_frame,
-                rotation,
+                rotations.dit,
                 context.keys[i],
                 context.values[i],
                 mouse_windows,
                 keyboard_windows,
                 caches[i] if caches is not None else None,
                 frame_mask,
+                rotations.action,
             )
         out = self.head(x, time_emb, num_frames).float()  # [B, F*S, out_dim * pt * ph * pw]
         return self._unpatchify(out, grid)
+
+    def frame_rotations(
+        self, start_frame: int, num_frames: int, height: int, width: int, device: torch.device | str | None = None
+    ) -> FrameRotations:
+        """RoPE of latent frames [start_frame, start_frame + num_frames) on a height x width token grid."""
+        angles = dit_rope_angles(self.config.head_dim, range(start_frame, start_frame + num_frames), height, width)
+        action_module = next((b.action_model for b in self.blocks if b.action_model is not None), None)
+        action = None if action_module is None else action_module.rotation(start_frame, num_frames, device)
+        return FrameRotations(Rotation(angles, device), action)
 
     def _unpatchify(self, out: torch.Tensor, grid: torch.Size) -> torch.Tensor:
         pt, ph, pw = self.config.patch_size

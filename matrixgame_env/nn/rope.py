@@ -62,6 +62,17 @@ class Rotation:
         self.cos = angles.cos().to(device=device, dtype=torch.float32)[:, None, :]
         self.sin = angles.sin().to(device=device, dtype=torch.float32)[:, None, :]
 
+    def copy_(self, other: Rotation) -> Rotation:
+        """Overwrite this rotation's cos/sin in place with another of the same length (static buffers)."""
+        self.cos.copy_(other.cos)
+        self.sin.copy_(other.sin)
+        return self
+
+    def clone(self) -> Rotation:
+        copy = object.__new__(Rotation)
+        copy.cos, copy.sin = self.cos.clone(), self.sin.clone()
+        return copy
+
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate adjacent pairs of x [..., L, heads, head_dim] by the angles of its L positions."""
         dtype = x.dtype

@@ -542,17 +542,18 @@ class WanVAE(nn.Module):
         return self.decode_stream(latents, self.new_decoder_cache(latents.shape[0]))
 
     @torch.no_grad()
-    def decode_stream(self, latents: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
+    def decode_stream(self, latents: torch.Tensor, cache: DecoderCache, check_finite: bool = True) -> torch.Tensor:
         """Decodes the next n latent frames of a stream; `cache` is updated in place.
 
         Args:
             latents: [B, z_dim, n, h, w], normalised, the latents that follow those already decoded.
             cache: from `new_decoder_cache(B)` before the first call, then passed back unchanged.
+            check_finite: reject NaN/inf latents (a device sync; off for latents the sampler made).
 
         Returns:
             Video frames [B, T, 3, 8h, 8w] in [-1, 1]: T = 1 + 4 (n - 1) on the first call, 4n later.
         """
-        latents = self._checked_latents(latents)
+        latents = self._checked_latents(latents, check_finite)
         self._check_decoder_cache(cache, latents)
         x = self.conv2(self._denormalise(latents))  # [B, z_dim, n, h, w]
         # One latent per decoder call, as the official decoder runs (the first-latent rule depends on it).
@@ -628,8 +629,8 @@ class WanVAE(nn.Module):
             )
         return pixels.to(device=self.device, dtype=self.dtype)
 
-    def _checked_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        latents = _checked_tensor(latents, "latents", "[B, z_dim, F, h, w]", channels=self.z_dim)
+    def _checked_latents(self, latents: torch.Tensor, check_finite: bool = True) -> torch.Tensor:
+        latents = _checked_tensor(latents, "latents", "[B, z_dim, F, h, w]", self.z_dim, check_finite)
         return latents.to(device=self.device, dtype=self.dtype)
 
     def _check_decoder_cache(self, cache: DecoderCache, latents: torch.Tensor) -> None:
@@ -653,7 +654,9 @@ class WanVAE(nn.Module):
             )
 
 
-def _checked_tensor(tensor: torch.Tensor, name: str, layout: str, channels: int) -> torch.Tensor:
+def _checked_tensor(
+    tensor: torch.Tensor, name: str, layout: str, channels: int, check_finite: bool = True
+) -> torch.Tensor:
     """Checks dimensions, channel count, non-empty sizes and finiteness against `layout` (e.g. "[B, 3, H, W]")."""
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor {layout}, got {type(tensor).__name__}")
@@ -666,6 +669,6 @@ def _checked_tensor(tensor: torch.Tensor, name: str, layout: str, channels: int)
         raise ValueError(f"{name} must not be empty, got shape {tuple(tensor.shape)}")
     if not tensor.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
-    if not torch.isfinite(tensor).all():
+    if check_finite and not torch.isfinite(tensor).all():
         raise ValueError(f"{name} must be finite, got NaN or infinite values")
     return tensor

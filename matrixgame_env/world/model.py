@@ -95,8 +95,14 @@ class WorldModel:
     @torch.no_grad()
     def decode(self, state: WorldState, latents: torch.Tensor) -> torch.Tensor:
         """Stream-decode a block of latents -> frames [B, T, H, W, 3] uint8 on the CPU."""
-        frames = self.vae.decode_stream(latents.to(self.vae.dtype), state.decoder_cache)
-        return to_uint8_frames(frames).cpu()
+        frames = self.decode_on_device(state, latents)
+        return frames.cpu()
+
+    @torch.no_grad()
+    def decode_on_device(self, state: WorldState, latents: torch.Tensor) -> torch.Tensor:
+        """Like `decode`, but the uint8 frames stay on the model's device (no host sync)."""
+        frames = self.vae.decode_stream(latents.to(self.vae.dtype), state.decoder_cache, check_finite=False)
+        return to_uint8_frames(frames)
 
     @torch.no_grad()
     def step(self, state: WorldState, keyboard=None, mouse=None) -> torch.Tensor:

@@ -19,6 +19,7 @@ from ..nn.dit import CausalDiT, LayerCaches
 from ..nn.scheduler import FlowMatchScheduler
 from .cache import RingKVCache
 from .condition import ImageLatents, first_frame_mask
+from .graphs import BlockGraphs, BlockInputs
 from .state import WorldState
 
 
@@ -85,6 +86,7 @@ class StreamingSampler:
         self.action_window = action.window_video_frames if action else 0
         self.compression = action.vae_time_compression_ratio if action else 4
         self.condition_channels = model.config.in_dim - model.config.out_dim
+        self.graphs: BlockGraphs | None = None
 
     # ------------------------------------------------------------------ start
     @torch.no_grad()
@@ -209,27 +211,58 @@ class StreamingSampler:
             dim=1,
         )
         shape = (batch, c, fpb, h, w)
+        # All random draws up front, in the order the steps use them (noise, then one per re-noising).
         x = self._noise(noise, shape, state, "noise")
+        eps = [
+            self._noise(renoise[k] if renoise is not None else None, shape, state, f"renoise[{k}]")
+            for k in range(len(self.timesteps) - 1)
+        ]
+        inputs = BlockInputs(
+            x,
+            eps,
+            cond,
+            keyboard_windows,
+            mouse_windows,
+            model.frame_rotations(start, fpb, h // model.config.patch_size[1], w // model.config.patch_size[2], device),
+        )
+        if self.graphs is not None and self.graphs.eligible(state):
+            x0 = self.graphs.run(state, inputs)
+        else:
+            x0 = self.denoise_block(state, inputs)
+        state.frame = start + fpb
+        return x0
+
+    def denoise_block(self, state: WorldState, inputs: BlockInputs) -> torch.Tensor:
+        """The device work of one block: the denoising steps, then the clean-context re-run that
+        refreshes every cache with the keys of the final frames. Pure tensor code on fixed shapes
+        (no host syncs), so it can be captured in a CUDA graph. Returns x0 [B, C, f, h, w]."""
+        model = self.model
         kwargs = dict(
             context=state.context,
-            mouse_windows=mouse_windows,
-            keyboard_windows=keyboard_windows,
-            start_frame=start,
+            mouse_windows=inputs.mouse_windows,
+            keyboard_windows=inputs.keyboard_windows,
+            start_frame=state.frame,
             caches=state.caches,
+            rotations=inputs.rotations,
         )
-        timestep = torch.empty(batch, fpb, device=device)
+        x = inputs.noise
+        timestep = torch.empty(x.shape[0], x.shape[2], device=x.device)
         x0 = x
         for k, (t, sigma) in enumerate(zip(self.timesteps, self.sigmas)):
-            flow = model(x, cond, timestep.fill_(t), **kwargs)
+            flow = model(x, inputs.cond, timestep.fill_(t), **kwargs)
             x0 = (x.double() - sigma * flow.double()).float()
             if k + 1 < len(self.timesteps):
                 next_sigma = self.sigmas[k + 1]
-                eps = self._noise(renoise[k] if renoise is not None else None, shape, state, f"renoise[{k}]")
-                x = (1 - next_sigma) * x0 + next_sigma * eps
-        # Clean-context re-run: refreshes every cache with the keys of the final frames.
-        model(x0, cond, timestep.fill_(cfg.context_noise), **kwargs)
-        state.frame = start + fpb
+                x = (1 - next_sigma) * x0 + next_sigma * inputs.renoise[k]
+        model(x0, inputs.cond, timestep.fill_(self.config.context_noise), **kwargs)
         return x0
+
+    def enable_cuda_graphs(self, enabled: bool = True, max_graphs: int = 4) -> None:
+        """Replay steady-state blocks (once the caches are full) from captured CUDA graphs: the
+        same kernels on the same inputs, without the Python and launch overhead. CUDA only."""
+        if enabled and self.model.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {self.model.device}")
+        self.graphs = BlockGraphs(self, max_graphs) if enabled else None
 
     # ------------------------------------------------------------------ helpers
     def _noise(self, given: torch.Tensor | None, shape: tuple[int, ...], state: WorldState, name: str) -> torch.Tensor:
@@ -267,9 +300,8 @@ class StreamingSampler:
                 f"{name} actions must be [{batch}, {frames}, {width}] (worlds, new video frames of this "
                 f"block, {name} width) or [{batch}, {width}] held for the block; got {list(actions.shape)}"
             )
-        actions = actions.to(device, torch.float32)
-        _check_finite(actions, f"{name} actions")
-        return actions
+        _check_finite(actions, f"{name} actions")  # before the copy: actions from the host cost no device sync
+        return actions.to(device, torch.float32, non_blocking=actions.device.type == "cpu" and actions.is_pinned())
 
     def _windows(self, actions: torch.Tensor | None, history: torch.Tensor | None, start: int, new_frames: int):
         """Action windows of the block's latent frames, and the history to keep for the next block."""

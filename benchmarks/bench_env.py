@@ -1,0 +1,108 @@
+"""Environment steps per second with the bundled small model (one step = one block of 12 frames).
+
+  cpu     one MatrixGameEnv on the CPU (threads as given by --threads)
+  gpu     MatrixGameVectorEnv with 1..64 worlds in one batch, eager and with CUDA graphs
+
+Usage: python benchmarks/bench_env.py [--model doom-small] [--cpu-steps 20] [--gpu-worlds 1 4 16 64] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import environment, table, write_json  # noqa: E402
+
+from matrixgame_env.env import MatrixGameEnv  # noqa: E402
+from matrixgame_env.vector import MatrixGameVectorEnv  # noqa: E402
+
+
+def sample_actions(space, rng: np.random.Generator, n: int | None = None) -> dict:
+    """Random actions: keys pressed with probability 0.3, mouse uniform in its box."""
+    shape = () if n is None else (n,)
+    keys = space["keyboard"]
+    mouse = space["mouse"]
+    return {
+        "keyboard": (rng.random(shape + keys.shape[-1:]) < 0.3).astype(keys.dtype),
+        "mouse": rng.uniform(mouse.low, mouse.high, shape + mouse.shape[-1:]).astype(mouse.dtype),
+    }
+
+
+def cpu_single(model: str, steps: int, warmup: int) -> dict:
+    env = MatrixGameEnv(model, device="cpu", fast=False)
+    rng = np.random.default_rng(0)
+    env.reset(seed=0)
+    for _ in range(warmup):
+        env.step(sample_actions(env.action_space, rng))
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        env.step(sample_actions(env.action_space, rng))
+        times.append(time.perf_counter() - t0)
+    env.close()
+    step_s = statistics.median(times)
+    return {"setting": "cpu single env", "worlds": 1, "step_s": step_s, "steps_per_s": 1 / step_s}
+
+
+def gpu_vector(model: str, worlds: int, fast: bool, steps: int, warmup: int) -> dict:
+    env = MatrixGameVectorEnv(model, num_envs=worlds, device="cuda", fast=fast)
+    rng = np.random.default_rng(0)
+    env.reset(seed=0)
+    single = env.single_action_space
+    for _ in range(warmup):
+        env.step(sample_actions(single, rng, worlds))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        env.step(sample_actions(single, rng, worlds))
+    elapsed = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    env.close()
+    torch.cuda.empty_cache()
+    return {
+        "setting": f"gpu vector ({'cuda graphs' if fast else 'eager'})",
+        "worlds": worlds,
+        "step_s": elapsed / steps,
+        "steps_per_s": worlds * steps / elapsed,
+        "peak_gib": peak,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="doom-small")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of the single-env run")
+    parser.add_argument("--cpu-steps", type=int, default=20)
+    parser.add_argument("--gpu-worlds", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--gpu-steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    rows = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    if args.cpu_steps:
+        rows.append(cpu_single(args.model, args.cpu_steps, args.warmup))
+        rows[-1]["threads"] = args.threads
+    torch.set_num_threads(threads)
+    if torch.cuda.is_available():
+        for worlds in args.gpu_worlds:
+            for fast in (False, True):
+                rows.append(gpu_vector(args.model, worlds, fast, args.gpu_steps, args.warmup))
+    print(table(rows, ["setting", "worlds", "steps_per_s", "step_s", "peak_gib", "threads"]))
+    name = "env_" + (torch.cuda.get_device_name(0).split()[1].lower() if torch.cuda.is_available() else "cpu")
+    path = write_json(name, {"environment": environment(), "model": args.model, "rows": rows}, args.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""Streaming speed of the full-size official architecture: our eager path and our fast path side by side.
+
+Conditions of the reference measurement of the official code: distilled universal config, random
+weights, bf16 DiT and VAE decoder, 352x640, 3 denoising steps plus the clean-context re-run, blocks
+of 3 latent frames (12 video frames), window 6. Per batch size and path: DiT-only fps, end-to-end
+fps (DiT + streaming VAE decode + frames to host), action-to-frames latency of a block, peak memory;
+each the median over repeats of `--blocks` timed blocks after `--warmup` blocks. Also: the fast path's
+agreement with the eager one (same seeds and actions), memory over a long stream, and the time from
+a cold start to the first frame.
+
+Paths:
+  eager    the reference implementation as written (SDPA attention, no graphs)
+  fast     steady-state blocks replayed from CUDA graphs, cuDNN autotuned decoder convolutions
+  overlap  fast, with the decode of block n running on its own stream while the DiT makes block n+1
+
+Usage: python benchmarks/bench_stream.py [--batches 1 4 8] [--blocks 8] [--long-blocks 300] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+T0 = time.perf_counter()
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import environment, random_init_, table, write_json  # noqa: E402
+
+from matrixgame_env.checkpoints import build_modules  # noqa: E402
+from matrixgame_env.model_config import ModelConfig  # noqa: E402
+from matrixgame_env.world.model import WorldModel  # noqa: E402
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+FRAMES_PER_BLOCK = 12
+
+
+def build_world(config: ModelConfig, device: str) -> WorldModel:
+    dit, vae, clip = build_modules(config, device="meta")
+    modules = []
+    for seed, module in enumerate((dit, vae, clip)):
+        module = module.to_empty(device=device)
+        random_init_(module, seed=seed)
+        modules.append(module.to(torch.bfloat16).eval())
+    dit, vae, clip = modules
+    vae.latent_mean.zero_()
+    vae.latent_std.fill_(1.0)
+    return WorldModel(dit, vae, clip, config)
+
+
+def actions(batch: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A varying action per block (keys cycle, the mouse turns) so that nothing is constant."""
+    keys = torch.zeros(batch, 4)
+    keys[:, block % 4] = 1
+    mouse = torch.tensor([[0.02 * ((block % 3) - 1), 0.1]]).expand(batch, 2).contiguous()
+    return keys, mouse
+
+
+def set_path(world: WorldModel, path: str) -> None:
+    fast = path in ("fast", "overlap")
+    world.sampler.enable_cuda_graphs(fast)
+    torch.backends.cudnn.benchmark = fast
+
+
+def stream(world: WorldModel, batch: int, path: str, warmup: int, blocks: int, repeats: int) -> dict:
+    """Times `repeats` runs of `blocks` blocks after `warmup` blocks of one fresh stream."""
+    set_path(world, path)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    picture = (torch.rand(batch, 352, 640, 3) * 255).to(torch.uint8)
+    state = world.start(list(picture), seed=0)
+    dit_runs, e2e_runs = [], []
+    block = 0
+    for _ in range(warmup):
+        world.decode(state, world.step_latents(state, *actions(batch, block)))
+        block += 1
+    for _ in range(repeats):
+        dit_s, e2e_s = [], []
+        if path == "overlap":
+            e2e_s = overlapped_blocks(world, state, batch, block, blocks)
+            block += blocks
+        else:
+            for _ in range(blocks):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                latents = world.step_latents(state, *actions(batch, block))
+                torch.cuda.synchronize()
+                t1 = time.perf_counter()
+                world.decode(state, latents)
+                t2 = time.perf_counter()
+                dit_s.append(t1 - t0)
+                e2e_s.append(t2 - t0)
+                block += 1
+        if dit_s:
+            dit_runs.append(statistics.median(dit_s))
+        e2e_runs.append(statistics.median(e2e_s))
+    row = {
+        "batch": batch,
+        "path": path,
+        "e2e_block_s": statistics.median(e2e_runs),
+        "fps_e2e": batch * FRAMES_PER_BLOCK / statistics.median(e2e_runs),
+        "latency_s": statistics.median(e2e_runs),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
+    if dit_runs:
+        row["dit_block_s"] = statistics.median(dit_runs)
+        row["fps_dit"] = batch * FRAMES_PER_BLOCK / statistics.median(dit_runs)
+    graphs = world.sampler.graphs
+    row["graph_replays"] = graphs.replays if graphs is not None else 0
+    del state
+    world.sampler.enable_cuda_graphs(False)
+    torch.cuda.empty_cache()
+    return row
+
+
+def overlapped_blocks(world: WorldModel, state, batch: int, block: int, blocks: int) -> list[float]:
+    """Decode block n on a second stream while the DiT makes block n+1; time per delivered block."""
+    decode_stream = torch.cuda.Stream()
+    times = []
+    pending = None
+    torch.cuda.synchronize()
+    last = time.perf_counter()
+    for i in range(blocks + 1):
+        latents = world.step_latents(state, *actions(batch, block + i)) if i < blocks else None
+        done = torch.cuda.Event()
+        done.record()
+        if pending is not None:
+            previous, previous_done = pending
+            decode_stream.wait_event(previous_done)
+            with torch.cuda.stream(decode_stream):
+                previous.record_stream(decode_stream)
+                frames = world.decode_on_device(state, previous)
+                frames.cpu()
+            now = time.perf_counter()
+            times.append(now - last)
+            last = now
+        pending = (latents, done) if latents is not None else None
+    return times
+
+
+def agreement(world: WorldModel, batch: int, blocks: int) -> dict:
+    """Fast vs eager on the same seeds and actions: latents and frames of every block."""
+    results = {}
+    picture = (torch.rand(batch, 352, 640, 3, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    for path in ("eager", "fast"):
+        set_path(world, path)
+        state = world.start(list(picture), seed=3)
+        latents, frames = [], []
+        for b in range(blocks):
+            x = world.step_latents(state, *actions(batch, b))
+            latents.append(x.float().cpu())
+            frames.append(world.decode(state, x))
+        results[path] = (torch.cat(latents, 2), torch.cat(frames, 1))
+        world.sampler.enable_cuda_graphs(False)
+    (le, fe), (lf, ff) = results["eager"], results["fast"]
+    return {
+        "batch": batch,
+        "blocks": blocks,
+        "latents_max_abs_diff": float((le - lf).abs().max()),
+        "latents_rel_l2": float((le - lf).norm() / le.norm()),
+        "latents_bitwise_equal": bool(torch.equal(le, lf)),
+        "frames_max_abs_diff": int((fe.int() - ff.int()).abs().max()),
+        "frames_mean_abs_diff": float((fe.float() - ff.float()).abs().mean()),
+    }
+
+
+def long_stream(world: WorldModel, blocks: int) -> dict:
+    """Allocated memory over a long fast stream at batch 1 (flat = no growth after warm-up)."""
+    set_path(world, "fast")
+    state = world.start([(torch.rand(352, 640, 3) * 255).to(torch.uint8)], seed=0)
+    samples = {}
+    t0 = time.perf_counter()
+    for b in range(blocks):
+        world.decode(state, world.step_latents(state, *actions(1, b)))
+        if b in (4, 9, blocks // 2, blocks - 1):
+            samples[b + 1] = torch.cuda.memory_allocated() / 2**20
+    elapsed = time.perf_counter() - t0
+    world.sampler.enable_cuda_graphs(False)
+    return {
+        "blocks": blocks,
+        "allocated_mib_after_blocks": samples,
+        "growth_mib_after_block_10": samples[blocks] - samples[10],
+        "fps_e2e_over_stream": blocks * FRAMES_PER_BLOCK / elapsed,
+    }
+
+
+def profile(world: WorldModel, path: str, blocks: int = 2) -> list[dict]:
+    """Where a steady-state block's GPU time goes (batch 1): the top kernels by total CUDA time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    set_path(world, path)
+    state = world.start([(torch.rand(352, 640, 3) * 255).to(torch.uint8)], seed=0)
+    for b in range(4):
+        world.decode(state, world.step_latents(state, *actions(1, b)))
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for b in range(blocks):
+            world.decode(state, world.step_latents(state, *actions(1, 4 + b)))
+        torch.cuda.synchronize()
+    world.sampler.enable_cuda_graphs(False)
+    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.self_device_time_total for e in events) / 1e3 / blocks
+    rows = [{"name": "ALL (self CUDA ms per block)", "cuda_ms_per_block": total, "calls_per_block": None}]
+    for e in events[:25]:
+        rows.append(
+            {
+                "name": e.key[:70],
+                "cuda_ms_per_block": e.device_time_total / 1e3 / blocks,
+                "calls_per_block": e.count / blocks,
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--paths", nargs="+", default=["eager", "fast", "overlap"])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--blocks", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--long-blocks", type=int, default=300, help="blocks of the memory-flatness stream (0: skip)")
+    parser.add_argument("--agreement-blocks", type=int, default=6)
+    parser.add_argument("--profile", action="store_true", help="also profile one eager block at batch 1")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_stream.py needs a CUDA GPU")
+    device = "cuda"
+    config = ModelConfig.load(MODELS / "universal")
+    world = build_world(config, device)
+    picture = (torch.rand(352, 640, 3) * 255).to(torch.uint8)
+    state = world.start(picture, seed=0)
+    world.decode(state, world.step_latents(state, *actions(1, 0)))
+    cold_start = time.perf_counter() - T0
+    del state
+    print(f"cold start to first frame (CUDA init, build, random init, start, first block): {cold_start:.1f} s")
+
+    rows = [stream(world, b, p, args.warmup, args.blocks, args.repeats) for b in args.batches for p in args.paths]
+    columns = ["batch", "path", "fps_e2e", "fps_dit", "latency_s", "dit_block_s", "peak_gib", "graph_replays"]
+    print(table(rows, columns))
+    agree = [agreement(world, b, args.agreement_blocks) for b in (1, 4)]
+    print(table(agree, list(agree[0])))
+    result = {
+        "environment": environment(),
+        "conditions": "universal config, random weights, bf16, 352x640, 3 steps + context re-run, window 6",
+        "cold_start_first_frame_s": cold_start,
+        "rows": rows,
+        "fast_vs_eager": agree,
+    }
+    if args.profile:
+        result["profile_eager_batch1"] = profile(world, "eager")
+        print(table(result["profile_eager_batch1"], ["name", "cuda_ms_per_block", "calls_per_block"]))
+    if args.long_blocks:
+        result["long_stream"] = long_stream(world, args.long_blocks)
+        print(result["long_stream"])
+    path = write_json("stream_" + torch.cuda.get_device_name(0).split()[1].lower(), result, args.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""CUDA-graph replay of the sampler's steady-state blocks.
+
+Once the ring caches are full, every block runs the same kernels on tensors of the same shapes
+and addresses; only the slots it writes in the ring (one pattern per position of the block in the
+window) differ. So each (world state, ring phase) is captured once and then replayed: the inputs
+(noise, conditions, action windows, RoPE tables) are copied into static buffers, the graph runs,
+and the output is copied out. The kernels are the eager path's own, so the results are the same.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..nn.dit import FrameRotations
+from .cache import RingKVCache
+
+if TYPE_CHECKING:
+    from .sampler import StreamingSampler
+    from .state import WorldState
+
+
+@dataclass
+class BlockInputs:
+    """Everything one block's device work reads besides the state: noise and conditions."""
+
+    noise: torch.Tensor  # [B, C, f, h, w]
+    renoise: list[torch.Tensor]  # one [B, C, f, h, w] per step after the first
+    cond: torch.Tensor  # [B, mask + image channels, f, h, w]
+    keyboard_windows: torch.Tensor | None
+    mouse_windows: torch.Tensor | None
+    rotations: FrameRotations
+
+    def tensors(self) -> list[torch.Tensor]:
+        rot = self.rotations
+        items = [
+            self.noise,
+            *self.renoise,
+            self.cond,
+            self.keyboard_windows,
+            self.mouse_windows,
+            rot.dit.cos,
+            rot.dit.sin,
+        ]
+        if rot.action is not None:
+            items += [rot.action.cos, rot.action.sin]
+        return [t for t in items if t is not None]
+
+    def clone(self) -> BlockInputs:
+        def copy(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.clone()
+
+        return BlockInputs(
+            self.noise.clone(),
+            [e.clone() for e in self.renoise],
+            self.cond.clone(),
+            copy(self.keyboard_windows),
+            copy(self.mouse_windows),
+            self.rotations.clone(),
+        )
+
+    def copy_(self, other: BlockInputs) -> None:
+        for mine, theirs in zip(self.tensors(), other.tensors(), strict=True):
+            mine.copy_(theirs, non_blocking=True)
+
+
+def ring_caches(state: WorldState) -> list[RingKVCache]:
+    """Every ring cache of a state (self-attention and action caches of all layers)."""
+    caches = []
+    for layer in state.caches:
+        caches.append(layer.self_attn)
+        if layer.action is not None:
+            caches += [c for c in (layer.action.mouse, layer.action.keyboard) if c is not None]
+    return caches
+
+
+class _CapturedBlock:
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: BlockInputs, output: torch.Tensor, binding: tuple) -> None:
+        self.graph, self.inputs, self.output, self.binding = graph, inputs, output, binding
+
+
+class BlockGraphs:
+    """Captured steady-state blocks of one sampler, least recently used first out."""
+
+    def __init__(self, sampler: StreamingSampler, max_graphs: int = 4) -> None:
+        self.sampler = sampler
+        self.max_graphs = max_graphs
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream(device=sampler.model.device)
+        self.graphs: OrderedDict[tuple, _CapturedBlock] = OrderedDict()
+        self._states: dict[int, weakref.ref] = {}
+        self.captures = 0
+        self.replays = 0
+
+    def eligible(self, state: WorldState) -> bool:
+        """True once this block fills the window: from then on every block has the same shapes."""
+        return state.frame + self.sampler.config.frames_per_block >= self.sampler.window_frames
+
+    def _key(self, state: WorldState) -> tuple:
+        first = state.caches[0].self_attn
+        phase = first.slot(state.frame)
+        return (id(state), phase)
+
+    def _binding(self, state: WorldState) -> tuple:
+        """The addresses a captured graph reads and writes: it may only replay on the same ones."""
+        tensors = [c.key for c in ring_caches(state)] + [c.value for c in ring_caches(state)]
+        tensors += list(state.context.keys) + list(state.context.values)
+        return tuple(t.data_ptr() for t in tensors)
+
+    def run(self, state: WorldState, inputs: BlockInputs) -> torch.Tensor:
+        """x0 of the block, from a replay (or from the eager pass that precedes a capture)."""
+        key = self._key(state)
+        ref = self._states.get(id(state))
+        if ref is not None and ref() is not state:  # a new state at a recycled id: forget the old graphs
+            self._drop(id(state))
+        captured = self.graphs.get(key)
+        if captured is not None and captured.binding != self._binding(state):
+            del self.graphs[key]
+            captured = None
+        if captured is None:
+            return self._capture(state, inputs, key)
+        self.graphs.move_to_end(key)
+        start = state.frame
+        captured.inputs.copy_(inputs)
+        captured.graph.replay()
+        self.replays += 1
+        end = start + self.sampler.config.frames_per_block
+        for cache in ring_caches(state):  # the Python-side bookkeeping the replay skipped
+            cache.end_frame = max(cache.end_frame, end)
+            cache.last_write = (start, end)
+        return captured.output.clone()
+
+    def _capture(self, state: WorldState, inputs: BlockInputs, key: tuple) -> torch.Tensor:
+        """Run the block eagerly on the capture stream (the real result, and the warm-up), then
+        capture it; the capture itself computes nothing, so the caches are left as the eager run
+        wrote them."""
+        sampler = self.sampler
+        static = inputs.clone()
+        current = torch.cuda.current_stream(sampler.model.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            result = sampler.denoise_block(state, inputs)
+        current.wait_stream(self.stream)
+        bookkeeping = [(c.end_frame, c.last_write) for c in ring_caches(state)]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+            output = sampler.denoise_block(state, static)
+        for cache, (end, last) in zip(ring_caches(state), bookkeeping):
+            cache.end_frame, cache.last_write = end, last
+        self.graphs[key] = _CapturedBlock(graph, static, output, self._binding(state))
+        self._states[id(state)] = weakref.ref(state)
+        self.captures += 1
+        while len(self.graphs) > self.max_graphs:
+            self.graphs.popitem(last=False)
+        return result
+
+    def _drop(self, state_id: int) -> None:
+        for key in [k for k in self.graphs if k[0] == state_id]:
+            del self.graphs[key]
+        self._states.pop(state_id, None)
+
+    def clear(self) -> None:
+        self.graphs.clear()
+        self._states.clear()

@@ -1,0 +1,74 @@
+"""The CUDA-graph fast path gives the eager path's results (run on a GPU; skipped without one)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from matrixgame_env.world.model import WorldModel
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _actions(batch: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    keys = torch.zeros(batch, 4)
+    keys[:, block % 4] = 1
+    mouse = torch.tensor([[0.03 * ((block % 3) - 1), 0.1 - 0.05 * (block % 2)]]).expand(batch, 2).contiguous()
+    return keys, mouse
+
+
+def _stream(world: WorldModel, graphs: bool, blocks: int, batch: int = 3):
+    world.sampler.enable_cuda_graphs(graphs)
+    starts = [str(p) for p in world.start_image_paths()[:batch]]
+    state = world.start(starts, seed=11)
+    latents, frames = [], []
+    for b in range(blocks):
+        x = world.step_latents(state, *_actions(batch, b))
+        latents.append(x.cpu())
+        frames.append(world.decode(state, x))
+    replays = world.sampler.graphs.replays if graphs else 0
+    world.sampler.enable_cuda_graphs(False)
+    return torch.cat(latents, 2), torch.cat(frames, 1), replays
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_graphs_match_eager(dtype):
+    world = WorldModel.from_pretrained("doom-small", device="cuda", dtype=dtype)
+    eager_latents, eager_frames, _ = _stream(world, False, 9)
+    fast_latents, fast_frames, replays = _stream(world, True, 9)
+    assert replays >= 5  # blocks 3.. replay (the two phases are captured once each)
+    # The same kernels on the same inputs: equal up to reduction-order noise of the kernels.
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    assert (eager_latents - fast_latents).abs().max() <= tolerance * eager_latents.abs().max()
+    assert (eager_frames.int() - fast_frames.int()).abs().float().mean() < 0.5
+
+
+@cuda
+def test_graphs_follow_restore_and_fork():
+    world = WorldModel.from_pretrained("doom-small", device="cuda")
+    results = {}
+    for graphs in (False, True):
+        world.sampler.enable_cuda_graphs(graphs)
+        state = world.start([str(world.start_image_paths()[0])], seed=5)
+        for b in range(4):
+            world.step(state, *_actions(1, b))
+        saved = state.snapshot()
+        first = [world.step(state, *_actions(1, b)) for b in range(4, 8)]
+        state.restore(saved)
+        again = [world.step(state, *_actions(1, b)) for b in range(4, 8)]
+        forked = state.fork(2)
+        branches = [world.step(forked, *_actions(2, b)) for b in range(8, 11)]
+        results[graphs] = (torch.cat(first, 1), torch.cat(again, 1), torch.cat(branches, 1))
+        world.sampler.enable_cuda_graphs(False)
+    for eager, fast in zip(results[False], results[True]):
+        assert (eager.int() - fast.int()).abs().float().mean() < 0.5
+    first, again, branches = results[True]
+    assert torch.equal(first, again)  # restore replays exactly, also through the graphs
+    assert torch.equal(branches[0], branches[1])  # both copies of a fork see the same actions and noise
+
+
+def test_graphs_need_cuda():
+    world = WorldModel.from_pretrained("doom-small", device="cpu")
+    with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
+        world.sampler.enable_cuda_graphs(True)
