@@ -12,6 +12,7 @@ Paths:
   eager    the reference implementation as written (SDPA attention, no graphs)
   fast     steady-state blocks replayed from CUDA graphs, cuDNN autotuned decoder convolutions
   overlap  fast, with the decode of block n running on its own stream while the DiT makes block n+1
+  fused    fast, with the DiT's elementwise chains fused by torch.compile (nn/fusion.py)
 
 Usage: python benchmarks/bench_stream.py [--batches 1 4 8] [--blocks 8] [--long-blocks 300] [--out DIR]
 """
@@ -35,6 +36,7 @@ from common import environment, random_init_, table, write_json  # noqa: E402
 
 from matrixgame_env.checkpoints import build_modules  # noqa: E402
 from matrixgame_env.model_config import ModelConfig  # noqa: E402
+from matrixgame_env.nn.fusion import enable_fusion  # noqa: E402
 from matrixgame_env.world.model import WorldModel  # noqa: E402
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -63,9 +65,10 @@ def actions(batch: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def set_path(world: WorldModel, path: str) -> None:
-    fast = path in ("fast", "overlap")
+    fast = path in ("fast", "overlap", "fused")
     world.sampler.enable_cuda_graphs(fast)
     torch.backends.cudnn.benchmark = fast
+    enable_fusion(path == "fused")
 
 
 def stream(world: WorldModel, batch: int, path: str, warmup: int, blocks: int, repeats: int) -> dict:
@@ -77,9 +80,11 @@ def stream(world: WorldModel, batch: int, path: str, warmup: int, blocks: int, r
     state = world.start(list(picture), seed=0)
     dit_runs, e2e_runs = [], []
     block = 0
+    t_warm = time.perf_counter()
     for _ in range(warmup):
         world.decode(state, world.step_latents(state, *actions(batch, block)))
         block += 1
+    warmup_s = time.perf_counter() - t_warm
     for _ in range(repeats):
         dit_s, e2e_s = [], []
         if path == "overlap":
@@ -107,6 +112,7 @@ def stream(world: WorldModel, batch: int, path: str, warmup: int, blocks: int, r
         "fps_e2e": batch * FRAMES_PER_BLOCK / statistics.median(e2e_runs),
         "latency_s": statistics.median(e2e_runs),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "warmup_s": warmup_s,
     }
     if dit_runs:
         row["dit_block_s"] = statistics.median(dit_runs)
@@ -115,6 +121,7 @@ def stream(world: WorldModel, batch: int, path: str, warmup: int, blocks: int, r
     row["graph_replays"] = graphs.replays if graphs is not None else 0
     del state
     world.sampler.enable_cuda_graphs(False)
+    enable_fusion(False)
     torch.cuda.empty_cache()
     return row
 
@@ -144,11 +151,11 @@ def overlapped_blocks(world: WorldModel, state, batch: int, block: int, blocks: 
     return times
 
 
-def agreement(world: WorldModel, batch: int, blocks: int) -> dict:
-    """Fast vs eager on the same seeds and actions: latents and frames of every block."""
+def agreement(world: WorldModel, batch: int, blocks: int, fast_path: str = "fast") -> dict:
+    """A fast path vs eager on the same seeds and actions: latents and frames of every block."""
     results = {}
     picture = (torch.rand(batch, 352, 640, 3, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
-    for path in ("eager", "fast"):
+    for path in ("eager", fast_path):
         set_path(world, path)
         state = world.start(list(picture), seed=3)
         latents, frames = [], []
@@ -158,8 +165,10 @@ def agreement(world: WorldModel, batch: int, blocks: int) -> dict:
             frames.append(world.decode(state, x))
         results[path] = (torch.cat(latents, 2), torch.cat(frames, 1))
         world.sampler.enable_cuda_graphs(False)
-    (le, fe), (lf, ff) = results["eager"], results["fast"]
+    (le, fe), (lf, ff) = results["eager"], results[fast_path]
+    enable_fusion(False)
     return {
+        "path": fast_path,
         "batch": batch,
         "blocks": blocks,
         "latents_max_abs_diff": float((le - lf).abs().max()),
@@ -222,7 +231,7 @@ def profile(world: WorldModel, path: str, blocks: int = 2) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
-    parser.add_argument("--paths", nargs="+", default=["eager", "fast", "overlap"])
+    parser.add_argument("--paths", nargs="+", default=["eager", "fast", "overlap", "fused"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--blocks", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
@@ -244,9 +253,10 @@ def main() -> None:
     print(f"cold start to first frame (CUDA init, build, random init, start, first block): {cold_start:.1f} s")
 
     rows = [stream(world, b, p, args.warmup, args.blocks, args.repeats) for b in args.batches for p in args.paths]
-    columns = ["batch", "path", "fps_e2e", "fps_dit", "latency_s", "dit_block_s", "peak_gib", "graph_replays"]
+    columns = ["batch", "path", "fps_e2e", "fps_dit", "latency_s", "dit_block_s", "peak_gib", "warmup_s"]
     print(table(rows, columns))
-    agree = [agreement(world, b, args.agreement_blocks) for b in (1, 4)]
+    fast_paths = [p for p in ("fast", "fused") if p in args.paths]
+    agree = [agreement(world, b, args.agreement_blocks, p) for p in fast_paths for b in (1, 4)]
     print(table(agree, list(agree[0])))
     result = {
         "environment": environment(),

@@ -33,7 +33,7 @@ from .env import (
 from .images import ImageLike
 from .rewards import NeverTerminate, StepOutcome, ZeroReward, bind_all
 from .spaces import layout_for
-from .world.model import WorldModel
+from .world.model import WorldModel, enable_fast_path
 from .world.state import WorldState
 
 
@@ -41,7 +41,8 @@ class MatrixGameVectorEnv(VectorEnv):
     """N worlds of one world model (see the module docstring).
 
     reset(seed=s) seeds world i with s + i, so world i matches `MatrixGameEnv.reset(seed=s + i)`;
-    options={"image": picture or list of N pictures}.
+    options={"image": picture or list of N pictures}. fast: as for `MatrixGameEnv` (CUDA graphs on a
+    GPU by default; "compile" adds fused kernels).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 25, "autoreset_mode": AutoresetMode.NEXT_STEP}
@@ -59,13 +60,12 @@ class MatrixGameVectorEnv(VectorEnv):
         termination: Any = None,
         max_episode_steps: int | None = None,
         render_mode: str | None = None,
-        fast: bool = True,
+        fast: bool | str = True,
     ) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         self.world = resolve_world(model, device, dtype, mode)
-        if fast and self.world.device.type == "cuda" and self.world.sampler.graphs is None:
-            self.world.sampler.enable_cuda_graphs()  # same results as eager, without the launch overhead
+        enable_fast_path(self.world, fast)
         config = self.world.config
         self.layout = layout_for(config.mode, config.actions)
         self.num_envs = num_envs

@@ -19,6 +19,7 @@ from torch import nn
 from .action import ActionCaches, ActionModule
 from .attention import FloatLayerNorm, KVCache, RMSNorm, attention
 from .config import DiTConfig
+from .fusion import affine_norm, gated_add, norm_modulate, rms_norm_rope
 from .rope import Rotation, dit_rope_angles
 
 
@@ -83,8 +84,9 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         batch, tokens, dim = h.shape
         shape = (batch, tokens, self.num_heads, dim // self.num_heads)
-        q = rotation.apply(self.norm_q(self.q(h)).view(shape))
-        k = rotation.apply(self.norm_k(self.k(h)).view(shape))
+        heads = self.num_heads
+        q = rms_norm_rope(self.q(h), self.norm_q.weight, self.norm_q.eps, rotation.cos, rotation.sin, heads)
+        k = rms_norm_rope(self.k(h), self.norm_k.weight, self.norm_k.eps, rotation.cos, rotation.sin, heads)
         v = self.v(h).view(shape)
         if cache is not None:
             k, v = cache.update(start_frame, k, v)
@@ -152,21 +154,16 @@ class DiTBlock(nn.Module):
         dtype = self.self_attn.q.weight.dtype
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + time_mod).unbind(dim=2)
 
-        def per_frame(t: torch.Tensor) -> torch.Tensor:  # [B, F*S, dim] -> [B, F, S, dim]
-            return t.view(batch, num_frames, tokens // num_frames, dim)
-
-        def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-            return (per_frame(h) * (1 + scale[:, :, None]) + shift[:, :, None]).view(batch, tokens, dim)
-
         token_mask = None
         if frame_mask is not None:
             spatial = tokens // num_frames
             token_mask = frame_mask.repeat_interleave(spatial, 0).repeat_interleave(spatial, 1)
-        h = modulate(self.norm1(x), shift_sa, scale_sa).to(dtype)
+        h = norm_modulate(x, shift_sa, scale_sa, self.norm1.eps, num_frames, dtype)
         y = self.self_attn(h, rotation, start_frame, cache.self_attn if cache else None, token_mask)
-        x = x + (per_frame(y.float()) * gate_sa[:, :, None]).view(batch, tokens, dim)
+        x = gated_add(x, y, gate_sa, num_frames)
 
-        x = x + self.cross_attn(self.norm3(x).to(dtype), context_key, context_value).float()
+        h = affine_norm(x, self.norm3.weight, self.norm3.bias, self.norm3.eps, dtype)
+        x = x + self.cross_attn(h, context_key, context_value).float()
 
         if self.action_model is not None:
             x = self.action_model(
@@ -180,9 +177,8 @@ class DiTBlock(nn.Module):
                 rotation=action_rotation,
             )
 
-        h = modulate(self.norm2(x), shift_ff, scale_ff).to(dtype)
-        y = self.ffn(h)
-        return x + (per_frame(y.float()) * gate_ff[:, :, None]).view(batch, tokens, dim)
+        h = norm_modulate(x, shift_ff, scale_ff, self.norm2.eps, num_frames, dtype)
+        return gated_add(x, self.ffn(h), gate_ff, num_frames)
 
 
 class Head(nn.Module):

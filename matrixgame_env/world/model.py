@@ -13,6 +13,7 @@ from ..images import ImageLike, fit_images, to_uint8_frames
 from ..model_config import ModelConfig
 from ..nn.clip import CLIPVisionEncoder
 from ..nn.dit import CausalDiT
+from ..nn.fusion import enable_fusion
 from ..nn.vae import WanVAE
 from .condition import ImageLatents
 from .sampler import SamplerConfig, StreamingSampler
@@ -112,3 +113,18 @@ class WorldModel:
         action per new video frame (T = 9 for the first block, 12 after).
         """
         return self.decode(state, self.step_latents(state, keyboard, mouse))
+
+
+def enable_fast_path(world: WorldModel, fast: bool | str = True) -> None:
+    """Speed options of a GPU world: True = CUDA graphs (bit-identical results), "compile" = graphs
+    plus torch.compile-fused elementwise chains (process-wide), False = eager. No effect on CPU."""
+    if fast not in (True, False, "compile"):
+        raise ValueError(f"fast must be True, False or 'compile', got {fast!r}")
+    if world.device.type != "cuda":
+        return
+    if fast and world.sampler.graphs is None:
+        world.sampler.enable_cuda_graphs()
+    if not fast:
+        world.sampler.enable_cuda_graphs(False)
+    if fast == "compile":
+        enable_fusion(True)

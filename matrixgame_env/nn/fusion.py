@@ -1,0 +1,87 @@
+"""Optional kernel fusion of the DiT's elementwise chains with `torch.compile`.
+
+The DiT spends much of a block in memory-bound elementwise work around its matrix products:
+layer norms in float32, the per-frame modulation, gated residual adds, RMS norms and RoPE on q/k.
+Each such chain is a small pure function here; `enable_fusion()` swaps them for compiled versions
+(one compilation per shape, shared by every layer, since the weights are arguments), which run
+each chain as one or two fused kernels. Off by default: eager code is the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+import torch.nn.functional as F
+
+_enabled = False
+_compiled: dict[Callable, Callable] = {}
+Fn = TypeVar("Fn", bound=Callable)
+
+
+def enable_fusion(enabled: bool = True) -> None:
+    """Route the fusable chains through `torch.compile` (first calls compile: tens of seconds)."""
+    global _enabled
+    _enabled = enabled
+
+
+def fusion_enabled() -> bool:
+    return _enabled
+
+
+def fusable(fn: Fn) -> Fn:
+    """Mark a pure tensor function as a fusion candidate."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if not _enabled:
+            return fn(*args, **kwargs)
+        compiled = _compiled.get(fn)
+        if compiled is None:
+            compiled = _compiled[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
+        return compiled(*args, **kwargs)
+
+    return call  # type: ignore[return-value]
+
+
+@fusable
+def norm_modulate(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, num_frames: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """LayerNorm (float32, no affine) of x [B, F*S, D], then x * (1 + scale) + shift per frame, cast to dtype."""
+    batch, tokens, dim = x.shape
+    h = F.layer_norm(x.float(), (dim,), None, None, eps).view(batch, num_frames, tokens // num_frames, dim)
+    return (h * (1 + scale[:, :, None]) + shift[:, :, None]).view(batch, tokens, dim).to(dtype)
+
+
+@fusable
+def gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """x + y * gate per frame (x float32 [B, F*S, D], y any dtype, gate [B, F, D])."""
+    batch, tokens, dim = x.shape
+    update = y.float().view(batch, num_frames, tokens // num_frames, dim) * gate[:, :, None]
+    return x + update.view(batch, tokens, dim)
+
+
+@fusable
+def affine_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """LayerNorm in float32 with a learned affine, cast to dtype."""
+    return F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).to(dtype)
+
+
+@fusable
+def rms_norm_rope(
+    t: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, heads: int
+) -> torch.Tensor:
+    """RMS norm of t [B, L, D] (float32 math, result in t's dtype, times weight), split into heads
+    [B, L, heads, D/heads] and rotated by RoPE (cos/sin [L, 1, D/heads/2])."""
+    dtype = t.dtype
+    normed = (t.float() * torch.rsqrt(t.float().pow(2).mean(dim=-1, keepdim=True) + eps)).to(dtype) * weight
+    batch, length, dim = t.shape
+    pairs = normed.view(batch, length, heads, dim // heads).float().unflatten(-1, (-1, 2))
+    real, imag = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((real * cos - imag * sin, imag * cos + real * sin), dim=-1)
+    return rotated.flatten(-2).to(dtype)
