@@ -75,6 +75,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from .. import distributed
 from ..checkpoints import build_modules, load_model, save_model
 from ..model_config import ModelConfig
 from ..nn.clip import CLIPVisionEncoder
@@ -231,13 +232,19 @@ class StepBatchSampler(Sampler[list[int]]):
     """Endless batches of indices: epoch e is the permutation drawn from (seed, e), read in order.
 
     Batch b holds positions [b B, (b + 1) B) of the concatenated epochs, so the batches from step s on
-    are the same whether or not the run was interrupted before s.
+    are the same whether or not the run was interrupted before s. With `ranks` > 1 processes, process
+    `rank` gets the rank-th of `ranks` equal consecutive shares of each batch (B must divide evenly).
     """
 
-    def __init__(self, num_items: int, batch_size: int, seed: int, start_batch: int = 0) -> None:
+    def __init__(
+        self, num_items: int, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0, ranks: int = 1
+    ) -> None:
         if num_items < 1 or batch_size < 1:
             raise ValueError(f"need at least one item and a batch size of at least 1, got {num_items}, {batch_size}")
+        if batch_size % ranks or not 0 <= rank < ranks:
+            raise ValueError(f"a batch of {batch_size} does not split into {ranks} equal shares (rank {rank})")
         self.num_items, self.batch_size, self.seed, self.start_batch = num_items, batch_size, seed, start_batch
+        self.share = slice(rank * batch_size // ranks, (rank + 1) * batch_size // ranks)
 
     def __iter__(self) -> Iterator[list[int]]:
         position = self.start_batch * self.batch_size
@@ -251,7 +258,7 @@ class StepBatchSampler(Sampler[list[int]]):
                     order = self._permutation(epoch)
                 batch.append(int(order[offset]))
                 offset += 1
-            yield batch
+            yield batch[self.share]
 
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
@@ -300,6 +307,15 @@ class TrainRun:
     `resume()`; the loop is `keep_going()` / `optimize(loss)` / `end_step(**metrics)`, and `save()` at
     the end. `step` counts completed optimizer steps over all sessions.
 
+    Started by torchrun (`torchrun --nproc_per_node=N -m matrixgame_env.cli train STAGE ...`), each
+    process makes its own run: `batches()` hands each process its share of every (global) batch, the
+    stage calls its trained modules inside `data_parallel(step)`, which averages their gradients
+    over the processes (DistributedDataParallel), and every process steps the same weights. Rank 0
+    alone writes run.json, log.jsonl (metrics averaged over the processes), checkpoints and the
+    model folder; its clock decides when to stop and when to save, so all processes take the same
+    steps. Each process draws its own random numbers (rank 0 those of a single-process run), and a
+    checkpoint holds every process's random state, so a resumed run continues exactly.
+
     Args:
         folder: OUT/<stage>/, created.
         total_steps: steps of the whole run; `finished` once they are done.
@@ -339,13 +355,15 @@ class TrainRun:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.total_steps = total_steps
         self.budget_seconds = minutes * 60.0
-        self.device = resolve_device(device)
+        self.device = distributed.init(device)  # joins torchrun's processes, if any
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.is_main = self.rank == 0
         self.resume_requested = resume
         self.stop_after_steps = stop_after_steps
         self.save_seconds_interval = save_minutes * 60.0
         self.log_every = max(1, log_every)
         self.grad_clip = grad_clip
-        self.show_progress = progress
+        self.show_progress = progress and self.is_main
         self.step = 0
         self.seed = seed
         self._modules: dict[str, tuple[nn.Module, EMA | None]] = {}
@@ -358,12 +376,13 @@ class TrainRun:
         self._step_started = time.monotonic()
         self._metrics: dict[str, list[torch.Tensor]] = {}
         self._bar: tqdm | None = None
-        seed_everything(seed)
+        seed_everything(distributed.seed_for_rank(seed))
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True  # training shapes repeat: pick the fastest kernels once
-        self._record_settings(settings or {})
+        if self.is_main:
+            self._record_settings(settings or {})
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, stage: str, **overrides: Any) -> TrainRun:
@@ -391,6 +410,7 @@ class TrainRun:
 
     def add_module(self, name: str, module: nn.Module, ema_decay: float = 0.0) -> None:
         """Save `module` as <name>.safetensors in checkpoints; with `ema_decay` > 0 keep an EMA of it too."""
+        distributed.broadcast_module(module)  # every process starts from rank 0's weights
         ema = EMA(module, ema_decay) if ema_decay > 0 else None
         self._modules[name] = (module, ema)
 
@@ -401,6 +421,12 @@ class TrainRun:
     def add_state(self, name: str, state: Stateful) -> None:
         """Anything else with `state_dict` / `load_state_dict` of weights_only-loadable content."""
         self._states[name] = state
+
+    def data_parallel(self, step: Callable[..., Any], *modules: nn.Module) -> Callable[..., Any]:
+        """`step` made data-parallel over `modules` when there are several processes (it is returned as it is
+        in a single process): call the trained modules only inside it, once per optimizer step, and
+        `optimize` its loss (see `matrixgame_env.distributed.data_parallel`)."""
+        return distributed.data_parallel(step, *modules)
 
     def ema(self, name: str) -> EMA | None:
         return self._modules[name][1]
@@ -435,7 +461,7 @@ class TrainRun:
             return False
         if self.stop_after_steps is not None and self.step - self._session_start_step >= self.stop_after_steps:
             return False
-        if self.time_left() < self._step_seconds + self._save_seconds:
+        if distributed.agree(self.time_left() < self._step_seconds + self._save_seconds):
             return False
         self._step_started = time.monotonic()
         return True
@@ -483,11 +509,13 @@ class TrainRun:
             self._bar.update(1)
         if self.step % self.log_every == 0 or self.finished:
             self._flush_metrics()
-        if time.monotonic() - self._last_save >= self.save_seconds_interval and not self.finished:
+        if not self.finished and distributed.agree(time.monotonic() - self._last_save >= self.save_seconds_interval):
             self.save()
 
     def log(self, **values: Any) -> None:
-        """Append one line to log.jsonl (step and lr added) and show it in the progress bar."""
+        """Append one line to log.jsonl (step and lr added) and show it in the progress bar (rank 0 only)."""
+        if not self.is_main:
+            return
         record = {"step": self.step, "time": round(time.time(), 3), **self._learning_rates(), **values}
         with (self.folder / "log.jsonl").open("a") as file:
             file.write(json.dumps(record) + "\n")
@@ -495,8 +523,9 @@ class TrainRun:
             self._bar.set_postfix({k: _short(v) for k, v in values.items()}, refresh=False)
 
     def message(self, text: str) -> None:
-        """Print a line without breaking the progress bar."""
-        (self._bar.write if self._bar is not None else print)(text)
+        """Print a line without breaking the progress bar (rank 0 only)."""
+        if self.is_main:
+            (self._bar.write if self._bar is not None else print)(text)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -512,8 +541,12 @@ class TrainRun:
         num_workers: int = 0,
         collate_fn: Callable | None = None,
     ) -> Iterator[Any]:
-        """Endless batches in an order that depends only on the seed and the step (continues at `self.step`)."""
-        sampler = StepBatchSampler(len(dataset), batch_size, self.seed, start_batch=self.step)
+        """Endless batches in an order that depends only on the seed and the step (continues at `self.step`).
+
+        `batch_size` is the global batch: with several processes each gets its share of it.
+        """
+        self.local_batch_size(batch_size)  # checks that it splits evenly
+        sampler = StepBatchSampler(len(dataset), batch_size, self.seed, self.step, self.rank, self.world_size)
         loader = DataLoader(
             dataset,
             batch_sampler=sampler,
@@ -526,40 +559,57 @@ class TrainRun:
         )
         return iter(loader)
 
+    def local_batch_size(self, batch_size: int) -> int:
+        """This process's share of a global batch of `batch_size` (a StageError when it does not split evenly)."""
+        if batch_size % self.world_size:
+            raise StageError(
+                f"--batch-size {batch_size} is the global batch, split over {self.world_size} processes: "
+                f"give a multiple of {self.world_size}"
+            )
+        return batch_size // self.world_size
+
     # Checkpoints
 
     def save(self) -> Path:
-        """Write a checkpoint of everything registered, atomically (the `latest` pointer moves last)."""
+        """Write a checkpoint of everything registered, atomically (the `latest` pointer moves last).
+
+        With several processes every one calls it at the same step; rank 0 writes.
+        """
         self._flush_metrics()
         started = time.monotonic()
         name = f"step_{self.step:08d}"
         target = self.checkpoint_root / name
-        if self._latest_dir() == target:
+        if self._latest_dir() == target:  # read by every process before rank 0 writes (it waits for all below)
             return target  # nothing has changed since that checkpoint was written
-        partial = self.checkpoint_root / f".{name}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        for module_name, (module, ema) in self._modules.items():
-            save_safetensors(module.state_dict(), partial / f"{module_name}.safetensors")
-            if ema is not None:
-                save_safetensors(ema.state_dict(), partial / f"{module_name}.ema.safetensors")
-        state = {
-            "format": STATE_FORMAT,
-            "step": self.step,
-            "optimizers": {n: opt.state_dict() for n, (opt, _) in self._optimizers.items()},
-            "schedulers": {n: s.state_dict() for n, (_, s) in self._optimizers.items() if s is not None},
-            "states": {n: s.state_dict() for n, s in self._states.items()},
-            "rng": rng_state(),
-            "save_seconds": self._save_seconds,
-        }
-        torch.save(state, partial / STATE_FILE)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(partial, target)
-        _write_text_atomically(self.checkpoint_root / LATEST_FILE, json.dumps({"step": self.step, "dir": name}))
-        # Older checkpoints, and any left by a session killed between its rename and the pointer update.
-        for old in self.checkpoint_root.glob("step_*"):
-            if old != target:
-                shutil.rmtree(old, ignore_errors=True)
+        rank_rngs = distributed.gather_objects(rng_state()) if self.world_size > 1 else None
+        if self.is_main:
+            partial = self.checkpoint_root / f".{name}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            for module_name, (module, ema) in self._modules.items():
+                save_safetensors(module.state_dict(), partial / f"{module_name}.safetensors")
+                if ema is not None:
+                    save_safetensors(ema.state_dict(), partial / f"{module_name}.ema.safetensors")
+            state = {
+                "format": STATE_FORMAT,
+                "step": self.step,
+                "optimizers": {n: opt.state_dict() for n, (opt, _) in self._optimizers.items()},
+                "schedulers": {n: s.state_dict() for n, (_, s) in self._optimizers.items() if s is not None},
+                "states": {n: s.state_dict() for n, s in self._states.items()},
+                "rng": rng_state(),
+                "save_seconds": self._save_seconds,
+            }
+            if rank_rngs is not None:
+                state["rank_rngs"] = rank_rngs  # every process's random state, by rank
+            torch.save(state, partial / STATE_FILE)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(partial, target)
+            _write_text_atomically(self.checkpoint_root / LATEST_FILE, json.dumps({"step": self.step, "dir": name}))
+            # Older checkpoints, and any left by a session killed between its rename and the pointer update.
+            for old in self.checkpoint_root.glob("step_*"):
+                if old != target:
+                    shutil.rmtree(old, ignore_errors=True)
+        distributed.barrier()  # the checkpoint is complete for every process
         self._last_save = time.monotonic()
         self._save_seconds = max(self._save_seconds, self._last_save - started)
         return target
@@ -590,10 +640,17 @@ class TrainRun:
                 scheduler.load_state_dict(state["schedulers"][name])
         for name, stateful in self._states.items():
             stateful.load_state_dict(state["states"][name])
-        set_rng_state(state["rng"])
+        rank_rngs = state.get("rank_rngs", [])
+        if self.world_size > 1 and len(rank_rngs) == self.world_size:
+            set_rng_state(rank_rngs[self.rank])
+        elif self.is_main:
+            set_rng_state(state["rng"])
+        else:  # written by another number of processes: a stream of this process's own
+            seed_everything(distributed.seed_for_rank(self.seed + int(state["step"])))
         self.step = self._session_start_step = int(state["step"])
         self._save_seconds = float(state.get("save_seconds", 0.0))
-        self._truncate_log()
+        if self.is_main:
+            self._truncate_log()
         self.message(f"resumed {self.folder} at step {self.step}")
         return True
 
@@ -620,7 +677,8 @@ class TrainRun:
     def _flush_metrics(self) -> None:
         if not self._metrics:
             return
-        means = {key: float(torch.stack(values).mean()) for key, values in self._metrics.items()}
+        # Averaged over the processes too (one all-reduce): each saw its share of the global batches.
+        means = distributed.mean_over_ranks({key: torch.stack(values).mean() for key, values in self._metrics.items()})
         self._metrics = {}
         self.log(**means)
 
@@ -634,6 +692,8 @@ class TrainRun:
 
     def _record_settings(self, settings: Mapping[str, Any]) -> None:
         entry = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv, "settings": _jsonable(settings)}
+        if self.world_size > 1:
+            entry["processes"] = self.world_size
         path = self.folder / "run.json"
         sessions = json.loads(path.read_text()) if path.exists() else []
         _write_text_atomically(path, json.dumps([*sessions, entry], indent=1) + "\n")

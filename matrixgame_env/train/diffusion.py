@@ -37,7 +37,7 @@ from .common import (
     warmup_cosine,
 )
 from .conditions import ClipBatch, build_conditions, drop_actions
-from .forcing import DiffusionForcing, NoiseMix
+from .forcing import DiffusionForcing, ForcingLoss, NoiseMix
 from .latent_clips import fixed_batches, open_latent_splits
 from .sampling_check import export_and_check
 
@@ -168,14 +168,20 @@ def run(args: argparse.Namespace) -> Path:
     if args.compile and not training.finished:
         model = torch.compile(dit)
         training.message("compiling the DiT ...")
-        warm_up(training, model, clip, forcing, fixed_batches(train_clips, args.batch_size, args.batch_size)[0])
+        local = training.local_batch_size(args.batch_size)  # the shape of this process's batches
+        warm_up(training, model, clip, forcing, fixed_batches(train_clips, local, local)[0])
     if not training.finished:
         batches = training.batches(train_clips, args.batch_size, args.workers)
+
+        def forcing_losses(batch: ClipBatch) -> ForcingLoss:
+            conditions = drop_actions(build_conditions(batch, dit.config, clip), args.action_dropout)
+            return forcing.loss(model, batch.latents, conditions)
+
+        losses_of = training.data_parallel(forcing_losses, dit, clip)
         while training.keep_going():
             batch = ClipBatch.from_item(next(batches), training.device)
             with training.autocast():
-                conditions = drop_actions(build_conditions(batch, dit.config, clip), args.action_dropout)
-                losses = forcing.loss(model, batch.latents, conditions)
+                losses = losses_of(batch)
             grad_norm = training.optimize(losses.loss)
             training.end_step(loss=losses.loss.detach(), flow_mse=losses.flow_mse, grad_norm=grad_norm)
         training.save()

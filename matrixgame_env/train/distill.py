@@ -83,6 +83,9 @@ class Distillation:
         self.training, self.teacher, self.student, self.critic = training, teacher, student, critic
         self.image_encoder, self.rollout, self.dmd = image_encoder, rollout, dmd
         self.critic_forcing, self.critic_steps = critic_forcing, critic_steps
+        # Data-parallel over the processes of a distributed run (each is the function itself in one process).
+        self.critic_loss = training.data_parallel(self._critic_loss, critic)
+        self.student_loss = training.data_parallel(self._student_loss, student)
 
     @torch.no_grad()
     def conditions(self, batch: ClipBatch) -> ClipConditions:
@@ -100,7 +103,7 @@ class Distillation:
         losses = []
         for part in (slice(i * size, (i + 1) * size) for i in range(self.critic_steps)):
             with self.training.autocast():
-                loss = self.critic_forcing.loss(self.critic, samples[part], conditions.clips(part)).loss
+                loss = self.critic_loss(samples[part], conditions.clips(part))
             self.training.optimize(loss, "critic")
             losses.append(loss.detach())
         return torch.stack(losses).mean()
@@ -110,9 +113,16 @@ class Distillation:
         conditions = self.conditions(batch)
         frame_mask = self.critic_forcing.frame_mask(batch.num_frames, batch.latents.device)
         with self.training.autocast():
-            sample = self.rollout(conditions, torch.randn_like(batch.latents))
-            loss = self.dmd.loss(sample, self.teacher, self.critic, conditions, frame_mask).loss
+            loss = self.student_loss(conditions, torch.randn_like(batch.latents), frame_mask)
         return loss.detach(), self.training.optimize(loss, "student")
+
+    def _critic_loss(self, samples: torch.Tensor, conditions: ClipConditions) -> torch.Tensor:
+        return self.critic_forcing.loss(self.critic, samples, conditions).loss
+
+    def _student_loss(self, conditions: ClipConditions, noise: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """The DMD loss of a clip the student streams from `noise` (with gradient on each block's exit step)."""
+        sample = self.rollout(conditions, noise)
+        return self.dmd.loss(sample, self.teacher, self.critic, conditions, frame_mask).loss
 
     def step(self, batch: ClipBatch) -> dict[str, torch.Tensor]:
         """Critic updates on the first `critic_steps` shares of `batch`, then a student update on the last:
@@ -169,6 +179,7 @@ def run(args: argparse.Namespace) -> Path:
         training, teacher, student, critic, clip, rollout, dmd, critic_forcing, args.critic_steps
     )
     if not training.finished:
+        training.local_batch_size(args.batch_size)  # each process takes its share of every part of a step
         # One loader batch per step, so that a resumed run continues at the right one.
         loader = training.batches(train_clips, args.batch_size * (args.critic_steps + 1), args.workers)
         while training.keep_going():

@@ -39,11 +39,12 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from .. import distributed
 from ..checkpoints import LoadedModel, load_model
 from ..data.dataset import SPLITS, VideoClipDataset
 from ..nn.vae import WanVAE
 from ..weights import save_safetensors
-from .common import StageError, add_session_arguments, existing_dir, progress_interval, resolve_device
+from .common import StageError, add_session_arguments, existing_dir, progress_interval
 
 STAGE = "encode"
 LATENT_FORMAT = "matrixgame-env/latent-clips"
@@ -133,38 +134,52 @@ def encode_clips(vae: WanVAE, video: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def run(args: argparse.Namespace) -> Path:
-    """Encode every split (or continue); returns OUT/encode."""
+    """Encode every split (or continue); returns OUT/encode.
+
+    Started by torchrun, each process encodes every N-th missing shard on its own GPU, and rank 0
+    writes index.json (marked complete once every shard is there).
+    """
     started = time.monotonic()
     data = existing_dir(args.data, "--data", "record one with: matrixgame-env record --out DIR --minutes N")
     existing_dir(args.init, "--init", "give the model folder written by `train vae`")
-    model = load_model(args.init, device=resolve_device(args.device), dtype=torch.float32)
+    model = load_model(args.init, device=distributed.init(args.device), dtype=torch.float32)
     video_frames = 1 + 4 * (args.latent_frames - 1)
     stride = args.stride or video_frames - 1
     splits = _open_splits(data, video_frames, stride, model.config.video_size, args.val_fraction)
     folder = Path(args.out) / STAGE
-    index = _open_index(folder, _index(args, data, model, splits, stride), args.resume)
-    todo = [
-        (split, shard, name)
-        for split in splits
-        for shard, name in enumerate(index["splits"][split]["shards"])
-        if not (folder / split / name).exists()
-    ]
+
+    def index_and_missing_shards() -> tuple[dict[str, Any], list[tuple[str, int, str]]]:
+        index = _open_index(folder, _index(args, data, model, splits, stride), args.resume)
+        missing = [
+            (split, shard, name)
+            for split in splits
+            for shard, name in enumerate(index["splits"][split]["shards"])
+            if not (folder / split / name).exists()
+        ]
+        return index, missing
+
+    index, todo = distributed.on_main(index_and_missing_shards)  # read and written once, before any shard is
+    mine = todo[distributed.rank() :: distributed.world_size()]
     total = sum(len(clips) for clips in splits.values())
-    remaining = sum(len(range(*_shard_range(index, shard, len(splits[split])))) for split, shard, _ in todo)
+    remaining = sum(len(range(*_shard_range(index, shard, len(splits[split])))) for split, shard, _ in mine)
+    shown = total if distributed.world_size() == 1 else remaining  # several processes: rank 0's own share
     slowest = 0.0
-    bar = tqdm(total=total, initial=total - remaining, unit="clip", desc=STAGE, disable=args.no_progress,
-               mininterval=progress_interval())  # fmt: skip
+    bar = tqdm(total=shown, initial=shown - remaining, unit="clip", desc=STAGE,
+               disable=args.no_progress or not distributed.is_main(), mininterval=progress_interval())  # fmt: skip
     with bar:
-        for done, (split, shard, name) in enumerate(todo):
+        for done, (split, shard, name) in enumerate(mine):
             if args.minutes * 60 - (time.monotonic() - started) < 1.5 * slowest:
-                bar.write(f"time budget reached with {len(todo) - done} shards left; continue with --resume")
-                return folder
+                bar.write(f"time budget reached with {len(mine) - done} shards left; continue with --resume")
+                break
             shard_started = time.monotonic()
             start, stop = _shard_range(index, shard, len(splits[split]))
             tensors = _encode_shard(model.vae, splits[split], start, stop, args, bar)
             (folder / split).mkdir(parents=True, exist_ok=True)
             save_safetensors(tensors, folder / split / name, metadata={"format": LATENT_FORMAT})
             slowest = max(slowest, time.monotonic() - shard_started)
+    distributed.barrier(timeout=args.minutes * 60 + 600)  # the other processes end within their budget too
+    if not distributed.is_main() or not all((folder / split / name).exists() for split, _, name in todo):
+        return folder
     index["complete"] = True
     _write_index(folder, index)
     print(f"encoded {total} clips of {args.latent_frames} latent frames into {folder}")

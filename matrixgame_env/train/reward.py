@@ -177,10 +177,13 @@ def run(args: argparse.Namespace) -> Path:
     training.resume()
     if not training.finished:
         batches = training.batches(train_blocks, args.batch_size, args.workers)
+        losses_of = training.data_parallel(
+            lambda batch: reward_losses(head, batch["latents"], batch["progress"], batch["stuck"]), head
+        )
         while training.keep_going():
             batch = {key: value.to(training.device, non_blocking=True) for key, value in next(batches).items()}
             with training.autocast():
-                losses = reward_losses(head, batch["latents"], batch["progress"], batch["stuck"])
+                losses = losses_of(batch)
             training.optimize(losses.pop("loss"))
             training.end_step(**losses)
         training.save()
@@ -188,6 +191,9 @@ def run(args: argparse.Namespace) -> Path:
         training.close()
         training.message(f"stopped at step {training.step}/{training.total_steps}; continue with --resume")
         return training.folder
+    if not training.is_main:  # rank 0 evaluates and writes the model folder
+        training.close()
+        return training.folder / "model"
     trained = training.weights("reward_head")
     measured_on = val_blocks if val_blocks is not None else train_blocks
     metrics = evaluate(trained, measured_on, args.batch_size, training.device)

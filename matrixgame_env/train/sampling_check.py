@@ -105,7 +105,10 @@ def export_and_check(
 ) -> Path:
     """Write OUT/<stage>/model (config records the stage's steps), check it on `clips` (none: no
     check), log the check to log.jsonl and OUT/<stage>/result.json. `trends` names logged training
-    metrics to summarise as `<name>_trend` (see `metric_trend`). Returns the model folder."""
+    metrics to summarise as `<name>_trend` (see `metric_trend`). Returns the model folder (written by
+    rank 0 alone when there are several processes)."""
+    if not training.is_main:
+        return training.folder / "model"
     config = copy.deepcopy(config)
     dit, vae, clip = (copy.deepcopy(part).float().cpu().eval() for part in parts)
     config.extra.setdefault("training", {})[stage] = {"steps": training.step, "finished": training.finished}

@@ -133,10 +133,12 @@ def run(args: argparse.Namespace) -> Path:
     training.resume()
     if not training.finished:
         batches = training.batches(train_clips, args.batch_size, args.workers)
+        sample = not args.no_sample
+        losses_of = training.data_parallel(lambda video: vae_losses(vae, video, args.kl_weight, sample), vae)
         while training.keep_going():
             video = next(batches)["video"].to(training.device, non_blocking=True)
             with training.autocast():
-                losses = vae_losses(vae, video, args.kl_weight, sample=not args.no_sample)
+                losses = losses_of(video)
             grad_norm = training.optimize(losses.pop("loss"))
             training.end_step(**losses, grad_norm=grad_norm)
         training.save()
@@ -144,6 +146,9 @@ def run(args: argparse.Namespace) -> Path:
         training.close()
         training.message(f"stopped at step {training.step}/{training.total_steps}; continue with --resume")
         return training.folder
+    if not training.is_main:  # rank 0 measures and writes the model folder
+        training.close()
+        return training.folder / "model"
     folder = _finish(training, config, dit, training.weights("vae"), clip, source, train_clips, val_clips, args)
     training.close()
     return folder
