@@ -13,6 +13,7 @@ Paths:
   fast     steady-state blocks replayed from CUDA graphs, cuDNN autotuned decoder convolutions
   overlap  fast, with the decode of block n running on its own stream while the DiT makes block n+1
   fused    fast, with the DiT's elementwise chains fused by torch.compile (nn/fusion.py)
+  fused_cl fused, with the VAE's convolution weights in channels-last layouts
 
 Usage: python benchmarks/bench_stream.py [--batches 1 4 8] [--blocks 8] [--long-blocks 300] [--out DIR]
 """
@@ -65,10 +66,20 @@ def actions(batch: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def set_path(world: WorldModel, path: str) -> None:
-    fast = path in ("fast", "overlap", "fused")
+    fast = path in ("fast", "overlap", "fused", "fused_cl")
     world.sampler.enable_cuda_graphs(fast)
     torch.backends.cudnn.benchmark = fast
-    enable_fusion(path == "fused")
+    enable_fusion(path in ("fused", "fused_cl"))
+    decoder_channels_last(world, path == "fused_cl")
+
+
+def decoder_channels_last(world: WorldModel, enabled: bool) -> None:
+    """Convolution weights of the VAE in channels-last layouts (cuDNN's native NDHWC kernels) or back."""
+    with torch.no_grad():
+        for p in world.vae.parameters():
+            if p.dim() in (4, 5):
+                layout = (torch.channels_last if p.dim() == 4 else torch.channels_last_3d) if enabled else None
+                p.data = p.data.contiguous(memory_format=layout) if layout else p.data.contiguous()
 
 
 def stream(world: WorldModel, batch: int, path: str, warmup: int, blocks: int, repeats: int) -> dict:
@@ -255,7 +266,7 @@ def main() -> None:
     rows = [stream(world, b, p, args.warmup, args.blocks, args.repeats) for b in args.batches for p in args.paths]
     columns = ["batch", "path", "fps_e2e", "fps_dit", "latency_s", "dit_block_s", "peak_gib", "warmup_s"]
     print(table(rows, columns))
-    fast_paths = [p for p in ("fast", "fused") if p in args.paths]
+    fast_paths = [p for p in ("fast", "fused", "fused_cl") if p in args.paths]
     agree = [agreement(world, b, args.agreement_blocks, p) for p in fast_paths for b in (1, 4)]
     print(table(agree, list(agree[0])))
     result = {
