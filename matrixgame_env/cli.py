@@ -9,7 +9,7 @@
     matrixgame-env convert Matrix-Game-2.0 converted/universal --mode universal
     matrixgame-env play --model doom-small
     matrixgame-env demo --model doom-small --out demo.mp4 --blocks 24
-    matrixgame-env eval ...
+    matrixgame-env eval --model doom-small --data data/doom --out runs/eval [--idm runs/eval/idm]
 
 Each command builds its options only when it is chosen, so `record` never imports torch and `play`
 alone needs pygame.

@@ -1,0 +1,250 @@
+"""`matrixgame-env eval`: a world model against the real game, on held-out recordings.
+
+    matrixgame-env eval --model doom-small --data data/doom --out runs/eval \\
+        --clips 32 --horizon-s 4 --drift-minutes 10 --steps 2000
+
+Writes OUT/eval.json (settings, fidelity per horizon, IDM accuracy, drift, targets, timings),
+OUT/eval.png (the figure) and, when the inverse-dynamics model is trained here, OUT/idm/ (reuse it
+with --idm). Parts can be skipped: --clips 0 (fidelity and the IDM on generated video),
+--steps 0 without --idm (the IDM), --drift-minutes 0 (drift).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_HORIZON_S = 4.0
+DEFAULT_DRIFT_MINUTES = 10.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `matrixgame-env eval`."""
+    parser.add_argument("--model", default="doom-small", help="preset name, model folder or hub id")
+    parser.add_argument("--data", required=True, help="a recording (matrixgame-env record); its held-out episodes")
+    parser.add_argument("--out", required=True, help="folder for eval.json, eval.png and the trained IDM")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of episodes, as `train encode`")
+    parser.add_argument("--clips", type=int, default=32, help="held-out clips generated and compared (0: skip)")
+    parser.add_argument("--horizon-s", type=float, default=DEFAULT_HORIZON_S, help="seconds generated per clip")
+    parser.add_argument("--batch-size", type=int, default=8, help="worlds generated together")
+    parser.add_argument("--idm", default=None, help="a trained inverse-dynamics model folder (default: train one)")
+    parser.add_argument("--idm-out", default=None, help="where to save the trained IDM (default: OUT/idm)")
+    parser.add_argument("--steps", type=int, default=2000, help="IDM training steps (0 without --idm: no IDM)")
+    parser.add_argument("--idm-batch-size", type=int, default=64, help="IDM training batch size")
+    parser.add_argument("--idm-lr", type=float, default=1e-3, help="IDM learning rate (AdamW, cosine decay)")
+    parser.add_argument("--idm-width", type=int, default=32, help="IDM channels of the first conv layer")
+    parser.add_argument("--drift-minutes", type=float, default=DEFAULT_DRIFT_MINUTES,
+                        help="minutes of video time rolled out for drift (0: skip)")  # fmt: skip
+    parser.add_argument("--drift-worlds", type=int, default=4, help="worlds rolled out together for drift")
+    parser.add_argument("--workers", type=int, default=0, help="data-loading processes for IDM training")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of generation noise and IDM training")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Run the evaluation; returns the path of eval.json."""
+    from ..cli import CommandError, _check_local_model
+    from ..data.storage import read_manifest
+    from ..world.model import WorldModel
+    from .real_data import check_recording
+
+    _check_arguments(args, CommandError)
+    started = time.monotonic()
+    manifest = read_manifest(args.data)  # a missing recording is reported before the model loads
+    _check_local_model(args.model)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(args.out)
+    world = WorldModel.from_pretrained(args.model, device=device)
+    try:
+        check_recording(manifest, world.config.fps, world.sampler.keyboard_dim, world.sampler.mouse_dim, args.data)
+    except ValueError as error:
+        raise CommandError(str(error)) from error
+    timing: dict[str, float] = {"load": time.monotonic() - started}
+    report: dict[str, Any] = {"settings": _settings(args, world, manifest, device)}
+    clips = _fidelity(args, world, report, timing)
+    _idm(args, world, report, timing, clips, out, device)
+    _drift(args, world, report, timing)
+    report["timing_s"] = {**timing, "total": time.monotonic() - started}
+    return _write(report, out)
+
+
+def _fidelity(args: argparse.Namespace, world, report: dict, timing: dict) -> dict | None:
+    """Generate the held-out clips and score them; returns the real and generated clips for the IDM."""
+    from .fidelity import clip_frames, evaluate_fidelity, generate_clips, horizon_frames
+    from .real_data import resize_frames
+
+    if args.clips == 0:
+        return None
+    started = time.monotonic()
+    horizon = horizon_frames(args.horizon_s, world.config.fps)
+    length = clip_frames(world, horizon)
+    windows = _windows(args, "val", length, stride=length)
+    chosen = windows.evenly_spaced(args.clips)
+    items = windows.stack(chosen)
+    real = resize_frames(items["frames"], world.video_size)
+    generated = generate_clips(world, real[:, 0], items["keyboard"], items["mouse"], args.batch_size, args.seed,
+                               progress=not args.no_progress)  # fmt: skip
+    timing["generate"] = time.monotonic() - started
+    started = time.monotonic()
+    sources = [windows.source(i) for i in chosen]
+    report["fidelity"] = evaluate_fidelity(world, real, generated, horizon, sources=sources, batch_size=args.batch_size)
+    report["fidelity"]["clips_available"] = len(windows)
+    timing["fidelity_scores"] = time.monotonic() - started
+    return {"real": real, "generated": generated, "keyboard": items["keyboard"], "mouse": items["mouse"]}
+
+
+def _idm(args: argparse.Namespace, world, report: dict, timing: dict, clips: dict | None, out: Path, device) -> None:
+    from .idm import IDMConfig, TrainSettings, evaluate_clips, evaluate_split, load_idm, save_idm, train_idm
+
+    if args.idm is None and args.steps == 0:
+        return
+    started = time.monotonic()
+    section: dict[str, Any] = {}
+    if args.idm is not None:
+        try:
+            model = load_idm(args.idm, device)
+        except (ValueError, RuntimeError) as error:  # another format, or weights that do not fit the config
+            from ..cli import CommandError
+
+            raise CommandError(f"cannot use the IDM at {args.idm}: {error}") from error
+        section["source"] = str(Path(args.idm).resolve())
+    else:
+        config = IDMConfig(video_size=world.video_size, width=args.idm_width)
+        settings = TrainSettings(args.steps, args.idm_batch_size, args.idm_lr, seed=args.seed, workers=args.workers)
+        train = _windows(args, "train", config.context)
+        model, history = train_idm(train, config, settings, device, progress=not args.no_progress)
+        section["training"] = {"steps": settings.steps, "batch_size": settings.batch_size, "lr": settings.lr,
+                               "windows": len(train), "loss": history}  # fmt: skip
+        timing["idm_train"] = time.monotonic() - started
+        started = time.monotonic()
+    section["config"] = {"context": model.config.context, "video_size": list(model.config.video_size),
+                         "yaw_dead_zone": model.config.yaw_dead_zone, "width": model.config.width}  # fmt: skip
+    section["real_val"] = evaluate_split(model, _windows(args, "val", model.config.context))
+    if clips is not None:  # the same windows of the same clips, real and generated
+        section["real_clips"] = evaluate_clips(model, clips["real"], clips["keyboard"], clips["mouse"])
+        section["generated"] = evaluate_clips(model, clips["generated"], clips["keyboard"], clips["mouse"])
+    if args.idm is None:
+        idm_out = Path(args.idm_out) if args.idm_out else out / "idm"
+        save_idm(model, idm_out, {"training": section["training"], "accuracy_real_val": section["real_val"],
+                                  "data": str(Path(args.data).resolve())})  # fmt: skip
+        section["saved"] = str(idm_out)
+    timing["idm_eval"] = time.monotonic() - started
+    report["idm"] = section
+
+
+def _drift(args: argparse.Namespace, world, report: dict, timing: dict) -> None:
+    from .drift import REAL_FRAMES, drift_report, real_ranges, rollout_statistics
+    from .real_data import resize_frames, split_actions
+
+    if args.drift_minutes == 0:
+        return
+    started = time.monotonic()
+    pairs = _windows(args, "val", 2)
+    ranges = real_ranges(pairs, world.video_size, device=world.device)
+    singles = _windows(args, "val", 1)
+    chosen = singles.evenly_spaced(args.drift_worlds)
+    starts = resize_frames(singles.stack(chosen)["frames"][:, 0], world.video_size)
+    frames = math.ceil(args.drift_minutes * 60 * world.config.fps - 1e-6)  # 1e-6: no extra block for rounding
+    statistics = rollout_statistics(world, starts, split_actions(singles), frames, seed=args.seed + 1_000_003,
+                                    progress=not args.no_progress)  # fmt: skip
+    section = drift_report(statistics, ranges, world.config.fps)
+    section["minutes"] = section["frames"] / world.config.fps / 60
+    section["real_frames"] = min(len(pairs), REAL_FRAMES)
+    section["sources"] = [singles.source(i) for i in chosen]
+    report["drift"] = section
+    timing["drift"] = time.monotonic() - started
+
+
+def _windows(args: argparse.Namespace, split: str, length: int, stride: int = 1):
+    """Windows of the recording, or the command's error when the split cannot provide them."""
+    from ..cli import CommandError
+    from .real_data import FrameWindows
+
+    try:
+        return FrameWindows(args.data, split, length, args.val_fraction, stride=stride)
+    except ValueError as error:
+        raise CommandError(str(error)) from error
+
+
+def _write(report: dict[str, Any], out: Path) -> Path:
+    from .report import check_targets, plot_report, write_json
+
+    report["targets"] = check_targets(report)
+    path = write_json(report, out / "eval.json")
+    plot_report(report, out / "eval.png")
+    for line in summary_lines(report):
+        print(line)
+    print(f"wrote {path} and {out / 'eval.png'}")
+    return path
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """A few printed lines with the headline numbers of a report."""
+    lines = []
+    fidelity = report.get("fidelity")
+    if fidelity:
+        for label, entry in fidelity["at"].items():
+            model, baseline = entry["model"], entry["copy_last_frame"]
+            lines.append(f"fidelity at {label}: PSNR {model['psnr']:.2f} dB (copy last frame {baseline['psnr']:.2f}), "
+                         f"SSIM {model['ssim']:.3f} (copy last frame {baseline['ssim']:.3f})")  # fmt: skip
+    for key in ("real_val", "real_clips", "generated"):
+        result = report.get("idm", {}).get(key)
+        if result:
+            chance = result["chance"]
+            lines.append(f"IDM on {key}: keys {result['keyboard']:.3f} (chance {chance['keyboard']:.3f}, "
+                         f"balanced {result['keyboard_balanced']:.3f}), exact {result['keyboard_exact']:.3f}, "
+                         f"yaw direction {result['yaw_direction']:.3f} (chance {chance['yaw_direction']:.3f}, "
+                         f"balanced {result['yaw_direction_balanced']:.3f}), {result['frames']} frames")  # fmt: skip
+    drift = report.get("drift")
+    if drift:
+        shares = ", ".join(f"{name} {v['in_range_share']:.2f}" for name, v in drift["statistics"].items())
+        verdict = f"collapsed ({', '.join(drift['collapsed_statistics'])})" if drift["collapsed"] else "no collapse"
+        lines.append(f"drift over {drift['minutes']:.2f} min: {verdict}; share in the real range: {shares}")
+    for name, target in report.get("targets", {}).items():
+        state = {True: "met", False: "NOT met", None: "not measured"}[target["passed"]]
+        lines.append(f"target {name} ({target['target']}): {state}")
+    return lines
+
+
+def _settings(args: argparse.Namespace, world, manifest, device: torch.device) -> dict[str, Any]:
+    return {
+        "model": str(args.model),
+        "data": str(Path(args.data).resolve()),
+        "val_fraction": args.val_fraction,
+        "clips": args.clips,
+        "horizon_s": args.horizon_s,
+        "drift_minutes": args.drift_minutes,
+        "drift_worlds": args.drift_worlds,
+        "idm": args.idm,
+        "idm_steps": args.steps,
+        "seed": args.seed,
+        "device": str(device),
+        "dtype": str(world.dit.dtype).removeprefix("torch."),
+        "fps": world.config.fps,
+        "video_size": list(world.video_size),
+        "recorded_size": list(manifest.frame_size),
+        "torch": torch.__version__,
+    }
+
+
+def _check_arguments(args: argparse.Namespace, error: type[Exception]) -> None:
+    checks = [
+        (args.clips >= 0, f"--clips must be 0 or more, got {args.clips}"),
+        (args.horizon_s > 0, f"--horizon-s must be positive, got {args.horizon_s}"),
+        (args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}"),
+        (args.steps >= 0, f"--steps must be 0 or more, got {args.steps}"),
+        (args.idm_batch_size >= 1, f"--idm-batch-size must be at least 1, got {args.idm_batch_size}"),
+        (args.idm_width >= 1, f"--idm-width must be at least 1, got {args.idm_width}"),
+        (args.drift_minutes >= 0, f"--drift-minutes must be 0 or more, got {args.drift_minutes}"),
+        (args.drift_worlds >= 1, f"--drift-worlds must be at least 1, got {args.drift_worlds}"),
+        (0 <= args.val_fraction < 1, f"--val-fraction must be in [0, 1), got {args.val_fraction}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise error(message)

@@ -1,0 +1,357 @@
+"""Evaluation against the real game: metrics vs float64 references, the IDM on a real recording, drift
+verdicts, and `matrixgame-env eval` end to end on a tiny model and a tiny real ViZDoom recording."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_model import write_tiny_model
+from tiny_training import VAL_FRACTION, run_cli, tiny_dataset, tiny_model_folder
+
+from matrixgame_env.data.dataset import VideoClipDataset
+from matrixgame_env.eval.drift import drift_report, frame_statistics, real_ranges
+from matrixgame_env.eval.fidelity import clip_frames, generate_clips, horizon_frames, summary_points
+from matrixgame_env.eval.idm import (
+    IDMConfig,
+    Labels,
+    Predictions,
+    TrainSettings,
+    accuracy,
+    clip_windows,
+    evaluate_windows,
+    load_idm,
+    mirror_windows,
+    save_idm,
+    train_idm,
+    yaw_direction,
+)
+from matrixgame_env.eval.metrics import PSNR_CAP, psnr, ssim
+from matrixgame_env.eval.real_data import FrameWindows
+from matrixgame_env.model_config import ModelConfig
+from matrixgame_env.world.model import WorldModel
+
+# ---------------------------------------------------------------------------------------------- references
+
+
+def reference_ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """SSIM of two HxWxC images in float64, written from Wang et al. (2004) independently of the package."""
+    x, y = a.astype(np.float64), b.astype(np.float64)
+    radius = np.arange(11) - 5.0
+    g = np.exp(-(radius**2) / (2 * 1.5**2))
+    window = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+
+    def local_mean(image: np.ndarray) -> np.ndarray:
+        patches = np.lib.stride_tricks.sliding_window_view(image, (11, 11))  # [H-10, W-10, 11, 11]
+        return np.einsum("ijkl,kl->ij", patches, window)
+
+    values = []
+    for channel in range(x.shape[2]):
+        p, q = x[..., channel], y[..., channel]
+        mp, mq = local_mean(p), local_mean(q)
+        sp = local_mean(p * p) - mp**2
+        sq = local_mean(q * q) - mq**2
+        spq = local_mean(p * q) - mp * mq
+        index = ((2 * mp * mq + c1) * (2 * spq + c2)) / ((mp**2 + mq**2 + c1) * (sp + sq + c2))
+        values.append(index.mean())
+    return float(np.mean(values))
+
+
+def _frame_pairs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of 24x40 RGB frames: structured pictures and distorted copies (noise, blur-like shifts, contrast)."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[0:24, 0:40]
+    base = np.stack([128 + 100 * np.sin(rows / 3.0 + c) * np.cos(cols / 5.0) for c in range(3)], -1)
+    firsts, seconds = [], []
+    for kind in range(4):
+        first = np.clip(base + rng.normal(0, 10, base.shape), 0, 255)
+        if kind == 0:
+            second = first + rng.normal(0, 25, base.shape)
+        elif kind == 1:
+            second = np.roll(first, 2, axis=1)
+        elif kind == 2:
+            second = 0.5 * first + 60
+        else:
+            second = rng.uniform(0, 255, base.shape)
+        firsts.append(first)
+        seconds.append(np.clip(second, 0, 255))
+    return np.round(firsts).astype(np.uint8), np.round(seconds).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def test_ssim_matches_a_float64_reference() -> None:
+    a, b = _frame_pairs()
+    expected = [reference_ssim(x, y) for x, y in zip(a, b)]
+    assert min(expected) < 0.1 and max(expected) > 0.75  # the pairs span dissimilar to similar
+    in_float64 = ssim(torch.from_numpy(a), torch.from_numpy(b), dtype=torch.float64)
+    np.testing.assert_allclose(in_float64.double().numpy(), expected, rtol=0, atol=1e-6)
+    in_float32 = ssim(torch.from_numpy(a), torch.from_numpy(b))
+    np.testing.assert_allclose(in_float32.double().numpy(), expected, rtol=0, atol=1e-4)
+
+
+def test_ssim_of_identical_frames_is_one_and_symmetric() -> None:
+    a, b = (torch.from_numpy(x) for x in _frame_pairs(seed=1))
+    torch.testing.assert_close(ssim(a, a), torch.ones(len(a)), atol=1e-6, rtol=0)
+    torch.testing.assert_close(ssim(a, b), ssim(b, a), atol=1e-6, rtol=0)
+    assert ssim(a[None, None], b[None, None]).shape == (1, 1, len(a))  # leading dimensions are kept
+
+
+def test_psnr_of_a_constant_offset_and_of_equal_frames() -> None:
+    rng = np.random.default_rng(2)
+    frame = rng.integers(20, 200, (2, 16, 32, 3), dtype=np.uint8)
+    for offset in (1, 5, 40):
+        shifted = torch.from_numpy(frame + np.uint8(offset))
+        expected = 20 * math.log10(255 / offset)
+        measured = psnr(torch.from_numpy(frame), shifted)
+        torch.testing.assert_close(measured, torch.full((2,), expected), atol=1e-4, rtol=0)
+    assert psnr(torch.from_numpy(frame), torch.from_numpy(frame)).tolist() == [PSNR_CAP, PSNR_CAP]
+
+
+def test_psnr_matches_a_float64_reference() -> None:
+    a, b = _frame_pairs(seed=3)
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(1)
+    expected = 10 * np.log10(255.0**2 / mse)
+    np.testing.assert_allclose(psnr(torch.from_numpy(a), torch.from_numpy(b)).numpy(), expected, atol=1e-4, rtol=0)
+
+
+def test_frames_too_small_or_mismatched_are_refused() -> None:
+    with pytest.raises(ValueError, match="at least 11x11"):
+        ssim(torch.zeros(8, 8, 3, dtype=torch.uint8), torch.zeros(8, 8, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="same shape"):
+        psnr(torch.zeros(16, 16, 3), torch.zeros(16, 17, 3))
+
+
+def test_horizons_cover_whole_blocks() -> None:
+    assert horizon_frames(1.0, 17.5) == 18 and horizon_frames(0.5, 17.5) == 9  # 8.75 rounds up
+    assert [label for label, _ in summary_points(70, 17.5)] == ["0.5s", "1s", "2s", "4s"]
+    assert summary_points(21, 17.5)[-1] == ("1.2s", 21)
+
+
+# ---------------------------------------------------------------------------------------------- real data
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return tiny_dataset(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    """The tiny random model at the recording's frame rate (17.5 fps), so frames line up in time."""
+    folder = write_tiny_model(tmp_path_factory.mktemp("eval_model") / "model")
+    config = ModelConfig.load(folder)
+    config.fps = 17.5
+    config.save(folder / "config.json")
+    return folder
+
+
+def test_held_out_windows_come_from_the_episodes_training_holds_out(dataset) -> None:
+    windows = FrameWindows(dataset, "val", 9, float(VAL_FRACTION), stride=8)
+    training_view = VideoClipDataset(dataset, clip_frames=9, split="val", val_fraction=float(VAL_FRACTION), stride=8)
+    assert windows.episodes == training_view.episodes == [1, 3]
+    for index in (0, len(windows) - 1):
+        item, clip = windows[index], training_view[index]
+        assert torch.equal(item["frames"], ((clip["video"] + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0))
+        assert torch.equal(item["keyboard"], clip["keyboard"]) and torch.equal(item["mouse"], clip["mouse"])
+
+
+def test_clips_generated_in_a_batch_equal_clips_generated_alone(dataset, model) -> None:
+    world = WorldModel.from_pretrained(model, device="cpu")
+    items = FrameWindows(dataset, "val", clip_frames(world, 1), float(VAL_FRACTION), stride=40).stack([0, 1])
+    assert items["frames"].shape[1] == 9
+    together = generate_clips(world, items["frames"][:, 0], items["keyboard"], items["mouse"], 2, seed=5,
+                              progress=False)  # fmt: skip
+    second_alone = generate_clips(world, items["frames"][1:, 0], items["keyboard"][1:], items["mouse"][1:], 1,
+                                  seed=6, progress=False)  # fmt: skip
+    assert together.shape == (2, 9, 16, 32, 3) and together.dtype == torch.uint8
+    assert (together[1].int() - second_alone[0].int()).abs().max() <= 1  # world k is seeded seed + k
+
+
+# ---------------------------------------------------------------------------------------------- IDM
+
+
+def test_yaw_direction_has_a_dead_zone() -> None:
+    directions = yaw_direction(torch.tensor([-0.2, -0.03, -0.02, 0.0, 0.019, 0.021, 0.3]), 0.02)
+    assert directions.tolist() == [0, 0, 1, 1, 1, 2, 2]
+
+
+def test_idm_learns_real_actions_well_above_chance(dataset, tmp_path) -> None:
+    config = IDMConfig(video_size=(16, 32), width=8)
+    train = FrameWindows(dataset, "train", config.context, float(VAL_FRACTION))
+    model, history = train_idm(train, config, TrainSettings(steps=300, batch_size=16, lr=3e-3), progress=False)
+    items = train.stack(list(range(len(train))))
+    result = evaluate_windows(model, items["frames"], items["keyboard"], items["mouse"])
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
+    assert result["keyboard"] >= result["chance"]["keyboard"] + 0.08, result
+    assert result["yaw_direction"] >= result["chance"]["yaw_direction"] + 0.2, result
+    assert result["keyboard_exact"] >= result["chance"]["keyboard_exact"] + 0.2, result
+
+    save_idm(model, tmp_path / "idm", {"note": "test"})
+    loaded = load_idm(tmp_path / "idm" / "idm.json")
+    again = loaded.predict(items["frames"])
+    first = model.predict(items["frames"])
+    assert torch.equal(again.keys, first.keys) and torch.equal(again.yaw, first.yaw)
+
+
+def test_idm_windows_of_clips_are_labelled_with_the_action_after_the_first_frame() -> None:
+    frames = torch.arange(2 * 5).view(2, 5, 1, 1, 1).expand(2, 5, 16, 32, 3).to(torch.uint8)
+    keyboard = torch.zeros(2, 5, 4)
+    keyboard[1, 2, 3] = 1  # clip 1, frame 2: right held
+    mouse = torch.zeros(2, 5, 2)
+    mouse[0, 3, 1] = -0.1  # clip 0, frame 3: turning left
+    windows, window_keys, window_mouse = clip_windows(frames, keyboard, mouse, 3)
+    labels = Labels.of_windows(window_keys, window_mouse, IDMConfig(video_size=(16, 32)))
+    assert windows.shape == (6, 3, 16, 32, 3)
+    assert windows[4, :, 0, 0, 0].tolist() == [6, 7, 8]  # clip 1, labelled by frame 2
+    assert labels.keys[4].tolist() == [False, False, False, True] and labels.keys.sum() == 1
+    assert labels.yaw.tolist() == [1, 1, 0, 1, 1, 1]
+
+
+def test_accuracy_and_its_chance_levels() -> None:
+    keys = torch.tensor([[1, 0, 0, 0]] * 6 + [[1, 0, 1, 0]] * 2 + [[0, 1, 0, 0]] * 2).bool()  # 10 frames
+    yaw = torch.tensor([0] * 5 + [1] * 3 + [2] * 2)
+    labels = Labels(keys, yaw)
+    names = ("forward", "back", "left", "right")
+    majority = accuracy(Predictions(torch.tensor([[True, False, False, False]] * 10), torch.zeros(10).long()), labels,
+                        names)  # fmt: skip
+    assert majority["keyboard_per_key"] == {"forward": 0.8, "back": 0.8, "left": 0.8, "right": 1.0}
+    assert majority["keyboard"] == pytest.approx(0.85) == majority["chance"]["keyboard"]
+    assert majority["keyboard_exact"] == pytest.approx(0.6) == majority["chance"]["keyboard_exact"]
+    assert majority["yaw_direction"] == pytest.approx(0.5) == majority["chance"]["yaw_direction"]
+    # Balanced: forward, back and left score 0.5 (one class right, one wrong), right 1 (one class, right).
+    assert majority["keyboard_balanced"] == pytest.approx((0.5 + 0.5 + 0.5 + 1.0) / 4)
+    assert majority["yaw_direction_balanced"] == pytest.approx(1 / 3)
+    perfect = accuracy(Predictions(keys, yaw), labels, names)
+    assert perfect["keyboard"] == perfect["keyboard_exact"] == perfect["keyboard_balanced"] == 1.0
+    assert perfect["yaw_direction"] == perfect["yaw_direction_balanced"] == 1.0
+
+
+def test_mirroring_swaps_left_and_right() -> None:
+    frames = torch.zeros(2, 3, 16, 32, 3, dtype=torch.uint8)
+    frames[:, :, :, 0] = 255  # a bright left edge
+    # Both windows: forward and left held, turning left.
+    labels = Labels(torch.tensor([[True, False, True, False]] * 2), torch.tensor([0, 0]))
+    config = IDMConfig(video_size=(16, 32))
+    mirrored, swapped = mirror_windows(frames, labels, config, torch.tensor([True, False]))
+    assert mirrored[0, :, :, -1].eq(255).all() and mirrored[0, :, :, 0].eq(0).all()
+    assert torch.equal(mirrored[1], frames[1])
+    assert swapped.keys.tolist() == [[True, False, False, True], [True, False, True, False]]
+    assert swapped.yaw.tolist() == [2, 0]
+    assert labels.keys[0].tolist() == [True, False, True, False]  # the input labels are left alone
+
+
+def test_loading_something_else_as_an_idm_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="no inverse-dynamics model"):
+        load_idm(tmp_path)
+    (tmp_path / "idm.json").write_text(json.dumps({"format": "other"}))
+    (tmp_path / "idm.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="not an inverse-dynamics model"):
+        load_idm(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- drift
+
+
+def test_frame_statistics_of_known_frames() -> None:
+    grey = torch.full((1, 2, 16, 32, 3), 90, dtype=torch.uint8)
+    stats = frame_statistics(grey, previous=torch.full((1, 16, 32, 3), 80, dtype=torch.uint8))
+    torch.testing.assert_close(stats["brightness"], torch.full((1, 2), 90.0))
+    for name in ("contrast", "colourfulness", "sharpness"):
+        torch.testing.assert_close(stats[name], torch.zeros(1, 2), atol=1e-4, rtol=0)
+    assert stats["motion"].tolist() == [[10.0, 0.0]]
+    red = torch.zeros(1, 1, 16, 32, 3, dtype=torch.uint8)
+    red[..., 0] = 200  # opponent channels R - G = 200, (R + G) / 2 - B = 100, both constant
+    torch.testing.assert_close(frame_statistics(red)["colourfulness"], torch.tensor([[0.3 * math.hypot(200, 100)]]))
+    stripes = torch.zeros(1, 1, 16, 32, 3, dtype=torch.uint8)
+    stripes[:, :, :, ::2] = 100  # columns alternate 0 / 100: the Laplacian is -+200 everywhere
+    torch.testing.assert_close(frame_statistics(stripes)["sharpness"], torch.tensor([[200.0]]))
+
+
+def test_drift_flags_grey_frames_and_accepts_real_ones(dataset) -> None:
+    ranges = real_ranges(FrameWindows(dataset, "val", 2, float(VAL_FRACTION)), (16, 32))
+    real = FrameWindows(dataset, "val", 40, float(VAL_FRACTION)).stack([0, 1])["frames"]  # two whole episodes
+    verdict = drift_report({k: v.numpy() for k, v in frame_statistics(real).items()}, ranges, fps=17.5)
+    assert not verdict["collapsed"], verdict["statistics"]
+    assert all(values["in_range_share"] > 0.9 for values in verdict["statistics"].values())
+    grey = torch.full((2, 40, 16, 32, 3), 128, dtype=torch.uint8)
+    collapsed = drift_report({k: v.numpy() for k, v in frame_statistics(grey).items()}, ranges, fps=17.5)
+    assert collapsed["collapsed"]
+    assert {"contrast", "sharpness"} <= set(collapsed["collapsed_statistics"])
+    assert collapsed["statistics"]["contrast"]["in_range_share"] == 0.0
+    assert len(collapsed["seconds"]) == 2 and len(collapsed["statistics"]["motion"]["per_second_mean"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------- command
+
+
+def test_eval_command_end_to_end(dataset, model, tmp_path) -> None:
+    out = tmp_path / "eval"
+    status, errors = run_cli("eval", "--model", str(model), "--data", str(dataset), "--out", str(out),
+                             "--val-fraction", VAL_FRACTION, "--clips", "2", "--horizon-s", "1", "--drift-minutes",
+                             "0.02", "--drift-worlds", "2", "--steps", "20", "--idm-batch-size", "8", "--idm-width",
+                             "8", "--device", "cpu", "--no-progress")  # fmt: skip
+    assert status == 0, errors
+    report = json.loads((out / "eval.json").read_text())
+    assert set(report) == {"settings", "fidelity", "idm", "drift", "targets", "timing_s"}
+
+    fidelity = report["fidelity"]
+    assert fidelity["clips"] == 2 and fidelity["horizon_frames"] == 18 and len(fidelity["time_s"]) == 19
+    assert set(fidelity["methods"]) == {"model", "copy_last_frame", "vae_reconstruction"}
+    for values in fidelity["methods"].values():
+        assert len(values["psnr"]) == len(values["ssim"]) == 19
+        assert all(0 < v <= PSNR_CAP for v in values["psnr"]) and all(-1 <= v <= 1 for v in values["ssim"])
+    baseline = fidelity["methods"]["copy_last_frame"]
+    assert baseline["psnr"][0] == PSNR_CAP and baseline["ssim"][0] == pytest.approx(1.0, abs=1e-6)
+    assert max(baseline["psnr"][1:]) < PSNR_CAP  # the real frames change
+    assert set(fidelity["at"]) == {"0.5s", "1s"} and fidelity["at"]["1s"]["frame"] == 18
+
+    idm = report["idm"]
+    for key in ("real_val", "real_clips", "generated"):
+        for name in ("keyboard", "keyboard_exact", "keyboard_balanced", "yaw_direction", "yaw_direction_balanced"):
+            assert 0 <= idm[key][name] <= 1, (key, name)
+    assert idm["real_clips"]["frames"] == idm["generated"]["frames"] == 2 * (21 - 2)
+    assert (out / "idm" / "idm.safetensors").is_file()
+
+    drift = report["drift"]
+    assert drift["frames"] == 21 and drift["worlds"] == 2
+    for values in drift["statistics"].values():
+        assert values["real_low"] <= values["real_high"] and 0 <= values["in_range_share"] <= 1
+    assert set(report["targets"]) == {"idm_keyboard_accuracy", "idm_yaw_direction_accuracy",
+                                      "psnr_above_copy_last_frame_at_1s", "no_collapse"}  # fmt: skip
+    assert all(target["passed"] in (True, False) for target in report["targets"].values())
+
+    with Image.open(out / "eval.png") as picture:
+        assert picture.format == "PNG" and picture.size[0] > 800
+
+    # The trained IDM is reused with --idm; parts are skipped with --clips 0 and --drift-minutes 0.
+    again = tmp_path / "again"
+    status, errors = run_cli("eval", "--model", str(model), "--data", str(dataset), "--out", str(again), "--idm",
+                             str(out / "idm"), "--val-fraction", VAL_FRACTION, "--clips", "0", "--drift-minutes", "0",
+                             "--device", "cpu", "--no-progress")  # fmt: skip
+    assert status == 0, errors
+    reused = json.loads((again / "eval.json").read_text())
+    assert set(reused) == {"settings", "idm", "targets", "timing_s"}
+    assert reused["idm"]["real_val"] == idm["real_val"]
+    assert reused["targets"]["no_collapse"]["passed"] is None
+
+
+def test_eval_without_held_out_episodes_is_a_clear_error(dataset, model, tmp_path) -> None:
+    status, errors = run_cli("eval", "--model", str(model), "--data", str(dataset), "--out", str(tmp_path),
+                             "--val-fraction", "0.1", "--device", "cpu", "--no-progress")  # fmt: skip
+    assert status == 2 and "no 'val' episodes" in errors and "record at least 10 episodes" in errors
+    assert "Traceback" not in errors
+
+
+def test_eval_of_a_model_at_another_frame_rate_is_a_clear_error(dataset, tmp_path_factory, tmp_path) -> None:
+    other = tiny_model_folder(tmp_path_factory)  # 25 fps
+    status, errors = run_cli("eval", "--model", str(other), "--data", str(dataset), "--out", str(tmp_path),
+                             "--device", "cpu", "--no-progress")  # fmt: skip
+    assert status == 2 and "17.5 fps but the model runs at 25 fps" in errors
