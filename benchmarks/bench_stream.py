@@ -33,28 +33,14 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import environment, random_init_, table, write_json  # noqa: E402
+from common import environment, random_world, table, write_json  # noqa: E402
 
-from matrixgame_env.checkpoints import build_modules  # noqa: E402
 from matrixgame_env.model_config import ModelConfig  # noqa: E402
 from matrixgame_env.nn.fusion import enable_fusion  # noqa: E402
 from matrixgame_env.world.model import WorldModel  # noqa: E402
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 FRAMES_PER_BLOCK = 12
-
-
-def build_world(config: ModelConfig, device: str) -> WorldModel:
-    dit, vae, clip = build_modules(config, device="meta")
-    modules = []
-    for seed, module in enumerate((dit, vae, clip)):
-        module = module.to_empty(device=device)
-        random_init_(module, seed=seed)
-        modules.append(module.to(torch.bfloat16).eval())
-    dit, vae, clip = modules
-    vae.latent_mean.zero_()
-    vae.latent_std.fill_(1.0)
-    return WorldModel(dit, vae, clip, config)
 
 
 def actions(batch: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,7 +241,7 @@ def main() -> None:
         raise SystemExit("bench_stream.py needs a CUDA GPU")
     device = "cuda"
     config = ModelConfig.load(MODELS / "universal")
-    world = build_world(config, device)
+    world = random_world(config, device)
     picture = (torch.rand(352, 640, 3) * 255).to(torch.uint8)
     state = world.start(picture, seed=0)
     world.decode(state, world.step_latents(state, *actions(1, 0)))

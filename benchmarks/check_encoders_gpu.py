@@ -22,13 +22,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import environment, random_init_, synchronize, table, write_json  # noqa: E402
+from common import environment, random_init_, random_world, synchronize, table, write_json  # noqa: E402
 
 from matrixgame_env.checkpoints import build_modules  # noqa: E402
 from matrixgame_env.model_config import ModelConfig  # noqa: E402
 from matrixgame_env.nn.vae import WanVAE  # noqa: E402
 from matrixgame_env.reference import load_fixture, max_relative_error, norm_relative_error  # noqa: E402
-from matrixgame_env.world.model import WorldModel  # noqa: E402
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
@@ -105,16 +104,7 @@ def vae_fixture_bf16(device: str) -> dict:
 
 
 def end_to_end(device: str, config: ModelConfig, blocks: int = 10, warmup: int = 2) -> dict:
-    dit, vae, clip = build_modules(config, device="meta")
-    modules = []
-    for seed, m in enumerate((dit, vae, clip)):
-        m = m.to_empty(device=device)
-        random_init_(m, seed=seed)
-        modules.append(m.to(torch.bfloat16).eval())
-    dit, vae, clip = modules
-    vae.latent_mean.zero_()
-    vae.latent_std.fill_(1.0)
-    world = WorldModel(dit, vae, clip, config)
+    world = random_world(config, device)
     torch.cuda.reset_peak_memory_stats()
     picture = (torch.rand(352, 640, 3) * 255).to(torch.uint8)
     state, start_s = timed(device, world.start, picture, 0)

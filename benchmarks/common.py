@@ -50,6 +50,22 @@ def random_init_(model: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_((std * torch.randn(p.shape, generator=generator)).to(p))
 
 
+def random_world(config, device: str, dtype: torch.dtype = torch.bfloat16):
+    """A `WorldModel` of `config` with random weights (`random_init_`) and unit latent statistics."""
+    from matrixgame_env.checkpoints import build_modules
+    from matrixgame_env.world.model import WorldModel
+
+    modules = []
+    for seed, module in enumerate(build_modules(config, device="meta")):
+        module = module.to_empty(device=device)
+        random_init_(module, seed=seed)
+        modules.append(module.to(dtype).eval())
+    dit, vae, clip = modules
+    vae.latent_mean.zero_()
+    vae.latent_std.fill_(1.0)
+    return WorldModel(dit, vae, clip, config)
+
+
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from matrixgame_env.data.doom_env import TASKS, DoomTask, RealDoomEnv
 from matrixgame_env.env import MatrixGameEnv
+from matrixgame_env.eval.returns import compare_returns, return_stats
 from matrixgame_env.spaces import ActionLayout
 from matrixgame_env.world.model import WorldModel
 
@@ -132,29 +133,9 @@ def action(keys: np.ndarray, mouse: np.ndarray) -> dict[str, np.ndarray]:
     return {"keyboard": np.asarray(keys, np.int8), "mouse": np.asarray(mouse, np.float32)}
 
 
-def summarize(returns: list[float]) -> dict[str, Any]:
-    return {
-        "mean_return": float(np.mean(returns)),
-        "std_return": float(np.std(returns, ddof=1)) if len(returns) > 1 else 0.0,
-        "returns": [float(r) for r in returns],
-    }
-
-
 def verdict(results: dict[str, dict], where: str) -> str:
     """How the planner did against random actions (two standard errors of the difference)."""
-    planner, random = results["cem"], results["random"]
-    episodes = len(planner["returns"])
-    if episodes < 2:
-        return f"one episode {where}: too few to compare CEM with random (use --episodes 2 or more)"
-    margin = 2 * math.sqrt((planner["std_return"] ** 2 + random["std_return"] ** 2) / episodes)
-    gap = planner["mean_return"] - random["mean_return"]
-    if gap > margin:
-        outcome = f"CEM beats random {where}"
-    elif gap < -margin:
-        outcome = f"CEM does worse than random {where}"
-    else:
-        outcome = f"CEM and random are within two standard errors {where}"
-    return f"{outcome} (difference of mean returns {gap:+.3f}, two standard errors {margin:.3f})"
+    return compare_returns(results["cem"], results["random"], "CEM", where, "--episodes")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -201,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 total += dream.step(choose(name))[1]
                 bar.update()
             dream_returns[name].append(total)
-    results: dict[str, Any] = {"dream": {name: summarize(r) for name, r in dream_returns.items()}}
+    results: dict[str, Any] = {"dream": {name: return_stats(r) for name, r in dream_returns.items()}}
     results["dream_verdict"] = verdict(results["dream"], "on the dream's reward")
 
     # In the real game: plan in a dream restarted from the real frame, act in the real game.
@@ -225,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 real_returns[name].append(total)
                 progress[name].append(moved)
         real.close()
-        results["real"] = {name: summarize(r) | {"mean_progress_map_units": float(np.mean(progress[name]))}
+        results["real"] = {name: return_stats(r) | {"mean_progress_map_units": float(np.mean(progress[name]))}
                            for name, r in real_returns.items()}  # fmt: skip
         results["real_verdict"] = verdict(results["real"], "in the real game")
     bar.close()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv,
 from tqdm import tqdm
 
 from matrixgame_env.data.doom_env import TASKS, DoomTask, RealDoomEnv
+from matrixgame_env.eval.returns import compare_returns, return_stats
 from matrixgame_env.sb3 import DreamVecEnv
 from matrixgame_env.world.model import WorldModel
 from matrixgame_env.wrappers import FlattenActions
@@ -210,7 +210,7 @@ def evaluate_real(policy: Policy, env: FlattenActions, args: argparse.Namespace)
         returns.append(total)
         progress.append(moved)
         stuck.append(stuck_blocks / blocks)
-    return summarize(returns) | {
+    return return_stats(returns) | {
         "mean_progress_map_units": float(np.mean(progress)),
         "stuck_fraction": float(np.mean(stuck)),
     }
@@ -223,32 +223,13 @@ def evaluate_dream(policy: Policy, dream: DreamVecEnv, starts: list[np.ndarray],
     for _ in range(args.episode_steps):  # the worlds never end on their own: no restarts to pay for
         obs, rewards, _, _ = dream.step(policy(obs))
         obs, totals = resize_frames(obs, args.obs_size), totals + rewards
-    return summarize(totals.tolist())
-
-
-def summarize(returns: list[float]) -> dict[str, Any]:
-    return {
-        "mean_return": float(np.mean(returns)),
-        "std_return": float(np.std(returns, ddof=1)) if len(returns) > 1 else 0.0,
-        "returns": [float(r) for r in returns],
-    }
+    return return_stats(totals.tolist())
 
 
 def verdict(results: dict[str, dict], where: str) -> str:
     """How the dream-trained policy did against the random one (two standard errors of the difference)."""
     dream, random = results["ppo_dream"], results["random"]
-    episodes = len(random["returns"])
-    if episodes < 2:
-        return f"one episode {where}: too few to compare (use --eval-episodes 2 or more)"
-    margin = 2 * math.sqrt((dream["std_return"] ** 2 + random["std_return"] ** 2) / episodes)
-    gap = dream["mean_return"] - random["mean_return"]
-    if gap > margin:
-        outcome = f"PPO trained in the dream beats random {where}"
-    elif gap < -margin:
-        outcome = f"PPO trained in the dream does worse than random {where}"
-    else:
-        outcome = f"PPO trained in the dream and random are within two standard errors {where}"
-    return f"{outcome} (difference of mean returns {gap:+.3f}, two standard errors {margin:.3f})"
+    return compare_returns(dream, random, "PPO trained in the dream", where, "--eval-episodes")
 
 
 def plot(evaluation: dict[str, dict], training: dict[str, dict], path: Path, title: str) -> None:

@@ -355,3 +355,14 @@ def test_eval_of_a_model_at_another_frame_rate_is_a_clear_error(dataset, tmp_pat
     status, errors = run_cli("eval", "--model", str(other), "--data", str(dataset), "--out", str(tmp_path),
                              "--device", "cpu", "--no-progress")  # fmt: skip
     assert status == 2 and "17.5 fps but the model runs at 25 fps" in errors
+
+
+def test_compare_returns_uses_two_standard_errors():
+    from matrixgame_env.eval.returns import compare_returns, return_stats
+
+    high, low = return_stats([10.0, 11.0, 9.0]), return_stats([0.0, 1.0, -1.0])
+    assert high["mean_return"] == 10.0 and high["std_return"] == 1.0
+    assert compare_returns(high, low, "CEM", "in the dream", "--episodes").startswith("CEM beats random in the dream")
+    assert "does worse than random" in compare_returns(low, high, "CEM", "here", "--episodes")
+    assert "within two standard errors" in compare_returns(high, return_stats([9.5, 10.5, 10.0]), "X", "here", "-n")
+    assert "use -n 2 or more" in compare_returns(return_stats([1.0]), return_stats([0.0]), "X", "here", "-n")
