@@ -25,6 +25,8 @@ from common import environment, table, write_json  # noqa: E402
 from matrixgame_env.env import MatrixGameEnv  # noqa: E402
 from matrixgame_env.vector import MatrixGameVectorEnv  # noqa: E402
 
+FAST_NAMES = {False: "eager", True: "cuda graphs", "compile": "cuda graphs + compile"}
+
 
 def sample_actions(space, rng: np.random.Generator, n: int | None = None) -> dict:
     """Random actions: keys pressed with probability 0.3, mouse uniform in its box."""
@@ -53,8 +55,9 @@ def cpu_single(model: str, steps: int, warmup: int) -> dict:
     return {"setting": "cpu single env", "worlds": 1, "step_s": step_s, "steps_per_s": 1 / step_s}
 
 
-def gpu_vector(model: str, worlds: int, fast: bool, steps: int, warmup: int) -> dict:
+def gpu_vector(model: str, worlds: int, fast: bool | str, steps: int, warmup: int, channels_last: bool) -> dict:
     env = MatrixGameVectorEnv(model, num_envs=worlds, device="cuda", fast=fast)
+    env.world.vae.set_decoder_channels_last(channels_last)
     rng = np.random.default_rng(0)
     env.reset(seed=0)
     single = env.single_action_space
@@ -69,7 +72,7 @@ def gpu_vector(model: str, worlds: int, fast: bool, steps: int, warmup: int) -> 
     env.close()
     torch.cuda.empty_cache()
     return {
-        "setting": f"gpu vector ({'cuda graphs' if fast else 'eager'})",
+        "setting": f"gpu vector ({FAST_NAMES[fast]}{', decoder channels-last' if channels_last else ''})",
         "worlds": worlds,
         "step_s": elapsed / steps,
         "steps_per_s": worlds * steps / elapsed,
@@ -85,6 +88,10 @@ def main() -> None:
     parser.add_argument("--gpu-worlds", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--gpu-steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--paths", nargs="+", default=["eager", "graphs"], choices=["eager", "graphs", "compile"],
+                        help="GPU speed options to measure (MatrixGameVectorEnv fast=False / True / 'compile')")
+    parser.add_argument("--channels-last", choices=["off", "on", "both"], default="off",
+                        help="run the VAE decoder on channels-last tensors")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     rows = []
@@ -95,9 +102,14 @@ def main() -> None:
         rows[-1]["threads"] = args.threads
     torch.set_num_threads(threads)
     if torch.cuda.is_available():
+        options = {"eager": False, "graphs": True, "compile": "compile"}
+        layouts = {"off": [False], "on": [True], "both": [False, True]}[args.channels_last]
         for worlds in args.gpu_worlds:
-            for fast in (False, True):
-                rows.append(gpu_vector(args.model, worlds, fast, args.gpu_steps, args.warmup))
+            for path in args.paths:
+                for channels_last in layouts:
+                    row = gpu_vector(args.model, worlds, options[path], args.gpu_steps, args.warmup, channels_last)
+                    print(table([row], ["setting", "worlds", "steps_per_s", "step_s", "peak_gib"]), flush=True)
+                    rows.append(row)
     print(table(rows, ["setting", "worlds", "steps_per_s", "step_s", "peak_gib", "threads"]))
     name = "env_" + (torch.cuda.get_device_name(0).split()[1].lower() if torch.cuda.is_available() else "cpu")
     path = write_json(name, {"environment": environment(), "model": args.model, "rows": rows}, args.out)

@@ -13,7 +13,7 @@ Paths:
   fast     steady-state blocks replayed from CUDA graphs, cuDNN autotuned decoder convolutions
   overlap  fast, with the decode of block n running on its own stream while the DiT makes block n+1
   fused    fast, with the DiT's elementwise chains fused by torch.compile (nn/fusion.py)
-  fused_cl fused, with the VAE's convolution weights in channels-last layouts
+  fused_cl fused, with the VAE decoder on channels-last activations and weights
 
 Usage: python benchmarks/bench_stream.py [--batches 1 4 8] [--blocks 8] [--long-blocks 300] [--out DIR]
 """
@@ -60,12 +60,8 @@ def set_path(world: WorldModel, path: str) -> None:
 
 
 def decoder_channels_last(world: WorldModel, enabled: bool) -> None:
-    """Convolution weights of the VAE in channels-last layouts (cuDNN's native NDHWC kernels) or back."""
-    with torch.no_grad():
-        for p in world.vae.parameters():
-            if p.dim() in (4, 5):
-                layout = (torch.channels_last if p.dim() == 4 else torch.channels_last_3d) if enabled else None
-                p.data = p.data.contiguous(memory_format=layout) if layout else p.data.contiguous()
+    """The VAE decoder on channels-last activations and weights (cuDNN's native NDHWC kernels) or back."""
+    world.vae.set_decoder_channels_last(enabled)
 
 
 def stream(world: WorldModel, batch: int, path: str, warmup: int, blocks: int, repeats: int) -> dict:

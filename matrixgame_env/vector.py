@@ -127,6 +127,7 @@ class MatrixGameVectorEnv(VectorEnv):
         truncated = np.zeros(self.num_envs, bool)
         new_frames = np.zeros(self.num_envs, np.int64)
         frame_index = np.zeros(self.num_envs, np.int64)
+        block = None
         for indices, state in self._cohorts:
             if np.isin(indices, resetting).any():
                 continue  # the cohort this step's resets just started: its worlds show their start picture
@@ -148,8 +149,24 @@ class MatrixGameVectorEnv(VectorEnv):
             frame_index[indices] = state.video_frame - 1
         self._needs_reset = terminated | truncated
         frames = [self._last_frames[i] for i in range(self.num_envs)]
-        info = {"frame_index": frame_index, "new_frames": new_frames, "frames": self._padded_blocks(frames)}
-        return self._observations(frames), rewards, terminated, truncated, info
+        whole = self._whole_batch_block(block if len(self._cohorts) == 1 else None, resetting)
+        if whole is None:
+            blocks, observations = self._padded_blocks(frames), self._observations(frames)
+        else:
+            blocks = whole
+            observations = whole[:, -1].copy() if self.observation_mode == "last" else whole
+        info = {"frame_index": frame_index, "new_frames": new_frames, "frames": blocks}
+        return observations, rewards, terminated, truncated, info
+
+    def _whole_batch_block(self, block: np.ndarray | None, resetting: np.ndarray) -> np.ndarray | None:
+        """This step's block [N, T, H, W, 3] when it already is every world's full block in order (one
+        cohort of all worlds, no resets), so that it need not be copied again; else None."""
+        if block is None or len(resetting) or block.shape[1] != self.block_frames:
+            return None
+        indices, _ = self._cohorts[0]
+        if len(indices) != self.num_envs or not np.array_equal(indices, np.arange(self.num_envs)):
+            return None
+        return block
 
     def render(self):
         if self.render_mode == "rgb_array" and self._last_frames[0] is not None:

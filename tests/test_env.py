@@ -109,6 +109,20 @@ def test_vector_env_equals_single_envs_frame_for_frame(world):
     assert venv.num_cohorts == 1
 
 
+def test_vector_env_observations_are_the_blocks_last_frames_and_independent_of_them(world):
+    venv = MatrixGameVectorEnv(model=world, num_envs=2)
+    venv.reset(seed=3)
+    action = {"keyboard": np.eye(4, dtype=np.int8)[:2], "mouse": np.zeros((2, 2), np.float32)}
+    venv.step(action)  # the first block has 9 new frames (padded), later ones the full 12
+    for _ in range(2):
+        obs, *_, info = venv.step(action)
+        assert info["frames"].shape[:2] == (2, 12) and info["new_frames"].tolist() == [12, 12]
+        assert np.array_equal(obs, info["frames"][:, -1])
+        kept = info["frames"].copy()
+        obs[:] = 0  # an agent writing into its observation leaves the block untouched
+        assert np.array_equal(info["frames"], kept)
+
+
 def test_vector_env_autoresets_on_the_next_step(world):
     venv = MatrixGameVectorEnv(model=world, num_envs=2, max_episode_steps=2)
     first, _ = venv.reset(seed=0, options={"image": np.full((40, 40, 3), 90, np.uint8)})

@@ -173,3 +173,29 @@ def test_log_lines_after_the_resumed_checkpoint_are_dropped(tmp_path) -> None:
     assert resumed.resume() and resumed.step == 2
     steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
+
+
+def test_decoder_only_keeps_the_encoder_and_latent_space(finished_run, dataset, tmp_path) -> None:
+    start = finished_run / "vae" / "model"
+    train("vae", "--data", str(dataset), "--init", str(start), "--out", str(tmp_path), "--steps", "4",
+          "--decoder-only", "--latent-noise", "0.1", "--edge-weight", "0.5", "--val-clips", "4", *CLIP)  # fmt: skip
+    before = load_model(start, device="cpu")
+    after = load_model(tmp_path / "vae" / "model", device="cpu")
+    old, new = before.vae.state_dict(), after.vae.state_dict()
+    encoder_keys = [key for key in old if key.startswith(("encoder.", "conv1."))]
+    decoder_keys = [key for key in old if key.startswith(("decoder.", "conv2."))]
+    assert encoder_keys and decoder_keys
+    assert all(torch.equal(old[key], new[key]) for key in encoder_keys)
+    assert not all(torch.equal(old[key], new[key]) for key in decoder_keys)
+    assert after.config.vae["latent_mean"] == before.config.vae["latent_mean"]
+    assert after.config.vae["latent_std"] == before.config.vae["latent_std"]
+    record = after.config.extra["training"]["vae"]
+    assert record["steps"] == 6 and record["decoder_only"]["steps"] == 4
+    assert record["decoder_only"]["latent_noise"] == 0.1
+
+
+def test_decoder_only_needs_a_trained_model(dataset, model_config, tmp_path) -> None:
+    status, errors = run_cli("train", "vae", "--data", str(dataset), "--model-config", str(model_config),
+                             "--out", str(tmp_path), "--device", "cpu", "--no-progress", "--decoder-only",
+                             *CLIP)  # fmt: skip
+    assert status == 2 and "--init" in errors

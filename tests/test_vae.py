@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import MANIFEST_DIR, Fixture, load_fixture, max_relative_error
 
-from matrixgame_env.nn.vae import DecoderCache, ImageCondition, WanVAE
+from matrixgame_env.nn.vae import CausalConv3d, DecoderCache, FeatureCache, ImageCondition, WanVAE, set_conv3d_mode
 
 TOLERANCE = 1e-4
 # The same values computed twice in float32 along the same path (skipped chunks, whole vs streamed).
@@ -17,6 +17,8 @@ SAME_COMPUTATION_TOLERANCE = 1e-6
 # The same values at another batch size: on CPU, oneDNN picks other convolution kernels for other batch
 # sizes (a few 1e-6 apart; bit-identical with torch.backends.mkldnn disabled).
 OTHER_BATCH_TOLERANCE = 1e-5
+# The same values through another memory layout: other oneDNN kernels, other summation orders.
+OTHER_LAYOUT_TOLERANCE = 1e-5
 
 
 def _manifest_shapes(name: str) -> dict[str, list[int]]:
@@ -360,3 +362,62 @@ def test_decode_stream_rejects_a_change_of_latent_size(vae: WanVAE) -> None:
     vae.decode_stream(torch.zeros(1, vae.z_dim, 1, 2, 2), cache)
     with pytest.raises(ValueError, match=r"latents are \(3, 2\)"):
         vae.decode_stream(torch.zeros(1, vae.z_dim, 1, 3, 2), cache)
+
+
+# Convolution layouts: the same function computed three ways
+
+
+@pytest.fixture
+def conv3d_mode():
+    """Sets the process-wide causal-convolution mode for one test and restores "auto" after it."""
+    yield set_conv3d_mode
+    set_conv3d_mode("auto")
+
+
+@pytest.mark.parametrize("mode", ["native", "stacked"])
+def test_each_conv3d_mode_reproduces_the_official_stream(vae: WanVAE, fixture: Fixture, conv3d_mode, mode) -> None:
+    conv3d_mode(mode)
+    sizes = _latents_per_decode_call(fixture, vae.temporal_factor)
+    outputs = _stream(vae, fixture.input("latents"), sizes, vae.new_decoder_cache(1))
+    for output, name in zip(outputs, fixture.spec["decode_streaming"]["outputs"]):
+        assert max_relative_error(output, fixture.io(name)) <= TOLERANCE, (mode, name)
+
+
+@pytest.mark.parametrize("kernel", [(3, 3, 3), (3, 1, 1)])
+def test_stacked_taps_equal_conv3d_in_float64_and_carry_the_same_cache(conv3d_mode, kernel) -> None:
+    torch.manual_seed(0)
+    conv = CausalConv3d(5, 7, kernel).double()
+    conv.cache_slot = 0
+    past = torch.randn(2, 5, 2, 6, 9, dtype=torch.float64)
+    for frames in (1, 4):
+        x = torch.randn(2, 5, frames, 6, 9, dtype=torch.float64)
+        results = {}
+        for mode in ("native", "stacked"):
+            conv3d_mode(mode)
+            cache = FeatureCache(1, 2)
+            cache.slots[0] = past.clone()
+            results[mode] = (conv(x, cache), cache.slots[0])
+        (native, native_cache), (stacked, stacked_cache) = results["native"], results["stacked"]
+        assert stacked.shape == native.shape == (2, 7, frames, 6, 9)
+        torch.testing.assert_close(stacked, native, rtol=0, atol=1e-12)
+        assert torch.equal(stacked_cache, native_cache)
+
+
+def test_conv3d_mode_rejects_unknown_names() -> None:
+    with pytest.raises(ValueError, match="native"):
+        set_conv3d_mode("fast")
+
+
+def test_channels_last_decoder_gives_the_same_frames_and_switches_back(vae: WanVAE, fixture: Fixture) -> None:
+    latents = fixture.input("latents")
+    sizes = _latents_per_decode_call(fixture, vae.temporal_factor)
+    standard = _stream(vae, latents, sizes, vae.new_decoder_cache(1))
+    try:
+        vae.set_decoder_channels_last(True)
+        assert vae.decoder.head[2].weight.is_contiguous(memory_format=torch.channels_last_3d)
+        channels_last = _stream(vae, latents, sizes, vae.new_decoder_cache(1))
+    finally:
+        vae.set_decoder_channels_last(False)
+    assert vae.decoder.head[2].weight.is_contiguous()
+    for a, b in zip(standard, channels_last):
+        assert max_relative_error(b, a) <= OTHER_LAYOUT_TOLERANCE

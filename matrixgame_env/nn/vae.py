@@ -116,7 +116,33 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(channels, *[1] * spatial_dims))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.float32, torch.float64):
+            # x / max(|x|, 1e-12) as F.normalize, in a form that is many times faster on CPUs.
+            inverse_norm = x.square().sum(dim=1, keepdim=True).clamp_min(1e-24).rsqrt()
+            return x * (inverse_norm * self.scale) * self.gamma
         return F.normalize(x, dim=1) * self.scale * self.gamma
+
+
+# How causal 3D convolutions run: "native" (torch's conv3d), "stacked" (one 2D convolution over the
+# temporal taps stacked in channels; many times faster on CPUs, where conv3d has no fast kernel) or
+# "auto" (stacked on CPU, native elsewhere). Both compute the same function.
+_CONV3D_MODES = ("auto", "native", "stacked")
+_conv3d_mode = "auto"
+
+
+def set_conv3d_mode(mode: str) -> None:
+    """Chooses how the VAE's causal 3D convolutions run: "auto", "native" or "stacked" (see above)."""
+    global _conv3d_mode
+    if mode not in _CONV3D_MODES:
+        raise ValueError(f"conv3d mode must be one of {_CONV3D_MODES}, got {mode!r}")
+    _conv3d_mode = mode
+
+
+def use_stacked_taps(device: torch.device) -> bool:
+    """Whether causal 3D convolutions on `device` run as stacked-tap 2D convolutions now."""
+    if _conv3d_mode == "auto":
+        return device.type == "cpu"
+    return _conv3d_mode == "stacked"
 
 
 class CausalConv3d(nn.Conv3d):
@@ -139,10 +165,34 @@ class CausalConv3d(nn.Conv3d):
         past = cache.slots[self.cache_slot]
         if past is None:
             past = x.new_zeros(*x.shape[:2], self.past_frames, *x.shape[3:])
+        past = same_layout(past, x)
+        if use_stacked_taps(x.device):
+            return self._forward_stacked_taps(past, x, cache)
         x = torch.cat([past, x], dim=2)  # [B, C, past + T, H, W]
         # A copy, so the cache does not keep the whole concatenation alive.
         cache.slots[self.cache_slot] = x[:, :, -self.past_frames :].clone()
         return super().forward(x)
+
+    def _forward_stacked_taps(self, past: torch.Tensor, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        """The same convolution as one 2D convolution over each output frame's k input frames stacked
+        in channels, [B*T, k*C, H, W] with the kernel [C_out, k*C, kh, kw]; equal up to float rounding.
+        The result is a frame-major view [B, C_out, T, H, W] of a [B, T, C_out, H, W] tensor."""
+        batch, channels, frames, height, width = x.shape
+        taps = self.past_frames + 1
+        sequence = [past[:, :, i] for i in range(self.past_frames)] + [x[:, :, i] for i in range(frames)]
+        cache.slots[self.cache_slot] = torch.stack(sequence[-self.past_frames :], dim=2)  # [B, C, past, H, W]
+        windows = torch.stack([sequence[t + j] for t in range(frames) for j in range(taps)], dim=1)
+        windows = windows.view(batch * frames, taps * channels, height, width)  # [B*T, k*C, H, W]
+        weight = self.weight.transpose(1, 2).flatten(1, 2)  # [C_out, k*C, kh, kw]
+        y = F.conv2d(windows, weight, self.bias, padding=self.padding[1:])  # [B*T, C_out, H, W]
+        return y.unflatten(0, (batch, frames)).transpose(1, 2)
+
+
+def same_layout(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`tensor` in the memory layout of the video `like` (channels-last-3d or standard)."""
+    if like.is_contiguous(memory_format=torch.channels_last_3d) and not like.is_contiguous():
+        return tensor.contiguous(memory_format=torch.channels_last_3d)
+    return tensor
 
 
 def _per_frame(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -253,7 +303,7 @@ class Upsample(nn.Module):
             return x
         pairs = self.time_conv(x, cache)  # [B, 2C, T, H, W]
         pairs = pairs.view(batch, 2, channels, frames, height, width).permute(0, 2, 3, 1, 4, 5)
-        return pairs.reshape(batch, channels, 2 * frames, height, width)  # [B, C, 2T, H, W]
+        return same_layout(pairs.reshape(batch, channels, 2 * frames, height, width), x)  # [B, C, 2T, H, W]
 
 
 def _assign_cache_slots(network: nn.Module) -> int:
@@ -531,6 +581,25 @@ class WanVAE(nn.Module):
 
     # Decoding
 
+    def set_decoder_channels_last(self, enabled: bool = True) -> None:
+        """Runs the decoder on channels-last (NDHWC) activations and weights, the layout of cuDNN's native
+        convolution kernels, which spares the layout transposes around every convolution on GPUs.
+        Computes the same function; decoder caches made before keep working."""
+        self._decoder_channels_last = enabled
+        layouts = {4: torch.channels_last, 5: torch.channels_last_3d}
+        with torch.no_grad():
+            for module in (self.conv2, self.decoder):
+                for parameter in module.parameters():
+                    if parameter.dim() in layouts:
+                        layout = layouts[parameter.dim()] if enabled else torch.contiguous_format
+                        parameter.data = parameter.data.contiguous(memory_format=layout)
+
+    def _decoder_input(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.conv2(z)
+        if getattr(self, "_decoder_channels_last", False):
+            return x.contiguous(memory_format=torch.channels_last_3d)
+        return x
+
     def new_decoder_cache(self, batch_size: int) -> DecoderCache:
         """An empty cache for streaming `batch_size` worlds through `decode_stream` from their first latent."""
         return DecoderCache(self.decoder.num_cache_slots, batch_size)
@@ -555,7 +624,7 @@ class WanVAE(nn.Module):
         """
         latents = self._checked_latents(latents, check_finite)
         self._check_decoder_cache(cache, latents)
-        x = self.conv2(self._denormalise(latents))  # [B, z_dim, n, h, w]
+        x = self._decoder_input(self._denormalise(latents))  # [B, z_dim, n, h, w]
         # One latent per decoder call, as the official decoder runs (the first-latent rule depends on it).
         frames = [self.decoder(x[:, :, i : i + 1], cache) for i in range(x.shape[2])]  # [B, 3, 1 or 4, H, W] each
         video = torch.cat(frames, dim=2)  # [B, 3, T, H, W]
@@ -583,7 +652,7 @@ class WanVAE(nn.Module):
         clamping, and in the encoder's [B, C, T, H, W] layout, so that losses see every pixel value.
         """
         z = _checked_tensor(z, "z", "[B, z_dim, F, h, w]", channels=self.z_dim).to(device=self.device, dtype=self.dtype)
-        x = self.conv2(z)
+        x = self._decoder_input(z)
         cache = self.new_decoder_cache(z.shape[0])
         return torch.cat([self.decoder(x[:, :, i : i + 1], cache) for i in range(x.shape[2])], dim=2)
 

@@ -53,13 +53,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share of episodes held out (dataset split)")
     parser.add_argument("--stats-clips", type=int, default=256, help="training clips for the latent statistics")
     parser.add_argument("--val-clips", type=int, default=64, help="val clips for the reconstruction PSNR")
+    parser.add_argument(
+        "--decoder-only",
+        action="store_true",
+        help="train only the decoder of the --init model on its frozen encoder's latents; the latent space and "
+        "its statistics stay as they are, so a DiT trained on them keeps working",
+    )
+    parser.add_argument(
+        "--latent-noise", type=float, default=0.0,
+        help="with --decoder-only: Gaussian noise (in units of each channel's latent std) added to the latents, so "
+        "the decoder learns to render imperfect latents such as a DiT's",
+    )  # fmt: skip
+    parser.add_argument("--edge-weight", type=float, default=0.0, help="weight of an L1 loss on spatial gradients")
 
 
-def vae_losses(vae: WanVAE, video: torch.Tensor, kl_weight: float, sample: bool = True) -> dict[str, torch.Tensor]:
+def vae_losses(
+    vae: WanVAE, video: torch.Tensor, kl_weight: float, sample: bool = True, edge_weight: float = 0.0
+) -> dict[str, torch.Tensor]:
     """Training losses of a batch of clips [B, 3, T, H, W] in [-1, 1].
 
-    Returns "loss" (to minimise) = l1 + mse + kl_weight * kl, and its parts: "l1", "mse" (pixel means),
-    "kl" (mean KL per latent value of the unnormalised posterior against N(0, 1)) and "psnr" (dB, 0..1 range).
+    Returns "loss" (to minimise) = l1 + mse + kl_weight * kl + edge_weight * edge, and its parts: "l1", "mse"
+    (pixel means), "kl" (mean KL per latent value of the unnormalised posterior against N(0, 1)) and "psnr"
+    (dB, 0..1 range).
     """
     mu, logvar = vae.encode_distribution(video)
     z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample else mu
@@ -71,12 +86,46 @@ def vae_losses(vae: WanVAE, video: torch.Tensor, kl_weight: float, sample: bool 
     mu, logvar = mu.float(), logvar.float()
     kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
     return {
-        "loss": l1 + mse + kl_weight * kl,
+        "loss": l1 + mse + kl_weight * kl + edge_weight * edge_loss(reconstruction, target),
         "l1": l1.detach(),
         "mse": mse.detach(),
         "kl": kl.detach(),
         "psnr": psnr(reconstruction.detach().clamp(-1, 1), target),
     }
+
+
+def decoder_losses(
+    vae: WanVAE, video: torch.Tensor, latent_noise: float = 0.0, edge_weight: float = 0.0
+) -> dict[str, torch.Tensor]:
+    """Losses of the decoder alone: the frozen encoder's posterior means (plus `latent_noise` times each
+    channel's latent std of Gaussian noise) decoded and compared with the clips [B, 3, T, H, W] in [-1, 1].
+
+    Returns "loss" = l1 + mse + edge_weight * edge, and "l1", "mse", "psnr" as `vae_losses`.
+    """
+    with torch.no_grad():
+        mu, _ = vae.encode_distribution(video)
+        if latent_noise > 0:
+            std = torch.as_tensor(vae.config["latent_std"], dtype=mu.dtype, device=mu.device).view(1, -1, 1, 1, 1)
+            mu = mu + latent_noise * std * torch.randn_like(mu)
+    reconstruction = vae.decode_unnormalised(mu).float()
+    target = video.to(reconstruction)
+    error = reconstruction - target
+    l1 = error.abs().mean()
+    mse = error.pow(2).mean()
+    return {
+        "loss": l1 + mse + edge_weight * edge_loss(reconstruction, target),
+        "l1": l1.detach(),
+        "mse": mse.detach(),
+        "psnr": psnr(reconstruction.detach().clamp(-1, 1), target),
+    }
+
+
+def edge_loss(video: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean L1 difference of the horizontal and vertical pixel differences of two videos [B, C, T, H, W]:
+    unlike L1 or MSE alone it charges a blurred edge as much as a moved one."""
+    dx = (video.diff(dim=-1) - target.diff(dim=-1)).abs().mean()
+    dy = (video.diff(dim=-2) - target.diff(dim=-2)).abs().mean()
+    return dx + dy
 
 
 def psnr(video: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -126,15 +175,23 @@ def run(args: argparse.Namespace) -> Path:
     training = TrainRun.from_args(args, STAGE)
     config, dit, vae, clip, source = initial_model(args.init, args.model_config)
     train_clips, val_clips = _open_splits(data, config, args)
+    if args.decoder_only:
+        _freeze_encoder(vae, args.init)
     vae.to(training.device).train()
-    optimizer = adamw(vae.parameters(), args.lr, args.weight_decay)
+    optimizer = adamw([p for p in vae.parameters() if p.requires_grad], args.lr, args.weight_decay)
     training.add_module("vae", vae, ema_decay=args.ema)
     training.add_optimizer("vae", optimizer, warmup_cosine(optimizer, args.warmup_steps, args.steps))
     training.resume()
     if not training.finished:
         batches = training.batches(train_clips, args.batch_size, args.workers)
         sample = not args.no_sample
-        losses_of = training.data_parallel(lambda video: vae_losses(vae, video, args.kl_weight, sample), vae)
+        if args.decoder_only:
+            def step(video: torch.Tensor) -> dict[str, torch.Tensor]:
+                return decoder_losses(vae, video, args.latent_noise, args.edge_weight)
+        else:
+            def step(video: torch.Tensor) -> dict[str, torch.Tensor]:
+                return vae_losses(vae, video, args.kl_weight, sample, args.edge_weight)
+        losses_of = training.data_parallel(step, vae)
         while training.keep_going():
             video = next(batches)["video"].to(training.device, non_blocking=True)
             with training.autocast():
@@ -152,6 +209,14 @@ def run(args: argparse.Namespace) -> Path:
     folder = _finish(training, config, dit, training.weights("vae"), clip, source, train_clips, val_clips, args)
     training.close()
     return folder
+
+
+def _freeze_encoder(vae: WanVAE, init: object) -> None:
+    """Stops gradients into the encoder half (encoder, conv1) for --decoder-only; needs a trained --init."""
+    if init is None:
+        raise StageError("--decoder-only needs --init: a model folder whose trained encoder defines the latents")
+    for module in (vae.encoder, vae.conv1):
+        module.requires_grad_(False)
 
 
 def _open_splits(
@@ -182,17 +247,27 @@ def _finish(
 ) -> Path:
     """Latent statistics, val PSNR, start pictures, and the model folder."""
     vae.eval()
-    mean, std = latent_statistics(vae, train_clips, evenly_spaced(len(train_clips), args.stats_clips), args.batch_size)
-    vae.set_latent_statistics(mean, std)
-    config.vae.update(latent_mean=mean, latent_std=std)
+    if args.decoder_only:  # the latent space is the --init model's: keep its statistics
+        mean, std = list(config.vae["latent_mean"]), list(config.vae["latent_std"])
+    else:
+        stats_indices = evenly_spaced(len(train_clips), args.stats_clips)
+        mean, std = latent_statistics(vae, train_clips, stats_indices, args.batch_size)
+        vae.set_latent_statistics(mean, std)
+        config.vae.update(latent_mean=mean, latent_std=std)
     measured_on = val_clips if val_clips is not None else train_clips
     psnr_db = reconstruction_psnr(vae, measured_on, evenly_spaced(len(measured_on), args.val_clips), args.batch_size)
     split = "val" if val_clips is not None else "train (no val clips)"
     result = {"step": training.step, "psnr_db": psnr_db, "psnr_split": split, "latent_mean": mean, "latent_std": std}
     training.log(val_psnr=psnr_db)
-    pictures = _start_pictures(measured_on, START_PICTURES)
-    config.start_images = list(pictures)
-    config.extra.setdefault("training", {})[STAGE] = {"steps": training.step, "psnr_db": round(psnr_db, 3)}
+    pictures = {} if args.decoder_only else _start_pictures(measured_on, START_PICTURES)
+    if pictures:
+        config.start_images = list(pictures)
+    record = {"steps": training.step, "psnr_db": round(psnr_db, 3)}
+    if args.decoder_only:
+        previous = config.extra.setdefault("training", {}).get(STAGE, {})
+        record = {**previous, "decoder_only": {**record, "latent_noise": args.latent_noise,
+                                               "edge_weight": args.edge_weight}}  # fmt: skip
+    config.extra.setdefault("training", {})[STAGE] = record
     folder = export_model(training.folder / "model", config, dit, vae.cpu().float(), clip, source=source,
                           extra_files=pictures)  # fmt: skip
     (training.folder / "result.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -97,7 +97,7 @@ class WorldModel:
     def decode(self, state: WorldState, latents: torch.Tensor) -> torch.Tensor:
         """Stream-decode a block of latents -> frames [B, T, H, W, 3] uint8 on the CPU."""
         frames = self.decode_on_device(state, latents)
-        return frames.cpu()
+        return to_host(frames)
 
     @torch.no_grad()
     def decode_on_device(self, state: WorldState, latents: torch.Tensor) -> torch.Tensor:
@@ -113,6 +113,18 @@ class WorldModel:
         action per new video frame (T = 9 for the first block, 12 after).
         """
         return self.decode(state, self.step_latents(state, keyboard, mouse))
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of a tensor. From a GPU it goes through page-locked memory (from torch's caching
+    host allocator, so each call gets its own buffer and no earlier result is overwritten), which
+    copies many times faster than pageable memory."""
+    if tensor.device.type != "cuda":
+        return tensor.cpu()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream(tensor.device).synchronize()
+    return host
 
 
 def enable_fast_path(world: WorldModel, fast: bool | str = True) -> None:
