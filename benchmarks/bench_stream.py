@@ -37,7 +37,7 @@ from common import environment, random_world, table, write_json  # noqa: E402
 
 from matrixgame_env.model_config import ModelConfig  # noqa: E402
 from matrixgame_env.nn.fusion import enable_fusion  # noqa: E402
-from matrixgame_env.world.model import WorldModel  # noqa: E402
+from matrixgame_env.world.model import WorldModel, to_host  # noqa: E402
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 FRAMES_PER_BLOCK = 12
@@ -136,7 +136,7 @@ def overlapped_blocks(world: WorldModel, state, batch: int, block: int, blocks: 
             with torch.cuda.stream(decode_stream):
                 previous.record_stream(decode_stream)
                 frames = world.decode_on_device(state, previous)
-                frames.cpu()
+                to_host(frames)
             now = time.perf_counter()
             times.append(now - last)
             last = now
