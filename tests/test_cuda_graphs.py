@@ -95,3 +95,31 @@ def test_fast_option_is_checked():
 
     with pytest.raises(ValueError, match="fast must be True, False or 'compile'"):
         MatrixGameEnv("doom-small", device="cpu", fast="turbo")
+
+
+@cuda
+@pytest.mark.parametrize("option", ["channels_last", "fused", "both"])
+def test_fast_decoder_options_match_the_eager_decoder(option):
+    from matrixgame_env.nn.fusion import enable_fusion
+
+    world = WorldModel.from_pretrained("doom-small", device="cuda")
+    vae = world.vae
+    generator = torch.Generator().manual_seed(2)
+    latents = [torch.randn(2, 16, n, 12, 22, generator=generator).cuda().bfloat16() for n in (1, 3, 3, 3)]
+
+    def decode_all():
+        cache = vae.new_decoder_cache(2)
+        return torch.cat([vae.decode_stream(x, cache).float() for x in latents], dim=1)
+
+    eager = decode_all()
+    try:
+        vae.set_decoder_channels_last(option in ("channels_last", "both"))
+        enable_fusion(option in ("fused", "both"))
+        fast = decode_all()
+    finally:
+        vae.set_decoder_channels_last(False)
+        enable_fusion(False)
+    assert torch.isfinite(fast).all()
+    # bf16 rounding along another path (fusion computes the norm in float32): small relative error.
+    assert (fast - eager).norm() / eager.norm() < 2e-2
+    assert (fast - eager).abs().mean() < 1e-2

@@ -9,7 +9,16 @@ import pytest
 import torch
 from conftest import MANIFEST_DIR, Fixture, load_fixture, max_relative_error
 
-from matrixgame_env.nn.vae import CausalConv3d, DecoderCache, FeatureCache, ImageCondition, WanVAE, set_conv3d_mode
+from matrixgame_env.nn.fusion import channel_rms_norm_silu
+from matrixgame_env.nn.vae import (
+    CausalConv3d,
+    DecoderCache,
+    FeatureCache,
+    ImageCondition,
+    RMSNorm,
+    WanVAE,
+    set_conv3d_mode,
+)
 
 TOLERANCE = 1e-4
 # The same values computed twice in float32 along the same path (skipped chunks, whole vs streamed).
@@ -421,3 +430,14 @@ def test_channels_last_decoder_gives_the_same_frames_and_switches_back(vae: WanV
     assert vae.decoder.head[2].weight.is_contiguous()
     for a, b in zip(standard, channels_last):
         assert max_relative_error(b, a) <= OTHER_LAYOUT_TOLERANCE
+
+
+def test_fusable_norm_silu_chain_equals_norm_then_silu_in_float64() -> None:
+    norm = RMSNorm(6).double()
+    with torch.no_grad():
+        norm.gamma.uniform_(0.5, 1.5)
+    x = torch.randn(2, 6, 3, 4, 5, dtype=torch.float64)
+    x[0, :, 0, 0, 0] = 0.0  # an all-zero position: divided by the norm's floor, not by zero
+    expected = torch.nn.functional.silu(norm(x))
+    torch.testing.assert_close(channel_rms_norm_silu(x, norm.gamma, norm.scale), expected, rtol=0, atol=1e-14)
+    torch.testing.assert_close(norm.silu_of(x), expected, rtol=0, atol=0)

@@ -1,10 +1,12 @@
-"""Optional kernel fusion of the DiT's elementwise chains with `torch.compile`.
+"""Optional kernel fusion of the DiT's and the VAE decoder's elementwise chains with `torch.compile`.
 
 The DiT spends much of a block in memory-bound elementwise work around its matrix products:
 layer norms in float32, the per-frame modulation, gated residual adds, RMS norms and RoPE on q/k.
+The VAE decoder does the same around its convolutions (RMS norm over channels, then SiLU).
 Each such chain is a small pure function here; `enable_fusion()` swaps them for compiled versions
-(one compilation per shape, shared by every layer, since the weights are arguments), which run
-each chain as one or two fused kernels. Off by default: eager code is the reference.
+(one compilation per shape, or a few shape-generic ones, shared by every layer, since the weights
+are arguments), which run each chain as one or two fused kernels. Off by default: eager code is the
+reference.
 """
 
 from __future__ import annotations
@@ -31,19 +33,24 @@ def fusion_enabled() -> bool:
     return _enabled
 
 
-def fusable(fn: Fn) -> Fn:
-    """Mark a pure tensor function as a fusion candidate."""
+def fusable(fn: Fn | None = None, *, dynamic: bool | None = False) -> Fn:
+    """Mark a pure tensor function as a fusion candidate. `dynamic` as for `torch.compile`: False
+    compiles once per shape; None compiles shape-generic code once a second shape shows up (for
+    functions called at many shapes, such as the decoder's layers at every resolution)."""
 
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        if not _enabled:
-            return fn(*args, **kwargs)
-        compiled = _compiled.get(fn)
-        if compiled is None:
-            compiled = _compiled[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
-        return compiled(*args, **kwargs)
+    def decorate(fn: Fn) -> Fn:
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            if not _enabled:
+                return fn(*args, **kwargs)
+            compiled = _compiled.get(fn)
+            if compiled is None:
+                compiled = _compiled[fn] = torch.compile(fn, fullgraph=True, dynamic=dynamic)
+            return compiled(*args, **kwargs)
 
-    return call  # type: ignore[return-value]
+        return call  # type: ignore[return-value]
+
+    return decorate(fn) if fn is not None else decorate  # type: ignore[return-value]
 
 
 @fusable
@@ -85,3 +92,12 @@ def rms_norm_rope(
     real, imag = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((real * cos - imag * sin, imag * cos + real * sin), dim=-1)
     return rotated.flatten(-2).to(dtype)
+
+
+@fusable(dynamic=None)
+def channel_rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor:
+    """SiLU of the VAE's RMS norm of a video [B, C, T, H, W] over channels (x / max(|x|, 1e-12) *
+    scale * gamma), in at least float32 math, cast back to x's dtype; keeps x's memory layout."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    inverse_norm = xf.square().sum(dim=1, keepdim=True).clamp_min(1e-24).rsqrt()
+    return F.silu(xf * inverse_norm * scale * gamma.to(xf.dtype)).to(x.dtype)

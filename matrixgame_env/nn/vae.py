@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fusion import channel_rms_norm_silu, fusion_enabled
+
 # Per-channel statistics of Wan 2.1 latents: the model works with (mu - mean) / std.
 WAN21_LATENT_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -121,6 +123,12 @@ class RMSNorm(nn.Module):
             inverse_norm = x.square().sum(dim=1, keepdim=True).clamp_min(1e-24).rsqrt()
             return x * (inverse_norm * self.scale) * self.gamma
         return F.normalize(x, dim=1) * self.scale * self.gamma
+
+    def silu_of(self, x: torch.Tensor) -> torch.Tensor:
+        """SiLU(norm(x)), as one fused kernel on GPUs when fusion is enabled (`nn.fusion`)."""
+        if fusion_enabled() and x.is_cuda:
+            return channel_rms_norm_silu(x, self.gamma, self.scale)
+        return F.silu(self(x))
 
 
 # How causal 3D convolutions run: "native" (torch's conv3d), "stacked" (one 2D convolution over the
@@ -222,8 +230,8 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
-        h = conv1(F.silu(norm1(x)), cache)
-        h = conv2(F.silu(norm2(h)), cache)
+        h = conv1(norm1.silu_of(x), cache)
+        h = conv2(norm2.silu_of(h), cache)
         return h + self.shortcut(x)
 
 
@@ -352,7 +360,7 @@ class Encoder(nn.Module):
         for layer in [*self.downsamples, *self.middle]:
             x = layer(x, cache)
         norm, _, conv = self.head
-        return conv(F.silu(norm(x)), cache)
+        return conv(norm.silu_of(x), cache)
 
 
 class Decoder(nn.Module):
@@ -395,7 +403,7 @@ class Decoder(nn.Module):
         for layer in [*self.middle, *self.upsamples]:
             x = layer(x, cache)
         norm, _, conv = self.head
-        return conv(F.silu(norm(x)), cache)
+        return conv(norm.silu_of(x), cache)
 
 
 @dataclass(frozen=True)

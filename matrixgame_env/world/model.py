@@ -128,8 +128,9 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def enable_fast_path(world: WorldModel, fast: bool | str = True) -> None:
-    """Speed options of a GPU world: True = CUDA graphs (bit-identical results), "compile" = graphs
-    plus torch.compile-fused elementwise chains (process-wide), False = eager. No effect on CPU."""
+    """Speed options of a GPU world: True = CUDA graphs (bit-identical results) and, for wide VAE decoders,
+    channels-last decoding (same function, other kernels); "compile" = that plus torch.compile-fused
+    elementwise chains in the DiT and the decoder (process-wide); False = eager. No effect on CPU."""
     if fast not in (True, False, "compile"):
         raise ValueError(f"fast must be True, False or 'compile', got {fast!r}")
     if world.device.type != "cuda":
@@ -140,3 +141,6 @@ def enable_fast_path(world: WorldModel, fast: bool | str = True) -> None:
         world.sampler.enable_cuda_graphs(False)
     if fast == "compile":
         enable_fusion(True)
+    # Channels-last decoding pays for wide decoders (full size: 1.12-1.17x on an H200) and costs narrow
+    # ones at batch 1 (doom-small: 0.67x); benchmarks/bench_decoder.py.
+    world.vae.set_decoder_channels_last(bool(fast) and world.vae.config["dim"] >= 64)
