@@ -441,3 +441,21 @@ def test_fusable_norm_silu_chain_equals_norm_then_silu_in_float64() -> None:
     expected = torch.nn.functional.silu(norm(x))
     torch.testing.assert_close(channel_rms_norm_silu(x, norm.gamma, norm.scale), expected, rtol=0, atol=1e-14)
     torch.testing.assert_close(norm.silu_of(x), expected, rtol=0, atol=0)
+
+
+def test_a_fusable_function_that_cannot_compile_runs_unfused_with_a_warning() -> None:
+    from matrixgame_env.nn import fusion
+
+    @fusion.fusable
+    def with_graph_break(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(x.numpy() * 2.0)  # leaves the graph: fullgraph compilation fails
+
+    x = torch.arange(4.0)
+    fusion.enable_fusion(True)
+    try:
+        with pytest.warns(UserWarning, match="with_graph_break failed"):
+            first = with_graph_break(x)
+        second = with_graph_break(x)  # given up on: no second attempt, no second warning
+    finally:
+        fusion.enable_fusion(False)
+    assert torch.equal(first, x * 2) and torch.equal(second, x * 2)

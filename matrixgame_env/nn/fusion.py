@@ -12,6 +12,7 @@ reference.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 _enabled = False
 _compiled: dict[Callable, Callable] = {}
+_given_up: set[Callable] = set()
 Fn = TypeVar("Fn", bound=Callable)
 
 
@@ -41,12 +43,19 @@ def fusable(fn: Fn | None = None, *, dynamic: bool | None = False) -> Fn:
     def decorate(fn: Fn) -> Fn:
         @functools.wraps(fn)
         def call(*args, **kwargs):
-            if not _enabled:
+            if not _enabled or fn in _given_up:
                 return fn(*args, **kwargs)
             compiled = _compiled.get(fn)
             if compiled is None:
                 compiled = _compiled[fn] = torch.compile(fn, fullgraph=True, dynamic=dynamic)
-            return compiled(*args, **kwargs)
+            try:
+                return compiled(*args, **kwargs)
+            except Exception as error:  # noqa: BLE001 - the eager call below re-raises real errors
+                # A pure function: running it eagerly gives the result; compilation is only an optimisation.
+                _given_up.add(fn)
+                reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
+                warnings.warn(f"fusion of {fn.__name__} failed ({reason}); it runs unfused", stacklevel=2)
+                return fn(*args, **kwargs)
 
         return call  # type: ignore[return-value]
 
@@ -94,10 +103,25 @@ def rms_norm_rope(
     return rotated.flatten(-2).to(dtype)
 
 
-@fusable(dynamic=None)
 def channel_rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor:
     """SiLU of the VAE's RMS norm of a video [B, C, T, H, W] over channels (x / max(|x|, 1e-12) *
-    scale * gamma), in at least float32 math, cast back to x's dtype; keeps x's memory layout."""
+    scale * gamma, gamma of C values), in at least float32 math, cast back to x's dtype; keeps x's
+    memory layout (standard or channels-last-3d)."""
+    # The compiled kernel sees two canonical shapes whatever the resolution, frame count or width:
+    # [N, C] rows (channels-last) or [B, C, L] (standard), so it compiles two or three times in all.
+    # gamma goes in as a plain tensor: compiled code treats parameters' shapes as fixed.
+    gamma = gamma.detach().reshape(-1)
+    batch, channels, frames, height, width = x.shape
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        rows = x.permute(0, 2, 3, 4, 1).reshape(-1, channels)  # a view: C is innermost
+        normed = _rms_norm_silu(rows, gamma, float(scale), -1)
+        return normed.view(batch, frames, height, width, channels).permute(0, 4, 1, 2, 3)
+    normed = _rms_norm_silu(x.contiguous().view(batch, channels, -1), gamma.view(-1, 1), float(scale), 1)
+    return normed.view(x.shape)
+
+
+@fusable(dynamic=True)
+def _rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float, dim: int) -> torch.Tensor:
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    inverse_norm = xf.square().sum(dim=1, keepdim=True).clamp_min(1e-24).rsqrt()
+    inverse_norm = xf.square().sum(dim=dim, keepdim=True).clamp_min(1e-24).rsqrt()
     return F.silu(xf * inverse_norm * scale * gamma.to(xf.dtype)).to(x.dtype)
