@@ -53,7 +53,8 @@ def fusable(fn: Fn | None = None, *, dynamic: bool | None = False) -> Fn:
             except Exception as error:  # noqa: BLE001 - the eager call below re-raises real errors
                 # A pure function: running it eagerly gives the result; compilation is only an optimisation.
                 _given_up.add(fn)
-                reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
+                first_line = (str(error).strip().splitlines() or [""])[0][:300]
+                reason = f"{type(error).__name__}: {first_line}"
                 warnings.warn(f"fusion of {fn.__name__} failed ({reason}); it runs unfused", stacklevel=2)
                 return fn(*args, **kwargs)
 
