@@ -3,7 +3,8 @@
   cpu     one MatrixGameEnv on the CPU (threads as given by --threads)
   gpu     MatrixGameVectorEnv with 1..64 worlds in one batch, eager and with CUDA graphs
 
-Usage: python benchmarks/bench_env.py [--model doom-small] [--cpu-steps 20] [--gpu-worlds 1 4 16 64] [--out DIR]
+Usage: python benchmarks/bench_env.py [--model doom-small] [--cpu-steps 20] [--gpu-worlds 1 4 16 64]
+       [--paths eager graphs compile] [--channels-last off|on|both] [--out DIR]
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, table, write_json  # noqa: E402
 
 from matrixgame_env.env import MatrixGameEnv  # noqa: E402
+from matrixgame_env.nn.vae import set_conv3d_mode  # noqa: E402
 from matrixgame_env.vector import MatrixGameVectorEnv  # noqa: E402
 
 FAST_NAMES = {False: "eager", True: "cuda graphs", "compile": "cuda graphs + compile"}
@@ -39,7 +41,8 @@ def sample_actions(space, rng: np.random.Generator, n: int | None = None) -> dic
     }
 
 
-def cpu_single(model: str, steps: int, warmup: int) -> dict:
+def cpu_single(model: str, steps: int, warmup: int, conv3d: str) -> dict:
+    set_conv3d_mode(conv3d)
     env = MatrixGameEnv(model, device="cpu", fast=False)
     rng = np.random.default_rng(0)
     env.reset(seed=0)
@@ -51,8 +54,9 @@ def cpu_single(model: str, steps: int, warmup: int) -> dict:
         env.step(sample_actions(env.action_space, rng))
         times.append(time.perf_counter() - t0)
     env.close()
+    set_conv3d_mode("auto")
     step_s = statistics.median(times)
-    return {"setting": "cpu single env", "worlds": 1, "step_s": step_s, "steps_per_s": 1 / step_s}
+    return {"setting": f"cpu single env (conv3d {conv3d})", "worlds": 1, "step_s": step_s, "steps_per_s": 1 / step_s}
 
 
 def gpu_vector(model: str, worlds: int, fast: bool | str, steps: int, warmup: int, channels_last: bool) -> dict:
@@ -85,6 +89,8 @@ def main() -> None:
     parser.add_argument("--model", default="doom-small")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of the single-env run")
     parser.add_argument("--cpu-steps", type=int, default=20)
+    parser.add_argument("--cpu-conv3d", nargs="+", default=["stacked", "native"], choices=["stacked", "native"],
+                        help="how the VAE's causal convolutions run in the CPU measurement (nn.vae.set_conv3d_mode)")
     parser.add_argument("--gpu-worlds", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--gpu-steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=4)
@@ -97,9 +103,10 @@ def main() -> None:
     rows = []
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    if args.cpu_steps:
-        rows.append(cpu_single(args.model, args.cpu_steps, args.warmup))
+    for conv3d in args.cpu_conv3d if args.cpu_steps else []:
+        rows.append(cpu_single(args.model, args.cpu_steps, args.warmup, conv3d))
         rows[-1]["threads"] = args.threads
+        print(table(rows[-1:], ["setting", "steps_per_s", "step_s", "threads"]), flush=True)
     torch.set_num_threads(threads)
     if torch.cuda.is_available():
         options = {"eager": False, "graphs": True, "compile": "compile"}

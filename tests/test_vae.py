@@ -460,3 +460,13 @@ def test_a_fusable_function_that_cannot_compile_runs_unfused_with_a_warning() ->
     finally:
         fusion.enable_fusion(False)
     assert torch.equal(first, x * 2) and torch.equal(second, x * 2)
+
+
+def test_stacked_taps_accept_inputs_in_any_memory_layout(conv3d_mode) -> None:
+    conv3d_mode("stacked")
+    conv = CausalConv3d(3, 4, 3)
+    conv.cache_slot = 0
+    frames = torch.rand(1, 5, 8, 10, 3)  # [B, T, H, W, C] as pictures arrive
+    video = frames.permute(0, 4, 1, 2, 3)  # [B, C, T, H, W], a channels-last view
+    expected = conv(video.contiguous(), FeatureCache(1, 1))
+    torch.testing.assert_close(conv(video, FeatureCache(1, 1)), expected, rtol=0, atol=1e-6)

@@ -190,7 +190,7 @@ class CausalConv3d(nn.Conv3d):
         sequence = [past[:, :, i] for i in range(self.past_frames)] + [x[:, :, i] for i in range(frames)]
         cache.slots[self.cache_slot] = torch.stack(sequence[-self.past_frames :], dim=2)  # [B, C, past, H, W]
         windows = torch.stack([sequence[t + j] for t in range(frames) for j in range(taps)], dim=1)
-        windows = windows.view(batch * frames, taps * channels, height, width)  # [B*T, k*C, H, W]
+        windows = windows.reshape(batch * frames, taps * channels, height, width)  # [B*T, k*C, H, W]
         weight = self.weight.transpose(1, 2).flatten(1, 2)  # [C_out, k*C, kh, kw]
         y = F.conv2d(windows, weight, self.bias, padding=self.padding[1:])  # [B*T, C_out, H, W]
         return y.unflatten(0, (batch, frames)).transpose(1, 2)
