@@ -78,20 +78,12 @@ def vae_losses(
     """
     mu, logvar = vae.encode_distribution(video)
     z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample else mu
-    reconstruction = vae.decode_unnormalised(z).float()
-    target = video.to(reconstruction)
-    error = reconstruction - target
-    l1 = error.abs().mean()
-    mse = error.pow(2).mean()
+    losses = reconstruction_losses(vae.decode_unnormalised(z), video, edge_weight)
     mu, logvar = mu.float(), logvar.float()
     kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
-    return {
-        "loss": l1 + mse + kl_weight * kl + edge_weight * edge_loss(reconstruction, target),
-        "l1": l1.detach(),
-        "mse": mse.detach(),
-        "kl": kl.detach(),
-        "psnr": psnr(reconstruction.detach().clamp(-1, 1), target),
-    }
+    losses["loss"] = losses["loss"] + kl_weight * kl
+    losses["kl"] = kl.detach()
+    return losses
 
 
 def decoder_losses(
@@ -107,7 +99,15 @@ def decoder_losses(
         if latent_noise > 0:
             std = torch.as_tensor(vae.config["latent_std"], dtype=mu.dtype, device=mu.device).view(1, -1, 1, 1, 1)
             mu = mu + latent_noise * std * torch.randn_like(mu)
-    reconstruction = vae.decode_unnormalised(mu).float()
+    return reconstruction_losses(vae.decode_unnormalised(mu), video, edge_weight)
+
+
+def reconstruction_losses(
+    reconstruction: torch.Tensor, video: torch.Tensor, edge_weight: float = 0.0
+) -> dict[str, torch.Tensor]:
+    """"loss" = l1 + mse + edge_weight * edge of a decoded video against the clips, and "l1", "mse",
+    "psnr" (detached), all in float32."""
+    reconstruction = reconstruction.float()
     target = video.to(reconstruction)
     error = reconstruction - target
     l1 = error.abs().mean()
