@@ -149,7 +149,7 @@ class MatrixGameVectorEnv(VectorEnv):
             frame_index[indices] = state.video_frame - 1
         self._needs_reset = terminated | truncated
         frames = [self._last_frames[i] for i in range(self.num_envs)]
-        whole = self._whole_batch_block(block if len(self._cohorts) == 1 else None, resetting)
+        whole = self._whole_batch_block(block, resetting)
         if whole is None:
             blocks, observations = self._padded_blocks(frames), self._observations(frames)
         else:
@@ -159,14 +159,12 @@ class MatrixGameVectorEnv(VectorEnv):
         return observations, rewards, terminated, truncated, info
 
     def _whole_batch_block(self, block: np.ndarray | None, resetting: np.ndarray) -> np.ndarray | None:
-        """This step's block [N, T, H, W, 3] when it already is every world's full block in order (one
-        cohort of all worlds, no resets), so that it need not be copied again; else None."""
-        if block is None or len(resetting) or block.shape[1] != self.block_frames:
+        """The last cohort's block [N, T, H, W, 3] when it already is every world's full block in order
+        (one cohort of all worlds, no resets), so that it need not be copied again; else None."""
+        if block is None or len(self._cohorts) != 1 or len(resetting) or block.shape[1] != self.block_frames:
             return None
         indices, _ = self._cohorts[0]
-        if len(indices) != self.num_envs or not np.array_equal(indices, np.arange(self.num_envs)):
-            return None
-        return block
+        return block if np.array_equal(indices, np.arange(self.num_envs)) else None
 
     def render(self):
         if self.render_mode == "rgb_array" and self._last_frames[0] is not None:

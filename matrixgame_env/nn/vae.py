@@ -173,10 +173,9 @@ class CausalConv3d(nn.Conv3d):
         past = cache.slots[self.cache_slot]
         if past is None:
             past = x.new_zeros(*x.shape[:2], self.past_frames, *x.shape[3:])
-        past = same_layout(past, x)
         if use_stacked_taps(x.device):
             return self._forward_stacked_taps(past, x, cache)
-        x = torch.cat([past, x], dim=2)  # [B, C, past + T, H, W]
+        x = torch.cat([same_layout(past, x), x], dim=2)  # [B, C, past + T, H, W]
         # A copy, so the cache does not keep the whole concatenation alive.
         cache.slots[self.cache_slot] = x[:, :, -self.past_frames :].clone()
         return super().forward(x)
@@ -480,6 +479,7 @@ class WanVAE(nn.Module):
             "latent_std": [float(s) for s in latent_std],
         }
         self.z_dim = z_dim
+        self._decoder_channels_last = False  # see set_decoder_channels_last
         self.spatial_factor = 2 ** (len(dim_mult) - 1)
         self.temporal_factor = 2 ** sum(bool(t) for t in temporal_downsample)
 
@@ -604,7 +604,7 @@ class WanVAE(nn.Module):
 
     def _decoder_input(self, z: torch.Tensor) -> torch.Tensor:
         x = self.conv2(z)
-        if getattr(self, "_decoder_channels_last", False):
+        if self._decoder_channels_last:
             return x.contiguous(memory_format=torch.channels_last_3d)
         return x
 
