@@ -211,3 +211,19 @@ def test_edge_loss_charges_blur_and_ignores_a_brightness_offset() -> None:
     assert edge_loss(sharp + 0.25, sharp) == 0  # a constant offset has the same gradients
     # the one-column step of 1 becomes three steps of 1/3: |1/3| + |1/3 - 1| + |1/3| per row, over 7 differences
     assert edge_loss(blurred, sharp) == pytest.approx((1 / 3 + 2 / 3 + 1 / 3) / 7, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--latent-noise", "-0.1", "--decoder-only"], "--latent-noise must be a number >= 0, got -0.1"),
+        (["--edge-weight", "nan"], "--edge-weight must be a number >= 0, got nan"),
+        (["--latent-noise", "0.1"], "--latent-noise applies to --decoder-only"),
+    ],
+)
+def test_bad_loss_options_are_refused(dataset, model_config, tmp_path, options, message) -> None:
+    status, errors = run_cli("train", "vae", "--data", str(dataset), "--model-config", str(model_config),
+                             "--out", str(tmp_path), "--device", "cpu", "--no-progress", *options,
+                             *CLIP)  # fmt: skip
+    assert status == 2 and message in errors
+    assert not (tmp_path / "vae").exists()

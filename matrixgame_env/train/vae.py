@@ -172,6 +172,7 @@ def evenly_spaced(length: int, count: int) -> list[int]:
 def run(args: argparse.Namespace) -> Path:
     """Run (or continue) the stage; returns OUT/vae/model when all steps are done, else OUT/vae."""
     data = existing_dir(args.data, "--data", "record one with: matrixgame-env record --out DIR --minutes N")
+    _check_loss_options(args)
     training = TrainRun.from_args(args, STAGE)
     config, dit, vae, clip, source = initial_model(args.init, args.model_config)
     train_clips, val_clips = _open_splits(data, config, args)
@@ -209,6 +210,15 @@ def run(args: argparse.Namespace) -> Path:
     folder = _finish(training, config, dit, training.weights("vae"), clip, source, train_clips, val_clips, args)
     training.close()
     return folder
+
+
+def _check_loss_options(args: argparse.Namespace) -> None:
+    for name in ("latent_noise", "edge_weight"):
+        value = getattr(args, name)
+        if not value >= 0:  # also catches NaN
+            raise StageError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
+    if args.latent_noise > 0 and not args.decoder_only:
+        raise StageError("--latent-noise applies to --decoder-only training (the full VAE samples its own posterior)")
 
 
 def _freeze_encoder(vae: WanVAE, init: object) -> None:
