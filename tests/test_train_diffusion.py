@@ -112,6 +112,53 @@ def test_a_few_diffusion_forcing_steps_reduce_the_loss_on_a_fixed_batch():
     assert losses[-1] < 0.9 * losses[0], losses
 
 
+def test_fresh_initialisation_scales_the_mouse_inputs_and_zeroes_the_action_outputs():
+    torch.manual_seed(0)
+    dit, _, _ = build_modules(CONFIG, device="cpu")
+    diffusion.initialise_weights(dit)
+    actions = [block.action_model for block in dit.blocks if block.action_model is not None]
+    assert actions
+    dim = dit.config.dim
+    for action in actions:
+        weight = action.mouse_mlp[0].weight
+        ratio = weight[:, dim:].abs().max() / weight[:, :dim].abs().max()
+        bound = (6 / sum(weight.shape)) ** 0.5  # xavier-uniform bound of the whole layer
+        assert weight[:, :dim].abs().max() <= bound
+        assert weight[:, dim:].abs().max() <= bound / diffusion.TYPICAL_MOUSE
+        assert 5 < ratio < 15, ratio
+        assert not action.proj_mouse.weight.any() and not action.proj_keyboard.weight.any()
+
+
+def test_parameter_groups_put_the_action_modules_at_their_own_rate():
+    dit, _, clip = build_modules(CONFIG, device="cpu")
+    groups = diffusion.parameter_groups(dit, clip, 1e-4, 5.0)
+    action_ids = {id(p) for name, p in dit.named_parameters() if ".action_model." in name}
+    assert action_ids and [group["lr"] for group in groups] == [1e-4, 5e-4]
+    assert {id(p) for p in groups[1]["params"]} == action_ids
+    every = [*dit.parameters(), *clip.parameters()]
+    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(id(p) for p in every)
+    with pytest.raises(diffusion.StageError, match="action-lr-mult"):
+        diffusion.parameter_groups(dit, clip, 1e-4, 0.0)
+
+
+def test_action_gain_is_zero_for_a_model_whose_action_outputs_are_zero_and_positive_otherwise():
+    from matrixgame_env.train.sampling_check import action_gain
+
+    config = tiny_model_config()
+    world = WorldModel(*tiny_modules(config), config)
+    batch = random_clips(config, batch=4, frames=6, seed=3)
+    forcing = _forcing()
+    gain = action_gain(world, forcing, [batch])
+    assert gain is not None and gain != 0.0
+    with torch.no_grad():
+        for block in world.dit.blocks:
+            if block.action_model is not None:
+                block.action_model.proj_mouse.weight.zero_()
+                block.action_model.proj_keyboard.weight.zero_()
+    assert action_gain(world, forcing, [batch]) == 0.0
+    assert action_gain(world, forcing, [random_clips(config, batch=1, frames=6)]) is None
+
+
 # The stage
 
 
@@ -162,6 +209,7 @@ def test_stage_writes_a_model_folder_that_streams_and_logs_the_check(inputs, tmp
     check = [r for r in _log(tmp_path / "dit") if "val_flow_mse" in r][-1]
     assert check["step"] == 2 and len(check["generation_mse_per_block"]) == 2
     assert check["val_flow_mse"] > 0 and check["generation_mse"] > 0
+    assert isinstance(check["action_gain"], float)
 
 
 def test_stage_stops_by_itself_within_its_minutes(inputs, tmp_path):

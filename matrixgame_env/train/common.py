@@ -172,10 +172,19 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def adamw(
     parameters: Any, lr: float, weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.99)
 ) -> torch.optim.AdamW:
-    """AdamW over the parameters that require gradients, fused on CUDA."""
-    parameters = [p for p in parameters if p.requires_grad]
-    fused = bool(parameters) and parameters[0].is_cuda
-    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, betas=betas, fused=fused or None)
+    """AdamW over the parameters that require gradients, fused on CUDA.
+
+    `parameters` is an iterable of tensors, or of parameter-group dicts ({"params": ..., "lr": ...}).
+    """
+    items = list(parameters)
+    if items and isinstance(items[0], dict):
+        groups = [{**group, "params": [p for p in group["params"] if p.requires_grad]} for group in items]
+        groups = [group for group in groups if group["params"]]
+    else:
+        groups = [{"params": [p for p in items if p.requires_grad]}]
+    first = [p for group in groups for p in group["params"]][:1]
+    fused = bool(first) and first[0].is_cuda
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=betas, fused=fused or None)
 
 
 def warmup_cosine(

@@ -56,6 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="share of clips trained with all actions zeroed (classifier-free style; default 0)",
     )
+    parser.add_argument(
+        "--action-lr-mult",
+        type=float,
+        default=5.0,
+        help="learning-rate multiplier of the action modules (default 5: they start at zero and must grow "
+        "against a residual stream far larger than the actions)",
+    )
     parser.add_argument("--per-block-noise", type=float, default=0.3, help="share of clips with one level per block")
     parser.add_argument(
         "--clean-context",
@@ -86,12 +93,18 @@ def add_stage_arguments(parser: argparse.ArgumentParser, frames_help: str) -> No
     )
 
 
+# A normal turn in the model's mouse units (0.1 per video frame); see `initialise_weights`.
+TYPICAL_MOUSE = 0.1
+
+
 def initialise_weights(dit: CausalDiT) -> None:
     """Wan's initialisation for training from scratch, with the output and action branches at zero.
 
     Linear layers xavier-uniform with zero bias, the time embedding N(0, 0.02), the head at zero
     (the first prediction is flow 0), and the action modules' output projections at zero so they
-    start as the identity and grow in.
+    start as the identity and grow in. The mouse columns of the mouse MLP's first layer are scaled
+    by 1 / TYPICAL_MOUSE: the layer reads token features of order 1 beside mouse values of order
+    0.1, and at equal weights the mouse would start 10x quieter than the picture.
     """
     with torch.no_grad():
         for module in dit.modules():
@@ -112,6 +125,20 @@ def initialise_weights(dit: CausalDiT) -> None:
             for name in ("proj_mouse", "proj_keyboard"):
                 if action is not None and hasattr(action, name):
                     nn.init.zeros_(getattr(action, name).weight)
+            if action is not None and hasattr(action, "mouse_mlp"):
+                action.mouse_mlp[0].weight[:, dit.config.dim :] /= TYPICAL_MOUSE
+
+
+def parameter_groups(dit: CausalDiT, clip: CLIPVisionEncoder, lr: float, action_lr_mult: float) -> list[dict]:
+    """AdamW groups: the action modules at `lr * action_lr_mult`, everything else at `lr`."""
+    if not action_lr_mult > 0:
+        raise StageError(f"--action-lr-mult must be a positive number, got {action_lr_mult}")
+    action = [p for name, p in dit.named_parameters() if ".action_model." in name]
+    others = [p for name, p in dit.named_parameters() if ".action_model." not in name]
+    groups = [{"params": [*others, *clip.parameters()], "lr": lr}]
+    if action:
+        groups.append({"params": action, "lr": lr * action_lr_mult})
+    return groups
 
 
 def warm_up(
@@ -159,7 +186,7 @@ def run(args: argparse.Namespace) -> Path:
 
     dit.to(training.device).train()
     clip.to(training.device).train()
-    optimizer = adamw([*dit.parameters(), *clip.parameters()], args.lr, args.weight_decay)
+    optimizer = adamw(parameter_groups(dit, clip, args.lr, args.action_lr_mult), args.lr, args.weight_decay)
     training.add_module("dit", dit, ema_decay=args.ema)
     training.add_module("clip", clip, ema_decay=args.ema)
     training.add_optimizer("main", optimizer, warmup_cosine(optimizer, args.warmup_steps, args.steps))

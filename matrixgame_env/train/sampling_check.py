@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,15 +28,39 @@ from .forcing import DiffusionForcing
 
 
 @torch.no_grad()
-def validation_loss(world: WorldModel, forcing: DiffusionForcing, clips: list[ClipBatch], seed: int = 0) -> float:
-    """Mean flow MSE of the world's DiT over `clips`, with noise and levels fixed by `seed`."""
+def validation_loss(
+    world: WorldModel,
+    forcing: DiffusionForcing,
+    clips: list[ClipBatch],
+    seed: int = 0,
+    swap_actions: bool = False,
+) -> float:
+    """Mean flow MSE of the world's DiT over `clips`, with noise and levels fixed by `seed`.
+
+    `swap_actions` gives every clip the actions of the next clip of its batch (the same noise and
+    levels otherwise): the loss rises as much as the model reads the actions.
+    """
     generator = torch.Generator(device=world.device).manual_seed(seed)
     total = 0.0
     for batch in clips:
         batch = batch.to(world.device)
+        if swap_actions:
+            batch = replace(batch, keyboard=batch.keyboard.roll(1, dims=0), mouse=batch.mouse.roll(1, dims=0))
         conditions = build_conditions(batch, world.dit.config, world.clip, world.vae)
         total += float(forcing.loss(world.dit, batch.latents.float(), conditions, generator).flow_mse)
     return total / len(clips)
+
+
+def action_gain(world: WorldModel, forcing: DiffusionForcing, clips: list[ClipBatch], seed: int = 0) -> float | None:
+    """How much the DiT reads its actions: the relative rise of the validation flow MSE when every
+    clip gets another clip's actions (0: actions ignored). None without a batch of 2 clips or more,
+    or for a model without actions."""
+    if world.dit.config.action is None or not any(batch.latents.shape[0] > 1 for batch in clips):
+        return None
+    usable = [batch for batch in clips if batch.latents.shape[0] > 1]
+    true = validation_loss(world, forcing, usable, seed)
+    swapped = validation_loss(world, forcing, usable, seed, swap_actions=True)
+    return (swapped - true) / true
 
 
 @torch.no_grad()
@@ -74,7 +99,8 @@ def check_model_folder(
     device: torch.device | str | None = None,
     seed: int = 0,
 ) -> dict[str, float | list[float]]:
-    """Load the folder as a `WorldModel` and report `val_flow_mse` and `generation_mse` (per block)."""
+    """Load the folder as a `WorldModel` and report `val_flow_mse`, `generation_mse` (per block) and
+    `action_gain` (see `action_gain`; absent when it cannot be measured)."""
     world = WorldModel.from_pretrained(folder, device=device, dtype=torch.float32)
     sampler = world.sampler
     forcing = DiffusionForcing(
@@ -86,11 +112,15 @@ def check_model_folder(
     per_block = generation_mse(
         world, clips[0], min(num_blocks, clips[0].num_frames // sampler.config.frames_per_block), seed
     )
-    return {
+    metrics = {
         "val_flow_mse": validation_loss(world, forcing, clips, seed),
         "generation_mse": sum(per_block) / len(per_block),
         "generation_mse_per_block": per_block,
     }
+    gain = action_gain(world, forcing, clips, seed)
+    if gain is not None:
+        metrics["action_gain"] = gain
+    return metrics
 
 
 def export_and_check(
@@ -125,6 +155,7 @@ def export_and_check(
     training.message(
         f"{stage} model at step {training.step} written to {folder}: val flow MSE {metrics['val_flow_mse']:.4f}, "
         f"3-step generation MSE {metrics['generation_mse']:.4f}"
+        + (f", action gain {metrics['action_gain']:+.2%}" if "action_gain" in metrics else "")
     )
     return folder
 
