@@ -229,7 +229,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--long-blocks", type=int, default=300, help="blocks of the memory-flatness stream (0: skip)")
-    parser.add_argument("--agreement-blocks", type=int, default=6)
+    parser.add_argument("--agreement-blocks", type=int, default=6, help="blocks compared fast vs eager (0: skip)")
     parser.add_argument("--profile", action="store_true", help="also profile one eager block at batch 1")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -249,8 +249,11 @@ def main() -> None:
     columns = ["batch", "path", "fps_e2e", "fps_dit", "latency_s", "dit_block_s", "peak_gib", "warmup_s"]
     print(table(rows, columns))
     fast_paths = [p for p in ("fast", "fused", "fused_cl") if p in args.paths]
-    agree = [agreement(world, b, args.agreement_blocks, p) for p in fast_paths for b in (1, 4)]
-    print(table(agree, list(agree[0])))
+    agree = []
+    if args.agreement_blocks > 0:
+        agree = [agreement(world, b, args.agreement_blocks, p) for p in fast_paths for b in (1, 4)]
+    if agree:
+        print(table(agree, list(agree[0])))
     result = {
         "environment": environment(),
         "conditions": "universal config, random weights, bf16, 352x640, 3 steps + context re-run, window 6",
@@ -261,10 +264,13 @@ def main() -> None:
     if args.profile:
         result["profile_eager_batch1"] = profile(world, "eager")
         print(table(result["profile_eager_batch1"], ["name", "cuda_ms_per_block", "calls_per_block"]))
+    name = "stream_" + torch.cuda.get_device_name(0).split()[1].lower()
     if args.long_blocks:
+        # Written first without it, so that a run stopped during the long stream keeps the table.
+        write_json(name, result, args.out)
         result["long_stream"] = long_stream(world, args.long_blocks)
         print(result["long_stream"])
-    path = write_json("stream_" + torch.cuda.get_device_name(0).split()[1].lower(), result, args.out)
+    path = write_json(name, result, args.out)
     print(f"wrote {path}")
 
 

@@ -105,7 +105,7 @@ def decoder_losses(
 def reconstruction_losses(
     reconstruction: torch.Tensor, video: torch.Tensor, edge_weight: float = 0.0
 ) -> dict[str, torch.Tensor]:
-    """"loss" = l1 + mse + edge_weight * edge of a decoded video against the clips, and "l1", "mse",
+    """ "loss" = l1 + mse + edge_weight * edge of a decoded video against the clips, and "l1", "mse",
     "psnr" (detached), all in float32."""
     reconstruction = reconstruction.float()
     target = video.to(reconstruction)
@@ -187,11 +187,14 @@ def run(args: argparse.Namespace) -> Path:
         batches = training.batches(train_clips, args.batch_size, args.workers)
         sample = not args.no_sample
         if args.decoder_only:
+
             def step(video: torch.Tensor) -> dict[str, torch.Tensor]:
                 return decoder_losses(vae, video, args.latent_noise, args.edge_weight)
         else:
+
             def step(video: torch.Tensor) -> dict[str, torch.Tensor]:
                 return vae_losses(vae, video, args.kl_weight, sample, args.edge_weight)
+
         losses_of = training.data_parallel(step, vae)
         while training.keep_going():
             video = next(batches)["video"].to(training.device, non_blocking=True)
