@@ -89,15 +89,29 @@ def main() -> None:
     parser.add_argument("--model", default="doom-small")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of the single-env run")
     parser.add_argument("--cpu-steps", type=int, default=20)
-    parser.add_argument("--cpu-conv3d", nargs="+", default=["stacked", "native"], choices=["stacked", "native"],
-                        help="how the VAE's causal convolutions run in the CPU measurement (nn.vae.set_conv3d_mode)")
+    parser.add_argument(
+        "--cpu-conv3d",
+        nargs="+",
+        default=["stacked", "native"],
+        choices=["stacked", "native"],
+        help="how the VAE's causal convolutions run in the CPU measurement (nn.vae.set_conv3d_mode)",
+    )
     parser.add_argument("--gpu-worlds", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--gpu-steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=4)
-    parser.add_argument("--paths", nargs="+", default=["eager", "graphs"], choices=["eager", "graphs", "compile"],
-                        help="GPU speed options to measure (MatrixGameVectorEnv fast=False / True / 'compile')")
-    parser.add_argument("--channels-last", choices=["off", "on", "both"], default="off",
-                        help="run the VAE decoder on channels-last tensors")
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        default=["eager", "graphs"],
+        choices=["eager", "graphs", "compile"],
+        help="GPU speed options to measure (MatrixGameVectorEnv fast=False / True / 'compile')",
+    )
+    parser.add_argument(
+        "--channels-last",
+        choices=["off", "on", "both"],
+        default="off",
+        help="run the VAE decoder on channels-last tensors",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     rows = []

@@ -1,7 +1,7 @@
 """matrixgame-env: interactive video world models (Matrix-Game 2.0 style) as Gymnasium simulators.
 
-    env = gymnasium.make("MatrixGame/Doom-v0")                 # the bundled small model
-    env = gymnasium.make("MatrixGame/Universal-v0", model="path/or/hub-id", device="cuda")
+env = gymnasium.make("MatrixGame/Doom-v0")                 # the bundled small model
+env = gymnasium.make("MatrixGame/Universal-v0", model="path/or/hub-id", device="cuda")
 """
 
 from __future__ import annotations

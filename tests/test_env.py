@@ -101,10 +101,10 @@ def test_vector_env_equals_single_envs_frame_for_frame(world):
     for _ in range(3):
         keys = rng.integers(0, 2, (n, 4)).astype(np.int8)
         mouse = rng.uniform(-0.2, 0.2, (n, 2)).astype(np.float32)
-        obs, *_ , info = venv.step({"keyboard": keys, "mouse": mouse})
+        obs, *_, info = venv.step({"keyboard": keys, "mouse": mouse})
         for i, env in enumerate(singles):
             frames = env.step({"keyboard": keys[i], "mouse": mouse[i]})[4]["frames"]
-            difference = np.abs(frames.astype(int) - info["frames"][i, -len(frames):].astype(int))
+            difference = np.abs(frames.astype(int) - info["frames"][i, -len(frames) :].astype(int))
             assert difference.max() <= 1 and difference.mean() < 1e-3
     assert venv.num_cohorts == 1
 

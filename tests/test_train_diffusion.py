@@ -131,14 +131,14 @@ def test_fresh_initialisation_scales_the_mouse_inputs_and_zeroes_the_action_outp
 
 def test_parameter_groups_put_the_action_modules_at_their_own_rate():
     dit, _, clip = build_modules(CONFIG, device="cpu")
-    groups = diffusion.parameter_groups(dit, clip, 1e-4, 5.0)
+    groups = diffusion.parameter_groups(dit, 1e-4, 5.0, (clip,))
     action_ids = {id(p) for name, p in dit.named_parameters() if ".action_model." in name}
     assert action_ids and [group["lr"] for group in groups] == [1e-4, 5e-4]
     assert {id(p) for p in groups[1]["params"]} == action_ids
     every = [*dit.parameters(), *clip.parameters()]
     assert sorted(id(p) for g in groups for p in g["params"]) == sorted(id(p) for p in every)
     with pytest.raises(diffusion.StageError, match="action-lr-mult"):
-        diffusion.parameter_groups(dit, clip, 1e-4, 0.0)
+        diffusion.parameter_groups(dit, 1e-4, 0.0)
 
 
 def test_action_gain_is_zero_for_a_model_whose_action_outputs_are_zero_and_positive_otherwise():

@@ -14,7 +14,7 @@ from tiny_model import tiny_model_config, tiny_modules, write_tiny_model
 
 from matrixgame_env.nn.scheduler import FlowMatchScheduler
 from matrixgame_env.train import distill
-from matrixgame_env.train.common import TrainRun, adamw
+from matrixgame_env.train.common import STATE_FILE, TrainRun, adamw
 from matrixgame_env.train.conditions import build_conditions, start_pixels
 from matrixgame_env.train.dmd import DistributionMatching
 from matrixgame_env.train.forcing import DiffusionForcing, NoiseMix
@@ -202,3 +202,11 @@ def test_stage_stops_by_itself_within_its_minutes(inputs, tmp_path):
     assert time.monotonic() - started < minutes * 60
     steps = json.loads((tmp_path / "distill" / "checkpoints" / "latest").read_text())["step"]
     assert 0 < steps < 100000 and (tmp_path / "distill" / "model" / "dit.safetensors").exists()
+
+
+def test_stage_trains_the_action_modules_of_student_and_critic_at_their_own_rate(inputs, tmp_path):
+    distill.run(_args(inputs, tmp_path, "--steps", "1", "--check-clips", "0", "--action-lr-mult", "3"))
+    state = torch.load(tmp_path / "distill" / "checkpoints" / "step_00000001" / STATE_FILE, weights_only=True)
+    for name in ("student", "critic"):
+        groups = state["optimizers"][name]["param_groups"]
+        assert len(groups) == 2 and groups[1]["initial_lr"] == pytest.approx(3 * groups[0]["initial_lr"]), name

@@ -53,15 +53,29 @@ def write_official_layout(folder: Path, config: ModelConfig, seed: int = 0) -> P
     width = config.clip["dim"]
     hidden = int(width * config.clip["mlp_ratio"])
     for name, shape in [
-        ("norm1.weight", (width,)), ("norm1.bias", (width,)), ("attn.to_qkv.weight", (3 * width, width)),
-        ("attn.to_qkv.bias", (3 * width,)), ("attn.proj.weight", (width, width)), ("attn.proj.bias", (width,)),
-        ("norm2.weight", (width,)), ("norm2.bias", (width,)), ("mlp.0.weight", (hidden, width)),
-        ("mlp.0.bias", (hidden,)), ("mlp.2.weight", (width, hidden)), ("mlp.2.bias", (width,)),
+        ("norm1.weight", (width,)),
+        ("norm1.bias", (width,)),
+        ("attn.to_qkv.weight", (3 * width, width)),
+        ("attn.to_qkv.bias", (3 * width,)),
+        ("attn.proj.weight", (width, width)),
+        ("attn.proj.bias", (width,)),
+        ("norm2.weight", (width,)),
+        ("norm2.bias", (width,)),
+        ("mlp.0.weight", (hidden, width)),
+        ("mlp.0.bias", (hidden,)),
+        ("mlp.2.weight", (width, hidden)),
+        ("mlp.2.bias", (width,)),
     ]:
         full_clip[f"visual.transformer.{last}.{name}"] = torch.randn(shape)
-    full_clip.update({"visual.post_norm.weight": torch.ones(width), "visual.post_norm.bias": torch.zeros(width),
-                      "visual.head": torch.randn(width, 16), "textual.token_embedding.weight": torch.randn(10, 8),
-                      "log_scale": torch.tensor(4.6)})
+    full_clip.update(
+        {
+            "visual.post_norm.weight": torch.ones(width),
+            "visual.post_norm.bias": torch.zeros(width),
+            "visual.head": torch.randn(width, 16),
+            "textual.token_embedding.weight": torch.randn(10, 8),
+            "log_scale": torch.tensor(4.6),
+        }
+    )
     torch.save(full_clip, folder / OFFICIAL_CLIP_FILE)
     return folder
 

@@ -56,13 +56,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="share of clips trained with all actions zeroed (classifier-free style; default 0)",
     )
-    parser.add_argument(
-        "--action-lr-mult",
-        type=float,
-        default=5.0,
-        help="learning-rate multiplier of the action modules (default 5: they start at zero and must grow "
-        "against a residual stream far larger than the actions)",
-    )
     parser.add_argument("--per-block-noise", type=float, default=0.3, help="share of clips with one level per block")
     parser.add_argument(
         "--clean-context",
@@ -85,6 +78,13 @@ def add_stage_arguments(parser: argparse.ArgumentParser, frames_help: str) -> No
         "--check-clips", type=int, default=64, help="validation clips of the end-of-session check (0: no check)"
     )
     parser.add_argument("--check-blocks", type=int, default=4, help="blocks streamed by the end-of-session check")
+    parser.add_argument(
+        "--action-lr-mult",
+        type=float,
+        default=5.0,
+        help="learning-rate multiplier of the action modules (default 5: their outputs start small and must "
+        "grow against a residual stream far larger than the actions)",
+    )
     parser.add_argument(
         "--finish-minutes",
         type=float,
@@ -129,13 +129,16 @@ def initialise_weights(dit: CausalDiT) -> None:
                 action.mouse_mlp[0].weight[:, dit.config.dim :] /= TYPICAL_MOUSE
 
 
-def parameter_groups(dit: CausalDiT, clip: CLIPVisionEncoder, lr: float, action_lr_mult: float) -> list[dict]:
-    """AdamW groups: the action modules at `lr * action_lr_mult`, everything else at `lr`."""
+def parameter_groups(
+    dit: CausalDiT, lr: float, action_lr_mult: float, others: tuple[nn.Module, ...] = ()
+) -> list[dict]:
+    """AdamW groups: the DiT's action modules at `lr * action_lr_mult`, the rest of the DiT and the
+    `others` modules at `lr`."""
     if not action_lr_mult > 0:
         raise StageError(f"--action-lr-mult must be a positive number, got {action_lr_mult}")
     action = [p for name, p in dit.named_parameters() if ".action_model." in name]
-    others = [p for name, p in dit.named_parameters() if ".action_model." not in name]
-    groups = [{"params": [*others, *clip.parameters()], "lr": lr}]
+    rest = [p for name, p in dit.named_parameters() if ".action_model." not in name]
+    groups = [{"params": [*rest, *(p for module in others for p in module.parameters())], "lr": lr}]
     if action:
         groups.append({"params": action, "lr": lr * action_lr_mult})
     return groups
@@ -186,7 +189,7 @@ def run(args: argparse.Namespace) -> Path:
 
     dit.to(training.device).train()
     clip.to(training.device).train()
-    optimizer = adamw(parameter_groups(dit, clip, args.lr, args.action_lr_mult), args.lr, args.weight_decay)
+    optimizer = adamw(parameter_groups(dit, args.lr, args.action_lr_mult, (clip,)), args.lr, args.weight_decay)
     training.add_module("dit", dit, ema_decay=args.ema)
     training.add_module("clip", clip, ema_decay=args.ema)
     training.add_optimizer("main", optimizer, warmup_cosine(optimizer, args.warmup_steps, args.steps))

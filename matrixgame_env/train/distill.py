@@ -37,7 +37,7 @@ from .common import (
     warmup_cosine,
 )
 from .conditions import ClipBatch, ClipConditions, build_conditions
-from .diffusion import add_stage_arguments, forcing_for
+from .diffusion import add_stage_arguments, forcing_for, parameter_groups
 from .dmd import DistributionMatching
 from .forcing import DiffusionForcing, NoiseMix
 from .latent_clips import fixed_batches, open_latent_splits
@@ -162,8 +162,10 @@ def run(args: argparse.Namespace) -> Path:
     dmd = DistributionMatching(critic_forcing.scheduler, args.min_level, args.max_level, args.guidance)
 
     # beta1 = 0 as in DMD2 / Self-Forcing: both targets move every step.
-    student_optimizer = adamw(student.parameters(), args.lr, args.weight_decay, betas=(0.0, 0.999))
-    critic_optimizer = adamw(critic.parameters(), args.critic_lr or args.lr, args.weight_decay, betas=(0.0, 0.999))
+    student_groups = parameter_groups(student, args.lr, args.action_lr_mult)
+    critic_groups = parameter_groups(critic, args.critic_lr or args.lr, args.action_lr_mult)
+    student_optimizer = adamw(student_groups, args.lr, args.weight_decay, betas=(0.0, 0.999))
+    critic_optimizer = adamw(critic_groups, args.critic_lr or args.lr, args.weight_decay, betas=(0.0, 0.999))
     training.add_module("student", student, ema_decay=args.ema)
     training.add_module("critic", critic)
     training.add_optimizer(
