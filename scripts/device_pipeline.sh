@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Trains doom-small on a GPU machine in resumable, time-limited pieces.
-# Usage: bash scripts/device_pipeline.sh STAGE[:MINUTES] ...   (stages: setup record vae encode dit distill reward)
+# Usage: bash scripts/device_pipeline.sh STAGE[:MINUTES] ...
+#   stages: setup record vae encode dit distill reward eval pack
+#   eval: `matrixgame-env eval` of $MG_EVAL_MODEL (default: the reward model) on the recording's held-out episodes;
+#   pack: the model folders named in $MG_PACK_MODELS (default: reward, which holds the DiT too), the logs of the
+#         dit, distill and reward stages and the eval, as <=15 MiB pieces in $OUT
+#         (join here with `cat bundle.tar.part* | tar x`, then `python scripts/pack_model.py --unpack ...`).
 # Work lives in $MG_WORK (default /tmp/mg) so that consecutive calls on a warm machine reuse it;
-# finished model folders are copied to $OUT when it is set.
+# each stage's result.json is copied to $OUT when it is set; `pack` bundles the model folders.
 set -eo pipefail
 cd "$(dirname "$0")/.."
 WORK=${MG_WORK:-/tmp/mg}
@@ -27,7 +32,7 @@ for item in "$@"; do
       cli train vae --data "$WORK/data" --model-config "$CONFIG" --out "$WORK/runs" --minutes "$minutes" \
         --batch-size "${MG_VAE_BATCH:-16}" --steps "${MG_VAE_STEPS:-4000}" --workers 8 --no-progress $(resume_flag vae) ;;
     encode)
-      cli train encode --data "$WORK/data" --init "$WORK/runs/vae/model" --out "$WORK/runs" --minutes "$minutes" \
+      cli train encode --data "$WORK/data" --init "${MG_ENCODE_INIT:-$WORK/runs/vae/model}" --out "$WORK/runs" --minutes "$minutes" \
         --workers 8 --no-progress ;;
     dit)
       cli train dit --data "$WORK/runs/encode" --init "${MG_DIT_INIT:-$WORK/runs/vae/model}" --out "$WORK/runs" \
@@ -40,11 +45,26 @@ for item in "$@"; do
     reward)
       cli train reward --data "$WORK/runs/encode" --init "${MG_REWARD_INIT:-$WORK/runs/distill/model}" \
         --out "$WORK/runs" --minutes "$minutes" --no-progress $(resume_flag reward) ;;
+    eval)
+      cli eval --model "${MG_EVAL_MODEL:-$WORK/runs/reward/model}" --data "$WORK/data" --out "$WORK/eval" \
+        --clips 32 --horizon-s 4 --drift-minutes 10 --steps "${MG_IDM_STEPS:-6000}" --workers 8 --no-progress ;;
+    pack)
+      [ -n "$OUT" ] || { echo "pack needs \$OUT" >&2; exit 2; }
+      rm -rf /tmp/pack && mkdir -p /tmp/pack
+      for s in dit distill reward; do
+        mkdir -p "/tmp/pack/$s"
+        if [ -d "$WORK/runs/$s/model" ] && [[ " ${MG_PACK_MODELS:-reward} " == *" $s "* ]]; then
+          python3 scripts/pack_model.py "$WORK/runs/$s/model" "/tmp/pack/$s" --piece-mib 1000
+        fi
+        cp "$WORK/runs/$s/log.jsonl" "$WORK/runs/$s/result.json" "/tmp/pack/$s/" 2>/dev/null || true
+      done
+      [ -d "$WORK/eval" ] && cp -r "$WORK/eval" /tmp/pack/ && rm -f /tmp/pack/eval/idm/*.pt
+      tar cf - -C /tmp pack | split -b 15M - "$OUT/bundle.tar.part"
+      ls -la "$OUT"
+      continue ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
-  if [ -n "$OUT" ] && [ -d "$WORK/runs/$stage/model" ]; then
-    rm -rf "$OUT/$stage" && mkdir -p "$OUT/$stage"
-    cp "$WORK/runs/$stage/model/"* "$OUT/$stage/" 2>/dev/null || true
-    tail -n 3 "$WORK/runs/$stage/log.jsonl" > "$OUT/$stage/log_tail.jsonl" 2>/dev/null || true
+  if [ -n "$OUT" ] && [ -f "$WORK/runs/$stage/result.json" ]; then
+    cp "$WORK/runs/$stage/result.json" "$OUT/${stage}_result.json"  # the model itself travels with `pack`
   fi
 done

@@ -1,23 +1,29 @@
 #!/usr/bin/env bash
-# One self-contained training round on a fresh GPU machine: record, encode with the shipped VAE, continue the
-# diffusion-forcing DiT from models/doom-small, distill it, train the reward head, and bundle the results into
-# $OUT as <=15 MiB pieces (join with `cat bundle.tar.part* | tar x`).
+# One training round of doom-small on a GPU machine, in three calls of under 10 minutes each made back to back
+# (the machine stays warm between them, so /tmp/mg carries over):
+#   bash scripts/device_train_round.sh 1   # setup, record 90 minutes, encode with the shipped VAE, start the DiT
+#   bash scripts/device_train_round.sh 2   # continue the DiT (--resume) to the end of its schedule
+#   bash scripts/device_train_round.sh 3   # [distill,] reward head, eval, and the results as pieces in $OUT
+# The DiT continues from models/doom-small (MG_DIT_INIT) for MG_DIT_STEPS steps at batch 128 with the action
+# modules at 10x; MG_DISTILL_MINUTES > 0 adds a distillation before the reward head. Join the pieces here with
+# `cat bundle.tar.part* | tar x` and `python scripts/pack_model.py --unpack pack/reward NEW_MODEL_DIR`.
 set -eo pipefail
 cd "$(dirname "$0")/.."
 export MG_WORK=${MG_WORK:-/tmp/mg} PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-RESULTS=${OUT:-/tmp/out}; unset OUT
-bash scripts/device_pipeline.sh setup "record:${MG_RECORD_MINUTES:-90}"
-python3 -m matrixgame_env.cli train encode --data "$MG_WORK/data" --init models/doom-small --out "$MG_WORK/runs" \
-  --workers 8 --no-progress --minutes 3
-MG_DIT_INIT=models/doom-small bash scripts/device_pipeline.sh "dit:${MG_DIT_MINUTES:-3}" \
-  "distill:${MG_DISTILL_MINUTES:-3.5}" "reward:${MG_REWARD_MINUTES:-0.8}" || echo "pipeline stopped: $?"
-mkdir -p /tmp/pack
-for stage in dit distill reward; do
-  if [ -d "$MG_WORK/runs/$stage/model" ]; then
-    python3 scripts/pack_model.py "$MG_WORK/runs/$stage/model" "/tmp/pack/$stage" --piece-mib 1000
-    cp "$MG_WORK/runs/$stage/log.jsonl" "/tmp/pack/$stage/" 2>/dev/null || true
-  fi
-done
-cp "$MG_WORK/runs/encode/manifest.json" /tmp/pack/ 2>/dev/null || true
-tar cf - -C /tmp pack | split -b 15M - "$RESULTS/bundle.tar.part"
-ls -la "$RESULTS"
+export MG_DIT_INIT=${MG_DIT_INIT:-models/doom-small} MG_DIT_BATCH=${MG_DIT_BATCH:-128}
+export MG_DIT_STEPS=${MG_DIT_STEPS:-3000} MG_ENCODE_INIT=${MG_ENCODE_INIT:-models/doom-small}
+export MG_DIT_ARGS=${MG_DIT_ARGS:---compile --lr 1.5e-4 --warmup-steps 200 --action-lr-mult 10 --log-every 50}
+pipeline() { bash scripts/device_pipeline.sh "$@"; }
+case ${1:-} in
+  1) pipeline setup "record:${MG_RECORD_MINUTES:-90}" encode:3 "dit:${MG_DIT_MINUTES:-5.5}" ;;
+  2) pipeline "dit:${MG_DIT_MINUTES:-8.6}" ;;
+  3)
+    if [ "${MG_DISTILL_MINUTES:-0}" != 0 ]; then
+      pipeline "distill:$MG_DISTILL_MINUTES"
+      export MG_REWARD_INIT=$MG_WORK/runs/distill/model
+    else
+      export MG_REWARD_INIT=$MG_WORK/runs/dit/model
+    fi
+    pipeline "reward:${MG_REWARD_MINUTES:-1.2}" eval pack ;;
+  *) echo "usage: bash scripts/device_train_round.sh 1|2|3" >&2; exit 2 ;;
+esac
