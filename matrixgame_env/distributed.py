@@ -97,12 +97,27 @@ def init(device: str | torch.device | None = None) -> torch.device:
     return device
 
 
-def shutdown() -> None:
-    """Leave the process group (registered at exit by `init`; safe to call twice)."""
+def shutdown(timeout_s: float = 30.0) -> None:
+    """Leave the process group (registered at exit by `init`; safe to call twice).
+
+    The processes first wait for each other (up to `timeout_s`, on the gloo group): a process that
+    tears its connections down while another still uses them makes gloo abort that other process.
+    """
     global _control_group
     if initialized():
+        group = _control_group if _control_group is not None else _gloo_world()
+        if group is not None and world_size() > 1:
+            try:
+                dist.monitored_barrier(group=group, timeout=datetime.timedelta(seconds=timeout_s))
+            except RuntimeError:
+                pass  # another process is gone or stuck: leave anyway
         dist.destroy_process_group()
     _control_group = None
+
+
+def _gloo_world() -> Any:
+    """The default group when it is gloo, else None (a new group cannot be made while leaving)."""
+    return dist.group.WORLD if dist.get_backend() == "gloo" else None
 
 
 def _control() -> Any:
