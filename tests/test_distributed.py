@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_clips import random_clips, write_latent_dataset
 from tiny_model import tiny_model_config, tiny_modules
-from tiny_training import encode, tiny_dataset, tiny_latents, tiny_model_folder
+from tiny_training import encode, tiny_dataset, tiny_latents, tiny_model_folder, tiny_training_config, train
 from torch.utils.data import Dataset
 
 from matrixgame_env import distributed
@@ -301,9 +301,20 @@ def _reward_stage(*argv: str) -> None:
     reward.run(parser.parse_args(argv))
 
 
+def _adversarial_vae_stage(dataset: Path, out: Path) -> None:
+    """`train vae` with the patch discriminator from step 1 (the second step): 2 steps on global batches
+    of 2 clips, so one discriminator update."""
+    config = tiny_training_config(out / "config")
+    train("vae", "--data", str(dataset), "--model-config", str(config), "--out", str(out), "--steps", "2",
+          "--batch-size", "2", "--clip-frames", "9", "--val-fraction", "0.5", "--warmup-steps", "1", "--no-sample",
+          "--gan-weight", "0.5", "--gan-start", "1", "--disc-width", "8", "--log-every", "1", "--stats-clips", "2",
+          "--val-clips", "2")  # fmt: skip
+
+
 def _two_process_training(root: Path, dataset: Path, model: Path) -> None:
     """Everything the tests below check, in the same two processes (starting processes is the slow part)."""
     _diffusion_steps(root / "two")
+    _adversarial_vae_stage(dataset, root / "vae_two")
     try:
         _diffusion_steps(root / "uneven", batch_size=3)
     except StageError as error:
@@ -321,6 +332,7 @@ def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("training")
     dataset, model = tiny_dataset(tmp_path_factory), tiny_model_folder(tmp_path_factory)
     _diffusion_steps(root / "one")
+    _adversarial_vae_stage(dataset, root / "vae_one")
     _distill_step(root / "distill_one")
     _reward_data(root / "reward_data")
     _reward_stage(*_reward_options(root, model), "--out", str(root / "reward_one"))
@@ -342,6 +354,24 @@ def test_a_data_parallel_diffusion_step_equals_one_process_on_the_global_batch(r
         assert any(not torch.equal(a[key], initial[part][key]) for key in a), part  # it did train
     state = torch.load(_checkpoint(two) / "train_state.pt", weights_only=True)
     assert len(state["rank_rngs"]) == PROCESSES  # every process's random state, for an exact resume
+
+
+def test_a_data_parallel_adversarial_vae_stage_equals_one_process(runs) -> None:
+    """Losses and gradient norms agree to float rounding. The weights agree but for a few elements:
+    Adam divides each gradient by its own magnitude, so in directions where the true gradient is
+    about zero (a bias-free convolution before a group norm is scale-invariant) rounding noise moves
+    an element as far as a real gradient; without averaging the discriminator's gradients over the
+    processes, most of its elements would differ by about twice its learning rate."""
+    one, two = runs / "vae_one" / "vae", runs / "vae_two" / "vae"
+    assert len(_logged(one, "gan")) == len(_logged(one, "disc_loss")) == 1
+    for key in ("l1", "gan", "disc_loss", "grad_norm"):
+        assert _logged(two, key) == pytest.approx(_logged(one, key), rel=1e-4), key
+    for name in ("vae", "discriminator"):
+        a = read_state_dict(_checkpoint(one) / f"{name}.safetensors")
+        b = read_state_dict(_checkpoint(two) / f"{name}.safetensors")
+        difference = torch.cat([(a[key] - b[key]).abs().flatten() for key in a])
+        assert float(difference.mean()) < 1e-6, name
+        assert float((difference > 1e-6).float().mean()) < 0.01, name
 
 
 def test_student_and_critic_learn_from_the_clips_of_both_processes(runs) -> None:

@@ -219,6 +219,9 @@ def test_edge_loss_charges_blur_and_ignores_a_brightness_offset() -> None:
         (["--latent-noise", "-0.1", "--decoder-only"], "--latent-noise must be a number >= 0, got -0.1"),
         (["--edge-weight", "nan"], "--edge-weight must be a number >= 0, got nan"),
         (["--latent-noise", "0.1"], "--latent-noise applies to --decoder-only"),
+        (["--gan-weight", "-1"], "--gan-weight must be a number >= 0, got -1.0"),
+        (["--gan-weight", "0.1", "--disc-width", "12"], "--disc-width must be a multiple of 8"),
+        (["--gan-weight", "0.1", "--gan-start", "-5"], "--gan-start must be a step >= 0"),
     ],
 )
 def test_bad_loss_options_are_refused(dataset, model_config, tmp_path, options, message) -> None:
@@ -227,3 +230,75 @@ def test_bad_loss_options_are_refused(dataset, model_config, tmp_path, options, 
                              *CLIP)  # fmt: skip
     assert status == 2 and message in errors
     assert not (tmp_path / "vae").exists()
+
+
+# The adversarial loss
+
+
+def test_patch_discriminator_gives_one_logit_per_8x8_cell_and_checks_its_width() -> None:
+    from matrixgame_env.train.adversarial import PatchDiscriminator
+
+    logits = PatchDiscriminator(16)(torch.zeros(3, 3, 96, 176))
+    assert logits.shape == (3, 1, 12, 22)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        PatchDiscriminator(12)
+
+
+def test_hinge_losses_against_their_definitions() -> None:
+    from matrixgame_env.train.adversarial import discriminator_loss, generator_loss
+
+    real = torch.tensor([2.0, 0.5, -1.0], dtype=torch.float64)
+    fake = torch.tensor([-3.0, 0.0, 0.25], dtype=torch.float64)
+    # relu(1 - real) = [0, 0.5, 2]; relu(1 + fake) = [0, 1, 1.25]
+    assert float(discriminator_loss(real, fake)) == pytest.approx(0.5 * (2.5 / 3 + 2.25 / 3))
+    assert float(discriminator_loss(torch.full((4,), 1.0), torch.full((4,), -1.0))) == 0.0
+    assert float(generator_loss(fake)) == pytest.approx(-(-3.0 + 0.0 + 0.25) / 3)
+
+
+def test_the_adversary_trains_the_decoder_and_leaves_the_discriminator_alone(tmp_path) -> None:
+    import argparse
+
+    from matrixgame_env.train.vae import _Critic
+
+    torch.manual_seed(0)
+    vae = WanVAE(dim=4, num_res_blocks=1).train()
+    video = torch.rand(2, 3, 5, 16, 32) * 2 - 1
+    training = TrainRun(tmp_path, total_steps=1, device="cpu", progress=False)
+    critic = _Critic(training, argparse.Namespace(gan_weight=0.5, disc_width=8, disc_lr=None, lr=1e-3))
+    plain = vae_losses(vae, video, kl_weight=0.0, sample=False)
+    with_gan = vae_losses(vae, video, kl_weight=0.0, sample=False, adversary=critic.adversary())
+    assert set(with_gan) - set(plain) == {"gan", "reconstruction"} and "gan" not in plain
+    assert float((with_gan["loss"] - plain["loss"]).detach()) == pytest.approx(float(with_gan["gan"]), rel=1e-5)
+    with_gan["loss"].backward()
+    assert all(p.grad is None for p in critic.discriminator.parameters())
+    assert all(p.requires_grad for p in critic.discriminator.parameters())
+    assert vae.decoder.head[-1].weight.grad.abs().sum() > 0
+
+    before = [p.detach().clone() for p in critic.discriminator.parameters()]
+    loss = critic.train_step(video, with_gan["reconstruction"])
+    assert loss > 0
+    assert any(not torch.equal(a, p) for a, p in zip(before, critic.discriminator.parameters()))
+
+
+def test_gan_training_resumes_exactly_and_keeps_the_discriminator_out_of_the_model(
+    dataset, model_config, tmp_path
+) -> None:
+    common = ["--data", str(dataset), "--model-config", str(model_config), "--steps", "4", "--gan-weight", "0.1",
+              "--gan-start", "2", "--disc-width", "8", "--log-every", "1", "--stats-clips", "4", "--val-clips", "2",
+              *CLIP]  # fmt: skip
+    train("vae", *common, "--out", str(tmp_path / "once"))
+    train("vae", *common, "--out", str(tmp_path / "twice"), "--stop-after-steps", "3")
+    train("vae", *common, "--out", str(tmp_path / "twice"), "--resume")
+    once, twice = _checkpoint(tmp_path / "once"), _checkpoint(tmp_path / "twice")
+    for name in ("vae.safetensors", "discriminator.safetensors"):
+        a, b = read_state_dict(once / name), read_state_dict(twice / name)
+        assert all(torch.equal(a[key], b[key]) for key in a), name
+    state = torch.load(once / "train_state.pt", weights_only=True)
+    assert set(state["optimizers"]) == {"vae", "discriminator"}
+    log = [json.loads(line) for line in (tmp_path / "once" / "vae" / "log.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in log if "loss" in r or "l1" in r}
+    assert "gan" not in steps[2] and "disc_loss" not in steps[2]
+    assert "gan" in steps[3] and "disc_loss" in steps[4]
+    model = tmp_path / "once" / "vae" / "model"
+    assert not any("discriminator" in path.name for path in model.iterdir())
+    assert json.loads((model / "config.json").read_text())["extra"]["training"]["vae"]["gan_weight"] == 0.1

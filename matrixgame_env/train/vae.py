@@ -3,7 +3,8 @@
     matrixgame-env train vae --data data/doom --out runs/doom --minutes 9 [--resume]
 
 Each step encodes clips of 1 + 4k frames with the causal chunked encoder, samples the posterior,
-decodes with the (non-streaming) decoder and minimises L1 + MSE + kl_weight * KL. When all `--steps`
+decodes with the (non-streaming) decoder and minimises L1 + MSE + kl_weight * KL (+ an edge loss and,
+with `--gan-weight`, a patch discriminator's adversarial loss: see `adversarial.py`). When all `--steps`
 are done the stage measures the per-channel mean and std of the posterior means on training clips,
 stores them as the config's `vae.latent_mean` / `latent_std` (so the DiT sees unit-variance latents),
 reports reconstruction PSNR on the val split through the inference path (`encode` -> `decode`), and
@@ -26,6 +27,7 @@ from torch.utils.data import Dataset
 from ..data.dataset import VideoClipDataset
 from ..model_config import ModelConfig
 from ..nn.vae import WanVAE
+from .adversarial import PatchDiscriminator, discriminator_loss, generator_loss, video_frames
 from .common import (
     StageError,
     TrainRun,
@@ -65,20 +67,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the decoder learns to render imperfect latents such as a DiT's",
     )  # fmt: skip
     parser.add_argument("--edge-weight", type=float, default=0.0, help="weight of an L1 loss on spatial gradients")
+    parser.add_argument(
+        "--gan-weight", type=float, default=0.0,
+        help="weight of the adversarial loss of a patch discriminator over frames (0: none; e.g. 0.1 against blur)",
+    )  # fmt: skip
+    parser.add_argument("--gan-start", type=int, default=500, help="step from which the adversarial loss applies")
+    parser.add_argument("--disc-lr", type=float, default=None, help="discriminator learning rate (default: --lr)")
+    parser.add_argument("--disc-width", type=int, default=32, help="channels of the discriminator's first layer")
+
+
+Adversary = Callable[[torch.Tensor], torch.Tensor]
 
 
 def vae_losses(
-    vae: WanVAE, video: torch.Tensor, kl_weight: float, sample: bool = True, edge_weight: float = 0.0
+    vae: WanVAE,
+    video: torch.Tensor,
+    kl_weight: float,
+    sample: bool = True,
+    edge_weight: float = 0.0,
+    adversary: Adversary | None = None,
 ) -> dict[str, torch.Tensor]:
     """Training losses of a batch of clips [B, 3, T, H, W] in [-1, 1].
 
     Returns "loss" (to minimise) = l1 + mse + kl_weight * kl + edge_weight * edge, and its parts: "l1", "mse"
     (pixel means), "kl" (mean KL per latent value of the unnormalised posterior against N(0, 1)) and "psnr"
-    (dB, 0..1 range).
+    (dB, 0..1 range). With `adversary` (decoded clips -> weighted generator loss) its value is added to
+    "loss" and reported as "gan", and the detached decoded clips come back as "reconstruction".
     """
     mu, logvar = vae.encode_distribution(video)
     z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample else mu
-    losses = reconstruction_losses(vae.decode_unnormalised(z), video, edge_weight)
+    losses = reconstruction_losses(vae.decode_unnormalised(z), video, edge_weight, adversary)
     mu, logvar = mu.float(), logvar.float()
     kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
     losses["loss"] = losses["loss"] + kl_weight * kl
@@ -87,37 +105,49 @@ def vae_losses(
 
 
 def decoder_losses(
-    vae: WanVAE, video: torch.Tensor, latent_noise: float = 0.0, edge_weight: float = 0.0
+    vae: WanVAE,
+    video: torch.Tensor,
+    latent_noise: float = 0.0,
+    edge_weight: float = 0.0,
+    adversary: Adversary | None = None,
 ) -> dict[str, torch.Tensor]:
     """Losses of the decoder alone: the frozen encoder's posterior means (plus `latent_noise` times each
     channel's latent std of Gaussian noise) decoded and compared with the clips [B, 3, T, H, W] in [-1, 1].
 
-    Returns "loss" = l1 + mse + edge_weight * edge, and "l1", "mse", "psnr" as `vae_losses`.
+    Returns "loss" = l1 + mse + edge_weight * edge (+ the adversary's), and "l1", "mse", "psnr" (and
+    "gan", "reconstruction") as `vae_losses`.
     """
     with torch.no_grad():
         mu, _ = vae.encode_distribution(video)
         if latent_noise > 0:
             std = torch.as_tensor(vae.config["latent_std"], dtype=mu.dtype, device=mu.device).view(1, -1, 1, 1, 1)
             mu = mu + latent_noise * std * torch.randn_like(mu)
-    return reconstruction_losses(vae.decode_unnormalised(mu), video, edge_weight)
+    return reconstruction_losses(vae.decode_unnormalised(mu), video, edge_weight, adversary)
 
 
 def reconstruction_losses(
-    reconstruction: torch.Tensor, video: torch.Tensor, edge_weight: float = 0.0
+    reconstruction: torch.Tensor, video: torch.Tensor, edge_weight: float = 0.0, adversary: Adversary | None = None
 ) -> dict[str, torch.Tensor]:
-    """ "loss" = l1 + mse + edge_weight * edge of a decoded video against the clips, and "l1", "mse",
-    "psnr" (detached), all in float32."""
+    """ "loss" = l1 + mse + edge_weight * edge (+ adversary(reconstruction)) of a decoded video against
+    the clips, and "l1", "mse", "psnr" (detached), all in float32; with `adversary` also "gan" and the
+    detached "reconstruction"."""
     reconstruction = reconstruction.float()
     target = video.to(reconstruction)
     error = reconstruction - target
     l1 = error.abs().mean()
     mse = error.pow(2).mean()
-    return {
+    losses = {
         "loss": l1 + mse + edge_weight * edge_loss(reconstruction, target),
         "l1": l1.detach(),
         "mse": mse.detach(),
         "psnr": psnr(reconstruction.detach().clamp(-1, 1), target),
     }
+    if adversary is not None:
+        gan = adversary(reconstruction)
+        losses["loss"] = losses["loss"] + gan
+        losses["gan"] = gan.detach()
+        losses["reconstruction"] = reconstruction.detach()
+    return losses
 
 
 def edge_loss(video: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -182,25 +212,27 @@ def run(args: argparse.Namespace) -> Path:
     optimizer = adamw([p for p in vae.parameters() if p.requires_grad], args.lr, args.weight_decay)
     training.add_module("vae", vae, ema_decay=args.ema)
     training.add_optimizer("vae", optimizer, warmup_cosine(optimizer, args.warmup_steps, args.steps))
+    critic = _Critic(training, args) if args.gan_weight > 0 else None
     training.resume()
     if not training.finished:
         batches = training.batches(train_clips, args.batch_size, args.workers)
         sample = not args.no_sample
-        if args.decoder_only:
 
-            def step(video: torch.Tensor) -> dict[str, torch.Tensor]:
-                return decoder_losses(vae, video, args.latent_noise, args.edge_weight)
-        else:
-
-            def step(video: torch.Tensor) -> dict[str, torch.Tensor]:
-                return vae_losses(vae, video, args.kl_weight, sample, args.edge_weight)
+        def step(video: torch.Tensor, adversary: Adversary | None) -> dict[str, torch.Tensor]:
+            if args.decoder_only:
+                return decoder_losses(vae, video, args.latent_noise, args.edge_weight, adversary)
+            return vae_losses(vae, video, args.kl_weight, sample, args.edge_weight, adversary)
 
         losses_of = training.data_parallel(step, vae)
         while training.keep_going():
             video = next(batches)["video"].to(training.device, non_blocking=True)
+            adversary = critic.adversary() if critic is not None and training.step >= args.gan_start else None
             with training.autocast():
-                losses = losses_of(video)
-            grad_norm = training.optimize(losses.pop("loss"))
+                losses = losses_of(video, adversary)
+            grad_norm = training.optimize(losses.pop("loss"), "vae")
+            reconstruction = losses.pop("reconstruction", None)
+            if reconstruction is not None:
+                losses["disc_loss"] = critic.train_step(video, reconstruction)
             training.end_step(**losses, grad_norm=grad_norm)
         training.save()
     if not training.finished:
@@ -215,11 +247,56 @@ def run(args: argparse.Namespace) -> Path:
     return folder
 
 
+class _Critic:
+    """The patch discriminator of `--gan-weight`, registered with the run (so checkpoints and resume
+    include it and its optimizer); it is not part of the model folder."""
+
+    def __init__(self, training: TrainRun, args: argparse.Namespace) -> None:
+        self.training = training
+        self.weight = args.gan_weight
+        self.discriminator = PatchDiscriminator(args.disc_width).to(training.device).train()
+        self.optimizer = adamw(self.discriminator.parameters(), args.disc_lr or args.lr, 0.0, betas=(0.5, 0.9))
+        training.add_module("discriminator", self.discriminator)
+        training.add_optimizer("discriminator", self.optimizer)
+        self._losses_of = training.data_parallel(self._loss, self.discriminator)
+
+    def adversary(self) -> Adversary:
+        """Decoded clips -> weighted generator loss; the discriminator's weights get no gradient from it."""
+
+        def weighted_generator_loss(reconstruction: torch.Tensor) -> torch.Tensor:
+            self.discriminator.requires_grad_(False)
+            try:
+                return self.weight * generator_loss(self.discriminator(video_frames(reconstruction)))
+            finally:
+                self.discriminator.requires_grad_(True)
+
+        return weighted_generator_loss
+
+    def train_step(self, video: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+        """One discriminator step on the real clips and the (detached) decoded ones; returns its loss."""
+        with self.training.autocast():
+            loss = self._losses_of(video, reconstruction)
+        self.training.optimize(loss, "discriminator")
+        return loss.detach()
+
+    def _loss(self, video: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+        frames = torch.cat([video_frames(video.to(reconstruction)), video_frames(reconstruction)])
+        logits = self.discriminator(frames)
+        real, fake = logits.chunk(2)
+        return discriminator_loss(real, fake)
+
+
 def _check_loss_options(args: argparse.Namespace) -> None:
-    for name in ("latent_noise", "edge_weight"):
+    for name in ("latent_noise", "edge_weight", "gan_weight"):
         value = getattr(args, name)
         if not value >= 0:  # also catches NaN
             raise StageError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
+    if args.gan_start < 0:
+        raise StageError(f"--gan-start must be a step >= 0, got {args.gan_start}")
+    if args.disc_lr is not None and not args.disc_lr > 0:
+        raise StageError(f"--disc-lr must be a positive number, got {args.disc_lr}")
+    if args.disc_width < 8 or args.disc_width % 8:
+        raise StageError(f"--disc-width must be a multiple of 8 and at least 8, got {args.disc_width}")
     if args.latent_noise > 0 and not args.decoder_only:
         raise StageError("--latent-noise applies to --decoder-only training (the full VAE samples its own posterior)")
 
@@ -276,6 +353,8 @@ def _finish(
     if pictures:
         config.start_images = list(pictures)
     record = {"steps": training.step, "psnr_db": round(psnr_db, 3)}
+    if args.gan_weight > 0:
+        record.update(gan_weight=args.gan_weight, gan_start=args.gan_start)
     if args.decoder_only:
         previous = config.extra.setdefault("training", {}).get(STAGE, {})
         record = {**previous, "decoder_only": {**record, "latent_noise": args.latent_noise,

@@ -1,0 +1,53 @@
+"""An adversarial loss for the VAE's decoder: a patch discriminator over single frames, hinge losses.
+
+Pixel losses (L1, MSE) are minimised by the average of every picture an encoding could stand for, which
+is a blur; a discriminator that tells real frames from decoded ones, patch by patch, charges the blur
+directly. `train vae --gan-weight W` adds W times the generator loss to the VAE's loss from step
+`--gan-start` on, and trains the discriminator on the same clips after every VAE step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class PatchDiscriminator(nn.Module):
+    """Frames [N, 3, H, W] in [-1, 1] (H, W multiples of 8) -> real/fake logits [N, 1, H / 8, W / 8],
+    one per overlapping patch of about 38x38 pixels: three stride-2 4x4 convolutions with leaky ReLUs (group norm
+    after the second and third), then a 3x3 convolution to one logit."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        if width < 8 or width % 8:
+            raise ValueError(f"the discriminator width must be a multiple of 8 and at least 8, got {width}")
+        layers: list[nn.Module] = [nn.Conv2d(3, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        channels = width
+        for _ in range(2):
+            layers += [
+                nn.Conv2d(channels, 2 * channels, 4, stride=2, padding=1, bias=False),
+                nn.GroupNorm(8, 2 * channels),
+                nn.LeakyReLU(0.2),
+            ]
+            channels *= 2
+        layers.append(nn.Conv2d(channels, 1, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.net(frames)
+
+
+def video_frames(video: torch.Tensor) -> torch.Tensor:
+    """Clips [B, 3, T, H, W] -> frames [B * T, 3, H, W] for the frame discriminator."""
+    return video.transpose(1, 2).flatten(0, 1)
+
+
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Hinge loss of the discriminator: mean relu(1 - real) + mean relu(1 + fake), halved."""
+    return 0.5 * (F.relu(1.0 - real_logits.float()).mean() + F.relu(1.0 + fake_logits.float()).mean())
+
+
+def generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """The decoder's adversarial loss: minus the mean logit of its frames."""
+    return -fake_logits.float().mean()
