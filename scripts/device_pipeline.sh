@@ -30,7 +30,8 @@ for item in "$@"; do
       cli record --out "$WORK/data" --minutes "$minutes" --workers "${MG_RECORD_WORKERS:-14}" --no-progress ;;
     vae)
       cli train vae --data "$WORK/data" --model-config "$CONFIG" --out "$WORK/runs" --minutes "$minutes" \
-        --batch-size "${MG_VAE_BATCH:-16}" --steps "${MG_VAE_STEPS:-4000}" --workers 8 --no-progress $(resume_flag vae) ;;
+        --batch-size "${MG_VAE_BATCH:-16}" --steps "${MG_VAE_STEPS:-4000}" --workers 8 --no-progress $(resume_flag vae) \
+        ${MG_VAE_ARGS:-} ;;
     encode)
       cli train encode --data "$WORK/data" --init "${MG_ENCODE_INIT:-$WORK/runs/vae/model}" --out "$WORK/runs" --minutes "$minutes" \
         --workers 8 --no-progress ;;
