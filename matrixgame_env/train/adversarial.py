@@ -20,8 +20,9 @@ class PatchDiscriminator(nn.Module):
 
     def __init__(self, width: int = 32) -> None:
         super().__init__()
-        if width < 8 or width % 8:
-            raise ValueError(f"the discriminator width must be a multiple of 8 and at least 8, got {width}")
+        problem = width_problem(width)
+        if problem:
+            raise ValueError(f"the discriminator width {problem}")
         layers: list[nn.Module] = [nn.Conv2d(3, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
         channels = width
         for _ in range(2):
@@ -36,6 +37,11 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         return self.net(frames)
+
+
+def width_problem(width: int) -> str | None:
+    """What is wrong with a discriminator width (its group norms need multiples of 8), or None."""
+    return None if width >= 8 and width % 8 == 0 else f"must be a multiple of 8 and at least 8, got {width}"
 
 
 def video_frames(video: torch.Tensor) -> torch.Tensor:

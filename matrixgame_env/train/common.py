@@ -182,8 +182,7 @@ def adamw(
         groups = [group for group in groups if group["params"]]
     else:
         groups = [{"params": [p for p in items if p.requires_grad]}]
-    first = [p for group in groups for p in group["params"]][:1]
-    fused = bool(first) and first[0].is_cuda
+    fused = any(p.is_cuda for group in groups for p in group["params"][:1])
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=betas, fused=fused or None)
 
 

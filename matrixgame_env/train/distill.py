@@ -162,10 +162,11 @@ def run(args: argparse.Namespace) -> Path:
     dmd = DistributionMatching(critic_forcing.scheduler, args.min_level, args.max_level, args.guidance)
 
     # beta1 = 0 as in DMD2 / Self-Forcing: both targets move every step.
+    critic_lr = args.critic_lr or args.lr
     student_groups = parameter_groups(student, args.lr, args.action_lr_mult)
-    critic_groups = parameter_groups(critic, args.critic_lr or args.lr, args.action_lr_mult)
+    critic_groups = parameter_groups(critic, critic_lr, args.action_lr_mult)
     student_optimizer = adamw(student_groups, args.lr, args.weight_decay, betas=(0.0, 0.999))
-    critic_optimizer = adamw(critic_groups, args.critic_lr or args.lr, args.weight_decay, betas=(0.0, 0.999))
+    critic_optimizer = adamw(critic_groups, critic_lr, args.weight_decay, betas=(0.0, 0.999))
     training.add_module("student", student, ema_decay=args.ema)
     training.add_module("critic", critic)
     training.add_optimizer(

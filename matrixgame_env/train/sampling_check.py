@@ -51,16 +51,24 @@ def validation_loss(
     return total / len(clips)
 
 
-def action_gain(world: WorldModel, forcing: DiffusionForcing, clips: list[ClipBatch], seed: int = 0) -> float | None:
+def action_gain(
+    world: WorldModel,
+    forcing: DiffusionForcing,
+    clips: list[ClipBatch],
+    seed: int = 0,
+    loss: float | None = None,
+) -> float | None:
     """How much the DiT reads its actions: the relative rise of the validation flow MSE when every
     clip gets another clip's actions (0: actions ignored). None without a batch of 2 clips or more,
-    or for a model without actions."""
-    if world.dit.config.action is None or not any(batch.latents.shape[0] > 1 for batch in clips):
-        return None
+    or for a model without actions. `loss`: `validation_loss` of the same clips and seed, if known.
+    """
     usable = [batch for batch in clips if batch.latents.shape[0] > 1]
-    true = validation_loss(world, forcing, usable, seed)
+    if world.dit.config.action is None or not usable:
+        return None
+    if loss is None or len(usable) != len(clips):
+        loss = validation_loss(world, forcing, usable, seed)
     swapped = validation_loss(world, forcing, usable, seed, swap_actions=True)
-    return (swapped - true) / true
+    return (swapped - loss) / loss
 
 
 @torch.no_grad()
@@ -112,12 +120,13 @@ def check_model_folder(
     per_block = generation_mse(
         world, clips[0], min(num_blocks, clips[0].num_frames // sampler.config.frames_per_block), seed
     )
+    loss = validation_loss(world, forcing, clips, seed)
     metrics = {
-        "val_flow_mse": validation_loss(world, forcing, clips, seed),
+        "val_flow_mse": loss,
         "generation_mse": sum(per_block) / len(per_block),
         "generation_mse_per_block": per_block,
     }
-    gain = action_gain(world, forcing, clips, seed)
+    gain = action_gain(world, forcing, clips, seed, loss)
     if gain is not None:
         metrics["action_gain"] = gain
     return metrics

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from ..data.dataset import VideoClipDataset
 from ..model_config import ModelConfig
 from ..nn.vae import WanVAE
-from .adversarial import PatchDiscriminator, discriminator_loss, generator_loss, video_frames
+from .adversarial import PatchDiscriminator, discriminator_loss, generator_loss, video_frames, width_problem
 from .common import (
     StageError,
     TrainRun,
@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> Path:
     if args.decoder_only:
         _freeze_encoder(vae, args.init)
     vae.to(training.device).train()
-    optimizer = adamw([p for p in vae.parameters() if p.requires_grad], args.lr, args.weight_decay)
+    optimizer = adamw(vae.parameters(), args.lr, args.weight_decay)  # adamw skips the frozen encoder
     training.add_module("vae", vae, ema_decay=args.ema)
     training.add_optimizer("vae", optimizer, warmup_cosine(optimizer, args.warmup_steps, args.steps))
     critic = _Critic(training, args) if args.gan_weight > 0 else None
@@ -295,8 +295,8 @@ def _check_loss_options(args: argparse.Namespace) -> None:
         raise StageError(f"--gan-start must be a step >= 0, got {args.gan_start}")
     if args.disc_lr is not None and not args.disc_lr > 0:
         raise StageError(f"--disc-lr must be a positive number, got {args.disc_lr}")
-    if args.disc_width < 8 or args.disc_width % 8:
-        raise StageError(f"--disc-width must be a multiple of 8 and at least 8, got {args.disc_width}")
+    if problem := width_problem(args.disc_width):
+        raise StageError(f"--disc-width {problem}")
     if args.latent_noise > 0 and not args.decoder_only:
         raise StageError("--latent-noise applies to --decoder-only training (the full VAE samples its own posterior)")
 
