@@ -85,8 +85,12 @@ def test_resume_continues_from_the_saved_step_as_if_never_interrupted(
               "--ema", "0.9", "--stats-clips", "8", "--val-clips", "4", *CLIP]  # fmt: skip
     train("vae", *common, "--stop-after-steps", "3")
     assert _checkpoint(tmp_path).name == "step_00000003"
-    assert not (tmp_path / "vae" / "model").exists()
+    partial = json.loads((tmp_path / "vae" / "result.json").read_text())  # every session writes its model folder
+    assert partial["step"] == 3 and partial["finished"] is False
+    config = json.loads((tmp_path / "vae" / "model" / "config.json").read_text())
+    assert config["extra"]["training"]["vae"]["steps"] == 3
     train("vae", *common, "--resume")
+    assert json.loads((tmp_path / "vae" / "result.json").read_text())["finished"] is True
     interrupted, uninterrupted = _checkpoint(tmp_path), _checkpoint(finished_run)
     assert interrupted.name == uninterrupted.name == "step_00000006"
     for name in ("vae.safetensors", "vae.ema.safetensors"):
@@ -108,15 +112,26 @@ def test_a_run_refuses_to_restart_over_a_checkpoint_without_resume(dataset, mode
 
 
 def test_minutes_budget_stops_the_session_and_saves(dataset, model_config, tmp_path) -> None:
-    budget_seconds = 3.0
+    budget_seconds, finish_seconds = 6.0, 3.0
     started = time.monotonic()
     train("vae", "--data", str(dataset), "--model-config", str(model_config), "--out", str(tmp_path),
-          "--steps", "100000", "--minutes", str(budget_seconds / 60), *CLIP)  # fmt: skip
+          "--steps", "100000", "--minutes", str(budget_seconds / 60), "--finish-minutes", str(finish_seconds / 60),
+          "--stats-clips", "4", "--val-clips", "2", *CLIP)  # fmt: skip
     elapsed = time.monotonic() - started
     step = int(_checkpoint(tmp_path).name.removeprefix("step_"))
     assert 0 < step < 100000
     assert elapsed < budget_seconds + 5.0  # imports and dataset indexing come before the clock starts
-    assert not (tmp_path / "vae" / "model").exists()
+    result = json.loads((tmp_path / "vae" / "result.json").read_text())
+    assert result["step"] == step and result["finished"] is False
+    assert (tmp_path / "vae" / "model" / "vae.safetensors").is_file()
+
+
+def test_a_budget_without_time_to_finish_is_refused(dataset, model_config, tmp_path) -> None:
+    status, errors = run_cli("train", "vae", "--data", str(dataset), "--model-config", str(model_config),
+                             "--out", str(tmp_path), "--minutes", "1", "--finish-minutes", "1", "--device", "cpu",
+                             "--no-progress", *CLIP)  # fmt: skip
+    assert status == 2 and "--finish-minutes" in errors
+    assert not (tmp_path / "vae").exists()
 
 
 def test_finished_run_writes_a_model_folder_with_measured_latent_statistics(finished_run, dataset) -> None:

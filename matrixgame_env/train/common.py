@@ -38,7 +38,8 @@ Folder of a stage (`OUT/<stage>/`):
     log.jsonl              one JSON object per `log_every` steps: step, time (unix), lr, metric means
     checkpoints/latest     JSON {"step", "dir"}: the last complete checkpoint (replaced atomically, last)
     checkpoints/step_00000123/<name>.safetensors, <name>.ema.safetensors, train_state.pt
-    model/                 the stage's model folder in our format (`export_model`), once finished
+    model/                 the stage's model folder in our format (`export_model`): vae, dit and distill write it as
+                           every session ends, reward once all its steps are done
 Only the latest checkpoint is kept. `train_state.pt` holds only tensors, dicts, lists, ints, floats,
 strings and None (optimizer and scheduler state dicts, the step, the RNG states) and is read with
 `torch.load(weights_only=True)`.

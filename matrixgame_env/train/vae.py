@@ -74,6 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gan-start", type=int, default=500, help="step from which the adversarial loss applies")
     parser.add_argument("--disc-lr", type=float, default=None, help="discriminator learning rate (default: --lr)")
     parser.add_argument("--disc-width", type=int, default=32, help="channels of the discriminator's first layer")
+    parser.add_argument(
+        "--finish-minutes", type=float, default=1.0,
+        help="minutes of --minutes kept for measuring and writing the model folder, which every session ends "
+        "with (default: 1)",
+    )  # fmt: skip
 
 
 Adversary = Callable[[torch.Tensor], torch.Tensor]
@@ -200,10 +205,12 @@ def evenly_spaced(length: int, count: int) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> Path:
-    """Run (or continue) the stage; returns OUT/vae/model when all steps are done, else OUT/vae."""
+    """Run (or continue) the stage; every session ends by writing OUT/vae/model from the weights reached."""
     data = existing_dir(args.data, "--data", "record one with: matrixgame-env record --out DIR --minutes N")
     _check_loss_options(args)
-    training = TrainRun.from_args(args, STAGE)
+    if args.minutes <= args.finish_minutes:
+        raise StageError(f"--minutes {args.minutes} leaves no time for training after --finish-minutes")
+    training = TrainRun.from_args(args, STAGE, minutes=args.minutes - args.finish_minutes)
     config, dit, vae, clip, source = initial_model(args.init, args.model_config)
     train_clips, val_clips = _open_splits(data, config, args)
     if args.decoder_only:
@@ -235,14 +242,11 @@ def run(args: argparse.Namespace) -> Path:
                 losses["disc_loss"] = critic.train_step(video, reconstruction)
             training.end_step(**losses, grad_norm=grad_norm)
         training.save()
+    folder = training.folder / "model"
+    if training.is_main:  # rank 0 measures and writes the model folder
+        folder = _finish(training, config, dit, training.weights("vae"), clip, source, train_clips, val_clips, args)
     if not training.finished:
-        training.close()
         training.message(f"stopped at step {training.step}/{training.total_steps}; continue with --resume")
-        return training.folder
-    if not training.is_main:  # rank 0 measures and writes the model folder
-        training.close()
-        return training.folder / "model"
-    folder = _finish(training, config, dit, training.weights("vae"), clip, source, train_clips, val_clips, args)
     training.close()
     return folder
 
@@ -347,7 +351,14 @@ def _finish(
     measured_on = val_clips if val_clips is not None else train_clips
     psnr_db = reconstruction_psnr(vae, measured_on, evenly_spaced(len(measured_on), args.val_clips), args.batch_size)
     split = "val" if val_clips is not None else "train (no val clips)"
-    result = {"step": training.step, "psnr_db": psnr_db, "psnr_split": split, "latent_mean": mean, "latent_std": std}
+    result = {
+        "step": training.step,
+        "finished": training.finished,
+        "psnr_db": psnr_db,
+        "psnr_split": split,
+        "latent_mean": mean,
+        "latent_std": std,
+    }
     training.log(val_psnr=psnr_db)
     pictures = {} if args.decoder_only else _start_pictures(measured_on, START_PICTURES)
     if pictures:
