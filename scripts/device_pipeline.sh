@@ -3,8 +3,8 @@
 # Usage: bash scripts/device_pipeline.sh STAGE[:MINUTES] ...
 #   stages: setup record vae encode dit distill reward eval pack
 #   eval: `matrixgame-env eval` of $MG_EVAL_MODEL (default: the reward model) on the recording's held-out episodes;
-#   pack: the model folders named in $MG_PACK_MODELS (default: reward, which holds the DiT too), the logs of the
-#         dit, distill and reward stages and the eval, as <=15 MiB pieces in $OUT
+#   pack: the model folders named in $MG_PACK_MODELS (default: reward, which holds the DiT too), the VAE (float32)
+#         and config of the vae stage when it ran, the logs of the vae, dit, distill and reward stages and the eval, as <=15 MiB pieces in $OUT
 #         (join here with `cat bundle.tar.part* | tar x`, then `python scripts/pack_model.py --unpack ...`).
 # Work lives in $MG_WORK (default /tmp/mg) so that consecutive calls on a warm machine reuse it;
 # each stage's result.json is copied to $OUT when it is set; `pack` bundles the model folders.
@@ -52,9 +52,11 @@ for item in "$@"; do
     pack)
       [ -n "$OUT" ] || { echo "pack needs \$OUT" >&2; exit 2; }
       rm -rf /tmp/pack && mkdir -p /tmp/pack
-      for s in dit distill reward; do
+      for s in vae dit distill reward; do
         mkdir -p "/tmp/pack/$s"
-        if [ -d "$WORK/runs/$s/model" ] && [[ " ${MG_PACK_MODELS:-reward} " == *" $s "* ]]; then
+        if [ "$s" = vae ] && [ -f "$WORK/runs/vae/model/vae.safetensors" ]; then  # float32, as shipped
+          cp "$WORK/runs/vae/model/vae.safetensors" "$WORK/runs/vae/model/config.json" /tmp/pack/vae/
+        elif [ -d "$WORK/runs/$s/model" ] && [[ " ${MG_PACK_MODELS:-reward} " == *" $s "* ]]; then
           python3 scripts/pack_model.py "$WORK/runs/$s/model" "/tmp/pack/$s" --piece-mib 1000
         fi
         cp "$WORK/runs/$s/log.jsonl" "$WORK/runs/$s/result.json" "/tmp/pack/$s/" 2>/dev/null || true

@@ -5,8 +5,11 @@
 #   bash scripts/device_train_round.sh 2   # continue the DiT (--resume) to the end of its schedule
 #   bash scripts/device_train_round.sh 3   # [distill,] reward head, eval, and the results as pieces in $OUT
 # The DiT continues from models/doom-small (MG_DIT_INIT) for MG_DIT_STEPS steps at batch 128 with the action
-# modules at 10x; MG_DISTILL_MINUTES > 0 adds a distillation before the reward head. Join the pieces here with
-# `cat bundle.tar.part* | tar x` and `python scripts/pack_model.py --unpack pack/reward NEW_MODEL_DIR`.
+# modules at 10x; MG_DISTILL_MINUTES > 0 adds a distillation before the reward head. MG_VAE_MINUTES > 0 runs the
+# vae stage (MG_VAE_ARGS, e.g. a --decoder-only retrain from models/doom-small) beside the DiT in round 1; round 3
+# then evaluates the new DiT with that VAE (valid only while the latent space stays the same).
+# Join the pieces here with `cat bundle.tar.part* | tar x` and
+# `python scripts/pack_model.py --unpack pack/reward NEW_MODEL_DIR`.
 set -eo pipefail
 cd "$(dirname "$0")/.."
 export MG_WORK=${MG_WORK:-/tmp/mg} PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -15,7 +18,17 @@ export MG_DIT_STEPS=${MG_DIT_STEPS:-3000} MG_ENCODE_INIT=${MG_ENCODE_INIT:-model
 export MG_DIT_ARGS=${MG_DIT_ARGS:---compile --lr 1.5e-4 --warmup-steps 200 --action-lr-mult 10 --log-every 50}
 pipeline() { bash scripts/device_pipeline.sh "$@"; }
 case ${1:-} in
-  1) pipeline setup "record:${MG_RECORD_MINUTES:-90}" encode:3 "dit:${MG_DIT_MINUTES:-5.5}" ;;
+  1)
+    pipeline setup "record:${MG_RECORD_MINUTES:-90}" encode:3
+    if [ "${MG_VAE_MINUTES:-0}" != 0 ]; then  # the vae stage shares the GPU with the DiT (both are small)
+      pipeline "vae:$MG_VAE_MINUTES" > "$MG_WORK/vae_stage.txt" 2>&1 &
+      vae_stage=$!
+    fi
+    pipeline "dit:${MG_DIT_MINUTES:-5.5}"
+    if [ -n "${vae_stage:-}" ]; then
+      wait "$vae_stage" || echo "the vae stage failed"
+      tail -n 5 "$MG_WORK/vae_stage.txt"
+    fi ;;
   2) pipeline "dit:${MG_DIT_MINUTES:-8.6}" ;;
   3)
     if [ "${MG_DISTILL_MINUTES:-0}" != 0 ]; then
@@ -24,6 +37,10 @@ case ${1:-} in
     else
       export MG_REWARD_INIT=$MG_WORK/runs/dit/model
     fi
-    pipeline "reward:${MG_REWARD_MINUTES:-1.2}" eval pack ;;
+    pipeline "reward:${MG_REWARD_MINUTES:-1.2}"
+    if [ -f "$MG_WORK/runs/vae/model/vae.safetensors" ]; then  # a decoder retrained by round 1 (--decoder-only)
+      cp "$MG_WORK/runs/vae/model/vae.safetensors" "$MG_WORK/runs/reward/model/vae.safetensors"
+    fi
+    pipeline eval pack ;;
   *) echo "usage: bash scripts/device_train_round.sh 1|2|3" >&2; exit 2 ;;
 esac
