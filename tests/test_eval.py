@@ -229,6 +229,13 @@ def test_accuracy_and_its_chance_levels() -> None:
     # Balanced: forward, back and left score 0.5 (one class right, one wrong), right 1 (one class, right).
     assert majority["keyboard_balanced"] == pytest.approx((0.5 + 0.5 + 0.5 + 1.0) / 4)
     assert majority["yaw_direction_balanced"] == pytest.approx(1 / 3)
+    assert majority["yaw_confusion"] == {"left": {"left": 5, "none": 0, "right": 0},
+                                         "none": {"left": 3, "none": 0, "right": 0},
+                                         "right": {"left": 2, "none": 0, "right": 0}}  # fmt: skip
+    mixed = accuracy(Predictions(keys, torch.tensor([2, 0, 0, 0, 0, 1, 1, 2, 2, 0])), labels, names)
+    assert mixed["yaw_confusion"] == {"left": {"left": 4, "none": 0, "right": 1},
+                                      "none": {"left": 0, "none": 2, "right": 1},
+                                      "right": {"left": 1, "none": 0, "right": 1}}  # fmt: skip
     perfect = accuracy(Predictions(keys, yaw), labels, names)
     assert perfect["keyboard"] == perfect["keyboard_exact"] == perfect["keyboard_balanced"] == 1.0
     assert perfect["yaw_direction"] == perfect["yaw_direction_balanced"] == 1.0

@@ -180,7 +180,15 @@ def accuracy(predictions: Predictions, labels: Labels, key_names: tuple[str, ...
             "yaw_direction": float(yaw_counts.max() / count),
         },
         "yaw_share": {name: float(c / count) for name, c in zip(YAW_CLASSES, yaw_counts)},
+        "yaw_confusion": yaw_confusion(predictions.yaw, labels.yaw),
     }
+
+
+def yaw_confusion(predicted: torch.Tensor, true: torch.Tensor) -> dict[str, dict[str, int]]:
+    """{true direction: {predicted direction: frames}} over `YAW_CLASSES` (zeros included)."""
+    counts = torch.bincount(true * len(YAW_CLASSES) + predicted, minlength=len(YAW_CLASSES) ** 2)
+    table = counts.view(len(YAW_CLASSES), len(YAW_CLASSES)).tolist()
+    return {t: {p: int(n) for p, n in zip(YAW_CLASSES, row)} for t, row in zip(YAW_CLASSES, table)}
 
 
 def _balanced(predicted: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
