@@ -89,6 +89,9 @@ class MatrixGameEnv(gym.Env):
     run wide VAE decoders on channels-last tensors (same function, faster kernels); "compile" also
     fuses the elementwise chains of the DiT and the decoder with torch.compile (about 15 s of
     compiling on first use, results within bf16 rounding); False: the eager reference path.
+    action_guidance: strengthen what the actions do (`SamplerConfig.action_guidance`: 1 is off, as
+    the official sampler; each value above 1 costs one more DiT pass per denoising step); None keeps
+    the model's config. It is set on the world model, so envs sharing one `WorldModel` share it.
     """
 
     metadata = {"render_modes": ["rgb_array", "human"], "render_fps": 25}
@@ -107,12 +110,15 @@ class MatrixGameEnv(gym.Env):
         max_episode_steps: int | None = None,
         report_timing: bool = False,
         fast: bool | str = True,
+        action_guidance: float | None = None,
     ) -> None:
         super().__init__()
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
         self.world = resolve_world(model, device, dtype, mode)
         enable_fast_path(self.world, fast)
+        if action_guidance is not None:
+            self.world.sampler.set_action_guidance(action_guidance)
         config = self.world.config
         if mode is not None and mode != config.mode:
             raise ValueError(f"model {config.name!r} is a {config.mode} model, not {mode}")

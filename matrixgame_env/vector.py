@@ -42,7 +42,7 @@ class MatrixGameVectorEnv(VectorEnv):
 
     reset(seed=s) seeds world i with s + i, so world i matches `MatrixGameEnv.reset(seed=s + i)`;
     options={"image": picture or list of N pictures}. fast: as for `MatrixGameEnv` (CUDA graphs on a
-    GPU by default; "compile" adds fused kernels).
+    GPU by default; "compile" adds fused kernels); action_guidance: as for `MatrixGameEnv`.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 25, "autoreset_mode": AutoresetMode.NEXT_STEP}
@@ -61,11 +61,14 @@ class MatrixGameVectorEnv(VectorEnv):
         max_episode_steps: int | None = None,
         render_mode: str | None = None,
         fast: bool | str = True,
+        action_guidance: float | None = None,
     ) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         self.world = resolve_world(model, device, dtype, mode)
         enable_fast_path(self.world, fast)
+        if action_guidance is not None:
+            self.world.sampler.set_action_guidance(action_guidance)
         config = self.world.config
         self.layout = layout_for(config.mode, config.actions)
         self.num_envs = num_envs

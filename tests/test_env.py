@@ -234,3 +234,18 @@ def test_flat_actions_map_to_keys_and_scaled_mouse(world):
 def test_package_exports_make_vector(world):
     venv = matrixgame_env.make_vector("MatrixGame/Universal-v0", 2, model=world)
     assert venv.num_envs == 2
+
+
+def test_action_guidance_option_reaches_the_sampler_and_changes_the_frames(world):
+    own = WorldModel.from_pretrained(world.folder, device="cpu")  # the option is set on the world model
+    frames = {}
+    for scale in (1.0, 3.0):
+        env = MatrixGameEnv(model=own, action_guidance=scale)
+        assert own.sampler.config.action_guidance == scale
+        env.reset(seed=3)
+        frames[scale] = env.step(_action())[0]
+    assert not np.array_equal(frames[1.0], frames[3.0])
+    vector = MatrixGameVectorEnv(own, num_envs=2, action_guidance=1.5)
+    assert vector.world.sampler.config.action_guidance == 1.5
+    with pytest.raises(ValueError, match="action_guidance must be a finite number >= 1"):
+        MatrixGameEnv(model=own, action_guidance=0.0)

@@ -96,12 +96,15 @@ def test_training_builds_the_streaming_inputs_of_the_first_block_from_a_start_pi
 
     flows = []
     hook = world.dit.register_forward_hook(lambda module, inputs, output: flows.append(output))
+    guidance = sampler.config.action_guidance
+    sampler.set_action_guidance(1.0)  # the first DiT pass is then the one with the actions, as in training
     try:
         sampler.step(
             _state(world, image, tokens), keyboard, mouse, noise=noise, renoise=[noise] * (len(sampler.timesteps) - 1)
         )
     finally:
         hook.remove()
+        sampler.set_action_guidance(guidance)
 
     batch = ClipBatch(
         latents=torch.zeros_like(noise),

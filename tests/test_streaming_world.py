@@ -197,3 +197,53 @@ def test_gta_drive_window_of_4_streams(sampler):
         out = gta.step(state, torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.1]]))
     assert torch.isfinite(out).all()
     assert state.caches[0].self_attn.key.shape[1] == 4 * gta.tokens_per_frame
+
+
+def _first_block(config: SamplerConfig, keyboard, mouse) -> torch.Tensor:
+    torch.manual_seed(0)
+    guided = StreamingSampler(tiny_dit(), config, latent_size=LATENT)
+    state, _, _ = _start(guided, 1, seed=3)
+    return guided.step(state, keyboard, mouse)
+
+
+def test_action_guidance_extrapolates_from_no_actions_to_the_actions():
+    """With one denoising step the block is x - sigma * flow, so it is affine in the guidance scale:
+    scale 3 moves exactly twice as far from scale 1 as scale 2 does."""
+    keyboard, mouse = _actions(1, 9, seed=5)
+    blocks = {g: _first_block(SamplerConfig(denoising_steps=(1000,), action_guidance=g), keyboard, mouse)
+              for g in (1.0, 2.0, 3.0)}  # fmt: skip
+    step = blocks[2.0] - blocks[1.0]
+    assert step.abs().max() > 1e-3  # the actions matter to the tiny model, so guidance changes the block
+    torch.testing.assert_close(blocks[3.0] - blocks[1.0], 2 * step, rtol=0, atol=1e-5)
+
+
+def test_action_guidance_leaves_blocks_without_actions_and_later_blocks_consistent():
+    """Without actions both passes agree, so guidance changes nothing, also over several blocks
+    (the extra pass's cache writes are overwritten by the block's own)."""
+    unguided = StreamingSampler(tiny_dit(), SamplerConfig(), latent_size=LATENT)
+    guided = StreamingSampler(unguided.model, SamplerConfig(action_guidance=2.5), latent_size=LATENT)
+    first, _, _ = _start(unguided, 2, seed=4)
+    second, _, _ = _start(guided, 2, seed=4)
+    for _ in range(4):
+        assert torch.equal(unguided.step(first), guided.step(second))
+
+
+def test_setting_action_guidance_applies_from_the_next_block():
+    sampler = StreamingSampler(tiny_dit(), SamplerConfig(), latent_size=LATENT)
+    keyboard, mouse = _actions(1, 9, seed=5)
+    state, _, _ = _start(sampler, 1, seed=3)
+    snapshot = state.snapshot()
+    plain = sampler.step(state, keyboard, mouse)
+    sampler.set_action_guidance(2.0)
+    state.restore(snapshot)
+    assert sampler.config.action_guidance == 2.0 and not torch.equal(sampler.step(state, keyboard, mouse), plain)
+    with pytest.raises(ValueError, match="action_guidance must be a finite number >= 1"):
+        sampler.set_action_guidance(0.5)
+    assert sampler.config.action_guidance == 2.0  # a refused value leaves the setting as it was
+
+
+@pytest.mark.parametrize("value", [0.0, 0.99, float("nan"), float("inf")])
+def test_bad_action_guidance_is_refused(value):
+    with pytest.raises(ValueError, match="action_guidance must be a finite number >= 1"):
+        SamplerConfig.from_dict({"action_guidance": value})
+    assert SamplerConfig.from_dict({}).action_guidance == 1.0
