@@ -212,6 +212,13 @@ def test_stage_writes_a_model_folder_that_streams_and_logs_the_check(inputs, tmp
     assert isinstance(check["action_gain"], float)
 
 
+def test_a_run_from_a_trained_dit_keeps_its_training_record(inputs, tmp_path):
+    first = diffusion.run(_args(inputs, tmp_path / "first", "--steps", "2", "--check-clips", "0"))
+    second = diffusion.run(_args((first, inputs[1]), tmp_path / "second", "--steps", "1", "--check-clips", "0"))
+    record = WorldModel.from_pretrained(second, device="cpu").config.extra["training"]["dit"]
+    assert record == {"steps": 1, "finished": True, "continued_from": {"steps": 2, "finished": True}}
+
+
 def test_stage_stops_by_itself_within_its_minutes(inputs, tmp_path):
     minutes, finish_minutes = 0.25, 0.1
     started = time.monotonic()

@@ -142,7 +142,8 @@ def export_and_check(
     num_blocks: int = 4,
     trends: tuple[str, ...] = (),
 ) -> Path:
-    """Write OUT/<stage>/model (config records the stage's steps), check it on `clips` (none: no
+    """Write OUT/<stage>/model (config records the stage's steps, after the --init model's record of
+    the stage as `continued_from`), check it on `clips` (none: no
     check), log the check to log.jsonl and OUT/<stage>/result.json. `trends` names logged training
     metrics to summarise as `<name>_trend` (see `metric_trend`). Returns the model folder (written by
     rank 0 alone when there are several processes)."""
@@ -150,7 +151,11 @@ def export_and_check(
         return training.folder / "model"
     config = copy.deepcopy(config)
     dit, vae, clip = (copy.deepcopy(part).float().cpu().eval() for part in parts)
-    config.extra.setdefault("training", {})[stage] = {"steps": training.step, "finished": training.finished}
+    records = config.extra.setdefault("training", {})
+    record = {"steps": training.step, "finished": training.finished}
+    if stage in records:  # the --init model's own training by this stage: kept as its history
+        record["continued_from"] = records[stage]
+    records[stage] = record
     folder = export_model(training.folder / "model", config, dit, vae, clip, source=source)
     if not clips:
         training.message(f"{stage} model at step {training.step} written to {folder} (not checked)")
