@@ -4,7 +4,7 @@
   gpu     MatrixGameVectorEnv with 1..64 worlds in one batch, eager and with CUDA graphs
 
 Usage: python benchmarks/bench_env.py [--model doom-small] [--cpu-steps 20] [--gpu-worlds 1 4 16 64]
-       [--paths eager graphs compile] [--channels-last off|on|both] [--out DIR]
+       [--paths eager graphs compile] [--channels-last off|on|both] [--action-guidance 1 2] [--out DIR]
 """
 
 from __future__ import annotations
@@ -41,9 +41,10 @@ def sample_actions(space, rng: np.random.Generator, n: int | None = None) -> dic
     }
 
 
-def cpu_single(model: str, steps: int, warmup: int, conv3d: str) -> dict:
+def cpu_single(model: str, steps: int, warmup: int, conv3d: str, guidance: float | None = None) -> dict:
     set_conv3d_mode(conv3d)
-    env = MatrixGameEnv(model, device="cpu", fast=False)
+    env = MatrixGameEnv(model, device="cpu", fast=False, action_guidance=guidance)
+    guidance = env.world.sampler.config.action_guidance
     rng = np.random.default_rng(0)
     env.reset(seed=0)
     for _ in range(warmup):
@@ -56,11 +57,15 @@ def cpu_single(model: str, steps: int, warmup: int, conv3d: str) -> dict:
     env.close()
     set_conv3d_mode("auto")
     step_s = statistics.median(times)
-    return {"setting": f"cpu single env (conv3d {conv3d})", "worlds": 1, "step_s": step_s, "steps_per_s": 1 / step_s}
+    setting = f"cpu single env (conv3d {conv3d}, action guidance {guidance:g})"
+    return {"setting": setting, "worlds": 1, "step_s": step_s, "steps_per_s": 1 / step_s, "action_guidance": guidance}
 
 
-def gpu_vector(model: str, worlds: int, fast: bool | str, steps: int, warmup: int, channels_last: bool) -> dict:
-    env = MatrixGameVectorEnv(model, num_envs=worlds, device="cuda", fast=fast)
+def gpu_vector(
+    model: str, worlds: int, fast: bool | str, steps: int, warmup: int, channels_last: bool, guidance: float | None
+) -> dict:
+    env = MatrixGameVectorEnv(model, num_envs=worlds, device="cuda", fast=fast, action_guidance=guidance)
+    guidance = env.world.sampler.config.action_guidance
     env.world.vae.set_decoder_channels_last(channels_last)
     rng = np.random.default_rng(0)
     env.reset(seed=0)
@@ -76,8 +81,10 @@ def gpu_vector(model: str, worlds: int, fast: bool | str, steps: int, warmup: in
     env.close()
     torch.cuda.empty_cache()
     return {
-        "setting": f"gpu vector ({FAST_NAMES[fast]}{', decoder channels-last' if channels_last else ''})",
+        "setting": f"gpu vector ({FAST_NAMES[fast]}{', decoder channels-last' if channels_last else ''}"
+        f", action guidance {guidance:g})",
         "worlds": worlds,
+        "action_guidance": guidance,
         "step_s": elapsed / steps,
         "steps_per_s": worlds * steps / elapsed,
         "peak_gib": peak,
@@ -112,15 +119,23 @@ def main() -> None:
         default="off",
         help="run the VAE decoder on channels-last tensors",
     )
+    parser.add_argument(
+        "--action-guidance",
+        type=float,
+        nargs="+",
+        default=[None],
+        help="sampler action guidance scales to measure (default: the model's own; 1 is off)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     rows = []
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     for conv3d in args.cpu_conv3d if args.cpu_steps else []:
-        rows.append(cpu_single(args.model, args.cpu_steps, args.warmup, conv3d))
-        rows[-1]["threads"] = args.threads
-        print(table(rows[-1:], ["setting", "steps_per_s", "step_s", "threads"]), flush=True)
+        for guidance in args.action_guidance:
+            rows.append(cpu_single(args.model, args.cpu_steps, args.warmup, conv3d, guidance))
+            rows[-1]["threads"] = args.threads
+            print(table(rows[-1:], ["setting", "steps_per_s", "step_s", "threads"]), flush=True)
     torch.set_num_threads(threads)
     if torch.cuda.is_available():
         options = {"eager": False, "graphs": True, "compile": "compile"}
@@ -128,9 +143,12 @@ def main() -> None:
         for worlds in args.gpu_worlds:
             for path in args.paths:
                 for channels_last in layouts:
-                    row = gpu_vector(args.model, worlds, options[path], args.gpu_steps, args.warmup, channels_last)
-                    print(table([row], ["setting", "worlds", "steps_per_s", "step_s", "peak_gib"]), flush=True)
-                    rows.append(row)
+                    for guidance in args.action_guidance:
+                        row = gpu_vector(
+                            args.model, worlds, options[path], args.gpu_steps, args.warmup, channels_last, guidance
+                        )
+                        print(table([row], ["setting", "worlds", "steps_per_s", "step_s", "peak_gib"]), flush=True)
+                        rows.append(row)
     print(table(rows, ["setting", "worlds", "steps_per_s", "step_s", "peak_gib", "threads"]))
     name = "env_" + (torch.cuda.get_device_name(0).split()[1].lower() if torch.cuda.is_available() else "cpu")
     path = write_json(name, {"environment": environment(), "model": args.model, "rows": rows}, args.out)
