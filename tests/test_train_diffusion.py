@@ -154,6 +154,14 @@ def test_action_gain_is_zero_for_a_model_whose_action_outputs_are_zero_and_posit
         for block in world.dit.blocks:
             if block.action_model is not None:
                 block.action_model.proj_mouse.weight.zero_()
+    # The mouse is ignored now: swapping only the mouse changes nothing, swapping the keys still does.
+    assert action_gain(world, forcing, [batch], parts=("mouse",)) == 0.0
+    keyboard_gain = action_gain(world, forcing, [batch], parts=("keyboard",))
+    assert keyboard_gain is not None and keyboard_gain != 0.0
+    assert action_gain(world, forcing, [batch]) == pytest.approx(keyboard_gain, rel=1e-6)
+    with torch.no_grad():
+        for block in world.dit.blocks:
+            if block.action_model is not None:
                 block.action_model.proj_keyboard.weight.zero_()
     assert action_gain(world, forcing, [batch]) == 0.0
     assert action_gain(world, forcing, [random_clips(config, batch=1, frames=6)]) is None
@@ -210,6 +218,7 @@ def test_stage_writes_a_model_folder_that_streams_and_logs_the_check(inputs, tmp
     assert check["step"] == 2 and len(check["generation_mse_per_block"]) == 2
     assert check["val_flow_mse"] > 0 and check["generation_mse"] > 0
     assert isinstance(check["action_gain"], float)
+    assert isinstance(check["keyboard_gain"], float) and isinstance(check["mouse_gain"], float)
 
 
 def test_a_run_from_a_trained_dit_keeps_its_training_record(inputs, tmp_path):

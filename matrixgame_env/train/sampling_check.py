@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from .common import TrainRun, export_model
 from .conditions import ClipBatch, build_conditions
 from .forcing import DiffusionForcing
 
+ACTION_PARTS = ("keyboard", "mouse")
+
 
 @torch.no_grad()
 def validation_loss(
@@ -33,19 +36,19 @@ def validation_loss(
     forcing: DiffusionForcing,
     clips: list[ClipBatch],
     seed: int = 0,
-    swap_actions: bool = False,
+    swap: Collection[str] = (),
 ) -> float:
     """Mean flow MSE of the world's DiT over `clips`, with noise and levels fixed by `seed`.
 
-    `swap_actions` gives every clip the actions of the next clip of its batch (the same noise and
-    levels otherwise): the loss rises as much as the model reads the actions.
+    `swap` ("keyboard", "mouse" or both) gives every clip those actions of the next clip of its
+    batch (the same noise and levels otherwise): the loss rises as much as the model reads them.
     """
     generator = torch.Generator(device=world.device).manual_seed(seed)
     total = 0.0
     for batch in clips:
         batch = batch.to(world.device)
-        if swap_actions:
-            batch = replace(batch, keyboard=batch.keyboard.roll(1, dims=0), mouse=batch.mouse.roll(1, dims=0))
+        if swap:
+            batch = replace(batch, **{name: getattr(batch, name).roll(1, dims=0) for name in swap})
         conditions = build_conditions(batch, world.dit.config, world.clip, world.vae)
         total += float(forcing.loss(world.dit, batch.latents.float(), conditions, generator).flow_mse)
     return total / len(clips)
@@ -57,17 +60,23 @@ def action_gain(
     clips: list[ClipBatch],
     seed: int = 0,
     loss: float | None = None,
+    parts: Collection[str] = ACTION_PARTS,
 ) -> float | None:
     """How much the DiT reads its actions: the relative rise of the validation flow MSE when every
-    clip gets another clip's actions (0: actions ignored). None without a batch of 2 clips or more,
-    or for a model without actions. `loss`: `validation_loss` of the same clips and seed, if known.
+    clip gets another clip's actions (`parts`: both, or only "keyboard" or "mouse"; 0: ignored).
+    None without a batch of 2 clips or more, or for a model without actions (or without that part).
+    `loss`: `validation_loss` of the same clips and seed, if known.
     """
     usable = [batch for batch in clips if batch.latents.shape[0] > 1]
-    if world.dit.config.action is None or not usable:
+    action = world.dit.config.action
+    if action is None or not usable:
+        return None
+    parts = [name for name in parts if getattr(action, f"enable_{name}")]
+    if not parts:
         return None
     if loss is None or len(usable) != len(clips):
         loss = validation_loss(world, forcing, usable, seed)
-    swapped = validation_loss(world, forcing, usable, seed, swap_actions=True)
+    swapped = validation_loss(world, forcing, usable, seed, swap=parts)
     return (swapped - loss) / loss
 
 
@@ -126,6 +135,10 @@ def check_model_folder(
         "generation_mse": sum(per_block) / len(per_block),
         "generation_mse_per_block": per_block,
     }
+    for part in ACTION_PARTS:  # each alone: which of the two paths the model reads
+        part_gain = action_gain(world, forcing, clips, seed, loss, parts=(part,))
+        if part_gain is not None:
+            metrics[f"{part}_gain"] = part_gain
     gain = action_gain(world, forcing, clips, seed, loss)
     if gain is not None:
         metrics["action_gain"] = gain
