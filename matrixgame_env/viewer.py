@@ -47,6 +47,7 @@ _ROW_STAGGER = (0.0, 0.25, 0.75)  # horizontal offset of each keyboard row, in k
 _LOOP_HZ = 100  # event-loop rate: input latency and frame-time jitter are at most 10 ms
 _HUD_REFRESH_S = 0.25
 _MESSAGE_S = 4.0
+GUIDANCE_CYCLE = (1.0, 2.0, 3.0)  # G steps through these action-guidance scales (1: the official sampler)
 _WHITE, _GREY, _DARK, _ACCENT, _RED = (240, 240, 240), (150, 150, 150), (20, 20, 24), (255, 196, 0), (230, 60, 60)
 
 
@@ -180,6 +181,7 @@ class _Request:
     keys: tuple[int, ...] = ()
     image: Any = None
     seed: int | None = None
+    guidance: float | None = None  # action guidance to use from this request on (None: unchanged)
 
 
 @dataclass
@@ -209,6 +211,8 @@ class _Generator(threading.Thread):
                 self.results.put(_Result(request, error=error))
 
     def _serve(self, request: _Request) -> _Result:
+        if request.guidance is not None:  # here, between blocks: never while the sampler runs
+            self.env.unwrapped.world.sampler.set_action_guidance(request.guidance)
         if request.kind == "reset":
             options = None if request.image is None else {"image": request.image}
             _, info = self.env.reset(seed=request.seed, options=options)
@@ -389,6 +393,9 @@ class Viewer:
         self._seed = seed
         self._block_frames = int(getattr(base, "block_frames", 12))
         self._model_name = str(getattr(getattr(getattr(base, "world", None), "config", None), "name", "world"))
+        sampler = getattr(getattr(base, "world", None), "sampler", None)
+        self.action_guidance: float | None = sampler.config.action_guidance if sampler is not None else None
+        self._pending_guidance: float | None = None
         height, width = base.observation_space.shape[-3:-1]
 
         os.environ.setdefault("SDL_AUDIODRIVER", "dummy")  # no sound: avoids ALSA errors on servers
@@ -534,7 +541,20 @@ class Viewer:
             self._toggle_recording()
         elif key == pygame.K_h:
             self.help_visible = not self.help_visible
+        elif key == pygame.K_g:
+            self._cycle_guidance()
         self._dirty = True
+
+    def _cycle_guidance(self) -> None:
+        """G: the next scale of `GUIDANCE_CYCLE`, applied by the worker before its next request."""
+        if self.action_guidance is None:
+            self._say("this env has no sampler whose action guidance can change")
+            return
+        later = [g for g in GUIDANCE_CYCLE if g > self.action_guidance]
+        self.action_guidance = later[0] if later else GUIDANCE_CYCLE[0]
+        self._pending_guidance = self.action_guidance
+        note = "off, as the official sampler" if self.action_guidance == 1.0 else "actions count more"
+        self._say(f"action guidance {self.action_guidance:g} ({note})")
 
     def _set_captured(self, captured: bool) -> None:
         # Grab + hidden pointer puts SDL in relative mode: motion keeps coming at the window edges.
@@ -550,7 +570,13 @@ class Viewer:
         self._queue.clear()
         self._started = True
         self._in_flight += 1
-        self._generator.requests.put(_Request("reset", self._epoch, image=image, seed=seed))
+        self._generator.requests.put(
+            _Request("reset", self._epoch, image=image, seed=seed, guidance=self._take_pending_guidance())
+        )
+
+    def _take_pending_guidance(self) -> float | None:
+        guidance, self._pending_guidance = self._pending_guidance, None
+        return guidance
 
     def _maybe_start_block(self) -> None:
         if self.paused or self._in_flight or not self._live or self._steps_left == 0:
@@ -562,7 +588,10 @@ class Viewer:
             return
         action = self.controls.action(self._next_block_frames)
         self._in_flight += 1
-        self._generator.requests.put(_Request("step", self._epoch, action=action, keys=self.controls.last_keys))
+        self._generator.requests.put(
+            _Request("step", self._epoch, action=action, keys=self.controls.last_keys,
+                     guidance=self._take_pending_guidance())
+        )  # fmt: skip
         if self._steps_left is not None:
             self._steps_left -= 1
 
@@ -700,6 +729,8 @@ class Viewer:
             f"block {self._last_block_s:.2f} s",
             f"frame {index}",
         ]
+        if self.action_guidance is not None:
+            timing.append(f"guidance {self.action_guidance:g} (G)")
         groups = [(timing, _WHITE), (inputs, _WHITE), (status, _RED if self._recorder is not None else _GREY)]
         self._draw_text_groups(groups, self.video_rect.bottom + 6)
 
@@ -737,7 +768,7 @@ class Viewer:
             groups.append(["camera: mouse (pointer captured)", *camera])
         groups += [
             ["P pause", "R restart", "O next start picture", "drop an image file: start from it"],
-            [f"V record mp4 to {self.record_dir}/", "H this help"],
+            [f"V record mp4 to {self.record_dir}/", "G action guidance 1 / 2 / 3", "H this help"],
             ["Esc free the pointer (click to capture)", f"{quit_keys} or close the window: quit"],
         ]
         shade = pygame.Surface(self.video_rect.size, pygame.SRCALPHA)
@@ -798,6 +829,10 @@ def add_play_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help=f"camera turn per pixel of mouse motion (default: {MOUSE_SENSITIVITY}: 300 px per block ~ a normal turn)",
     )
     parser.add_argument("--seed", type=int, default=None, help="seed of the first world")
+    parser.add_argument(
+        "--action-guidance", type=float, default=None,
+        help="how strongly the actions act (1: the official sampler; default: the model's config; G cycles it)",
+    )  # fmt: skip
     return parser
 
 
@@ -805,7 +840,7 @@ def play_main(args: argparse.Namespace) -> int:
     """Run `matrixgame-env play` with parsed arguments; returns the exit status."""
     from .env import MatrixGameEnv
 
-    kwargs = {"device": args.device}
+    kwargs = {"device": args.device, "action_guidance": args.action_guidance}
     if args.model is not None:
         kwargs["model"] = args.model
     env = MatrixGameEnv(**kwargs)

@@ -315,6 +315,21 @@ def test_h_toggles_the_help_over_the_video(play):
     assert np.array_equal(video_pixels(viewer), plain)
 
 
+def test_g_steps_the_action_guidance_between_blocks(sdl_dummy, tmp_path):
+    world = tiny_world()  # its own model: the setting lives on the world model
+    env = RecordingEnv(MatrixGameEnv(model=world))
+    with Viewer(env, scale=SCALE, record_dir=tmp_path, images=[gradient_picture()], fps=FAST_FPS) as viewer:
+        viewer.run(max_blocks=1)
+        assert viewer.action_guidance == world.sampler.config.action_guidance == 1.0
+        seen = []
+        for _ in range(3):
+            press(pygame.K_g)
+            viewer.run(max_blocks=1)
+            seen.append((viewer.action_guidance, world.sampler.config.action_guidance))
+    assert seen == [(2.0, 2.0), (3.0, 3.0), (1.0, 1.0)]
+    assert len(env.actions) == 4  # play went on through every change
+
+
 def test_q_and_closing_the_window_quit(play):
     viewer, env = play
     press(pygame.K_q)
@@ -403,6 +418,8 @@ def test_play_arguments():
     args = parser.parse_args(["--model", "universal", "--image", "a.png", "b.png", "--scale", "3"])
     assert (args.model, args.image, args.scale, args.record_dir) == ("universal", ["a.png", "b.png"], 3, "recordings")
     assert parser.parse_args([]).model is None
+    assert parser.parse_args([]).action_guidance is None
+    assert parser.parse_args(["--action-guidance", "2"]).action_guidance == 2.0
 
 
 # ---------------------------------------------------------------------- a real X11 window
