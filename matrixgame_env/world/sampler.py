@@ -267,8 +267,8 @@ class StreamingSampler:
         for k, (t, sigma) in enumerate(zip(self.timesteps, self.sigmas)):
             timestep.fill_(t)
             if guidance != 1.0:
-                unguided = model(x, inputs.cond, timestep, **no_actions)
-                flow = model(x, inputs.cond, timestep, **kwargs)
+                unguided = model(x, inputs.cond, timestep, **no_actions).double()
+                flow = model(x, inputs.cond, timestep, **kwargs).double()
                 flow = flow + (guidance - 1.0) * (flow - unguided)
             else:
                 flow = model(x, inputs.cond, timestep, **kwargs)
