@@ -2,7 +2,8 @@
 # Trains doom-small on a GPU machine in resumable, time-limited pieces.
 # Usage: bash scripts/device_pipeline.sh STAGE[:MINUTES] ...
 #   stages: setup record vae encode dit distill reward eval pack
-#   eval: `matrixgame-env eval` of $MG_EVAL_MODEL (default: the reward model) on the recording's held-out episodes;
+#   eval: `matrixgame-env eval` of $MG_EVAL_MODEL (default: the reward model) on the recording's held-out episodes,
+#         judged by the IDM in $MG_IDM (default: models/doom-small/eval/idm; empty: train one);
 #   pack: the model folders named in $MG_PACK_MODELS (default: reward, which holds the DiT too), the VAE (float32)
 #         and config of the vae stage when it ran, the logs of the vae, dit, distill and reward stages and the eval, as <=15 MiB pieces in $OUT
 #         (join here with `cat bundle.tar.part* | tar x`, then `python scripts/pack_model.py --unpack ...`).
@@ -46,9 +47,11 @@ for item in "$@"; do
     reward)
       cli train reward --data "$WORK/runs/encode" --init "${MG_REWARD_INIT:-$WORK/runs/distill/model}" \
         --out "$WORK/runs" --minutes "$minutes" --no-progress $(resume_flag reward) ;;
-    eval)
+    eval)  # judged by the shipped inverse-dynamics model (MG_IDM; empty: train one for MG_IDM_STEPS)
+      idm=${MG_IDM-models/doom-small/eval/idm}
       cli eval --model "${MG_EVAL_MODEL:-$WORK/runs/reward/model}" --data "$WORK/data" --out "$WORK/eval" \
-        --clips 32 --horizon-s 4 --drift-minutes 10 --steps "${MG_IDM_STEPS:-6000}" --workers 8 --no-progress ;;
+        --clips 32 --horizon-s 4 --drift-minutes 10 ${idm:+--idm "$idm"} --steps "${MG_IDM_STEPS:-6000}" \
+        --workers 8 --no-progress ;;
     pack)
       [ -n "$OUT" ] || { echo "pack needs \$OUT" >&2; exit 2; }
       rm -rf /tmp/pack && mkdir -p /tmp/pack

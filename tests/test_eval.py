@@ -347,6 +347,7 @@ def test_eval_command_end_to_end(dataset, model, tmp_path) -> None:
     reused = json.loads((again / "eval.json").read_text())
     assert set(reused) == {"settings", "idm", "targets", "timing_s"}
     assert reused["idm"]["real_val"] == idm["real_val"]
+    assert report["settings"]["idm_steps"] == 20 and reused["settings"]["idm_steps"] is None  # trained elsewhere
     assert reused["targets"]["no_collapse"]["passed"] is None
 
 

@@ -222,7 +222,7 @@ def _settings(args: argparse.Namespace, world, manifest, device: torch.device) -
         "drift_minutes": args.drift_minutes,
         "drift_worlds": args.drift_worlds,
         "idm": args.idm,
-        "idm_steps": args.steps,
+        "idm_steps": None if args.idm else args.steps,  # a given IDM was trained elsewhere (its idm.json)
         "seed": args.seed,
         "device": str(device),
         "dtype": str(world.dit.dtype).removeprefix("torch."),
