@@ -33,6 +33,7 @@ from matrixgame_env.eval.idm import (
 )
 from matrixgame_env.eval.metrics import PSNR_CAP, psnr, ssim
 from matrixgame_env.eval.real_data import FrameWindows
+from matrixgame_env.eval.reconstruction import frames_report, real_clips, reconstruction_report
 from matrixgame_env.model_config import ModelConfig
 from matrixgame_env.world.model import WorldModel
 
@@ -374,3 +375,29 @@ def test_compare_returns_uses_two_standard_errors():
     assert "does worse than random" in compare_returns(low, high, "CEM", "here", "--episodes")
     assert "within two standard errors" in compare_returns(high, return_stats([9.5, 10.5, 10.0]), "X", "here", "-n")
     assert "use -n 2 or more" in compare_returns(return_stats([1.0]), return_stats([0.0]), "X", "here", "-n")
+
+
+def test_reconstruction_report_against_exact_values() -> None:
+    real = torch.randint(20, 200, (2, 5, 16, 32, 3), dtype=torch.uint8)
+    same = frames_report(real, real)
+    assert same["psnr_db"] == math.inf and same["temporal_error"] == 0.0
+    statistics = frame_statistics(real)
+    assert same["sharpness"] == pytest.approx(float(statistics["sharpness"].double().mean()))
+    brighter = frames_report(real + 10, real)  # the same changes over time, 10 grey levels off everywhere
+    assert brighter["psnr_db"] == pytest.approx(10 * math.log10(255**2 / 100)) and brighter["temporal_error"] == 0.0
+    frozen = frames_report(real[:, :1].expand_as(real).contiguous(), real)  # no motion at all
+    changes = real[:, 1:].double() - real[:, :-1].double()
+    assert frozen["temporal_error"] == pytest.approx(float(changes.abs().mean())) and frozen["motion"] == 0.0
+    with pytest.raises(ValueError, match="differ in shape"):
+        frames_report(real[:, :4], real)
+
+
+def test_reconstruction_report_of_a_model_on_a_recording(dataset, model) -> None:
+    real = real_clips(str(dataset), clip_frames=9, count=3, split="val", val_fraction=float(VAL_FRACTION))
+    assert real.dtype == torch.uint8 and real.shape[:2] == (3, 9) and real.shape[-1] == 3
+    world = WorldModel.from_pretrained(model, device="cpu")
+    report = reconstruction_report([("tiny", world)], real)
+    assert set(report) == {"real", "tiny"} and report["real"]["temporal_error"] == 0.0
+    assert 0 < report["tiny"]["psnr_db"] < 60 and report["tiny"]["temporal_error"] > 0
+    with pytest.raises(ValueError, match="has no clips of 401 frames"):
+        real_clips(str(dataset), clip_frames=401, count=3)
