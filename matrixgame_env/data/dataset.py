@@ -22,7 +22,22 @@ from .storage import ChunkInfo, Manifest, open_chunk, read_manifest
 
 SPLITS = ("train", "val")
 
-__all__ = ["SPLITS", "VideoClipDataset", "add_record_arguments", "record", "run_record", "validation_episodes"]
+
+def evenly_spaced(length: int, count: int) -> list[int]:
+    """Up to `count` distinct indices spread over range(length), first and last included (always the
+    same ones: checks and evals measure the same items every time)."""
+    return sorted({int(round(i)) for i in np.linspace(0, length - 1, min(count, length))})
+
+
+__all__ = [
+    "SPLITS",
+    "VideoClipDataset",
+    "add_record_arguments",
+    "evenly_spaced",
+    "record",
+    "run_record",
+    "validation_episodes",
+]
 
 
 def validation_episodes(episodes: Iterable[int], val_fraction: float) -> set[int]:

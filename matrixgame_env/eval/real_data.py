@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..data.dataset import SPLITS, validation_episodes
+from ..data.dataset import SPLITS, evenly_spaced, validation_episodes
 from ..data.storage import ChunkInfo, Manifest, open_chunk, read_manifest
 
 DEFAULT_VAL_FRACTION = 0.1  # as `train encode`
@@ -89,7 +89,7 @@ class FrameWindows(Dataset):
 
     def evenly_spaced(self, count: int) -> list[int]:
         """Up to `count` window indices spread evenly over the split (always the same ones)."""
-        return sorted({int(round(i)) for i in np.linspace(0, len(self) - 1, min(count, len(self)))})
+        return evenly_spaced(len(self), count)
 
     def stack(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """The items `indices`, stacked: frames [N, L, H, W, 3], keyboard [N, L, K], mouse [N, L, 2]."""

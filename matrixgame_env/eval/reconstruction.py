@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..data.dataset import VideoClipDataset
+from ..data.dataset import VideoClipDataset, evenly_spaced
 from ..world.model import WorldModel
 from .drift import STATISTICS, frame_statistics
 from .fidelity import reconstruct_clips
@@ -23,8 +23,7 @@ def real_clips(data: str, clip_frames: int, count: int, split: str = "val", val_
                size: tuple[int, int] | None = None) -> torch.Tensor:  # fmt: skip
     """`count` clips spread evenly over a split of a recording -> uint8 [K, T, H, W, 3]."""
     clips = VideoClipDataset(data, clip_frames=clip_frames, split=split, val_fraction=val_fraction, size=size)
-    chosen = sorted({int(round(i)) for i in np.linspace(0, len(clips) - 1, min(count, len(clips)))})
-    video = torch.stack([clips[i]["video"] for i in chosen])  # [K, 3, T, H, W] in [-1, 1]
+    video = torch.stack([clips[i]["video"] for i in evenly_spaced(len(clips), count)])  # [K, 3, T, H, W] in [-1, 1]
     return ((video.permute(0, 2, 3, 4, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..data.dataset import evenly_spaced
 from ..model_config import ModelConfig
 from ..nn.vae import WanVAE
 from .common import StageError
@@ -48,7 +48,7 @@ def open_latent_splits(
 
 def fixed_batches(dataset: Dataset, count: int, batch_size: int) -> list[ClipBatch]:
     """Up to `count` clips spread evenly over the dataset, in batches (the same every session)."""
-    chosen = sorted({int(round(i)) for i in np.linspace(0, len(dataset) - 1, min(count, len(dataset)))})
+    chosen = evenly_spaced(len(dataset), count)
     batches = []
     for start in range(0, len(chosen), batch_size):
         items = [dataset[i] for i in chosen[start : start + batch_size]]

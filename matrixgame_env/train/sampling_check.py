@@ -135,13 +135,15 @@ def check_model_folder(
         "generation_mse": sum(per_block) / len(per_block),
         "generation_mse_per_block": per_block,
     }
-    for part in ACTION_PARTS:  # each alone: which of the two paths the model reads
-        part_gain = action_gain(world, forcing, clips, seed, loss, parts=(part,))
-        if part_gain is not None:
-            metrics[f"{part}_gain"] = part_gain
-    gain = action_gain(world, forcing, clips, seed, loss)
-    if gain is not None:
-        metrics["action_gain"] = gain
+    usable = [batch for batch in clips if batch.latents.shape[0] > 1]  # batches whose clips can swap actions
+    if usable and len(usable) != len(clips):
+        loss = validation_loss(world, forcing, usable, seed)  # once, not once per gain
+    gains = {f"{part}_gain": (part,) for part in ACTION_PARTS}  # each alone: which path the model reads
+    gains["action_gain"] = ACTION_PARTS
+    for name, parts in gains.items():
+        gain = action_gain(world, forcing, usable, seed, loss, parts)
+        if gain is not None:
+            metrics[name] = gain
     return metrics
 
 

@@ -4,8 +4,9 @@
 
 Each step encodes clips of 1 + 4k frames with the causal chunked encoder, samples the posterior,
 decodes with the (non-streaming) decoder and minimises L1 + MSE + kl_weight * KL (+ an edge loss and,
-with `--gan-weight`, a patch discriminator's adversarial loss: see `adversarial.py`). When all `--steps`
-are done the stage measures the per-channel mean and std of the posterior means on training clips,
+with `--gan-weight`, a patch discriminator's adversarial loss: see `adversarial.py`). Every session ends
+(`--finish-minutes` are kept for it) by measuring the per-channel mean and std of the posterior means on
+training clips (with `--decoder-only` the --init model's statistics stay),
 stores them as the config's `vae.latent_mean` / `latent_std` (so the DiT sees unit-variance latents),
 reports reconstruction PSNR on the val split through the inference path (`encode` -> `decode`), and
 writes OUT/vae/model/: the trained VAE, the other parts from `--init` or freshly initialised, and a
@@ -24,7 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..data.dataset import VideoClipDataset
+from ..data.dataset import VideoClipDataset, evenly_spaced
 from ..model_config import ModelConfig
 from ..nn.vae import WanVAE
 from .adversarial import PatchDiscriminator, discriminator_loss, generator_loss, video_frames, width_problem
@@ -197,11 +198,6 @@ def reconstruction_psnr(vae: WanVAE, clips: Dataset, indices: Sequence[int], bat
         decoded = vae.decode(vae.encode(video)).transpose(1, 2)  # [B, 3, T, H, W]
         values.append(float(psnr(decoded, video.to(decoded))))
     return float(np.mean(values))
-
-
-def evenly_spaced(length: int, count: int) -> list[int]:
-    """Up to `count` distinct indices spread over range(length), first and last included."""
-    return sorted({int(round(i)) for i in np.linspace(0, length - 1, min(count, length))})
 
 
 def run(args: argparse.Namespace) -> Path:
