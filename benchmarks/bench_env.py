@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import environment, table, write_json  # noqa: E402
+from common import environment, profile_tables, table, write_json  # noqa: E402
 
 from matrixgame_env.env import MatrixGameEnv  # noqa: E402
 from matrixgame_env.nn.vae import set_conv3d_mode  # noqa: E402
@@ -91,6 +91,29 @@ def gpu_vector(
     }
 
 
+def profile_vector_step(model: str, worlds: int, channels_last: bool, steps: int = 3) -> dict:
+    """Where a vector-env step's GPU time goes (`profile_tables`, per step): compiled fusions on, CUDA
+    graphs off so that every kernel is seen."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    env = MatrixGameVectorEnv(model, num_envs=worlds, device="cuda", fast="compile")
+    env.world.sampler.enable_cuda_graphs(False)
+    env.world.vae.set_decoder_channels_last(channels_last)
+    rng = np.random.default_rng(0)
+    env.reset(seed=0)
+    single = env.single_action_space
+    for _ in range(4):
+        env.step(sample_actions(single, rng, worlds))
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            env.step(sample_actions(single, rng, worlds))
+        torch.cuda.synchronize()
+    env.close()
+    return {"worlds": worlds, "channels_last": channels_last, **profile_tables(prof, steps)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="doom-small")
@@ -126,6 +149,9 @@ def main() -> None:
         default=[None],
         help="sampler action guidance scales to measure (default: the model's own; 1 is off)",
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile a GPU step at the largest world count (compiled)"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     rows = []
@@ -150,8 +176,15 @@ def main() -> None:
                         print(table([row], ["setting", "worlds", "steps_per_s", "step_s", "peak_gib"]), flush=True)
                         rows.append(row)
     print(table(rows, ["setting", "worlds", "steps_per_s", "step_s", "peak_gib", "threads"]))
+    result = {"environment": environment(), "model": args.model, "rows": rows}
+    if args.profile and torch.cuda.is_available():
+        layout = args.channels_last != "off"
+        result["profile"] = profile_vector_step(args.model, max(args.gpu_worlds), layout)
+        for view in ("kernels", "operators"):
+            print(f"profile: {max(args.gpu_worlds)} worlds, {view} (ms and calls per step)")
+            print(table(result["profile"][view], ["name", "ms", "share", "calls"]))
     name = "env_" + (torch.cuda.get_device_name(0).split()[1].lower() if torch.cuda.is_available() else "cpu")
-    path = write_json(name, {"environment": environment(), "model": args.model, "rows": rows}, args.out)
+    path = write_json(name, result, args.out)
     print(f"wrote {path}")
 
 

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import environment, random_world, table, write_json  # noqa: E402
+from common import environment, profile_tables, random_world, table, write_json  # noqa: E402
 
 from matrixgame_env.model_config import ModelConfig  # noqa: E402
 from matrixgame_env.nn.fusion import enable_fusion  # noqa: E402
@@ -192,33 +192,32 @@ def long_stream(world: WorldModel, blocks: int) -> dict:
     }
 
 
-def profile(world: WorldModel, path: str, blocks: int = 2) -> list[dict]:
-    """Where a steady-state block's GPU time goes (batch 1): the top kernels by total CUDA time."""
+def profile(world: WorldModel, path: str, batch: int = 1, blocks: int = 2) -> dict:
+    """Where a steady-state block's GPU time goes, the DiT and the decode profiled apart (`profile_tables`,
+    per block). CUDA graphs are off while profiling so that every kernel is seen."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     set_path(world, path)
-    state = world.start([(torch.rand(352, 640, 3) * 255).to(torch.uint8)], seed=0)
-    for b in range(4):
-        world.decode(state, world.step_latents(state, *actions(1, b)))
-    torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for b in range(blocks):
-            world.decode(state, world.step_latents(state, *actions(1, 4 + b)))
-        torch.cuda.synchronize()
     world.sampler.enable_cuda_graphs(False)
-    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
-    total = sum(e.self_device_time_total for e in events) / 1e3 / blocks
-    rows = [{"name": "ALL (self CUDA ms per block)", "cuda_ms_per_block": total, "calls_per_block": None}]
-    for e in events[:25]:
-        rows.append(
-            {
-                "name": e.key[:70],
-                "cuda_ms_per_block": e.device_time_total / 1e3 / blocks,
-                "calls_per_block": e.count / blocks,
-            }
-        )
-    return rows
+    picture = (torch.rand(batch, 352, 640, 3) * 255).to(torch.uint8)
+    state = world.start(list(picture), seed=0)
+    for b in range(4):
+        world.decode(state, world.step_latents(state, *actions(batch, b)))
+    torch.cuda.synchronize()
+    latents = world.step_latents(state, *actions(batch, 4))
+    parts = {}
+    for part in ("dit", "decode"):
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for b in range(blocks):
+                if part == "dit":
+                    latents = world.step_latents(state, *actions(batch, 5 + b))
+                else:
+                    world.decode(state, latents)
+            torch.cuda.synchronize()
+        parts[part] = profile_tables(prof, blocks)
+    enable_fusion(False)
+    return {"path": path, "batch": batch, "graphs": False, **parts}
 
 
 def main() -> None:
@@ -230,7 +229,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--long-blocks", type=int, default=300, help="blocks of the memory-flatness stream (0: skip)")
     parser.add_argument("--agreement-blocks", type=int, default=6, help="blocks compared fast vs eager (0: skip)")
-    parser.add_argument("--profile", action="store_true", help="also profile one eager block at batch 1")
+    parser.add_argument(
+        "--profile",
+        nargs="*",
+        default=None,
+        metavar="PATH",
+        help="also profile steady-state blocks of these paths (none named: eager)",
+    )
+    parser.add_argument("--profile-batch", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -261,9 +267,15 @@ def main() -> None:
         "rows": rows,
         "fast_vs_eager": agree,
     }
-    if args.profile:
-        result["profile_eager_batch1"] = profile(world, "eager")
-        print(table(result["profile_eager_batch1"], ["name", "cuda_ms_per_block", "calls_per_block"]))
+    if args.profile is not None:
+        result["profiles"] = []
+        for path in args.profile or ["eager"]:
+            found = profile(world, path, args.profile_batch)
+            result["profiles"].append(found)
+            for part in ("dit", "decode"):
+                for view in ("kernels", "operators"):
+                    print(f"profile: {path}, batch {args.profile_batch}, {part}, {view} (ms and calls per block)")
+                    print(table(found[part][view], ["name", "ms", "share", "calls"]))
     name = "stream_" + torch.cuda.get_device_name(0).split()[1].lower()
     if args.long_blocks:
         # Written first without it, so that a run stopped during the long stream keeps the table.

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.autograd import DeviceType
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -87,3 +88,30 @@ def write_json(name: str, payload: dict[str, Any], out_dir: Path | None = None) 
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(payload, indent=1))
     return path
+
+
+def profile_tables(prof, repeats: int, top: int = 30) -> dict[str, list[dict[str, Any]]]:
+    """Two views of a `torch.profiler` run of `repeats` equal units of work (blocks, steps), per unit:
+    the kernels with the most self CUDA time, and the aten operators with the most CUDA time
+    (kernels included), which names the operator behind an anonymous elementwise kernel."""
+    averages = list(prof.key_averages())
+    # Device events only: operators and compiled-kernel launches also carry their kernels' time.
+    kernels = [e for e in averages if e.self_device_time_total > 0 and e.device_type == DeviceType.CUDA]
+    kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    total = sum(e.self_device_time_total for e in kernels) / 1e3 / repeats
+    kernel_rows = [{"name": "ALL", "ms": total, "share": 1.0, "calls": None}]
+    for e in kernels[:top]:
+        ms = e.self_device_time_total / 1e3 / repeats
+        kernel_rows.append({"name": e.key[:90], "ms": ms, "share": ms / total, "calls": e.count / repeats})
+    ops = [e for e in averages if e.key.startswith("aten::") and e.device_time_total > 0]
+    ops.sort(key=lambda e: e.device_time_total, reverse=True)
+    op_rows = [
+        {
+            "name": e.key,
+            "ms": e.device_time_total / 1e3 / repeats,
+            "share": e.device_time_total / 1e3 / repeats / total,
+            "calls": e.count / repeats,
+        }
+        for e in ops[:top]
+    ]
+    return {"kernels": kernel_rows, "operators": op_rows}

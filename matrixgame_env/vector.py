@@ -66,7 +66,7 @@ class MatrixGameVectorEnv(VectorEnv):
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         self.world = resolve_world(model, device, dtype, mode)
-        enable_fast_path(self.world, fast)
+        enable_fast_path(self.world, fast, batch=num_envs)
         if action_guidance is not None:
             self.world.sampler.set_action_guidance(action_guidance)
         config = self.world.config

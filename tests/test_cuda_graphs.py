@@ -123,3 +123,14 @@ def test_fast_decoder_options_match_the_eager_decoder(option):
     # bf16 rounding along another path (fusion computes the norm in float32): small relative error.
     assert (fast - eager).norm() / eager.norm() < 2e-2
     assert (fast - eager).abs().mean() < 1e-2
+
+
+def test_decoder_layout_policy_follows_the_measurements():
+    from matrixgame_env.world.model import decoder_channels_last_pays
+
+    full, small = 96, 16  # decoder widths of the universal and doom-small models
+    assert decoder_channels_last_pays(full, True, 1) and decoder_channels_last_pays(full, "compile", 1)
+    assert not decoder_channels_last_pays(full, False, 8)
+    assert not decoder_channels_last_pays(small, True, 64)  # 1.05x: not worth a second layout
+    assert not decoder_channels_last_pays(small, "compile", 1)  # 0.67x at batch 1
+    assert decoder_channels_last_pays(small, "compile", 64)  # 1.34x

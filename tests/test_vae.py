@@ -443,6 +443,28 @@ def test_fusable_norm_silu_chain_equals_norm_then_silu_in_float64() -> None:
     torch.testing.assert_close(norm.silu_of(x), expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_norm_silu_joined_after_past_frames_equals_the_concatenation_in_both_layouts(fused: bool) -> None:
+    from matrixgame_env.nn import fusion
+
+    norm = RMSNorm(6).double()
+    with torch.no_grad():
+        norm.gamma.uniform_(0.5, 1.5)
+    x = torch.randn(2, 6, 3, 4, 5, dtype=torch.float64)
+    past = torch.randn(2, 6, 2, 4, 5, dtype=torch.float64)
+    expected = torch.cat([past, torch.nn.functional.silu(norm(x))], dim=2)
+    fusion.enable_fusion(fused)  # compiled on this machine's CPU when fused
+    try:
+        standard = channel_rms_norm_silu(x, norm.gamma, norm.scale, past=past)
+        last = torch.channels_last_3d
+        channels_last = channel_rms_norm_silu(x.to(memory_format=last), norm.gamma, norm.scale, past=past)
+    finally:
+        fusion.enable_fusion(False)
+    torch.testing.assert_close(standard, expected, rtol=0, atol=1e-14)
+    torch.testing.assert_close(channels_last, expected, rtol=0, atol=1e-14)
+    assert channels_last.is_contiguous(memory_format=torch.channels_last_3d)  # what cuDNN's NDHWC kernels take
+
+
 def test_a_fusable_function_that_cannot_compile_runs_unfused_with_a_warning() -> None:
     from matrixgame_env.nn import fusion
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from .attention import FloatLayerNorm, KVCache, attention, rms_normalize
 from .config import ActionConfig
+from .fusion import keyboard_queries, mouse_features, mouse_temporal_qkv, residual_add, temporal_attention
 from .rope import Rotation, action_rope_angles
 
 
@@ -117,39 +118,26 @@ class ActionModule(nn.Module):
 
         if c.enable_mouse:
             heads, head_dim = c.heads_num, c.mouse_hidden_dim // c.heads_num
-            mouse = mouse_windows.flatten(2).to(weight_dtype)  # [B, F, window*2]
-            features = torch.cat(
-                [
-                    x.to(weight_dtype).view(batch, num_frames, spatial, dim),
-                    mouse[:, :, None, :].expand(batch, num_frames, spatial, mouse.shape[-1]),
-                ],
-                dim=-1,
-            )
-            hidden = self.mouse_mlp(features)  # [B, F, S, hidden]
+            hidden = self.mouse_mlp(mouse_features(x, mouse_windows.flatten(2), num_frames, weight_dtype))
             qkv = self.t_qkv(hidden).view(batch, num_frames, spatial, 3, heads, head_dim)
             # One temporal sequence per spatial location: [B*S, F, heads, head_dim].
-            qkv = qkv.permute(0, 2, 1, 3, 4, 5).reshape(batch * spatial, num_frames, 3, heads, head_dim)
-            q, k, v = qkv.unbind(dim=2)
-            q = rotation.apply(rms_normalize(q, self.eps))
-            k = rotation.apply(rms_normalize(k, self.eps))
+            q, k, v = mouse_temporal_qkv(qkv, rotation.cos, rotation.sin, self.eps)
             if caches is not None:
                 k, v = _update_grouped(caches.mouse, start_frame, k, v, batch, spatial)
-                mask = None
+                out = temporal_attention(q, k, v, batch)  # [B, F*S, heads*head_dim]
             else:
-                mask = frame_mask
-            out = attention(q, k, v, mask)  # [B*S, F, heads, head_dim]
-            out = out.reshape(batch, spatial, num_frames, heads * head_dim).transpose(1, 2)
-            mouse_out = self.proj_mouse(out.reshape(batch, tokens, heads * head_dim)).float()
-            x = x + mouse_out
+                out = attention(q, k, v, frame_mask)  # [B*S, F, heads, head_dim]
+                out = out.reshape(batch, spatial, num_frames, heads * head_dim).transpose(1, 2)
+            mouse_out = self.proj_mouse(out.reshape(batch, tokens, heads * head_dim))
+            x = residual_add(x, mouse_out)
 
         if c.enable_keyboard:
             heads, head_dim = c.heads_num, c.head_dim
             embedded = self.keyboard_embed(keyboard_windows.to(weight_dtype))  # [B, F, window, hidden]
             kv = self.keyboard_attn_kv(embedded.flatten(2)).view(batch, num_frames, 2, heads, head_dim)
             k, v = kv.unbind(dim=2)  # [B, F, heads, head_dim]
-            q = self.mouse_attn_q(x.to(weight_dtype)).view(batch, tokens, heads, head_dim)
-            q = rms_normalize(q, self.eps).view(batch, num_frames, spatial, heads, head_dim)
-            q = rotation.apply(q.transpose(1, 2)).transpose(1, 2).reshape(batch, tokens, heads, head_dim)
+            q = self.mouse_attn_q(x.to(weight_dtype))
+            q = keyboard_queries(q, rotation.cos, rotation.sin, self.eps, num_frames, heads)  # [B, F*S, heads, hd]
             k = rotation.apply(rms_normalize(k, self.eps))
             if caches is not None:
                 k, v = caches.keyboard.update(start_frame, k, v)
@@ -157,11 +145,11 @@ class ActionModule(nn.Module):
             else:
                 mask = None if frame_mask is None else frame_mask.repeat_interleave(spatial, dim=0)
             out = attention(q, k, v, mask)
-            keyboard_out = self.proj_keyboard(out.reshape(batch, tokens, heads * head_dim)).float()
-            x = x + keyboard_out
+            keyboard_out = self.proj_keyboard(out.reshape(batch, tokens, heads * head_dim))
+            x = residual_add(x, keyboard_out)
 
         if return_branches:
-            return x, mouse_out, keyboard_out
+            return x, *(None if out is None else out.float() for out in (mouse_out, keyboard_out))
         return x
 
     def _weight_dtype(self) -> torch.dtype:

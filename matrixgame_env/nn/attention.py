@@ -7,6 +7,12 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from .fusion import few_key_attention
+
+# Key counts up to this go through `few_key_attention` (the action modules' streaming attention over
+# at most a window of frames); longer ones through SDPA's attention kernels.
+FEW_KEYS = 16
+
 
 class KVCache(Protocol):
     """What an attention layer needs from a streaming cache.
@@ -25,6 +31,8 @@ def attention(
 
     `mask` is boolean [Lq, Lk] (True = may attend) or None for full attention.
     """
+    if mask is None and key.shape[1] <= FEW_KEYS:
+        return few_key_attention(query, key, value)
     out = F.scaled_dot_product_attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask
     )

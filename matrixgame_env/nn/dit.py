@@ -19,7 +19,7 @@ from torch import nn
 from .action import ActionCaches, ActionModule
 from .attention import FloatLayerNorm, KVCache, RMSNorm, attention
 from .config import DiTConfig
-from .fusion import affine_norm, gated_add, norm_modulate, rms_norm_rope
+from .fusion import affine_norm, gated_add, norm_modulate, residual_add, rms_norm_rope
 from .rope import Rotation, dit_rope_angles
 
 
@@ -163,7 +163,7 @@ class DiTBlock(nn.Module):
         x = gated_add(x, y, gate_sa, num_frames)
 
         h = affine_norm(x, self.norm3.weight, self.norm3.bias, self.norm3.eps, dtype)
-        x = x + self.cross_attn(h, context_key, context_value).float()
+        x = residual_add(x, self.cross_attn(h, context_key, context_value))
 
         if self.action_model is not None:
             x = self.action_model(

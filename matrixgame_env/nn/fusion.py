@@ -25,10 +25,23 @@ _given_up: set[Callable] = set()
 Fn = TypeVar("Fn", bound=Callable)
 
 
+# Compilations allowed per fused function: each world configuration (batch size, resolution, cache
+# fill during the first blocks) adds a few shapes; torch's default of 8 is reached by a process that
+# runs several configurations, after which the function would run unfused.
+RECOMPILE_LIMIT = 64
+
+
 def enable_fusion(enabled: bool = True) -> None:
-    """Route the fusable chains through `torch.compile` (first calls compile: tens of seconds)."""
+    """Route the fusable chains through `torch.compile` (first calls compile: tens of seconds).
+    Raises torch's per-function recompilation limit to at least `RECOMPILE_LIMIT`."""
     global _enabled
     _enabled = enabled
+    if enabled:
+        config = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):  # the newer name, then the older one
+            if hasattr(config, name):
+                setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+                break
 
 
 def fusion_enabled() -> bool:
@@ -104,21 +117,53 @@ def rms_norm_rope(
     return rotated.flatten(-2).to(dtype)
 
 
-def channel_rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor:
+def channel_rms_norm_silu(
+    x: torch.Tensor, gamma: torch.Tensor, scale: float, past: torch.Tensor | None = None
+) -> torch.Tensor:
     """SiLU of the VAE's RMS norm of a video [B, C, T, H, W] over channels (x / max(|x|, 1e-12) *
     scale * gamma, gamma of C values), in at least float32 math, cast back to x's dtype; keeps x's
-    memory layout (standard or channels-last-3d)."""
+    memory layout (standard or channels-last-3d).
+
+    With `past` [B, C, P, H, W] (a causal convolution's cached inputs, already normalised), returns
+    cat([past, result], dim=2): on channels-last videos the join is written by the same kernel,
+    so the convolution's input is never copied again."""
     # The compiled kernel sees two canonical shapes whatever the resolution, frame count or width:
     # [N, C] rows (channels-last) or [B, C, L] (standard), so it compiles two or three times in all.
     # gamma goes in as a plain tensor: compiled code treats parameters' shapes as fixed.
     gamma = gamma.detach().reshape(-1)
     batch, channels, frames, height, width = x.shape
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+    if is_channels_last_video(x):
+        # The channel count stays a constant of the kernel (one compilation per width): a reduction
+        # of known length runs in one pass over registers instead of a loop over the channels.
+        torch._dynamo.mark_static(gamma, 0)
+        if past is not None:
+            past_rows = past.to(x.dtype).permute(0, 2, 3, 4, 1).contiguous()  # [B, P, H, W, C]
+            rows = x.permute(0, 2, 3, 4, 1)  # a view: [B, T, H, W, C]
+            for t in (past_rows, rows):
+                torch._dynamo.mark_static(t, 4)
+            joined = _past_and_rms_norm_silu(past_rows, rows, gamma, float(scale))
+            return joined.permute(0, 4, 1, 2, 3)
         rows = x.permute(0, 2, 3, 4, 1).reshape(-1, channels)  # a view: C is innermost
+        torch._dynamo.mark_static(rows, 1)
         normed = _rms_norm_silu(rows, gamma, float(scale), -1)
         return normed.view(batch, frames, height, width, channels).permute(0, 4, 1, 2, 3)
     normed = _rms_norm_silu(x.contiguous().view(batch, channels, -1), gamma.view(-1, 1), float(scale), 1)
-    return normed.view(x.shape)
+    normed = normed.view(x.shape)
+    return normed if past is None else torch.cat([past.to(x.dtype), normed], dim=2)
+
+
+def is_channels_last_video(x: torch.Tensor) -> bool:
+    """True for a [B, C, T, H, W] tensor stored channels-last-3d (and not also standard-contiguous)."""
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+@fusable(dynamic=True)
+def _past_and_rms_norm_silu(past: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor:
+    """cat([past, SiLU(RMS norm of x over its last dim)], dim=1) for [B, T, H, W, C] rows."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    inverse_norm = xf.square().sum(dim=-1, keepdim=True).clamp_min(1e-24).rsqrt()
+    normed = F.silu(xf * inverse_norm * scale * gamma.to(xf.dtype)).to(x.dtype)
+    return torch.cat([past, normed], dim=1)
 
 
 @fusable(dynamic=True)
@@ -126,3 +171,84 @@ def _rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float, dim: int)
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
     inverse_norm = xf.square().sum(dim=dim, keepdim=True).clamp_min(1e-24).rsqrt()
     return F.silu(xf * inverse_norm * scale * gamma.to(xf.dtype)).to(x.dtype)
+
+
+@fusable
+def residual_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + y in x's dtype: a branch's output (any dtype) added to the float32 residual stream."""
+    return x + y.to(x.dtype)
+
+
+@fusable
+def mouse_features(x: torch.Tensor, mouse: torch.Tensor, num_frames: int, dtype: torch.dtype) -> torch.Tensor:
+    """The mouse MLP's input: tokens x [B, F*S, D] beside their frame's flattened mouse window
+    mouse [B, F, M], as [B, F, S, D + M] in dtype."""
+    batch, tokens, dim = x.shape
+    spatial = tokens // num_frames
+    per_token = mouse.to(dtype)[:, :, None, :].expand(batch, num_frames, spatial, mouse.shape[-1])
+    return torch.cat([x.to(dtype).view(batch, num_frames, spatial, dim), per_token], dim=-1)
+
+
+def _normalize_rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS norm over the last dim (no weight), then RoPE on adjacent pairs; float32 math, t's dtype out."""
+    tf = t.float()
+    tf = tf * torch.rsqrt(tf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    pairs = tf.unflatten(-1, (-1, 2))
+    real, imag = pairs[..., 0], pairs[..., 1]
+    return torch.stack((real * cos - imag * sin, imag * cos + real * sin), dim=-1).flatten(-2).to(t.dtype)
+
+
+@fusable
+def mouse_temporal_qkv(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The mouse branch's temporal attention inputs: qkv [B, F, S, 3, heads, hd] -> q, k (RMS-normalised
+    per head, rotated by their frame's RoPE, cos/sin [F, 1, hd/2]) and v, each [B*S, F, heads, hd]:
+    one time sequence per spatial location."""
+    batch, frames, spatial, _, heads, head_dim = qkv.shape
+    per_location = qkv.permute(0, 2, 1, 3, 4, 5).reshape(batch * spatial, frames, 3, heads, head_dim)
+    q, k, v = per_location.unbind(dim=2)
+    return _normalize_rotate(q, cos, sin, eps), _normalize_rotate(k, cos, sin, eps), v.contiguous()
+
+
+@fusable
+def keyboard_queries(
+    q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float, num_frames: int, heads: int
+) -> torch.Tensor:
+    """The keyboard branch's queries: q [B, F*S, heads*hd] RMS-normalised per head and rotated by
+    their frame's RoPE (cos/sin [F, 1, hd/2]) -> [B, F*S, heads, hd]."""
+    batch, tokens, width = q.shape
+    per_frame = q.view(batch, num_frames, tokens // num_frames, heads, width // heads)
+    rotated = _normalize_rotate(per_frame, cos[None, :, None], sin[None, :, None], eps)
+    return rotated.view(batch, tokens, heads, width // heads)
+
+
+def _few_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    scale = q.shape[-1] ** -0.5
+    if torch.compiler.is_compiling():
+        # Broadcast products and sums: compiled into reductions that read q once, where a batched
+        # matrix product with a handful of columns runs far below the chip's rate.
+        scores = (q.float()[:, :, None] * k.float()[:, None]).sum(dim=-1) * scale  # [B, Lq, Lk, heads]
+        weights = scores.softmax(dim=2)
+        return (weights[..., None] * v.float()[:, None]).sum(dim=2).to(q.dtype)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v.float()).to(q.dtype)
+
+
+@fusable
+def few_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of q [B, Lq, heads, hd] over a few keys k, v [B, Lk, heads, hd], in float32
+    math. Attention kernels tile keys by 64 or more; with a handful of keys, two small products and
+    a softmax do the same work without the padding."""
+    return _few_key_attention(q, k, v)
+
+
+@fusable
+def temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int) -> torch.Tensor:
+    """The mouse branch's attention over time at each location: q [B*S, F, heads, hd] over k, v
+    [B*S, L, heads, hd] -> [B, F*S, heads*hd] with tokens back in (frame, location) order."""
+    out = _few_key_attention(q, k, v)  # [B*S, F, heads, hd]
+    locations, frames, heads, head_dim = out.shape
+    spatial = locations // batch
+    out = out.reshape(batch, spatial, frames, heads * head_dim).transpose(1, 2)
+    return out.reshape(batch, frames * spatial, heads * head_dim)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fusion import channel_rms_norm_silu, fusion_enabled
+from .fusion import channel_rms_norm_silu, fusion_enabled, is_channels_last_video
 
 # Per-channel statistics of Wan 2.1 latents: the model works with (mu - mean) / std.
 WAN21_LATENT_MEAN = (
@@ -180,6 +180,19 @@ class CausalConv3d(nn.Conv3d):
         cache.slots[self.cache_slot] = x[:, :, -self.past_frames :].clone()
         return super().forward(x)
 
+    def forward_normed(self, x: torch.Tensor, norm: RMSNorm, cache: FeatureCache) -> torch.Tensor:
+        """The convolution of SiLU(norm(x)). With fusion enabled on a CUDA channels-last video, one
+        kernel normalises x and writes it after the cached past frames, where `forward` would
+        normalise, then copy both into a joined input."""
+        if not (fusion_enabled() and x.is_cuda and is_channels_last_video(x)) or use_stacked_taps(x.device):
+            return self(norm.silu_of(x), cache)
+        past = cache.slots[self.cache_slot]
+        if past is None:
+            past = x.new_zeros(*x.shape[:2], self.past_frames, *x.shape[3:])
+        joined = channel_rms_norm_silu(x, norm.gamma, norm.scale, past=past)  # [B, C, past + T, H, W]
+        cache.slots[self.cache_slot] = joined[:, :, -self.past_frames :].clone()
+        return super().forward(joined)
+
     def _forward_stacked_taps(self, past: torch.Tensor, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         """The same convolution as one 2D convolution over each output frame's k input frames stacked
         in channels, [B*T, k*C, H, W] with the kernel [C_out, k*C, kh, kw]; equal up to float rounding.
@@ -197,7 +210,7 @@ class CausalConv3d(nn.Conv3d):
 
 def same_layout(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`tensor` in the memory layout of the video `like` (channels-last-3d or standard)."""
-    if like.is_contiguous(memory_format=torch.channels_last_3d) and not like.is_contiguous():
+    if is_channels_last_video(like):
         return tensor.contiguous(memory_format=torch.channels_last_3d)
     return tensor
 
@@ -229,8 +242,8 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
-        h = conv1(norm1.silu_of(x), cache)
-        h = conv2(norm2.silu_of(h), cache)
+        h = conv1.forward_normed(x, norm1, cache)
+        h = conv2.forward_normed(h, norm2, cache)
         return h + self.shortcut(x)
 
 
@@ -359,7 +372,7 @@ class Encoder(nn.Module):
         for layer in [*self.downsamples, *self.middle]:
             x = layer(x, cache)
         norm, _, conv = self.head
-        return conv(norm.silu_of(x), cache)
+        return conv.forward_normed(x, norm, cache)
 
 
 class Decoder(nn.Module):
@@ -402,7 +415,7 @@ class Decoder(nn.Module):
         for layer in [*self.middle, *self.upsamples]:
             x = layer(x, cache)
         norm, _, conv = self.head
-        return conv(norm.silu_of(x), cache)
+        return conv.forward_normed(x, norm, cache)
 
 
 @dataclass(frozen=True)

@@ -127,10 +127,11 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
     return host
 
 
-def enable_fast_path(world: WorldModel, fast: bool | str = True) -> None:
-    """Speed options of a GPU world: True = CUDA graphs (bit-identical results) and, for wide VAE decoders,
-    channels-last decoding (same function, other kernels); "compile" = that plus torch.compile-fused
-    elementwise chains in the DiT and the decoder (process-wide); False = eager. No effect on CPU."""
+def enable_fast_path(world: WorldModel, fast: bool | str = True, batch: int = 1) -> None:
+    """Speed options of a GPU world of `batch` worlds: True = CUDA graphs (bit-identical results) and,
+    where it pays, channels-last decoding (same function, other kernels); "compile" = that plus
+    torch.compile-fused elementwise chains in the DiT and the decoder (process-wide); False = eager.
+    No effect on CPU."""
     if fast not in (True, False, "compile"):
         raise ValueError(f"fast must be True, False or 'compile', got {fast!r}")
     if world.device.type != "cuda":
@@ -141,6 +142,13 @@ def enable_fast_path(world: WorldModel, fast: bool | str = True) -> None:
         world.sampler.enable_cuda_graphs(False)
     if fast == "compile":
         enable_fusion(True)
-    # Channels-last decoding pays for wide decoders (full size: 1.12-1.17x on an H200) and costs narrow
-    # ones at batch 1 (doom-small: 0.67x); benchmarks/bench_decoder.py.
-    world.vae.set_decoder_channels_last(bool(fast) and world.vae.config["dim"] >= 64)
+    world.vae.set_decoder_channels_last(decoder_channels_last_pays(world.vae.config["dim"], fast, batch))
+
+
+def decoder_channels_last_pays(decoder_dim: int, fast: bool | str, batch: int) -> bool:
+    """Whether the VAE decoder runs channels-last on the GPU. Measured on an H200: wide decoders gain at
+    every batch (full size 1.12-1.17x); narrow ones lose at batch 1 (doom-small 0.67x) and gain with
+    many worlds, most with fused kernels (64 worlds: 1.05x with CUDA graphs, 1.34x with "compile")."""
+    if not fast:
+        return False
+    return decoder_dim >= 64 or (fast == "compile" and batch >= 16)
