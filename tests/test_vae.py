@@ -15,6 +15,7 @@ from matrixgame_env.nn.vae import (
     DecoderCache,
     FeatureCache,
     ImageCondition,
+    ResidualBlock,
     RMSNorm,
     WanVAE,
     set_conv3d_mode,
@@ -430,6 +431,53 @@ def test_channels_last_decoder_gives_the_same_frames_and_switches_back(vae: WanV
     assert vae.decoder.head[2].weight.is_contiguous()
     for a, b in zip(standard, channels_last):
         assert max_relative_error(b, a) <= OTHER_LAYOUT_TOLERANCE
+
+
+def test_fused_channels_last_decoder_moves_biases_into_fused_kernels_with_the_same_frames(
+    vae: WanVAE, fixture: Fixture, conv3d_mode, monkeypatch
+) -> None:
+    from matrixgame_env.nn import fusion
+    from matrixgame_env.nn import vae as vae_module
+
+    residual_outputs = []
+
+    def spy(*args):  # the residual blocks' fused output: only reached on the fused path
+        residual_outputs.append(fusion.channel_bias_add(*args))
+        return residual_outputs[-1]
+
+    monkeypatch.setattr(vae_module, "channel_bias_add", spy)
+    conv3d_mode("native")  # the fused path runs torch's conv3d, as on GPUs
+    latents = fixture.input("latents")
+    sizes = _latents_per_decode_call(fixture, vae.temporal_factor)
+    standard = _stream(vae, latents, sizes, vae.new_decoder_cache(1))
+    assert not residual_outputs
+    try:
+        vae.set_decoder_channels_last(True)
+        fusion.enable_fusion(True)  # compiled on this machine's CPU
+        fused = _stream(vae, latents, sizes, vae.new_decoder_cache(1))
+    finally:
+        fusion.enable_fusion(False)
+        vae.set_decoder_channels_last(False)
+    # Some CPU layers hand back standard-layout tensors, so not every later block meets a channels-last
+    # input here (on GPUs all do); the first blocks of every latent frame run fused.
+    residual_blocks = sum(isinstance(m, ResidualBlock) for m in vae.decoder.modules())
+    assert sum(sizes) * 3 <= len(residual_outputs) <= residual_blocks * sum(sizes)
+    for a, b in zip(standard, fused):
+        assert max_relative_error(b, a) <= OTHER_LAYOUT_TOLERANCE
+
+
+def test_a_normed_convolution_moves_biases_in_any_layout_but_not_with_stacked_taps(conv3d_mode) -> None:
+    conv = CausalConv3d(3, 4, 3)
+    conv.cache_slot = 0
+    norm = RMSNorm(3)
+    x, bias = torch.rand(1, 3, 2, 4, 4), torch.rand(3)
+    conv3d_mode("native")
+    expected = conv(torch.nn.functional.silu(norm(x + bias.view(-1, 1, 1, 1))), FeatureCache(1, 1))
+    moved = conv.forward_normed(x, norm, FeatureCache(1, 1), input_bias=bias, add_bias=False)
+    torch.testing.assert_close(moved + conv.bias.view(-1, 1, 1, 1), expected, rtol=0, atol=1e-6)
+    conv3d_mode("stacked")
+    with pytest.raises(ValueError, match="not stacked taps"):
+        conv.forward_normed(x, norm, FeatureCache(1, 1), add_bias=False)
 
 
 def test_fusable_norm_silu_chain_equals_norm_then_silu_in_float64() -> None:

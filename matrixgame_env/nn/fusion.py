@@ -118,7 +118,11 @@ def rms_norm_rope(
 
 
 def channel_rms_norm_silu(
-    x: torch.Tensor, gamma: torch.Tensor, scale: float, past: torch.Tensor | None = None
+    x: torch.Tensor,
+    gamma: torch.Tensor,
+    scale: float,
+    past: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SiLU of the VAE's RMS norm of a video [B, C, T, H, W] over channels (x / max(|x|, 1e-12) *
     scale * gamma, gamma of C values), in at least float32 math, cast back to x's dtype; keeps x's
@@ -126,7 +130,8 @@ def channel_rms_norm_silu(
 
     With `past` [B, C, P, H, W] (a causal convolution's cached inputs, already normalised), returns
     cat([past, result], dim=2): on channels-last videos the join is written by the same kernel,
-    so the convolution's input is never copied again."""
+    so the convolution's input is never copied again. `bias` (C values) is added to x first: the
+    bias of the convolution that made x, left out of it."""
     # The compiled kernel sees two canonical shapes whatever the resolution, frame count or width:
     # [N, C] rows (channels-last) or [B, C, L] (standard), so it compiles two or three times in all.
     # gamma goes in as a plain tensor: compiled code treats parameters' shapes as fixed.
@@ -141,12 +146,16 @@ def channel_rms_norm_silu(
             rows = x.permute(0, 2, 3, 4, 1)  # a view: [B, T, H, W, C]
             for t in (past_rows, rows):
                 torch._dynamo.mark_static(t, 4)
-            joined = _past_and_rms_norm_silu(past_rows, rows, gamma, float(scale))
+            joined = _past_and_rms_norm_silu(past_rows, rows, gamma, float(scale), _detached(bias))
             return joined.permute(0, 4, 1, 2, 3)
+        if bias is not None:
+            x = x + bias.view(-1, 1, 1, 1)
         rows = x.permute(0, 2, 3, 4, 1).reshape(-1, channels)  # a view: C is innermost
         torch._dynamo.mark_static(rows, 1)
         normed = _rms_norm_silu(rows, gamma, float(scale), -1)
         return normed.view(batch, frames, height, width, channels).permute(0, 4, 1, 2, 3)
+    if bias is not None:
+        x = x + bias.view(-1, 1, 1, 1)
     normed = _rms_norm_silu(x.contiguous().view(batch, channels, -1), gamma.view(-1, 1), float(scale), 1)
     normed = normed.view(x.shape)
     return normed if past is None else torch.cat([past.to(x.dtype), normed], dim=2)
@@ -157,10 +166,18 @@ def is_channels_last_video(x: torch.Tensor) -> bool:
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
 
 
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
+
+
 @fusable(dynamic=True)
-def _past_and_rms_norm_silu(past: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor:
-    """cat([past, SiLU(RMS norm of x over its last dim)], dim=1) for [B, T, H, W, C] rows."""
+def _past_and_rms_norm_silu(
+    past: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor, scale: float, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """cat([past, SiLU(RMS norm of (x + bias) over its last dim)], dim=1) for [B, T, H, W, C] rows."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    if bias is not None:
+        xf = xf + bias.to(xf.dtype)
     inverse_norm = xf.square().sum(dim=-1, keepdim=True).clamp_min(1e-24).rsqrt()
     normed = F.silu(xf * inverse_norm * scale * gamma.to(xf.dtype)).to(x.dtype)
     return torch.cat([past, normed], dim=1)
@@ -252,3 +269,32 @@ def temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch:
     spatial = locations // batch
     out = out.reshape(batch, spatial, frames, heads * head_dim).transpose(1, 2)
     return out.reshape(batch, frames * spatial, heads * head_dim)
+
+
+def channel_bias_add(
+    h: torch.Tensor, bias: torch.Tensor | None, skip: torch.Tensor, skip_bias: torch.Tensor | None
+) -> torch.Tensor:
+    """h + bias + skip + skip_bias for videos [B, C, T, H, W] and per-channel biases (None = none): a
+    residual block's output when its convolutions ran without their biases. One pass on channels-last
+    videos when fusion is enabled; keeps h's layout."""
+    if is_channels_last_video(h) and is_channels_last_video(skip):
+        rows = _bias_add_rows(
+            h.permute(0, 2, 3, 4, 1), _detached(bias), skip.permute(0, 2, 3, 4, 1), _detached(skip_bias)
+        )
+        return rows.permute(0, 4, 1, 2, 3)
+    for b in (bias, skip_bias):
+        if b is not None:
+            h = h + b.view(-1, 1, 1, 1)
+    return h + skip
+
+
+@fusable(dynamic=True)
+def _bias_add_rows(
+    h: torch.Tensor, bias: torch.Tensor | None, skip: torch.Tensor, skip_bias: torch.Tensor | None
+) -> torch.Tensor:
+    """h + bias + skip + skip_bias on [B, T, H, W, C] rows, in at least float32, cast to h's dtype."""
+    out = h.to(torch.promote_types(h.dtype, torch.float32)) + skip.to(torch.promote_types(h.dtype, torch.float32))
+    for b in (bias, skip_bias):
+        if b is not None:
+            out = out + b.to(out.dtype)
+    return out.to(h.dtype)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fusion import channel_rms_norm_silu, fusion_enabled, is_channels_last_video
+from .fusion import channel_bias_add, channel_rms_norm_silu, fusion_enabled, is_channels_last_video
 
 # Per-channel statistics of Wan 2.1 latents: the model works with (mu - mean) / std.
 WAN21_LATENT_MEAN = (
@@ -180,18 +180,37 @@ class CausalConv3d(nn.Conv3d):
         cache.slots[self.cache_slot] = x[:, :, -self.past_frames :].clone()
         return super().forward(x)
 
-    def forward_normed(self, x: torch.Tensor, norm: RMSNorm, cache: FeatureCache) -> torch.Tensor:
-        """The convolution of SiLU(norm(x)). With fusion enabled on a CUDA channels-last video, one
-        kernel normalises x and writes it after the cached past frames, where `forward` would
-        normalise, then copy both into a joined input."""
-        if not (fusion_enabled() and x.is_cuda and is_channels_last_video(x)) or use_stacked_taps(x.device):
+    def takes_fused_input(self, x: torch.Tensor) -> bool:
+        """Whether `forward_normed` joins, normalises and adds biases in fused kernels for this input:
+        with fusion enabled, on channels-last videos, when the convolution runs as torch's conv3d."""
+        return fusion_enabled() and is_channels_last_video(x) and not use_stacked_taps(x.device)
+
+    def forward_normed(
+        self,
+        x: torch.Tensor,
+        norm: RMSNorm,
+        cache: FeatureCache,
+        input_bias: torch.Tensor | None = None,
+        add_bias: bool = True,
+    ) -> torch.Tensor:
+        """The convolution of SiLU(norm(x + input_bias)). On fused inputs (`takes_fused_input`) one
+        kernel adds the bias, normalises and writes the result after the cached past frames, where
+        `forward` would normalise, then copy both into a joined input. `add_bias=False` leaves this
+        convolution's own bias out (for the caller to add in its next fused kernel): cuDNN adds it to
+        channels-last outputs in a pass of its own. Both work on any input (fused or not) except with
+        stacked taps."""
+        if not self.takes_fused_input(x) and input_bias is None and add_bias:
             return self(norm.silu_of(x), cache)
+        if use_stacked_taps(x.device):
+            raise ValueError(
+                "input_bias and add_bias=False need torch's conv3d (set_conv3d_mode('native')), not stacked taps"
+            )
         past = cache.slots[self.cache_slot]
         if past is None:
             past = x.new_zeros(*x.shape[:2], self.past_frames, *x.shape[3:])
-        joined = channel_rms_norm_silu(x, norm.gamma, norm.scale, past=past)  # [B, C, past + T, H, W]
+        joined = channel_rms_norm_silu(x, norm.gamma, norm.scale, past=past, bias=input_bias)  # [B, C, past + T, H, W]
         cache.slots[self.cache_slot] = joined[:, :, -self.past_frames :].clone()
-        return super().forward(joined)
+        return self._conv_forward(joined, self.weight, self.bias if add_bias else None)
 
     def _forward_stacked_taps(self, past: torch.Tensor, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         """The same convolution as one 2D convolution over each output frame's k input frames stacked
@@ -242,9 +261,18 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
-        h = conv1.forward_normed(x, norm1, cache)
-        h = conv2.forward_normed(h, norm2, cache)
-        return h + self.shortcut(x)
+        if not conv1.takes_fused_input(x):
+            h = conv1.forward_normed(x, norm1, cache)
+            h = conv2.forward_normed(h, norm2, cache)
+            return h + self.shortcut(x)
+        # Fused: every bias joins the next fused kernel instead of a pass of its own.
+        h = conv1.forward_normed(x, norm1, cache, add_bias=False)
+        h = conv2.forward_normed(h, norm2, cache, input_bias=conv1.bias, add_bias=False)
+        if isinstance(self.shortcut, nn.Conv3d):
+            skip, skip_bias = F.conv3d(x, self.shortcut.weight), self.shortcut.bias
+        else:
+            skip, skip_bias = x, None
+        return same_layout(channel_bias_add(h, conv2.bias, skip, skip_bias), x)  # GPUs: already x's layout
 
 
 class AttentionBlock(nn.Module):
