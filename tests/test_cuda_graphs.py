@@ -134,3 +134,18 @@ def test_decoder_layout_policy_follows_the_measurements():
     assert not decoder_channels_last_pays(small, True, 64)  # 1.05x: not worth a second layout
     assert not decoder_channels_last_pays(small, "compile", 1)  # 0.67x at batch 1
     assert decoder_channels_last_pays(small, "compile", 64)  # 1.34x
+
+
+@cuda
+def test_fast_env_autotunes_cudnn_and_the_eager_one_leaves_it_alone():
+    from matrixgame_env.env import MatrixGameEnv
+
+    previous = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        MatrixGameEnv("doom-small", device="cuda", fast=False).close()
+        assert not torch.backends.cudnn.benchmark
+        MatrixGameEnv("doom-small", device="cuda", fast=True).close()
+        assert torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.benchmark = previous

@@ -128,16 +128,19 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def enable_fast_path(world: WorldModel, fast: bool | str = True, batch: int = 1) -> None:
-    """Speed options of a GPU world of `batch` worlds: True = CUDA graphs (bit-identical results) and,
-    where it pays, channels-last decoding (same function, other kernels); "compile" = that plus
-    torch.compile-fused elementwise chains in the DiT and the decoder (process-wide); False = eager.
-    No effect on CPU."""
+    """Speed options of a GPU world of `batch` worlds: True = CUDA graphs (bit-identical results),
+    autotuned cuDNN convolutions (process-wide) and, where it pays, channels-last decoding (same
+    function, other kernels); "compile" = that plus torch.compile-fused elementwise chains in the DiT
+    and the decoder (process-wide); False = eager. No effect on CPU."""
     if fast not in (True, False, "compile"):
         raise ValueError(f"fast must be True, False or 'compile', got {fast!r}")
     if world.device.type != "cuda":
         return
     if fast and world.sampler.graphs is None:
         world.sampler.enable_cuda_graphs()
+    if fast:
+        # The decoder's shapes repeat every block: time cuDNN's candidate kernels once, keep the fastest.
+        torch.backends.cudnn.benchmark = True
     if not fast:
         world.sampler.enable_cuda_graphs(False)
     if fast == "compile":
