@@ -149,7 +149,7 @@ class ActionModule(nn.Module):
             x = residual_add(x, keyboard_out)
 
         if return_branches:
-            return x, *(None if out is None else out.float() for out in (mouse_out, keyboard_out))
+            return x, *(None if branch is None else branch.float() for branch in (mouse_out, keyboard_out))
         return x
 
     def _weight_dtype(self) -> torch.dtype:
