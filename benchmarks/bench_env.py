@@ -62,11 +62,20 @@ def cpu_single(model: str, steps: int, warmup: int, conv3d: str, guidance: float
 
 
 def gpu_vector(
-    model: str, worlds: int, fast: bool | str, steps: int, warmup: int, channels_last: bool, guidance: float | None
+    model: str,
+    worlds: int,
+    fast: bool | str,
+    steps: int,
+    warmup: int,
+    channels_last: bool | None,
+    guidance: float | None,
 ) -> dict:
+    """Steps/s of one vector env; `channels_last` None keeps the env's own decoder layout choice."""
     env = MatrixGameVectorEnv(model, num_envs=worlds, device="cuda", fast=fast, action_guidance=guidance)
     guidance = env.world.sampler.config.action_guidance
-    env.world.vae.set_decoder_channels_last(channels_last)
+    if channels_last is not None:
+        env.world.vae.set_decoder_channels_last(channels_last)
+    channels_last = env.world.vae.decoder_channels_last
     rng = np.random.default_rng(0)
     env.reset(seed=0)
     single = env.single_action_space
@@ -91,7 +100,7 @@ def gpu_vector(
     }
 
 
-def profile_vector_step(model: str, worlds: int, channels_last: bool, steps: int = 3) -> dict:
+def profile_vector_step(model: str, worlds: int, channels_last: bool | None, steps: int = 3) -> dict:
     """Where a vector-env step's GPU time goes (`profile_tables`, per step): compiled fusions on, CUDA
     graphs off so that every kernel is seen."""
     from torch.profiler import ProfilerActivity
@@ -99,7 +108,9 @@ def profile_vector_step(model: str, worlds: int, channels_last: bool, steps: int
 
     env = MatrixGameVectorEnv(model, num_envs=worlds, device="cuda", fast="compile")
     env.world.sampler.enable_cuda_graphs(False)
-    env.world.vae.set_decoder_channels_last(channels_last)
+    if channels_last is not None:
+        env.world.vae.set_decoder_channels_last(channels_last)
+    channels_last = env.world.vae.decoder_channels_last
     rng = np.random.default_rng(0)
     env.reset(seed=0)
     single = env.single_action_space
@@ -138,9 +149,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--channels-last",
-        choices=["off", "on", "both"],
-        default="off",
-        help="run the VAE decoder on channels-last tensors",
+        choices=["auto", "off", "on", "both"],
+        default="auto",
+        help="run the VAE decoder on channels-last tensors (auto: as the env chooses)",
     )
     parser.add_argument(
         "--action-guidance",
@@ -165,7 +176,7 @@ def main() -> None:
     torch.set_num_threads(threads)
     if torch.cuda.is_available():
         options = {"eager": False, "graphs": True, "compile": "compile"}
-        layouts = {"off": [False], "on": [True], "both": [False, True]}[args.channels_last]
+        layouts = {"auto": [None], "off": [False], "on": [True], "both": [False, True]}[args.channels_last]
         for worlds in args.gpu_worlds:
             for path in args.paths:
                 for channels_last in layouts:
@@ -178,7 +189,7 @@ def main() -> None:
     print(table(rows, ["setting", "worlds", "steps_per_s", "step_s", "peak_gib", "threads"]))
     result = {"environment": environment(), "model": args.model, "rows": rows}
     if args.profile and torch.cuda.is_available():
-        layout = args.channels_last != "off"
+        layout = {"auto": None, "off": False}.get(args.channels_last, True)
         result["profile"] = profile_vector_step(args.model, max(args.gpu_worlds), layout)
         for view in ("kernels", "operators"):
             print(f"profile: {max(args.gpu_worlds)} worlds, {view} (ms and calls per step)")

@@ -630,6 +630,11 @@ class WanVAE(nn.Module):
 
     # Decoding
 
+    @property
+    def decoder_channels_last(self) -> bool:
+        """Whether the decoder runs on channels-last activations (`set_decoder_channels_last`)."""
+        return self._decoder_channels_last
+
     def set_decoder_channels_last(self, enabled: bool = True) -> None:
         """Runs the decoder on channels-last (NDHWC) activations and weights, the layout of cuDNN's native
         convolution kernels, which spares the layout transposes around every convolution on GPUs.
