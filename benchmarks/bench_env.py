@@ -71,20 +71,12 @@ def gpu_vector(
     guidance: float | None,
 ) -> dict:
     """Steps/s of one vector env; `channels_last` None keeps the env's own decoder layout choice."""
-    env = MatrixGameVectorEnv(model, num_envs=worlds, device="cuda", fast=fast, action_guidance=guidance)
+    env, rng = warm_vector_env(model, worlds, fast, channels_last, guidance, warmup)
     guidance = env.world.sampler.config.action_guidance
-    if channels_last is not None:
-        env.world.vae.set_decoder_channels_last(channels_last)
     channels_last = env.world.vae.decoder_channels_last
-    rng = np.random.default_rng(0)
-    env.reset(seed=0)
-    single = env.single_action_space
-    for _ in range(warmup):
-        env.step(sample_actions(single, rng, worlds))
-    torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
-        env.step(sample_actions(single, rng, worlds))
+        env.step(sample_actions(env.single_action_space, rng, worlds))
     elapsed = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30
     env.close()
@@ -106,23 +98,37 @@ def profile_vector_step(model: str, worlds: int, channels_last: bool | None, ste
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    env = MatrixGameVectorEnv(model, num_envs=worlds, device="cuda", fast="compile")
-    env.world.sampler.enable_cuda_graphs(False)
-    if channels_last is not None:
-        env.world.vae.set_decoder_channels_last(channels_last)
-    channels_last = env.world.vae.decoder_channels_last
-    rng = np.random.default_rng(0)
-    env.reset(seed=0)
-    single = env.single_action_space
-    for _ in range(4):
-        env.step(sample_actions(single, rng, worlds))
-    torch.cuda.synchronize()
+    env, rng = warm_vector_env(model, worlds, "compile", channels_last, None, 4, graphs=False)
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            env.step(sample_actions(single, rng, worlds))
+            env.step(sample_actions(env.single_action_space, rng, worlds))
         torch.cuda.synchronize()
     env.close()
-    return {"worlds": worlds, "channels_last": channels_last, **profile_tables(prof, steps)}
+    return {"worlds": worlds, "channels_last": env.world.vae.decoder_channels_last, **profile_tables(prof, steps)}
+
+
+def warm_vector_env(
+    model: str,
+    worlds: int,
+    fast: bool | str,
+    channels_last: bool | None,
+    guidance: float | None,
+    warmup: int,
+    graphs: bool = True,
+) -> tuple[MatrixGameVectorEnv, np.random.Generator]:
+    """A reset GPU vector env after `warmup` steps of random actions, and the actions' generator.
+    `channels_last` None keeps the env's decoder layout; `graphs=False` turns CUDA graphs off."""
+    env = MatrixGameVectorEnv(model, num_envs=worlds, device="cuda", fast=fast, action_guidance=guidance)
+    if not graphs:
+        env.world.sampler.enable_cuda_graphs(False)
+    if channels_last is not None:
+        env.world.vae.set_decoder_channels_last(channels_last)
+    rng = np.random.default_rng(0)
+    env.reset(seed=0)
+    for _ in range(warmup):
+        env.step(sample_actions(env.single_action_space, rng, worlds))
+    torch.cuda.synchronize()
+    return env, rng
 
 
 def main() -> None:

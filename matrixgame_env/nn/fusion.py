@@ -111,10 +111,15 @@ def rms_norm_rope(
     dtype = t.dtype
     normed = (t.float() * torch.rsqrt(t.float().pow(2).mean(dim=-1, keepdim=True) + eps)).to(dtype) * weight
     batch, length, dim = t.shape
-    pairs = normed.view(batch, length, heads, dim // heads).float().unflatten(-1, (-1, 2))
+    return rotate_pairs(normed.view(batch, length, heads, dim // heads).float(), cos, sin).to(dtype)
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE: adjacent pairs of x's last dim (dims 2i, 2i+1 = real, imaginary) rotated by the angles
+    whose cos/sin broadcast against x[..., ::2]; in x's dtype (callers pass float32)."""
+    pairs = x.unflatten(-1, (-1, 2))
     real, imag = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((real * cos - imag * sin, imag * cos + real * sin), dim=-1)
-    return rotated.flatten(-2).to(dtype)
+    return torch.stack((real * cos - imag * sin, imag * cos + real * sin), dim=-1).flatten(-2)
 
 
 def channel_rms_norm_silu(
@@ -141,21 +146,20 @@ def channel_rms_norm_silu(
         # The channel count stays a constant of the kernel (one compilation per width): a reduction
         # of known length runs in one pass over registers instead of a loop over the channels.
         torch._dynamo.mark_static(gamma, 0)
-        if past is not None:
-            past_rows = past.to(x.dtype).permute(0, 2, 3, 4, 1).contiguous()  # [B, P, H, W, C]
-            rows = x.permute(0, 2, 3, 4, 1)  # a view: [B, T, H, W, C]
-            for t in (past_rows, rows):
-                torch._dynamo.mark_static(t, 4)
-            joined = _past_and_rms_norm_silu(past_rows, rows, gamma, float(scale), _detached(bias))
-            return joined.permute(0, 4, 1, 2, 3)
-        if bias is not None:
-            x = x + bias.view(-1, 1, 1, 1)
+    if past is not None and is_channels_last_video(x):
+        past_rows = past.to(x.dtype).permute(0, 2, 3, 4, 1).contiguous()  # [B, P, H, W, C]
+        rows = x.permute(0, 2, 3, 4, 1)  # a view: [B, T, H, W, C]
+        for t in (past_rows, rows):
+            torch._dynamo.mark_static(t, 4)
+        joined = _past_and_rms_norm_silu(past_rows, rows, gamma, float(scale), _detached(bias))
+        return joined.permute(0, 4, 1, 2, 3)
+    if bias is not None:
+        x = x + bias.view(-1, 1, 1, 1)  # keeps x's layout
+    if is_channels_last_video(x):
         rows = x.permute(0, 2, 3, 4, 1).reshape(-1, channels)  # a view: C is innermost
         torch._dynamo.mark_static(rows, 1)
         normed = _rms_norm_silu(rows, gamma, float(scale), -1)
         return normed.view(batch, frames, height, width, channels).permute(0, 4, 1, 2, 3)
-    if bias is not None:
-        x = x + bias.view(-1, 1, 1, 1)
     normed = _rms_norm_silu(x.contiguous().view(batch, channels, -1), gamma.view(-1, 1), float(scale), 1)
     normed = normed.view(x.shape)
     return normed if past is None else torch.cat([past.to(x.dtype), normed], dim=2)
@@ -175,17 +179,21 @@ def _past_and_rms_norm_silu(
     past: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor, scale: float, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """cat([past, SiLU(RMS norm of (x + bias) over its last dim)], dim=1) for [B, T, H, W, C] rows."""
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    if bias is not None:
-        xf = xf + bias.to(xf.dtype)
-    inverse_norm = xf.square().sum(dim=-1, keepdim=True).clamp_min(1e-24).rsqrt()
-    normed = F.silu(xf * inverse_norm * scale * gamma.to(xf.dtype)).to(x.dtype)
-    return torch.cat([past, normed], dim=1)
+    return torch.cat([past, _norm_silu(x, gamma, scale, -1, bias)], dim=1)
 
 
 @fusable(dynamic=True)
 def _rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float, dim: int) -> torch.Tensor:
+    return _norm_silu(x, gamma, scale, dim)
+
+
+def _norm_silu(
+    x: torch.Tensor, gamma: torch.Tensor, scale: float, dim: int, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """SiLU(RMS norm of (x + bias) over `dim` * scale * gamma) in at least float32, cast to x's dtype."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    if bias is not None:
+        xf = xf + bias.to(xf.dtype)
     inverse_norm = xf.square().sum(dim=dim, keepdim=True).clamp_min(1e-24).rsqrt()
     return F.silu(xf * inverse_norm * scale * gamma.to(xf.dtype)).to(x.dtype)
 
@@ -209,10 +217,7 @@ def mouse_features(x: torch.Tensor, mouse: torch.Tensor, num_frames: int, dtype:
 def _normalize_rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float) -> torch.Tensor:
     """RMS norm over the last dim (no weight), then RoPE on adjacent pairs; float32 math, t's dtype out."""
     tf = t.float()
-    tf = tf * torch.rsqrt(tf.pow(2).mean(dim=-1, keepdim=True) + eps)
-    pairs = tf.unflatten(-1, (-1, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
-    return torch.stack((real * cos - imag * sin, imag * cos + real * sin), dim=-1).flatten(-2).to(t.dtype)
+    return rotate_pairs(tf * torch.rsqrt(tf.pow(2).mean(dim=-1, keepdim=True) + eps), cos, sin).to(t.dtype)
 
 
 @fusable
@@ -293,7 +298,8 @@ def _bias_add_rows(
     h: torch.Tensor, bias: torch.Tensor | None, skip: torch.Tensor, skip_bias: torch.Tensor | None
 ) -> torch.Tensor:
     """h + bias + skip + skip_bias on [B, T, H, W, C] rows, in at least float32, cast to h's dtype."""
-    out = h.to(torch.promote_types(h.dtype, torch.float32)) + skip.to(torch.promote_types(h.dtype, torch.float32))
+    wide = torch.promote_types(h.dtype, torch.float32)
+    out = h.to(wide) + skip.to(wide)
     for b in (bias, skip_bias):
         if b is not None:
             out = out + b.to(out.dtype)

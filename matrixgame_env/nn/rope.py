@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .fusion import rotate_pairs
+
 
 def _inverse_frequencies(num_pairs: int, rotary_dim: int, theta: float) -> torch.Tensor:
     """theta^(-2i / rotary_dim) for i < num_pairs, float64."""
@@ -75,8 +77,4 @@ class Rotation:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate adjacent pairs of x [..., L, heads, head_dim] by the angles of its L positions."""
-        dtype = x.dtype
-        pairs = x.float().unflatten(-1, (-1, 2))
-        real, imag = pairs[..., 0], pairs[..., 1]
-        rotated = torch.stack((real * self.cos - imag * self.sin, imag * self.cos + real * self.sin), dim=-1)
-        return rotated.flatten(-2).to(dtype)
+        return rotate_pairs(x.float(), self.cos, self.sin).to(x.dtype)

@@ -170,15 +170,10 @@ class CausalConv3d(nn.Conv3d):
 
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         # x: [B, C, T, H, W] -> [B, C_out, T, H, W]
-        past = cache.slots[self.cache_slot]
-        if past is None:
-            past = x.new_zeros(*x.shape[:2], self.past_frames, *x.shape[3:])
+        past = self._past(x, cache)
         if use_stacked_taps(x.device):
             return self._forward_stacked_taps(past, x, cache)
-        x = torch.cat([same_layout(past, x), x], dim=2)  # [B, C, past + T, H, W]
-        # A copy, so the cache does not keep the whole concatenation alive.
-        cache.slots[self.cache_slot] = x[:, :, -self.past_frames :].clone()
-        return super().forward(x)
+        return self._convolve_joined(torch.cat([same_layout(past, x), x], dim=2), cache, self.bias)
 
     def takes_fused_input(self, x: torch.Tensor) -> bool:
         """Whether `forward_normed` joins, normalises and adds biases in fused kernels for this input:
@@ -205,12 +200,19 @@ class CausalConv3d(nn.Conv3d):
             raise ValueError(
                 "input_bias and add_bias=False need torch's conv3d (set_conv3d_mode('native')), not stacked taps"
             )
+        joined = channel_rms_norm_silu(x, norm.gamma, norm.scale, past=self._past(x, cache), bias=input_bias)
+        return self._convolve_joined(joined, cache, self.bias if add_bias else None)
+
+    def _past(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        """The inputs kept from the previous chunk, or zeros before the first: [B, C, past, H, W]."""
         past = cache.slots[self.cache_slot]
-        if past is None:
-            past = x.new_zeros(*x.shape[:2], self.past_frames, *x.shape[3:])
-        joined = channel_rms_norm_silu(x, norm.gamma, norm.scale, past=past, bias=input_bias)  # [B, C, past + T, H, W]
+        return x.new_zeros(*x.shape[:2], self.past_frames, *x.shape[3:]) if past is None else past
+
+    def _convolve_joined(self, joined: torch.Tensor, cache: FeatureCache, bias: torch.Tensor | None) -> torch.Tensor:
+        """The convolution of [past frames, this chunk] [B, C, past + T, H, W]; keeps its last frames."""
+        # A copy, so the cache does not keep the whole join alive.
         cache.slots[self.cache_slot] = joined[:, :, -self.past_frames :].clone()
-        return self._conv_forward(joined, self.weight, self.bias if add_bias else None)
+        return self._conv_forward(joined, self.weight, bias)
 
     def _forward_stacked_taps(self, past: torch.Tensor, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         """The same convolution as one 2D convolution over each output frame's k input frames stacked

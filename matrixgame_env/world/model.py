@@ -136,12 +136,12 @@ def enable_fast_path(world: WorldModel, fast: bool | str = True, batch: int = 1)
         raise ValueError(f"fast must be True, False or 'compile', got {fast!r}")
     if world.device.type != "cuda":
         return
-    if fast and world.sampler.graphs is None:
-        world.sampler.enable_cuda_graphs()
     if fast:
+        if world.sampler.graphs is None:
+            world.sampler.enable_cuda_graphs()
         # The decoder's shapes repeat every block: time cuDNN's candidate kernels once, keep the fastest.
         torch.backends.cudnn.benchmark = True
-    if not fast:
+    else:
         world.sampler.enable_cuda_graphs(False)
     if fast == "compile":
         enable_fusion(True)
