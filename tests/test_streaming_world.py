@@ -1,5 +1,7 @@
 """Behaviour of the streaming engine: batching, exact snapshot/restore, fork, flat memory, errors."""
 
+import warnings
+
 import pytest
 import torch
 from tiny import tiny_dit
@@ -247,3 +249,23 @@ def test_bad_action_guidance_is_refused(value):
     with pytest.raises(ValueError, match="action_guidance must be a finite number >= 1"):
         SamplerConfig.from_dict({"action_guidance": value})
     assert SamplerConfig.from_dict({}).action_guidance == 1.0
+
+
+def test_fused_chains_compiled_on_this_cpu_give_the_eager_latents(sampler):
+    """The action modules' fused chains and few-key attention (nn.fusion), compiled by torch.compile,
+    stream the same latents as eager code (float32: only rounding differs)."""
+    from matrixgame_env.nn import fusion
+
+    eager_state, _, _ = _start(sampler, 2, seed=4)
+    eager = _roll(sampler, eager_state, 3)
+    fusion.enable_fusion(True)
+    try:
+        limit = getattr(torch._dynamo.config, "recompile_limit", None) or torch._dynamo.config.cache_size_limit
+        assert limit >= fusion.RECOMPILE_LIMIT  # several world configurations per process stay fused
+        fused_state, _, _ = _start(sampler, 2, seed=4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # a chain that fell back to eager would warn
+            fused = _roll(sampler, fused_state, 3)
+    finally:
+        fusion.enable_fusion(False)
+    torch.testing.assert_close(fused, eager, rtol=0, atol=1e-4)

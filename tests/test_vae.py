@@ -424,11 +424,12 @@ def test_channels_last_decoder_gives_the_same_frames_and_switches_back(vae: WanV
     standard = _stream(vae, latents, sizes, vae.new_decoder_cache(1))
     try:
         vae.set_decoder_channels_last(True)
+        assert vae.decoder_channels_last
         assert vae.decoder.head[2].weight.is_contiguous(memory_format=torch.channels_last_3d)
         channels_last = _stream(vae, latents, sizes, vae.new_decoder_cache(1))
     finally:
         vae.set_decoder_channels_last(False)
-    assert vae.decoder.head[2].weight.is_contiguous()
+    assert vae.decoder.head[2].weight.is_contiguous() and not vae.decoder_channels_last
     for a, b in zip(standard, channels_last):
         assert max_relative_error(b, a) <= OTHER_LAYOUT_TOLERANCE
 
