@@ -8,6 +8,9 @@
 # modules at 10x; MG_DISTILL_MINUTES > 0 adds a distillation before the reward head. MG_VAE_MINUTES > 0 runs the
 # vae stage (MG_VAE_ARGS, e.g. a --decoder-only retrain from models/doom-small) beside the DiT in round 1; round 3
 # then evaluates the new DiT with that VAE (valid only while the latent space stays the same).
+# MG_CALL_SECONDS (e.g. 570) lets rounds 1 and 2 give the DiT whatever is left of the call after the other stages;
+# MG_REWARD_MINUTES=0 keeps the init model's reward head (it reads VAE latents, so it stays valid while the VAE
+# does) and evaluates and packs the DiT (or distilled) model itself.
 # Join the pieces here with `cat bundle.tar.part* | tar x` and
 # `python scripts/pack_model.py --unpack pack/reward NEW_MODEL_DIR`.
 set -eo pipefail
@@ -17,6 +20,13 @@ export MG_DIT_INIT=${MG_DIT_INIT:-models/doom-small} MG_DIT_BATCH=${MG_DIT_BATCH
 export MG_DIT_STEPS=${MG_DIT_STEPS:-3000} MG_ENCODE_INIT=${MG_ENCODE_INIT:-models/doom-small}
 export MG_DIT_ARGS=${MG_DIT_ARGS:---compile --lr 1.5e-4 --warmup-steps 200 --action-lr-mult 10 --log-every 50}
 pipeline() { bash scripts/device_pipeline.sh "$@"; }
+started=$(date +%s)
+dit_minutes() {  # $1: the default; with MG_CALL_SECONDS, the minutes left of the call
+  if [ -n "${MG_DIT_MINUTES:-}" ]; then echo "$MG_DIT_MINUTES"
+  elif [ -n "${MG_CALL_SECONDS:-}" ]; then
+    python3 -c "print(round(($MG_CALL_SECONDS - ($(date +%s) - $started)) / 60, 2))"
+  else echo "$1"; fi
+}
 case ${1:-} in
   1)
     pipeline setup "record:${MG_RECORD_MINUTES:-90}" encode:3
@@ -24,23 +34,25 @@ case ${1:-} in
       pipeline "vae:$MG_VAE_MINUTES" > "$MG_WORK/vae_stage.txt" 2>&1 &
       vae_stage=$!
     fi
-    pipeline "dit:${MG_DIT_MINUTES:-5.5}"
+    pipeline "dit:$(dit_minutes 5.5)"
     if [ -n "${vae_stage:-}" ]; then
       wait "$vae_stage" || echo "the vae stage failed"
       tail -n 5 "$MG_WORK/vae_stage.txt"
     fi ;;
-  2) pipeline "dit:${MG_DIT_MINUTES:-8.6}" ;;
+  2) pipeline "dit:$(dit_minutes 8.6)" ;;
   3)
+    last=dit
     if [ "${MG_DISTILL_MINUTES:-0}" != 0 ]; then
       pipeline "distill:$MG_DISTILL_MINUTES"
-      export MG_REWARD_INIT=$MG_WORK/runs/distill/model
-    else
-      export MG_REWARD_INIT=$MG_WORK/runs/dit/model
+      last=distill
     fi
-    pipeline "reward:${MG_REWARD_MINUTES:-1.2}"
+    if [ "${MG_REWARD_MINUTES:-1.2}" != 0 ]; then
+      MG_REWARD_INIT=$MG_WORK/runs/$last/model pipeline "reward:${MG_REWARD_MINUTES:-1.2}"
+      last=reward
+    fi
     if [ -f "$MG_WORK/runs/vae/model/vae.safetensors" ]; then  # a decoder retrained by round 1 (--decoder-only)
-      cp "$MG_WORK/runs/vae/model/vae.safetensors" "$MG_WORK/runs/reward/model/vae.safetensors"
+      cp "$MG_WORK/runs/vae/model/vae.safetensors" "$MG_WORK/runs/$last/model/vae.safetensors"
     fi
-    pipeline eval pack ;;
+    MG_EVAL_MODEL=$MG_WORK/runs/$last/model MG_PACK_MODELS=$last pipeline eval pack ;;
   *) echo "usage: bash scripts/device_train_round.sh 1|2|3" >&2; exit 2 ;;
 esac
