@@ -343,13 +343,21 @@ def test_eval_command_end_to_end(dataset, model, tmp_path) -> None:
     again = tmp_path / "again"
     status, errors = run_cli("eval", "--model", str(model), "--data", str(dataset), "--out", str(again), "--idm",
                              str(out / "idm"), "--val-fraction", VAL_FRACTION, "--clips", "0", "--drift-minutes", "0",
-                             "--device", "cpu", "--no-progress")  # fmt: skip
+                             "--action-guidance", "2.5", "--device", "cpu", "--no-progress")  # fmt: skip
     assert status == 0, errors
     reused = json.loads((again / "eval.json").read_text())
     assert set(reused) == {"settings", "idm", "targets", "timing_s"}
     assert reused["idm"]["real_val"] == idm["real_val"]
     assert report["settings"]["idm_steps"] == 20 and reused["settings"]["idm_steps"] is None  # trained elsewhere
     assert reused["targets"]["no_collapse"]["passed"] is None
+    assert report["settings"]["action_guidance"] == 1.0 and reused["settings"]["action_guidance"] == 2.5
+
+
+def test_eval_action_guidance_below_one_is_a_clear_error(dataset, model, tmp_path) -> None:
+    status, errors = run_cli("eval", "--model", str(model), "--data", str(dataset), "--out", str(tmp_path),
+                             "--action-guidance", "0.5", "--device", "cpu", "--no-progress")  # fmt: skip
+    assert status == 2 and "--action-guidance must be a finite number >= 1 (1: off), got 0.5" in errors
+    assert "Traceback" not in errors
 
 
 def test_eval_without_held_out_episodes_is_a_clear_error(dataset, model, tmp_path) -> None:

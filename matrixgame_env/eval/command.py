@@ -44,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes for IDM training")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of generation noise and IDM training")
+    parser.add_argument(
+        "--action-guidance",
+        type=float,
+        default=None,
+        help="sampler action guidance for this evaluation (default: the model's own; 1: off)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -61,6 +67,8 @@ def run(args: argparse.Namespace) -> Path:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(args.out)
     world = WorldModel.from_pretrained(args.model, device=device)
+    if args.action_guidance is not None:
+        world.sampler.set_action_guidance(args.action_guidance)
     try:
         check_recording(manifest, world.config.fps, world.sampler.keyboard_dim, world.sampler.mouse_dim, args.data)
     except ValueError as error:
@@ -224,6 +232,7 @@ def _settings(args: argparse.Namespace, world, manifest, device: torch.device) -
         "idm": args.idm,
         "idm_steps": None if args.idm else args.steps,  # a given IDM was trained elsewhere (its idm.json)
         "seed": args.seed,
+        "action_guidance": world.sampler.config.action_guidance,
         "device": str(device),
         "dtype": str(world.dit.dtype).removeprefix("torch."),
         "fps": world.config.fps,
@@ -244,6 +253,10 @@ def _check_arguments(args: argparse.Namespace, error: type[Exception]) -> None:
         (args.drift_minutes >= 0, f"--drift-minutes must be 0 or more, got {args.drift_minutes}"),
         (args.drift_worlds >= 1, f"--drift-worlds must be at least 1, got {args.drift_worlds}"),
         (0 <= args.val_fraction < 1, f"--val-fraction must be in [0, 1), got {args.val_fraction}"),
+        (
+            args.action_guidance is None or (math.isfinite(args.action_guidance) and args.action_guidance >= 1),
+            f"--action-guidance must be a finite number >= 1 (1: off), got {args.action_guidance}",
+        ),
     ]
     for ok, message in checks:
         if not ok:
