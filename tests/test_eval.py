@@ -31,6 +31,7 @@ from matrixgame_env.eval.idm import (
     train_idm,
     yaw_direction,
 )
+from matrixgame_env.eval.key_readability import best_threshold_accuracy, displacement_in_view, key_readability
 from matrixgame_env.eval.metrics import PSNR_CAP, psnr, ssim
 from matrixgame_env.eval.real_data import FrameWindows
 from matrixgame_env.eval.reconstruction import frames_report, real_clips, reconstruction_report
@@ -409,3 +410,42 @@ def test_reconstruction_report_of_a_model_on_a_recording(dataset, model) -> None
     assert 0 < report["tiny"]["psnr_db"] < 60 and report["tiny"]["temporal_error"] > 0
     with pytest.raises(ValueError, match="has no clips of 401 frames"):
         real_clips(str(dataset), clip_frames=401, count=3)
+
+
+# ------------------------------------------------------------------------------------- key readability
+
+
+def test_displacement_in_view_follows_dooms_angles() -> None:
+    names = ["POSITION_X", "POSITION_Y", "ANGLE"]
+    # Facing north (90 degrees): +y is forward, +x is to the right; facing east: +x forward, -y right.
+    north = np.array([[0.0, 0.0, 90.0], [0.0, 5.0, 90.0], [3.0, 5.0, 90.0]])
+    np.testing.assert_allclose(displacement_in_view(north, names), [[5.0, 0.0], [0.0, 3.0]], atol=1e-12)
+    east = np.array([[1.0, 1.0, 0.0], [1.0, -1.0, 0.0], [-1.0, -1.0, 0.0]])
+    np.testing.assert_allclose(displacement_in_view(east, names), [[0.0, 2.0], [-2.0, 0.0]], atol=1e-12)
+    diagonal = np.array([[0.0, 0.0, 45.0], [1.0, 1.0, 45.0]])
+    np.testing.assert_allclose(displacement_in_view(diagonal, names), [[math.sqrt(2), 0.0]], atol=1e-12)
+
+
+def test_best_threshold_accuracy_matches_brute_force() -> None:
+    generator = np.random.default_rng(0)
+    motion = generator.integers(-5, 6, 300).astype(float)  # many ties
+    pressed = generator.random(300) < 1 / (1 + np.exp(-motion))
+    accuracy, threshold = best_threshold_accuracy(motion, pressed)
+    candidates = np.concatenate([[motion.min() - 1], np.unique(motion)])
+    brute = max(np.mean((motion > t) == pressed) for t in candidates)
+    assert accuracy == pytest.approx(brute) and np.mean((motion > threshold) == pressed) == pytest.approx(accuracy)
+    assert best_threshold_accuracy(np.array([1.0, 2.0, 3.0]), np.array([False, True, True])) == (1.0, 1.5)
+    assert best_threshold_accuracy(np.array([1.0, 2.0]), np.array([True, True]))[0] == 1.0  # always held
+    with pytest.raises(ValueError, match="1-D and of one non-zero length"):
+        best_threshold_accuracy(np.zeros(3), np.zeros(2, dtype=bool))
+
+
+def test_key_readability_of_a_real_recording(dataset) -> None:
+    report = key_readability(dataset)
+    assert set(report) == {"forward", "back", "left", "right", "mean"}
+    for key in ("forward", "back", "left", "right"):
+        row = report[key]
+        assert row["chance"] == pytest.approx(max(row["held_share"], 1 - row["held_share"]))
+        assert row["chance"] <= row["readable"] <= 1.0  # the rule can always answer the majority
+    # The exploration policy walks forward most of the time, and walking moves the player forward.
+    assert report["forward"]["held_share"] > 0.3 and report["forward"]["readable"] > report["forward"]["chance"]
