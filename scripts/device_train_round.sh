@@ -12,7 +12,7 @@
 # MG_REWARD_MINUTES=0 keeps the init model's reward head (it reads VAE latents, so it stays valid while the VAE
 # does) and evaluates and packs the DiT (or distilled) model itself.
 # Join the pieces here with `cat bundle.tar.part* | tar x` and
-# `python scripts/pack_model.py --unpack pack/reward NEW_MODEL_DIR`.
+# `python scripts/pack_model.py --unpack pack/STAGE NEW_MODEL_DIR` (STAGE: reward, or dit/distill with MG_REWARD_MINUTES=0).
 set -eo pipefail
 cd "$(dirname "$0")/.."
 export MG_WORK=${MG_WORK:-/tmp/mg} PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
