@@ -424,6 +424,8 @@ def test_displacement_in_view_follows_dooms_angles() -> None:
     np.testing.assert_allclose(displacement_in_view(east, names), [[0.0, 2.0], [-2.0, 0.0]], atol=1e-12)
     diagonal = np.array([[0.0, 0.0, 45.0], [1.0, 1.0, 45.0]])
     np.testing.assert_allclose(displacement_in_view(diagonal, names), [[math.sqrt(2), 0.0]], atol=1e-12)
+    with pytest.raises(ValueError, match=r"missing \['ANGLE'\]"):
+        displacement_in_view(north[:, :2], names[:2])
 
 
 def test_best_threshold_accuracy_matches_brute_force() -> None:

@@ -27,7 +27,13 @@ KEY_DIRECTIONS = {"forward": (1.0, 0.0), "back": (-1.0, 0.0), "left": (0.0, -1.0
 def displacement_in_view(variables: np.ndarray, names: list[str]) -> np.ndarray:
     """Per-frame game variables [T, V] -> displacement from frame t to t + 1 in the player's frame at
     t, [T - 1, 2] as (forward, right) map units. Doom's ANGLE is in degrees, counter-clockwise from +x."""
-    x, y, angle = (variables[:, names.index(name)].astype(np.float64) for name in ("POSITION_X", "POSITION_Y", "ANGLE"))
+    needed = ("POSITION_X", "POSITION_Y", "ANGLE")
+    missing = [name for name in needed if name not in names]
+    if missing:
+        raise ValueError(
+            f"reading keys from motion needs the game variables {list(needed)}; missing {missing} of {names}"
+        )
+    x, y, angle = (variables[:, names.index(name)].astype(np.float64) for name in needed)
     dx, dy = np.diff(x), np.diff(y)
     a = np.deg2rad(angle[:-1])
     forward = dx * np.cos(a) + dy * np.sin(a)
@@ -46,9 +52,9 @@ def best_threshold_accuracy(motion: np.ndarray, pressed: np.ndarray) -> tuple[fl
     order = np.argsort(motion, kind="stable")
     values, labels = motion[order], pressed[order]
     # With the threshold just below values[i]: frames 0..i-1 predicted released, i.. pressed.
-    released_right = np.concatenate([[0], np.cumsum(~labels)])  # correct "released" among the first i
-    pressed_right = labels.sum() - np.concatenate([[0], np.cumsum(labels)])  # correct "pressed" from i on
-    correct = released_right + pressed_right
+    released_below = np.concatenate([[0], np.cumsum(~labels)])  # correct "released" among the first i
+    pressed_above = labels.sum() - np.concatenate([[0], np.cumsum(labels)])  # correct "pressed" from i on
+    correct = released_below + pressed_above
     # Only cut between distinct values (equal values must fall on one side).
     cuts = np.concatenate([[True], values[1:] > values[:-1], [True]])
     correct = np.where(cuts, correct, -1)
