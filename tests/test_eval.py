@@ -328,6 +328,9 @@ def test_eval_command_end_to_end(dataset, model, tmp_path) -> None:
             assert 0 <= idm[key][name] <= 1, (key, name)
     assert idm["real_clips"]["frames"] == idm["generated"]["frames"] == 2 * (21 - 2)
     assert (out / "idm" / "idm.safetensors").is_file()
+    readable = idm["readable_from_motion"]
+    assert set(readable) == {"forward", "back", "left", "right", "mean"}
+    assert readable["mean"]["chance"] <= readable["mean"]["readable"] <= 1
 
     drift = report["drift"]
     assert drift["frames"] == 21 and drift["worlds"] == 2
@@ -443,6 +446,10 @@ def test_best_threshold_accuracy_matches_brute_force() -> None:
 
 
 def test_key_readability_of_a_real_recording(dataset) -> None:
+    with pytest.raises(ValueError, match="no chunks of the episodes"):
+        key_readability(dataset, episodes={999})
+    one_episode = key_readability(dataset, episodes={0})
+    assert one_episode != key_readability(dataset, episodes={1})
     report = key_readability(dataset)
     assert set(report) == {"forward", "back", "left", "right", "mean"}
     for key in ("forward", "back", "left", "right"):

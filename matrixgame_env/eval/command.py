@@ -142,8 +142,23 @@ def _idm(args: argparse.Namespace, world, report: dict, timing: dict, clips: dic
         save_idm(model, idm_out, {"training": section["training"], "accuracy_real_val": section["real_val"],
                                   "data": str(Path(args.data).resolve())})  # fmt: skip
         section["saved"] = str(idm_out)
+    section["readable_from_motion"] = _key_readability(args)
     timing["idm_eval"] = time.monotonic() - started
     report["idm"] = section
+
+
+def _key_readability(args: argparse.Namespace) -> dict[str, Any]:
+    """How well the held-out episodes' keys can be read from the player's true motion: the limit any
+    judge of frames meets (see `key_readability`); a note instead for recordings without positions."""
+    from ..data.dataset import validation_episodes
+    from ..data.storage import read_manifest
+    from .key_readability import key_readability
+
+    episodes = validation_episodes(read_manifest(args.data).episodes, args.val_fraction)
+    try:
+        return key_readability(args.data, episodes=episodes)
+    except ValueError as error:
+        return {"unavailable": str(error)}
 
 
 def _drift(args: argparse.Namespace, world, report: dict, timing: dict) -> None:
@@ -209,6 +224,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                          f"balanced {result['keyboard_balanced']:.3f}), exact {result['keyboard_exact']:.3f}, "
                          f"yaw direction {result['yaw_direction']:.3f} (chance {chance['yaw_direction']:.3f}, "
                          f"balanced {result['yaw_direction_balanced']:.3f}), {result['frames']} frames")  # fmt: skip
+    readable = report.get("idm", {}).get("readable_from_motion", {}).get("mean")
+    if readable:
+        lines.append(f"keys readable from the player's true motion (held-out episodes): {readable['readable']:.3f} "
+                     f"(chance {readable['chance']:.3f}): the most a judge of frames can expect")  # fmt: skip
     drift = report.get("drift")
     if drift:
         shares = ", ".join(f"{name} {v['in_range_share']:.2f}" for name, v in drift["statistics"].items())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -68,14 +69,20 @@ def best_threshold_accuracy(motion: np.ndarray, pressed: np.ndarray) -> tuple[fl
     return float(correct[best] / len(values)), float(threshold)
 
 
-def key_readability(data: str | Path, keys: tuple[str, ...] = tuple(KEY_DIRECTIONS)) -> dict[str, dict[str, float]]:
-    """For each key of a recording: how often it is held, and the best accuracy (with its threshold in
-    map units per frame) of reading it from the true displacement along its direction."""
+def key_readability(
+    data: str | Path, keys: tuple[str, ...] = tuple(KEY_DIRECTIONS), episodes: Collection[int] | None = None
+) -> dict[str, dict[str, float]]:
+    """For each key of a recording (or of its `episodes`): how often it is held, and the best accuracy
+    (with its threshold in map units per frame) of reading it from the true displacement along its
+    direction."""
     manifest = read_manifest(data)
     names = manifest.variable_names
     key_names = list(manifest.settings["keyboard"])
+    chunks = [chunk for chunk in manifest.chunks if episodes is None or chunk.episode in episodes]
+    if not chunks:
+        raise ValueError(f"{data}: no chunks of the episodes {sorted(episodes or [])}")
     moves, held = [], []
-    for chunk in manifest.chunks:
+    for chunk in chunks:
         arrays = open_chunk(Path(data) / chunk.file)
         variables, keyboard = np.asarray(arrays["variables"]), np.asarray(arrays["keyboard"])
         move = displacement_in_view(variables, names)
