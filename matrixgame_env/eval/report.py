@@ -123,6 +123,12 @@ def _plot_idm(axis, idm: dict[str, Any] | None) -> None:
     chance_values = [*chance["keyboard_per_key"].values(), chance["keyboard"], chance["keyboard_exact"],
                      chance["yaw_direction"]]  # fmt: skip
     axis.scatter(range(len(labels)), chance_values, marker="_", s=300, color="black", label="chance", zorder=3)
+    readable = idm.get("readable_from_motion", {})
+    if all(key in readable for key in keys):  # the keys' limit for any judge of frames (not for exact or yaw)
+        limits = [readable[key]["readable"] for key in keys] + [readable["mean"]["readable"]]
+        axis.scatter(
+            range(len(limits)), limits, marker="v", s=30, color="tab:purple", label="from true motion", zorder=3
+        )
     axis.axhline(TARGET_IDM_ACCURACY, color="tab:red", linestyle=":", linewidth=1, label="target")
     axis.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8)
     axis.set_ylim(0, 1.3)  # room above the bars for the legend
