@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from matrixgame_env.eval.idm import InverseDynamicsModel, Predictions, load_idm
+from matrixgame_env.eval.idm import InverseDynamicsModel, Predictions, clip_windows, load_idm
 from matrixgame_env.images import fit_images
 from matrixgame_env.nn.vae import WanVAE
 from matrixgame_env.train.conditions import ClipBatch, build_conditions
@@ -176,15 +176,17 @@ def _judged_rollouts(
     (One batch per action: on CPUs that is faster than one batch of all of them.)"""
     paths = world.start_image_paths() * 2
     seeds = [0] * (len(paths) // 2) + [1] * (len(paths) // 2)
-    context = judge.config.context
     readings = {}
     for name, (keyboard, yaw) in actions.items():
         state = world.start(paths, seed=seeds)
         keys = torch.tensor([keyboard], dtype=torch.float32).expand(len(paths), -1)
         mouse = torch.tensor([[0.0, yaw]]).expand(len(paths), -1)
         frames = torch.cat([world.step(state, keys, mouse) for _ in range(blocks)], dim=1)
-        index = torch.arange(frames.shape[1] - context + 1)[:, None] + torch.arange(context)
-        readings[name] = (judge.predict(frames[:, index].flatten(0, 1)), frames)
+        length = frames.shape[1]
+        windows, _, _ = clip_windows(
+            frames, keys[:, None].expand(-1, length, -1), mouse[:, None].expand(-1, length, -1), judge.config.context
+        )
+        readings[name] = (judge.predict(windows), frames)
     return readings
 
 

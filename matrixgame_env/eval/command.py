@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> Path:
     timing: dict[str, float] = {"load": time.monotonic() - started}
     report: dict[str, Any] = {"settings": _settings(args, world, manifest, device)}
     clips = _fidelity(args, world, report, timing)
-    _idm(args, world, report, timing, clips, out, device)
+    _idm(args, world, report, timing, clips, out, device, manifest)
     _drift(args, world, report, timing)
     report["timing_s"] = {**timing, "total": time.monotonic() - started}
     return _write(report, out)
@@ -107,7 +107,9 @@ def _fidelity(args: argparse.Namespace, world, report: dict, timing: dict) -> di
     return {"real": real, "generated": generated, "keyboard": items["keyboard"], "mouse": items["mouse"]}
 
 
-def _idm(args: argparse.Namespace, world, report: dict, timing: dict, clips: dict | None, out: Path, device) -> None:
+def _idm(
+    args: argparse.Namespace, world, report: dict, timing: dict, clips: dict | None, out: Path, device, manifest
+) -> None:
     from .idm import IDMConfig, TrainSettings, evaluate_clips, evaluate_split, load_idm, save_idm, train_idm
 
     if args.idm is None and args.steps == 0:
@@ -142,21 +144,20 @@ def _idm(args: argparse.Namespace, world, report: dict, timing: dict, clips: dic
         save_idm(model, idm_out, {"training": section["training"], "accuracy_real_val": section["real_val"],
                                   "data": str(Path(args.data).resolve())})  # fmt: skip
         section["saved"] = str(idm_out)
-    section["readable_from_motion"] = _key_readability(args)
+    section["readable_from_motion"] = _key_readability(args, manifest)
     timing["idm_eval"] = time.monotonic() - started
     report["idm"] = section
 
 
-def _key_readability(args: argparse.Namespace) -> dict[str, Any]:
+def _key_readability(args: argparse.Namespace, manifest) -> dict[str, Any]:
     """How well the held-out episodes' keys can be read from the player's true motion: the limit any
     judge of frames meets (see `key_readability`); a note instead for recordings without positions."""
     from ..data.dataset import validation_episodes
-    from ..data.storage import read_manifest
     from .key_readability import key_readability
 
-    episodes = validation_episodes(read_manifest(args.data).episodes, args.val_fraction)
+    episodes = validation_episodes(manifest.episodes, args.val_fraction)
     try:
-        return key_readability(args.data, episodes=episodes)
+        return key_readability(args.data, episodes=episodes, manifest=manifest)
     except ValueError as error:
         return {"unavailable": str(error)}
 

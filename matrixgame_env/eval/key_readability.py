@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.storage import open_chunk, read_manifest
+from ..data.storage import Manifest, open_chunk, read_manifest
 
 # Unit vectors of each universal key in the player's frame: (forward, right) components.
 KEY_DIRECTIONS = {"forward": (1.0, 0.0), "back": (-1.0, 0.0), "left": (0.0, -1.0), "right": (0.0, 1.0)}
@@ -70,12 +70,15 @@ def best_threshold_accuracy(motion: np.ndarray, pressed: np.ndarray) -> tuple[fl
 
 
 def key_readability(
-    data: str | Path, keys: tuple[str, ...] = tuple(KEY_DIRECTIONS), episodes: Collection[int] | None = None
+    data: str | Path,
+    keys: tuple[str, ...] = tuple(KEY_DIRECTIONS),
+    episodes: Collection[int] | None = None,
+    manifest: Manifest | None = None,
 ) -> dict[str, dict[str, float]]:
     """For each key of a recording (or of its `episodes`): how often it is held, and the best accuracy
     (with its threshold in map units per frame) of reading it from the true displacement along its
-    direction."""
-    manifest = read_manifest(data)
+    direction. `manifest`: the recording's, when the caller has read it already."""
+    manifest = manifest or read_manifest(data)
     names = manifest.variable_names
     key_names = list(manifest.settings["keyboard"])
     chunks = [chunk for chunk in manifest.chunks if episodes is None or chunk.episode in episodes]
@@ -92,9 +95,9 @@ def key_readability(
     move, pressed = np.concatenate(moves), np.concatenate(held)
     report = {}
     for key in keys:
-        direction = np.asarray(KEY_DIRECTIONS[key])
-        accuracy, threshold = best_threshold_accuracy(move @ direction, pressed[:, key_names.index(key)])
-        share = float(pressed[:, key_names.index(key)].mean())
+        held_key = pressed[:, key_names.index(key)]
+        accuracy, threshold = best_threshold_accuracy(move @ np.asarray(KEY_DIRECTIONS[key]), held_key)
+        share = float(held_key.mean())
         report[key] = {
             "held_share": share,
             "chance": max(share, 1 - share),
