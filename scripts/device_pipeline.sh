@@ -2,7 +2,9 @@
 # Trains doom-small on a GPU machine in resumable, time-limited pieces.
 # Usage: bash scripts/device_pipeline.sh STAGE[:MINUTES] ...
 #   stages: setup record vae encode dit distill reward eval pack
+#   distill: from $MG_DISTILL_INIT (default: the dit stage's model), settings in $MG_DISTILL_ARGS;
 #   eval: `matrixgame-env eval` of $MG_EVAL_MODEL (default: the reward model) on the recording's held-out episodes,
+#         into $MG_EVAL_OUT (default: $MG_WORK/eval),
 #         judged by the IDM in $MG_IDM (default: models/doom-small/eval/idm; empty: train one);
 #   pack: the model folders named in $MG_PACK_MODELS (default: reward, which holds the DiT too), the VAE (float32)
 #         and config of the vae stage when it ran, the logs of the vae, dit, distill and reward stages and the eval, as <=15 MiB pieces in $OUT
@@ -41,7 +43,7 @@ for item in "$@"; do
         --minutes "$minutes" --batch-size "${MG_DIT_BATCH:-32}" --steps "${MG_DIT_STEPS:-6000}" --workers 4 \
         --no-progress $(resume_flag dit) ${MG_DIT_ARGS:-} ;;
     distill)
-      cli train distill --data "$WORK/runs/encode" --init "$WORK/runs/dit/model" --out "$WORK/runs" \
+      cli train distill --data "$WORK/runs/encode" --init "${MG_DISTILL_INIT:-$WORK/runs/dit/model}" --out "$WORK/runs" \
         --minutes "$minutes" --batch-size "${MG_DISTILL_BATCH:-8}" --steps "${MG_DISTILL_STEPS:-600}" --workers 4 \
         --no-progress $(resume_flag distill) ${MG_DISTILL_ARGS:-} ;;
     reward)
@@ -49,7 +51,7 @@ for item in "$@"; do
         --out "$WORK/runs" --minutes "$minutes" --no-progress $(resume_flag reward) ;;
     eval)  # judged by the shipped inverse-dynamics model (MG_IDM; empty: train one for MG_IDM_STEPS)
       idm=${MG_IDM-models/doom-small/eval/idm}
-      cli eval --model "${MG_EVAL_MODEL:-$WORK/runs/reward/model}" --data "$WORK/data" --out "$WORK/eval" \
+      cli eval --model "${MG_EVAL_MODEL:-$WORK/runs/reward/model}" --data "$WORK/data" --out "${MG_EVAL_OUT:-$WORK/eval}" \
         --clips 32 --horizon-s 4 --drift-minutes 10 ${idm:+--idm "$idm"} --steps "${MG_IDM_STEPS:-6000}" \
         --workers 8 --no-progress ;;
     pack)
@@ -64,7 +66,9 @@ for item in "$@"; do
         fi
         cp "$WORK/runs/$s/log.jsonl" "$WORK/runs/$s/result.json" "/tmp/pack/$s/" 2>/dev/null || true
       done
-      [ -d "$WORK/eval" ] && cp -r "$WORK/eval" /tmp/pack/ && rm -f /tmp/pack/eval/idm/*.pt
+      for e in "$WORK"/eval*; do  # every eval folder (MG_EVAL_OUT), without the IDM's checkpoints
+        [ -d "$e" ] && cp -r "$e" /tmp/pack/ && rm -f "/tmp/pack/$(basename "$e")"/idm/*.pt
+      done
       tar cf - -C /tmp pack | split -b 15M - "$OUT/bundle.tar.part"
       ls -la "$OUT"
       continue ;;

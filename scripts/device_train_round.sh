@@ -9,6 +9,8 @@
 # vae stage (MG_VAE_ARGS, e.g. a --decoder-only retrain from models/doom-small) beside the DiT in round 1; round 3
 # then evaluates the new DiT with that VAE (valid only while the latent space stays the same).
 # MG_CALL_SECONDS (e.g. 570) lets rounds 1 and 2 give the DiT whatever is left of the call after the other stages;
+# MG_BESIDE_DISTILL=1 runs a distillation from MG_DISTILL_INIT (default models/doom-small) beside the DiT in rounds 1
+# and 2, for as long as the DiT (settings: MG_DISTILL_ARGS, MG_DISTILL_BATCH, MG_DISTILL_STEPS).
 # MG_REWARD_MINUTES=0 keeps the init model's reward head (it reads VAE latents, so it stays valid while the VAE
 # does) and evaluates and packs the DiT (or distilled) model itself.
 # Join the pieces here with `cat bundle.tar.part* | tar x` and
@@ -27,6 +29,17 @@ dit_minutes() {  # $1: the default; with MG_CALL_SECONDS, the minutes left of th
     python3 -c "print(round(($MG_CALL_SECONDS - ($(date +%s) - $started)) / 60, 2))"
   else echo "$1"; fi
 }
+dit_beside_distill() {  # $1: minutes; the DiT stage, with a distillation beside it when MG_BESIDE_DISTILL=1
+  if [ "${MG_BESIDE_DISTILL:-0}" = 1 ]; then  # a launch-bound distillation leaves the GPU mostly to the DiT
+    MG_DISTILL_INIT=${MG_DISTILL_INIT:-models/doom-small} pipeline "distill:$1" > "$MG_WORK/distill_stage.txt" 2>&1 &
+    distill_stage=$!
+  fi
+  pipeline "dit:$1"
+  if [ -n "${distill_stage:-}" ]; then
+    wait "$distill_stage" || echo "the distill stage failed"
+    tail -n 8 "$MG_WORK/distill_stage.txt"
+  fi
+}
 case ${1:-} in
   1)
     pipeline setup "record:${MG_RECORD_MINUTES:-90}" encode:3
@@ -34,12 +47,12 @@ case ${1:-} in
       pipeline "vae:$MG_VAE_MINUTES" > "$MG_WORK/vae_stage.txt" 2>&1 &
       vae_stage=$!
     fi
-    pipeline "dit:$(dit_minutes 5.5)"
+    dit_beside_distill "$(dit_minutes 5.5)"
     if [ -n "${vae_stage:-}" ]; then
       wait "$vae_stage" || echo "the vae stage failed"
       tail -n 5 "$MG_WORK/vae_stage.txt"
     fi ;;
-  2) pipeline "dit:$(dit_minutes 8.6)" ;;
+  2) dit_beside_distill "$(dit_minutes 8.6)" ;;
   3)
     last=dit
     if [ "${MG_DISTILL_MINUTES:-0}" != 0 ]; then

@@ -183,7 +183,8 @@ def test_stage_resumed_after_two_steps_equals_four_steps_in_one_session(inputs, 
 def test_stage_writes_the_student_folder_and_logs_dmd_loss_and_the_check(inputs, tmp_path):
     folder = distill.run(_args(inputs, tmp_path, "--steps", "2"))
     world = WorldModel.from_pretrained(folder, device="cpu")
-    assert world.config.extra["training"]["distill"] == {"steps": 2, "finished": True}
+    assert world.config.extra["training"]["distill"] == {"steps": 2, "finished": True, "teacher_guidance": 1.0}
+    assert world.config.sampler == CONFIG.sampler  # the student samples as the teacher did
     teacher = read_state_dict(inputs[0] / "dit.safetensors")
     student = read_state_dict(folder / "dit.safetensors")
     assert any(not torch.equal(teacher[k], student[k]) for k in teacher)
@@ -192,6 +193,16 @@ def test_stage_writes_the_student_folder_and_logs_dmd_loss_and_the_check(inputs,
     check = log[-1]
     assert "val_flow_mse" in check and len(check["generation_mse_per_block"]) == 2
     assert check["dmd_loss_trend"] == [log[0]["dmd_loss"], log[1]["dmd_loss"]]
+
+
+def test_a_student_of_a_guided_teacher_samples_without_guidance(inputs, tmp_path):
+    folder = distill.run(_args(inputs, tmp_path, "--steps", "1", "--check-clips", "0", "--guidance", "2"))
+    config = WorldModel.from_pretrained(folder, device="cpu").config
+    assert config.extra["training"]["distill"]["teacher_guidance"] == 2.0
+    assert config.sampler["action_guidance"] == 1.0
+    assert {k: v for k, v in config.sampler.items() if k != "action_guidance"} == {
+        k: v for k, v in CONFIG.sampler.items() if k != "action_guidance"
+    }
 
 
 def test_stage_stops_by_itself_within_its_minutes(inputs, tmp_path):

@@ -59,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--guidance",
         type=float,
         default=1.0,
-        help="action guidance of the teacher (1: none; >1 needs a teacher trained with --action-dropout)",
+        help="action guidance of the teacher (1: none); the student learns the guided flow, so its exported "
+        "config samples without guidance (sampler.action_guidance 1)",
     )
     parser.add_argument("--min-level", type=float, default=0.02, help="lowest DMD noise level (unshifted, 0..1)")
     parser.add_argument("--max-level", type=float, default=0.98, help="highest DMD noise level (unshifted, 0..1)")
@@ -190,7 +191,12 @@ def run(args: argparse.Namespace) -> Path:
         training.save()
     parts = (training.weights("student"), vae, clip)
     trends = ("dmd_loss", "critic_loss")
-    folder = export_and_check(training, STAGE, config, parts, source, check_clips, args.check_blocks, trends)
+    if args.guidance != 1.0:  # the student learned the guided teacher: guiding it again would overshoot
+        config.sampler = {**config.sampler, "action_guidance": 1.0}
+    settings = {"teacher_guidance": args.guidance}
+    folder = export_and_check(
+        training, STAGE, config, parts, source, check_clips, args.check_blocks, trends, settings=settings
+    )
     if not training.finished:
         training.message(f"stopped at step {training.step}/{training.total_steps}; continue with --resume")
     training.close()

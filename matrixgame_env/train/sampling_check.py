@@ -156,18 +156,19 @@ def export_and_check(
     clips: list[ClipBatch],
     num_blocks: int = 4,
     trends: tuple[str, ...] = (),
+    settings: dict | None = None,
 ) -> Path:
-    """Write OUT/<stage>/model (config records the stage's steps, after the --init model's record of
-    the stage as `continued_from`), check it on `clips` (none: no
-    check), log the check to log.jsonl and OUT/<stage>/result.json. `trends` names logged training
-    metrics to summarise as `<name>_trend` (see `metric_trend`). Returns the model folder (written by
+    """Write OUT/<stage>/model (config records the stage's steps and `settings`, after the --init
+    model's record of the stage as `continued_from`), check it on `clips` (none: no check), log the
+    check to log.jsonl and OUT/<stage>/result.json. `trends` names logged training metrics to
+    summarise as `<name>_trend` (see `metric_trend`). Returns the model folder (written by
     rank 0 alone when there are several processes)."""
     if not training.is_main:
         return training.folder / "model"
     config = copy.deepcopy(config)
     dit, vae, clip = (copy.deepcopy(part).float().cpu().eval() for part in parts)
     records = config.extra.setdefault("training", {})
-    record = {"steps": training.step, "finished": training.finished}
+    record = {"steps": training.step, "finished": training.finished, **(settings or {})}
     if stage in records:  # the --init model's own training by this stage: kept as its history
         record["continued_from"] = records[stage]
     records[stage] = record
