@@ -5,7 +5,8 @@
                  channels (`matrixgame_env.nn.vae.set_conv3d_mode`)
   channels_last  conv3d on channels-last (NDHWC) activations and weights (`WanVAE.set_decoder_channels_last`)
 
-All compute the same function; this measures which is faster where. Per model, batch and mode:
+All compute the same function; this measures which is faster where, in each of `--dtypes` on GPUs
+(bfloat16 by default; float16 is the official decoder's precision). Per model, batch, mode and dtype:
 seconds per block of 3 latent frames (12 video frames), the decoded fps, peak memory, and the frames'
 agreement with the first mode on the same latents.
 
@@ -13,6 +14,7 @@ agreement with the first mode on the same latents.
   universal   the full-size Wan 2.1 VAE (random weights), 352x640
 
 Usage: python benchmarks/bench_decoder.py [--device cuda] [--small-batches 1 16 64] [--full-batches 1 4 8]
+           [--dtypes bfloat16 float16]
 """
 
 from __future__ import annotations
@@ -77,28 +79,34 @@ def set_mode(vae: WanVAE, mode: str) -> None:
     vae.set_decoder_channels_last(mode == "channels_last")
 
 
-def measure(model: str, vae: WanVAE, batch: int, blocks: int, warmup: int, modes: list[str]) -> list[dict]:
-    """Each mode on the same latents: timing after `warmup` blocks and agreement with the first mode."""
+def measure(
+    model: str, vae: WanVAE, batch: int, blocks: int, warmup: int, modes: list[str], dtypes: list[torch.dtype]
+) -> list[dict]:
+    """Each mode in each dtype on the same latents: timing after `warmup` blocks and agreement with the
+    first mode in the first dtype."""
     h, w = latent_shape(model)
     generator = torch.Generator(device="cpu").manual_seed(batch)
     shapes = [(batch, vae.z_dim, 1, h, w)] + [(batch, vae.z_dim, LATENTS_PER_BLOCK, h, w)] * (warmup + blocks)
-    latents = [torch.randn(shape, generator=generator).to(vae.device, vae.dtype) for shape in shapes]
+    latents = [torch.randn(shape, generator=generator).to(vae.device) for shape in shapes]
     rows, reference = [], None
-    for mode in modes:
+    for dtype, mode in ((dtype, mode) for dtype in dtypes for mode in modes):
+        vae.to(dtype)
         set_mode(vae, mode)
         if vae.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        frames, seconds = decode_blocks(vae, latents)
+        frames, seconds = decode_blocks(vae, [latent.to(dtype) for latent in latents])
         timed = seconds[warmup:]
         block_s = statistics.median(timed)
         row = {
-            "model": model, "batch": batch, "mode": mode, "block_s": block_s,
-            "fps": batch * FRAMES_PER_BLOCK / block_s, "spread": (max(timed) - min(timed)) / block_s,
+            "model": model, "batch": batch, "mode": mode, "dtype": str(dtype).removeprefix("torch."),
+            "block_s": block_s, "fps": batch * FRAMES_PER_BLOCK / block_s,
+            "spread": (max(timed) - min(timed)) / block_s,
         }  # fmt: skip
         if vae.device.type == "cuda":
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         frames = frames.float()
+        row["finite"] = bool(frames.isfinite().all())
         if reference is None:
             reference = frames
         row["rel_l2_vs_first"] = float((frames - reference).norm() / reference.norm())
@@ -116,6 +124,9 @@ def main() -> None:
     parser.add_argument("--small-batches", type=int, nargs="*", default=[1, 16, 64])
     parser.add_argument("--full-batches", type=int, nargs="*", default=[1, 4, 8])
     parser.add_argument("--modes", nargs="+", default=["native", "stacked", "channels_last"])
+    parser.add_argument(
+        "--dtypes", nargs="+", default=None, help="GPU dtypes to compare (default: bfloat16; CPUs: float32)"
+    )
     parser.add_argument("--blocks", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
@@ -124,16 +135,18 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = True
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    dtypes = [getattr(torch, name) for name in args.dtypes] if args.dtypes else [dtype]
     rows = []
     for model, batches in (("doom-small", args.small_batches), ("universal", args.full_batches)):
         if not batches:
             continue
         vae = build_vae(model, args.device, dtype)
         for batch in batches:
-            rows += measure(model, vae, batch, args.blocks, args.warmup, args.modes)
-            print(table(rows[-len(args.modes) :], ["model", "batch", "mode", "block_s", "fps", "speedup"]), flush=True)
+            rows += measure(model, vae, batch, args.blocks, args.warmup, args.modes, dtypes)
+            latest = rows[-len(args.modes) * len(dtypes) :]
+            print(table(latest, ["model", "batch", "mode", "dtype", "block_s", "fps", "speedup"]), flush=True)
         del vae
-    columns = ["model", "batch", "mode", "block_s", "fps", "speedup", "spread", "peak_gib", "rel_l2_vs_first"]
+    columns = ["model", "batch", "mode", "dtype", "block_s", "fps", "speedup", "spread", "peak_gib", "rel_l2_vs_first"]
     print(table(rows, columns))
     name = "decoder_" + (torch.cuda.get_device_name(0).split()[1].lower() if args.device.startswith("cuda") else "cpu")
     payload = {"environment": environment(), "device": args.device, "dtype": str(dtype), "rows": rows}
