@@ -139,6 +139,52 @@ def test_a_distill_step_trains_student_and_critic_but_not_the_teacher(parts, tmp
     assert changed(student, "s") and changed(critic, "c") and not changed(teacher, "t")
 
 
+def test_the_data_weight_pulls_the_student_towards_the_recorded_latents(parts, tmp_path):
+    """With a data weight the student's update also fits its clips' recorded latents: after three
+    steps its diffusion-forcing loss on them (fixed noise) is lower than at the start and than
+    after the same steps of DMD alone, and the step reports that loss."""
+    batch = random_clips(CONFIG, batch=3, frames=6, image_latents=True, seed=7)  # 2 critic shares + the student's
+    own = batch.clips(slice(2, 3))
+    data_forcing = DiffusionForcing(FlowMatchScheduler(5.0), mix=NoiseMix())
+    g = torch.Generator().manual_seed(3)
+    index, clean = data_forcing.sample_levels(1, 6, "cpu", g)
+    fixed = data_forcing.noise(own.latents, torch.randn(own.latents.shape, generator=g), index, clean)
+
+    def data_loss(student, clip):
+        with torch.no_grad():
+            conditions = build_conditions(own, student.config, clip)
+            return data_forcing.loss(student, own.latents, conditions, noisy=fixed).loss.item()
+
+    def train(weight):
+        teacher, _, clip = (copy.deepcopy(p) for p in parts)
+        student, critic = copy.deepcopy(teacher).train(), copy.deepcopy(teacher).train()
+        teacher.requires_grad_(False)
+        training = TrainRun(tmp_path / str(weight), total_steps=10, device="cpu", progress=False)
+        training.add_optimizer("student", adamw(student.parameters(), 1e-3))
+        training.add_optimizer("critic", adamw(critic.parameters(), 1e-3))
+        forcing = DiffusionForcing(FlowMatchScheduler(5.0), mix=NoiseMix(0.0, 1.0, 0.0))
+        step = distill.Distillation(
+            training, teacher, student, critic, clip, SelfForcingRollout(student, SamplerConfig(), LATENT),
+            DistributionMatching(forcing.scheduler), forcing, critic_steps=2, data_forcing=data_forcing,
+            data_weight=weight,
+        )  # fmt: skip
+        start = data_loss(student, clip)
+        torch.manual_seed(0)
+        metrics = [step.step(batch) for _ in range(3)]
+        return start, data_loss(student, clip), metrics
+
+    start, dmd_only, dmd_metrics = train(0.0)
+    _, with_data, data_metrics = train(10.0)
+    assert "data_loss" not in dmd_metrics[-1] and "data_loss" in data_metrics[-1]
+    assert all(torch.isfinite(m["data_loss"]) for m in data_metrics)
+    assert with_data < 0.9 * start and with_data < dmd_only, (start, dmd_only, with_data)
+
+
+def test_a_negative_data_weight_is_refused(inputs, tmp_path):
+    with pytest.raises(distill.StageError, match="--data-weight"):
+        distill.run(_args(inputs, tmp_path, "--data-weight", "-1"))
+
+
 # The stage
 
 

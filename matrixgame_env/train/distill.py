@@ -10,8 +10,10 @@ distilled generator, exported) and the critic (fake score). Each step:
    tracks the score of the student's current distribution.
 2. The student streams a clip with gradient on each block's exit step, and takes one DMD step
    (`dmd.py`): teacher and critic both predict x0 from the clip noised to one random level.
+   With `--data-weight w > 0` the student's loss also holds w times the `train dit` loss on the
+   recorded latents of its clips, which anchors the student to the data DMD alone lets it leave.
 Teacher, critic and student see the same conditions: start pictures and recorded actions of real
-clips (no recorded latents enter the losses). The image encoder and the VAE are frozen.
+clips (without `--data-weight`, no recorded latents enter the losses). The image encoder and the VAE are frozen.
 Every session ends by writing OUT/distill/model/ (student, EMA weights when `--ema`) and checking
 it like `train dit` does; log.jsonl holds the DMD and critic losses per step.
 """
@@ -62,6 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="action guidance of the teacher (1: none); the student learns the guided flow, so its exported "
         "config samples without guidance (sampler.action_guidance 1)",
     )
+    parser.add_argument(
+        "--data-weight",
+        type=float,
+        default=0.0,
+        help="weight of the diffusion-forcing loss on the recorded latents in the student's update (0: DMD only)",
+    )
     parser.add_argument("--min-level", type=float, default=0.02, help="lowest DMD noise level (unshifted, 0..1)")
     parser.add_argument("--max-level", type=float, default=0.98, help="highest DMD noise level (unshifted, 0..1)")
 
@@ -80,10 +88,17 @@ class Distillation:
         dmd: DistributionMatching,
         critic_forcing: DiffusionForcing,
         critic_steps: int,
+        data_forcing: DiffusionForcing | None = None,
+        data_weight: float = 0.0,
     ) -> None:
+        """`data_forcing` and `data_weight` > 0: the student's update adds data_weight times the
+        diffusion-forcing loss of the student on the recorded latents of its clips."""
+        if data_weight < 0 or (data_weight > 0 and data_forcing is None):
+            raise ValueError(f"data_weight must be >= 0, and > 0 needs data_forcing; got {data_weight}")
         self.training, self.teacher, self.student, self.critic = training, teacher, student, critic
         self.image_encoder, self.rollout, self.dmd = image_encoder, rollout, dmd
         self.critic_forcing, self.critic_steps = critic_forcing, critic_steps
+        self.data_forcing, self.data_weight = data_forcing, data_weight
         # Data-parallel over the processes of a distributed run (each is the function itself in one process).
         self.critic_loss = training.data_parallel(self._critic_loss, critic)
         self.student_loss = training.data_parallel(self._student_loss, student)
@@ -109,21 +124,34 @@ class Distillation:
             losses.append(loss.detach())
         return torch.stack(losses).mean()
 
-    def student_step(self, batch: ClipBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """One DMD update of the student; returns (DMD loss, gradient norm)."""
+    def student_step(self, batch: ClipBatch) -> dict[str, torch.Tensor]:
+        """One DMD update of the student; returns its losses (`dmd_loss`, and `data_loss` with a data
+        weight) and `grad_norm`."""
         conditions = self.conditions(batch)
         frame_mask = self.critic_forcing.frame_mask(batch.num_frames, batch.latents.device)
         with self.training.autocast():
-            loss = self.student_loss(conditions, torch.randn_like(batch.latents), frame_mask)
-        return loss.detach(), self.training.optimize(loss, "student")
+            dmd_loss, data_loss = self.student_loss(
+                conditions, torch.randn_like(batch.latents), frame_mask, batch.latents
+            )
+        loss = dmd_loss if data_loss is None else dmd_loss + self.data_weight * data_loss
+        result = {"dmd_loss": dmd_loss.detach(), "grad_norm": self.training.optimize(loss, "student")}
+        if data_loss is not None:
+            result["data_loss"] = data_loss.detach()
+        return result
 
     def _critic_loss(self, samples: torch.Tensor, conditions: ClipConditions) -> torch.Tensor:
         return self.critic_forcing.loss(self.critic, samples, conditions).loss
 
-    def _student_loss(self, conditions: ClipConditions, noise: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
-        """The DMD loss of a clip the student streams from `noise` (with gradient on each block's exit step)."""
+    def _student_loss(
+        self, conditions: ClipConditions, noise: torch.Tensor, frame_mask: torch.Tensor, latents: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The DMD loss of a clip the student streams from `noise` (with gradient on each block's exit
+        step), and with a data weight the student's diffusion-forcing loss on the recorded `latents`."""
         sample = self.rollout(conditions, noise)
-        return self.dmd.loss(sample, self.teacher, self.critic, conditions, frame_mask).loss
+        dmd_loss = self.dmd.loss(sample, self.teacher, self.critic, conditions, frame_mask).loss
+        if not self.data_weight:
+            return dmd_loss, None
+        return dmd_loss, self.data_forcing.loss(self.student, latents, conditions).loss
 
     def step(self, batch: ClipBatch) -> dict[str, torch.Tensor]:
         """Critic updates on the first `critic_steps` shares of `batch`, then a student update on the last:
@@ -133,8 +161,8 @@ class Distillation:
         if rest or not size:
             raise ValueError(f"a step takes a multiple of {shares} clips, got {len(batch.latents)}")
         critic_loss = self.critic_steps_on(batch.clips(slice(0, size * self.critic_steps)))
-        dmd_loss, grad_norm = self.student_step(batch.clips(slice(size * self.critic_steps, None)))
-        return {"dmd_loss": dmd_loss, "critic_loss": critic_loss, "grad_norm": grad_norm}
+        student = self.student_step(batch.clips(slice(size * self.critic_steps, None)))
+        return {"critic_loss": critic_loss, **student}
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -145,6 +173,8 @@ def run(args: argparse.Namespace) -> Path:
         raise StageError(f"--minutes {args.minutes} leaves no time for training after --finish-minutes")
     if args.critic_steps < 1:
         raise StageError("--critic-steps must be at least 1")
+    if args.data_weight < 0:
+        raise StageError(f"--data-weight must be >= 0, got {args.data_weight}")
     training = TrainRun.from_args(args, STAGE, minutes=args.minutes - args.finish_minutes)
     config, teacher, vae, clip, source = initial_model(args.init, args.model_config)
     if "dit" not in config.extra.get("training", {}):
@@ -179,9 +209,12 @@ def run(args: argparse.Namespace) -> Path:
     training.add_optimizer("critic", critic_optimizer, critic_schedule)
     training.resume()
 
+    # The student's data term: the `train dit` loss with that stage's default noise patterns.
+    data_forcing = forcing_for(config.sampler, teacher, NoiseMix()) if args.data_weight else None
     distillation = Distillation(
-        training, teacher, student, critic, clip, rollout, dmd, critic_forcing, args.critic_steps
-    )
+        training, teacher, student, critic, clip, rollout, dmd, critic_forcing, args.critic_steps,
+        data_forcing, args.data_weight,
+    )  # fmt: skip
     if not training.finished:
         training.local_batch_size(args.batch_size)  # each process takes its share of every part of a step
         # One loader batch per step, so that a resumed run continues at the right one.
@@ -194,6 +227,8 @@ def run(args: argparse.Namespace) -> Path:
     if args.guidance != 1.0:  # the student learned the guided teacher: guiding it again would overshoot
         config.sampler = {**config.sampler, "action_guidance": 1.0}
     settings = {"teacher_guidance": args.guidance}
+    if args.data_weight:
+        settings["data_weight"] = args.data_weight
     folder = export_and_check(
         training, STAGE, config, parts, source, check_clips, args.check_blocks, trends, settings=settings
     )
