@@ -30,7 +30,7 @@ dit_minutes() {  # $1: the default; with MG_CALL_SECONDS, the minutes left of th
   else echo "$1"; fi
 }
 dit_beside_distill() {  # $1: minutes; the DiT stage, with a distillation beside it when MG_BESIDE_DISTILL=1
-  if [ "${MG_BESIDE_DISTILL:-0}" = 1 ]; then  # a launch-bound distillation leaves the GPU mostly to the DiT
+  if [ "${MG_BESIDE_DISTILL:-0}" = 1 ]; then  # the two share the GPU and its CPU cores
     MG_DISTILL_INIT=${MG_DISTILL_INIT:-models/doom-small} pipeline "distill:$1" > "$MG_WORK/distill_stage.txt" 2>&1 &
     distill_stage=$!
   fi

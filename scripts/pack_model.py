@@ -1,7 +1,7 @@
 """Pack a model folder for transfer: weights cast to bfloat16, files split into pieces below a size.
 
-python scripts/pack_model.py SRC DST [--piece-mib 15]      # on the training machine
-python scripts/pack_model.py --unpack DST FOLDER            # here: join the pieces again
+    python scripts/pack_model.py SRC DST [--piece-mib 15]      # on the training machine
+    python scripts/pack_model.py --unpack DST FOLDER            # here: join the pieces again
 """
 
 from __future__ import annotations
