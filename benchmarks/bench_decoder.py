@@ -20,6 +20,7 @@ Usage: python benchmarks/bench_decoder.py [--device cuda] [--small-batches 1 16 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -89,8 +90,13 @@ def measure(
     shapes = [(batch, vae.z_dim, 1, h, w)] + [(batch, vae.z_dim, LATENTS_PER_BLOCK, h, w)] * (warmup + blocks)
     latents = [torch.randn(shape, generator=generator).to(vae.device) for shape in shapes]
     rows, reference = [], None
+    # Every tensor of the VAE as loaded (non-persistent buffers too), so that no dtype's run starts from
+    # values an earlier, coarser dtype rounded.
+    loaded = [(t, t.detach().clone()) for t in itertools.chain(vae.parameters(), vae.buffers())]
     for dtype, mode in ((dtype, mode) for dtype in dtypes for mode in modes):
-        vae.to(dtype)
+        with torch.no_grad():
+            for tensor, value in loaded:
+                tensor.data = value.to(dtype) if value.is_floating_point() else value
         set_mode(vae, mode)
         if vae.device.type == "cuda":
             torch.cuda.empty_cache()
