@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import environment, write_json  # noqa: E402
+from common import environment, table, write_json  # noqa: E402
 
 
 def time_ms(fn: Callable[[], torch.Tensor], repeats: int = 30, warmup: int = 5) -> float:
@@ -110,13 +110,9 @@ def main() -> None:
         error = ((out - reference).norm() / reference.norm()).item()
         ms = time_ms(fn)
         rows.append({"form": name, "ms": ms, "tflops": flop / ms / 1e9, "relative_l2_vs_current": error})
-    base = rows[0]["ms"]
-    print(f"{'form':48s} {'ms':>8s} {'TFLOP/s':>8s} {'speed-up':>9s} {'rel. L2':>9s}")
     for row in rows:
-        print(
-            f"{row['form']:48s} {row['ms']:8.3f} {row['tflops']:8.1f} {base / row['ms']:8.2f}x "
-            f"{row['relative_l2_vs_current']:9.2e}"
-        )
+        row["speedup"] = rows[0]["ms"] / row["ms"]
+    print(table(rows, ["form", "ms", "tflops", "speedup", "relative_l2_vs_current"]))
     shape = {"worlds": args.worlds, "frames": args.frames, "channels": c, "size": list(args.size)}
     name = "small_conv_" + torch.cuda.get_device_name(0).split()[1].lower()
     print(f"wrote {write_json(name, {'environment': environment(), 'shape': shape, 'rows': rows}, args.out)}")

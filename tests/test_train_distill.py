@@ -117,18 +117,25 @@ def test_dmd_gradient_is_the_score_difference_normalised_per_clip(parts, clips_a
     torch.testing.assert_close(sample.grad, expected, rtol=1e-4, atol=1e-9)
 
 
-def test_a_distill_step_trains_student_and_critic_but_not_the_teacher(parts, tmp_path):
+def _distillation(parts, folder, **options):
+    """A Distillation of fresh copies of the tiny parts (2 critic steps, lr 1e-3), and its teacher,
+    student, critic and image encoder."""
     teacher, _, clip = (copy.deepcopy(p) for p in parts)
     student, critic = copy.deepcopy(teacher).train(), copy.deepcopy(teacher).train()
     teacher.requires_grad_(False)
-    training = TrainRun(tmp_path, total_steps=10, device="cpu", progress=False)
+    training = TrainRun(folder, total_steps=10, device="cpu", progress=False)
     training.add_optimizer("student", adamw(student.parameters(), 1e-3))
     training.add_optimizer("critic", adamw(critic.parameters(), 1e-3))
     forcing = DiffusionForcing(FlowMatchScheduler(5.0), mix=NoiseMix(0.0, 1.0, 0.0))
     step = distill.Distillation(
         training, teacher, student, critic, clip, SelfForcingRollout(student, SamplerConfig(), LATENT),
-        DistributionMatching(forcing.scheduler), forcing, critic_steps=2,
+        DistributionMatching(forcing.scheduler), forcing, critic_steps=2, **options,
     )  # fmt: skip
+    return step, teacher, student, critic, clip
+
+
+def test_a_distill_step_trains_student_and_critic_but_not_the_teacher(parts, tmp_path):
+    step, teacher, student, critic, _ = _distillation(parts, tmp_path)
     before = {name: copy.deepcopy(m.state_dict()) for name, m in [("t", teacher), ("s", student), ("c", critic)]}
     metrics = step.step(random_clips(CONFIG, batch=6, frames=6, image_latents=True))
     assert set(metrics) == {"dmd_loss", "critic_loss", "grad_norm"}
@@ -156,18 +163,9 @@ def test_the_data_weight_pulls_the_student_towards_the_recorded_latents(parts, t
             return data_forcing.loss(student, own.latents, conditions, noisy=fixed).loss.item()
 
     def train(weight):
-        teacher, _, clip = (copy.deepcopy(p) for p in parts)
-        student, critic = copy.deepcopy(teacher).train(), copy.deepcopy(teacher).train()
-        teacher.requires_grad_(False)
-        training = TrainRun(tmp_path / str(weight), total_steps=10, device="cpu", progress=False)
-        training.add_optimizer("student", adamw(student.parameters(), 1e-3))
-        training.add_optimizer("critic", adamw(critic.parameters(), 1e-3))
-        forcing = DiffusionForcing(FlowMatchScheduler(5.0), mix=NoiseMix(0.0, 1.0, 0.0))
-        step = distill.Distillation(
-            training, teacher, student, critic, clip, SelfForcingRollout(student, SamplerConfig(), LATENT),
-            DistributionMatching(forcing.scheduler), forcing, critic_steps=2, data_forcing=data_forcing,
-            data_weight=weight,
-        )  # fmt: skip
+        step, _, student, _, clip = _distillation(
+            parts, tmp_path / str(weight), data_forcing=data_forcing, data_weight=weight
+        )
         start = data_loss(student, clip)
         torch.manual_seed(0)
         metrics = [step.step(batch) for _ in range(3)]

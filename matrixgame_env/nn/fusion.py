@@ -142,11 +142,12 @@ def channel_rms_norm_silu(
     # gamma goes in as a plain tensor: compiled code treats parameters' shapes as fixed.
     gamma = gamma.detach().reshape(-1)
     batch, channels, frames, height, width = x.shape
-    if is_channels_last_video(x):
+    channels_last = is_channels_last_video(x)  # adding the bias below keeps the layout
+    if channels_last:
         # The channel count stays a constant of the kernel (one compilation per width): a reduction
         # of known length runs in one pass over registers instead of a loop over the channels.
         torch._dynamo.mark_static(gamma, 0)
-    if past is not None and is_channels_last_video(x):
+    if past is not None and channels_last:
         past_rows = past.to(x.dtype).permute(0, 2, 3, 4, 1).contiguous()  # [B, P, H, W, C]
         rows = x.permute(0, 2, 3, 4, 1)  # a view: [B, T, H, W, C]
         for t in (past_rows, rows):
@@ -154,8 +155,8 @@ def channel_rms_norm_silu(
         joined = _past_and_rms_norm_silu(past_rows, rows, gamma, float(scale), _detached(bias))
         return joined.permute(0, 4, 1, 2, 3)
     if bias is not None:
-        x = x + bias.view(-1, 1, 1, 1)  # keeps x's layout
-    if is_channels_last_video(x):
+        x = x + bias.view(-1, 1, 1, 1)
+    if channels_last:
         rows = x.permute(0, 2, 3, 4, 1).reshape(-1, channels)  # a view: C is innermost
         torch._dynamo.mark_static(rows, 1)
         normed = _rms_norm_silu(rows, gamma, float(scale), -1)
