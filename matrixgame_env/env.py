@@ -92,6 +92,10 @@ class MatrixGameEnv(gym.Env):
     action_guidance: strengthen what the actions do (`SamplerConfig.action_guidance`: 1 is off, as
     the official sampler; each value above 1 costs one more DiT pass per denoising step); None keeps
     the model's config. It is set on the world model, so envs sharing one `WorldModel` share it.
+    keyboard_guidance: a separate scale for the keyboard (`SamplerConfig.keyboard_guidance`, to make
+    weakly acting keys count more than the mouse; a value that differs from the action guidance
+    costs a third DiT pass per denoising step); None keeps the model's config (by default: the same
+    as the action guidance). Set on the world model, as action_guidance.
     """
 
     metadata = {"render_modes": ["rgb_array", "human"], "render_fps": 25}
@@ -111,6 +115,7 @@ class MatrixGameEnv(gym.Env):
         report_timing: bool = False,
         fast: bool | str = True,
         action_guidance: float | None = None,
+        keyboard_guidance: float | None = None,
     ) -> None:
         super().__init__()
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -119,6 +124,8 @@ class MatrixGameEnv(gym.Env):
         enable_fast_path(self.world, fast)
         if action_guidance is not None:
             self.world.sampler.set_action_guidance(action_guidance)
+        if keyboard_guidance is not None:
+            self.world.sampler.set_keyboard_guidance(keyboard_guidance)
         config = self.world.config
         if mode is not None and mode != config.mode:
             raise ValueError(f"model {config.name!r} is a {config.mode} model, not {mode}")

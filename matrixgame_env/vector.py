@@ -42,7 +42,8 @@ class MatrixGameVectorEnv(VectorEnv):
 
     reset(seed=s) seeds world i with s + i, so world i matches `MatrixGameEnv.reset(seed=s + i)`;
     options={"image": picture or list of N pictures}. fast: as for `MatrixGameEnv` (CUDA graphs on a
-    GPU by default; "compile" adds fused kernels); action_guidance: as for `MatrixGameEnv`.
+    GPU by default; "compile" adds fused kernels); action_guidance, keyboard_guidance: as for
+    `MatrixGameEnv`.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 25, "autoreset_mode": AutoresetMode.NEXT_STEP}
@@ -62,6 +63,7 @@ class MatrixGameVectorEnv(VectorEnv):
         render_mode: str | None = None,
         fast: bool | str = True,
         action_guidance: float | None = None,
+        keyboard_guidance: float | None = None,
     ) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
@@ -69,6 +71,8 @@ class MatrixGameVectorEnv(VectorEnv):
         enable_fast_path(self.world, fast, batch=num_envs)
         if action_guidance is not None:
             self.world.sampler.set_action_guidance(action_guidance)
+        if keyboard_guidance is not None:
+            self.world.sampler.set_keyboard_guidance(keyboard_guidance)
         config = self.world.config
         self.layout = layout_for(config.mode, config.actions)
         self.num_envs = num_envs

@@ -833,6 +833,10 @@ def add_play_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--action-guidance", type=float, default=None,
         help="how strongly the actions act (1: the official sampler; default: the model's config; G cycles it)",
     )  # fmt: skip
+    parser.add_argument(
+        "--keyboard-guidance", type=float, default=None,
+        help="a separate, fixed guidance scale for the keys (default: the model's config, else the action guidance)",
+    )  # fmt: skip
     return parser
 
 
@@ -840,7 +844,11 @@ def play_main(args: argparse.Namespace) -> int:
     """Run `matrixgame-env play` with parsed arguments; returns the exit status."""
     from .env import MatrixGameEnv
 
-    kwargs = {"device": args.device, "action_guidance": args.action_guidance}
+    kwargs = {
+        "device": args.device,
+        "action_guidance": args.action_guidance,
+        "keyboard_guidance": args.keyboard_guidance,
+    }
     if args.model is not None:
         kwargs["model"] = args.model
     env = MatrixGameEnv(**kwargs)

@@ -5,6 +5,7 @@ checked student folder."""
 import argparse
 import copy
 import json
+import shutil
 import time
 
 import pytest
@@ -240,12 +241,18 @@ def test_stage_writes_the_student_folder_and_logs_dmd_loss_and_the_check(inputs,
 
 
 def test_a_student_of_a_guided_teacher_samples_without_guidance(inputs, tmp_path):
-    folder = distill.run(_args(inputs, tmp_path, "--steps", "1", "--check-clips", "0", "--guidance", "2"))
+    teacher, data = inputs
+    guided = tmp_path / "guided_teacher"
+    shutil.copytree(teacher, guided)
+    config = json.loads((guided / "config.json").read_text())
+    config.setdefault("sampler", {}).update(action_guidance=2.0, keyboard_guidance=3.0)
+    (guided / "config.json").write_text(json.dumps(config))
+    folder = distill.run(_args((guided, data), tmp_path, "--steps", "1", "--check-clips", "0", "--guidance", "2"))
     config = WorldModel.from_pretrained(folder, device="cpu").config
     assert config.extra["training"]["distill"]["teacher_guidance"] == 2.0
-    assert config.sampler["action_guidance"] == 1.0
+    assert config.sampler["action_guidance"] == 1.0 and "keyboard_guidance" not in config.sampler
     assert {k: v for k, v in config.sampler.items() if k != "action_guidance"} == {
-        k: v for k, v in CONFIG.sampler.items() if k != "action_guidance"
+        k: v for k, v in CONFIG.sampler.items() if k not in ("action_guidance", "keyboard_guidance")
     }
 
 

@@ -50,6 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="sampler action guidance for this evaluation (default: the model's own; 1: off)",
     )
+    parser.add_argument(
+        "--keyboard-guidance",
+        type=float,
+        default=None,
+        help="a separate guidance scale for the keyboard (default: the model's own, else the action guidance; "
+        "a different value costs a third DiT pass per step)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -69,6 +76,8 @@ def run(args: argparse.Namespace) -> Path:
     world = WorldModel.from_pretrained(args.model, device=device)
     if args.action_guidance is not None:
         world.sampler.set_action_guidance(args.action_guidance)
+    if args.keyboard_guidance is not None:
+        world.sampler.set_keyboard_guidance(args.keyboard_guidance)
     try:
         check_recording(manifest, world.config.fps, world.sampler.keyboard_dim, world.sampler.mouse_dim, args.data)
     except ValueError as error:
@@ -253,6 +262,7 @@ def _settings(args: argparse.Namespace, world, manifest, device: torch.device) -
         "idm_steps": None if args.idm else args.steps,  # a given IDM was trained elsewhere (its idm.json)
         "seed": args.seed,
         "action_guidance": world.sampler.config.action_guidance,
+        "keyboard_guidance": world.sampler.config.effective_keyboard_guidance,
         "device": str(device),
         "dtype": str(world.dit.dtype).removeprefix("torch."),
         "fps": world.config.fps,
@@ -276,6 +286,10 @@ def _check_arguments(args: argparse.Namespace, error: type[Exception]) -> None:
         (
             args.action_guidance is None or (math.isfinite(args.action_guidance) and args.action_guidance >= 1),
             f"--action-guidance must be a finite number >= 1 (1: off), got {args.action_guidance}",
+        ),
+        (
+            args.keyboard_guidance is None or (math.isfinite(args.keyboard_guidance) and args.keyboard_guidance >= 1),
+            f"--keyboard-guidance must be a finite number >= 1 (1: off), got {args.keyboard_guidance}",
         ),
     ]
     for ok, message in checks:

@@ -225,7 +225,8 @@ def run(args: argparse.Namespace) -> Path:
     parts = (training.weights("student"), vae, clip)
     trends = ("dmd_loss", "critic_loss")
     if args.guidance != 1.0:  # the student learned the guided teacher: guiding it again would overshoot
-        config.sampler = {**config.sampler, "action_guidance": 1.0}
+        sampler = {k: v for k, v in config.sampler.items() if k != "keyboard_guidance"}
+        config.sampler = {**sampler, "action_guidance": 1.0}
     settings = {"teacher_guidance": args.guidance}
     if args.data_weight:
         settings["data_weight"] = args.data_weight

@@ -9,6 +9,7 @@ re-noising to the next level, then run the DiT once more on the clean x0 at time
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -37,10 +38,30 @@ class SamplerConfig:
     # flow(actions) + (scale - 1) * (flow(actions) - flow(no actions)), one extra DiT pass per step.
     # 1 (the official behaviour) turns it off; above 1 it strengthens what the actions do.
     action_guidance: float = 1.0
+    # A separate scale for the keyboard (compositional guidance); None: the same as action_guidance.
+    # With g_a = action_guidance and g_k = keyboard_guidance each step's flow becomes
+    #   flow(none) + g_a * (flow(mouse) - flow(none)) + g_k * (flow(keyboard + mouse) - flow(mouse)),
+    # where flow(mouse) has the keyboard zeroed ("no key pressed") and the mouse given. Equal scales
+    # give the two-pass formula above (and run it); different ones cost a third DiT pass per step.
+    keyboard_guidance: float | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.action_guidance) and self.action_guidance >= 1.0):
             raise ValueError(f"action_guidance must be a finite number >= 1 (1: off), got {self.action_guidance}")
+        value = self.keyboard_guidance
+        if value is not None:
+            number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and value >= 1.0):
+                raise ValueError(
+                    "keyboard_guidance must be a finite number >= 1 (1: off) or None (the same as "
+                    f"action_guidance), got {value!r}"
+                )
+            object.__setattr__(self, "keyboard_guidance", float(value))
+
+    @property
+    def effective_keyboard_guidance(self) -> float:
+        """The keyboard's guidance scale: keyboard_guidance, or action_guidance when that is None."""
+        return self.action_guidance if self.keyboard_guidance is None else self.keyboard_guidance
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> SamplerConfig:
@@ -54,6 +75,7 @@ class SamplerConfig:
             frames_per_block=int(cfg.get("frames_per_block", cfg.get("num_frame_per_block", 3))),
             context_noise=float(cfg.get("context_noise", 0.0)),
             action_guidance=float(cfg.get("action_guidance", 1.0)),
+            keyboard_guidance=cfg.get("keyboard_guidance"),
         )
 
 
@@ -257,16 +279,24 @@ class StreamingSampler:
         )
         x = inputs.noise
         timestep = torch.empty(x.shape[0], x.shape[2], device=x.device)
-        guidance = self.config.action_guidance
-        if guidance != 1.0:  # the same block without actions; its cache writes are overwritten right after
+        guidance, keyboard_guidance = self.guidance_scales()
+        if guidance != 1.0 or keyboard_guidance != 1.0:
+            # The same block without actions (and, for a separate keyboard scale, with the keyboard
+            # alone zeroed); the extra passes' cache writes are overwritten by the block's own.
             no_actions = dict(kwargs)
             for name in ("mouse_windows", "keyboard_windows"):
                 if kwargs[name] is not None:
                     no_actions[name] = torch.zeros_like(kwargs[name])
+            mouse_only = dict(kwargs, keyboard_windows=no_actions["keyboard_windows"])
         x0 = x
         for k, (t, sigma) in enumerate(zip(self.timesteps, self.sigmas)):
             timestep.fill_(t)
-            if guidance != 1.0:
+            if keyboard_guidance != guidance:  # three passes: f_none + g_a (f_mouse - f_none) + g_k (f_full - f_mouse)
+                unguided = model(x, inputs.cond, timestep, **no_actions).double()
+                mouse_flow = model(x, inputs.cond, timestep, **mouse_only).double()
+                flow = model(x, inputs.cond, timestep, **kwargs).double()
+                flow = unguided + guidance * (mouse_flow - unguided) + keyboard_guidance * (flow - mouse_flow)
+            elif guidance != 1.0:
                 unguided = model(x, inputs.cond, timestep, **no_actions).double()
                 flow = model(x, inputs.cond, timestep, **kwargs).double()
                 flow = flow + (guidance - 1.0) * (flow - unguided)
@@ -279,10 +309,31 @@ class StreamingSampler:
         model(x0, inputs.cond, timestep.fill_(self.config.context_noise), **kwargs)
         return x0
 
+    def guidance_scales(self) -> tuple[float, float]:
+        """The (action, keyboard) guidance scales the denoising steps use. They differ only when
+        the model takes both keyboard and mouse and the keyboard has its own scale: without mouse
+        the keyboard scale is the only one (no-keyboard and no-actions flows are the same), without
+        keyboard the action scale is."""
+        guidance = self.config.action_guidance
+        keyboard = self.config.effective_keyboard_guidance
+        if self.keyboard_dim == 0:
+            return guidance, guidance
+        if self.mouse_dim == 0:
+            return keyboard, keyboard
+        return guidance, keyboard
+
     def set_action_guidance(self, scale: float) -> None:
         """Change `SamplerConfig.action_guidance` (1: off) from the next block on; captured CUDA
-        graphs are dropped, since they hold the old number of DiT passes."""
+        graphs are dropped, since they hold the old number of DiT passes and the old scale."""
         self.config = replace(self.config, action_guidance=float(scale))
+        if self.graphs is not None:
+            self.graphs.clear()
+
+    def set_keyboard_guidance(self, scale: float | None) -> None:
+        """Change `SamplerConfig.keyboard_guidance` (None: follow action_guidance) from the next
+        block on; captured CUDA graphs are dropped, since they hold the old number of DiT passes
+        and the old scales."""
+        self.config = replace(self.config, keyboard_guidance=scale)
         if self.graphs is not None:
             self.graphs.clear()
 
