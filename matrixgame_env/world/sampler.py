@@ -325,15 +325,18 @@ class StreamingSampler:
     def set_action_guidance(self, scale: float) -> None:
         """Change `SamplerConfig.action_guidance` (1: off) from the next block on; captured CUDA
         graphs are dropped, since they hold the old number of DiT passes and the old scale."""
-        self.config = replace(self.config, action_guidance=float(scale))
-        if self.graphs is not None:
-            self.graphs.clear()
+        self._reconfigure(action_guidance=float(scale))
 
     def set_keyboard_guidance(self, scale: float | None) -> None:
         """Change `SamplerConfig.keyboard_guidance` (None: follow action_guidance) from the next
         block on; captured CUDA graphs are dropped, since they hold the old number of DiT passes
         and the old scales."""
-        self.config = replace(self.config, keyboard_guidance=scale)
+        self._reconfigure(keyboard_guidance=scale)
+
+    def _reconfigure(self, **changes: Any) -> None:
+        """A new config with `changes` (validated by `SamplerConfig`); captured CUDA graphs, which
+        hold the old settings, are dropped."""
+        self.config = replace(self.config, **changes)
         if self.graphs is not None:
             self.graphs.clear()
 
