@@ -3,7 +3,8 @@
 # Usage: bash scripts/device_pipeline.sh STAGE[:MINUTES] ...
 #   stages: setup record vae encode dit distill reward eval pack
 #   distill: from $MG_DISTILL_INIT (default: the dit stage's model), settings in $MG_DISTILL_ARGS;
-#   eval: `matrixgame-env eval` of $MG_EVAL_MODEL (default: the reward model) on the recording's held-out episodes,
+#   eval: `matrixgame-env eval` of $MG_EVAL_MODEL (default: the reward model) on the recording's held-out episodes
+#         (rollouts of $MG_DRIFT_MINUTES, default 10, for the drift statistics),
 #         into $MG_EVAL_OUT (default: $MG_WORK/eval),
 #         judged by the IDM in $MG_IDM (default: models/doom-small/eval/idm; empty: train one);
 #   pack: the model folders named in $MG_PACK_MODELS (default: reward, which holds the DiT too), the VAE (float32)
@@ -52,7 +53,7 @@ for item in "$@"; do
     eval)  # judged by the shipped inverse-dynamics model (MG_IDM; empty: train one for MG_IDM_STEPS)
       idm=${MG_IDM-models/doom-small/eval/idm}
       cli eval --model "${MG_EVAL_MODEL:-$WORK/runs/reward/model}" --data "$WORK/data" --out "${MG_EVAL_OUT:-$WORK/eval}" \
-        --clips 32 --horizon-s 4 --drift-minutes 10 ${idm:+--idm "$idm"} --steps "${MG_IDM_STEPS:-6000}" \
+        --clips 32 --horizon-s 4 --drift-minutes "${MG_DRIFT_MINUTES:-10}" ${idm:+--idm "$idm"} --steps "${MG_IDM_STEPS:-6000}" \
         --workers 8 --no-progress ;;
     pack)
       [ -n "$OUT" ] || { echo "pack needs \$OUT" >&2; exit 2; }

@@ -272,3 +272,36 @@ def test_stage_trains_the_action_modules_of_student_and_critic_at_their_own_rate
     for name in ("student", "critic"):
         groups = state["optimizers"][name]["param_groups"]
         assert len(groups) == 2 and groups[1]["initial_lr"] == pytest.approx(3 * groups[0]["initial_lr"]), name
+
+
+def test_teacher_and_critic_can_come_from_other_model_folders(inputs, tmp_path):
+    teacher = write_tiny_model(tmp_path / "teacher", seed=1)
+    critic = write_tiny_model(tmp_path / "critic", seed=2)
+    no_change = ("--steps", "1", "--check-clips", "0", "--lr", "0", "--critic-lr", "0", "--ema", "0")
+    checkpoint = tmp_path / "{}" / "distill" / "checkpoints" / "step_00000001" / "{}.safetensors"
+    for run, extra, critic_source in (
+        ("teacher_only", ("--teacher", str(teacher)), teacher),
+        ("both", ("--teacher", str(teacher), "--critic-init", str(critic)), critic),
+    ):
+        folder = distill.run(_args(inputs, tmp_path / run, *no_change, *extra))
+        expected = {"student": inputs[0], "critic": critic_source}
+        for part, source in expected.items():
+            got = read_state_dict(str(checkpoint).format(run, part))
+            stored = read_state_dict(source / "dit.safetensors")
+            assert all(torch.equal(got[k], stored[k].float()) for k in stored), (run, part)
+        record = WorldModel.from_pretrained(folder, device="cpu").config.extra["training"]["distill"]
+        assert record["teacher"] == str(teacher)
+    # A critic that is not the teacher's copy gives the student a DMD gradient from the first step.
+    dmd_losses = {
+        run: [r["dmd_loss"] for r in _log(tmp_path / run / "distill") if "dmd_loss" in r]
+        for run in ("teacher_only", "both")
+    }
+    assert dmd_losses["teacher_only"] == [0.0] and dmd_losses["both"][0] > 0
+
+
+def test_a_teacher_of_another_size_is_refused(inputs, tmp_path):
+    other = write_tiny_model(tmp_path / "templerun", mode="templerun")
+    with pytest.raises(distill.StageError, match="--teacher .*differs"):
+        distill.run(_args(inputs, tmp_path, "--steps", "1", "--teacher", str(other)))
+    with pytest.raises(distill.StageError, match="--critic-init .* is not a folder"):
+        distill.run(_args(inputs, tmp_path, "--steps", "1", "--critic-init", str(tmp_path / "missing")))

@@ -12,6 +12,9 @@ distilled generator, exported) and the critic (fake score). Each step:
    (`dmd.py`): teacher and critic both predict x0 from the clip noised to one random level.
    With `--data-weight w > 0` the student's loss also holds w times the `train dit` loss on the
    recorded latents of its clips, which anchors the student to the data DMD alone lets it leave.
+The teacher and the critic start as the `--init` DiT unless `--teacher` / `--critic-init` name other model
+folders with the same DiT config: a later session can take an exported student further (`--init` the
+student, `--teacher` the diffusion-forcing model it learned from).
 Teacher, critic and student see the same conditions: start pictures and recorded actions of real
 clips (without `--data-weight`, no recorded latents enter the losses). The image encoder and the VAE are frozen.
 Every session ends by writing OUT/distill/model/ (student, EMA weights when `--ema`) and checking
@@ -26,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoints import load_model
+from ..model_config import ModelConfig
 from ..nn.clip import CLIPVisionEncoder
 from ..nn.dit import CausalDiT
 from ..world.sampler import SamplerConfig
@@ -35,6 +40,7 @@ from .common import (
     adamw,
     add_optimizer_arguments,
     add_session_arguments,
+    existing_dir,
     initial_model,
     warmup_cosine,
 )
@@ -57,6 +63,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_stage_arguments(parser, frames_help="latent frames per rollout, a multiple of 3 (default: as encoded)")
     parser.add_argument("--critic-steps", type=int, default=5, help="critic updates per student update (default: 5)")
     parser.add_argument("--critic-lr", type=float, default=None, help="critic learning rate (default: --lr)")
+    parser.add_argument(
+        "--teacher",
+        default=None,
+        help="model folder of the teacher (the real score) when it is not --init, e.g. to take an exported "
+        "student further from its diffusion-forcing teacher (same DiT config)",
+    )
+    parser.add_argument(
+        "--critic-init",
+        default=None,
+        help="model folder whose DiT starts the critic (default: the teacher)",
+    )
     parser.add_argument(
         "--guidance",
         type=float,
@@ -165,6 +182,18 @@ class Distillation:
         return {"critic_loss": critic_loss, **student}
 
 
+def dit_of(folder: str, option: str, config: ModelConfig) -> CausalDiT:
+    """The float32 DiT of model folder `folder` (given as `option`), which must have `config`'s DiT config."""
+    existing_dir(folder, option, "give a model folder (config.json + safetensors)")
+    loaded = load_model(folder, device="cpu", dtype=torch.float32)
+    if loaded.config.dit != config.dit:
+        changed = sorted(k for k in {*config.dit, *loaded.config.dit} if config.dit.get(k) != loaded.config.dit.get(k))
+        raise StageError(
+            f"{option} {folder}: its DiT config differs from --init's in {changed}; give a model of the same size"
+        )
+    return loaded.dit
+
+
 def run(args: argparse.Namespace) -> Path:
     """Run (or continue) the stage; returns OUT/distill/model."""
     if args.init is None:
@@ -180,10 +209,16 @@ def run(args: argparse.Namespace) -> Path:
     if "dit" not in config.extra.get("training", {}):
         training.message(f"warning: {args.init} records no `train dit` stage; its DiT may be untrained")
     device = training.device
+    student = teacher
+    if args.teacher is not None:
+        teacher = dit_of(args.teacher, "--teacher", config)
+    critic = copy.deepcopy(teacher) if args.critic_init is None else dit_of(args.critic_init, "--critic-init", config)
+    if student is teacher:
+        student = copy.deepcopy(teacher)
     teacher.to(device).eval().requires_grad_(False)
     clip.to(device).eval().requires_grad_(False)
-    student = copy.deepcopy(teacher).train().requires_grad_(True)
-    critic = copy.deepcopy(teacher).train().requires_grad_(True)
+    student.train().requires_grad_(True)
+    critic.train().requires_grad_(True)
 
     # The critic is only ever queried at one level for the whole clip: train it at such levels.
     critic_forcing = forcing_for(config.sampler, teacher, NoiseMix(per_block=0.0, uniform=1.0, clean_context=0.0))
@@ -228,6 +263,9 @@ def run(args: argparse.Namespace) -> Path:
         sampler = {k: v for k, v in config.sampler.items() if k != "keyboard_guidance"}
         config.sampler = {**sampler, "action_guidance": 1.0}
     settings = {"teacher_guidance": args.guidance}
+    for name, folder in (("teacher", args.teacher), ("critic_init", args.critic_init)):
+        if folder is not None:
+            settings[name] = str(folder)
     if args.data_weight:
         settings["data_weight"] = args.data_weight
     folder = export_and_check(
