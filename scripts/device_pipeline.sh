@@ -29,6 +29,7 @@ for item in "$@"; do
         mkdir -p /tmp/site && tar -xJf .whl/vizdoom_slim.tar.xz -C /tmp/site
         python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
         mkdir -p /tmp/site/vizdoom/scenarios  # the slim package drops the bundled scenarios
+        chmod +x /tmp/site/vizdoom/vizdoom    # in case the archive was packed without file modes
       fi ;;
     record)
       cli record --out "$WORK/data" --minutes "$minutes" --workers "${MG_RECORD_WORKERS:-14}" --no-progress ;;

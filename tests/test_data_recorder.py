@@ -11,7 +11,7 @@ import pytest
 
 from matrixgame_env.data.doom_map import Walls, load_walls
 from matrixgame_env.data.policy import RAY_ANGLES, ExplorationPolicy
-from matrixgame_env.data.vizdoom_recorder import VARIABLE_NAMES, DoomRecorder, RecorderConfig
+from matrixgame_env.data.vizdoom_recorder import VARIABLE_NAMES, DoomRecorder, RecorderConfig, check_engine_executable
 
 FPS = 17.5
 ANGLE = VARIABLE_NAMES.index("ANGLE")
@@ -197,3 +197,14 @@ def test_bad_recorder_arguments_are_refused():
         RecorderConfig(tics_per_frame=0)
     with pytest.raises(ValueError, match="frame size"):
         RecorderConfig(size=(0, 176))
+
+
+def test_an_engine_program_without_execute_permission_is_named(tmp_path):
+    engine = tmp_path / "vizdoom"
+    engine.write_bytes(b"\x7fELF")
+    engine.chmod(0o644)
+    with pytest.raises(PermissionError, match=r"vizdoom is not executable.*chmod \+x"):
+        check_engine_executable(str(engine))
+    engine.chmod(0o755)
+    check_engine_executable(str(engine))  # runnable: no error
+    check_engine_executable(str(tmp_path / "absent"))  # a layout without the program is left to ViZDoom

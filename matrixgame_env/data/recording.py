@@ -22,6 +22,7 @@ import shutil
 import sys
 import tempfile
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -234,6 +235,12 @@ def _run(tasks: list[_EpisodeTask], workers: int, manifest: Manifest, root: Path
 def _raise_failures(futures: list[Future]) -> None:
     for future in futures:
         if future.done() and future.exception() is not None:
+            if isinstance(future.exception(), BrokenProcessPool):  # the process itself died, e.g. by a signal
+                raise RuntimeError(
+                    "a recording worker process died without a Python error: the ViZDoom engine crashed or was "
+                    "killed (out of memory?); check that one game starts: "
+                    "matrixgame-env record --minutes 0.1 --workers 1"
+                ) from future.exception()
             raise RuntimeError("a recording worker failed") from future.exception()
 
 

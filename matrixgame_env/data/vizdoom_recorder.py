@@ -305,7 +305,17 @@ def _import_vizdoom() -> Any:
         import vizdoom
     except ImportError as error:
         raise ImportError("recording needs ViZDoom: pip install 'matrixgame-env[data]' (vizdoom)") from error
+    check_engine_executable(os.path.join(os.path.dirname(vizdoom.__file__), "vizdoom"))
     return vizdoom
+
+
+def check_engine_executable(engine: str) -> None:
+    """Raise a clear error when ViZDoom's engine program exists but may not run: the engine then dies
+    without a Python error (a package unpacked by a tool that drops file modes, e.g. `zipfile`)."""
+    if os.path.isfile(engine) and not os.access(engine, os.X_OK):
+        raise PermissionError(
+            f"ViZDoom's engine {engine} is not executable; reinstall vizdoom with pip, or run `chmod +x {engine}`"
+        )
 
 
 def _jsonable(value: Any) -> Any:

@@ -217,8 +217,8 @@ def run(args: argparse.Namespace) -> Path:
         student = copy.deepcopy(teacher)
     teacher.to(device).eval().requires_grad_(False)
     clip.to(device).eval().requires_grad_(False)
-    student.train().requires_grad_(True)
-    critic.train().requires_grad_(True)
+    student.to(device).train().requires_grad_(True)
+    critic.to(device).train().requires_grad_(True)
 
     # The critic is only ever queried at one level for the whole clip: train it at such levels.
     critic_forcing = forcing_for(config.sampler, teacher, NoiseMix(per_block=0.0, uniform=1.0, clean_context=0.0))
