@@ -208,3 +208,21 @@ def test_an_engine_program_without_execute_permission_is_named(tmp_path):
     engine.chmod(0o755)
     check_engine_executable(str(engine))  # runnable: no error
     check_engine_executable(str(tmp_path / "absent"))  # a layout without the program is left to ViZDoom
+
+
+def test_a_worker_process_that_died_is_reported_as_an_engine_crash():
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    from matrixgame_env.data.recording import _raise_failures
+
+    running, died = Future(), Future()
+    died.set_exception(BrokenProcessPool("A process in the process pool was terminated abruptly"))
+    with pytest.raises(RuntimeError, match="died without a Python error: the ViZDoom engine crashed") as caught:
+        _raise_failures([running, died])
+    assert isinstance(caught.value.__cause__, BrokenProcessPool)
+    failed = Future()
+    failed.set_exception(ValueError("bad map"))
+    with pytest.raises(RuntimeError, match="a recording worker failed$"):
+        _raise_failures([failed])
+    _raise_failures([running])  # nothing finished with an error: nothing raised

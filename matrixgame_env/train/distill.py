@@ -205,16 +205,15 @@ def run(args: argparse.Namespace) -> Path:
     if args.data_weight < 0:
         raise StageError(f"--data-weight must be >= 0, got {args.data_weight}")
     training = TrainRun.from_args(args, STAGE, minutes=args.minutes - args.finish_minutes)
-    config, teacher, vae, clip, source = initial_model(args.init, args.model_config)
+    config, initial, vae, clip, source = initial_model(args.init, args.model_config)
     if "dit" not in config.extra.get("training", {}):
         training.message(f"warning: {args.init} records no `train dit` stage; its DiT may be untrained")
     device = training.device
-    student = teacher
-    if args.teacher is not None:
-        teacher = dit_of(args.teacher, "--teacher", config)
+    if args.teacher is None:  # the --init DiT is the teacher, and the student starts as its copy
+        teacher, student = initial, copy.deepcopy(initial)
+    else:
+        teacher, student = dit_of(args.teacher, "--teacher", config), initial
     critic = copy.deepcopy(teacher) if args.critic_init is None else dit_of(args.critic_init, "--critic-init", config)
-    if student is teacher:
-        student = copy.deepcopy(teacher)
     teacher.to(device).eval().requires_grad_(False)
     clip.to(device).eval().requires_grad_(False)
     student.to(device).train().requires_grad_(True)
