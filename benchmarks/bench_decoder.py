@@ -4,6 +4,9 @@
   stacked        each causal 3D convolution as one 2D convolution over its temporal taps stacked in
                  channels (`matrixgame_env.nn.vae.set_conv3d_mode`)
   channels_last  conv3d on channels-last (NDHWC) activations and weights (`WanVAE.set_decoder_channels_last`)
+  MODE+transposed  any of these with the upsamplers' nearest upsampling and 3x3 convolution run as one
+                 transposed convolution (`matrixgame_env.nn.vae.set_upsample_mode`); without the suffix
+                 they upsample as written
 
 All compute the same function; this measures which is faster where, in each of `--dtypes` on GPUs
 (bfloat16 by default; float16 is the official decoder's precision). Per model, batch, mode and dtype:
@@ -35,7 +38,7 @@ from common import environment, random_init_, synchronize, table, write_json  # 
 
 from matrixgame_env.checkpoints import load_model  # noqa: E402
 from matrixgame_env.model_config import ModelConfig  # noqa: E402
-from matrixgame_env.nn.vae import WanVAE, set_conv3d_mode  # noqa: E402
+from matrixgame_env.nn.vae import WanVAE, set_conv3d_mode, set_upsample_mode  # noqa: E402
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 LATENTS_PER_BLOCK = 3
@@ -61,6 +64,9 @@ def latent_shape(model: str) -> tuple[int, int]:
     return height // 8, width // 8
 
 
+LAYOUTS = ("native", "stacked", "channels_last")
+
+
 def decode_blocks(vae: WanVAE, latents: list[torch.Tensor]) -> tuple[torch.Tensor, list[float]]:
     """Streams the first latent then each block; returns the last block's frames and per-block seconds."""
     cache = vae.new_decoder_cache(latents[0].shape[0])
@@ -76,8 +82,12 @@ def decode_blocks(vae: WanVAE, latents: list[torch.Tensor]) -> tuple[torch.Tenso
 
 
 def set_mode(vae: WanVAE, mode: str) -> None:
-    set_conv3d_mode("stacked" if mode == "stacked" else "native")
-    vae.set_decoder_channels_last(mode == "channels_last")
+    layout, _, upsample = mode.partition("+")
+    if layout not in LAYOUTS or upsample not in ("", "transposed"):
+        raise ValueError(f"unknown mode {mode!r}: expected one of {LAYOUTS}, optionally with '+transposed'")
+    set_conv3d_mode("stacked" if layout == "stacked" else "native")
+    set_upsample_mode(upsample or "nearest")
+    vae.set_decoder_channels_last(layout == "channels_last")
 
 
 def measure(
@@ -120,6 +130,7 @@ def measure(
         rows.append(row)
     set_mode(vae, "native")
     set_conv3d_mode("auto")
+    set_upsample_mode("auto")
     return rows
 
 

@@ -4,7 +4,8 @@
   gpu     MatrixGameVectorEnv with 1..64 worlds in one batch, eager and with CUDA graphs
 
 Usage: python benchmarks/bench_env.py [--model doom-small] [--cpu-steps 20] [--gpu-worlds 1 4 16 64]
-       [--paths eager graphs compile] [--channels-last off|on|both] [--action-guidance 1 2] [--out DIR]
+       [--paths eager graphs compile] [--channels-last off|on|both] [--action-guidance 1 2]
+       [--upsample nearest transposed] [--out DIR]
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, profile_tables, table, write_json  # noqa: E402
 
 from matrixgame_env.env import MatrixGameEnv  # noqa: E402
-from matrixgame_env.nn.vae import set_conv3d_mode  # noqa: E402
+from matrixgame_env.nn.vae import set_conv3d_mode, set_upsample_mode  # noqa: E402
 from matrixgame_env.vector import MatrixGameVectorEnv  # noqa: E402
 
 FAST_NAMES = {False: "eager", True: "cuda graphs", "compile": "cuda graphs + compile"}
@@ -41,8 +42,11 @@ def sample_actions(space, rng: np.random.Generator, n: int | None = None) -> dic
     }
 
 
-def cpu_single(model: str, steps: int, warmup: int, conv3d: str, guidance: float | None = None) -> dict:
+def cpu_single(
+    model: str, steps: int, warmup: int, conv3d: str, guidance: float | None = None, upsample: str = "auto"
+) -> dict:
     set_conv3d_mode(conv3d)
+    set_upsample_mode(upsample)
     env = MatrixGameEnv(model, device="cpu", fast=False, action_guidance=guidance)
     guidance = env.world.sampler.config.action_guidance
     rng = np.random.default_rng(0)
@@ -56,9 +60,17 @@ def cpu_single(model: str, steps: int, warmup: int, conv3d: str, guidance: float
         times.append(time.perf_counter() - t0)
     env.close()
     set_conv3d_mode("auto")
+    set_upsample_mode("auto")
     step_s = statistics.median(times)
-    setting = f"cpu single env (conv3d {conv3d}, action guidance {guidance:g})"
-    return {"setting": setting, "worlds": 1, "step_s": step_s, "steps_per_s": 1 / step_s, "action_guidance": guidance}
+    setting = f"cpu single env (conv3d {conv3d}, upsample {upsample}, action guidance {guidance:g})"
+    return {
+        "setting": setting,
+        "worlds": 1,
+        "step_s": step_s,
+        "steps_per_s": 1 / step_s,
+        "action_guidance": guidance,
+        "upsample": upsample,
+    }
 
 
 def gpu_vector(
@@ -69,8 +81,10 @@ def gpu_vector(
     warmup: int,
     channels_last: bool | None,
     guidance: float | None,
+    upsample: str = "auto",
 ) -> dict:
     """Steps/s of one vector env; `channels_last` None keeps the env's own decoder layout choice."""
+    set_upsample_mode(upsample)
     env, rng = warm_vector_env(model, worlds, fast, channels_last, guidance, warmup)
     guidance = env.world.sampler.config.action_guidance
     channels_last = env.world.vae.decoder_channels_last
@@ -80,31 +94,42 @@ def gpu_vector(
     elapsed = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30
     env.close()
+    set_upsample_mode("auto")
     torch.cuda.empty_cache()
     return {
         "setting": f"gpu vector ({FAST_NAMES[fast]}{', decoder channels-last' if channels_last else ''}"
-        f", action guidance {guidance:g})",
+        f", upsample {upsample}, action guidance {guidance:g})",
         "worlds": worlds,
         "action_guidance": guidance,
+        "upsample": upsample,
         "step_s": elapsed / steps,
         "steps_per_s": worlds * steps / elapsed,
         "peak_gib": peak,
     }
 
 
-def profile_vector_step(model: str, worlds: int, channels_last: bool | None, steps: int = 3) -> dict:
+def profile_vector_step(
+    model: str, worlds: int, channels_last: bool | None, upsample: str = "auto", steps: int = 3
+) -> dict:
     """Where a vector-env step's GPU time goes (`profile_tables`, per step): compiled fusions on, CUDA
     graphs off so that every kernel is seen."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    set_upsample_mode(upsample)
     env, rng = warm_vector_env(model, worlds, "compile", channels_last, None, 4, graphs=False)
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             env.step(sample_actions(env.single_action_space, rng, worlds))
         torch.cuda.synchronize()
     env.close()
-    return {"worlds": worlds, "channels_last": env.world.vae.decoder_channels_last, **profile_tables(prof, steps)}
+    set_upsample_mode("auto")
+    return {
+        "worlds": worlds,
+        "channels_last": env.world.vae.decoder_channels_last,
+        "upsample": upsample,
+        **profile_tables(prof, steps),
+    }
 
 
 def warm_vector_env(
@@ -167,6 +192,13 @@ def main() -> None:
         help="sampler action guidance scales to measure (default: the model's own; 1 is off)",
     )
     parser.add_argument(
+        "--upsample",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "nearest", "transposed"],
+        help="how the decoder's upsamplers run (nn.vae.set_upsample_mode); repeat to alternate",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="also profile a GPU step at the largest world count (compiled)"
     )
     parser.add_argument("--out", type=Path, default=None)
@@ -175,8 +207,8 @@ def main() -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     for conv3d in args.cpu_conv3d if args.cpu_steps else []:
-        for guidance in args.action_guidance:
-            rows.append(cpu_single(args.model, args.cpu_steps, args.warmup, conv3d, guidance))
+        for guidance, upsample in ((g, u) for g in args.action_guidance for u in args.upsample):
+            rows.append(cpu_single(args.model, args.cpu_steps, args.warmup, conv3d, guidance, upsample))
             rows[-1]["threads"] = args.threads
             print(table(rows[-1:], ["setting", "steps_per_s", "step_s", "threads"]), flush=True)
     torch.set_num_threads(threads)
@@ -186,9 +218,16 @@ def main() -> None:
         for worlds in args.gpu_worlds:
             for path in args.paths:
                 for channels_last in layouts:
-                    for guidance in args.action_guidance:
+                    for guidance, upsample in ((g, u) for g in args.action_guidance for u in args.upsample):
                         row = gpu_vector(
-                            args.model, worlds, options[path], args.gpu_steps, args.warmup, channels_last, guidance
+                            args.model,
+                            worlds,
+                            options[path],
+                            args.gpu_steps,
+                            args.warmup,
+                            channels_last,
+                            guidance,
+                            upsample,
                         )
                         print(table([row], ["setting", "worlds", "steps_per_s", "step_s", "peak_gib"]), flush=True)
                         rows.append(row)
@@ -196,7 +235,7 @@ def main() -> None:
     result = {"environment": environment(), "model": args.model, "rows": rows}
     if args.profile and torch.cuda.is_available():
         layout = {"auto": None, "off": False}.get(args.channels_last, True)
-        result["profile"] = profile_vector_step(args.model, max(args.gpu_worlds), layout)
+        result["profile"] = profile_vector_step(args.model, max(args.gpu_worlds), layout, args.upsample[-1])
         for view in ("kernels", "operators"):
             print(f"profile: {max(args.gpu_worlds)} worlds, {view} (ms and calls per step)")
             print(table(result["profile"][view], ["name", "ms", "share", "calls"]))

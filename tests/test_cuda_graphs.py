@@ -98,9 +98,10 @@ def test_fast_option_is_checked():
 
 
 @cuda
-@pytest.mark.parametrize("option", ["channels_last", "fused", "both"])
+@pytest.mark.parametrize("option", ["channels_last", "fused", "both", "transposed", "transposed_both"])
 def test_fast_decoder_options_match_the_eager_decoder(option):
     from matrixgame_env.nn.fusion import enable_fusion
+    from matrixgame_env.nn.vae import set_upsample_mode
 
     world = WorldModel.from_pretrained("doom-small", device="cuda")
     vae = world.vae
@@ -111,14 +112,17 @@ def test_fast_decoder_options_match_the_eager_decoder(option):
         cache = vae.new_decoder_cache(2)
         return torch.cat([vae.decode_stream(x, cache).float() for x in latents], dim=1)
 
+    set_upsample_mode("nearest")  # the decoder as written
     eager = decode_all()
     try:
-        vae.set_decoder_channels_last(option in ("channels_last", "both"))
-        enable_fusion(option in ("fused", "both"))
+        vae.set_decoder_channels_last(option in ("channels_last", "both", "transposed_both"))
+        enable_fusion(option in ("fused", "both", "transposed_both"))
+        set_upsample_mode("transposed" if option.startswith("transposed") else "nearest")
         fast = decode_all()
     finally:
         vae.set_decoder_channels_last(False)
         enable_fusion(False)
+        set_upsample_mode("auto")
     assert torch.isfinite(fast).all()
     # bf16 rounding along another path (fusion computes the norm in float32): small relative error.
     assert (fast - eager).norm() / eager.norm() < 2e-2

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import MANIFEST_DIR, Fixture, load_fixture, max_relative_error
 
 from matrixgame_env.nn.fusion import channel_rms_norm_silu
@@ -17,8 +18,11 @@ from matrixgame_env.nn.vae import (
     ImageCondition,
     ResidualBlock,
     RMSNorm,
+    Upsample,
     WanVAE,
+    nearest_conv_as_transposed,
     set_conv3d_mode,
+    set_upsample_mode,
 )
 
 TOLERANCE = 1e-4
@@ -541,3 +545,82 @@ def test_stacked_taps_accept_inputs_in_any_memory_layout(conv3d_mode) -> None:
     video = frames.permute(0, 4, 1, 2, 3)  # [B, C, T, H, W], a channels-last view
     expected = conv(video.contiguous(), FeatureCache(1, 1))
     torch.testing.assert_close(conv(video, FeatureCache(1, 1)), expected, rtol=0, atol=1e-6)
+
+
+# Upsamplers: nearest upsampling + 3x3 convolution, or one transposed convolution
+
+
+@pytest.fixture
+def upsample_mode():
+    """Sets the process-wide upsampling mode for one test and restores "auto" after it."""
+    yield set_upsample_mode
+    set_upsample_mode("auto")
+
+
+@pytest.mark.parametrize("size", [(5, 7), (1, 1), (12, 22)])
+def test_transposed_kernel_equals_nearest_upsampling_then_convolution_in_float64(size) -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(3, 6, 3, 3, dtype=torch.float64)
+    bias = torch.randn(3, dtype=torch.float64)
+    pictures = torch.randn(2, 6, *size, dtype=torch.float64)
+    expected = F.conv2d(F.interpolate(pictures, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
+    transposed = F.conv_transpose2d(pictures, nearest_conv_as_transposed(weight), bias, stride=2, padding=1)
+    assert transposed.shape == expected.shape == (2, 3, 2 * size[0], 2 * size[1])
+    torch.testing.assert_close(transposed, expected, rtol=0, atol=1e-12)
+
+
+def test_transposed_kernel_sums_in_float32_for_low_precision_weights() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(4, 4, 3, 3).to(torch.bfloat16)
+    merged = nearest_conv_as_transposed(weight)
+    assert merged.dtype == torch.bfloat16
+    # The centre taps sum four weights: rounded once from their exact float32 sum, not per addition.
+    exact = weight.float()[:, :, 0:2, 0:2].sum(dim=(2, 3)).transpose(0, 1)
+    assert torch.equal(merged[:, :, 2, 2], exact.to(torch.bfloat16))
+
+
+def test_transposed_kernel_rejects_other_kernel_sizes() -> None:
+    with pytest.raises(ValueError, match="3x3"):
+        nearest_conv_as_transposed(torch.zeros(2, 2, 5, 5))
+
+
+@pytest.mark.parametrize("temporal", [False, True])
+def test_upsampler_gives_the_same_frames_and_cache_either_way_in_float64(upsample_mode, temporal) -> None:
+    torch.manual_seed(0)
+    upsampler = Upsample(6, temporal=temporal).double()
+    if temporal:
+        upsampler.time_conv.cache_slot = 0
+    chunks = [torch.randn(2, 6, frames, 5, 7, dtype=torch.float64) for frames in (1, 3, 3)]
+    results = {}
+    for mode in ("nearest", "transposed"):
+        upsample_mode(mode)
+        cache = FeatureCache(1, 2)
+        results[mode] = [upsampler(chunk, cache) for chunk in chunks] + [cache.slots[0]]
+    for nearest, transposed in zip(results["nearest"][:-1], results["transposed"][:-1]):
+        assert transposed.shape == nearest.shape
+        torch.testing.assert_close(transposed, nearest, rtol=0, atol=1e-12)
+    if temporal:
+        assert torch.equal(results["nearest"][-1], results["transposed"][-1])
+
+
+@pytest.mark.parametrize("mode", ["nearest", "transposed"])
+def test_each_upsample_mode_reproduces_the_official_stream(vae: WanVAE, fixture: Fixture, upsample_mode, mode) -> None:
+    upsample_mode(mode)
+    sizes = _latents_per_decode_call(fixture, vae.temporal_factor)
+    outputs = _stream(vae, fixture.input("latents"), sizes, vae.new_decoder_cache(1))
+    for output, name in zip(outputs, fixture.spec["decode_streaming"]["outputs"]):
+        assert max_relative_error(output, fixture.io(name)) <= TOLERANCE, (mode, name)
+
+
+def test_transposed_upsampling_accepts_channels_last_pictures(upsample_mode) -> None:
+    upsample_mode("transposed")
+    torch.manual_seed(0)
+    upsampler = Upsample(4, temporal=False)
+    video = torch.randn(1, 4, 2, 6, 8).contiguous(memory_format=torch.channels_last_3d)
+    expected = upsampler(video.contiguous(), FeatureCache(1, 1))
+    torch.testing.assert_close(upsampler(video, FeatureCache(1, 1)), expected, rtol=0, atol=1e-5)
+
+
+def test_upsample_mode_rejects_unknown_names() -> None:
+    with pytest.raises(ValueError, match="transposed"):
+        set_upsample_mode("bilinear")

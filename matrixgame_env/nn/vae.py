@@ -153,6 +153,47 @@ def use_stacked_taps(device: torch.device) -> bool:
     return _conv3d_mode == "stacked"
 
 
+# How the decoder's upsamplers run their 2x nearest upsampling and 3x3 convolution: "nearest" (as
+# written: upsample, then convolve the 4x larger picture), "transposed" (one stride-2 transposed
+# convolution of the small picture with a 4x4 kernel made of sums of the 3x3 one: the same function,
+# 2.25x fewer multiply-adds and no upsampled copy) or "auto" (transposed on CPUs, nearest elsewhere:
+# on an H200, cuDNN's transposed kernels were slower at doom-small's widths; benchmarks/NOTES.md).
+_UPSAMPLE_MODES = ("auto", "nearest", "transposed")
+_upsample_mode = "auto"
+
+
+def set_upsample_mode(mode: str) -> None:
+    """Chooses how the decoder's spatial upsamplers run: "auto", "nearest" or "transposed" (see above)."""
+    global _upsample_mode
+    if mode not in _UPSAMPLE_MODES:
+        raise ValueError(f"upsample mode must be one of {_UPSAMPLE_MODES}, got {mode!r}")
+    _upsample_mode = mode
+
+
+def use_transposed_upsampling(device: torch.device) -> bool:
+    """Whether the decoder's spatial upsamplers on `device` run as transposed convolutions now."""
+    if _upsample_mode == "auto":
+        return device.type == "cpu"
+    return _upsample_mode == "transposed"
+
+
+# Which of the 3x3 kernel's taps (columns) each tap of the 4x4 transposed kernel (rows) sums, along one
+# axis. Output pixel 2i reads input i - 1 through tap 0 and input i through taps 1 and 2 of the 3x3
+# kernel; output 2i + 1 reads input i through taps 0 and 1 and input i + 1 through tap 2.
+_NEAREST_TAPS = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
+
+
+def nearest_conv_as_transposed(weight: torch.Tensor) -> torch.Tensor:
+    """The kernel [C_in, C_out, 4, 4] of the stride-2, padding-1 transposed convolution that equals a 2x
+    nearest upsampling followed by the 3x3, padding-1 convolution `weight` [C_out, C_in, 3, 3].
+    Summed in float32 at least, then cast to the weight's dtype."""
+    if weight.shape[-2:] != (3, 3):
+        raise ValueError(f"expected a 3x3 convolution kernel, got shape {tuple(weight.shape)}")
+    work = weight if weight.dtype == torch.float64 else weight.float()
+    taps = torch.tensor(_NEAREST_TAPS, dtype=work.dtype, device=work.device)
+    return torch.einsum("ak,bl,oikl->ioab", taps, taps, work).to(weight.dtype)
+
+
 class CausalConv3d(nn.Conv3d):
     """3D convolution that sees only the current and past frames in time, zero-padded in space.
 
@@ -343,7 +384,21 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         if self.time_conv is not None:
             x = self._double_frames(x, cache)
+        if use_transposed_upsampling(x.device):
+            return _per_frame(self._upsample_transposed, x)
         return _per_frame(self.resample, x)  # [B, C/2, T, 2H, 2W]
+
+    def _upsample_transposed(self, frames: torch.Tensor) -> torch.Tensor:
+        """`resample` on frames [N, C, H, W] -> [N, C/2, 2H, 2W] as one transposed convolution."""
+        conv = self.resample[1]
+        weight = nearest_conv_as_transposed(conv.weight)
+        if not (_is_channels_last_picture(frames) or _is_channels_last_picture(conv.weight)):
+            return F.conv_transpose2d(frames, weight, conv.bias, stride=2, padding=1)
+        # The layout `resample` gives (channels-last when its input or weight is), which CPUs' transposed
+        # convolutions do not keep by themselves.
+        weight = weight.contiguous(memory_format=torch.channels_last)
+        upsampled = F.conv_transpose2d(frames, weight, conv.bias, stride=2, padding=1)
+        return upsampled.contiguous(memory_format=torch.channels_last)
 
     def _double_frames(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         batch, channels, frames, height, width = x.shape
@@ -354,6 +409,11 @@ class Upsample(nn.Module):
         pairs = self.time_conv(x, cache)  # [B, 2C, T, H, W]
         pairs = pairs.view(batch, 2, channels, frames, height, width).permute(0, 2, 3, 1, 4, 5)
         return same_layout(pairs.reshape(batch, channels, 2 * frames, height, width), x)  # [B, C, 2T, H, W]
+
+
+def _is_channels_last_picture(x: torch.Tensor) -> bool:
+    """True for a 4D tensor stored channels-last (and not also standard-contiguous)."""
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _assign_cache_slots(network: nn.Module) -> int:
