@@ -5,12 +5,13 @@
 
 Usage: python benchmarks/bench_env.py [--model doom-small] [--cpu-steps 20] [--gpu-worlds 1 4 16 64]
        [--paths eager graphs compile] [--channels-last off|on|both] [--action-guidance 1 2]
-       [--upsample nearest transposed] [--out DIR]
+       [--upsample nearest transposed] [--decoder-graphs off|on|both] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -82,10 +83,11 @@ def gpu_vector(
     channels_last: bool | None,
     guidance: float | None,
     upsample: str = "auto",
+    decoder_graphs: bool = False,
 ) -> dict:
     """Steps/s of one vector env; `channels_last` None keeps the env's own decoder layout choice."""
     set_upsample_mode(upsample)
-    env, rng = warm_vector_env(model, worlds, fast, channels_last, guidance, warmup)
+    env, rng = warm_vector_env(model, worlds, fast, channels_last, guidance, warmup, decoder_graphs=decoder_graphs)
     guidance = env.world.sampler.config.action_guidance
     channels_last = env.world.vae.decoder_channels_last
     t0 = time.perf_counter()
@@ -98,10 +100,11 @@ def gpu_vector(
     torch.cuda.empty_cache()
     return {
         "setting": f"gpu vector ({FAST_NAMES[fast]}{', decoder channels-last' if channels_last else ''}"
-        f", upsample {upsample}, action guidance {guidance:g})",
+        f"{', decoder graphs' if decoder_graphs else ''}, upsample {upsample}, action guidance {guidance:g})",
         "worlds": worlds,
         "action_guidance": guidance,
         "upsample": upsample,
+        "decoder_graphs": decoder_graphs,
         "step_s": elapsed / steps,
         "steps_per_s": worlds * steps / elapsed,
         "peak_gib": peak,
@@ -140,12 +143,15 @@ def warm_vector_env(
     guidance: float | None,
     warmup: int,
     graphs: bool = True,
+    decoder_graphs: bool = False,
 ) -> tuple[MatrixGameVectorEnv, np.random.Generator]:
     """A reset GPU vector env after `warmup` steps of random actions, and the actions' generator.
-    `channels_last` None keeps the env's decoder layout; `graphs=False` turns CUDA graphs off."""
+    `channels_last` None keeps the env's decoder layout; `graphs=False` turns CUDA graphs off;
+    `decoder_graphs` replays the decoder from CUDA graphs too (`WorldModel.enable_decoder_graphs`)."""
     env = MatrixGameVectorEnv(model, num_envs=worlds, device="cuda", fast=fast, action_guidance=guidance)
     if not graphs:
         env.world.sampler.enable_cuda_graphs(False)
+    env.world.enable_decoder_graphs(decoder_graphs)
     if channels_last is not None:
         env.world.vae.set_decoder_channels_last(channels_last)
     rng = np.random.default_rng(0)
@@ -199,6 +205,12 @@ def main() -> None:
         help="how the decoder's upsamplers run (nn.vae.set_upsample_mode); repeat to alternate",
     )
     parser.add_argument(
+        "--decoder-graphs",
+        choices=["off", "on", "both"],
+        default="off",
+        help="replay the VAE decoder from CUDA graphs as well (WorldModel.enable_decoder_graphs)",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="also profile a GPU step at the largest world count (compiled)"
     )
     parser.add_argument("--out", type=Path, default=None)
@@ -215,10 +227,12 @@ def main() -> None:
     if torch.cuda.is_available():
         options = {"eager": False, "graphs": True, "compile": "compile"}
         layouts = {"auto": [None], "off": [False], "on": [True], "both": [False, True]}[args.channels_last]
+        decoder_graphs = {"off": [False], "on": [True], "both": [False, True]}[args.decoder_graphs]
         for worlds in args.gpu_worlds:
             for path in args.paths:
                 for channels_last in layouts:
-                    for guidance, upsample in ((g, u) for g in args.action_guidance for u in args.upsample):
+                    settings = itertools.product(args.action_guidance, args.upsample, decoder_graphs)
+                    for guidance, upsample, graphed in settings:
                         row = gpu_vector(
                             args.model,
                             worlds,
@@ -228,6 +242,7 @@ def main() -> None:
                             channels_last,
                             guidance,
                             upsample,
+                            graphed,
                         )
                         print(table([row], ["setting", "worlds", "steps_per_s", "step_s", "peak_gib"]), flush=True)
                         rows.append(row)

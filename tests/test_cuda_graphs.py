@@ -75,6 +75,44 @@ def test_graphs_need_cuda():
 
 
 @cuda
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_decoder_graphs_decode_like_the_eager_decoder_through_restore_and_fork(channels_last):
+    world = WorldModel.from_pretrained("doom-small", device="cuda")
+    world.vae.set_decoder_channels_last(channels_last)
+    generator = torch.Generator().manual_seed(3)
+    latents = [torch.randn(2, 16, 3, 12, 22, generator=generator).cuda() for _ in range(7)]
+    results = {}
+    try:
+        for graphs in (False, True):
+            world.enable_decoder_graphs(graphs)
+            state = world.start([str(p) for p in world.start_image_paths()[:2]], seed=5)
+            frames = [world.decode(state, x) for x in latents[:4]]
+            saved = state.snapshot()
+            frames += [world.decode(state, x) for x in latents[4:]]
+            state.restore(saved)
+            again = [world.decode(state, x) for x in latents[4:]]
+            forked = state.fork(2)
+            branch = world.decode(forked, latents[4].repeat_interleave(2, dim=0))
+            replays = world.decoder_graphs.replays if graphs else 0
+            results[graphs] = (torch.cat(frames, 1), torch.cat(again, 1), branch, replays)
+    finally:
+        world.enable_decoder_graphs(False)
+        world.vae.set_decoder_channels_last(False)
+    eager, fast = results[False], results[True]
+    assert fast[3] >= 4  # blocks after the capture replay
+    for a, b in zip(eager[:3], fast[:3]):
+        assert (a.int() - b.int()).abs().max() <= 1  # the same kernels: at most rounding at a uint8 edge
+    assert torch.equal(fast[1], fast[0][:, -fast[1].shape[1] :])  # restore decodes exactly the same again
+    assert torch.equal(fast[2][0::2], fast[2][1::2])  # both copies of a fork
+
+
+def test_decoder_graphs_need_cuda():
+    world = WorldModel.from_pretrained("doom-small", device="cpu")
+    with pytest.raises(ValueError, match="CUDA graphs need the VAE on a CUDA device"):
+        world.enable_decoder_graphs(True)
+
+
+@cuda
 def test_fused_kernels_match_eager_within_bf16():
     from matrixgame_env.nn.fusion import enable_fusion
 

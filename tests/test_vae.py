@@ -14,6 +14,7 @@ from matrixgame_env.nn.fusion import channel_rms_norm_silu
 from matrixgame_env.nn.vae import (
     CausalConv3d,
     DecoderCache,
+    Downsample,
     FeatureCache,
     ImageCondition,
     ResidualBlock,
@@ -71,6 +72,14 @@ def vae(fixture: Fixture) -> WanVAE:
     model = WanVAE.from_config(_config(fixture))
     model.load_state_dict(fixture.weights(), strict=True)
     return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def default_forms():
+    """Every test leaves the process-wide convolution and upsampling forms on "auto"."""
+    yield
+    set_conv3d_mode("auto")
+    set_upsample_mode("auto")
 
 
 def _image(fixture: Fixture) -> torch.Tensor:
@@ -259,6 +268,52 @@ def test_cache_clone_restores_identical_frames(vae: WanVAE, fixture: Fixture) ->
     assert torch.equal(continued, replayed)
 
 
+@pytest.mark.parametrize("conv3d", ["native", "stacked"])
+def test_a_cache_written_in_place_keeps_its_addresses_and_decodes_the_same(
+    vae: WanVAE, fixture: Fixture, conv3d: str
+) -> None:
+    set_conv3d_mode(conv3d)
+    latents = fixture.input("latents")
+    sizes = _latents_per_decode_call(fixture, vae.temporal_factor)
+    expected = _stream(vae, latents, sizes, vae.new_decoder_cache(1))
+    cache = vae.new_decoder_cache(1)
+    cache.write_in_place = True
+    start, addresses, outputs = 0, [], []
+    for size in sizes:
+        outputs.append(vae.decode_stream(latents[:, :, start : start + size], cache))
+        addresses.append([slot.data_ptr() for slot in cache.slots])
+        if start == 0:
+            snapshot = cache.clone()  # must not see the later in-place writes
+            frozen = [slot.clone() for slot in cache.slots]
+        start += size
+    assert all(a == addresses[0] for a in addresses[1:])  # every slot kept its tensor after the first call
+    for output, reference in zip(outputs, expected):
+        assert torch.equal(output, reference)
+    assert not snapshot.write_in_place
+    assert all(torch.equal(a, b) for a, b in zip(snapshot.slots, frozen))
+
+
+def test_cache_to_copies_even_when_nothing_changes(vae: WanVAE, fixture: Fixture) -> None:
+    cache = vae.new_decoder_cache(1)
+    vae.decode_stream(fixture.input("latents")[:, :, :3], cache)
+    moved = cache.to(vae.device, vae.dtype)
+    assert all(a.data_ptr() != b.data_ptr() and torch.equal(a, b) for a, b in zip(cache.slots, moved.slots))
+
+
+def test_temporal_downsampler_reads_its_past_before_an_in_place_write() -> None:
+    torch.manual_seed(0)
+    downsampler = Downsample(3, temporal=True).double()
+    downsampler.cache_slot = 0
+    chunks = [torch.randn(1, 3, frames, 6, 8, dtype=torch.float64) for frames in (1, 4, 4)]
+    results = {}
+    for in_place in (False, True):
+        cache = FeatureCache(1, 1)
+        cache.write_in_place = in_place
+        results[in_place] = [downsampler(chunk, cache) for chunk in chunks]
+    for replaced, overwritten in zip(results[False], results[True]):
+        assert torch.equal(replaced, overwritten)
+
+
 def test_cache_select_and_expand_batch_fork_worlds(vae: WanVAE, fixture: Fixture) -> None:
     first = fixture.input("latents")
     second = torch.randn(first.shape, generator=torch.Generator().manual_seed(1))
@@ -381,16 +436,9 @@ def test_decode_stream_rejects_a_change_of_latent_size(vae: WanVAE) -> None:
 # Convolution layouts: the same function computed three ways
 
 
-@pytest.fixture
-def conv3d_mode():
-    """Sets the process-wide causal-convolution mode for one test and restores "auto" after it."""
-    yield set_conv3d_mode
-    set_conv3d_mode("auto")
-
-
 @pytest.mark.parametrize("mode", ["native", "stacked"])
-def test_each_conv3d_mode_reproduces_the_official_stream(vae: WanVAE, fixture: Fixture, conv3d_mode, mode) -> None:
-    conv3d_mode(mode)
+def test_each_conv3d_mode_reproduces_the_official_stream(vae: WanVAE, fixture: Fixture, mode) -> None:
+    set_conv3d_mode(mode)
     sizes = _latents_per_decode_call(fixture, vae.temporal_factor)
     outputs = _stream(vae, fixture.input("latents"), sizes, vae.new_decoder_cache(1))
     for output, name in zip(outputs, fixture.spec["decode_streaming"]["outputs"]):
@@ -398,7 +446,7 @@ def test_each_conv3d_mode_reproduces_the_official_stream(vae: WanVAE, fixture: F
 
 
 @pytest.mark.parametrize("kernel", [(3, 3, 3), (3, 1, 1)])
-def test_stacked_taps_equal_conv3d_in_float64_and_carry_the_same_cache(conv3d_mode, kernel) -> None:
+def test_stacked_taps_equal_conv3d_in_float64_and_carry_the_same_cache(kernel) -> None:
     torch.manual_seed(0)
     conv = CausalConv3d(5, 7, kernel).double()
     conv.cache_slot = 0
@@ -407,7 +455,7 @@ def test_stacked_taps_equal_conv3d_in_float64_and_carry_the_same_cache(conv3d_mo
         x = torch.randn(2, 5, frames, 6, 9, dtype=torch.float64)
         results = {}
         for mode in ("native", "stacked"):
-            conv3d_mode(mode)
+            set_conv3d_mode(mode)
             cache = FeatureCache(1, 2)
             cache.slots[0] = past.clone()
             results[mode] = (conv(x, cache), cache.slots[0])
@@ -439,7 +487,7 @@ def test_channels_last_decoder_gives_the_same_frames_and_switches_back(vae: WanV
 
 
 def test_fused_channels_last_decoder_moves_biases_into_fused_kernels_with_the_same_frames(
-    vae: WanVAE, fixture: Fixture, conv3d_mode, monkeypatch
+    vae: WanVAE, fixture: Fixture, monkeypatch
 ) -> None:
     from matrixgame_env.nn import fusion
     from matrixgame_env.nn import vae as vae_module
@@ -451,7 +499,7 @@ def test_fused_channels_last_decoder_moves_biases_into_fused_kernels_with_the_sa
         return residual_outputs[-1]
 
     monkeypatch.setattr(vae_module, "channel_bias_add", spy)
-    conv3d_mode("native")  # the fused path runs torch's conv3d, as on GPUs
+    set_conv3d_mode("native")  # the fused path runs torch's conv3d, as on GPUs
     latents = fixture.input("latents")
     sizes = _latents_per_decode_call(fixture, vae.temporal_factor)
     standard = _stream(vae, latents, sizes, vae.new_decoder_cache(1))
@@ -471,16 +519,16 @@ def test_fused_channels_last_decoder_moves_biases_into_fused_kernels_with_the_sa
         assert max_relative_error(b, a) <= OTHER_LAYOUT_TOLERANCE
 
 
-def test_a_normed_convolution_moves_biases_in_any_layout_but_not_with_stacked_taps(conv3d_mode) -> None:
+def test_a_normed_convolution_moves_biases_in_any_layout_but_not_with_stacked_taps() -> None:
     conv = CausalConv3d(3, 4, 3)
     conv.cache_slot = 0
     norm = RMSNorm(3)
     x, bias = torch.rand(1, 3, 2, 4, 4), torch.rand(3)
-    conv3d_mode("native")
+    set_conv3d_mode("native")
     expected = conv(torch.nn.functional.silu(norm(x + bias.view(-1, 1, 1, 1))), FeatureCache(1, 1))
     moved = conv.forward_normed(x, norm, FeatureCache(1, 1), input_bias=bias, add_bias=False)
     torch.testing.assert_close(moved + conv.bias.view(-1, 1, 1, 1), expected, rtol=0, atol=1e-6)
-    conv3d_mode("stacked")
+    set_conv3d_mode("stacked")
     with pytest.raises(ValueError, match="not stacked taps"):
         conv.forward_normed(x, norm, FeatureCache(1, 1), add_bias=False)
 
@@ -537,8 +585,8 @@ def test_a_fusable_function_that_cannot_compile_runs_unfused_with_a_warning() ->
     assert torch.equal(first, x * 2) and torch.equal(second, x * 2)
 
 
-def test_stacked_taps_accept_inputs_in_any_memory_layout(conv3d_mode) -> None:
-    conv3d_mode("stacked")
+def test_stacked_taps_accept_inputs_in_any_memory_layout() -> None:
+    set_conv3d_mode("stacked")
     conv = CausalConv3d(3, 4, 3)
     conv.cache_slot = 0
     frames = torch.rand(1, 5, 8, 10, 3)  # [B, T, H, W, C] as pictures arrive
@@ -548,13 +596,6 @@ def test_stacked_taps_accept_inputs_in_any_memory_layout(conv3d_mode) -> None:
 
 
 # Upsamplers: nearest upsampling + 3x3 convolution, or one transposed convolution
-
-
-@pytest.fixture
-def upsample_mode():
-    """Sets the process-wide upsampling mode for one test and restores "auto" after it."""
-    yield set_upsample_mode
-    set_upsample_mode("auto")
 
 
 @pytest.mark.parametrize("size", [(5, 7), (1, 1), (12, 22)])
@@ -585,7 +626,7 @@ def test_transposed_kernel_rejects_other_kernel_sizes() -> None:
 
 
 @pytest.mark.parametrize("temporal", [False, True])
-def test_upsampler_gives_the_same_frames_and_cache_either_way_in_float64(upsample_mode, temporal) -> None:
+def test_upsampler_gives_the_same_frames_and_cache_either_way_in_float64(temporal) -> None:
     torch.manual_seed(0)
     upsampler = Upsample(6, temporal=temporal).double()
     if temporal:
@@ -593,7 +634,7 @@ def test_upsampler_gives_the_same_frames_and_cache_either_way_in_float64(upsampl
     chunks = [torch.randn(2, 6, frames, 5, 7, dtype=torch.float64) for frames in (1, 3, 3)]
     results = {}
     for mode in ("nearest", "transposed"):
-        upsample_mode(mode)
+        set_upsample_mode(mode)
         cache = FeatureCache(1, 2)
         results[mode] = [upsampler(chunk, cache) for chunk in chunks] + [cache.slots[0]]
     for nearest, transposed in zip(results["nearest"][:-1], results["transposed"][:-1]):
@@ -604,16 +645,16 @@ def test_upsampler_gives_the_same_frames_and_cache_either_way_in_float64(upsampl
 
 
 @pytest.mark.parametrize("mode", ["nearest", "transposed"])
-def test_each_upsample_mode_reproduces_the_official_stream(vae: WanVAE, fixture: Fixture, upsample_mode, mode) -> None:
-    upsample_mode(mode)
+def test_each_upsample_mode_reproduces_the_official_stream(vae: WanVAE, fixture: Fixture, mode) -> None:
+    set_upsample_mode(mode)
     sizes = _latents_per_decode_call(fixture, vae.temporal_factor)
     outputs = _stream(vae, fixture.input("latents"), sizes, vae.new_decoder_cache(1))
     for output, name in zip(outputs, fixture.spec["decode_streaming"]["outputs"]):
         assert max_relative_error(output, fixture.io(name)) <= TOLERANCE, (mode, name)
 
 
-def test_transposed_upsampling_accepts_channels_last_pictures(upsample_mode) -> None:
-    upsample_mode("transposed")
+def test_transposed_upsampling_accepts_channels_last_pictures() -> None:
+    set_upsample_mode("transposed")
     torch.manual_seed(0)
     upsampler = Upsample(4, temporal=False)
     video = torch.randn(1, 4, 2, 6, 8).contiguous(memory_format=torch.channels_last_3d)

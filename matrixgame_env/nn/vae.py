@@ -60,6 +60,9 @@ class FeatureCache:
     [B, C, 2, h, w] for a 3-tap causal convolution and [B, C, 1, h, w] for a temporal downsampler,
     or None before the layer has run. Layers replace a slot's tensor instead of writing into it, so
     the set of tensors, and the memory, stays the same however many chunks have gone through.
+    With `write_in_place` set they overwrite a slot's tensor when the new frames have its shape, so
+    the slots keep their addresses from chunk to chunk (what a captured CUDA graph of the decoder
+    reads and writes); every cache made from another (`clone`, `select`, `to`, ...) starts unset.
     """
 
     def __init__(self, num_slots: int, batch_size: int) -> None:
@@ -67,6 +70,15 @@ class FeatureCache:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.slots: list[torch.Tensor | None] = [None] * num_slots
         self.batch_size = batch_size
+        self.write_in_place = False
+
+    def keep(self, slot: int, frames: torch.Tensor) -> None:
+        """Stores a copy of `frames` in `slot` (overwriting its tensor under `write_in_place`)."""
+        held = self.slots[slot]
+        if self.write_in_place and held is not None and held.shape == frames.shape and held.dtype == frames.dtype:
+            held.copy_(frames)
+        else:
+            self.slots[slot] = frames.clone()
 
     @property
     def nbytes(self) -> int:
@@ -92,7 +104,7 @@ class FeatureCache:
 
     def to(self: CacheT, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> CacheT:
         """A copy on another device and/or in another floating-point dtype."""
-        return self._map(lambda slot: slot.to(device=device, dtype=dtype), self.batch_size)
+        return self._map(lambda slot: slot.to(device=device, dtype=dtype, copy=True), self.batch_size)
 
     def _map(self: CacheT, transform: Callable[[torch.Tensor], torch.Tensor], batch_size: int) -> CacheT:
         result = type(self)(len(self.slots), batch_size)
@@ -131,50 +143,56 @@ class RMSNorm(nn.Module):
         return F.silu(self(x))
 
 
+class _ComputationForm:
+    """A process-wide choice among forms of the same computation; "auto" picks one by device type."""
+
+    def __init__(self, what: str, forms: tuple[str, ...], on_cpu: str, elsewhere: str) -> None:
+        self.what, self.choices = what, ("auto", *forms)
+        self.on_cpu, self.elsewhere = on_cpu, elsewhere
+        self.mode = "auto"
+
+    def set(self, mode: str) -> None:
+        if mode not in self.choices:
+            raise ValueError(f"{self.what} mode must be one of {self.choices}, got {mode!r}")
+        self.mode = mode
+
+    def on(self, device: torch.device) -> str:
+        if self.mode == "auto":
+            return self.on_cpu if device.type == "cpu" else self.elsewhere
+        return self.mode
+
+
 # How causal 3D convolutions run: "native" (torch's conv3d), "stacked" (one 2D convolution over the
 # temporal taps stacked in channels; many times faster on CPUs, where conv3d has no fast kernel) or
 # "auto" (stacked on CPU, native elsewhere). Both compute the same function.
-_CONV3D_MODES = ("auto", "native", "stacked")
-_conv3d_mode = "auto"
-
-
-def set_conv3d_mode(mode: str) -> None:
-    """Chooses how the VAE's causal 3D convolutions run: "auto", "native" or "stacked" (see above)."""
-    global _conv3d_mode
-    if mode not in _CONV3D_MODES:
-        raise ValueError(f"conv3d mode must be one of {_CONV3D_MODES}, got {mode!r}")
-    _conv3d_mode = mode
-
-
-def use_stacked_taps(device: torch.device) -> bool:
-    """Whether causal 3D convolutions on `device` run as stacked-tap 2D convolutions now."""
-    if _conv3d_mode == "auto":
-        return device.type == "cpu"
-    return _conv3d_mode == "stacked"
-
+_CONV3D_FORM = _ComputationForm("conv3d", ("native", "stacked"), on_cpu="stacked", elsewhere="native")
 
 # How the decoder's upsamplers run their 2x nearest upsampling and 3x3 convolution: "nearest" (as
 # written: upsample, then convolve the 4x larger picture), "transposed" (one stride-2 transposed
 # convolution of the small picture with a 4x4 kernel made of sums of the 3x3 one: the same function,
 # 2.25x fewer multiply-adds and no upsampled copy) or "auto" (transposed on CPUs, nearest elsewhere:
 # on an H200, cuDNN's transposed kernels were slower at doom-small's widths; benchmarks/NOTES.md).
-_UPSAMPLE_MODES = ("auto", "nearest", "transposed")
-_upsample_mode = "auto"
+_UPSAMPLE_FORM = _ComputationForm("upsample", ("nearest", "transposed"), on_cpu="transposed", elsewhere="nearest")
+
+
+def set_conv3d_mode(mode: str) -> None:
+    """Chooses how the VAE's causal 3D convolutions run: "auto", "native" or "stacked" (see above)."""
+    _CONV3D_FORM.set(mode)
+
+
+def use_stacked_taps(device: torch.device) -> bool:
+    """Whether causal 3D convolutions on `device` run as stacked-tap 2D convolutions now."""
+    return _CONV3D_FORM.on(device) == "stacked"
 
 
 def set_upsample_mode(mode: str) -> None:
     """Chooses how the decoder's spatial upsamplers run: "auto", "nearest" or "transposed" (see above)."""
-    global _upsample_mode
-    if mode not in _UPSAMPLE_MODES:
-        raise ValueError(f"upsample mode must be one of {_UPSAMPLE_MODES}, got {mode!r}")
-    _upsample_mode = mode
+    _UPSAMPLE_FORM.set(mode)
 
 
 def use_transposed_upsampling(device: torch.device) -> bool:
     """Whether the decoder's spatial upsamplers on `device` run as transposed convolutions now."""
-    if _upsample_mode == "auto":
-        return device.type == "cpu"
-    return _upsample_mode == "transposed"
+    return _UPSAMPLE_FORM.on(device) == "transposed"
 
 
 # Which of the 3x3 kernel's taps (columns) each tap of the 4x4 transposed kernel (rows) sums, along one
@@ -251,8 +269,7 @@ class CausalConv3d(nn.Conv3d):
 
     def _convolve_joined(self, joined: torch.Tensor, cache: FeatureCache, bias: torch.Tensor | None) -> torch.Tensor:
         """The convolution of [past frames, this chunk] [B, C, past + T, H, W]; keeps its last frames."""
-        # A copy, so the cache does not keep the whole join alive.
-        cache.slots[self.cache_slot] = joined[:, :, -self.past_frames :].clone()
+        cache.keep(self.cache_slot, joined[:, :, -self.past_frames :])  # a copy: the join need not stay alive
         return self._conv_forward(joined, self.weight, bias)
 
     def _forward_stacked_taps(self, past: torch.Tensor, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
@@ -262,8 +279,9 @@ class CausalConv3d(nn.Conv3d):
         batch, channels, frames, height, width = x.shape
         taps = self.past_frames + 1
         sequence = [past[:, :, i] for i in range(self.past_frames)] + [x[:, :, i] for i in range(frames)]
-        cache.slots[self.cache_slot] = torch.stack(sequence[-self.past_frames :], dim=2)  # [B, C, past, H, W]
         windows = torch.stack([sequence[t + j] for t in range(frames) for j in range(taps)], dim=1)
+        # Kept after the windows are built: they read the past frames, which keep may overwrite.
+        cache.keep(self.cache_slot, torch.stack(sequence[-self.past_frames :], dim=2))  # [B, C, past, H, W]
         windows = windows.reshape(batch * frames, taps * channels, height, width)  # [B*T, k*C, H, W]
         weight = self.weight.transpose(1, 2).flatten(1, 2)  # [C_out, k*C, kh, kw]
         y = F.conv2d(windows, weight, self.bias, padding=self.padding[1:])  # [B*T, C_out, H, W]
@@ -359,10 +377,9 @@ class Downsample(nn.Module):
         if self.time_conv is None:
             return x
         previous = cache.slots[self.cache_slot]
-        cache.slots[self.cache_slot] = x[:, :, -1:].clone()
-        if previous is None:
-            return x
-        return self.time_conv(torch.cat([previous, x], dim=2))  # [B, C, T/2, H/2, W/2]
+        halved = x if previous is None else self.time_conv(torch.cat([previous, x], dim=2))  # [B, C, T/2, H/2, W/2]
+        cache.keep(self.cache_slot, x[:, :, -1:])  # after `previous` was read: keep may overwrite it
+        return halved
 
 
 class Upsample(nn.Module):

@@ -9,13 +9,14 @@ from pathlib import Path
 import torch
 
 from ..checkpoints import LoadedModel, load_model
-from ..images import ImageLike, fit_images, to_uint8_frames
+from ..images import ImageLike, fit_images
 from ..model_config import ModelConfig
 from ..nn.clip import CLIPVisionEncoder
 from ..nn.dit import CausalDiT
 from ..nn.fusion import enable_fusion
 from ..nn.vae import WanVAE
 from .condition import ImageLatents
+from .decoder_graphs import DecoderGraphs, decode_to_uint8
 from .sampler import SamplerConfig, StreamingSampler
 from .state import WorldState
 
@@ -39,6 +40,7 @@ class WorldModel:
         self.dit, self.vae, self.clip, self.config = dit, vae, clip, config
         self.folder = Path(folder) if folder is not None else None
         self.sampler = StreamingSampler(dit, SamplerConfig.from_dict(config.sampler), latent_size=config.latent_size)
+        self.decoder_graphs: DecoderGraphs | None = None
 
     @classmethod
     def from_pretrained(
@@ -102,8 +104,14 @@ class WorldModel:
     @torch.no_grad()
     def decode_on_device(self, state: WorldState, latents: torch.Tensor) -> torch.Tensor:
         """Like `decode`, but the uint8 frames stay on the model's device (no host sync)."""
-        frames = self.vae.decode_stream(latents.to(self.vae.dtype), state.decoder_cache, check_finite=False)
-        return to_uint8_frames(frames)
+        if self.decoder_graphs is not None:
+            return self.decoder_graphs.decode(latents.to(self.vae.dtype), state.decoder_cache)
+        return decode_to_uint8(self.vae, latents.to(self.vae.dtype), state.decoder_cache)
+
+    def enable_decoder_graphs(self, enabled: bool = True, max_graphs: int = 4) -> None:
+        """Replay the VAE decoder's steady-state blocks (once a world's decoder cache is full) from
+        captured CUDA graphs: the same kernels without the Python and launch overhead. CUDA only."""
+        self.decoder_graphs = DecoderGraphs(self.vae, max_graphs) if enabled else None
 
     @torch.no_grad()
     def step(self, state: WorldState, keyboard=None, mouse=None) -> torch.Tensor:

@@ -1,0 +1,97 @@
+"""CUDA-graph replay of the VAE decoder's steady-state blocks.
+
+Once every slot of a world's decoder cache holds frames, each block of latents runs the same
+kernels on tensors of the same shapes; with the cache writing its slots in place
+(`FeatureCache.write_in_place`) the addresses stay the same too. So each (cache, latent shape) is
+decoded eagerly once (the real result, and the warm-up that compiles and autotunes), then captured,
+and later blocks replay the graph: the latents are copied into a static buffer, the graph runs, and
+the uint8 frames are copied out. The kernels are the eager path's own.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+
+import torch
+
+from ..images import to_uint8_frames
+from ..nn.vae import DecoderCache, WanVAE
+
+
+def decode_to_uint8(vae: WanVAE, latents: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
+    """Normalised latents [B, z, n, h, w] (the VAE's dtype) -> frames [B, T, H, W, 3] uint8, on the device."""
+    return to_uint8_frames(vae.decode_stream(latents, cache, check_finite=False))
+
+
+class _CapturedDecode:
+    def __init__(self, graph: torch.cuda.CUDAGraph, latents: torch.Tensor, frames: torch.Tensor, cache, binding):
+        self.graph, self.latents, self.frames, self.binding = graph, latents, frames, binding
+        self.cache = weakref.ref(cache)
+
+
+class DecoderGraphs:
+    """Captured steady-state decodes of one VAE, least recently used first out."""
+
+    def __init__(self, vae: WanVAE, max_graphs: int = 4) -> None:
+        if vae.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the VAE on a CUDA device, it is on {vae.device}")
+        self.vae = vae
+        self.max_graphs = max_graphs
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream(device=vae.device)
+        self.graphs: OrderedDict[tuple, _CapturedDecode] = OrderedDict()
+        self.captures = 0
+        self.replays = 0
+
+    @staticmethod
+    def eligible(cache: DecoderCache) -> bool:
+        """True once every slot holds frames: from then on a block of latents always runs the same kernels."""
+        return all(slot is not None for slot in cache.slots)
+
+    def _binding(self, cache: DecoderCache) -> tuple:
+        """The addresses a captured graph reads and writes (the cache's slots, the decoder's weights,
+        which `WanVAE.set_decoder_channels_last` or a dtype change replace): it may only replay on them."""
+        vae = self.vae
+        weights = [*vae.conv2.parameters(), *vae.decoder.parameters(), vae.latent_mean, vae.latent_std]
+        return tuple(t.data_ptr() for t in [*cache.slots, *weights])
+
+    def decode(self, latents: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
+        """Frames [B, T, H, W, 3] uint8 of a block, from a replay once the cache is `eligible`
+        (eagerly before); `cache` moves on exactly as `WanVAE.decode_stream` would move it."""
+        if not self.eligible(cache):
+            return decode_to_uint8(self.vae, latents, cache)
+        key = (id(cache), tuple(latents.shape), latents.dtype)
+        captured = self.graphs.get(key)
+        if captured is not None and (captured.cache() is not cache or captured.binding != self._binding(cache)):
+            del self.graphs[key]  # a new cache at a recycled id, or one whose slots were replaced
+            captured = None
+        if captured is None:
+            return self._capture(latents, cache, key)
+        self.graphs.move_to_end(key)
+        captured.latents.copy_(latents)
+        captured.graph.replay()
+        self.replays += 1
+        return captured.frames.clone()
+
+    def _capture(self, latents: torch.Tensor, cache: DecoderCache, key: tuple) -> torch.Tensor:
+        """Decode eagerly on the capture stream (the real result, and the warm-up), then capture the
+        same decode; the capture computes nothing, so the cache is left as the eager run wrote it."""
+        cache.write_in_place = True  # from here on the slots keep their addresses
+        static = latents.clone()
+        current = torch.cuda.current_stream(self.vae.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            result = decode_to_uint8(self.vae, static, cache)
+        current.wait_stream(self.stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+            frames = decode_to_uint8(self.vae, static, cache)
+        self.graphs[key] = _CapturedDecode(graph, static, frames, cache, self._binding(cache))
+        self.captures += 1
+        while len(self.graphs) > self.max_graphs:
+            self.graphs.popitem(last=False)
+        return result
+
+    def clear(self) -> None:
+        self.graphs.clear()
