@@ -234,6 +234,10 @@ def test_accuracy_and_its_chance_levels() -> None:
     assert majority["yaw_confusion"] == {"left": {"left": 5, "none": 0, "right": 0},
                                          "none": {"left": 3, "none": 0, "right": 0},
                                          "right": {"left": 2, "none": 0, "right": 0}}  # fmt: skip
+    assert majority["keyboard_confusion"]["forward"] == {"held": {"held": 8, "released": 0},
+                                                         "released": {"held": 2, "released": 0}}  # fmt: skip
+    assert majority["keyboard_confusion"]["left"] == {"held": {"held": 0, "released": 2},
+                                                      "released": {"held": 0, "released": 8}}  # fmt: skip
     mixed = accuracy(Predictions(keys, torch.tensor([2, 0, 0, 0, 0, 1, 1, 2, 2, 0])), labels, names)
     assert mixed["yaw_confusion"] == {"left": {"left": 4, "none": 0, "right": 1},
                                       "none": {"left": 0, "none": 2, "right": 1},

@@ -181,7 +181,25 @@ def accuracy(predictions: Predictions, labels: Labels, key_names: tuple[str, ...
         },
         "yaw_share": {name: float(c / count) for name, c in zip(YAW_CLASSES, yaw_counts)},
         "yaw_confusion": yaw_confusion(predictions.yaw, labels.yaw),
+        "keyboard_confusion": keyboard_confusion(predictions.keys, labels.keys, key_names),
     }
+
+
+def keyboard_confusion(
+    predicted: torch.Tensor, true: torch.Tensor, key_names: tuple[str, ...]
+) -> dict[str, dict[str, dict[str, int]]]:
+    """{key: {"held" | "released" (true): {"held" | "released" (read): frames}}}: which keys a judge
+    misses and which it reads where none was pressed."""
+    table = {}
+    for k, name in enumerate(key_names):
+        table[name] = {
+            truth: {
+                read: int(((true[:, k] == truth_value) & (predicted[:, k] == read_value)).sum())
+                for read, read_value in (("held", True), ("released", False))
+            }
+            for truth, truth_value in (("held", True), ("released", False))
+        }
+    return table
 
 
 def yaw_confusion(predicted: torch.Tensor, true: torch.Tensor) -> dict[str, dict[str, int]]:
