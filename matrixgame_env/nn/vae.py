@@ -72,13 +72,14 @@ class FeatureCache:
         self.batch_size = batch_size
         self.write_in_place = False
 
-    def keep(self, slot: int, frames: torch.Tensor) -> None:
-        """Stores a copy of `frames` in `slot` (overwriting its tensor under `write_in_place`)."""
+    def keep(self, slot: int, frames: torch.Tensor, owned: bool = False) -> None:
+        """Stores `frames` in `slot`: overwriting its tensor under `write_in_place`, else as a copy, or
+        as they are when `owned` (a tensor nothing else refers to)."""
         held = self.slots[slot]
         if self.write_in_place and held is not None and held.shape == frames.shape and held.dtype == frames.dtype:
             held.copy_(frames)
         else:
-            self.slots[slot] = frames.clone()
+            self.slots[slot] = frames if owned else frames.clone()
 
     @property
     def nbytes(self) -> int:
@@ -281,7 +282,7 @@ class CausalConv3d(nn.Conv3d):
         sequence = [past[:, :, i] for i in range(self.past_frames)] + [x[:, :, i] for i in range(frames)]
         windows = torch.stack([sequence[t + j] for t in range(frames) for j in range(taps)], dim=1)
         # Kept after the windows are built: they read the past frames, which keep may overwrite.
-        cache.keep(self.cache_slot, torch.stack(sequence[-self.past_frames :], dim=2))  # [B, C, past, H, W]
+        cache.keep(self.cache_slot, torch.stack(sequence[-self.past_frames :], dim=2), owned=True)  # [B, C, past, H, W]
         windows = windows.reshape(batch * frames, taps * channels, height, width)  # [B*T, k*C, H, W]
         weight = self.weight.transpose(1, 2).flatten(1, 2)  # [C_out, k*C, kh, kw]
         y = F.conv2d(windows, weight, self.bias, padding=self.padding[1:])  # [B*T, C_out, H, W]
