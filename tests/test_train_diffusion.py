@@ -228,6 +228,25 @@ def test_a_run_from_a_trained_dit_keeps_its_training_record(inputs, tmp_path):
     assert record == {"steps": 1, "finished": True, "continued_from": {"steps": 2, "finished": True}}
 
 
+def test_fresh_dit_starts_a_new_dit_on_the_folders_vae_and_forgets_the_old_dits_records(inputs, tmp_path):
+    first = diffusion.run(_args(inputs, tmp_path / "first", "--steps", "2", "--check-clips", "0"))
+    config = json.loads((first / "config.json").read_text())
+    config["extra"]["training"]["distill"] = {"steps": 5}  # as a distilled student's folder has
+    config["extra"]["training"]["vae"] = {"steps": 7}
+    (first / "config.json").write_text(json.dumps(config))
+    second = diffusion.run(
+        _args((first, inputs[1]), tmp_path / "second", "--steps", "1", "--lr", "1e-12", "--fresh-dit",
+              "--check-clips", "0")
+    )  # fmt: skip
+    records = WorldModel.from_pretrained(second, device="cpu").config.extra["training"]
+    assert records == {"dit": {"steps": 1, "finished": True}, "vae": {"steps": 7}}
+    trained, fresh = (read_state_dict(folder / "dit.safetensors") for folder in (first, second))
+    assert trained["head.head.weight"].abs().max() > 0  # two steps moved the zero-initialised output
+    assert fresh["head.head.weight"].abs().max() < 1e-9  # a new DiT, one step at a negligible rate
+    old_vae, new_vae = (read_state_dict(folder / "vae.safetensors") for folder in (first, second))
+    assert all(torch.equal(old_vae[k], new_vae[k]) for k in old_vae)
+
+
 def test_stage_stops_by_itself_within_its_minutes(inputs, tmp_path):
     minutes, finish_minutes = 0.25, 0.1
     started = time.monotonic()

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..model_config import ModelConfig
 from ..nn.clip import CLIPVisionEncoder
 from ..nn.dit import CausalDiT
 from ..nn.scheduler import FlowMatchScheduler
@@ -68,6 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compile",
         action="store_true",
         help="torch.compile the DiT (CUDA: 1-3 minutes to compile, then about 2x the steps per second)",
+    )
+    parser.add_argument(
+        "--fresh-dit",
+        action="store_true",
+        help="start a new DiT (Wan's initialisation) instead of continuing the --init folder's; its VAE, "
+        "image encoder and reward head are kept (e.g. a DiT from scratch on a shipped VAE)",
     )
 
 
@@ -172,6 +179,14 @@ def forcing_for(config_sampler: dict, dit: CausalDiT, mix: NoiseMix | None = Non
     )
 
 
+def forget_dit_training(config: ModelConfig) -> None:
+    """Drops the records of the DiT's training (diffusion forcing, distillation) from `config`, whose
+    DiT is about to be replaced by a new one; the records of the other parts stay."""
+    records = config.extra.get("training", {})
+    for stage in (STAGE, "distill"):
+        records.pop(stage, None)
+
+
 def run(args: argparse.Namespace) -> Path:
     """Run (or continue) the stage; returns OUT/dit/model."""
     if args.init is None:
@@ -180,8 +195,10 @@ def run(args: argparse.Namespace) -> Path:
         raise StageError(f"--minutes {args.minutes} leaves no time for training after --finish-minutes")
     training = TrainRun.from_args(args, STAGE, minutes=args.minutes - args.finish_minutes)
     config, dit, vae, clip, source = initial_model(args.init, args.model_config)
+    if args.fresh_dit:
+        forget_dit_training(config)
     if STAGE not in config.extra.get("training", {}):
-        initialise_weights(dit)  # the folder's DiT is an untrained placeholder
+        initialise_weights(dit)  # the folder's DiT is an untrained placeholder (or --fresh-dit)
     mix = NoiseMix(args.per_block_noise, args.uniform_noise, args.clean_context)
     forcing = forcing_for(config.sampler, dit, mix)
     train_clips, val_clips = open_latent_splits(args.data, config, vae, args.frames, forcing.frames_per_block)
