@@ -433,12 +433,16 @@ def test_decode_stream_rejects_a_change_of_latent_size(vae: WanVAE) -> None:
         vae.decode_stream(torch.zeros(1, vae.z_dim, 1, 3, 2), cache)
 
 
-# Convolution layouts: the same function computed three ways
+# Computation forms and layouts: the same function computed in several ways
 
 
-@pytest.mark.parametrize("mode", ["native", "stacked"])
-def test_each_conv3d_mode_reproduces_the_official_stream(vae: WanVAE, fixture: Fixture, mode) -> None:
-    set_conv3d_mode(mode)
+@pytest.mark.parametrize(
+    ("choose", "mode"),
+    [(set_conv3d_mode, "native"), (set_conv3d_mode, "stacked"),
+     (set_upsample_mode, "nearest"), (set_upsample_mode, "transposed")],
+)  # fmt: skip
+def test_each_computation_form_reproduces_the_official_stream(vae: WanVAE, fixture: Fixture, choose, mode) -> None:
+    choose(mode)
     sizes = _latents_per_decode_call(fixture, vae.temporal_factor)
     outputs = _stream(vae, fixture.input("latents"), sizes, vae.new_decoder_cache(1))
     for output, name in zip(outputs, fixture.spec["decode_streaming"]["outputs"]):
@@ -642,15 +646,6 @@ def test_upsampler_gives_the_same_frames_and_cache_either_way_in_float64(tempora
         torch.testing.assert_close(transposed, nearest, rtol=0, atol=1e-12)
     if temporal:
         assert torch.equal(results["nearest"][-1], results["transposed"][-1])
-
-
-@pytest.mark.parametrize("mode", ["nearest", "transposed"])
-def test_each_upsample_mode_reproduces_the_official_stream(vae: WanVAE, fixture: Fixture, mode) -> None:
-    set_upsample_mode(mode)
-    sizes = _latents_per_decode_call(fixture, vae.temporal_factor)
-    outputs = _stream(vae, fixture.input("latents"), sizes, vae.new_decoder_cache(1))
-    for output, name in zip(outputs, fixture.spec["decode_streaming"]["outputs"]):
-        assert max_relative_error(output, fixture.io(name)) <= TOLERANCE, (mode, name)
 
 
 def test_transposed_upsampling_accepts_channels_last_pictures() -> None:
