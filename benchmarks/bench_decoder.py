@@ -1,9 +1,11 @@
-"""Streaming VAE decode speed in three layouts of the same computation.
+"""Streaming VAE decode speed in several forms and layouts of the same computation.
 
   native         torch's conv3d on standard (NCDHW) tensors
   stacked        each causal 3D convolution as one 2D convolution over its temporal taps stacked in
                  channels (`matrixgame_env.nn.vae.set_conv3d_mode`)
   channels_last  conv3d on channels-last (NDHWC) activations and weights (`WanVAE.set_decoder_channels_last`)
+  onednn         oneDNN's 3D convolution called directly (CPUs; `set_conv3d_mode("onednn")`)
+  onednn_channels_last  the same on channels-last activations and weights
   MODE+transposed  any of these with the upsamplers' nearest upsampling and 3x3 convolution run as one
                  transposed convolution (`matrixgame_env.nn.vae.set_upsample_mode`); without the suffix
                  they upsample as written
@@ -64,7 +66,7 @@ def latent_shape(model: str) -> tuple[int, int]:
     return height // 8, width // 8
 
 
-LAYOUTS = ("native", "stacked", "channels_last")
+LAYOUTS = ("native", "stacked", "channels_last", "onednn", "onednn_channels_last")
 
 
 def decode_blocks(vae: WanVAE, latents: list[torch.Tensor]) -> tuple[torch.Tensor, list[float]]:
@@ -85,9 +87,9 @@ def set_mode(vae: WanVAE, mode: str) -> None:
     layout, _, upsample = mode.partition("+")
     if layout not in LAYOUTS or upsample not in ("", "transposed"):
         raise ValueError(f"unknown mode {mode!r}: expected one of {LAYOUTS}, optionally with '+transposed'")
-    set_conv3d_mode("stacked" if layout == "stacked" else "native")
+    set_conv3d_mode({"stacked": "stacked", "onednn": "onednn", "onednn_channels_last": "onednn"}.get(layout, "native"))
     set_upsample_mode(upsample or "nearest")
-    vae.set_decoder_channels_last(layout == "channels_last")
+    vae.set_decoder_channels_last(layout.endswith("channels_last"))
 
 
 def measure(

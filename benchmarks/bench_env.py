@@ -44,11 +44,18 @@ def sample_actions(space, rng: np.random.Generator, n: int | None = None) -> dic
 
 
 def cpu_single(
-    model: str, steps: int, warmup: int, conv3d: str, guidance: float | None = None, upsample: str = "auto"
+    model: str,
+    steps: int,
+    warmup: int,
+    conv3d: str,
+    guidance: float | None = None,
+    upsample: str = "auto",
+    fast: bool = True,
 ) -> dict:
     set_conv3d_mode(conv3d)
     set_upsample_mode(upsample)
-    env = MatrixGameEnv(model, device="cpu", fast=False, action_guidance=guidance)
+    env = MatrixGameEnv(model, device="cpu", fast=fast, action_guidance=guidance)
+    channels_last = env.world.vae.decoder_channels_last
     guidance = env.world.sampler.config.action_guidance
     rng = np.random.default_rng(0)
     env.reset(seed=0)
@@ -63,7 +70,8 @@ def cpu_single(
     set_conv3d_mode("auto")
     set_upsample_mode("auto")
     step_s = statistics.median(times)
-    setting = f"cpu single env (conv3d {conv3d}, upsample {upsample}, action guidance {guidance:g})"
+    layout = ", decoder channels-last" if channels_last else ""
+    setting = f"cpu single env (conv3d {conv3d}{layout}, upsample {upsample}, action guidance {guidance:g})"
     return {
         "setting": setting,
         "worlds": 1,
@@ -71,6 +79,8 @@ def cpu_single(
         "steps_per_s": 1 / step_s,
         "action_guidance": guidance,
         "upsample": upsample,
+        "fast": fast,
+        "channels_last": channels_last,
     }
 
 
@@ -171,8 +181,11 @@ def main() -> None:
         "--cpu-conv3d",
         nargs="+",
         default=["stacked", "native"],
-        choices=["stacked", "native"],
+        choices=["stacked", "native", "onednn", "auto"],
         help="how the VAE's causal convolutions run in the CPU measurement (nn.vae.set_conv3d_mode)",
+    )
+    parser.add_argument(
+        "--cpu-eager", action="store_true", help="the CPU env with fast=False (the standard decoder layout)"
     )
     parser.add_argument("--gpu-worlds", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--gpu-steps", type=int, default=30)
@@ -220,7 +233,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     for conv3d in args.cpu_conv3d if args.cpu_steps else []:
         for guidance, upsample in ((g, u) for g in args.action_guidance for u in args.upsample):
-            rows.append(cpu_single(args.model, args.cpu_steps, args.warmup, conv3d, guidance, upsample))
+            row = cpu_single(args.model, args.cpu_steps, args.warmup, conv3d, guidance, upsample, not args.cpu_eager)
+            rows.append(row)
             rows[-1]["threads"] = args.threads
             print(table(rows[-1:], ["setting", "steps_per_s", "step_s", "threads"]), flush=True)
     torch.set_num_threads(threads)

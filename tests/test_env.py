@@ -109,6 +109,25 @@ def test_vector_env_equals_single_envs_frame_for_frame(world):
     assert venv.num_cohorts == 1
 
 
+def test_cpu_envs_decode_channels_last_where_onednn_runs_with_the_same_frames(world):
+    from matrixgame_env.nn.vae import set_conv3d_mode
+    from matrixgame_env.world.model import cpu_decoder_channels_last_pays
+
+    frames = {}
+    for fast in (False, True):
+        env = MatrixGameEnv(model=world, fast=fast)
+        assert world.vae.decoder_channels_last == (fast and torch.backends.mkldnn.is_available())
+        env.reset(seed=3)
+        frames[fast] = np.concatenate([env.step(_action())[4]["frames"] for _ in range(3)])
+    difference = np.abs(frames[True].astype(int) - frames[False].astype(int))
+    assert difference.max() <= 1 and difference.mean() < 1e-3  # the same function in another layout
+    try:
+        set_conv3d_mode("stacked")  # stacked taps gain nothing from channels-last activations
+        assert not cpu_decoder_channels_last_pays(world.vae)
+    finally:
+        set_conv3d_mode("auto")
+
+
 def test_vector_env_observations_are_the_blocks_last_frames_and_independent_of_them(world):
     venv = MatrixGameVectorEnv(model=world, num_envs=2)
     venv.reset(seed=3)

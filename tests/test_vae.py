@@ -438,7 +438,7 @@ def test_decode_stream_rejects_a_change_of_latent_size(vae: WanVAE) -> None:
 
 @pytest.mark.parametrize(
     ("choose", "mode"),
-    [(set_conv3d_mode, "native"), (set_conv3d_mode, "stacked"),
+    [(set_conv3d_mode, "native"), (set_conv3d_mode, "stacked"), (set_conv3d_mode, "onednn"),
      (set_upsample_mode, "nearest"), (set_upsample_mode, "transposed")],
 )  # fmt: skip
 def test_each_computation_form_reproduces_the_official_stream(vae: WanVAE, fixture: Fixture, choose, mode) -> None:
@@ -467,6 +467,39 @@ def test_stacked_taps_equal_conv3d_in_float64_and_carry_the_same_cache(kernel) -
         assert stacked.shape == native.shape == (2, 7, frames, 6, 9)
         torch.testing.assert_close(stacked, native, rtol=0, atol=1e-12)
         assert torch.equal(stacked_cache, native_cache)
+
+
+@pytest.mark.parametrize("kernel", [(3, 3, 3), (3, 1, 1)])
+def test_onednn_form_equals_conv3d_with_the_same_cache_and_gradients(kernel) -> None:
+    torch.manual_seed(0)
+    conv = CausalConv3d(5, 7, kernel)
+    conv.cache_slot = 0
+    past = torch.randn(2, 5, 2, 6, 9)
+    x = torch.randn(2, 5, 4, 6, 9, requires_grad=True)
+    results = {}
+    for mode in ("native", "onednn"):
+        set_conv3d_mode(mode)
+        cache = FeatureCache(1, 2)
+        cache.slots[0] = past.clone()
+        x.grad, conv.weight.grad = None, None
+        y = conv(x, cache)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results[mode] = (y.detach(), cache.slots[0], x.grad.clone(), conv.weight.grad.clone())
+    for native, onednn in zip(results["native"], results["onednn"]):
+        torch.testing.assert_close(onednn, native, rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_form_asked_for_a_float64_input_says_what_it_takes() -> None:
+    conv = CausalConv3d(2, 2, 3).double()
+    conv.cache_slot = 0
+    x = torch.randn(1, 2, 1, 4, 4, dtype=torch.float64)
+    set_conv3d_mode("auto")  # falls back to stacked taps
+    expected = conv(x, FeatureCache(1, 1))
+    set_conv3d_mode("native")
+    torch.testing.assert_close(expected, conv(x, FeatureCache(1, 1)), rtol=0, atol=1e-12)
+    set_conv3d_mode("onednn")
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16 input, got a torch.float64"):
+        conv(x, FeatureCache(1, 1))
 
 
 def test_conv3d_mode_rejects_unknown_names() -> None:

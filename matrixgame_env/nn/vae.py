@@ -163,10 +163,12 @@ class _ComputationForm:
         return self.mode
 
 
-# How causal 3D convolutions run: "native" (torch's conv3d), "stacked" (one 2D convolution over the
-# temporal taps stacked in channels; many times faster on CPUs, where conv3d has no fast kernel) or
-# "auto" (stacked on CPU, native elsewhere). Both compute the same function.
-_CONV3D_FORM = _ComputationForm("conv3d", ("native", "stacked"), on_cpu="stacked", elsewhere="native")
+# How causal 3D convolutions run: "native" (torch's conv3d, which on CPUs falls back to a slow
+# generic kernel), "stacked" (one 2D convolution over the temporal taps stacked in channels),
+# "onednn" (oneDNN's 3D convolution called directly: CPUs, float32 / bfloat16 / float16) or "auto"
+# (onednn on CPUs where it applies, else stacked; native elsewhere). All compute the same function.
+_CONV3D_FORM = _ComputationForm("conv3d", ("native", "stacked", "onednn"), on_cpu="onednn", elsewhere="native")
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # How the decoder's upsamplers run their 2x nearest upsampling and 3x3 convolution: "nearest" (as
 # written: upsample, then convolve the 4x larger picture), "transposed" (one stride-2 transposed
@@ -177,13 +179,25 @@ _UPSAMPLE_FORM = _ComputationForm("upsample", ("nearest", "transposed"), on_cpu=
 
 
 def set_conv3d_mode(mode: str) -> None:
-    """Chooses how the VAE's causal 3D convolutions run: "auto", "native" or "stacked" (see above)."""
+    """Chooses how the VAE's causal 3D convolutions run: "auto", "native", "stacked" or "onednn" (see above)."""
     _CONV3D_FORM.set(mode)
 
 
-def use_stacked_taps(device: torch.device) -> bool:
-    """Whether causal 3D convolutions on `device` run as stacked-tap 2D convolutions now."""
-    return _CONV3D_FORM.on(device) == "stacked"
+def conv3d_form(x: torch.Tensor) -> str:
+    """How a causal 3D convolution of the input `x` runs now: "native", "stacked" or "onednn"."""
+    form = _CONV3D_FORM.on(x.device)
+    if form != "onednn" or _onednn_applies(x):
+        return form
+    if _CONV3D_FORM.mode == "onednn":
+        raise ValueError(
+            f"conv3d mode 'onednn' needs a CPU with oneDNN and a float32, bfloat16 or float16 input, "
+            f"got a {x.dtype} input on {x.device}; use 'stacked' or 'auto'"
+        )
+    return "stacked"
+
+
+def _onednn_applies(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and torch.backends.mkldnn.is_available()
 
 
 def set_upsample_mode(mode: str) -> None:
@@ -231,14 +245,15 @@ class CausalConv3d(nn.Conv3d):
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         # x: [B, C, T, H, W] -> [B, C_out, T, H, W]
         past = self._past(x, cache)
-        if use_stacked_taps(x.device):
+        if conv3d_form(x) == "stacked":
             return self._forward_stacked_taps(past, x, cache)
         return self._convolve_joined(torch.cat([same_layout(past, x), x], dim=2), cache, self.bias)
 
     def takes_fused_input(self, x: torch.Tensor) -> bool:
         """Whether `forward_normed` joins, normalises and adds biases in fused kernels for this input:
-        with fusion enabled, on channels-last videos, when the convolution runs as torch's conv3d."""
-        return fusion_enabled() and is_channels_last_video(x) and not use_stacked_taps(x.device)
+        with fusion enabled, on channels-last videos, when the convolution runs on a joined input
+        (torch's conv3d or oneDNN's, not stacked taps)."""
+        return fusion_enabled() and is_channels_last_video(x) and conv3d_form(x) != "stacked"
 
     def forward_normed(
         self,
@@ -256,9 +271,10 @@ class CausalConv3d(nn.Conv3d):
         stacked taps."""
         if not self.takes_fused_input(x) and input_bias is None and add_bias:
             return self(norm.silu_of(x), cache)
-        if use_stacked_taps(x.device):
+        if conv3d_form(x) == "stacked":
             raise ValueError(
-                "input_bias and add_bias=False need torch's conv3d (set_conv3d_mode('native')), not stacked taps"
+                "input_bias and add_bias=False need a convolution of the joined input "
+                "(set_conv3d_mode('native') or 'onednn'), not stacked taps"
             )
         joined = channel_rms_norm_silu(x, norm.gamma, norm.scale, past=self._past(x, cache), bias=input_bias)
         return self._convolve_joined(joined, cache, self.bias if add_bias else None)
@@ -271,6 +287,10 @@ class CausalConv3d(nn.Conv3d):
     def _convolve_joined(self, joined: torch.Tensor, cache: FeatureCache, bias: torch.Tensor | None) -> torch.Tensor:
         """The convolution of [past frames, this chunk] [B, C, past + T, H, W]; keeps its last frames."""
         cache.keep(self.cache_slot, joined[:, :, -self.past_frames :])  # a copy: the join need not stay alive
+        if conv3d_form(joined) == "onednn":  # torch's own conv3d would take its slow generic CPU kernel
+            return torch.ops.aten.mkldnn_convolution(
+                joined, self.weight, bias, self.padding, self.stride, self.dilation, self.groups
+            )
         return self._conv_forward(joined, self.weight, bias)
 
     def _forward_stacked_taps(self, past: torch.Tensor, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:

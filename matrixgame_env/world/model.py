@@ -14,7 +14,7 @@ from ..model_config import ModelConfig
 from ..nn.clip import CLIPVisionEncoder
 from ..nn.dit import CausalDiT
 from ..nn.fusion import enable_fusion
-from ..nn.vae import WanVAE
+from ..nn.vae import WanVAE, conv3d_form
 from .condition import ImageLatents
 from .decoder_graphs import DecoderGraphs, decode_to_uint8
 from .sampler import SamplerConfig, StreamingSampler
@@ -136,13 +136,15 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def enable_fast_path(world: WorldModel, fast: bool | str = True, batch: int = 1) -> None:
-    """Speed options of a GPU world of `batch` worlds: True = CUDA graphs (bit-identical results),
+    """Speed options of a world of `batch` worlds. GPU: True = CUDA graphs (bit-identical results),
     autotuned cuDNN convolutions (process-wide) and, where it pays, channels-last decoding (same
     function, other kernels); "compile" = that plus torch.compile-fused elementwise chains in the DiT
-    and the decoder (process-wide); False = eager. No effect on CPU."""
+    and the decoder (process-wide); False = eager. CPU: True or "compile" = channels-last decoding
+    where the causal convolutions run as oneDNN's (the CPU default); False = the standard layout."""
     if fast not in (True, False, "compile"):
         raise ValueError(f"fast must be True, False or 'compile', got {fast!r}")
     if world.device.type != "cuda":
+        world.vae.set_decoder_channels_last(bool(fast) and cpu_decoder_channels_last_pays(world.vae))
         return
     if fast:
         if world.sampler.graphs is None:
@@ -154,6 +156,13 @@ def enable_fast_path(world: WorldModel, fast: bool | str = True, batch: int = 1)
     if fast == "compile":
         enable_fusion(True)
     world.vae.set_decoder_channels_last(decoder_channels_last_pays(world.vae.config["dim"], fast, batch))
+
+
+def cpu_decoder_channels_last_pays(vae: WanVAE) -> bool:
+    """Whether a CPU decoder runs channels-last: where its causal convolutions run as oneDNN's, which
+    measured 1.6-2.2x faster on channels-last activations than the stacked-tap form (doom-small, 2
+    threads, batch 1-4; benchmarks/NOTES.md); not with stacked taps or torch's conv3d."""
+    return conv3d_form(torch.empty(0, dtype=vae.dtype)) == "onednn"
 
 
 def decoder_channels_last_pays(decoder_dim: int, fast: bool | str, batch: int) -> bool:
