@@ -119,7 +119,8 @@ def test_training_builds_the_streaming_inputs_of_the_first_block_from_a_start_pi
         mask_channels = conditions.cond.shape[1] - image.latents.shape[1]
         expected_mask = first_frame_mask(1, mask_channels, 0, frames, *world.config.latent_size)
         torch.testing.assert_close(conditions.cond[:, :mask_channels], expected_mask, rtol=0, atol=0)
-        torch.testing.assert_close(conditions.cond[:, mask_channels:], image.frames(0, frames), rtol=0, atol=1e-6)
+        # The same encoder on inputs of other lengths: oneDNN picks other kernels (float32 rounding, ~2e-6).
+        torch.testing.assert_close(conditions.cond[:, mask_channels:], image.frames(0, frames), rtol=0, atol=1e-5)
         torch.testing.assert_close(conditions.visual_context, tokens, rtol=0, atol=1e-5)
         noisy = forcing.noise(batch.latents, noise, torch.zeros(1, frames, dtype=torch.long))
         assert noisy.timestep.eq(sampler.timesteps[0]).all(), noisy.timestep
