@@ -183,21 +183,21 @@ def set_conv3d_mode(mode: str) -> None:
     _CONV3D_FORM.set(mode)
 
 
-def conv3d_form(x: torch.Tensor) -> str:
-    """How a causal 3D convolution of the input `x` runs now: "native", "stacked" or "onednn"."""
-    form = _CONV3D_FORM.on(x.device)
-    if form != "onednn" or _onednn_applies(x):
+def conv3d_form(device: torch.device, dtype: torch.dtype) -> str:
+    """How a causal 3D convolution of an input on `device` in `dtype` runs now: "native", "stacked" or "onednn"."""
+    form = _CONV3D_FORM.on(device)
+    if form != "onednn" or _onednn_applies(device, dtype):
         return form
     if _CONV3D_FORM.mode == "onednn":
         raise ValueError(
             f"conv3d mode 'onednn' needs a CPU with oneDNN and a float32, bfloat16 or float16 input, "
-            f"got a {x.dtype} input on {x.device}; use 'stacked' or 'auto'"
+            f"got a {dtype} input on {device}; use 'stacked' or 'auto'"
         )
     return "stacked"
 
 
-def _onednn_applies(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and torch.backends.mkldnn.is_available()
+def _onednn_applies(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and dtype in _ONEDNN_DTYPES and torch.backends.mkldnn.is_available()
 
 
 def set_upsample_mode(mode: str) -> None:
@@ -245,15 +245,16 @@ class CausalConv3d(nn.Conv3d):
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         # x: [B, C, T, H, W] -> [B, C_out, T, H, W]
         past = self._past(x, cache)
-        if conv3d_form(x) == "stacked":
+        form = conv3d_form(x.device, x.dtype)
+        if form == "stacked":
             return self._forward_stacked_taps(past, x, cache)
-        return self._convolve_joined(torch.cat([same_layout(past, x), x], dim=2), cache, self.bias)
+        return self._convolve_joined(torch.cat([same_layout(past, x), x], dim=2), cache, self.bias, form)
 
     def takes_fused_input(self, x: torch.Tensor) -> bool:
         """Whether `forward_normed` joins, normalises and adds biases in fused kernels for this input:
         with fusion enabled, on channels-last videos, when the convolution runs on a joined input
         (torch's conv3d or oneDNN's, not stacked taps)."""
-        return fusion_enabled() and is_channels_last_video(x) and conv3d_form(x) != "stacked"
+        return fusion_enabled() and is_channels_last_video(x) and conv3d_form(x.device, x.dtype) != "stacked"
 
     def forward_normed(
         self,
@@ -271,23 +272,27 @@ class CausalConv3d(nn.Conv3d):
         stacked taps."""
         if not self.takes_fused_input(x) and input_bias is None and add_bias:
             return self(norm.silu_of(x), cache)
-        if conv3d_form(x) == "stacked":
+        form = conv3d_form(x.device, x.dtype)
+        if form == "stacked":
             raise ValueError(
                 "input_bias and add_bias=False need a convolution of the joined input "
                 "(set_conv3d_mode('native') or 'onednn'), not stacked taps"
             )
         joined = channel_rms_norm_silu(x, norm.gamma, norm.scale, past=self._past(x, cache), bias=input_bias)
-        return self._convolve_joined(joined, cache, self.bias if add_bias else None)
+        return self._convolve_joined(joined, cache, self.bias if add_bias else None, form)
 
     def _past(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         """The inputs kept from the previous chunk, or zeros before the first: [B, C, past, H, W]."""
         past = cache.slots[self.cache_slot]
         return x.new_zeros(*x.shape[:2], self.past_frames, *x.shape[3:]) if past is None else past
 
-    def _convolve_joined(self, joined: torch.Tensor, cache: FeatureCache, bias: torch.Tensor | None) -> torch.Tensor:
-        """The convolution of [past frames, this chunk] [B, C, past + T, H, W]; keeps its last frames."""
+    def _convolve_joined(
+        self, joined: torch.Tensor, cache: FeatureCache, bias: torch.Tensor | None, form: str
+    ) -> torch.Tensor:
+        """The convolution of [past frames, this chunk] [B, C, past + T, H, W] in `form` ("native" or
+        "onednn"); keeps its last frames."""
         cache.keep(self.cache_slot, joined[:, :, -self.past_frames :])  # a copy: the join need not stay alive
-        if conv3d_form(joined) == "onednn":  # torch's own conv3d would take its slow generic CPU kernel
+        if form == "onednn":  # torch's own conv3d would take its slow generic CPU kernel
             return torch.ops.aten.mkldnn_convolution(
                 joined, self.weight, bias, self.padding, self.stride, self.dilation, self.groups
             )

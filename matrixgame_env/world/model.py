@@ -104,9 +104,10 @@ class WorldModel:
     @torch.no_grad()
     def decode_on_device(self, state: WorldState, latents: torch.Tensor) -> torch.Tensor:
         """Like `decode`, but the uint8 frames stay on the model's device (no host sync)."""
+        latents = latents.to(self.vae.dtype)
         if self.decoder_graphs is not None:
-            return self.decoder_graphs.decode(latents.to(self.vae.dtype), state.decoder_cache)
-        return decode_to_uint8(self.vae, latents.to(self.vae.dtype), state.decoder_cache)
+            return self.decoder_graphs.decode(latents, state.decoder_cache)
+        return decode_to_uint8(self.vae, latents, state.decoder_cache)
 
     def enable_decoder_graphs(self, enabled: bool = True, max_graphs: int = 4) -> None:
         """Replay the VAE decoder's steady-state blocks (once a world's decoder cache is full) from
@@ -162,7 +163,7 @@ def cpu_decoder_channels_last_pays(vae: WanVAE) -> bool:
     """Whether a CPU decoder runs channels-last: where its causal convolutions run as oneDNN's, which
     measured 1.6-2.2x faster on channels-last activations than the stacked-tap form (doom-small, 2
     threads, batch 1-4; benchmarks/NOTES.md); not with stacked taps or torch's conv3d."""
-    return conv3d_form(torch.empty(0, dtype=vae.dtype)) == "onednn"
+    return conv3d_form(vae.device, vae.dtype) == "onednn"
 
 
 def decoder_channels_last_pays(decoder_dim: int, fast: bool | str, batch: int) -> bool:
