@@ -66,7 +66,7 @@ def latent_shape(model: str) -> tuple[int, int]:
     return height // 8, width // 8
 
 
-LAYOUTS = ("native", "stacked", "channels_last", "onednn", "onednn_channels_last")
+LAYOUTS = ("native", "stacked", "channels_last", "onednn", "onednn_channels_last", "triton_channels_last")
 
 
 def decode_blocks(vae: WanVAE, latents: list[torch.Tensor]) -> tuple[torch.Tensor, list[float]]:
@@ -87,7 +87,13 @@ def set_mode(vae: WanVAE, mode: str) -> None:
     layout, _, upsample = mode.partition("+")
     if layout not in LAYOUTS or upsample not in ("", "transposed"):
         raise ValueError(f"unknown mode {mode!r}: expected one of {LAYOUTS}, optionally with '+transposed'")
-    set_conv3d_mode({"stacked": "stacked", "onednn": "onednn", "onednn_channels_last": "onednn"}.get(layout, "native"))
+    forms = {
+        "stacked": "stacked",
+        "onednn": "onednn",
+        "onednn_channels_last": "onednn",
+        "triton_channels_last": "triton",
+    }
+    set_conv3d_mode(forms.get(layout, "native"))
     set_upsample_mode(upsample or "nearest")
     vae.set_decoder_channels_last(layout.endswith("channels_last"))
 

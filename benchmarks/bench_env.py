@@ -94,9 +94,11 @@ def gpu_vector(
     guidance: float | None,
     upsample: str = "auto",
     decoder_graphs: bool = False,
+    conv3d: str = "auto",
 ) -> dict:
     """Steps/s of one vector env; `channels_last` None keeps the env's own decoder layout choice."""
     set_upsample_mode(upsample)
+    set_conv3d_mode(conv3d)
     env, rng = warm_vector_env(model, worlds, fast, channels_last, guidance, warmup, decoder_graphs=decoder_graphs)
     guidance = env.world.sampler.config.action_guidance
     channels_last = env.world.vae.decoder_channels_last
@@ -107,13 +109,16 @@ def gpu_vector(
     peak = torch.cuda.max_memory_allocated() / 2**30
     env.close()
     set_upsample_mode("auto")
+    set_conv3d_mode("auto")
     torch.cuda.empty_cache()
     return {
         "setting": f"gpu vector ({FAST_NAMES[fast]}{', decoder channels-last' if channels_last else ''}"
-        f"{', decoder graphs' if decoder_graphs else ''}, upsample {upsample}, action guidance {guidance:g})",
+        f"{', decoder graphs' if decoder_graphs else ''}, upsample {upsample}, conv3d {conv3d}, "
+        f"action guidance {guidance:g})",
         "worlds": worlds,
         "action_guidance": guidance,
         "upsample": upsample,
+        "conv3d": conv3d,
         "decoder_graphs": decoder_graphs,
         "step_s": elapsed / steps,
         "steps_per_s": worlds * steps / elapsed,
@@ -122,7 +127,7 @@ def gpu_vector(
 
 
 def profile_vector_step(
-    model: str, worlds: int, channels_last: bool | None, upsample: str = "auto", steps: int = 3
+    model: str, worlds: int, channels_last: bool | None, upsample: str = "auto", steps: int = 3, conv3d: str = "auto"
 ) -> dict:
     """Where a vector-env step's GPU time goes (`profile_tables`, per step): compiled fusions on, CUDA
     graphs off so that every kernel is seen."""
@@ -130,6 +135,7 @@ def profile_vector_step(
     from torch.profiler import profile as torch_profile
 
     set_upsample_mode(upsample)
+    set_conv3d_mode(conv3d)
     env, rng = warm_vector_env(model, worlds, "compile", channels_last, None, 4, graphs=False)
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -137,10 +143,12 @@ def profile_vector_step(
         torch.cuda.synchronize()
     env.close()
     set_upsample_mode("auto")
+    set_conv3d_mode("auto")
     return {
         "worlds": worlds,
         "channels_last": env.world.vae.decoder_channels_last,
         "upsample": upsample,
+        "conv3d": conv3d,
         **profile_tables(prof, steps),
     }
 
@@ -224,6 +232,13 @@ def main() -> None:
         help="replay the VAE decoder from CUDA graphs as well (WorldModel.enable_decoder_graphs)",
     )
     parser.add_argument(
+        "--gpu-conv3d",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "native", "triton"],
+        help="how the decoder's causal convolutions run on the GPU (nn.vae.set_conv3d_mode); repeat to alternate",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="also profile a GPU step at the largest world count (compiled)"
     )
     parser.add_argument("--out", type=Path, default=None)
@@ -245,8 +260,8 @@ def main() -> None:
         for worlds in args.gpu_worlds:
             for path in args.paths:
                 for channels_last in layouts:
-                    settings = itertools.product(args.action_guidance, args.upsample, decoder_graphs)
-                    for guidance, upsample, graphed in settings:
+                    settings = itertools.product(args.action_guidance, args.upsample, decoder_graphs, args.gpu_conv3d)
+                    for guidance, upsample, graphed, conv3d in settings:
                         row = gpu_vector(
                             args.model,
                             worlds,
@@ -257,6 +272,7 @@ def main() -> None:
                             guidance,
                             upsample,
                             graphed,
+                            conv3d,
                         )
                         print(table([row], ["setting", "worlds", "steps_per_s", "step_s", "peak_gib"]), flush=True)
                         rows.append(row)
@@ -264,7 +280,9 @@ def main() -> None:
     result = {"environment": environment(), "model": args.model, "rows": rows}
     if args.profile and torch.cuda.is_available():
         layout = {"auto": None, "off": False}.get(args.channels_last, True)
-        result["profile"] = profile_vector_step(args.model, max(args.gpu_worlds), layout, args.upsample[-1])
+        result["profile"] = profile_vector_step(
+            args.model, max(args.gpu_worlds), layout, args.upsample[-1], conv3d=args.gpu_conv3d[-1]
+        )
         for view in ("kernels", "operators"):
             print(f"profile: {max(args.gpu_worlds)} worlds, {view} (ms and calls per step)")
             print(table(result["profile"][view], ["name", "ms", "share", "calls"]))

@@ -25,6 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import environment, table, write_json  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from matrixgame_env.nn import triton_conv  # noqa: E402
+
 
 def time_ms(fn: Callable[[], torch.Tensor], repeats: int = 30, warmup: int = 5) -> float:
     """Median GPU time of fn() in milliseconds."""
@@ -62,6 +65,7 @@ def candidates(joined: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
         )
 
     stacked = stacked_input()
+    packed = triton_conv.pack_weight(weight)
     half = last.half()
     weight_half = weight_last.half()
     bias_half = bias.half()
@@ -72,6 +76,9 @@ def candidates(joined: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
         "conv2d over stacked taps (stacking included)": lambda: F.conv2d(stacked_input(), weight_2d, bias, padding=1),
         "conv2d over stacked taps (already stacked)": lambda: F.conv2d(stacked, weight_2d, bias, padding=1),
         "conv3d without bias, channels-last": lambda: F.conv3d(last, weight_last, None, padding=(0, 1, 1)),
+        "triton kernel, channels-last (nn.triton_conv, autotuned)": lambda: triton_conv.causal_conv3x3x3(
+            last, packed, bias
+        ),
     }
 
 
@@ -86,7 +93,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worlds", type=int, default=64)
     parser.add_argument("--frames", type=int, default=4, help="frames of the chunk (2 past frames are joined to it)")
-    parser.add_argument("--channels", type=int, default=16)
+    parser.add_argument("--channels", type=int, default=16, help="input channels")
+    parser.add_argument("--out-channels", type=int, default=None, help="output channels (default: --channels)")
     parser.add_argument("--size", type=int, nargs=2, default=(96, 176), metavar=("H", "W"))
     parser.add_argument("--out", type=Path, default=None, help="folder of the JSON (default: benchmarks/results)")
     args = parser.parse_args()
@@ -97,12 +105,15 @@ def main() -> None:
     g = torch.Generator(device=device).manual_seed(0)
     c = args.channels
     joined = torch.randn(args.worlds, c, args.frames + 2, *args.size, device=device, generator=g).bfloat16()
-    weight = (torch.randn(c, c, 3, 3, 3, device=device, generator=g) / (27 * c) ** 0.5).bfloat16()
-    bias = torch.randn(c, device=device, generator=g).bfloat16() * 0.1
+    c_out = args.out_channels or c
+    weight = (torch.randn(c_out, c, 3, 3, 3, device=device, generator=g) / (27 * c) ** 0.5).bfloat16()
+    bias = torch.randn(c_out, device=device, generator=g).bfloat16() * 0.1
     forms = candidates(joined, weight, bias)
     reference = as_video(next(iter(forms.values()))(), args.worlds)
     flop = 2 * reference.numel() * c * 27
     rows = []
+    if not triton_conv.available():
+        forms = {name: fn for name, fn in forms.items() if not name.startswith("triton")}
     for name, fn in forms.items():
         out = as_video(fn(), args.worlds)
         if "without bias" in name:
@@ -112,9 +123,23 @@ def main() -> None:
         rows.append({"form": name, "ms": ms, "tflops": flop / ms / 1e9, "relative_l2_vs_current": error})
     for row in rows:
         row["speedup"] = rows[0]["ms"] / row["ms"]
+    if triton_conv.available():
+        best = triton_conv.tuned_config()
+        rows[-1]["triton_config"] = best
+        print(f"triton kernel's autotuned config: {best}")
     print(table(rows, ["form", "ms", "tflops", "speedup", "relative_l2_vs_current"]))
-    shape = {"worlds": args.worlds, "frames": args.frames, "channels": c, "size": list(args.size)}
-    name = "small_conv_" + torch.cuda.get_device_name(0).split()[1].lower()
+    shape = {
+        "worlds": args.worlds,
+        "frames": args.frames,
+        "channels": c,
+        "out_channels": c_out,
+        "size": list(args.size),
+    }
+    name = (
+        "small_conv_"
+        + torch.cuda.get_device_name(0).split()[1].lower()
+        + (f"_{c}to{c_out}" if c_out != c or c != 16 else "")
+    )
     print(f"wrote {write_json(name, {'environment': environment(), 'shape': shape, 'rows': rows}, args.out)}")
 
 

@@ -136,10 +136,12 @@ def test_fast_option_is_checked():
 
 
 @cuda
-@pytest.mark.parametrize("option", ["channels_last", "fused", "both", "transposed", "transposed_both"])
+@pytest.mark.parametrize(
+    "option", ["channels_last", "fused", "both", "transposed", "transposed_both", "triton", "triton_both"]
+)
 def test_fast_decoder_options_match_the_eager_decoder(option):
     from matrixgame_env.nn.fusion import enable_fusion
-    from matrixgame_env.nn.vae import set_upsample_mode
+    from matrixgame_env.nn.vae import set_conv3d_mode, set_upsample_mode
 
     world = WorldModel.from_pretrained("doom-small", device="cuda")
     vae = world.vae
@@ -153,18 +155,43 @@ def test_fast_decoder_options_match_the_eager_decoder(option):
     set_upsample_mode("nearest")  # the decoder as written
     eager = decode_all()
     try:
-        vae.set_decoder_channels_last(option in ("channels_last", "both", "transposed_both"))
-        enable_fusion(option in ("fused", "both", "transposed_both"))
+        vae.set_decoder_channels_last(option in ("channels_last", "both", "transposed_both", "triton", "triton_both"))
+        enable_fusion(option in ("fused", "both", "transposed_both", "triton_both"))
         set_upsample_mode("transposed" if option.startswith("transposed") else "nearest")
+        set_conv3d_mode("triton" if option.startswith("triton") else "native")
         fast = decode_all()
     finally:
         vae.set_decoder_channels_last(False)
         enable_fusion(False)
         set_upsample_mode("auto")
+        set_conv3d_mode("auto")
     assert torch.isfinite(fast).all()
     # bf16 rounding along another path (fusion computes the norm in float32): small relative error.
     assert (fast - eager).norm() / eager.norm() < 2e-2
     assert (fast - eager).abs().mean() < 1e-2
+
+
+@cuda
+@pytest.mark.parametrize("c_in, c_out", [(16, 16), (32, 16), (64, 64)])
+@pytest.mark.parametrize("row_taps", [False, True])
+def test_triton_convolution_matches_float64_in_bfloat16(c_in, c_out, row_taps):
+    import torch.nn.functional as F
+
+    from matrixgame_env.nn import triton_conv
+
+    g = torch.Generator(device="cuda").manual_seed(c_in + c_out)
+    joined = torch.randn(4, c_in, 6, 96, 176, device="cuda", generator=g).bfloat16()
+    joined = joined.contiguous(memory_format=torch.channels_last_3d)
+    weight = (torch.randn(c_out, c_in, 3, 3, 3, device="cuda", generator=g) / (27 * c_in) ** 0.5).bfloat16()
+    bias = torch.randn(c_out, device="cuda", generator=g).bfloat16()
+    assert triton_conv.applies(joined, weight) == ((c_in, c_out) in triton_conv.PAYING_WIDTHS)
+    out = triton_conv.causal_conv3x3x3(joined, triton_conv.pack_weight(weight), bias, block_m=128, row_taps=row_taps)
+    reference = F.conv3d(joined[:1].double(), weight.double(), bias.double(), padding=(0, 1, 1))
+    # one bfloat16 rounding of a float32 sum: half a unit in the last place, 2**-8 relative
+    excess = (out[:1].double() - reference).abs() - reference.abs() * 2.0**-8
+    assert excess.max().item() <= 1e-5
+    cudnn = F.conv3d(joined, weight, bias, padding=(0, 1, 1))
+    assert ((out.float() - cudnn.float()).norm() / cudnn.float().norm()).item() < 5e-3
 
 
 def test_decoder_layout_policy_follows_the_measurements():

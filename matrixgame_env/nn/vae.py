@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import triton_conv
 from .fusion import channel_bias_add, channel_rms_norm_silu, fusion_enabled, is_channels_last_video
 
 # Per-channel statistics of Wan 2.1 latents: the model works with (mu - mean) / std.
@@ -166,8 +167,12 @@ class _ComputationForm:
 # How causal 3D convolutions run: "native" (torch's conv3d, which on CPUs falls back to a slow
 # generic kernel), "stacked" (one 2D convolution over the temporal taps stacked in channels),
 # "onednn" (oneDNN's 3D convolution called directly: CPUs, float32 / bfloat16 / float16) or "auto"
-# (onednn on CPUs where it applies, else stacked; native elsewhere). All compute the same function.
-_CONV3D_FORM = _ComputationForm("conv3d", ("native", "stacked", "onednn"), on_cpu="onednn", elsewhere="native")
+# (onednn on CPUs where it applies, else stacked; native elsewhere), "triton" (GPUs: 3x3x3
+# convolutions of 16-64 channels on channels-last bf16/fp16 inputs run as the kernel of
+# `nn.triton_conv`, sized to narrow layers; the others as native). All compute the same function.
+_CONV3D_FORM = _ComputationForm(
+    "conv3d", ("native", "stacked", "onednn", "triton"), on_cpu="onednn", elsewhere="native"
+)
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # How the decoder's upsamplers run their 2x nearest upsampling and 3x3 convolution: "nearest" (as
@@ -179,12 +184,16 @@ _UPSAMPLE_FORM = _ComputationForm("upsample", ("nearest", "transposed"), on_cpu=
 
 
 def set_conv3d_mode(mode: str) -> None:
-    """Chooses how the VAE's causal 3D convolutions run: "auto", "native", "stacked" or "onednn" (see above)."""
+    """Chooses how the VAE's causal 3D convolutions run: "auto", "native", "stacked", "onednn" or
+    "triton" (see above)."""
+    if mode == "triton" and not triton_conv.available():
+        raise ValueError("conv3d mode 'triton' needs Triton and a CUDA GPU (or TRITON_INTERPRET=1)")
     _CONV3D_FORM.set(mode)
 
 
 def conv3d_form(device: torch.device, dtype: torch.dtype) -> str:
-    """How a causal 3D convolution of an input on `device` in `dtype` runs now: "native", "stacked" or "onednn"."""
+    """How a causal 3D convolution of an input on `device` in `dtype` runs now: "native", "stacked",
+    "onednn" or "triton" (which falls back to native for the layers the kernel does not take)."""
     form = _CONV3D_FORM.on(device)
     if form != "onednn" or _onednn_applies(device, dtype):
         return form
@@ -296,7 +305,20 @@ class CausalConv3d(nn.Conv3d):
             return torch.ops.aten.mkldnn_convolution(
                 joined, self.weight, bias, self.padding, self.stride, self.dilation, self.groups
             )
+        if form == "triton" and triton_conv.applies(joined, self.weight) and not _needs_gradient(joined, self.weight):
+            return triton_conv.causal_conv3x3x3(joined, self._packed_weight(), bias)
         return self._conv_forward(joined, self.weight, bias)
+
+    def _packed_weight(self) -> torch.Tensor:
+        """The kernel in `triton_conv.pack_weight`'s layout, packed again whenever the weight changes."""
+        weight = self.weight
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        packed = getattr(self, "_packed", None)
+        if packed is None or packed[0] != key:
+            with torch.no_grad():
+                packed = (key, triton_conv.pack_weight(weight.detach()))
+            self._packed = packed
+        return packed[1]
 
     def _forward_stacked_taps(self, past: torch.Tensor, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         """The same convolution as one 2D convolution over each output frame's k input frames stacked
@@ -312,6 +334,11 @@ class CausalConv3d(nn.Conv3d):
         weight = self.weight.transpose(1, 2).flatten(1, 2)  # [C_out, k*C, kh, kw]
         y = F.conv2d(windows, weight, self.bias, padding=self.padding[1:])  # [B*T, C_out, H, W]
         return y.unflatten(0, (batch, frames)).transpose(1, 2)
+
+
+def _needs_gradient(*tensors: torch.Tensor) -> bool:
+    """Whether autograd would record an operation on these tensors (the Triton kernel has no backward)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def same_layout(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,143 @@
+"""The Triton causal-convolution kernel (`nn.triton_conv`) against torch's conv3d in float64.
+
+Triton kernels run on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, read when a
+kernel is defined), so these checks run in a subprocess of their own. The interpreter computes
+float16 exactly as the GPU kernel does (float32 sums, one rounding at the end); bfloat16 is checked
+on GPUs (tests/test_cuda_graphs.py).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from matrixgame_env.nn import triton_conv
+from matrixgame_env.nn.vae import set_conv3d_mode
+
+pytest.importorskip("triton", reason="the kernel's checks need Triton (installed with the dev extras)")
+
+
+def run_interpreted(code: str) -> str:
+    """Runs `code` in a Python process with Triton's interpreter on; returns its standard output."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "2"}
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_kernel_matches_float64_convolution_for_each_width_with_and_without_bias():
+    out = run_interpreted(
+        """
+        import torch, torch.nn.functional as F
+        from matrixgame_env.nn import triton_conv as tc
+        g = torch.Generator().manual_seed(0)
+        cases = [(16, 16, 5, 7, True), (32, 16, 4, 9, False), (16, 32, 3, 3, True), (64, 64, 2, 17, True),
+                 (16, 16, 1, 1, False)]
+        for c_in, c_out, h, w, with_bias in cases:
+            x = torch.randn(2, c_in, 5, h, w, generator=g).half().contiguous(memory_format=torch.channels_last_3d)
+            weight = (torch.randn(c_out, c_in, 3, 3, 3, generator=g) / (27 * c_in) ** 0.5).half()
+            bias = torch.randn(c_out, generator=g).half() if with_bias else None
+            ref = F.conv3d(x.double(), weight.double(), None if bias is None else bias.double(), padding=(0, 1, 1))
+            for row_taps in (False, True):  # 27 products of depth C_in, or 9 of the row's taps together
+                y = tc.causal_conv3x3x3(x, tc.pack_weight(weight), bias, row_taps=row_taps)
+                assert y.shape == ref.shape and y.dtype == torch.float16
+                assert y.is_contiguous(memory_format=torch.channels_last_3d)
+                # one float16 rounding of the float32 sum: half a unit in the last place, 2**-11 relative
+                err = ((y.double() - ref).abs() - ref.abs() * 2.0**-11).max().item()
+                print(c_in, c_out, row_taps, err)
+                assert err <= 1e-6, (c_in, c_out, h, w, row_taps, err)
+        print("ok")
+        """
+    )
+    assert out.strip().endswith("ok")
+
+
+def test_kernel_reads_views_with_their_own_batch_and_frame_strides():
+    out = run_interpreted(
+        """
+        import torch, torch.nn.functional as F
+        from matrixgame_env.nn import triton_conv as tc
+        g = torch.Generator().manual_seed(1)
+        whole = torch.randn(3, 16, 7, 4, 6, generator=g).half().contiguous(memory_format=torch.channels_last_3d)
+        view = whole[1:, :, 2:]  # other worlds, later frames: the pixel strides stay channels-last
+        weight = (torch.randn(16, 16, 3, 3, 3, generator=g) / 20).half()
+        assert tc.applies(view, weight)
+        ref = F.conv3d(view.double(), weight.double(), padding=(0, 1, 1))
+        for row_taps in (False, True):
+            y = tc.causal_conv3x3x3(view, tc.pack_weight(weight), None, row_taps=row_taps)
+            assert ((y.double() - ref).abs() - ref.abs() * 2.0**-11).max().item() <= 1e-6
+        print("ok")
+        """
+    )
+    assert out.strip().endswith("ok")
+
+
+def test_decoder_streams_the_same_frames_with_the_triton_form():
+    out = run_interpreted(
+        """
+        import torch
+        from matrixgame_env.nn.vae import WanVAE, set_conv3d_mode
+        torch.manual_seed(0)
+        vae = WanVAE(dim=16, num_res_blocks=1).eval().half()
+        vae.set_decoder_channels_last(True)
+        latents = [torch.randn(1, 16, n, 1, 2).half() for n in (1, 2)]
+        results = {}
+        for mode in ("native", "triton"):
+            set_conv3d_mode(mode)
+            cache = vae.new_decoder_cache(1)
+            with torch.no_grad():
+                frames = [vae.decode_stream(z, cache, check_finite=False).float() for z in latents]
+            results[mode] = torch.cat(frames, dim=1)
+        set_conv3d_mode("auto")
+        a, b = results["native"], results["triton"]
+        assert a.shape == b.shape == (1, 9, 3, 8, 16), a.shape
+        # float16 activations through ~20 layers: each form rounds its own sums once per layer
+        err = (a - b).abs().max().item()
+        print(err)
+        assert 0 < err < 1e-2, err
+        print("ok")
+        """
+    )
+    assert out.strip().endswith("ok")
+
+
+def test_training_keeps_gradients_by_taking_torchs_convolution():
+    out = run_interpreted(
+        """
+        import torch
+        from matrixgame_env.nn.vae import CausalConv3d, FeatureCache, set_conv3d_mode
+        torch.manual_seed(0)
+        conv = CausalConv3d(16, 16, 3).half()
+        x = torch.randn(1, 16, 2, 3, 4).half().contiguous(memory_format=torch.channels_last_3d)
+        set_conv3d_mode("triton")
+        conv(x, FeatureCache(1, 1)).float().square().sum().backward()
+        assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+        print("ok")
+        """
+    )
+    assert out.strip().endswith("ok")
+
+
+def test_applies_only_to_what_the_kernel_computes():
+    weight = torch.zeros(16, 16, 3, 3, 3, dtype=torch.float16)
+    last = torch.zeros(1, 16, 4, 5, 6, dtype=torch.float16).contiguous(memory_format=torch.channels_last_3d)
+    assert not triton_conv.applies(last, weight)  # a CPU tensor without the interpreter
+    assert triton_conv.pack_weight(torch.arange(16 * 16 * 27.0).view(16, 16, 3, 3, 3)).shape == (27 * 16, 16)
+    packed = triton_conv.pack_weight(torch.arange(2 * 16 * 27.0).view(2, 16, 3, 3, 3))
+    # row (tap t*9 + h*3 + w) * C_in + c_in, column c_out
+    assert packed[(1 * 9 + 2 * 3 + 0) * 16 + 5, 1].item() == ((1 * 16 + 5) * 27 + 1 * 9 + 2 * 3 + 0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without a GPU")
+def test_triton_mode_needs_a_gpu_or_the_interpreter():
+    if triton_conv.interpreted():
+        pytest.skip("the interpreter is on in this process")
+    with pytest.raises(ValueError, match="needs Triton and a CUDA GPU"):
+        set_conv3d_mode("triton")
