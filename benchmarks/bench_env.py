@@ -93,7 +93,7 @@ def gpu_vector(
     channels_last: bool | None,
     guidance: float | None,
     upsample: str = "auto",
-    decoder_graphs: bool = False,
+    decoder_graphs: bool | None = None,
     conv3d: str = "auto",
 ) -> dict:
     """Steps/s of one vector env; `channels_last` None keeps the env's own decoder layout choice."""
@@ -102,6 +102,8 @@ def gpu_vector(
     env, rng = warm_vector_env(model, worlds, fast, channels_last, guidance, warmup, decoder_graphs=decoder_graphs)
     guidance = env.world.sampler.config.action_guidance
     channels_last = env.world.vae.decoder_channels_last
+    decoder_graphs = env.world.decoder_graphs is not None
+    triton = env.world.vae.decoder_triton
     t0 = time.perf_counter()
     for _ in range(steps):
         env.step(sample_actions(env.single_action_space, rng, worlds))
@@ -119,6 +121,7 @@ def gpu_vector(
         "action_guidance": guidance,
         "upsample": upsample,
         "conv3d": conv3d,
+        "decoder_triton": triton,
         "decoder_graphs": decoder_graphs,
         "step_s": elapsed / steps,
         "steps_per_s": worlds * steps / elapsed,
@@ -161,7 +164,7 @@ def warm_vector_env(
     guidance: float | None,
     warmup: int,
     graphs: bool = True,
-    decoder_graphs: bool = False,
+    decoder_graphs: bool | None = None,
 ) -> tuple[MatrixGameVectorEnv, np.random.Generator]:
     """A reset GPU vector env after `warmup` steps of random actions, and the actions' generator.
     `channels_last` None keeps the env's decoder layout; `graphs=False` turns CUDA graphs off;
@@ -169,7 +172,8 @@ def warm_vector_env(
     env = MatrixGameVectorEnv(model, num_envs=worlds, device="cuda", fast=fast, action_guidance=guidance)
     if not graphs:
         env.world.sampler.enable_cuda_graphs(False)
-    env.world.enable_decoder_graphs(decoder_graphs)
+    if decoder_graphs is not None:
+        env.world.enable_decoder_graphs(decoder_graphs)
     if channels_last is not None:
         env.world.vae.set_decoder_channels_last(channels_last)
     rng = np.random.default_rng(0)
@@ -227,9 +231,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--decoder-graphs",
-        choices=["off", "on", "both"],
-        default="off",
-        help="replay the VAE decoder from CUDA graphs as well (WorldModel.enable_decoder_graphs)",
+        choices=["auto", "off", "on", "both"],
+        default="auto",
+        help="replay the VAE decoder from CUDA graphs (WorldModel.enable_decoder_graphs; auto: as the env chooses)",
     )
     parser.add_argument(
         "--gpu-conv3d",
@@ -256,7 +260,7 @@ def main() -> None:
     if torch.cuda.is_available():
         options = {"eager": False, "graphs": True, "compile": "compile"}
         layouts = {"auto": [None], "off": [False], "on": [True], "both": [False, True]}[args.channels_last]
-        decoder_graphs = {"off": [False], "on": [True], "both": [False, True]}[args.decoder_graphs]
+        decoder_graphs = {"auto": [None], "off": [False], "on": [True], "both": [False, True]}[args.decoder_graphs]
         for worlds in args.gpu_worlds:
             for path in args.paths:
                 for channels_last in layouts:

@@ -11,6 +11,7 @@
 #   MG_TESTS         0: skip the agreement tests (e.g. run already in the same machine's earlier call)
 #   MG_GUIDANCE      action guidance scales of the env benchmark (default "1 2")
 #   MG_DECODER_GRAPHS  off, on or both: the env benchmark with the decoder replayed from CUDA graphs
+#   MG_CONV3D        the decoder's GPU convolution forms of the env benchmark (default "auto"; e.g. "native triton")
 set -euo pipefail
 : "${OUT:?set OUT to the folder that receives the results}"
 python3 -m pip install -q --no-deps .whl/*.whl
@@ -21,6 +22,7 @@ python3 benchmarks/bench_stream.py --batches ${MG_BATCHES:-1 4 8} --paths eager 
 grep -v -i warn "$OUT/stream.log" | head -16
 # shellcheck disable=SC2086
 python3 benchmarks/bench_env.py --cpu-steps 0 --gpu-worlds ${MG_WORLDS:-1 16 64} --paths graphs compile \
-    --action-guidance ${MG_GUIDANCE:-1 2} --decoder-graphs ${MG_DECODER_GRAPHS:-off} --profile --out "$OUT" \
+    --action-guidance ${MG_GUIDANCE:-1 2} --decoder-graphs ${MG_DECODER_GRAPHS:-off} --gpu-conv3d ${MG_CONV3D:-auto} \
+    --profile --out "$OUT" \
     >"$OUT/env.log" 2>&1
 grep "gpu vector" "$OUT/env.log" | tail -12

@@ -106,6 +106,34 @@ def test_decoder_graphs_decode_like_the_eager_decoder_through_restore_and_fork(c
     assert torch.equal(fast[2][0::2], fast[2][1::2])  # both copies of a fork
 
 
+@cuda
+def test_decoder_graphs_leave_extra_caches_eager_and_free_those_of_dead_worlds():
+    import gc
+
+    world = WorldModel.from_pretrained("doom-small", device="cuda")
+    generator = torch.Generator().manual_seed(4)
+    latents = [torch.randn(1, 16, 3, 12, 22, generator=generator).cuda() for _ in range(3)]
+    start = [str(world.start_image_paths()[0])]
+    results = {}
+    try:
+        for graphs in (False, True):
+            world.enable_decoder_graphs(graphs, max_graphs=2)
+            states = [world.start(start, seed=seed) for seed in range(3)]
+            results[graphs] = [[world.decode(state, x) for state in states] for x in latents]
+        counts = world.decoder_graphs
+        # block 0 fills the caches (eager); blocks 1-2: two caches captured, then replayed; the third eager
+        assert (counts.captures, counts.replays, counts.eager_decodes) == (2, 2, 2)
+        del states[0]
+        gc.collect()
+        world.decode(states[-1], latents[0])  # the dead world's graph is dropped: room for this one
+        assert counts.captures == 3 and len(counts.graphs) == 2
+    finally:
+        world.enable_decoder_graphs(False)
+    for eager_block, graph_block in zip(results[False], results[True]):
+        for a, b in zip(eager_block, graph_block):
+            assert (a.int() - b.int()).abs().max() <= 1
+
+
 def test_decoder_graphs_need_cuda():
     world = WorldModel.from_pretrained("doom-small", device="cpu")
     with pytest.raises(ValueError, match="CUDA graphs need the VAE on a CUDA device"):
@@ -208,13 +236,20 @@ def test_decoder_layout_policy_follows_the_measurements():
 @cuda
 def test_fast_env_autotunes_cudnn_and_the_eager_one_leaves_it_alone():
     from matrixgame_env.env import MatrixGameEnv
+    from matrixgame_env.nn import triton_conv
 
     previous = torch.backends.cudnn.benchmark
     try:
         torch.backends.cudnn.benchmark = False
         MatrixGameEnv("doom-small", device="cuda", fast=False).close()
         assert not torch.backends.cudnn.benchmark
-        MatrixGameEnv("doom-small", device="cuda", fast=True).close()
+        fast = MatrixGameEnv("doom-small", device="cuda", fast=True)
         assert torch.backends.cudnn.benchmark
+        assert fast.world.decoder_graphs is not None  # the decoder replays from CUDA graphs too
+        assert fast.world.vae.decoder_triton == triton_conv.available()
+        fast.close()
+        eager = MatrixGameEnv("doom-small", device="cuda", fast=False)
+        assert eager.world.decoder_graphs is None and not eager.world.vae.decoder_triton
+        eager.close()
     finally:
         torch.backends.cudnn.benchmark = previous

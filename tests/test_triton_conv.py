@@ -89,14 +89,17 @@ def test_decoder_streams_the_same_frames_with_the_triton_form():
         vae.set_decoder_channels_last(True)
         latents = [torch.randn(1, 16, n, 1, 2).half() for n in (1, 2)]
         results = {}
-        for mode in ("native", "triton"):
+        for mode, per_vae in (("native", False), ("triton", False), ("auto", True), ("native", True)):
             set_conv3d_mode(mode)
+            vae.set_decoder_triton(per_vae)  # the env's fast path: the kernel while the mode is "auto"
             cache = vae.new_decoder_cache(1)
             with torch.no_grad():
                 frames = [vae.decode_stream(z, cache, check_finite=False).float() for z in latents]
-            results[mode] = torch.cat(frames, dim=1)
+            results[mode, per_vae] = torch.cat(frames, dim=1)
         set_conv3d_mode("auto")
-        a, b = results["native"], results["triton"]
+        assert torch.equal(results["auto", True], results["triton", False])
+        assert torch.equal(results["native", True], results["native", False])  # an explicit mode wins
+        a, b = results["native", False], results["triton", False]
         assert a.shape == b.shape == (1, 9, 3, 8, 16), a.shape
         # float16 activations through ~20 layers: each form rounds its own sums once per layer
         err = (a - b).abs().max().item()

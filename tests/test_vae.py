@@ -21,6 +21,7 @@ from matrixgame_env.nn.vae import (
     RMSNorm,
     Upsample,
     WanVAE,
+    conv3d_form,
     nearest_conv_as_transposed,
     set_conv3d_mode,
     set_upsample_mode,
@@ -498,8 +499,27 @@ def test_onednn_form_asked_for_a_float64_input_says_what_it_takes() -> None:
     set_conv3d_mode("native")
     torch.testing.assert_close(expected, conv(x, FeatureCache(1, 1)), rtol=0, atol=1e-12)
     set_conv3d_mode("onednn")
-    with pytest.raises(ValueError, match="float32, bfloat16 or float16 input, got a torch.float64"):
+    with pytest.raises(ValueError, match="needs a CPU with oneDNN and a float32 input.*got a torch.float64"):
         conv(x, FeatureCache(1, 1))
+    set_conv3d_mode("auto")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_takes_onednn_only_where_this_cpu_has_its_kernels(dtype) -> None:
+    supported = {
+        torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported,
+        torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
+    }[dtype]()
+    expected = "onednn" if supported and torch.backends.mkldnn.is_available() else "stacked"
+    assert conv3d_form(torch.device("cpu"), dtype) == expected
+    conv = CausalConv3d(4, 4, 3).to(dtype)
+    conv.cache_slot = 0
+    x = torch.randn(1, 4, 2, 5, 5).to(dtype)
+    out = conv(x, FeatureCache(1, 1))  # runs in whichever form applies (oneDNN raised on CPUs without fp16)
+    reference = F.conv3d(
+        F.pad(x.double(), (0, 0, 0, 0, 2, 0)), conv.weight.double(), conv.bias.double(), padding=(0, 1, 1)
+    )
+    torch.testing.assert_close(out.double(), reference, rtol=2e-2, atol=2e-2)
 
 
 def test_conv3d_mode_rejects_unknown_names() -> None:

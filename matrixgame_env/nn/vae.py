@@ -199,14 +199,22 @@ def conv3d_form(device: torch.device, dtype: torch.dtype) -> str:
         return form
     if _CONV3D_FORM.mode == "onednn":
         raise ValueError(
-            f"conv3d mode 'onednn' needs a CPU with oneDNN and a float32, bfloat16 or float16 input, "
-            f"got a {dtype} input on {device}; use 'stacked' or 'auto'"
+            f"conv3d mode 'onednn' needs a CPU with oneDNN and a float32 input, or a bfloat16 / float16 "
+            f"one where this CPU has oneDNN's kernels for it; got a {dtype} input on {device}; "
+            f"use 'stacked' or 'auto'"
         )
     return "stacked"
 
 
 def _onednn_applies(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cpu" and dtype in _ONEDNN_DTYPES and torch.backends.mkldnn.is_available()
+    if device.type != "cpu" or dtype not in _ONEDNN_DTYPES or not torch.backends.mkldnn.is_available():
+        return False
+    # oneDNN's half-precision kernels need the CPU's own instructions for them (it raises otherwise).
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return True
 
 
 def set_upsample_mode(mode: str) -> None:
@@ -250,11 +258,12 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(in_channels, out_channels, (frames, height, width), padding=(0, height // 2, width // 2))
         self.past_frames = frames - 1
         self.cache_slot = -1  # set by _assign_cache_slots once the whole network exists
+        self.triton_kernel = False  # WanVAE.set_decoder_triton: the Triton kernel under conv3d mode "auto"
 
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         # x: [B, C, T, H, W] -> [B, C_out, T, H, W]
         past = self._past(x, cache)
-        form = conv3d_form(x.device, x.dtype)
+        form = self._form(x)
         if form == "stacked":
             return self._forward_stacked_taps(past, x, cache)
         return self._convolve_joined(torch.cat([same_layout(past, x), x], dim=2), cache, self.bias, form)
@@ -263,7 +272,7 @@ class CausalConv3d(nn.Conv3d):
         """Whether `forward_normed` joins, normalises and adds biases in fused kernels for this input:
         with fusion enabled, on channels-last videos, when the convolution runs on a joined input
         (torch's conv3d or oneDNN's, not stacked taps)."""
-        return fusion_enabled() and is_channels_last_video(x) and conv3d_form(x.device, x.dtype) != "stacked"
+        return fusion_enabled() and is_channels_last_video(x) and self._form(x) != "stacked"
 
     def forward_normed(
         self,
@@ -281,7 +290,7 @@ class CausalConv3d(nn.Conv3d):
         stacked taps."""
         if not self.takes_fused_input(x) and input_bias is None and add_bias:
             return self(norm.silu_of(x), cache)
-        form = conv3d_form(x.device, x.dtype)
+        form = self._form(x)
         if form == "stacked":
             raise ValueError(
                 "input_bias and add_bias=False need a convolution of the joined input "
@@ -289,6 +298,13 @@ class CausalConv3d(nn.Conv3d):
             )
         joined = channel_rms_norm_silu(x, norm.gamma, norm.scale, past=self._past(x, cache), bias=input_bias)
         return self._convolve_joined(joined, cache, self.bias if add_bias else None, form)
+
+    def _form(self, x: torch.Tensor) -> str:
+        """`conv3d_form` for this input, or "triton" where `WanVAE.set_decoder_triton` asked for the
+        kernel, the mode is "auto" and the input is on a GPU (or Triton interprets)."""
+        if self.triton_kernel and _CONV3D_FORM.mode == "auto" and (x.is_cuda or triton_conv.interpreted()):
+            return "triton"
+        return conv3d_form(x.device, x.dtype)
 
     def _past(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         """The inputs kept from the previous chunk, or zeros before the first: [B, C, past, H, W]."""
@@ -779,6 +795,21 @@ class WanVAE(nn.Module):
                     if parameter.dim() in layouts:
                         layout = layouts[parameter.dim()] if enabled else torch.contiguous_format
                         parameter.data = parameter.data.contiguous(memory_format=layout)
+
+    def set_decoder_triton(self, enabled: bool = True) -> None:
+        """Runs the decoder's 16 -> 16-channel causal convolutions through the Triton kernel of
+        `nn.triton_conv` where it applies (CUDA, channels-last, bf16/fp16) while `set_conv3d_mode` is
+        "auto"; the other layers keep cuDNN. The same function up to float32 summation order."""
+        if enabled and not triton_conv.available():
+            raise ValueError("the decoder's Triton convolutions need Triton and a CUDA GPU")
+        for module in self.decoder.modules():
+            if isinstance(module, CausalConv3d):
+                module.triton_kernel = enabled
+
+    @property
+    def decoder_triton(self) -> bool:
+        """Whether `set_decoder_triton` is on."""
+        return any(getattr(m, "triton_kernel", False) for m in self.decoder.modules())
 
     def _decoder_input(self, z: torch.Tensor) -> torch.Tensor:
         x = self.conv2(z)

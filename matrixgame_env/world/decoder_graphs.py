@@ -31,7 +31,13 @@ class _CapturedDecode:
 
 
 class DecoderGraphs:
-    """Captured steady-state decodes of one VAE, least recently used first out."""
+    """Captured steady-state decodes of one VAE, at most `max_graphs` at a time.
+
+    A graph is dropped when its cache is gone (a world reset, a forked state discarded). While all
+    `max_graphs` are held by live caches, further caches decode eagerly rather than evict one: with
+    more live caches than graphs (a vector env split into many cohorts, many planning branches),
+    evicting would re-capture on every block, which costs more than the eager decode it saves.
+    """
 
     def __init__(self, vae: WanVAE, max_graphs: int = 4) -> None:
         if vae.device.type != "cuda":
@@ -43,6 +49,7 @@ class DecoderGraphs:
         self.graphs: OrderedDict[tuple, _CapturedDecode] = OrderedDict()
         self.captures = 0
         self.replays = 0
+        self.eager_decodes = 0  # steady-state decodes left eager because every graph was in use
 
     @staticmethod
     def eligible(cache: DecoderCache) -> bool:
@@ -62,11 +69,15 @@ class DecoderGraphs:
         if not self.eligible(cache):
             return decode_to_uint8(self.vae, latents, cache)
         key = (id(cache), tuple(latents.shape), latents.dtype)
+        self._drop_dead()
         captured = self.graphs.get(key)
         if captured is not None and (captured.cache() is not cache or captured.binding != self._binding(cache)):
             del self.graphs[key]  # a new cache at a recycled id, or one whose slots were replaced
             captured = None
         if captured is None:
+            if len(self.graphs) >= self.max_graphs:
+                self.eager_decodes += 1
+                return decode_to_uint8(self.vae, latents, cache)
             return self._capture(latents, cache, key)
         self.graphs.move_to_end(key)
         captured.latents.copy_(latents)
@@ -89,9 +100,12 @@ class DecoderGraphs:
             frames = decode_to_uint8(self.vae, static, cache)
         self.graphs[key] = _CapturedDecode(graph, static, frames, cache, self._binding(cache))
         self.captures += 1
-        while len(self.graphs) > self.max_graphs:
-            self.graphs.popitem(last=False)
         return result
+
+    def _drop_dead(self) -> None:
+        """Forget the graphs of caches that no longer exist (their memory goes back to the pool)."""
+        for key in [key for key, captured in self.graphs.items() if captured.cache() is None]:
+            del self.graphs[key]
 
     def clear(self) -> None:
         self.graphs.clear()

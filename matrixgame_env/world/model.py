@@ -11,6 +11,7 @@ import torch
 from ..checkpoints import LoadedModel, load_model
 from ..images import ImageLike, fit_images
 from ..model_config import ModelConfig
+from ..nn import triton_conv
 from ..nn.clip import CLIPVisionEncoder
 from ..nn.dit import CausalDiT
 from ..nn.fusion import enable_fusion
@@ -137,11 +138,13 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def enable_fast_path(world: WorldModel, fast: bool | str = True, batch: int = 1) -> None:
-    """Speed options of a world of `batch` worlds. GPU: True = CUDA graphs (bit-identical results),
-    autotuned cuDNN convolutions (process-wide) and, where it pays, channels-last decoding (same
-    function, other kernels); "compile" = that plus torch.compile-fused elementwise chains in the DiT
-    and the decoder (process-wide); False = eager. CPU: True or "compile" = channels-last decoding
-    where the causal convolutions run as oneDNN's (the CPU default); False = the standard layout."""
+    """Speed options of a world of `batch` worlds. GPU: True = CUDA graphs of the sampler and of the
+    decoder (bit-identical results), autotuned cuDNN convolutions (process-wide), where it pays
+    channels-last decoding, and then the Triton kernel for the decoder's 16-channel convolutions
+    when Triton is installed (same function, other kernels); "compile" = that plus
+    torch.compile-fused elementwise chains in the DiT and the decoder (process-wide); False = eager.
+    CPU: True or "compile" = channels-last decoding where the causal convolutions run as oneDNN's
+    (the CPU default); False = the standard layout."""
     if fast not in (True, False, "compile"):
         raise ValueError(f"fast must be True, False or 'compile', got {fast!r}")
     if world.device.type != "cuda":
@@ -157,6 +160,11 @@ def enable_fast_path(world: WorldModel, fast: bool | str = True, batch: int = 1)
     if fast == "compile":
         enable_fusion(True)
     world.vae.set_decoder_channels_last(decoder_channels_last_pays(world.vae.config["dim"], fast, batch))
+    # Measured on an H200 (doom-small, benchmarks/NOTES.md): decoder graphs 2.2-2.4x the env's steps/s
+    # at 1-4 worlds, 1.45-1.54x at 16, 1.02-1.06x at 64; the Triton kernel 1.03-1.09x at 64 worlds.
+    if not fast or world.decoder_graphs is None:
+        world.enable_decoder_graphs(bool(fast))
+    world.vae.set_decoder_triton(bool(fast) and triton_conv.available())
 
 
 def cpu_decoder_channels_last_pays(vae: WanVAE) -> bool:
