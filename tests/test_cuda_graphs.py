@@ -222,6 +222,14 @@ def test_triton_convolution_matches_float64_in_bfloat16(c_in, c_out, row_taps):
     assert ((out.float() - cudnn.float()).norm() / cudnn.float().norm()).item() < 5e-3
 
 
+def test_decoder_graphs_policy_follows_the_measurements():
+    from matrixgame_env.world.model import decoder_graphs_pay
+
+    assert decoder_graphs_pay(16, True) and decoder_graphs_pay(16, "compile")  # doom-small: 1.02-2.4x
+    assert not decoder_graphs_pay(16, False)
+    assert not decoder_graphs_pay(96, True)  # the full-size decoder: long kernels, large activations
+
+
 def test_decoder_layout_policy_follows_the_measurements():
     from matrixgame_env.world.model import decoder_channels_last_pays
 

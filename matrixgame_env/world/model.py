@@ -138,11 +138,12 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def enable_fast_path(world: WorldModel, fast: bool | str = True, batch: int = 1) -> None:
-    """Speed options of a world of `batch` worlds. GPU: True = CUDA graphs of the sampler and of the
-    decoder (bit-identical results), autotuned cuDNN convolutions (process-wide), where it pays
-    channels-last decoding, and then the Triton kernel for the decoder's 16-channel convolutions
-    when Triton is installed (same function, other kernels); "compile" = that plus
-    torch.compile-fused elementwise chains in the DiT and the decoder (process-wide); False = eager.
+    """Speed options of a world of `batch` worlds. GPU: True = CUDA graphs of the sampler and, for
+    narrow decoders, of the decoder (bit-identical results), autotuned cuDNN convolutions
+    (process-wide), where it pays channels-last decoding, and then the Triton kernel for the
+    decoder's 16-channel convolutions when Triton is installed (same function, other kernels);
+    "compile" = that plus torch.compile-fused elementwise chains in the DiT and the decoder
+    (process-wide); False = eager.
     CPU: True or "compile" = channels-last decoding where the causal convolutions run as oneDNN's
     (the CPU default); False = the standard layout."""
     if fast not in (True, False, "compile"):
@@ -160,11 +161,19 @@ def enable_fast_path(world: WorldModel, fast: bool | str = True, batch: int = 1)
     if fast == "compile":
         enable_fusion(True)
     world.vae.set_decoder_channels_last(decoder_channels_last_pays(world.vae.config["dim"], fast, batch))
-    # Measured on an H200 (doom-small, benchmarks/NOTES.md): decoder graphs 2.2-2.4x the env's steps/s
-    # at 1-4 worlds, 1.45-1.54x at 16, 1.02-1.06x at 64; the Triton kernel 1.03-1.09x at 64 worlds.
-    if not fast or world.decoder_graphs is None:
-        world.enable_decoder_graphs(bool(fast))
+    graphs = decoder_graphs_pay(world.vae.config["dim"], fast)
+    if not graphs or world.decoder_graphs is None:
+        world.enable_decoder_graphs(graphs)
+    # The Triton kernel: 1.03-1.09x the steps/s of doom-small at 64 worlds (H200, benchmarks/NOTES.md).
     world.vae.set_decoder_triton(bool(fast) and triton_conv.available())
+
+
+def decoder_graphs_pay(decoder_dim: int, fast: bool | str) -> bool:
+    """Whether the VAE decoder replays from CUDA graphs. Measured on an H200 with doom-small's narrow
+    decoder, where launches are much of a decode: 2.2-2.4x the env's steps/s at 1-4 worlds, 1.45-1.54x
+    at 16, 1.02-1.06x at 64. The full-size decoder's kernels are long (66 ms of GPU time per block at
+    batch 1), so graphs would mostly hold a decode's activations in memory for little: left off there."""
+    return bool(fast) and decoder_dim < 64
 
 
 def cpu_decoder_channels_last_pays(vae: WanVAE) -> bool:
