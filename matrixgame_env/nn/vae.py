@@ -168,7 +168,7 @@ class _ComputationForm:
 # generic kernel), "stacked" (one 2D convolution over the temporal taps stacked in channels),
 # "onednn" (oneDNN's 3D convolution called directly: CPUs, float32 / bfloat16 / float16) or "auto"
 # (onednn on CPUs where it applies, else stacked; native elsewhere), "triton" (GPUs: 3x3x3
-# convolutions of 16-64 channels on channels-last bf16/fp16 inputs run as the kernel of
+# convolutions of 16 channels in and out on channels-last bf16/fp16 inputs run as the kernel of
 # `nn.triton_conv`, sized to narrow layers; the others as native). All compute the same function.
 _CONV3D_FORM = _ComputationForm(
     "conv3d", ("native", "stacked", "onednn", "triton"), on_cpu="onednn", elsewhere="native"

@@ -58,10 +58,12 @@ class DecoderGraphs:
 
     def _binding(self, cache: DecoderCache) -> tuple:
         """The addresses a captured graph reads and writes (the cache's slots, the decoder's weights,
-        which `WanVAE.set_decoder_channels_last` or a dtype change replace): it may only replay on them."""
+        which `WanVAE.set_decoder_channels_last` or a dtype change replace): it may only replay on them.
+        The weights' versions count too: kernels that read a repacked copy of a weight (the Triton
+        convolution) must not replay after an in-place update of it."""
         vae = self.vae
         weights = [*vae.conv2.parameters(), *vae.decoder.parameters(), vae.latent_mean, vae.latent_std]
-        return tuple(t.data_ptr() for t in [*cache.slots, *weights])
+        return tuple(t.data_ptr() for t in cache.slots) + tuple((t.data_ptr(), t._version) for t in weights)
 
     def decode(self, latents: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
         """Frames [B, T, H, W, 3] uint8 of a block, from a replay once the cache is `eligible`
