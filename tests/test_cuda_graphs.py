@@ -68,6 +68,35 @@ def test_graphs_follow_restore_and_fork():
     assert torch.equal(branches[0], branches[1])  # both copies of a fork see the same actions and noise
 
 
+@cuda
+def test_graphs_leave_extra_states_eager_and_free_those_of_dead_worlds():
+    import gc
+
+    world = WorldModel.from_pretrained("doom-small", device="cuda")
+    start = [str(world.start_image_paths()[0])]
+    results = {}
+    try:
+        for graphs in (False, True):
+            world.sampler.enable_cuda_graphs(graphs, max_graphs=2)  # room for one state's two ring phases
+            states = [world.start(start, seed=seed) for seed in range(2)]
+            # one state after the other: the first fills both graphs before the second asks for one
+            results[graphs] = [
+                torch.cat([world.step_latents(s, *_actions(1, b)).cpu() for b in range(5)]) for s in states
+            ]
+        counts = world.sampler.graphs
+        # the first state captures both phases, then replays; the second runs every eligible block eagerly
+        assert counts.captures == 2 and counts.replays >= 1
+        assert counts.eager_blocks == counts.replays + 2
+        del states[0]
+        gc.collect()
+        world.step_latents(states[-1], *_actions(1, 5))  # the dead state's graphs are dropped: room now
+        assert counts.captures == 3
+    finally:
+        world.sampler.enable_cuda_graphs(False)
+    eager, fast = torch.stack(results[False]), torch.stack(results[True])
+    assert (eager - fast).abs().max() <= 2e-2 * eager.abs().max()
+
+
 def test_graphs_need_cuda():
     world = WorldModel.from_pretrained("doom-small", device="cpu")
     with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):

@@ -84,7 +84,14 @@ class _CapturedBlock:
 
 
 class BlockGraphs:
-    """Captured steady-state blocks of one sampler, least recently used first out."""
+    """Captured steady-state blocks of one sampler, at most `max_graphs` at a time (one per world
+    state and ring phase: two per state with doom-small's and the official window).
+
+    The graphs of a state are dropped when the state is gone. While all `max_graphs` belong to live
+    states, further states run eagerly rather than evict one: with more live states than graphs (a
+    vector env whose worlds reset at different times runs one state per cohort), evicting would
+    re-capture on every block, which costs more than the eager pass it saves.
+    """
 
     def __init__(self, sampler: StreamingSampler, max_graphs: int = 4) -> None:
         self.sampler = sampler
@@ -95,6 +102,7 @@ class BlockGraphs:
         self._states: dict[int, weakref.ref] = {}
         self.captures = 0
         self.replays = 0
+        self.eager_blocks = 0  # steady-state blocks left eager because every graph was in use
 
     def eligible(self, state: WorldState) -> bool:
         """True once this block fills the window: from then on every block has the same shapes."""
@@ -114,6 +122,8 @@ class BlockGraphs:
     def run(self, state: WorldState, inputs: BlockInputs) -> torch.Tensor:
         """x0 of the block, from a replay (or from the eager pass that precedes a capture)."""
         key = self._key(state)
+        for state_id in [i for i, ref in self._states.items() if ref() is None]:
+            self._drop(state_id)  # states that no longer exist
         ref = self._states.get(id(state))
         if ref is not None and ref() is not state:  # a new state at a recycled id: forget the old graphs
             self._drop(id(state))
@@ -122,6 +132,9 @@ class BlockGraphs:
             del self.graphs[key]
             captured = None
         if captured is None:
+            if len(self.graphs) >= self.max_graphs:
+                self.eager_blocks += 1
+                return self.sampler.denoise_block(state, inputs)
             return self._capture(state, inputs, key)
         self.graphs.move_to_end(key)
         start = state.frame
@@ -154,8 +167,6 @@ class BlockGraphs:
         self.graphs[key] = _CapturedBlock(graph, static, output, self._binding(state))
         self._states[id(state)] = weakref.ref(state)
         self.captures += 1
-        while len(self.graphs) > self.max_graphs:
-            self.graphs.popitem(last=False)
         return result
 
     def _drop(self, state_id: int) -> None:
