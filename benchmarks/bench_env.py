@@ -51,10 +51,11 @@ def cpu_single(
     guidance: float | None = None,
     upsample: str = "auto",
     fast: bool = True,
+    dtype: str = "float32",
 ) -> dict:
     set_conv3d_mode(conv3d)
     set_upsample_mode(upsample)
-    env = MatrixGameEnv(model, device="cpu", fast=fast, action_guidance=guidance)
+    env = MatrixGameEnv(model, device="cpu", fast=fast, action_guidance=guidance, dtype=getattr(torch, dtype))
     channels_last = env.world.vae.decoder_channels_last
     guidance = env.world.sampler.config.action_guidance
     rng = np.random.default_rng(0)
@@ -71,9 +72,10 @@ def cpu_single(
     set_upsample_mode("auto")
     step_s = statistics.median(times)
     layout = ", decoder channels-last" if channels_last else ""
-    setting = f"cpu single env (conv3d {conv3d}{layout}, upsample {upsample}, action guidance {guidance:g})"
+    setting = f"cpu single env ({dtype}, conv3d {conv3d}{layout}, upsample {upsample}, action guidance {guidance:g})"
     return {
         "setting": setting,
+        "dtype": dtype,
         "worlds": 1,
         "step_s": step_s,
         "steps_per_s": 1 / step_s,
@@ -197,6 +199,13 @@ def main() -> None:
         help="how the VAE's causal convolutions run in the CPU measurement (nn.vae.set_conv3d_mode)",
     )
     parser.add_argument(
+        "--cpu-dtypes",
+        nargs="+",
+        default=["float32"],
+        choices=["float32", "bfloat16"],
+        help="the CPU env's dtype (the whole model); repeat to alternate",
+    )
+    parser.add_argument(
         "--cpu-eager", action="store_true", help="the CPU env with fast=False (the standard decoder layout)"
     )
     parser.add_argument("--gpu-worlds", type=int, nargs="+", default=[1, 4, 16, 64])
@@ -251,8 +260,11 @@ def main() -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     for conv3d in args.cpu_conv3d if args.cpu_steps else []:
-        for guidance, upsample in ((g, u) for g in args.action_guidance for u in args.upsample):
-            row = cpu_single(args.model, args.cpu_steps, args.warmup, conv3d, guidance, upsample, not args.cpu_eager)
+        settings = itertools.product(args.action_guidance, args.upsample, args.cpu_dtypes)
+        for guidance, upsample, dtype in settings:
+            row = cpu_single(
+                args.model, args.cpu_steps, args.warmup, conv3d, guidance, upsample, not args.cpu_eager, dtype
+            )
             rows.append(row)
             rows[-1]["threads"] = args.threads
             print(table(rows[-1:], ["setting", "steps_per_s", "step_s", "threads"]), flush=True)
