@@ -144,3 +144,25 @@ def test_triton_mode_needs_a_gpu_or_the_interpreter():
         pytest.skip("the interpreter is on in this process")
     with pytest.raises(ValueError, match="needs Triton and a CUDA GPU"):
         set_conv3d_mode("triton")
+
+
+def test_bad_kernel_inputs_say_what_is_accepted():
+    joined = torch.zeros(1, 8, 3, 4, 4, dtype=torch.float16).contiguous(memory_format=torch.channels_last_3d)
+    with pytest.raises(ValueError, match=r"takes \(16, 32, 64\) channels in and out, got 8 -> 8"):
+        triton_conv.causal_conv3x3x3(joined, torch.zeros(27 * 8, 8, dtype=torch.float16), None)
+    joined = torch.zeros(1, 16, 3, 4, 4, dtype=torch.float16).contiguous(memory_format=torch.channels_last_3d)
+    with pytest.raises(ValueError, match=r"packed kernel of shape \(16, 16\) does not fit 16 input channels"):
+        triton_conv.causal_conv3x3x3(joined, torch.zeros(16, 16, dtype=torch.float16), None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without a GPU")
+def test_decoder_triton_switch_needs_a_gpu_or_the_interpreter():
+    from matrixgame_env.nn.vae import WanVAE
+
+    if triton_conv.interpreted():
+        pytest.skip("the interpreter is on in this process")
+    vae = WanVAE(dim=16, num_res_blocks=1)
+    with pytest.raises(ValueError, match="Triton convolutions need Triton and a CUDA GPU"):
+        vae.set_decoder_triton(True)
+    assert not vae.decoder_triton
+    vae.set_decoder_triton(False)  # turning it off is always allowed
