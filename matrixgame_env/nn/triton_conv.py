@@ -202,16 +202,17 @@ def causal_conv3x3x3(
     )
     constants = {"C_IN": c_in, "C_OUT": c_out, "HAS_BIAS": bias is not None}
     if block_m is None and not interpreted():
-        grid = lambda meta: (triton_cdiv(height * width, meta["BLOCK_M"]), batch * frames)  # noqa: E731
+        grid = lambda meta: (_cdiv(height * width, meta["BLOCK_M"]), batch * frames)  # noqa: E731
         tuned[grid](*arguments, **constants)
     else:
         block_m = block_m or 16
-        grid = (triton_cdiv(height * width, block_m), batch * frames)
+        grid = (_cdiv(height * width, block_m), batch * frames)
         plain[grid](*arguments, **constants, BLOCK_M=block_m, ROW_TAPS=row_taps)
     return out
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
+    """Ceiling of a / b."""
     return -(-a // b)
 
 

@@ -314,8 +314,8 @@ class CausalConv3d(nn.Conv3d):
     def _convolve_joined(
         self, joined: torch.Tensor, cache: FeatureCache, bias: torch.Tensor | None, form: str
     ) -> torch.Tensor:
-        """The convolution of [past frames, this chunk] [B, C, past + T, H, W] in `form` ("native" or
-        "onednn"); keeps its last frames."""
+        """The convolution of [past frames, this chunk] [B, C, past + T, H, W] in `form` ("native",
+        "onednn" or "triton", which takes torch's where its kernel does not apply); keeps its last frames."""
         cache.keep(self.cache_slot, joined[:, :, -self.past_frames :])  # a copy: the join need not stay alive
         if form == "onednn":  # torch's own conv3d would take its slow generic CPU kernel
             return torch.ops.aten.mkldnn_convolution(

@@ -11,7 +11,6 @@ the uint8 frames are copied out. The kernels are the eager path's own.
 from __future__ import annotations
 
 import weakref
-from collections import OrderedDict
 
 import torch
 
@@ -46,7 +45,7 @@ class DecoderGraphs:
         self.max_graphs = max_graphs
         self.pool = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream(device=vae.device)
-        self.graphs: OrderedDict[tuple, _CapturedDecode] = OrderedDict()
+        self.graphs: dict[tuple, _CapturedDecode] = {}
         self.captures = 0
         self.replays = 0
         self.eager_decodes = 0  # steady-state decodes left eager because every graph was in use
@@ -81,7 +80,6 @@ class DecoderGraphs:
                 self.eager_decodes += 1
                 return decode_to_uint8(self.vae, latents, cache)
             return self._capture(latents, cache, key)
-        self.graphs.move_to_end(key)
         captured.latents.copy_(latents)
         captured.graph.replay()
         self.replays += 1

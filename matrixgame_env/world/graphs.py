@@ -10,7 +10,6 @@ and the output is copied out. The kernels are the eager path's own, so the resul
 from __future__ import annotations
 
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -98,7 +97,7 @@ class BlockGraphs:
         self.max_graphs = max_graphs
         self.pool = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream(device=sampler.model.device)
-        self.graphs: OrderedDict[tuple, _CapturedBlock] = OrderedDict()
+        self.graphs: dict[tuple, _CapturedBlock] = {}
         self._states: dict[int, weakref.ref] = {}
         self.captures = 0
         self.replays = 0
@@ -122,8 +121,7 @@ class BlockGraphs:
     def run(self, state: WorldState, inputs: BlockInputs) -> torch.Tensor:
         """x0 of the block, from a replay (or from the eager pass that precedes a capture)."""
         key = self._key(state)
-        for state_id in [i for i, ref in self._states.items() if ref() is None]:
-            self._drop(state_id)  # states that no longer exist
+        self._drop_dead()
         ref = self._states.get(id(state))
         if ref is not None and ref() is not state:  # a new state at a recycled id: forget the old graphs
             self._drop(id(state))
@@ -136,7 +134,6 @@ class BlockGraphs:
                 self.eager_blocks += 1
                 return self.sampler.denoise_block(state, inputs)
             return self._capture(state, inputs, key)
-        self.graphs.move_to_end(key)
         start = state.frame
         captured.inputs.copy_(inputs)
         captured.graph.replay()
@@ -168,6 +165,11 @@ class BlockGraphs:
         self._states[id(state)] = weakref.ref(state)
         self.captures += 1
         return result
+
+    def _drop_dead(self) -> None:
+        """Forget the graphs of states that no longer exist (their memory goes back to the pool)."""
+        for state_id in [i for i, ref in self._states.items() if ref() is None]:
+            self._drop(state_id)
 
     def _drop(self, state_id: int) -> None:
         for key in [k for k in self.graphs if k[0] == state_id]:
