@@ -1,9 +1,12 @@
 """Compare the VAE round trips of model folders on clips of a recording (PSNR, frame statistics).
 
     python scripts/compare_decoders.py --data DATA MODEL [MODEL ...] [--clips 8] [--frames 25]
-        [--split val|train] [--val-fraction 0.1] [--out report.json]
+        [--split val|train] [--val-fraction 0.1] [--idm IDM] [--out report.json]
 
-Prints one row per model (and the real frames) and writes the numbers as JSON with --out.
+Prints one row per model (and the real frames) and writes the numbers as JSON with --out. With --idm
+(an inverse-dynamics model saved by `matrixgame-env eval`) the clips come with their actions and each
+round trip is also judged by it: how much of the actions a VAE leaves readable, the most any DiT on
+its latents can show (keys and yaw direction accuracy).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from matrixgame_env.eval.drift import STATISTICS  # noqa: E402
+from matrixgame_env.eval.idm import load_idm  # noqa: E402
+from matrixgame_env.eval.real_data import FrameWindows, resize_frames  # noqa: E402
 from matrixgame_env.eval.reconstruction import real_clips, reconstruction_report  # noqa: E402
 from matrixgame_env.world.model import WorldModel  # noqa: E402
 
@@ -34,16 +39,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=["val", "train"], default="val")
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--idm", default=None, help="judge each round trip with this inverse-dynamics model")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     worlds = [(name, WorldModel.from_pretrained(name, device=args.device, dtype=torch.float32)) for name in args.models]
     size = worlds[0][1].video_size
-    real = real_clips(args.data, args.frames, args.clips, args.split, args.val_fraction, size)
-    report = reconstruction_report(worlds, real)
+    columns = COLUMNS
+    judge = None
+    if args.idm is None:
+        real = real_clips(args.data, args.frames, args.clips, args.split, args.val_fraction, size)
+    else:  # clips with their actions, for the judge
+        windows = FrameWindows(args.data, args.split, args.frames, args.val_fraction, stride=args.frames)
+        items = windows.stack(windows.evenly_spaced(args.clips))
+        real = resize_frames(items["frames"], size)
+        judge = (load_idm(args.idm, args.device), items["keyboard"], items["mouse"])
+        columns = (*COLUMNS, "idm_keys", "idm_yaw")
+    report = reconstruction_report(worlds, real, judge)
     width = max(len(name) for name in report)
-    print(f"{'':{width}}  " + "  ".join(f"{c:>14}" for c in COLUMNS))
+    print(f"{'':{width}}  " + "  ".join(f"{c:>14}" for c in columns))
     for name, row in report.items():
-        print(f"{name:{width}}  " + "  ".join(f"{row[c]:14.2f}" for c in COLUMNS))
+        print(f"{name:{width}}  " + "  ".join(f"{row[c]:14.3f}" if c.startswith("idm") else f"{row[c]:14.2f}"
+                                              for c in columns))  # fmt: skip
     if args.out is not None:  # the real frames' PSNR against themselves is infinite: null in JSON
         rows = {name: {k: (None if math.isinf(v) else v) for k, v in row.items()} for name, row in report.items()}
         settings = {k: v for k, v in vars(args).items() if k != "out"}

@@ -16,14 +16,16 @@ from tiny_training import VAL_FRACTION, run_cli, tiny_dataset, tiny_model_folder
 
 from matrixgame_env.data.dataset import VideoClipDataset
 from matrixgame_env.eval.drift import drift_report, frame_statistics, real_ranges
-from matrixgame_env.eval.fidelity import clip_frames, generate_clips, horizon_frames, summary_points
+from matrixgame_env.eval.fidelity import clip_frames, generate_clips, horizon_frames, reconstruct_clips, summary_points
 from matrixgame_env.eval.idm import (
     IDMConfig,
+    InverseDynamicsModel,
     Labels,
     Predictions,
     TrainSettings,
     accuracy,
     clip_windows,
+    evaluate_clips,
     evaluate_windows,
     load_idm,
     mirror_windows,
@@ -33,7 +35,7 @@ from matrixgame_env.eval.idm import (
 )
 from matrixgame_env.eval.key_readability import best_threshold_accuracy, displacement_in_view, key_readability
 from matrixgame_env.eval.metrics import PSNR_CAP, psnr, ssim
-from matrixgame_env.eval.real_data import FrameWindows
+from matrixgame_env.eval.real_data import FrameWindows, resize_frames
 from matrixgame_env.eval.reconstruction import frames_report, real_clips, reconstruction_report
 from matrixgame_env.model_config import ModelConfig
 from matrixgame_env.world.model import WorldModel
@@ -327,10 +329,10 @@ def test_eval_command_end_to_end(dataset, model, tmp_path) -> None:
     assert set(fidelity["at"]) == {"0.5s", "1s"} and fidelity["at"]["1s"]["frame"] == 18
 
     idm = report["idm"]
-    for key in ("real_val", "real_clips", "generated"):
+    for key in ("real_val", "real_clips", "vae_round_trip", "generated"):
         for name in ("keyboard", "keyboard_exact", "keyboard_balanced", "yaw_direction", "yaw_direction_balanced"):
             assert 0 <= idm[key][name] <= 1, (key, name)
-    assert idm["real_clips"]["frames"] == idm["generated"]["frames"] == 2 * (21 - 2)
+    assert idm["real_clips"]["frames"] == idm["vae_round_trip"]["frames"] == idm["generated"]["frames"] == 2 * (21 - 2)
     assert (out / "idm" / "idm.safetensors").is_file()
     readable = idm["readable_from_motion"]
     assert set(readable) == {"forward", "back", "left", "right", "mean"}
@@ -417,6 +419,23 @@ def test_reconstruction_report_of_a_model_on_a_recording(dataset, model) -> None
     assert 0 < report["tiny"]["psnr_db"] < 60 and report["tiny"]["temporal_error"] > 0
     with pytest.raises(ValueError, match="has no clips of 401 frames"):
         real_clips(str(dataset), clip_frames=401, count=3)
+
+
+def test_reconstruction_report_judges_each_round_trip_with_an_idm(dataset, model) -> None:
+    world = WorldModel.from_pretrained(model, device="cpu")
+    windows = FrameWindows(dataset, "val", 9, float(VAL_FRACTION), stride=9)
+    items = windows.stack(windows.evenly_spaced(2))
+    real = resize_frames(items["frames"], world.video_size)
+    torch.manual_seed(0)
+    idm = InverseDynamicsModel(IDMConfig(video_size=world.video_size, width=8)).eval()
+    report = reconstruction_report([("tiny", world)], real, (idm, items["keyboard"], items["mouse"]))
+    with torch.no_grad():
+        round_trip = reconstruct_clips(world, real)
+    for name, frames in (("real", real), ("tiny", round_trip)):
+        expected = evaluate_clips(idm, frames, items["keyboard"], items["mouse"])
+        assert report[name]["idm_keys"] == expected["keyboard"]
+        assert report[name]["idm_yaw"] == expected["yaw_direction"]
+    assert "idm_keys" not in reconstruction_report([("tiny", world)], real)["tiny"]
 
 
 # ------------------------------------------------------------------------------------- key readability

@@ -713,3 +713,24 @@ def test_transposed_upsampling_accepts_channels_last_pictures() -> None:
 def test_upsample_mode_rejects_unknown_names() -> None:
     with pytest.raises(ValueError, match="transposed"):
         set_upsample_mode("bilinear")
+
+
+def test_a_decoder_narrower_than_the_encoder_keeps_its_width_in_the_config_and_the_weights() -> None:
+    torch.manual_seed(0)
+    vae = WanVAE(dim=8, decoder_dim=4, z_dim=4, dim_mult=(1, 2, 2), num_res_blocks=1,
+                 temporal_downsample=(False, True), latent_mean=[0.0] * 4, latent_std=[1.0] * 4)  # fmt: skip
+    assert vae.decoder_dim == 4 and vae.config["decoder_dim"] == 4 and vae.config["dim"] == 8
+    assert vae.encoder.conv1.weight.shape[0] == 8  # full-resolution widths: 8 in, 4 out
+    assert vae.decoder.head[2].weight.shape[1] == 4
+    rebuilt = WanVAE.from_config(vae.config)
+    rebuilt.load_state_dict(vae.state_dict())  # strict: the same tensors of the same shapes
+    video = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    latents = vae.encode(video)
+    assert latents.shape == (1, 4, 3, 4, 4)  # 4x space, 2x time
+    torch.testing.assert_close(rebuilt.decode(latents), vae.decode(latents), rtol=0, atol=0)
+    assert vae.decode(latents).shape == (1, 5, 3, 16, 16)
+    same = WanVAE(dim=8, decoder_dim=8, z_dim=4, dim_mult=(1, 2, 2), num_res_blocks=1,
+                  temporal_downsample=(False, True), latent_mean=[0.0] * 4, latent_std=[1.0] * 4)  # fmt: skip
+    assert "decoder_dim" not in same.config  # configs of one width stay as the official ones are
+    with pytest.raises(ValueError, match="decoder_dim must be positive"):
+        WanVAE(dim=8, decoder_dim=0)

@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> Path:
 
 def _fidelity(args: argparse.Namespace, world, report: dict, timing: dict) -> dict | None:
     """Generate the held-out clips and score them; returns the real and generated clips for the IDM."""
-    from .fidelity import clip_frames, evaluate_fidelity, generate_clips, horizon_frames
+    from .fidelity import clip_frames, evaluate_fidelity, generate_clips, horizon_frames, reconstruct_clips
     from .real_data import resize_frames
 
     if args.clips == 0:
@@ -110,10 +110,13 @@ def _fidelity(args: argparse.Namespace, world, report: dict, timing: dict) -> di
     timing["generate"] = time.monotonic() - started
     started = time.monotonic()
     sources = [windows.source(i) for i in chosen]
-    report["fidelity"] = evaluate_fidelity(world, real, generated, horizon, sources=sources, batch_size=args.batch_size)
+    reconstructed = reconstruct_clips(world, real, args.batch_size)
+    report["fidelity"] = evaluate_fidelity(world, real, generated, horizon, sources=sources, batch_size=args.batch_size,
+                                           reconstructed=reconstructed)  # fmt: skip
     report["fidelity"]["clips_available"] = len(windows)
     timing["fidelity_scores"] = time.monotonic() - started
-    return {"real": real, "generated": generated, "keyboard": items["keyboard"], "mouse": items["mouse"]}
+    return {"real": real, "generated": generated, "reconstructed": reconstructed, "keyboard": items["keyboard"],
+            "mouse": items["mouse"]}  # fmt: skip
 
 
 def _idm(
@@ -148,6 +151,8 @@ def _idm(
     if clips is not None:  # the same windows of the same clips, real and generated
         section["real_clips"] = evaluate_clips(model, clips["real"], clips["keyboard"], clips["mouse"])
         section["generated"] = evaluate_clips(model, clips["generated"], clips["keyboard"], clips["mouse"])
+        # The ceiling the VAE sets: what survives of the actions in the round trip of the real clips.
+        section["vae_round_trip"] = evaluate_clips(model, clips["reconstructed"], clips["keyboard"], clips["mouse"])
     if args.idm is None:
         idm_out = Path(args.idm_out) if args.idm_out else out / "idm"
         save_idm(model, idm_out, {"training": section["training"], "accuracy_real_val": section["real_val"],
@@ -226,7 +231,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             model, baseline = entry["model"], entry["copy_last_frame"]
             lines.append(f"fidelity at {label}: PSNR {model['psnr']:.2f} dB (copy last frame {baseline['psnr']:.2f}), "
                          f"SSIM {model['ssim']:.3f} (copy last frame {baseline['ssim']:.3f})")  # fmt: skip
-    for key in ("real_val", "real_clips", "generated"):
+    for key in ("real_val", "real_clips", "vae_round_trip", "generated"):
         result = report.get("idm", {}).get(key)
         if result:
             chance = result["chance"]

@@ -141,11 +141,13 @@ def evaluate_fidelity(
     sources: Sequence[dict] = (),
     batch_size: int = 8,
     reconstruction: bool = True,
+    reconstructed: torch.Tensor | None = None,
 ) -> dict:
     """The fidelity section of the report from real clips and the frames generated from them.
 
     real / generated uint8 [K, T, H, W, 3] (T = 9 + 12 n: whole blocks); scores are kept up to frame
-    `horizon`.
+    `horizon`. With `reconstruction` the VAE round trip of the real clips is scored too (`reconstructed`
+    when given, else computed here).
     """
     length = horizon + 1
     device = world.device
@@ -154,7 +156,9 @@ def evaluate_fidelity(
         "copy_last_frame": curves(frame_scores(real[:, :length], copy_last_frame(real[:, :length]), device)),
     }
     if reconstruction:
-        recon = reconstruct_clips(world, real, batch_size)[:, :length]
+        if reconstructed is None:
+            reconstructed = reconstruct_clips(world, real, batch_size)
+        recon = reconstructed[:, :length]
         methods["vae_reconstruction"] = curves(frame_scores(real[:, :length], recon, device))
     fps = world.config.fps
     return {

@@ -17,6 +17,9 @@ from ..data.dataset import VideoClipDataset, evenly_spaced
 from ..world.model import WorldModel
 from .drift import STATISTICS, frame_statistics
 from .fidelity import reconstruct_clips
+from .idm import InverseDynamicsModel, evaluate_clips
+
+Judge = tuple[InverseDynamicsModel, torch.Tensor, torch.Tensor]
 
 
 def real_clips(data: str, clip_frames: int, count: int, split: str = "val", val_fraction: float = 0.1,
@@ -43,10 +46,22 @@ def frames_report(frames: torch.Tensor, real: torch.Tensor) -> dict[str, float]:
     return report
 
 
-def reconstruction_report(worlds: Sequence[tuple[str, WorldModel]], real: torch.Tensor) -> dict[str, dict]:
-    """{"real": ..., name: ...} of `frames_report` for the real clips and each world's round trip."""
-    report = {"real": frames_report(real, real)}
-    for name, world in worlds:
+def reconstruction_report(
+    worlds: Sequence[tuple[str, WorldModel]], real: torch.Tensor, judge: Judge | None = None
+) -> dict[str, dict]:
+    """{"real": ..., name: ...} of `frames_report` for the real clips and each world's round trip.
+
+    With `judge` = (inverse-dynamics model, keyboard [K, T, keys], mouse [K, T, 2]) of the clips, each row
+    also holds its keyboard and yaw-direction accuracy ("idm_keys", "idm_yaw"): how much of the actions
+    a VAE leaves readable, the most a DiT on its latents can show.
+    """
+    report = {}
+    for name, world in [("real", None), *worlds]:
         with torch.no_grad():
-            report[name] = frames_report(reconstruct_clips(world, real), real)
+            frames = real if world is None else reconstruct_clips(world, real)
+        report[name] = frames_report(frames, real)
+        if judge is not None:
+            idm, keyboard, mouse = judge
+            judged = evaluate_clips(idm, frames, keyboard, mouse)
+            report[name].update(idm_keys=judged["keyboard"], idm_yaw=judged["yaw_direction"])
     return report

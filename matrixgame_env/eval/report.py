@@ -108,8 +108,13 @@ def _plot_idm(axis, idm: dict[str, Any] | None) -> None:
     if idm is None:
         _not_run(axis, "IDM action accuracy")
         return
-    sets = [(key, text) for key, text in (("real_val", "real held-out"), ("real_clips", "real, same windows"),
-                                          ("generated", "generated")) if idm.get(key)]  # fmt: skip
+    named = (
+        ("real_val", "real held-out"),
+        ("real_clips", "real, same windows"),
+        ("vae_round_trip", "VAE round trip of those"),
+        ("generated", "generated"),
+    )
+    sets = [(key, text) for key, text in named if idm.get(key)]
     reference = idm[sets[0][0]]
     keys = list(reference["keyboard_per_key"])
     labels = [*keys, "all keys", "exact", "yaw dir."]

@@ -47,6 +47,7 @@ _CONFIG_KEYS = (
     "temporal_downsample",
     "latent_mean",
     "latent_std",
+    "decoder_dim",
 )
 # The official code spells this argument "temperal"; accept its configs as they are.
 _OFFICIAL_SPELLINGS = {"temperal_downsample": "temporal_downsample"}
@@ -632,7 +633,9 @@ class WanVAE(nn.Module):
     Videos are [B, 3, T, H, W] in [-1, 1] with T = 1 + 4k and H, W multiples of 8; latents are
     normalised, [B, z_dim, 1 + k, H/8, W/8]. Decoded videos come back as [B, T, 3, H, W] in [-1, 1].
     The factors 8 and 4 follow from `dim_mult` and `temporal_downsample` (2 per stage, 2 per True).
-    Inputs are cast to the dtype and device of the weights.
+    `decoder_dim` (default: `dim`) lets the decoder be narrower than the encoder: the encoder runs once
+    per start picture in a world model, the decoder on every block. Inputs are cast to the dtype and
+    device of the weights.
     """
 
     def __init__(
@@ -645,8 +648,12 @@ class WanVAE(nn.Module):
         temporal_downsample: Sequence[bool] = (False, True, True),
         latent_mean: Sequence[float] = WAN21_LATENT_MEAN,
         latent_std: Sequence[float] = WAN21_LATENT_STD,
+        decoder_dim: int | None = None,
     ) -> None:
         super().__init__()
+        decoder_dim = dim if decoder_dim is None else decoder_dim
+        if dim < 1 or decoder_dim < 1:
+            raise ValueError(f"dim and decoder_dim must be positive, got {dim} and {decoder_dim}")
         if len(temporal_downsample) != len(dim_mult) - 1:
             raise ValueError(
                 f"temporal_downsample needs one entry per downsampler ({len(dim_mult) - 1} for dim_mult "
@@ -667,6 +674,8 @@ class WanVAE(nn.Module):
             "latent_mean": [float(m) for m in latent_mean],
             "latent_std": [float(s) for s in latent_std],
         }
+        if decoder_dim != dim:  # the official models share one width; only a narrower or wider decoder says so
+            self._config["decoder_dim"] = int(decoder_dim)
         self.z_dim = z_dim
         self._decoder_channels_last = False  # see set_decoder_channels_last
         self.spatial_factor = 2 ** (len(dim_mult) - 1)
@@ -675,7 +684,9 @@ class WanVAE(nn.Module):
         self.encoder = Encoder(dim, 2 * z_dim, dim_mult, num_res_blocks, attn_scales, temporal_downsample)
         self.conv1 = nn.Conv3d(2 * z_dim, 2 * z_dim, 1)  # encoder output -> mean | log-variance
         self.conv2 = nn.Conv3d(z_dim, z_dim, 1)  # first layer of decoding
-        self.decoder = Decoder(dim, z_dim, dim_mult, num_res_blocks, attn_scales, tuple(reversed(temporal_downsample)))
+        self.decoder = Decoder(
+            decoder_dim, z_dim, dim_mult, num_res_blocks, attn_scales, tuple(reversed(temporal_downsample))
+        )
         # Not in the checkpoint: constants of the latent space, kept with the model.
         self.register_buffer("latent_mean", torch.tensor(latent_mean, dtype=torch.float32), persistent=False)
         self.register_buffer("latent_std", torch.tensor(latent_std, dtype=torch.float32), persistent=False)
@@ -693,6 +704,11 @@ class WanVAE(nn.Module):
         if unknown:
             raise ValueError(f"unknown VAE config keys {unknown}; expected some of {list(_CONFIG_KEYS)}")
         return cls(**settings)
+
+    @property
+    def decoder_dim(self) -> int:
+        """Base width of the decoder (its full-resolution layers' channels)."""
+        return int(self._config.get("decoder_dim", self._config["dim"]))
 
     @property
     def config(self) -> dict[str, Any]:

@@ -160,8 +160,8 @@ def enable_fast_path(world: WorldModel, fast: bool | str = True, batch: int = 1)
         world.sampler.enable_cuda_graphs(False)
     if fast == "compile":
         enable_fusion(True)
-    world.vae.set_decoder_channels_last(decoder_channels_last_pays(world.vae.config["dim"], fast, batch))
-    graphs = decoder_graphs_pay(world.vae.config["dim"], fast)
+    world.vae.set_decoder_channels_last(decoder_channels_last_pays(world.vae.decoder_dim, fast, batch))
+    graphs = decoder_graphs_pay(world.vae.decoder_dim, fast)
     if not graphs or world.decoder_graphs is None:
         world.enable_decoder_graphs(graphs)
     # The Triton kernel: 1.03-1.09x the steps/s of doom-small at 64 worlds (H200, benchmarks/NOTES.md).
