@@ -13,7 +13,7 @@ set -eo pipefail
 cd "$(dirname "$0")/.."
 export MG_WORK=${MG_WORK:-/tmp/mg} PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 VARIANTS=${MG_VAE_VARIANTS:-e16d16=16/16 e32d16=32/16 e32d32=32/32}
-RECIPE=${MG_VAE_ARGS:---batch-size 32 --steps 8000 --lr 3e-4 --warmup-steps 200 --edge-weight 0.5 --gan-weight 0.1 --gan-start 800}
+RECIPE=${MG_VAE_ARGS:---batch-size 32 --steps 8000 --lr 3e-4 --warmup-steps 200 --edge-weight 0.5}
 started=$(date +%s)
 minutes_left() { python3 -c "print(round(($1 - ($(date +%s) - $started)) / 60, 2))"; }
 train_all() {  # $1: minutes for each variant, all at once on the GPU
