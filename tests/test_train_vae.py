@@ -193,7 +193,8 @@ def test_log_lines_after_the_resumed_checkpoint_are_dropped(tmp_path) -> None:
 def test_decoder_only_keeps_the_encoder_and_latent_space(finished_run, dataset, tmp_path) -> None:
     start = finished_run / "vae" / "model"
     train("vae", "--data", str(dataset), "--init", str(start), "--out", str(tmp_path), "--steps", "4",
-          "--decoder-only", "--latent-noise", "0.1", "--edge-weight", "0.5", "--val-clips", "4", *CLIP)  # fmt: skip
+          "--decoder-only", "--latent-noise", "0.1", "--edge-weight", "0.5", "--motion-weight", "1.0",
+          "--val-clips", "4", *CLIP)  # fmt: skip
     before = load_model(start, device="cpu")
     after = load_model(tmp_path / "vae" / "model", device="cpu")
     old, new = before.vae.state_dict(), after.vae.state_dict()
@@ -206,7 +207,9 @@ def test_decoder_only_keeps_the_encoder_and_latent_space(finished_run, dataset, 
     assert after.config.vae["latent_std"] == before.config.vae["latent_std"]
     record = after.config.extra["training"]["vae"]
     assert record["steps"] == 6 and record["decoder_only"]["steps"] == 4
-    assert record["decoder_only"]["latent_noise"] == 0.1
+    assert record["decoder_only"]["latent_noise"] == 0.1 and record["decoder_only"]["motion_weight"] == 1.0
+    logged = [json.loads(line) for line in (tmp_path / "vae" / "log.jsonl").read_text().splitlines()]
+    assert any("motion" in line for line in logged)
 
 
 def test_decoder_only_needs_a_trained_model(dataset, model_config, tmp_path) -> None:
@@ -228,11 +231,29 @@ def test_edge_loss_charges_blur_and_ignores_a_brightness_offset() -> None:
     assert edge_loss(blurred, sharp) == pytest.approx((1 / 3 + 2 / 3 + 1 / 3) / 7, rel=1e-6)
 
 
+def test_motion_loss_charges_a_change_that_is_missing_and_ignores_a_brightness_offset() -> None:
+    from matrixgame_env.train.vae import motion_loss, reconstruction_losses
+
+    moving = torch.zeros(1, 3, 4, 2, 2, dtype=torch.float64)
+    moving[:, :, 1:] = 0.5  # one change of 0.5 between frames 0 and 1, then none
+    held = torch.zeros_like(moving)
+    held[:, :, 2:] = 0.5  # the same change a frame late
+    assert motion_loss(moving, moving) == 0
+    assert motion_loss(moving + 0.25, moving) == 0
+    # differences of held minus moving per frame pair: -0.5, +0.5, 0 -> mean absolute 1/3
+    assert motion_loss(held, moving) == pytest.approx(1 / 3, rel=1e-12)
+    plain = reconstruction_losses(held, moving)
+    weighted = reconstruction_losses(held, moving, motion_weight=2.0)
+    assert "motion" not in plain and weighted["motion"] == pytest.approx(1 / 3, rel=1e-6)
+    assert weighted["loss"] - plain["loss"] == pytest.approx(2 / 3, rel=1e-6)
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
         (["--latent-noise", "-0.1", "--decoder-only"], "--latent-noise must be a number >= 0, got -0.1"),
         (["--edge-weight", "nan"], "--edge-weight must be a number >= 0, got nan"),
+        (["--motion-weight", "-1"], "--motion-weight must be a number >= 0, got -1.0"),
         (["--latent-noise", "0.1"], "--latent-noise applies to --decoder-only"),
         (["--gan-weight", "-1"], "--gan-weight must be a number >= 0, got -1.0"),
         (["--gan-weight", "0.1", "--disc-width", "12"], "--disc-width must be a multiple of 8"),
