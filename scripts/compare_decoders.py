@@ -60,8 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, row in report.items():
         print(f"{name:{width}}  " + "  ".join(f"{row[c]:14.3f}" if c.startswith("idm") else f"{row[c]:14.2f}"
                                               for c in columns))  # fmt: skip
+    if args.idm is not None:
+        for name, row in report.items():
+            phases = row["idm_by_phase"]
+            print(f"{name:{width}}  by phase 0-3: keys " + " ".join(f"{v:.3f}" for v in phases["keyboard"])
+                  + ", yaw " + " ".join(f"{v:.3f}" for v in phases["yaw_direction"]))  # fmt: skip
     if args.out is not None:  # the real frames' PSNR against themselves is infinite: null in JSON
-        rows = {name: {k: (None if math.isinf(v) else v) for k, v in row.items()} for name, row in report.items()}
+        rows = {name: {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in row.items()}
+                for name, row in report.items()}  # fmt: skip
         settings = {k: v for k, v in vars(args).items() if k != "out"}
         args.out.write_text(json.dumps({"settings": settings, "clips": list(real.shape), "report": rows}, indent=1))
         print(f"wrote {args.out}")

@@ -24,6 +24,7 @@ from matrixgame_env.eval.idm import (
     Predictions,
     TrainSettings,
     accuracy,
+    accuracy_by_phase,
     clip_windows,
     evaluate_clips,
     evaluate_windows,
@@ -435,7 +436,29 @@ def test_reconstruction_report_judges_each_round_trip_with_an_idm(dataset, model
         expected = evaluate_clips(idm, frames, items["keyboard"], items["mouse"])
         assert report[name]["idm_keys"] == expected["keyboard"]
         assert report[name]["idm_yaw"] == expected["yaw_direction"]
+        assert report[name]["idm_by_phase"] == accuracy_by_phase(idm, frames, items["keyboard"], items["mouse"])
     assert "idm_keys" not in reconstruction_report([("tiny", world)], real)["tiny"]
+
+
+def test_accuracy_by_phase_splits_the_clip_accuracy_by_the_labelled_frames_place_in_its_group(dataset) -> None:
+    windows = FrameWindows(dataset, "val", 9, float(VAL_FRACTION), stride=9)
+    items = windows.stack(windows.evenly_spaced(2))
+    torch.manual_seed(1)
+    idm = InverseDynamicsModel(IDMConfig(video_size=(16, 32), width=8)).eval()
+    frames, keyboard, mouse = items["frames"], items["keyboard"], items["mouse"]
+    phases = accuracy_by_phase(idm, frames, keyboard, mouse)
+    whole = evaluate_clips(idm, frames, keyboard, mouse)
+    # windows of 3 frames label frames 1..7 of each 9-frame clip: phases 1, 2, 3, 0, 1, 2, 3
+    counts = [1, 2, 2, 2]
+    for name in ("keyboard", "yaw_direction"):
+        assert sum(c * v for c, v in zip(counts, phases[name])) / 7 == pytest.approx(whole[name], abs=1e-12)
+    # phase 0 holds only the window labelling frame 4: its accuracy is that window's alone
+    f, k, m = clip_windows(frames, keyboard, mouse, 3)
+    only = [3, 10]  # the window labelling frame 4 in each of the two clips
+    alone = evaluate_windows(idm, f[only], k[only], m[only])
+    assert phases["yaw_direction"][0] == pytest.approx(alone["yaw_direction"], abs=1e-12)
+    with pytest.raises(ValueError, match="fewer than 4 windows"):
+        accuracy_by_phase(idm, frames[:, :5], keyboard[:, :5], mouse[:, :5])
 
 
 # ------------------------------------------------------------------------------------- key readability

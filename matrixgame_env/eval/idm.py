@@ -232,6 +232,27 @@ def evaluate_clips(
     return accuracy(*_joined(parts), model.config.keyboard)
 
 
+def accuracy_by_phase(
+    model: InverseDynamicsModel, frames: torch.Tensor, keyboard: torch.Tensor, mouse: torch.Tensor, period: int = 4
+) -> dict[str, list[float]]:
+    """Mean-key and yaw-direction accuracy over every window of K clips (as `evaluate_clips`), split by the
+    labelled frame's index modulo `period`: with period 4, where the labelled change falls among a VAE's
+    4-frame latent groups (phase 0: from the last frame of one group to the first of the next)."""
+    context = model.config.context
+    if frames.shape[1] < context + period - 1:
+        raise ValueError(f"clips of {frames.shape[1]} frames give fewer than {period} windows of {context} frames")
+    windows, keys, yaws = clip_windows(frames, keyboard, mouse, context)
+    predictions, labels = model.predict(windows), Labels.of_windows(keys, yaws, model.config)
+    labelled = torch.arange(frames.shape[1] - context + 1) + model.config.before
+    phase = (labelled % period).repeat(frames.shape[0])
+    keys_right = (predictions.keys == labels.keys).double().mean(1)
+    yaw_right = (predictions.yaw == labels.yaw).double()
+    return {
+        "keyboard": [float(keys_right[phase == p].mean()) for p in range(period)],
+        "yaw_direction": [float(yaw_right[phase == p].mean()) for p in range(period)],
+    }
+
+
 def evaluate_split(model: InverseDynamicsModel, windows: FrameWindows, max_windows: int = 4096) -> dict[str, Any]:
     """IDM accuracy on up to `max_windows` windows spread evenly over a split of the recording."""
     chosen = windows.evenly_spaced(max_windows)

@@ -17,7 +17,7 @@ from ..data.dataset import VideoClipDataset, evenly_spaced
 from ..world.model import WorldModel
 from .drift import STATISTICS, frame_statistics
 from .fidelity import reconstruct_clips
-from .idm import InverseDynamicsModel, evaluate_clips
+from .idm import InverseDynamicsModel, accuracy_by_phase, evaluate_clips
 
 Judge = tuple[InverseDynamicsModel, torch.Tensor, torch.Tensor]
 
@@ -53,7 +53,8 @@ def reconstruction_report(
 
     With `judge` = (inverse-dynamics model, keyboard [K, T, keys], mouse [K, T, 2]) of the clips, each row
     also holds its keyboard and yaw-direction accuracy ("idm_keys", "idm_yaw"): how much of the actions
-    a VAE leaves readable, the most a DiT on its latents can show.
+    a VAE leaves readable, the most a DiT on its latents can show; "idm_by_phase" splits them by where
+    the labelled change falls among the 4-frame latent groups (`accuracy_by_phase`).
     """
     report = {}
     for name, world in [("real", None), *worlds]:
@@ -63,5 +64,6 @@ def reconstruction_report(
         if judge is not None:
             idm, keyboard, mouse = judge
             judged = evaluate_clips(idm, frames, keyboard, mouse)
-            report[name].update(idm_keys=judged["keyboard"], idm_yaw=judged["yaw_direction"])
+            report[name].update(idm_keys=judged["keyboard"], idm_yaw=judged["yaw_direction"],
+                                idm_by_phase=accuracy_by_phase(idm, frames, keyboard, mouse))  # fmt: skip
     return report
