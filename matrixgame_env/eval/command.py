@@ -151,7 +151,8 @@ def _idm(
     if clips is not None:  # the same windows of the same clips, real and generated
         section["real_clips"] = evaluate_clips(model, clips["real"], clips["keyboard"], clips["mouse"])
         section["generated"] = evaluate_clips(model, clips["generated"], clips["keyboard"], clips["mouse"])
-        # The ceiling the VAE sets: what survives of the actions in the round trip of the real clips.
+        # What survives of the actions in the VAE round trip of the real clips: about what a DiT that renders
+        # them as the game does can reach (one that exaggerates them can score higher).
         section["vae_round_trip"] = evaluate_clips(model, clips["reconstructed"], clips["keyboard"], clips["mouse"])
     if args.idm is None:
         idm_out = Path(args.idm_out) if args.idm_out else out / "idm"

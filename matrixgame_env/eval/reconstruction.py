@@ -53,7 +53,8 @@ def reconstruction_report(
 
     With `judge` = (inverse-dynamics model, keyboard [K, T, keys], mouse [K, T, 2]) of the clips, each row
     also holds its keyboard and yaw-direction accuracy ("idm_keys", "idm_yaw"): how much of the actions
-    a VAE leaves readable, the most a DiT on its latents can show; "idm_by_phase" splits them by where
+    a VAE leaves readable, about what a DiT that renders them as the game does can show through it;
+    "idm_by_phase" splits them by where
     the labelled change falls among the 4-frame latent groups (`accuracy_by_phase`).
     """
     report = {}

@@ -102,10 +102,10 @@ def vae_losses(
     """Training losses of a batch of clips [B, 3, T, H, W] in [-1, 1].
 
     Returns "loss" (to minimise) = l1 + mse + kl_weight * kl + edge_weight * edge + motion_weight * motion
-    (see `edge_loss`, `motion_loss`), and its parts: "l1", "mse"
-    (pixel means), "kl" (mean KL per latent value of the unnormalised posterior against N(0, 1)) and "psnr"
-    (dB, 0..1 range). With `adversary` (decoded clips -> weighted generator loss) its value is added to
-    "loss" and reported as "gan", and the detached decoded clips come back as "reconstruction".
+    (see `edge_loss`, `motion_loss`), and its parts: "l1", "mse" (pixel means), "kl" (mean KL per latent
+    value of the unnormalised posterior against N(0, 1)), "psnr" (dB, 0..1 range) and "motion" when
+    weighted. With `adversary` (decoded clips -> weighted generator loss) its value is added to "loss"
+    and reported as "gan", and the detached decoded clips come back as "reconstruction".
     """
     mu, logvar = vae.encode_distribution(video)
     z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample else mu
@@ -129,8 +129,7 @@ def decoder_losses(
     channel's latent std of Gaussian noise) decoded and compared with the clips [B, 3, T, H, W] in [-1, 1].
 
     Returns "loss" = l1 + mse + edge_weight * edge + motion_weight * motion (+ the adversary's), and "l1",
-    "mse", "psnr" (and
-    "gan", "reconstruction") as `vae_losses`.
+    "mse", "psnr" (and "motion", "gan", "reconstruction") as `vae_losses`.
     """
     with torch.no_grad():
         mu, _ = vae.encode_distribution(video)
