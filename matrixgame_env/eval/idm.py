@@ -238,6 +238,13 @@ def accuracy_by_phase(
     """Mean-key and yaw-direction accuracy over every window of K clips (as `evaluate_clips`), split by the
     labelled frame's index modulo `period`: with period 4, where the labelled change falls among a VAE's
     4-frame latent groups (phase 0: from the last frame of one group to the first of the next)."""
+    return judge_clips(model, frames, keyboard, mouse, period)[1]
+
+
+def judge_clips(
+    model: InverseDynamicsModel, frames: torch.Tensor, keyboard: torch.Tensor, mouse: torch.Tensor, period: int = 4
+) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """`evaluate_clips` and `accuracy_by_phase` of the same clips from one pass of the model."""
     context = model.config.context
     if frames.shape[1] < context + period - 1:
         raise ValueError(f"clips of {frames.shape[1]} frames give fewer than {period} windows of {context} frames")
@@ -247,10 +254,11 @@ def accuracy_by_phase(
     phase = (labelled % period).repeat(frames.shape[0])
     keys_right = (predictions.keys == labels.keys).double().mean(1)
     yaw_right = (predictions.yaw == labels.yaw).double()
-    return {
+    by_phase = {
         "keyboard": [float(keys_right[phase == p].mean()) for p in range(period)],
         "yaw_direction": [float(yaw_right[phase == p].mean()) for p in range(period)],
     }
+    return accuracy(predictions, labels, model.config.keyboard), by_phase
 
 
 def evaluate_split(model: InverseDynamicsModel, windows: FrameWindows, max_windows: int = 4096) -> dict[str, Any]:

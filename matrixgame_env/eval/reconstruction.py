@@ -17,7 +17,7 @@ from ..data.dataset import VideoClipDataset, evenly_spaced
 from ..world.model import WorldModel
 from .drift import STATISTICS, frame_statistics
 from .fidelity import reconstruct_clips
-from .idm import InverseDynamicsModel, accuracy_by_phase, evaluate_clips
+from .idm import InverseDynamicsModel, judge_clips
 
 Judge = tuple[InverseDynamicsModel, torch.Tensor, torch.Tensor]
 
@@ -64,7 +64,6 @@ def reconstruction_report(
         report[name] = frames_report(frames, real)
         if judge is not None:
             idm, keyboard, mouse = judge
-            judged = evaluate_clips(idm, frames, keyboard, mouse)
-            report[name].update(idm_keys=judged["keyboard"], idm_yaw=judged["yaw_direction"],
-                                idm_by_phase=accuracy_by_phase(idm, frames, keyboard, mouse))  # fmt: skip
+            judged, by_phase = judge_clips(idm, frames, keyboard, mouse)
+            report[name].update(idm_keys=judged["keyboard"], idm_yaw=judged["yaw_direction"], idm_by_phase=by_phase)
     return report
