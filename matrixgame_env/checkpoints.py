@@ -101,6 +101,12 @@ def load_model(
     folder, config = _resolve(source, mode, download, config)
     if is_our_format(folder):
         parts = {part: read_state_dict(folder / name) for part, name in PART_FILES.items()}
+    elif (folder / "config.json").exists() and not is_official_layout(folder):
+        missing = sorted(name for name in PART_FILES.values() if not (folder / name).exists())
+        raise CheckpointError(
+            f"{folder} has a config.json but lacks {missing}; a model folder holds config.json and "
+            f"{sorted(PART_FILES.values())} (a `train vae` run's model folder has all three)"
+        )
     else:
         parts = read_official_parts(folder, config)
     dit, vae, clip = build_modules(config, device="meta")

@@ -176,3 +176,16 @@ def test_unknown_model_name_lists_the_presets():
 def test_official_preset_without_weights_explains_the_download(monkeypatch):
     with pytest.raises(CheckpointError, match="huggingface-cli download Skywork/Matrix-Game-2.0"):
         load_model("universal", device="cpu", download=False)
+
+
+def test_our_folder_missing_a_part_names_the_missing_file_not_the_official_layout(tmp_path):
+    config = tiny_model_config()
+    folder = save_model(tmp_path / "model", config, *tiny_modules(config))
+    (folder / "dit.safetensors").unlink()
+    (folder / "clip.safetensors").unlink()
+    with pytest.raises(CheckpointError) as caught:
+        load_model(folder, device="cpu")
+    message = str(caught.value)
+    assert "lacks ['clip.safetensors', 'dit.safetensors']" in message
+    assert "vae.safetensors" in message
+    assert OFFICIAL_VAE_FILE not in message
