@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -12,10 +13,12 @@ from tiny_training import VAL_FRACTION, run_cli, tiny_dataset, tiny_training_con
 
 from matrixgame_env.checkpoints import load_model
 from matrixgame_env.data.dataset import VideoClipDataset
+from matrixgame_env.model_config import ModelConfig
+from matrixgame_env.nn.reward_head import RewardHead
 from matrixgame_env.nn.vae import WanVAE
 from matrixgame_env.train.common import StepBatchSampler, TrainRun, warmup_cosine
 from matrixgame_env.train.vae import evenly_spaced, vae_losses
-from matrixgame_env.weights import read_state_dict
+from matrixgame_env.weights import read_state_dict, save_safetensors
 
 CLIP = ["--clip-frames", "9", "--val-fraction", VAL_FRACTION, "--batch-size", "2", "--warmup-steps", "2"]
 
@@ -338,3 +341,32 @@ def test_gan_training_resumes_exactly_and_keeps_the_discriminator_out_of_the_mod
     model = tmp_path / "once" / "vae" / "model"
     assert not any("discriminator" in path.name for path in model.iterdir())
     assert json.loads((model / "config.json").read_text())["extra"]["training"]["vae"]["gan_weight"] == 0.1
+
+
+def _with_dit_and_reward_head(start: Path, folder: Path) -> Path:
+    """A copy of model folder `start` whose config records DiT training and names a reward head file."""
+    shutil.copytree(start, folder)
+    config = ModelConfig.load(folder)
+    config.extra.setdefault("training", {}).update(dit={"steps": 5}, distill={"steps": 2})
+    head = RewardHead(z_dim=config.dit.get("out_dim", 16))
+    save_safetensors({k: v.detach() for k, v in head.state_dict().items()}, folder / "reward_head.safetensors")
+    config.extra["reward_head"] = {"file": "reward_head.safetensors", "config": head.config}
+    config.save(folder / "config.json")
+    return folder
+
+
+def test_a_new_latent_space_drops_what_read_the_old_one(finished_run, dataset, tmp_path) -> None:
+    start = _with_dit_and_reward_head(finished_run / "vae" / "model", tmp_path / "start")
+    train("vae", "--data", str(dataset), "--init", str(start), "--out", str(tmp_path / "whole"), "--steps", "2",
+          "--val-clips", "4", "--stats-clips", "4", *CLIP)  # fmt: skip
+    whole = tmp_path / "whole" / "vae" / "model"
+    config = ModelConfig.load(whole)
+    assert "dit" not in config.extra["training"] and "distill" not in config.extra["training"]
+    assert "reward_head" not in config.extra and not (whole / "reward_head.safetensors").exists()
+    train("vae", "--data", str(dataset), "--init", str(start), "--out", str(tmp_path / "decoder"), "--steps", "2",
+          "--decoder-only", "--val-clips", "4", *CLIP)  # fmt: skip
+    decoder = tmp_path / "decoder" / "vae" / "model"
+    config = ModelConfig.load(decoder)
+    assert config.extra["training"]["dit"] == {"steps": 5} and config.extra["training"]["distill"] == {"steps": 2}
+    assert config.extra["reward_head"]["file"] == "reward_head.safetensors"
+    assert (decoder / "reward_head.safetensors").read_bytes() == (start / "reward_head.safetensors").read_bytes()

@@ -26,6 +26,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..data.dataset import VideoClipDataset, evenly_spaced
+from ..learned_reward import REWARD_HEAD_KEY
 from ..model_config import ModelConfig
 from ..nn.vae import WanVAE
 from .adversarial import PatchDiscriminator, discriminator_loss, generator_loss, video_frames, width_problem
@@ -40,6 +41,7 @@ from .common import (
     initial_model,
     warmup_cosine,
 )
+from .diffusion import forget_dit_training
 
 STAGE = "vae"
 START_PICTURES = 4
@@ -393,12 +395,28 @@ def _finish(
         previous = config.extra.setdefault("training", {}).get(STAGE, {})
         record = {**previous, "decoder_only": {**record, "latent_noise": args.latent_noise,
                                                "edge_weight": args.edge_weight}}  # fmt: skip
+    if not args.decoder_only:
+        dropped = forget_latent_readers(config)
+        if dropped:
+            training.message(f"a new latent space: dropped {dropped} of the old one from the model folder")
     config.extra.setdefault("training", {})[STAGE] = record
     folder = export_model(training.folder / "model", config, dit, vae.cpu().float(), clip, source=source,
                           extra_files=pictures)  # fmt: skip
     (training.folder / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     training.message(f"VAE reconstruction PSNR on {split}: {psnr_db:.2f} dB; model written to {folder}")
     return folder
+
+
+def forget_latent_readers(config: ModelConfig) -> list[str]:
+    """Drops from `config` what was trained on another VAE's latents: the records of DiT training and
+    distillation (the DiT then counts as a placeholder) and the reward head, whose file is then not
+    copied. Returns what was dropped. A decoder-only run keeps the latent space, so it keeps them."""
+    records = config.extra.get("training", {})
+    dropped = [f"the {stage} training record" for stage in ("dit", "distill") if stage in records]
+    forget_dit_training(config)
+    if config.extra.pop(REWARD_HEAD_KEY, None) is not None:
+        dropped.append("the reward head")
+    return dropped
 
 
 def _start_pictures(clips: VideoClipDataset, count: int) -> dict[str, Callable[[Path], None]]:

@@ -1,0 +1,92 @@
+"""scripts/assemble_model.py: a model folder from the parts of others, checked by a strict reload."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_training import tiny_model_folder
+
+from matrixgame_env.checkpoints import load_model
+from matrixgame_env.model_config import ModelConfig
+from matrixgame_env.weights import CheckpointError, read_state_dict, save_safetensors
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "assemble_model.py"
+
+
+@pytest.fixture(scope="module")
+def assemble_script():
+    spec = importlib.util.spec_from_file_location("assemble_model", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("trained") / "model"
+    shutil.copytree(tiny_model_folder(tmp_path_factory), folder)  # the shared tiny model stays as it is
+    config = ModelConfig.load(folder)
+    config.extra.setdefault("training", {}).update(dit={"steps": 3}, distill={"steps": 1})
+    config.save(folder / "config.json")
+    return folder
+
+
+def _vae_only(model: Path, folder: Path) -> Path:
+    folder.mkdir()
+    for name in ("config.json", "vae.safetensors"):
+        shutil.copyfile(model / name, folder / name)
+    return folder
+
+
+def test_a_vae_only_folder_and_a_clip_become_a_model_with_a_placeholder_dit(assemble_script, model, tmp_path):
+    vae = _vae_only(model, tmp_path / "vae")
+    assert assemble_script.main([str(tmp_path / "out"), "--vae", str(vae), "--clip", str(model)]) == 0
+    loaded, source = load_model(tmp_path / "out", device="cpu"), load_model(model, device="cpu")
+    for part in ("vae", "clip"):
+        mine, theirs = getattr(loaded, part).state_dict(), getattr(source, part).state_dict()
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert not all(
+        torch.equal(a, b) for a, b in zip(loaded.dit.state_dict().values(), source.dit.state_dict().values())
+    )
+    records = loaded.config.extra["training"]
+    assert "dit" not in records and "distill" not in records  # the DiT is a placeholder now
+    assert loaded.config.extra["assembled_from"] == {"vae": str(vae), "clip": str(model), "dit": "fresh"}
+    assert loaded.config.vae == source.config.vae  # the latent statistics come with the VAE
+
+
+def test_a_given_dit_keeps_its_training_record(assemble_script, model, tmp_path):
+    vae = _vae_only(model, tmp_path / "vae")
+    assemble_script.main([str(tmp_path / "out"), "--vae", str(vae), "--dit", str(model)])
+    loaded = load_model(tmp_path / "out", device="cpu")
+    assert loaded.config.extra["training"]["dit"] == {"steps": 3}
+    source = read_state_dict(model / "dit.safetensors")
+    assert all(torch.equal(loaded.dit.state_dict()[k], v) for k, v in source.items())
+
+
+def test_a_part_that_does_not_fit_is_reported_by_its_keys(assemble_script, model, tmp_path):
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    state = read_state_dict(model / "clip.safetensors")
+    name = next(iter(state))
+    save_safetensors({k: v for k, v in state.items() if k != name}, clip / "clip.safetensors")
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+        assemble_script.assemble(tmp_path / "out", _vae_only(model, tmp_path / "vae"), clip=clip)
+
+
+def test_missing_files_and_a_used_folder_are_refused(assemble_script, model, tmp_path):
+    vae = _vae_only(model, tmp_path / "vae")
+    with pytest.raises(SystemExit, match="holds no clip.safetensors"):
+        assemble_script.assemble(tmp_path / "a", vae, clip=vae)
+    (vae / "config.json").unlink()
+    with pytest.raises(SystemExit, match="holds no config.json"):
+        assemble_script.assemble(tmp_path / "b", vae)
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "note.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match="not empty"):
+        assemble_script.assemble(used, _vae_only(model, tmp_path / "vae2"))
+    assert (used / "note.txt").read_text() == "keep me"
