@@ -7,7 +7,7 @@ only that part's safetensors file (e.g. config.json + vae.safetensors, the way a
 without its placeholder DiT). A DiT left out is an untrained placeholder, which `train dit`
 initialises (the config's records of DiT training and distillation are dropped). The result is
 loaded back strictly before the script ends, so a part that does not fit the config is reported
-with its mismatched keys.
+with its mismatched keys. No reward head comes along: train one on the new model (`train reward`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from matrixgame_env.checkpoints import PART_FILES, build_modules, load_model  # noqa: E402
+from matrixgame_env.learned_reward import REWARD_HEAD_KEY  # noqa: E402
 from matrixgame_env.model_config import ModelConfig  # noqa: E402
 from matrixgame_env.train.diffusion import forget_dit_training  # noqa: E402
 from matrixgame_env.weights import save_safetensors  # noqa: E402
@@ -38,6 +39,7 @@ def assemble(out: Path, vae: Path, clip: Path | None = None, dit: Path | None = 
     config = ModelConfig.load(vae)
     if dit is None:
         forget_dit_training(config)  # the DiT is a placeholder: no record of its training may remain
+    config.extra.pop(REWARD_HEAD_KEY, None)  # no reward head comes along (it reads one VAE's latents)
     config.extra["assembled_from"] = {part: str(folder) if folder else "fresh" for part, folder in sources.items()}
     out.mkdir(parents=True, exist_ok=True)
     fresh = dict(zip(("dit", "vae", "clip"), build_modules(config, device="cpu")))

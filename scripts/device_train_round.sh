@@ -13,11 +13,18 @@
 # and 2, for as long as the DiT (settings: MG_DISTILL_ARGS, MG_DISTILL_BATCH, MG_DISTILL_STEPS).
 # MG_REWARD_MINUTES=0 keeps the init model's reward head (it reads VAE latents, so it stays valid while the VAE
 # does) and evaluates and packs the DiT (or distilled) model itself.
+# MG_START_VAE=FOLDER (config.json + vae.safetensors, e.g. a VAE trained by scripts/device_vae_widths.sh and carried
+# along) starts over on a new latent space: round 1 assembles $MG_WORK/start from that VAE, the image encoder of
+# MG_START_CLIP (default models/doom-small) and a placeholder DiT (scripts/assemble_model.py), encodes the recording
+# with it and trains a DiT from scratch (every round then uses $MG_WORK/start as the init). The shipped DiT and VAE
+# are not needed then: leave them out of the working tree to make room for the carried VAE. Pack the DiT after the
+# last round with `MG_PACK_MODELS=dit bash scripts/device_pipeline.sh pack`.
 # Join the pieces here with `cat bundle.tar.part* | tar x` and
 # `python scripts/pack_model.py --unpack pack/STAGE NEW_MODEL_DIR` (STAGE: reward, or dit/distill with MG_REWARD_MINUTES=0).
 set -eo pipefail
 cd "$(dirname "$0")/.."
 export MG_WORK=${MG_WORK:-/tmp/mg} PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+if [ -n "${MG_START_VAE:-}" ]; then export MG_DIT_INIT=$MG_WORK/start MG_ENCODE_INIT=$MG_WORK/start; fi
 export MG_DIT_INIT=${MG_DIT_INIT:-models/doom-small} MG_DIT_BATCH=${MG_DIT_BATCH:-128}
 export MG_DIT_STEPS=${MG_DIT_STEPS:-3000} MG_ENCODE_INIT=${MG_ENCODE_INIT:-models/doom-small}
 export MG_DIT_ARGS=${MG_DIT_ARGS:---compile --lr 1.5e-4 --warmup-steps 200 --action-lr-mult 10 --log-every 50}
@@ -42,7 +49,11 @@ dit_beside_distill() {  # $1: minutes; the DiT stage, with a distillation beside
 }
 case ${1:-} in
   1)
-    pipeline setup "record:${MG_RECORD_MINUTES:-90}" encode:3
+    pipeline setup  # first: the package needs the installed wheels
+    if [ -n "${MG_START_VAE:-}" ] && [ ! -f "$MG_WORK/start/config.json" ]; then
+      python3 scripts/assemble_model.py "$MG_WORK/start" --vae "$MG_START_VAE" --clip "${MG_START_CLIP:-models/doom-small}"
+    fi
+    pipeline "record:${MG_RECORD_MINUTES:-90}" encode:3
     if [ "${MG_VAE_MINUTES:-0}" != 0 ]; then  # the vae stage shares the GPU with the DiT (both are small)
       pipeline "vae:$MG_VAE_MINUTES" > "$MG_WORK/vae_stage.txt" 2>&1 &
       vae_stage=$!

@@ -10,6 +10,10 @@
 # left of MG_CALL_SECONDS (default 560) after its other steps. MG_GPU_TESTS=1 runs tests/test_cuda_graphs.py beside
 # the recording in round 1. MG_PACK_VARIANTS (default: all) names the variants whose weights come back: $OUT returns
 # at most 64 MiB in all (float32: 10 MB for 16/16, 22 MB for 32/16, 41 MB for 32/32).
+# MG_VAE_INIT=FOLDER (config.json + vae.safetensors, e.g. a variant brought back by an earlier round 3) continues that
+# VAE with a new schedule instead of starting from scratch (its widths, not the variant's; scripts/assemble_model.py
+# makes it a model folder first). Round 3 compares the variants with the models in MG_COMPARE_WITH (default
+# models/doom-small; empty: none), so leave that empty when the shipped weights stay out of the working tree.
 set -eo pipefail
 cd "$(dirname "$0")/.."
 export MG_WORK=${MG_WORK:-/tmp/mg} PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -29,8 +33,13 @@ config = json.load(open("models/doom-small/config.json"))
 config["vae"].update(dim=int(sys.argv[2]), decoder_dim=int(sys.argv[3]))
 json.dump(config, open(sys.argv[1], "w"), indent=1)
 PY
+    start=(--model-config "$out/config.json")
+    if [ -n "${MG_VAE_INIT:-}" ]; then
+      [ -f "$out/init/config.json" ] || python3 scripts/assemble_model.py "$out/init" --vae "$MG_VAE_INIT"
+      start=(--init "$out/init")
+    fi
     resume=""; [ -d "$out/vae/checkpoints" ] && resume=--resume
-    python3 -m matrixgame_env.cli train vae --data "$MG_WORK/data" --model-config "$out/config.json" --out "$out" \
+    python3 -m matrixgame_env.cli train vae --data "$MG_WORK/data" "${start[@]}" --out "$out" \
       --minutes "$1" --workers 4 --no-progress $resume $RECIPE > "$out/round.txt" 2>&1 &
     pids+=($!)
   done
@@ -53,9 +62,9 @@ case ${1:-} in
   2) train_all "$(minutes_left "$call")" ;;
   3)
     train_all "$(minutes_left $((call - ${MG_COMPARE_SECONDS:-120})))"
-    models=(); for variant in $VARIANTS; do models+=("$MG_WORK/vae_${variant%%=*}/vae/model"); done
+    models=(${MG_COMPARE_WITH-models/doom-small}); for variant in $VARIANTS; do models+=("$MG_WORK/vae_${variant%%=*}/vae/model"); done
     python3 scripts/compare_decoders.py --data "$MG_WORK/data" --device cuda --clips 32 --frames 81 \
-      --idm models/doom-small/eval/idm --out "$MG_WORK/compare_widths.json" models/doom-small "${models[@]}"
+      --idm models/doom-small/eval/idm --out "$MG_WORK/compare_widths.json" "${models[@]}"
     rm -rf /tmp/pack && mkdir -p /tmp/pack
     cp "$MG_WORK/compare_widths.json" /tmp/pack/
     for variant in $VARIANTS; do

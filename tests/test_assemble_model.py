@@ -31,6 +31,7 @@ def model(tmp_path_factory) -> Path:
     shutil.copytree(tiny_model_folder(tmp_path_factory), folder)  # the shared tiny model stays as it is
     config = ModelConfig.load(folder)
     config.extra.setdefault("training", {}).update(dit={"steps": 3}, distill={"steps": 1})
+    config.extra["reward_head"] = {"file": "reward_head.safetensors", "config": {"z_dim": 4}}
     config.save(folder / "config.json")
     return folder
 
@@ -56,6 +57,7 @@ def test_a_vae_only_folder_and_a_clip_become_a_model_with_a_placeholder_dit(asse
     assert "dit" not in records and "distill" not in records  # the DiT is a placeholder now
     assert loaded.config.extra["assembled_from"] == {"vae": str(vae), "clip": str(model), "dit": "fresh"}
     assert loaded.config.vae == source.config.vae  # the latent statistics come with the VAE
+    assert "reward_head" not in loaded.config.extra and not (tmp_path / "out" / "reward_head.safetensors").exists()
 
 
 def test_a_given_dit_keeps_its_training_record(assemble_script, model, tmp_path):

@@ -363,6 +363,8 @@ def test_a_new_latent_space_drops_what_read_the_old_one(finished_run, dataset, t
     config = ModelConfig.load(whole)
     assert "dit" not in config.extra["training"] and "distill" not in config.extra["training"]
     assert "reward_head" not in config.extra and not (whole / "reward_head.safetensors").exists()
+    vae_record = config.extra["training"]["vae"]
+    assert vae_record["steps"] == 2 and vae_record["continued_from"]["steps"] == 6  # the VAE's lineage stays
     train("vae", "--data", str(dataset), "--init", str(start), "--out", str(tmp_path / "decoder"), "--steps", "2",
           "--decoder-only", "--val-clips", "4", *CLIP)  # fmt: skip
     decoder = tmp_path / "decoder" / "vae" / "model"

@@ -391,8 +391,11 @@ def _finish(
         record.update(gan_weight=args.gan_weight, gan_start=args.gan_start)
     if args.motion_weight > 0:
         record.update(motion_weight=args.motion_weight)
+    previous = config.extra.setdefault("training", {}).get(STAGE)
+    if previous and not args.decoder_only and args.init is not None:
+        record["continued_from"] = previous  # the --init VAE's own training, which these steps add to
     if args.decoder_only:
-        previous = config.extra.setdefault("training", {}).get(STAGE, {})
+        previous = previous or {}
         record = {**previous, "decoder_only": {**record, "latent_noise": args.latent_noise,
                                                "edge_weight": args.edge_weight}}  # fmt: skip
     if not args.decoder_only:
