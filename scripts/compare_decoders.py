@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             phases = row["idm_by_phase"]
             print(f"{name:{width}}  by phase 0-3: keys " + " ".join(f"{v:.3f}" for v in phases["keyboard"])
                   + ", yaw " + " ".join(f"{v:.3f}" for v in phases["yaw_direction"]))  # fmt: skip
+        for name, row in report.items():
+            sizes = row["idm_yaw_by_size"]
+            cells = zip(sizes["bands"], sizes["yaw_direction"], sizes["windows"])
+            print(f"{name:{width}}  yaw by size: " + ", ".join(_band_text(*cell) for cell in cells))
     if args.out is not None:  # the real frames' PSNR against themselves is infinite: null in JSON
         rows = {name: {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in row.items()}
                 for name, row in report.items()}  # fmt: skip
@@ -72,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps({"settings": settings, "clips": list(real.shape), "report": rows}, indent=1))
         print(f"wrote {args.out}")
     return 0
+
+
+def _band_text(band: list, accuracy: float | None, windows: int) -> str:
+    low, high = band
+    value = "-" if accuracy is None else f"{accuracy:.3f}"
+    return f"|yaw| {low:g}-{'' if high is None else f'{high:g}'}: {value} of {windows}"
 
 
 if __name__ == "__main__":

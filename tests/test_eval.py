@@ -28,6 +28,7 @@ from matrixgame_env.eval.idm import (
     clip_windows,
     evaluate_clips,
     evaluate_windows,
+    judge_clips,
     load_idm,
     mirror_windows,
     save_idm,
@@ -437,6 +438,7 @@ def test_reconstruction_report_judges_each_round_trip_with_an_idm(dataset, model
         assert report[name]["idm_keys"] == expected["keyboard"]
         assert report[name]["idm_yaw"] == expected["yaw_direction"]
         assert report[name]["idm_by_phase"] == accuracy_by_phase(idm, frames, items["keyboard"], items["mouse"])
+        assert report[name]["idm_yaw_by_size"] == judge_clips(idm, frames, items["keyboard"], items["mouse"])[2]
     assert "idm_keys" not in reconstruction_report([("tiny", world)], real)["tiny"]
 
 
@@ -459,6 +461,31 @@ def test_accuracy_by_phase_splits_the_clip_accuracy_by_the_labelled_frames_place
     assert phases["yaw_direction"][0] == pytest.approx(alone["yaw_direction"], abs=1e-12)
     with pytest.raises(ValueError, match="fewer than 4 windows"):
         accuracy_by_phase(idm, frames[:, :5], keyboard[:, :5], mouse[:, :5])
+
+
+def test_yaw_accuracy_by_size_splits_the_windows_by_the_labelled_yaw(dataset) -> None:
+    windows = FrameWindows(dataset, "val", 9, float(VAL_FRACTION), stride=9)
+    items = windows.stack(windows.evenly_spaced(2))
+    torch.manual_seed(2)
+    idm = InverseDynamicsModel(IDMConfig(video_size=(16, 32), width=8, yaw_dead_zone=0.02)).eval()
+    frames, keyboard = items["frames"], items["keyboard"]
+    mouse = items["mouse"].clone()
+    sizes = torch.tensor([0.0, 0.004, -0.01, 0.011, -0.02, 0.05, 0.051, -0.3, 0.03])  # one per frame
+    mouse[..., 1] = sizes
+    judged, _, by_size = judge_clips(idm, frames, keyboard, mouse)
+    assert by_size["bands"] == [[0.0, 0.01], [0.01, 0.05], [0.05, None]]
+    # frames 1..7 are labelled: |yaw| 0.004, 0.01 -> band 0; 0.011, 0.02, 0.05 -> band 1; 0.051, 0.3 -> band 2
+    assert by_size["windows"] == [4, 6, 4]
+    f, k, m = clip_windows(frames, keyboard, mouse, 3)
+    labelled = m[:, 1, 1].abs()
+    for band, (low, high) in enumerate([(0.0, 0.01), (0.01, 0.05), (0.05, 1.0)]):
+        chosen = torch.nonzero(((labelled > low) | (low == 0)) & (labelled <= high)).flatten().tolist()
+        alone = evaluate_windows(idm, f[chosen], k[chosen], m[chosen])
+        assert by_size["yaw_direction"][band] == pytest.approx(alone["yaw_direction"], abs=1e-12)
+    total = sum(n * v for n, v in zip(by_size["windows"], by_size["yaw_direction"])) / 14
+    assert total == pytest.approx(judged["yaw_direction"], abs=1e-12)
+    mouse[..., 1] = 0.0  # every window still: the other bands are empty, not zero
+    assert judge_clips(idm, frames, keyboard, mouse)[2]["yaw_direction"][1:] == [None, None]
 
 
 # ------------------------------------------------------------------------------------- key readability

@@ -13,6 +13,7 @@ dead zone around zero). Stored as `idm.safetensors` (weights, read with safetens
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -241,10 +242,19 @@ def accuracy_by_phase(
     return judge_clips(model, frames, keyboard, mouse, period)[1]
 
 
+def yaw_size_bands(dead_zone: float) -> list[tuple[float, float]]:
+    """|yaw| bands (model units) of `judge_clips`' split: still or nearly (up to half the dead zone), near
+    the dead zone's edge (up to 2.5 times it), and clear turns. Near the edge a direction is ambiguous
+    even on real frames, so the judge's own accuracy there bounds what any video can score."""
+    return [(0.0, 0.5 * dead_zone), (0.5 * dead_zone, 2.5 * dead_zone), (2.5 * dead_zone, math.inf)]
+
+
 def judge_clips(
     model: InverseDynamicsModel, frames: torch.Tensor, keyboard: torch.Tensor, mouse: torch.Tensor, period: int = 4
-) -> tuple[dict[str, Any], dict[str, list[float]]]:
-    """`evaluate_clips` and `accuracy_by_phase` of the same clips from one pass of the model."""
+) -> tuple[dict[str, Any], dict[str, list[float]], dict[str, list]]:
+    """`evaluate_clips` and `accuracy_by_phase` of the same clips from one pass of the model, and the
+    yaw-direction accuracy split by the size of the labelled yaw (`yaw_size_bands`: "bands", then
+    "yaw_direction" and "windows" per band; None for an empty band)."""
     context = model.config.context
     if frames.shape[1] < context + period - 1:
         raise ValueError(f"clips of {frames.shape[1]} frames give fewer than {period} windows of {context} frames")
@@ -258,7 +268,15 @@ def judge_clips(
         "keyboard": [float(keys_right[phase == p].mean()) for p in range(period)],
         "yaw_direction": [float(yaw_right[phase == p].mean()) for p in range(period)],
     }
-    return accuracy(predictions, labels, model.config.keyboard), by_phase
+    size = yaws[:, model.config.before, 1].abs()
+    bands = yaw_size_bands(model.config.yaw_dead_zone)
+    chosen = [((size > low) | (low == 0)) & (size <= high) for low, high in bands]
+    by_size = {
+        "bands": [[low, None if math.isinf(high) else high] for low, high in bands],
+        "yaw_direction": [float(yaw_right[c].mean()) if c.any() else None for c in chosen],
+        "windows": [int(c.sum()) for c in chosen],
+    }
+    return accuracy(predictions, labels, model.config.keyboard), by_phase, by_size
 
 
 def evaluate_split(model: InverseDynamicsModel, windows: FrameWindows, max_windows: int = 4096) -> dict[str, Any]:

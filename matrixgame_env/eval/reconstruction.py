@@ -55,7 +55,8 @@ def reconstruction_report(
     also holds its keyboard and yaw-direction accuracy ("idm_keys", "idm_yaw"): how much of the actions
     a VAE leaves readable, about what a DiT that renders them as the game does can show through it;
     "idm_by_phase" splits them by where
-    the labelled change falls among the 4-frame latent groups (`accuracy_by_phase`).
+    the labelled change falls among the 4-frame latent groups (`accuracy_by_phase`), "idm_yaw_by_size" the yaw
+    accuracy by the size of the labelled yaw (`judge_clips`).
     """
     report = {}
     for name, world in [("real", None), *worlds]:
@@ -64,6 +65,9 @@ def reconstruction_report(
         report[name] = frames_report(frames, real)
         if judge is not None:
             idm, keyboard, mouse = judge
-            judged, by_phase = judge_clips(idm, frames, keyboard, mouse)
-            report[name].update(idm_keys=judged["keyboard"], idm_yaw=judged["yaw_direction"], idm_by_phase=by_phase)
+            judged, by_phase, by_size = judge_clips(idm, frames, keyboard, mouse)
+            report[name].update(
+                idm_keys=judged["keyboard"], idm_yaw=judged["yaw_direction"], idm_by_phase=by_phase,
+                idm_yaw_by_size=by_size,
+            )  # fmt: skip
     return report
