@@ -335,6 +335,9 @@ def test_eval_command_end_to_end(dataset, model, tmp_path) -> None:
         for name in ("keyboard", "keyboard_exact", "keyboard_balanced", "yaw_direction", "yaw_direction_balanced"):
             assert 0 <= idm[key][name] <= 1, (key, name)
     assert idm["real_clips"]["frames"] == idm["vae_round_trip"]["frames"] == idm["generated"]["frames"] == 2 * (21 - 2)
+    for key in ("real_clips", "vae_round_trip", "generated"):  # the splits cover the same windows
+        assert sum(idm[key]["yaw_by_size"]["windows"]) == idm[key]["frames"]
+        assert len(idm[key]["by_phase"]["yaw_direction"]) == 4
     assert (out / "idm" / "idm.safetensors").is_file()
     readable = idm["readable_from_motion"]
     assert set(readable) == {"forward", "back", "left", "right", "mean"}

@@ -122,7 +122,7 @@ def _fidelity(args: argparse.Namespace, world, report: dict, timing: dict) -> di
 def _idm(
     args: argparse.Namespace, world, report: dict, timing: dict, clips: dict | None, out: Path, device, manifest
 ) -> None:
-    from .idm import IDMConfig, TrainSettings, evaluate_clips, evaluate_split, load_idm, save_idm, train_idm
+    from .idm import IDMConfig, TrainSettings, evaluate_split, judge_clips, load_idm, save_idm, train_idm
 
     if args.idm is None and args.steps == 0:
         return
@@ -149,11 +149,11 @@ def _idm(
                          "yaw_dead_zone": model.config.yaw_dead_zone, "width": model.config.width}  # fmt: skip
     section["real_val"] = evaluate_split(model, _windows(args, "val", model.config.context))
     if clips is not None:  # the same windows of the same clips, real and generated
-        section["real_clips"] = evaluate_clips(model, clips["real"], clips["keyboard"], clips["mouse"])
-        section["generated"] = evaluate_clips(model, clips["generated"], clips["keyboard"], clips["mouse"])
-        # What survives of the actions in the VAE round trip of the real clips: about what a DiT that renders
-        # them as the game does can reach (one that exaggerates them can score higher).
-        section["vae_round_trip"] = evaluate_clips(model, clips["reconstructed"], clips["keyboard"], clips["mouse"])
+        # "vae_round_trip": what survives of the actions in the VAE round trip of the real clips, about what a
+        # DiT that renders them as the game does can reach (one that exaggerates them can score higher).
+        for key, frames in (("real_clips", "real"), ("generated", "generated"), ("vae_round_trip", "reconstructed")):
+            judged, by_phase, by_size = judge_clips(model, clips[frames], clips["keyboard"], clips["mouse"])
+            section[key] = {**judged, "by_phase": by_phase, "yaw_by_size": by_size}
     if args.idm is None:
         idm_out = Path(args.idm_out) if args.idm_out else out / "idm"
         save_idm(model, idm_out, {"training": section["training"], "accuracy_real_val": section["real_val"],
@@ -240,6 +240,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                          f"balanced {result['keyboard_balanced']:.3f}), exact {result['keyboard_exact']:.3f}, "
                          f"yaw direction {result['yaw_direction']:.3f} (chance {chance['yaw_direction']:.3f}, "
                          f"balanced {result['yaw_direction_balanced']:.3f}), {result['frames']} frames")  # fmt: skip
+            sizes = result.get("yaw_by_size")
+            if sizes and sizes["yaw_direction"][-1] is not None:
+                low, clear, count = sizes["bands"][-1][0], sizes["yaw_direction"][-1], sizes["windows"][-1]
+                lines.append(f"  yaw direction of clear turns (|yaw| > {low:g}): {clear:.3f} of {count} frames")
     readable = report.get("idm", {}).get("readable_from_motion", {}).get("mean")
     if readable:
         lines.append(f"keys readable from the player's true motion (held-out episodes): {readable['readable']:.3f} "
