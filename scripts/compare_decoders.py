@@ -1,7 +1,7 @@
 """Compare the VAE round trips of model folders on clips of a recording (PSNR, frame statistics).
 
     python scripts/compare_decoders.py --data DATA MODEL [MODEL ...] [--clips 8] [--frames 25]
-        [--split val|train] [--val-fraction 0.1] [--idm IDM] [--out report.json]
+        [--split val|train] [--val-fraction 0.1] [--idm IDM] [--frames-alone] [--out report.json]
 
 Prints one row per model (and the real frames) and writes the numbers as JSON with --out. With --idm
 (an inverse-dynamics model saved by `matrixgame-env eval`) the clips come with their actions and each
@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--idm", default=None, help="judge each round trip with this inverse-dynamics model")
+    parser.add_argument(
+        "--frames-alone",
+        action="store_true",
+        help="also each model's round trip of every frame on its own (no temporal compression)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     worlds = [(name, WorldModel.from_pretrained(name, device=args.device, dtype=torch.float32)) for name in args.models]
@@ -54,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         real = resize_frames(items["frames"], size)
         judge = (load_idm(args.idm, args.device), items["keyboard"], items["mouse"])
         columns = (*COLUMNS, "idm_keys", "idm_yaw")
-    report = reconstruction_report(worlds, real, judge)
+    report = reconstruction_report(worlds, real, judge, frames_alone=args.frames_alone)
     width = max(len(name) for name in report)
     print(f"{'':{width}}  " + "  ".join(f"{c:>14}" for c in columns))
     for name, row in report.items():

@@ -16,7 +16,14 @@ from tiny_training import VAL_FRACTION, run_cli, tiny_dataset, tiny_model_folder
 
 from matrixgame_env.data.dataset import VideoClipDataset
 from matrixgame_env.eval.drift import drift_report, frame_statistics, real_ranges
-from matrixgame_env.eval.fidelity import clip_frames, generate_clips, horizon_frames, reconstruct_clips, summary_points
+from matrixgame_env.eval.fidelity import (
+    clip_frames,
+    generate_clips,
+    horizon_frames,
+    reconstruct_clips,
+    reconstruct_frames_alone,
+    summary_points,
+)
 from matrixgame_env.eval.idm import (
     IDMConfig,
     InverseDynamicsModel,
@@ -443,6 +450,28 @@ def test_reconstruction_report_judges_each_round_trip_with_an_idm(dataset, model
         assert report[name]["idm_by_phase"] == accuracy_by_phase(idm, frames, items["keyboard"], items["mouse"])
         assert report[name]["idm_yaw_by_size"] == judge_clips(idm, frames, items["keyboard"], items["mouse"])[2]
     assert "idm_keys" not in reconstruction_report([("tiny", world)], real)["tiny"]
+
+
+def test_frames_alone_are_each_frames_own_round_trip_and_get_their_own_rows(dataset, model) -> None:
+    world = WorldModel.from_pretrained(model, device="cpu")
+    real = real_clips(str(dataset), clip_frames=9, count=2, split="val", val_fraction=float(VAL_FRACTION))
+    real = resize_frames(real, world.video_size)
+    with torch.no_grad():
+        alone = reconstruct_frames_alone(world, real, batch_size=5)
+        one_by_one = torch.stack(
+            [
+                torch.cat([reconstruct_clips(world, real[k : k + 1, t : t + 1]) for t in range(9)], dim=1)[0]
+                for k in range(2)
+            ]
+        )
+        whole = reconstruct_clips(world, real)
+    assert alone.shape == real.shape and alone.dtype == torch.uint8
+    assert (alone.int() - one_by_one.int()).abs().max() <= 1  # batching may round differently, nothing more
+    assert torch.equal(alone[:, 0], whole[:, 0])  # a clip's first frame is encoded alone anyway
+    assert not torch.equal(alone[:, 1:], whole[:, 1:])  # later frames lose the temporal packing
+    report = reconstruction_report([("tiny", world)], real, frames_alone=True)
+    assert list(report) == ["real", "tiny", "tiny (frames alone)"]
+    assert report["tiny (frames alone)"] == frames_report(alone, real)
 
 
 def test_accuracy_by_phase_splits_the_clip_accuracy_by_the_labelled_frames_place_in_its_group(dataset) -> None:

@@ -87,6 +87,14 @@ def reconstruct_clips(world: WorldModel, frames: torch.Tensor, batch_size: int =
     return torch.cat(out)
 
 
+def reconstruct_frames_alone(world: WorldModel, frames: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Every frame's VAE round trip on its own, as a clip's first frame (no temporal compression):
+    uint8 [K, T, H, W, 3] -> the same shape. Beside `reconstruct_clips` it separates what the VAE loses
+    in space from what it loses by packing 4 frames into each later latent frame."""
+    single = frames.reshape(-1, 1, *frames.shape[2:])  # [K T, 1, H, W, 3]
+    return reconstruct_clips(world, single, batch_size).reshape(frames.shape)
+
+
 def frame_scores(
     real: torch.Tensor, candidate: torch.Tensor, device: torch.device | str = "cpu"
 ) -> dict[str, torch.Tensor]:

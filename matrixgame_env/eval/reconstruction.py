@@ -16,7 +16,7 @@ import torch
 from ..data.dataset import VideoClipDataset, evenly_spaced
 from ..world.model import WorldModel
 from .drift import STATISTICS, frame_statistics
-from .fidelity import reconstruct_clips
+from .fidelity import reconstruct_clips, reconstruct_frames_alone
 from .idm import InverseDynamicsModel, judge_clips
 
 Judge = tuple[InverseDynamicsModel, torch.Tensor, torch.Tensor]
@@ -47,7 +47,7 @@ def frames_report(frames: torch.Tensor, real: torch.Tensor) -> dict[str, float]:
 
 
 def reconstruction_report(
-    worlds: Sequence[tuple[str, WorldModel]], real: torch.Tensor, judge: Judge | None = None
+    worlds: Sequence[tuple[str, WorldModel]], real: torch.Tensor, judge: Judge | None = None, frames_alone: bool = False
 ) -> dict[str, dict]:
     """{"real": ..., name: ...} of `frames_report` for the real clips and each world's round trip.
 
@@ -56,12 +56,20 @@ def reconstruction_report(
     a VAE leaves readable, about what a DiT that renders them as the game does can show through it;
     "idm_by_phase" splits them by where
     the labelled change falls among the 4-frame latent groups (`accuracy_by_phase`), "idm_yaw_by_size" the yaw
-    accuracy by the size of the labelled yaw (`judge_clips`).
+    accuracy by the size of the labelled yaw (`judge_clips`). With `frames_alone` each world also gets a row
+    "NAME (frames alone)": every frame's round trip on its own (`reconstruct_frames_alone`), without the
+    temporal compression.
     """
+    rows: list[tuple[str, WorldModel | None, bool]] = [("real", None, False)]
+    for name, world in worlds:
+        rows += [(name, world, False)] + ([(f"{name} (frames alone)", world, True)] if frames_alone else [])
     report = {}
-    for name, world in [("real", None), *worlds]:
+    for name, world, alone in rows:
         with torch.no_grad():
-            frames = real if world is None else reconstruct_clips(world, real)
+            if world is None:
+                frames = real
+            else:
+                frames = reconstruct_frames_alone(world, real) if alone else reconstruct_clips(world, real)
         report[name] = frames_report(frames, real)
         if judge is not None:
             idm, keyboard, mouse = judge
