@@ -14,6 +14,8 @@
 # VAE with a new schedule instead of starting from scratch (its widths, not the variant's; scripts/assemble_model.py
 # makes it a model folder first). Round 3 compares the variants with the models in MG_COMPARE_WITH (default
 # models/doom-small; empty: none), so leave that empty when the shipped weights stay out of the working tree.
+# MG_VAE_EXTRA_<NAME> adds options for one variant (e.g. MG_VAE_EXTRA_motion="--motion-weight 1" beside a plain one:
+# two variants of the same widths continued from the same MG_VAE_INIT make an A/B test of a loss).
 set -eo pipefail
 cd "$(dirname "$0")/.."
 export MG_WORK=${MG_WORK:-/tmp/mg} PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -39,8 +41,9 @@ PY
       start=(--init "$out/init")
     fi
     resume=""; [ -d "$out/vae/checkpoints" ] && resume=--resume
+    extra="MG_VAE_EXTRA_$name"
     python3 -m matrixgame_env.cli train vae --data "$MG_WORK/data" "${start[@]}" --out "$out" \
-      --minutes "$1" --workers 4 --no-progress $resume $RECIPE > "$out/round.txt" 2>&1 &
+      --minutes "$1" --workers 4 --no-progress $resume $RECIPE ${!extra:-} > "$out/round.txt" 2>&1 &
     pids+=($!)
   done
   for pid in "${pids[@]}"; do wait "$pid" || echo "a variant failed (pid $pid)"; done
