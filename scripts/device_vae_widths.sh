@@ -3,8 +3,8 @@
 # once, in calls of under 10 minutes made back to back (the machine stays warm, so $MG_WORK carries over):
 #   bash scripts/device_vae_widths.sh 1      # setup, record 90 minutes, start every variant
 #   bash scripts/device_vae_widths.sh 2      # continue them (--resume)
-#   bash scripts/device_vae_widths.sh 3      # continue, compare their round trips (PSNR, frame statistics and
-#                                            # the shipped IDM's accuracy), pack them into $OUT
+#   bash scripts/device_vae_widths.sh 3      # continue, compare their round trips of clips and of frames alone
+#                                            # (PSNR, frame statistics, the shipped IDM's accuracy), pack into $OUT
 # Variants (MG_VAE_VARIANTS, NAME=ENCODER_DIM/DECODER_DIM, default "e16d16=16/16 e32d16=32/16 e32d32=32/32")
 # take the rest of models/doom-small/config.json. Recipe: MG_VAE_ARGS. Each round gives every variant the minutes
 # left of MG_CALL_SECONDS (default 560) after its other steps. MG_GPU_TESTS=1 runs tests/test_cuda_graphs.py beside
@@ -66,7 +66,7 @@ case ${1:-} in
   3)
     train_all "$(minutes_left $((call - ${MG_COMPARE_SECONDS:-120})))"
     models=(${MG_COMPARE_WITH-models/doom-small}); for variant in $VARIANTS; do models+=("$MG_WORK/vae_${variant%%=*}/vae/model"); done
-    python3 scripts/compare_decoders.py --data "$MG_WORK/data" --device cuda --clips 32 --frames 81 \
+    python3 scripts/compare_decoders.py --data "$MG_WORK/data" --device cuda --clips 32 --frames 81 --frames-alone \
       --idm models/doom-small/eval/idm --out "$MG_WORK/compare_widths.json" "${models[@]}"
     rm -rf /tmp/pack && mkdir -p /tmp/pack
     cp "$MG_WORK/compare_widths.json" /tmp/pack/
