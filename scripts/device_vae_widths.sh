@@ -65,7 +65,8 @@ case ${1:-} in
   2) train_all "$(minutes_left "$call")" ;;
   3)
     train_all "$(minutes_left $((call - ${MG_COMPARE_SECONDS:-120})))"
-    models=(${MG_COMPARE_WITH-models/doom-small}); for variant in $VARIANTS; do models+=("$MG_WORK/vae_${variant%%=*}/vae/model"); done
+    models=(${MG_COMPARE_WITH-models/doom-small})
+    for variant in $VARIANTS; do models+=("$MG_WORK/vae_${variant%%=*}/vae/model"); done
     python3 scripts/compare_decoders.py --data "$MG_WORK/data" --device cuda --clips 32 --frames 81 --frames-alone \
       --idm models/doom-small/eval/idm --out "$MG_WORK/compare_widths.json" "${models[@]}"
     rm -rf /tmp/pack && mkdir -p /tmp/pack
