@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from script_module import load_script
 from tiny_training import tiny_model_folder
 
 from matrixgame_env.checkpoints import load_model
 from matrixgame_env.model_config import ModelConfig
 from matrixgame_env.weights import CheckpointError, read_state_dict, save_safetensors
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "assemble_model.py"
-
 
 @pytest.fixture(scope="module")
 def assemble_script():
-    spec = importlib.util.spec_from_file_location("assemble_model", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("assemble_model")
 
 
 @pytest.fixture(scope="module")

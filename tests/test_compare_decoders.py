@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from script_module import load_script
 from tiny_training import VAL_FRACTION, VIDEO_SIZE, tiny_dataset, tiny_model_folder
 
 from matrixgame_env.eval.idm import IDMConfig, InverseDynamicsModel, save_idm
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_decoders.py"
-
 
 @pytest.fixture(scope="module")
 def compare_script():
-    spec = importlib.util.spec_from_file_location("compare_decoders", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("compare_decoders")
 
 
 def test_compare_with_a_judge_and_frames_alone_writes_every_row(compare_script, tmp_path_factory, tmp_path, capsys):
