@@ -19,11 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from matrixgame_env.checkpoints import PART_FILES, build_modules, load_model  # noqa: E402
+from matrixgame_env.checkpoints import PART_FILES, build_modules, load_model, save_model  # noqa: E402
 from matrixgame_env.learned_reward import REWARD_HEAD_KEY  # noqa: E402
 from matrixgame_env.model_config import ModelConfig  # noqa: E402
 from matrixgame_env.train.diffusion import forget_dit_training  # noqa: E402
-from matrixgame_env.weights import save_safetensors  # noqa: E402
 
 
 def assemble(out: Path, vae: Path, clip: Path | None = None, dit: Path | None = None) -> Path:
@@ -41,15 +40,10 @@ def assemble(out: Path, vae: Path, clip: Path | None = None, dit: Path | None = 
         forget_dit_training(config)  # the DiT is a placeholder: no record of its training may remain
     config.extra.pop(REWARD_HEAD_KEY, None)  # no reward head comes along (it reads one VAE's latents)
     config.extra["assembled_from"] = {part: str(folder) if folder else "fresh" for part, folder in sources.items()}
-    out.mkdir(parents=True, exist_ok=True)
-    fresh = dict(zip(("dit", "vae", "clip"), build_modules(config, device="cpu")))
+    save_model(out, config, *build_modules(config, device="cpu"))  # the config, and fresh parts where none is given
     for part, folder in sources.items():
-        if folder is None:
-            state = {k: v.detach() for k, v in fresh[part].state_dict().items()}
-            save_safetensors(state, out / PART_FILES[part], metadata={"format": "matrixgame-env", "part": part})
-        else:
+        if folder is not None:
             shutil.copyfile(folder / PART_FILES[part], out / PART_FILES[part])
-    config.save(out / "config.json")
     load_model(out, device="cpu")  # strict: every key and shape checked against the config
     return out
 

@@ -54,28 +54,25 @@ def reconstruction_report(
     With `judge` = (inverse-dynamics model, keyboard [K, T, keys], mouse [K, T, 2]) of the clips, each row
     also holds its keyboard and yaw-direction accuracy ("idm_keys", "idm_yaw"): how much of the actions
     a VAE leaves readable, about what a DiT that renders them as the game does can show through it;
-    "idm_by_phase" splits them by where
-    the labelled change falls among the 4-frame latent groups (`accuracy_by_phase`), "idm_yaw_by_size" the yaw
-    accuracy by the size of the labelled yaw (`judge_clips`). With `frames_alone` each world also gets a row
-    "NAME (frames alone)": every frame's round trip on its own (`reconstruct_frames_alone`), without the
-    temporal compression.
+    "idm_by_phase" splits them by where the labelled change falls among the 4-frame latent groups
+    (`accuracy_by_phase`), "idm_yaw_by_size" the yaw accuracy by the size of the labelled yaw
+    (`judge_clips`). With `frames_alone` each world also gets a row "NAME (frames alone)": every
+    frame's round trip on its own (`reconstruct_frames_alone`), without the temporal compression.
     """
-    rows: list[tuple[str, WorldModel | None, bool]] = [("real", None, False)]
-    for name, world in worlds:
-        rows += [(name, world, False)] + ([(f"{name} (frames alone)", world, True)] if frames_alone else [])
-    report = {}
-    for name, world, alone in rows:
-        with torch.no_grad():
-            if world is None:
-                frames = real
-            else:
-                frames = reconstruct_frames_alone(world, real) if alone else reconstruct_clips(world, real)
-        report[name] = frames_report(frames, real)
-        if judge is not None:
-            idm, keyboard, mouse = judge
-            judged, by_phase, by_size = judge_clips(idm, frames, keyboard, mouse)
-            report[name].update(
-                idm_keys=judged["keyboard"], idm_yaw=judged["yaw_direction"], idm_by_phase=by_phase,
-                idm_yaw_by_size=by_size,
-            )  # fmt: skip
+    report = {"real": _report_row(real, real, judge)}
+    with torch.no_grad():
+        for name, world in worlds:
+            report[name] = _report_row(reconstruct_clips(world, real), real, judge)
+            if frames_alone:
+                report[f"{name} (frames alone)"] = _report_row(reconstruct_frames_alone(world, real), real, judge)
     return report
+
+
+def _report_row(frames: torch.Tensor, real: torch.Tensor, judge: Judge | None) -> dict:
+    row = frames_report(frames, real)
+    if judge is not None:
+        idm, keyboard, mouse = judge
+        judged, by_phase, by_size = judge_clips(idm, frames, keyboard, mouse)
+        row.update(idm_keys=judged["keyboard"], idm_yaw=judged["yaw_direction"], idm_by_phase=by_phase,
+                   idm_yaw_by_size=by_size)  # fmt: skip
+    return row

@@ -392,13 +392,12 @@ def _finish(
     if args.motion_weight > 0:
         record.update(motion_weight=args.motion_weight)
     previous = config.extra.setdefault("training", {}).get(STAGE)
-    if previous and not args.decoder_only and args.init is not None:
-        record["continued_from"] = previous  # the --init VAE's own training, which these steps add to
     if args.decoder_only:
-        previous = previous or {}
-        record = {**previous, "decoder_only": {**record, "latent_noise": args.latent_noise,
-                                               "edge_weight": args.edge_weight}}  # fmt: skip
-    if not args.decoder_only:
+        record = {**(previous or {}), "decoder_only": {**record, "latent_noise": args.latent_noise,
+                                                       "edge_weight": args.edge_weight}}  # fmt: skip
+    else:
+        if previous and args.init is not None:
+            record["continued_from"] = previous  # the --init VAE's own training, which these steps add to
         dropped = forget_latent_readers(config)
         if dropped:
             training.message(f"a new latent space: dropped {dropped} of the old one from the model folder")
