@@ -3,8 +3,11 @@
 Worlds that started together share one batched `WorldState` (a cohort) and are generated in one
 DiT forward per step. A world that resets leaves its cohort and starts a new one with the other
 worlds resetting at the same step, because a fresh world's first block differs from later ones
-(9 video frames, the image-frame mask, empty caches). With episodes that end together (e.g. a
-fixed `max_episode_steps`), all N worlds stay in one cohort: one forward for all of them.
+(9 video frames, the image-frame mask, empty caches). Once a cohort's caches are full (two steps
+with the released window), it joins the other such cohorts (`merge_states`: older worlds are moved
+back to the youngest one's frame index, which changes only the rounding of their cached keys), so
+worlds whose episodes end at different times still cost one forward per step, plus one for each
+cohort of the last two steps' resets.
 Autoreset follows Gymnasium's next-step mode: the step after an episode ends returns the new
 episode's first observation, with reward 0 and the action ignored.
 """
@@ -33,6 +36,7 @@ from .env import (
 from .images import ImageLike
 from .rewards import NeverTerminate, StepOutcome, ZeroReward, bind_all
 from .spaces import layout_for
+from .world.merge import can_merge, merge_states
 from .world.model import WorldModel, enable_fast_path
 from .world.state import WorldState
 
@@ -43,7 +47,8 @@ class MatrixGameVectorEnv(VectorEnv):
     reset(seed=s) seeds world i with s + i, so world i matches `MatrixGameEnv.reset(seed=s + i)`;
     options={"image": picture or list of N pictures}. fast: as for `MatrixGameEnv` (CUDA graphs on a
     GPU by default; "compile" adds fused kernels); action_guidance, keyboard_guidance: as for
-    `MatrixGameEnv`.
+    `MatrixGameEnv`. merge_cohorts: join cohorts of worlds that reset at different times once their
+    caches are full (see the module docstring); False keeps each reset's cohort apart for good.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 25, "autoreset_mode": AutoresetMode.NEXT_STEP}
@@ -64,6 +69,7 @@ class MatrixGameVectorEnv(VectorEnv):
         fast: bool | str = True,
         action_guidance: float | None = None,
         keyboard_guidance: float | None = None,
+        merge_cohorts: bool = True,
     ) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
@@ -79,6 +85,7 @@ class MatrixGameVectorEnv(VectorEnv):
         self.render_mode = render_mode
         self.observation_mode = observation
         self.max_episode_steps = max_episode_steps
+        self.merge_cohorts = merge_cohorts
         self.metadata = dict(self.metadata, render_fps=config.fps)
         self.block_frames = self.world.frames_per_block
         self.single_observation_space = frame_observation_space(config.video_size, observation, self.block_frames)
@@ -129,6 +136,8 @@ class MatrixGameVectorEnv(VectorEnv):
         if len(resetting):
             self._remove(resetting)
             self._start(resetting)
+        if self.merge_cohorts:
+            self._merge_ready_cohorts()
         rewards = np.zeros(self.num_envs, np.float32)
         terminated = np.zeros(self.num_envs, bool)
         truncated = np.zeros(self.num_envs, bool)
@@ -153,7 +162,7 @@ class MatrixGameVectorEnv(VectorEnv):
             for j, i in enumerate(indices):
                 self._last_frames[i] = block[j]
             new_frames[indices] = block.shape[1]
-            frame_index[indices] = state.video_frame - 1
+            frame_index[indices] = np.asarray(state.world_video_frames()) - 1
         self._needs_reset = terminated | truncated
         frames = [self._last_frames[i] for i in range(self.num_envs)]
         whole = self._whole_batch_block(block, resetting)
@@ -223,6 +232,18 @@ class MatrixGameVectorEnv(VectorEnv):
         state = self.world.start(pictures, seed=seeds)
         self._cohorts.append((np.asarray(indices), state))
         self._steps[indices] = 0
+
+    def _merge_ready_cohorts(self) -> None:
+        """Join every cohort whose caches are full into one, its worlds in index order."""
+        ready = [cohort for cohort in self._cohorts if can_merge(cohort[1])]
+        if len(ready) < 2:
+            return
+        indices = np.concatenate([worlds for worlds, _ in ready])
+        state = merge_states(self.world.sampler.model, [state for _, state in ready])
+        order = np.argsort(indices, kind="stable")
+        if not np.array_equal(order, np.arange(len(order))):
+            state, indices = state.select(order.tolist()), indices[order]
+        self._cohorts = [(indices, state)] + [cohort for cohort in self._cohorts if not can_merge(cohort[1])]
 
     def _remove(self, worlds: np.ndarray) -> None:
         kept = []

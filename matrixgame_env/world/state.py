@@ -30,6 +30,9 @@ class WorldState:
     generators: list[torch.Generator]
     frame: int = 0  # latent frames generated so far (= first latent frame of the next block)
     decoder_cache: Any = None  # the VAE decoder's streaming cache, when frames are decoded
+    # Per world: latent frames it generated before `frame` counts from (worlds moved back in time
+    # by `merge_states`, to step together with younger ones); None: 0 for every world.
+    frame_shift: list[int] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -43,6 +46,14 @@ class WorldState:
     def video_frame(self) -> int:
         """Video frames generated so far."""
         return 0 if self.frame == 0 else 1 + 4 * (self.frame - 1)
+
+    def world_frames(self) -> list[int]:
+        """Latent frames each world has generated (`frame`, plus the world's `frame_shift`)."""
+        return [self.frame + shift for shift in (self.frame_shift or [0] * self.batch_size)]
+
+    def world_video_frames(self) -> list[int]:
+        """Video frames each world has generated."""
+        return [0 if f == 0 else 1 + 4 * (f - 1) for f in self.world_frames()]
 
     @property
     def nbytes(self) -> int:
@@ -64,6 +75,7 @@ class WorldState:
             generators=[_clone_generator(g) for g in self.generators],
             frame=self.frame,
             decoder_cache=None if self.decoder_cache is None else self.decoder_cache.clone(),
+            frame_shift=_copy_list(self.frame_shift),
         )
 
     def restore(self, snapshot: WorldState) -> None:
@@ -86,6 +98,7 @@ class WorldState:
         for g, s in zip(self.generators, snapshot.generators):
             g.set_state(s.get_state())
         self.frame = snapshot.frame
+        self.frame_shift = _copy_list(snapshot.frame_shift)
         self.decoder_cache = None if snapshot.decoder_cache is None else snapshot.decoder_cache.clone()
 
     def select(self, indices: torch.Tensor | list[int]) -> WorldState:
@@ -102,6 +115,7 @@ class WorldState:
             generators=[_clone_generator(self.generators[i]) for i in indices.tolist()],
             frame=self.frame,
             decoder_cache=None if self.decoder_cache is None else self.decoder_cache.select(indices),
+            frame_shift=None if self.frame_shift is None else [self.frame_shift[i] for i in indices.tolist()],
         )
 
     def fork(self, n: int) -> WorldState:
@@ -120,6 +134,10 @@ def _map_layer(layer: LayerCaches, fn) -> LayerCaches:
             fn(layer.action.keyboard) if layer.action.keyboard is not None else None,
         )
     return LayerCaches(fn(layer.self_attn), action)
+
+
+def _copy_list(values: list[int] | None) -> list[int] | None:
+    return None if values is None else list(values)
 
 
 def _clone(t: torch.Tensor | None) -> torch.Tensor | None:

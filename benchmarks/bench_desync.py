@@ -1,0 +1,147 @@
+"""Vector-env steps per second when worlds end their episodes at different times.
+
+Each world's episode ends at random (probability 1 / --episode-steps per step, the same draws for
+every setting), so the worlds reset at different steps, as in RL training. Each reset starts a
+cohort of its own; with `merge_cohorts` (the default) a cohort joins the others once its caches
+are full, without it every cohort keeps its own forward for good. Settings alternate within one
+run (--rounds pairs), and each reports steps/s of all worlds together and the mean number of
+forwards (cohorts) a step ran.
+
+Usage: python benchmarks/bench_desync.py [--model doom-small] [--device cuda] [--worlds 16 64]
+       [--episode-steps 20] [--steps 100] [--warmup 20] [--rounds 2] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_env import sample_actions  # noqa: E402
+from common import environment, table, write_json  # noqa: E402
+
+from matrixgame_env.rewards import StepOutcome  # noqa: E402
+from matrixgame_env.vector import MatrixGameVectorEnv  # noqa: E402
+
+
+class RandomEpisodeEnd:
+    """Terminates each world with probability `probability` per step, from its own seeded stream
+    (so every setting sees the same episode ends whatever its frames)."""
+
+    def __init__(self, probability: float, seed: int) -> None:
+        self.probability = probability
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, step: StepOutcome) -> np.ndarray:
+        return self.rng.random(len(step.frames)) < self.probability
+
+
+def run_setting(args: argparse.Namespace, worlds: int, merge: bool) -> dict:
+    """Steps/s and cohorts per step of one vector env after `args.warmup` steps."""
+    env = MatrixGameVectorEnv(
+        args.model,
+        num_envs=worlds,
+        device=args.device,
+        fast=args.fast,
+        termination=RandomEpisodeEnd(1 / args.episode_steps, seed=1),
+        merge_cohorts=merge,
+    )
+    rng = np.random.default_rng(0)
+    env.reset(seed=0)
+    for _ in range(args.warmup):
+        env.step(sample_actions(env.single_action_space, rng, worlds))
+    _sync(args.device)
+    cohorts, ended = [], 0
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        _, _, terminated, truncated, _ = env.step(sample_actions(env.single_action_space, rng, worlds))
+        cohorts.append(env.num_cohorts)
+        ended += int((terminated | truncated).sum())
+    _sync(args.device)
+    elapsed = time.perf_counter() - t0
+    graphs = env.world.sampler.graphs
+    env.close()
+    return {
+        "worlds": worlds,
+        "merge_cohorts": merge,
+        "steps_per_s": worlds * args.steps / elapsed,
+        "mean_cohorts": statistics.mean(cohorts),
+        "max_cohorts": max(cohorts),
+        "episodes_ended": ended,
+        "graph_captures": None if graphs is None else graphs.captures,
+        "eager_blocks_beyond_graphs": None if graphs is None else graphs.eager_blocks,
+    }
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="doom-small")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--worlds", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--episode-steps", type=float, default=20.0, help="mean episode length in env steps")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=20, help="steps before timing (episodes desynchronise)")
+    parser.add_argument("--rounds", type=int, default=2, help="pairs of (merged, separate) runs, alternating")
+    parser.add_argument("--fast", default="compile", choices=["eager", "graphs", "compile"])
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    args = parser.parse_args()
+    if args.episode_steps < 1:
+        parser.error("--episode-steps must be at least 1")
+    args.fast = {"eager": False, "graphs": True, "compile": "compile"}[args.fast]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for worlds in args.worlds:
+        for _ in range(args.rounds):
+            for merge in (True, False):
+                rows.append(run_setting(args, worlds, merge))
+                row = rows[-1]
+                print(
+                    f"{worlds} worlds, merge {merge}: {row['steps_per_s']:.1f} steps/s, "
+                    f"{row['mean_cohorts']:.2f} cohorts per step",
+                    flush=True,
+                )
+    print(
+        table(
+            rows,
+            [
+                "worlds",
+                "merge_cohorts",
+                "steps_per_s",
+                "mean_cohorts",
+                "max_cohorts",
+                "episodes_ended",
+                "graph_captures",
+            ],
+        )
+    )
+    settings = {
+        "model": args.model,
+        "device": args.device,
+        "episode_steps_mean": args.episode_steps,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "fast": args.fast,
+        "threads": torch.get_num_threads(),
+    }
+    name = f"desync_{args.device.split(':')[0]}"
+    path = write_json(name, {"environment": environment(), "settings": settings, "rows": rows}, args.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
