@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,9 +37,39 @@ from .env import (
 from .images import ImageLike
 from .rewards import NeverTerminate, StepOutcome, ZeroReward, bind_all
 from .spaces import layout_for
-from .world.merge import can_merge, merge_states
+from .world.merge import absorb, can_merge, merge_states
 from .world.model import WorldModel, enable_fast_path
 from .world.state import WorldState
+
+
+@dataclass
+class _Cohort:
+    """Worlds generated in one forward: row j of `state` is world `worlds[j]` while `live[j]`. A row
+    whose world restarted stays in the state (stale, computed and ignored) until the world's new
+    cohort is written back into it (`absorb`), so the state keeps its tensors and CUDA graphs."""
+
+    worlds: np.ndarray
+    live: np.ndarray
+    state: WorldState
+
+    @classmethod
+    def of(cls, worlds: np.ndarray, state: WorldState) -> _Cohort:
+        return cls(np.asarray(worlds), np.ones(len(worlds), bool), state)
+
+    @property
+    def live_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.live)
+
+    @property
+    def live_worlds(self) -> np.ndarray:
+        return self.worlds[self.live]
+
+    def compacted(self) -> _Cohort:
+        """The cohort without its stale rows (a new state when it had any)."""
+        if self.live.all():
+            return self
+        rows = self.live_rows
+        return _Cohort.of(self.worlds[rows], self.state.select(rows.tolist()))
 
 
 class MatrixGameVectorEnv(VectorEnv):
@@ -75,6 +106,10 @@ class MatrixGameVectorEnv(VectorEnv):
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         self.world = resolve_world(model, device, dtype, mode)
         enable_fast_path(self.world, fast, batch=num_envs)
+        if merge_cohorts:  # a cohort of new worlds lives two blocks before it rejoins: capturing it would not pay
+            for graphs in (self.world.sampler.graphs, self.world.decoder_graphs):
+                if graphs is not None:
+                    graphs.capture_after = max(graphs.capture_after, 1)
         if action_guidance is not None:
             self.world.sampler.set_action_guidance(action_guidance)
         if keyboard_guidance is not None:
@@ -96,7 +131,7 @@ class MatrixGameVectorEnv(VectorEnv):
         self.termination_fn = termination if termination is not None else NeverTerminate()
         bind_all(self.world, self.reward_fn, self.termination_fn)
         self._rngs = [seeding.np_random(None)[0] for _ in range(num_envs)]
-        self._cohorts: list[tuple[np.ndarray, WorldState]] = []
+        self._cohorts: list[_Cohort] = []
         self._steps = np.zeros(num_envs, np.int64)
         self._needs_reset = np.zeros(num_envs, bool)
         self._last_frames: list[np.ndarray | None] = [None] * num_envs
@@ -144,25 +179,26 @@ class MatrixGameVectorEnv(VectorEnv):
         new_frames = np.zeros(self.num_envs, np.int64)
         frame_index = np.zeros(self.num_envs, np.int64)
         block = None
-        for indices, state in self._cohorts:
-            if np.isin(indices, resetting).any():
+        for cohort in self._cohorts:
+            state, rows, worlds = cohort.state, cohort.live_rows, cohort.live_worlds
+            if np.isin(worlds, resetting).any():
                 continue  # the cohort this step's resets just started: its worlds show their start picture
-            k = torch.from_numpy(keyboard[indices])
-            m = None if mouse is None else torch.from_numpy(mouse[indices])
-            latents = self.world.step_latents(state, k, m)
+            latents = self.world.step_latents(state, *self._cohort_actions(cohort, keyboard, mouse))
             block = self.world.decode(state, latents).numpy()
-            self._steps[indices] += 1
+            if len(rows) < state.batch_size:  # stale rows were computed too: keep the live ones
+                block, latents = block[rows], latents[torch.from_numpy(rows).to(latents.device)]
+            self._steps[worlds] += 1
             outcome = StepOutcome(
-                block, latents, keyboard[indices], None if mouse is None else mouse[indices], self._steps[indices]
+                block, latents, keyboard[worlds], None if mouse is None else mouse[worlds], self._steps[worlds]
             )
-            rewards[indices] = np.asarray(self.reward_fn(outcome), np.float32)
-            terminated[indices] = np.asarray(self.termination_fn(outcome), bool)
+            rewards[worlds] = np.asarray(self.reward_fn(outcome), np.float32)
+            terminated[worlds] = np.asarray(self.termination_fn(outcome), bool)
             if self.max_episode_steps is not None:
-                truncated[indices] = self._steps[indices] >= self.max_episode_steps
-            for j, i in enumerate(indices):
+                truncated[worlds] = self._steps[worlds] >= self.max_episode_steps
+            for j, i in enumerate(worlds):
                 self._last_frames[i] = block[j]
-            new_frames[indices] = block.shape[1]
-            frame_index[indices] = np.asarray(state.world_video_frames()) - 1
+            new_frames[worlds] = block.shape[1]
+            frame_index[worlds] = np.asarray(state.world_video_frames())[rows] - 1
         self._needs_reset = terminated | truncated
         frames = [self._last_frames[i] for i in range(self.num_envs)]
         whole = self._whole_batch_block(block, resetting)
@@ -179,8 +215,8 @@ class MatrixGameVectorEnv(VectorEnv):
         (one cohort of all worlds, no resets), so that it need not be copied again; else None."""
         if block is None or len(self._cohorts) != 1 or len(resetting) or block.shape[1] != self.block_frames:
             return None
-        indices, _ = self._cohorts[0]
-        return block if np.array_equal(indices, np.arange(self.num_envs)) else None
+        cohort = self._cohorts[0]
+        return block if cohort.live.all() and np.array_equal(cohort.worlds, np.arange(self.num_envs)) else None
 
     def render(self):
         if self.render_mode == "rgb_array" and self._last_frames[0] is not None:
@@ -210,10 +246,10 @@ class MatrixGameVectorEnv(VectorEnv):
         """A copy of one world's state (for planners and debugging)."""
         if not 0 <= world_index < self.num_envs:
             raise ValueError(f"world_index must lie in 0..{self.num_envs - 1}, got {world_index}")
-        for indices, state in self._cohorts:
-            position = np.flatnonzero(indices == world_index)
+        for cohort in self._cohorts:
+            position = np.flatnonzero((cohort.worlds == world_index) & cohort.live)
             if len(position):
-                return state.select([int(position[0])])
+                return cohort.state.select([int(position[0])])
         raise RuntimeError("call reset() first")
 
     @property
@@ -230,30 +266,75 @@ class MatrixGameVectorEnv(VectorEnv):
             pictures.append(picture)
             self._last_frames[i] = picture_as_uint8(picture, self.world.video_size)[None]
         state = self.world.start(pictures, seed=seeds)
-        self._cohorts.append((np.asarray(indices), state))
+        self._cohorts.append(_Cohort.of(indices, state))
         self._steps[indices] = 0
 
     def _merge_ready_cohorts(self) -> None:
-        """Join every cohort whose caches are full into one, its worlds in index order."""
-        ready = [cohort for cohort in self._cohorts if can_merge(cohort[1])]
+        """Join the cohorts whose caches are full: into the largest one's stale rows of the same worlds
+        in place (it keeps its tensors and CUDA graphs), else into one new state, worlds in order."""
+        ready = [cohort for cohort in self._cohorts if can_merge(cohort.state)]
         if len(ready) < 2:
             return
-        indices = np.concatenate([worlds for worlds, _ in ready])
-        state = merge_states(self.world.sampler.model, [state for _, state in ready])
-        order = np.argsort(indices, kind="stable")
-        if not np.array_equal(order, np.arange(len(order))):
-            state, indices = state.select(order.tolist()), indices[order]
-        self._cohorts = [(indices, state)] + [cohort for cohort in self._cohorts if not can_merge(cohort[1])]
+        host = max(ready, key=lambda cohort: cohort.state.batch_size)
+        model = self.world.sampler.model
+        joined: list[_Cohort] = []
+        for guest in ready:
+            if guest is host:
+                continue
+            rows = [self._stale_row(host, world) for world in guest.live_worlds]
+            if all(row is not None for row in rows):
+                guest = guest.compacted()
+                absorb(model, host.state, rows, guest.state)
+                host.live[rows] = True
+            else:
+                joined.append(guest)
+        if joined:
+            parts = [cohort.compacted() for cohort in (host, *joined)]
+            worlds = np.concatenate([cohort.worlds for cohort in parts])
+            state = merge_states(model, [cohort.state for cohort in parts])
+            order = np.argsort(worlds, kind="stable")
+            if not np.array_equal(order, np.arange(len(order))):
+                state, worlds = state.select(order.tolist()), worlds[order]
+            host = _Cohort.of(worlds, state)
+        young = [cohort for cohort in self._cohorts if not can_merge(cohort.state)]
+        waiting = np.concatenate([cohort.live_worlds for cohort in young]) if young else np.array([], np.int64)
+        if not np.isin(host.worlds[~host.live], waiting).all():
+            host = host.compacted()  # stale rows no young cohort will take back
+        self._cohorts = [host, *young]
+
+    @staticmethod
+    def _stale_row(cohort: _Cohort, world: int) -> int | None:
+        rows = np.flatnonzero((cohort.worlds == world) & ~cohort.live)
+        return int(rows[0]) if len(rows) else None
 
     def _remove(self, worlds: np.ndarray) -> None:
+        """Take `worlds` out of their cohorts: with merging their rows go stale (the state stays as it
+        is, for the worlds' new cohorts to come back to), else the cohorts shrink to the others."""
         kept = []
-        for indices, state in self._cohorts:
-            keep = ~np.isin(indices, worlds)
-            if keep.all():
-                kept.append((indices, state))
-            elif keep.any():
-                kept.append((indices[keep], state.select(np.flatnonzero(keep).tolist())))
+        for cohort in self._cohorts:
+            leaving = np.isin(cohort.worlds, worlds) & cohort.live
+            if leaving.any():
+                cohort = _Cohort(cohort.worlds, cohort.live & ~leaving, cohort.state)
+            if cohort.live.any():
+                kept.append(cohort if self.merge_cohorts else cohort.compacted())
         self._cohorts = kept
+
+    def _cohort_actions(
+        self, cohort: _Cohort, keyboard: np.ndarray, mouse: np.ndarray | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The actions of a cohort's rows (no keys and no mouse motion for stale rows)."""
+        if cohort.live.all():
+            k = keyboard[cohort.worlds]
+            m = None if mouse is None else mouse[cohort.worlds]
+        else:
+            rows, worlds = cohort.live_rows, cohort.live_worlds
+            k = np.zeros((len(cohort.worlds), keyboard.shape[1]), keyboard.dtype)
+            k[rows] = keyboard[worlds]
+            m = None
+            if mouse is not None:
+                m = np.zeros((len(cohort.worlds), mouse.shape[1]), mouse.dtype)
+                m[rows] = mouse[worlds]
+        return torch.from_numpy(k), None if m is None else torch.from_numpy(m)
 
     def _split_actions(self, actions: Any) -> tuple[np.ndarray, np.ndarray | None]:
         if self.layout.one_hot:

@@ -7,7 +7,8 @@ from tiny_model import write_tiny_model
 
 from matrixgame_env.env import MatrixGameEnv
 from matrixgame_env.vector import MatrixGameVectorEnv
-from matrixgame_env.world.merge import can_merge, merge_states
+from matrixgame_env.world.graphs import ring_caches
+from matrixgame_env.world.merge import absorb, can_merge, merge_states
 from matrixgame_env.world.model import WorldModel
 
 
@@ -53,6 +54,46 @@ def test_a_merged_state_continues_each_world_as_it_would_have_gone_on_alone(worl
         assert float((together - expected).norm() / expected.norm()) < 1e-5  # float32 rounding of rotated keys
         assert np.abs(frames_together.astype(int) - frames_alone.astype(int)).max() <= 1
     assert merged.world_frames() == [old.frame, old.frame, young.frame]
+
+
+@pytest.mark.parametrize("guest_blocks", [2, 7])  # younger than the host (it moves back in place), older
+def test_absorb_writes_a_world_into_a_host_row_in_place_and_both_go_on_as_alone(world, guest_blocks):
+    rng = np.random.default_rng(5)
+    host = world.start(_pictures(rng, 3), seed=[1, 2, 3])
+    guest = world.start(_pictures(rng, 1), seed=[4])
+    _advance(world, host, rng, 5)  # latent frame 15
+    _advance(world, guest, rng, guest_blocks)
+    host_alone, guest_alone = host.snapshot(), guest.snapshot()
+    addresses = [c.key.data_ptr() for c in ring_caches(host)] + [s.data_ptr() for s in host.decoder_cache.slots]
+    absorb(world.sampler.model, host, [1], guest)
+    assert [c.key.data_ptr() for c in ring_caches(host)] + [s.data_ptr() for s in host.decoder_cache.slots] == addresses
+    assert host.world_frames() == [15, 3 * guest_blocks, 15]
+    for _ in range(3):
+        keyboard, mouse = _actions(rng, 3)
+        together = world.step_latents(host, keyboard, mouse)
+        frames = world.decode(host, together).numpy()
+        alone = world.step_latents(host_alone, keyboard, mouse)
+        frames_alone = world.decode(host_alone, alone).numpy()
+        guest_latents = world.step_latents(guest_alone, keyboard[1:2], mouse[1:2])
+        guest_frames = world.decode(guest_alone, guest_latents).numpy()
+        expected = torch.cat([alone[:1], guest_latents, alone[2:]])
+        assert float((together - expected).norm() / expected.norm()) < 1e-5
+        expected_frames = np.concatenate([frames_alone[:1], guest_frames, frames_alone[2:]])
+        assert np.abs(frames.astype(int) - expected_frames.astype(int)).max() <= 1
+    assert host.world_frames() == [host_alone.frame, guest_alone.frame, host_alone.frame]
+
+
+def test_absorb_checks_its_rows(world):
+    rng = np.random.default_rng(6)
+    host, guest = world.start(_pictures(rng, 2), seed=[1, 2]), world.start(_pictures(rng, 1), seed=[3])
+    _advance(world, host, rng, 2)
+    with pytest.raises(ValueError, match="cannot be merged yet"):
+        absorb(world.sampler.model, host, [0], guest)
+    _advance(world, guest, rng, 2)
+    with pytest.raises(ValueError, match="one distinct host row per guest world"):
+        absorb(world.sampler.model, host, [0, 1], guest)
+    with pytest.raises(ValueError, match="host rows must lie in 0..1"):
+        absorb(world.sampler.model, host, [2], guest)
 
 
 def test_relabelling_the_frames_alone_would_change_the_old_worlds_future(world):
@@ -116,6 +157,7 @@ def test_vector_env_worlds_reset_at_different_times_step_together_again(world):
         env.reset(seed=seed + i)
     rng = np.random.default_rng(4)
     cohorts = []
+    host = venvs[True]._cohorts[0].state
     for step in range(7):
         if step == 2:
             for venv in venvs.values():
@@ -133,3 +175,25 @@ def test_vector_env_worlds_reset_at_different_times_step_together_again(world):
         cohorts.append((venvs[True].num_cohorts, venvs[False].num_cohorts))
     # Reset at step 2: the new cohort fills its caches in steps 2 and 3, then joins the others.
     assert cohorts == [(1, 1), (1, 1), (2, 2), (2, 2), (1, 2), (1, 2), (1, 2)]
+    assert venvs[True]._cohorts[0].state is host  # written back into its old row: the same tensors
+
+
+def test_vector_env_worlds_that_reset_again_and_again_match_the_unmerged_env(world):
+    n = 3
+    venvs = {merge: MatrixGameVectorEnv(model=world, num_envs=n, merge_cohorts=merge) for merge in (True, False)}
+    for venv in venvs.values():
+        venv.reset(seed=20)
+    resets = {2: [1], 3: [1, 2], 6: [0], 7: [2]}  # world 1 again before its new cohort rejoined
+    rng = np.random.default_rng(5)
+    for step in range(11):
+        keys = rng.integers(0, 2, (n, 4)).astype(np.int8)
+        mouse = rng.uniform(-0.2, 0.2, (n, 2)).astype(np.float32)
+        infos = {}
+        for merge, venv in venvs.items():
+            if step in resets:
+                venv.reset_worlds(resets[step])
+            infos[merge] = venv.step({"keyboard": keys, "mouse": mouse})[4]
+        assert np.array_equal(infos[True]["frame_index"], infos[False]["frame_index"])
+        difference = np.abs(infos[True]["frames"].astype(int) - infos[False]["frames"].astype(int))
+        assert difference.max() <= 1 and difference.mean() < 1e-3
+    assert venvs[True].num_cohorts == 1 and venvs[False].num_cohorts == 3

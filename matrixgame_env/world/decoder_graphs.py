@@ -16,6 +16,7 @@ import torch
 
 from ..images import to_uint8_frames
 from ..nn.vae import DecoderCache, WanVAE
+from .graphs import sighting_count
 
 
 def decode_to_uint8(vae: WanVAE, latents: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
@@ -36,6 +37,8 @@ class DecoderGraphs:
     `max_graphs` are held by live caches, further caches decode eagerly rather than evict one: with
     more live caches than graphs (a vector env split into many cohorts, many planning branches),
     evicting would re-capture on every block, which costs more than the eager decode it saves.
+    With `capture_after` n, a cache decodes n steady blocks eagerly before it is captured (see
+    `BlockGraphs`).
     """
 
     def __init__(self, vae: WanVAE, max_graphs: int = 4) -> None:
@@ -49,6 +52,8 @@ class DecoderGraphs:
         self.captures = 0
         self.replays = 0
         self.eager_decodes = 0  # steady-state decodes left eager because every graph was in use
+        self.capture_after = 0
+        self._sightings: dict[tuple, tuple[weakref.ref, int]] = {}
 
     @staticmethod
     def eligible(cache: DecoderCache) -> bool:
@@ -79,6 +84,8 @@ class DecoderGraphs:
             if len(self.graphs) >= self.max_graphs:
                 self.eager_decodes += 1
                 return decode_to_uint8(self.vae, latents, cache)
+            if sighting_count(self._sightings, key, cache) <= self.capture_after:
+                return decode_to_uint8(self.vae, latents, cache)
             return self._capture(latents, cache, key)
         captured.latents.copy_(latents)
         captured.graph.replay()
@@ -106,6 +113,9 @@ class DecoderGraphs:
         """Forget the graphs of caches that no longer exist (their memory goes back to the pool)."""
         for key in [key for key, captured in self.graphs.items() if captured.cache() is None]:
             del self.graphs[key]
+        for key in [key for key, (ref, _) in self._sightings.items() if ref() is None]:
+            del self._sightings[key]
 
     def clear(self) -> None:
         self.graphs.clear()
+        self._sightings.clear()

@@ -89,7 +89,9 @@ class BlockGraphs:
     The graphs of a state are dropped when the state is gone. While all `max_graphs` belong to live
     states, further states run eagerly rather than evict one: with more live states than graphs (a
     vector env whose worlds reset at different times runs one state per cohort), evicting would
-    re-capture on every block, which costs more than the eager pass it saves.
+    re-capture on every block, which costs more than the eager pass it saves. With `capture_after` n,
+    a (state, ring phase) runs n steady blocks eagerly before it is captured, so that states which
+    live only a block or two (a vector env's cohorts of new worlds before they rejoin) cost no capture.
     """
 
     def __init__(self, sampler: StreamingSampler, max_graphs: int = 4) -> None:
@@ -102,6 +104,8 @@ class BlockGraphs:
         self.captures = 0
         self.replays = 0
         self.eager_blocks = 0  # steady-state blocks left eager because every graph was in use
+        self.capture_after = 0
+        self._sightings: dict[tuple, tuple[weakref.ref, int]] = {}  # eager steady blocks per key so far
 
     def eligible(self, state: WorldState) -> bool:
         """True once this block fills the window: from then on every block has the same shapes."""
@@ -132,6 +136,8 @@ class BlockGraphs:
         if captured is None:
             if len(self.graphs) >= self.max_graphs:
                 self.eager_blocks += 1
+                return self.sampler.denoise_block(state, inputs)
+            if sighting_count(self._sightings, key, state) <= self.capture_after:
                 return self.sampler.denoise_block(state, inputs)
             return self._capture(state, inputs, key)
         start = state.frame
@@ -170,6 +176,8 @@ class BlockGraphs:
         """Forget the graphs of states that no longer exist (their memory goes back to the pool)."""
         for state_id in [i for i, ref in self._states.items() if ref() is None]:
             self._drop(state_id)
+        for key in [key for key, (ref, _) in self._sightings.items() if ref() is None]:
+            del self._sightings[key]
 
     def _drop(self, state_id: int) -> None:
         for key in [k for k in self.graphs if k[0] == state_id]:
@@ -179,3 +187,14 @@ class BlockGraphs:
     def clear(self) -> None:
         self.graphs.clear()
         self._states.clear()
+        self._sightings.clear()
+
+
+def sighting_count(sightings: dict[tuple, tuple[weakref.ref, int]], key: tuple, owner: object) -> int:
+    """Count one more sighting of `key` (whose first element is id(owner)) and return the count; a key
+    seen before for another object at a recycled id starts again at 1."""
+    ref, count = sightings.get(key, (None, 0))
+    if ref is None or ref() is not owner:
+        ref, count = weakref.ref(owner), 0
+    sightings[key] = (ref, count + 1)
+    return count + 1

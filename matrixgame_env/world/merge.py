@@ -60,6 +60,75 @@ def merge_states(model: CausalDiT, states: Sequence[WorldState]) -> WorldState:
     return _concatenate(shifted, target)
 
 
+def absorb(model: CausalDiT, host: WorldState, rows: Sequence[int], guest: WorldState) -> None:
+    """Write the worlds of `guest` into rows `rows` of `host`, in place: the host keeps its tensors
+    (the addresses its CUDA graphs replay on), and the worlds that held those rows are replaced.
+
+    Both states must pass `can_merge`, with caches and decoder caches of the same shapes per world.
+    Whichever of the two is further along moves back to the other's frame index (the host in place).
+    The host's context rows are overwritten in place: snapshots of the host share its context, so
+    take none that must outlive this (the vector env holds none).
+    """
+    rows = list(rows)
+    if len(rows) != guest.batch_size or len(set(rows)) != len(rows):
+        raise ValueError(f"give one distinct host row per guest world: {guest.batch_size} worlds, rows {rows}")
+    if rows and (min(rows) < 0 or max(rows) >= host.batch_size):
+        raise ValueError(f"host rows must lie in 0..{host.batch_size - 1}, got {rows}")
+    for name, state in (("host", host), ("guest", guest)):
+        if not can_merge(state):
+            raise ValueError(
+                f"the {name} (at latent frame {state.frame}) cannot be merged yet: its caches are not full"
+            )
+    if (host.decoder_cache is None) != (guest.decoder_cache is None):
+        raise ValueError("cannot merge states that decode frames with states that do not")
+    if guest.frame < host.frame:
+        _move_in_place(model, host, guest.frame)
+    guest = _moved_to(model, guest, host.frame)
+    index = torch.tensor(rows, dtype=torch.long, device=host.device)
+    for mine, theirs in zip(ring_caches(host), ring_caches(guest), strict=True):
+        if mine.key.shape[1:] != theirs.key.shape[1:]:
+            raise ValueError("the states' attention caches differ in shape: not from one sampler?")
+        mine.key.index_copy_(0, index, theirs.key)
+        mine.value.index_copy_(0, index, theirs.value)
+    for mine, theirs in zip(host.context.keys + host.context.values, guest.context.keys + guest.context.values):
+        mine.index_copy_(0, index.to(mine.device), theirs.to(mine.device))
+    length = max(host.image.latents.shape[2], guest.image.latents.shape[2])
+    image = host.image.frames(0, length).clone()  # later frames repeat the last one, so padding is exact
+    image.index_copy_(0, index.to(image.device), guest.image.frames(0, length))
+    host.image = ImageLatents(image)
+    host.keyboard_history = _rows_replaced(host.keyboard_history, index, guest.keyboard_history)
+    host.mouse_history = _rows_replaced(host.mouse_history, index, guest.mouse_history)
+    for row, generator in zip(rows, guest.generators):
+        host.generators[row] = generator
+    shift = host.frame_shift or [0] * host.batch_size
+    for row, guest_shift in zip(rows, guest.frame_shift or [0] * guest.batch_size):
+        shift[row] = guest_shift
+    host.frame_shift = shift
+    if host.decoder_cache is not None:
+        for i, (mine, theirs) in enumerate(zip(host.decoder_cache.slots, guest.decoder_cache.slots)):
+            if mine.shape[1:] != theirs.shape[1:]:
+                raise ValueError(f"the states' decoder caches differ in slot {i}: {mine.shape} vs {theirs.shape}")
+            mine.index_copy_(0, index.to(mine.device), theirs)
+
+
+def _move_in_place(model: CausalDiT, state: WorldState, frame: int) -> None:
+    """`_moved_to` written into the state's own tensors (caches and decoder cache keep their addresses)."""
+    moved = _moved_to(model, state, frame)
+    for mine, theirs in zip(ring_caches(state), ring_caches(moved)):
+        mine.key.copy_(theirs.key)
+        mine.value.copy_(theirs.value)
+        mine.end_frame, mine.last_write = theirs.end_frame, theirs.last_write
+    state.image, state.frame, state.frame_shift = moved.image, moved.frame, moved.frame_shift
+
+
+def _rows_replaced(tensor: torch.Tensor | None, index: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor | None:
+    if tensor is None or rows is None:
+        if (tensor is None) != (rows is None):
+            raise ValueError("one state has an action history and the other has none")
+        return None
+    return tensor.index_copy(0, index.to(tensor.device), rows.to(tensor.device))
+
+
 def _moved_to(model: CausalDiT, state: WorldState, frame: int) -> WorldState:
     """A copy of `state` whose next block is latent frame `frame` (<= state.frame)."""
     delta = frame - state.frame
