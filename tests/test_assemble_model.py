@@ -87,3 +87,22 @@ def test_missing_files_and_a_used_folder_are_refused(assemble_script, model, tmp
     with pytest.raises(SystemExit, match="not empty"):
         assemble_script.assemble(used, _vae_only(model, tmp_path / "vae2"))
     assert (used / "note.txt").read_text() == "keep me"
+
+
+def test_the_next_vae_in_the_repository_assembles_and_reconstructs_the_start_pictures(assemble_script, tmp_path):
+    """models/next/vae-e32d16-motion (kept for training the next DiT) beside the shipped image encoder:
+    a strict load, and the round trip of the shipped start pictures (real ViZDoom frames) at the
+    quality its training reached (22.3 dB on held-out clips; single pictures decode sharper)."""
+    import numpy as np
+    from PIL import Image
+
+    root = Path(__file__).resolve().parents[1] / "models"
+    folder = assemble_script.assemble(tmp_path / "next", root / "next" / "vae-e32d16-motion", clip=root / "doom-small")
+    vae = load_model(folder, device="cpu").vae
+    assert (vae.config["dim"], vae.decoder_dim) == (32, 16)
+    for name in ("start_0.png", "start_1.png"):
+        picture = np.asarray(Image.open(root / "doom-small" / name).convert("RGB"), np.float32) / 127.5 - 1
+        image = torch.from_numpy(picture).permute(2, 0, 1)[None]
+        decoded = vae.decode(vae.encode_image(image))[:, 0].clamp(-1, 1)  # [B, T, 3, H, W] -> first frame
+        mse = (decoded - image).pow(2).mean()
+        assert float(10 * torch.log10(4 / mse)) > 20.0
