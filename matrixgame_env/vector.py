@@ -3,11 +3,13 @@
 Worlds that started together share one batched `WorldState` (a cohort) and are generated in one
 DiT forward per step. A world that resets leaves its cohort and starts a new one with the other
 worlds resetting at the same step, because a fresh world's first block differs from later ones
-(9 video frames, the image-frame mask, empty caches). Once a cohort's caches are full (two steps
-with the released window), it joins the other such cohorts (`merge_states`: older worlds are moved
-back to the youngest one's frame index, which changes only the rounding of their cached keys), so
-worlds whose episodes end at different times still cost one forward per step, plus one for each
-cohort of the last two steps' resets.
+(9 video frames, the image-frame mask, empty caches). The worlds' old rows stay in their cohort's
+state, computed and ignored, and once the new cohort's caches are full (two steps with the released
+window) it is written back into them in place (`absorb`: the older of the two states is moved back
+to the younger one's frame index, which changes only the rounding of its cached keys), so the big
+state keeps its tensors and CUDA graphs. Cohorts with no such rows to go back to are joined into one
+new state (`merge_states`). Worlds whose episodes end at different times thus cost one forward per
+step, plus one for each cohort of the last two steps' resets.
 Autoreset follows Gymnasium's next-step mode: the step after an episode ends returns the new
 episode's first observation, with reward 0 and the action ignored.
 """
