@@ -8,7 +8,7 @@ run (--rounds pairs), and each reports steps/s of all worlds together and the me
 forwards (cohorts) a step ran.
 
 Usage: python benchmarks/bench_desync.py [--model doom-small] [--device cuda] [--worlds 16 64]
-       [--episode-steps 20] [--steps 100] [--warmup 20] [--rounds 2] [--out DIR]
+       [--episode-steps 20] [--steps 100] [--warmup 20] [--rounds 2] [--fast graphs compile] [--out DIR]
 """
 
 from __future__ import annotations
@@ -44,13 +44,16 @@ class RandomEpisodeEnd:
         return self.rng.random(len(step.frames)) < self.probability
 
 
-def run_setting(args: argparse.Namespace, worlds: int, merge: bool) -> dict:
-    """Steps/s and cohorts per step of one vector env after `args.warmup` steps."""
+FAST = {"eager": False, "graphs": True, "compile": "compile"}
+
+
+def run_setting(args: argparse.Namespace, worlds: int, merge: bool, fast: str) -> dict:
+    """Steps/s and cohorts per step of one vector env (fast path `fast`) after `args.warmup` steps."""
     env = MatrixGameVectorEnv(
         args.model,
         num_envs=worlds,
         device=args.device,
-        fast=args.fast,
+        fast=FAST[fast],
         termination=RandomEpisodeEnd(1 / args.episode_steps, seed=1),
         merge_cohorts=merge,
     )
@@ -70,6 +73,7 @@ def run_setting(args: argparse.Namespace, worlds: int, merge: bool) -> dict:
     graphs = env.world.sampler.graphs
     env.close()
     return {
+        "fast": fast,
         "worlds": worlds,
         "merge_cohorts": merge,
         "steps_per_s": worlds * args.steps / elapsed,
@@ -95,30 +99,37 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=20, help="steps before timing (episodes desynchronise)")
     parser.add_argument("--rounds", type=int, default=2, help="pairs of (merged, separate) runs, alternating")
-    parser.add_argument("--fast", default="compile", choices=["eager", "graphs", "compile"])
+    parser.add_argument(
+        "--fast",
+        nargs="+",
+        default=["graphs"],
+        choices=["eager", "graphs", "compile"],
+        help="fast paths to measure (each with merged and separate cohorts)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args()
     if args.episode_steps < 1:
         parser.error("--episode-steps must be at least 1")
-    args.fast = {"eager": False, "graphs": True, "compile": "compile"}[args.fast]
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
-    for worlds in args.worlds:
-        for _ in range(args.rounds):
-            for merge in (True, False):
-                rows.append(run_setting(args, worlds, merge))
-                row = rows[-1]
-                print(
-                    f"{worlds} worlds, merge {merge}: {row['steps_per_s']:.1f} steps/s, "
-                    f"{row['mean_cohorts']:.2f} cohorts per step",
-                    flush=True,
-                )
+    for fast_name in args.fast:
+        for worlds in args.worlds:
+            for _ in range(args.rounds):
+                for merge in (True, False):
+                    rows.append(run_setting(args, worlds, merge, fast_name))
+                    row = rows[-1]
+                    print(
+                        f"{fast_name}, {worlds} worlds, merge {merge}: {row['steps_per_s']:.1f} steps/s, "
+                        f"{row['mean_cohorts']:.2f} cohorts per step",
+                        flush=True,
+                    )
     print(
         table(
             rows,
             [
+                "fast",
                 "worlds",
                 "merge_cohorts",
                 "steps_per_s",

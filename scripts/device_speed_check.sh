@@ -12,6 +12,7 @@
 #   MG_GUIDANCE      action guidance scales of the env benchmark (default "1 2")
 #   MG_DECODER_GRAPHS  off, on or both: the env benchmark with the decoder replayed from CUDA graphs
 #   MG_CONV3D        the decoder's GPU convolution forms of the env benchmark (default "auto"; e.g. "native triton")
+#   MG_DESYNC_WORLDS vector-env world counts of the desynchronised-episodes benchmark (default "64"; empty: skip it)
 set -euo pipefail
 : "${OUT:?set OUT to the folder that receives the results}"
 python3 -m pip install -q --no-deps .whl/*.whl
@@ -26,3 +27,9 @@ python3 benchmarks/bench_env.py --cpu-steps 0 --gpu-worlds ${MG_WORLDS:-1 16 64}
     --profile --out "$OUT" \
     >"$OUT/env.log" 2>&1
 grep "gpu vector" "$OUT/env.log" | tail -12
+if [ -n "${MG_DESYNC_WORLDS-64}" ]; then
+  # shellcheck disable=SC2086
+  python3 benchmarks/bench_desync.py --device cuda --worlds ${MG_DESYNC_WORLDS-64} --episode-steps 20 --steps 60 \
+      --warmup 20 --rounds 1 --fast graphs compile --out "$OUT" >"$OUT/desync.log" 2>&1
+  grep -v -i warn "$OUT/desync.log" | tail -8
+fi
