@@ -207,9 +207,9 @@ def test_merged_cohorts_match_separate_ones_within_bf16():
         frames[merge], cohorts[merge] = np.stack(blocks), venv.num_cohorts
         captures[merge] = venv.world.sampler.graphs.captures
     assert cohorts == {True: 1, False: 2}
-    assert captures[True] >= 2  # the merged state replays from graphs of its own
+    assert captures[True] >= 2  # the big state's two ring phases, kept through the reset (written back in place)
     difference = np.abs(frames[True].astype(int) - frames[False].astype(int))
-    assert difference[:5].max() <= 1  # the same work until the merge (step 5, after the new cohort's two steps)
+    assert difference[:3].max() <= 1  # the same work until the reset (then batches of 3 rows against 2)
     assert difference.mean() < 3.0
 
 
