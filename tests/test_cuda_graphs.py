@@ -318,3 +318,21 @@ def test_fast_env_autotunes_cudnn_and_the_eager_one_leaves_it_alone():
         eager.close()
     finally:
         torch.backends.cudnn.benchmark = previous
+
+
+def test_sightings_count_per_owner_and_restart_for_a_new_owner_at_a_recycled_id():
+    """What `capture_after` counts: eager sightings of a (state or cache, phase) key, per live owner."""
+    from matrixgame_env.world.graphs import sighting_count
+
+    class Owner:
+        pass
+
+    sightings = {}
+    first, second = Owner(), Owner()
+    assert [sighting_count(sightings, (id(first), 0), first) for _ in range(3)] == [1, 2, 3]
+    assert sighting_count(sightings, (id(first), 1), first) == 1  # another phase of the same owner
+    assert sighting_count(sightings, (id(second), 0), second) == 1
+    # a key whose owner is gone and whose id now belongs to another object starts again
+    stale_key = (id(first), 0)
+    sightings[stale_key] = (sightings[(id(second), 0)][0], 5)  # recorded for another owner
+    assert sighting_count(sightings, stale_key, first) == 1
