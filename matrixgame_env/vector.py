@@ -3,12 +3,13 @@
 Worlds that started together share one batched `WorldState` (a cohort) and are generated in one
 DiT forward per step. A world that resets leaves its cohort and starts a new one with the other
 worlds resetting at the same step, because a fresh world's first block differs from later ones
-(9 video frames, the image-frame mask, empty caches). The worlds' old rows stay in their cohort's
-state, computed and ignored, and once the new cohort's caches are full (two steps with the released
-window) it is written back into them in place (`absorb`: the older of the two states is moved back
-to the younger one's frame index, which changes only the rounding of its cached keys), so the big
-state keeps its tensors and CUDA graphs. Cohorts with no such rows to go back to are joined into one
-new state (`merge_states`). Worlds whose episodes end at different times thus cost one forward per
+(9 video frames, the image-frame mask, empty caches). Where the sampler replays CUDA graphs, the
+worlds' old rows stay in their cohort's state, computed and ignored, and once the new cohort's caches
+are full (two steps with the released window) it is written back into them in place (`absorb`: the
+older of the two states is moved back to the younger one's frame index, which changes only the
+rounding of its cached keys), so the big state keeps its tensors and graphs. Elsewhere (CPUs), and
+for cohorts with no such rows to go back to, cohorts shrink at once and rejoin as one new state
+(`merge_states`). Worlds whose episodes end at different times thus cost one forward per
 step, plus one for each cohort of the last two steps' resets.
 Autoreset follows Gymnasium's next-step mode: the step after an episode ends returns the new
 episode's first observation, with reward 0 and the action ignored.
@@ -123,6 +124,7 @@ class MatrixGameVectorEnv(VectorEnv):
         self.observation_mode = observation
         self.max_episode_steps = max_episode_steps
         self.merge_cohorts = merge_cohorts
+        self.prefer_in_place: bool | None = None  # None: keep stale rows where CUDA graphs replay
         self.metadata = dict(self.metadata, render_fps=config.fps)
         self.block_frames = self.world.frames_per_block
         self.single_observation_space = frame_observation_space(config.video_size, observation, self.block_frames)
@@ -309,16 +311,26 @@ class MatrixGameVectorEnv(VectorEnv):
         rows = np.flatnonzero((cohort.worlds == world) & ~cohort.live)
         return int(rows[0]) if len(rows) else None
 
+    @property
+    def keeps_stale_rows(self) -> bool:
+        """Whether restarted worlds' rows stay in their cohort's state until their new cohort comes back
+        (`absorb`): where the sampler replays CUDA graphs, which keeping the state's tensors preserves;
+        elsewhere the rows would only cost compute, so cohorts shrink and rejoin as new states. Set
+        `prefer_in_place` to choose."""
+        if self.prefer_in_place is not None:
+            return self.merge_cohorts and self.prefer_in_place
+        return self.merge_cohorts and self.world.sampler.graphs is not None
+
     def _remove(self, worlds: np.ndarray) -> None:
-        """Take `worlds` out of their cohorts: with merging their rows go stale (the state stays as it
-        is, for the worlds' new cohorts to come back to), else the cohorts shrink to the others."""
+        """Take `worlds` out of their cohorts: their rows go stale (`keeps_stale_rows`: the state stays
+        as it is, for the worlds' new cohorts to come back to), or the cohorts shrink to the others."""
         kept = []
         for cohort in self._cohorts:
             leaving = np.isin(cohort.worlds, worlds) & cohort.live
             if leaving.any():
                 cohort = _Cohort(cohort.worlds, cohort.live & ~leaving, cohort.state)
             if cohort.live.any():
-                kept.append(cohort if self.merge_cohorts else cohort.compacted())
+                kept.append(cohort if self.keeps_stale_rows else cohort.compacted())
         self._cohorts = kept
 
     def _cohort_actions(

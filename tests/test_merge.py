@@ -150,6 +150,7 @@ def test_select_and_snapshot_keep_each_worlds_frame_count(world):
 def test_vector_env_worlds_reset_at_different_times_step_together_again(world):
     n, seed = 3, 10
     venvs = {merge: MatrixGameVectorEnv(model=world, num_envs=n, merge_cohorts=merge) for merge in (True, False)}
+    venvs[True].prefer_in_place = True  # as where CUDA graphs replay (CPUs shrink cohorts instead)
     singles = [MatrixGameEnv(model=world) for _ in range(n)]
     for venv in venvs.values():
         venv.reset(seed=seed)
@@ -178,9 +179,12 @@ def test_vector_env_worlds_reset_at_different_times_step_together_again(world):
     assert venvs[True]._cohorts[0].state is host  # written back into its old row: the same tensors
 
 
-def test_vector_env_worlds_that_reset_again_and_again_match_the_unmerged_env(world):
+@pytest.mark.parametrize("in_place", [True, False])
+def test_vector_env_worlds_that_reset_again_and_again_match_the_unmerged_env(world, in_place):
     n = 3
     venvs = {merge: MatrixGameVectorEnv(model=world, num_envs=n, merge_cohorts=merge) for merge in (True, False)}
+    assert not venvs[True].keeps_stale_rows  # on a CPU: no CUDA graphs to keep
+    venvs[True].prefer_in_place = in_place
     for venv in venvs.values():
         venv.reset(seed=20)
     resets = {2: [1], 3: [1, 2], 6: [0], 7: [2]}  # world 1 again before its new cohort rejoined
