@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_env import sample_actions  # noqa: E402
+from bench_env import FAST_OPTIONS, sample_actions  # noqa: E402
 from common import environment, table, write_json  # noqa: E402
 
 from matrixgame_env.rewards import StepOutcome  # noqa: E402
@@ -44,16 +44,13 @@ class RandomEpisodeEnd:
         return self.rng.random(len(step.frames)) < self.probability
 
 
-FAST = {"eager": False, "graphs": True, "compile": "compile"}
-
-
 def run_setting(args: argparse.Namespace, worlds: int, merge: bool, fast: str) -> dict:
     """Steps/s and cohorts per step of one vector env (fast path `fast`) after `args.warmup` steps."""
     env = MatrixGameVectorEnv(
         args.model,
         num_envs=worlds,
         device=args.device,
-        fast=FAST[fast],
+        fast=FAST_OPTIONS[fast],
         termination=RandomEpisodeEnd(1 / args.episode_steps, seed=1),
         merge_cohorts=merge,
     )
@@ -103,7 +100,7 @@ def main() -> None:
         "--fast",
         nargs="+",
         default=["graphs"],
-        choices=["eager", "graphs", "compile"],
+        choices=list(FAST_OPTIONS),
         help="fast paths to measure (each with merged and separate cohorts)",
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")

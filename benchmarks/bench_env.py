@@ -30,6 +30,7 @@ from matrixgame_env.nn.vae import set_conv3d_mode, set_upsample_mode  # noqa: E4
 from matrixgame_env.vector import MatrixGameVectorEnv  # noqa: E402
 
 FAST_NAMES = {False: "eager", True: "cuda graphs", "compile": "cuda graphs + compile"}
+FAST_OPTIONS = {"eager": False, "graphs": True, "compile": "compile"}  # --paths name -> the envs' `fast`
 
 
 def sample_actions(space, rng: np.random.Generator, n: int | None = None) -> dict:
@@ -270,7 +271,6 @@ def main() -> None:
             print(table(rows[-1:], ["setting", "steps_per_s", "step_s", "threads"]), flush=True)
     torch.set_num_threads(threads)
     if torch.cuda.is_available():
-        options = {"eager": False, "graphs": True, "compile": "compile"}
         layouts = {"auto": [None], "off": [False], "on": [True], "both": [False, True]}[args.channels_last]
         decoder_graphs = {"auto": [None], "off": [False], "on": [True], "both": [False, True]}[args.decoder_graphs]
         for worlds in args.gpu_worlds:
@@ -281,7 +281,7 @@ def main() -> None:
                         row = gpu_vector(
                             args.model,
                             worlds,
-                            options[path],
+                            FAST_OPTIONS[path],
                             args.gpu_steps,
                             args.warmup,
                             channels_last,

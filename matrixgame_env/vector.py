@@ -276,6 +276,8 @@ class MatrixGameVectorEnv(VectorEnv):
     def _merge_ready_cohorts(self) -> None:
         """Join the cohorts whose caches are full: into the largest one's stale rows of the same worlds
         in place (it keeps its tensors and CUDA graphs), else into one new state, worlds in order."""
+        if len(self._cohorts) < 2:  # the usual step: nothing to join
+            return
         ready = [cohort for cohort in self._cohorts if can_merge(cohort.state)]
         if len(ready) < 2:
             return

@@ -46,15 +46,7 @@ def merge_states(model: CausalDiT, states: Sequence[WorldState]) -> WorldState:
     """
     if not states:
         raise ValueError("merge_states needs at least one state")
-    for i, state in enumerate(states):
-        if not can_merge(state):
-            raise ValueError(
-                f"state {i} (at latent frame {state.frame}) cannot be merged yet: its caches fill "
-                "after the first window of frames"
-            )
-    decoding = {state.decoder_cache is not None for state in states}
-    if len(decoding) > 1:
-        raise ValueError("cannot merge states that decode frames with states that do not")
+    _check_mergeable({f"state {i}": state for i, state in enumerate(states)})
     target = min(state.frame for state in states)
     shifted = [_moved_to(model, state, target) for state in states]
     return _concatenate(shifted, target)
@@ -74,13 +66,7 @@ def absorb(model: CausalDiT, host: WorldState, rows: Sequence[int], guest: World
         raise ValueError(f"give one distinct host row per guest world: {guest.batch_size} worlds, rows {rows}")
     if rows and (min(rows) < 0 or max(rows) >= host.batch_size):
         raise ValueError(f"host rows must lie in 0..{host.batch_size - 1}, got {rows}")
-    for name, state in (("host", host), ("guest", guest)):
-        if not can_merge(state):
-            raise ValueError(
-                f"the {name} (at latent frame {state.frame}) cannot be merged yet: its caches are not full"
-            )
-    if (host.decoder_cache is None) != (guest.decoder_cache is None):
-        raise ValueError("cannot merge states that decode frames with states that do not")
+    _check_mergeable({"the host": host, "the guest": guest})
     if guest.frame < host.frame:
         _move_in_place(model, host, guest.frame)
     guest = _moved_to(model, guest, host.frame)
@@ -127,6 +113,17 @@ def _rows_replaced(tensor: torch.Tensor | None, index: torch.Tensor, rows: torch
             raise ValueError("one state has an action history and the other has none")
         return None
     return tensor.index_copy(0, index.to(tensor.device), rows.to(tensor.device))
+
+
+def _check_mergeable(states: dict[str, WorldState]) -> None:
+    for name, state in states.items():
+        if not can_merge(state):
+            raise ValueError(
+                f"{name} (at latent frame {state.frame}) cannot be merged yet: its caches fill "
+                "after the first window of frames"
+            )
+    if len({state.decoder_cache is not None for state in states.values()}) > 1:
+        raise ValueError("cannot merge states that decode frames with states that do not")
 
 
 def _moved_to(model: CausalDiT, state: WorldState, frame: int) -> WorldState:
