@@ -110,7 +110,17 @@ def main() -> None:
         parser.error("--episode-steps must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = []
+    settings = {
+        "model": args.model,
+        "device": args.device,
+        "episode_steps_mean": args.episode_steps,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "fast": args.fast,
+        "threads": torch.get_num_threads(),
+    }
+    name = f"desync_{args.device.split(':')[0]}"
+    rows: list[dict] = []
     for fast_name in args.fast:
         for worlds in args.worlds:
             for _ in range(args.rounds):
@@ -121,6 +131,10 @@ def main() -> None:
                         f"{fast_name}, {worlds} worlds, merge {merge}: {row['steps_per_s']:.1f} steps/s, "
                         f"{row['mean_cohorts']:.2f} cohorts per step",
                         flush=True,
+                    )
+                    # Written after every setting, so a run cut short keeps what it measured.
+                    path = write_json(
+                        name, {"environment": environment(), "settings": settings, "rows": rows}, args.out
                     )
     print(
         table(
@@ -137,17 +151,6 @@ def main() -> None:
             ],
         )
     )
-    settings = {
-        "model": args.model,
-        "device": args.device,
-        "episode_steps_mean": args.episode_steps,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "fast": args.fast,
-        "threads": torch.get_num_threads(),
-    }
-    name = f"desync_{args.device.split(':')[0]}"
-    path = write_json(name, {"environment": environment(), "settings": settings, "rows": rows}, args.out)
     print(f"wrote {path}")
 
 
