@@ -19,6 +19,7 @@ from ..nn.vae import WanVAE, conv3d_form
 from .condition import ImageLatents
 from .decoder_graphs import DecoderGraphs, decode_to_uint8
 from .sampler import SamplerConfig, StreamingSampler
+from .start_cache import StartEncodingCache
 from .state import WorldState
 
 
@@ -42,6 +43,8 @@ class WorldModel:
         self.folder = Path(folder) if folder is not None else None
         self.sampler = StreamingSampler(dit, SamplerConfig.from_dict(config.sampler), latent_size=config.latent_size)
         self.decoder_graphs: DecoderGraphs | None = None
+        # Resets to pictures seen before skip the encoders (`start_encodings.capacity = 0`: always encode).
+        self.start_encodings = StartEncodingCache()
 
     @classmethod
     def from_pretrained(
@@ -77,10 +80,17 @@ class WorldModel:
     @torch.no_grad()
     def encode_start(self, images: ImageLike | Sequence[ImageLike]) -> tuple[ImageLatents, torch.Tensor]:
         """Start pictures -> (image-condition latents, CLIP tokens)."""
-        pixels = fit_images(images, self.config.video_size).to(self.device)
+        pixels = fit_images(images, self.config.video_size)
+        weights = [*self.vae.parameters(), *self.clip.parameters()]
+        latents, context = self.start_encodings.encode(pixels, self._encode_pictures, weights)
+        return ImageLatents(latents), context
+
+    def _encode_pictures(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fitted pictures [B, 3, H, W] -> (condition latents [B, C, K, h, w] float32, CLIP tokens)."""
+        pixels = pixels.to(self.device)
         condition = self.vae.encode_image_condition(pixels.to(self.vae.dtype), num_latent_frames=4096)
         context = self.clip(pixels.to(self.clip.patch_embedding.weight.dtype))
-        return ImageLatents(condition.distinct_latents.float()), context
+        return condition.distinct_latents.float(), context
 
     @torch.no_grad()
     def start(self, images: ImageLike | Sequence[ImageLike], seed: int | Sequence[int] | None = None) -> WorldState:
