@@ -7,16 +7,23 @@ are full, without it every cohort keeps its own forward for good. Settings alter
 run (--rounds pairs), and each reports steps/s of all worlds together and the mean number of
 forwards (cohorts) a step ran.
 
+With --phases, the merged setting alone, each phase of a step timed on its own (synchronised before
+and after: starting new worlds, DiT blocks and decodes per cohort size, joining cohorts), to show
+where a desynchronised step goes.
+
 Usage: python benchmarks/bench_desync.py [--model doom-small] [--device cuda] [--worlds 16 64]
-       [--episode-steps 20] [--steps 100] [--warmup 20] [--rounds 2] [--fast graphs compile] [--out DIR]
+       [--episode-steps 20] [--steps 100] [--warmup 20] [--rounds 2] [--fast graphs compile]
+       [--phases] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_env import FAST_OPTIONS, sample_actions  # noqa: E402
 from common import environment, table, write_json  # noqa: E402
 
+import matrixgame_env.vector as vector_module  # noqa: E402
 from matrixgame_env.rewards import StepOutcome  # noqa: E402
 from matrixgame_env.vector import MatrixGameVectorEnv  # noqa: E402
 
@@ -82,6 +90,79 @@ def run_setting(args: argparse.Namespace, worlds: int, merge: bool, fast: str) -
     }
 
 
+class PhaseTimer:
+    """Wall time of each phase of a vector-env step, per cohort size, synchronised around each call."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.seconds: dict[tuple[str, int], float] = collections.defaultdict(float)
+        self.calls: collections.Counter = collections.Counter()
+
+    def wrap(self, name: str, fn: Callable, size: Callable[[tuple], int]) -> Callable:
+        def timed(*args, **kwargs):
+            _sync(self.device)
+            t0 = time.perf_counter()
+            result = fn(*args, **kwargs)
+            _sync(self.device)
+            key = (name, size(args))
+            self.seconds[key] += time.perf_counter() - t0
+            self.calls[key] += 1
+            return result
+
+        return timed
+
+    def rows(self, steps: int) -> list[dict]:
+        keys = sorted(self.seconds, key=lambda key: -self.seconds[key])
+        return [
+            {
+                "phase": name,
+                "worlds": size,
+                "calls": self.calls[(name, size)],
+                "ms_each": self.seconds[(name, size)] / self.calls[(name, size)] * 1e3,
+                "ms_per_step": self.seconds[(name, size)] / steps * 1e3,
+            }
+            for name, size in keys
+        ]
+
+
+def run_phases(args: argparse.Namespace, worlds: int, fast: str) -> tuple[dict, list[dict]]:
+    """The merged setting with each phase timed: (its row, the phase rows)."""
+    env = MatrixGameVectorEnv(
+        args.model,
+        num_envs=worlds,
+        device=args.device,
+        fast=FAST_OPTIONS[fast],
+        termination=RandomEpisodeEnd(1 / args.episode_steps, seed=1),
+    )
+    timer = PhaseTimer(args.device)
+    world = env.world
+    world.start = timer.wrap("start new worlds", world.start, lambda a: len(a[0]))
+    world.step_latents = timer.wrap("DiT block", world.step_latents, lambda a: a[0].batch_size)
+    world.decode = timer.wrap("decode", world.decode, lambda a: a[0].batch_size)
+    saved = vector_module.absorb, vector_module.merge_states
+    vector_module.absorb = timer.wrap("absorb", vector_module.absorb, lambda a: len(a[2]))
+    vector_module.merge_states = timer.wrap("merge_states", vector_module.merge_states, lambda a: len(a[1]))
+    try:
+        rng = np.random.default_rng(0)
+        env.reset(seed=0)
+        for _ in range(args.warmup):
+            env.step(sample_actions(env.single_action_space, rng, worlds))
+        timer.seconds.clear()
+        timer.calls.clear()
+        _sync(args.device)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            env.step(sample_actions(env.single_action_space, rng, worlds))
+        _sync(args.device)
+        elapsed = time.perf_counter() - t0
+    finally:
+        vector_module.absorb, vector_module.merge_states = saved
+    env.close()
+    row = {"fast": fast, "worlds": worlds, "merge_cohorts": True, "phases_timed": True}
+    row.update(steps_per_s=worlds * args.steps / elapsed, ms_per_step=elapsed / args.steps * 1e3)
+    return row, timer.rows(args.steps)
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -103,6 +184,7 @@ def main() -> None:
         choices=list(FAST_OPTIONS),
         help="fast paths to measure (each with merged and separate cohorts)",
     )
+    parser.add_argument("--phases", action="store_true", help="time each phase of the merged setting instead")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args()
@@ -120,6 +202,16 @@ def main() -> None:
         "threads": torch.get_num_threads(),
     }
     name = f"desync_{args.device.split(':')[0]}"
+    if args.phases:
+        for fast_name in args.fast:
+            for worlds in args.worlds:
+                row, phases = run_phases(args, worlds, fast_name)
+                print(f"{fast_name}, {worlds} worlds, merged: {row['steps_per_s']:.1f} steps/s with phases timed")
+                print(table(phases, ["phase", "worlds", "calls", "ms_each", "ms_per_step"]), flush=True)
+                payload = {"environment": environment(), "settings": settings, "rows": [row], "phases": phases}
+                path = write_json(f"{name}_phases_{fast_name}_{worlds}", payload, args.out)
+                print(f"wrote {path}")
+        return
     rows: list[dict] = []
     for fast_name in args.fast:
         for worlds in args.worlds:
