@@ -52,9 +52,9 @@ class RandomEpisodeEnd:
         return self.rng.random(len(step.frames)) < self.probability
 
 
-def run_setting(args: argparse.Namespace, worlds: int, merge: bool, fast: str) -> dict:
-    """Steps/s and cohorts per step of one vector env (fast path `fast`) after `args.warmup` steps."""
-    env = MatrixGameVectorEnv(
+def desync_env(args: argparse.Namespace, worlds: int, merge: bool, fast: str) -> MatrixGameVectorEnv:
+    """A vector env (fast path `fast`) whose worlds end episodes at random, seeded alike for every setting."""
+    return MatrixGameVectorEnv(
         args.model,
         num_envs=worlds,
         device=args.device,
@@ -62,10 +62,21 @@ def run_setting(args: argparse.Namespace, worlds: int, merge: bool, fast: str) -
         termination=RandomEpisodeEnd(1 / args.episode_steps, seed=1),
         merge_cohorts=merge,
     )
+
+
+def warm_up(env: MatrixGameVectorEnv, args: argparse.Namespace) -> np.random.Generator:
+    """Reset, then `args.warmup` steps of random actions (episodes desynchronise); the action stream."""
     rng = np.random.default_rng(0)
     env.reset(seed=0)
     for _ in range(args.warmup):
-        env.step(sample_actions(env.single_action_space, rng, worlds))
+        env.step(sample_actions(env.single_action_space, rng, env.num_envs))
+    return rng
+
+
+def run_setting(args: argparse.Namespace, worlds: int, merge: bool, fast: str) -> dict:
+    """Steps/s and cohorts per step of one vector env (fast path `fast`) after `args.warmup` steps."""
+    env = desync_env(args, worlds, merge, fast)
+    rng = warm_up(env, args)
     _sync(args.device)
     cohorts, ended = [], 0
     t0 = time.perf_counter()
@@ -127,13 +138,7 @@ class PhaseTimer:
 
 def run_phases(args: argparse.Namespace, worlds: int, fast: str) -> tuple[dict, list[dict]]:
     """The merged setting with each phase timed: (its row, the phase rows)."""
-    env = MatrixGameVectorEnv(
-        args.model,
-        num_envs=worlds,
-        device=args.device,
-        fast=FAST_OPTIONS[fast],
-        termination=RandomEpisodeEnd(1 / args.episode_steps, seed=1),
-    )
+    env = desync_env(args, worlds, True, fast)
     timer = PhaseTimer(args.device)
     world = env.world
     world.start = timer.wrap("start new worlds", world.start, lambda a: len(a[0]))
@@ -143,10 +148,7 @@ def run_phases(args: argparse.Namespace, worlds: int, fast: str) -> tuple[dict, 
     vector_module.absorb = timer.wrap("absorb", vector_module.absorb, lambda a: len(a[2]))
     vector_module.merge_states = timer.wrap("merge_states", vector_module.merge_states, lambda a: len(a[1]))
     try:
-        rng = np.random.default_rng(0)
-        env.reset(seed=0)
-        for _ in range(args.warmup):
-            env.step(sample_actions(env.single_action_space, rng, worlds))
+        rng = warm_up(env, args)
         timer.seconds.clear()
         timer.calls.clear()
         _sync(args.device)
