@@ -56,8 +56,8 @@ class StartEncodingCache:
         if missing:
             first = {key: keys.index(key) for key in missing}
             latents, tokens = encoder(pixels[[first[key] for key in missing]])
-            for j, key in enumerate(missing):
-                self._entries[key] = (latents[j], tokens[j])
+            for j, key in enumerate(missing):  # copies: a row must not keep its whole batch alive
+                self._entries[key] = (latents[j].clone(), tokens[j].clone())
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
         found = [self._entries[key] for key in keys]
