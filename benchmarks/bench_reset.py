@@ -71,7 +71,9 @@ def main() -> None:
                 if cached:  # every shipped picture seen once, as after the first episodes of a run
                     env.world.encode_start(env.world.start_image_paths())
                 seconds = time_resets(reset, args.device, args.repeats)
-                rows.append({"setting": name, "start_cache": cached, "reset_s": seconds, "hits": cache.hits})
+                rows.append(
+                    {"setting": name, "start_cache": cached, "reset_s": seconds, "cache_hits_so_far": cache.hits}
+                )
                 print(table(rows[-1:], ["setting", "start_cache", "reset_s"]), flush=True)
     print(table(rows, ["setting", "start_cache", "reset_s"]))
     for name in dict.fromkeys(row["setting"] for row in rows):
