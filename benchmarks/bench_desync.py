@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_env import FAST_OPTIONS, sample_actions  # noqa: E402
-from common import environment, table, write_json  # noqa: E402
+from common import environment, synchronize, table, write_json  # noqa: E402
 
 import matrixgame_env.vector as vector_module  # noqa: E402
 from matrixgame_env.rewards import StepOutcome  # noqa: E402
@@ -77,14 +77,14 @@ def run_setting(args: argparse.Namespace, worlds: int, merge: bool, fast: str) -
     """Steps/s and cohorts per step of one vector env (fast path `fast`) after `args.warmup` steps."""
     env = desync_env(args, worlds, merge, fast)
     rng = warm_up(env, args)
-    _sync(args.device)
+    synchronize(args.device)
     cohorts, ended = [], 0
     t0 = time.perf_counter()
     for _ in range(args.steps):
         _, _, terminated, truncated, _ = env.step(sample_actions(env.single_action_space, rng, worlds))
         cohorts.append(env.num_cohorts)
         ended += int((terminated | truncated).sum())
-    _sync(args.device)
+    synchronize(args.device)
     elapsed = time.perf_counter() - t0
     graphs = env.world.sampler.graphs
     env.close()
@@ -111,10 +111,10 @@ class PhaseTimer:
 
     def wrap(self, name: str, fn: Callable, size: Callable[[tuple], int]) -> Callable:
         def timed(*args, **kwargs):
-            _sync(self.device)
+            synchronize(self.device)
             t0 = time.perf_counter()
             result = fn(*args, **kwargs)
-            _sync(self.device)
+            synchronize(self.device)
             key = (name, size(args))
             self.seconds[key] += time.perf_counter() - t0
             self.calls[key] += 1
@@ -151,11 +151,11 @@ def run_phases(args: argparse.Namespace, worlds: int, fast: str) -> tuple[dict, 
         rng = warm_up(env, args)
         timer.seconds.clear()
         timer.calls.clear()
-        _sync(args.device)
+        synchronize(args.device)
         t0 = time.perf_counter()
         for _ in range(args.steps):
             env.step(sample_actions(env.single_action_space, rng, worlds))
-        _sync(args.device)
+        synchronize(args.device)
         elapsed = time.perf_counter() - t0
     finally:
         vector_module.absorb, vector_module.merge_states = saved
@@ -163,11 +163,6 @@ def run_phases(args: argparse.Namespace, worlds: int, fast: str) -> tuple[dict, 
     row = {"fast": fast, "worlds": worlds, "merge_cohorts": True, "phases_timed": True}
     row.update(steps_per_s=worlds * args.steps / elapsed, ms_per_step=elapsed / args.steps * 1e3)
     return row, timer.rows(args.steps)
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def main() -> None:

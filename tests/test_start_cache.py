@@ -114,3 +114,29 @@ def test_latents_of_different_lengths_stack_to_the_same_condition():
     alone = ImageLatents(short[None])
     torch.testing.assert_close(stacked.frames(0, 9)[0], alone.frames(0, 9)[0], rtol=0, atol=0)
     torch.testing.assert_close(stacked.frames(0, 9)[1], ImageLatents(long[None]).frames(0, 9)[0], rtol=0, atol=0)
+
+
+def test_a_capacity_set_later_is_checked_too():
+    cache = StartEncodingCache()
+    for bad in (-1, 2.5, True, None):
+        with pytest.raises(ValueError, match="capacity must be >= 0"):
+            cache.capacity = bad
+    assert cache.capacity == 32
+
+
+def test_weights_without_version_counters_are_encoded_every_time():
+    """Weights made under torch.inference_mode keep no version counter, so in-place edits could not
+    be seen: nothing is remembered for them."""
+    with torch.inference_mode():
+        weights = [torch.ones(3)]
+    calls = []
+
+    def encoder(pixels):
+        calls.append(len(pixels))
+        return pixels[:, :, None], pixels.flatten(2)
+
+    cache = StartEncodingCache()
+    picture = torch.zeros(1, 3, 2, 2)
+    cache.encode(picture, encoder, weights)
+    cache.encode(picture, encoder, weights)
+    assert calls == [1, 1] and len(cache) == 0

@@ -23,13 +23,21 @@ class StartEncodingCache:
     """The last `capacity` pictures' encodings (least recently used dropped first; 0: off)."""
 
     def __init__(self, capacity: int = 32) -> None:
-        if capacity < 0:
-            raise ValueError(f"capacity must be >= 0, got {capacity}")
         self.capacity = capacity
         self._entries: OrderedDict[tuple, Encoding] = OrderedDict()
         self._weights: tuple | None = None  # the encoders' weights the entries were made with
         self.hits = 0
         self.misses = 0
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @capacity.setter
+    def capacity(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"capacity must be >= 0 (an integer; 0: always encode), got {value!r}")
+        self._capacity = value
 
     def __len__(self) -> int:
         return len(self._entries)
