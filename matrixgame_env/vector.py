@@ -10,7 +10,9 @@ older of the two states is moved back to the younger one's frame index, which ch
 rounding of its cached keys), so the big state keeps its tensors and graphs. Elsewhere (CPUs), and
 for cohorts with no such rows to go back to, cohorts shrink at once and rejoin as one new state
 (`merge_states`). Worlds whose episodes end at different times thus cost one forward per
-step, plus one for each cohort of the last two steps' resets.
+step, plus one for each cohort of the last two steps' resets. A state written back is kept
+(`StatePool`) and a later cohort of as many new worlds restarts in it, so that on the GPU the young
+cohorts' blocks replay CUDA graphs too, once each state has run them once.
 Autoreset follows Gymnasium's next-step mode: the step after an episode ends returns the new
 episode's first observation, with reward 0 and the action ignored.
 """
@@ -43,6 +45,7 @@ from .spaces import layout_for
 from .world.merge import absorb, can_merge, merge_states
 from .world.model import WorldModel, enable_fast_path
 from .world.state import WorldState
+from .world.state_pool import StatePool
 
 
 @dataclass
@@ -109,10 +112,16 @@ class MatrixGameVectorEnv(VectorEnv):
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         self.world = resolve_world(model, device, dtype, mode)
         enable_fast_path(self.world, fast, batch=num_envs)
+        # States of cohorts that rejoined (and of every cohort at a full reset) start later cohorts of
+        # as many worlds again, in place: their tensors, and the CUDA graphs captured on them, stay.
+        self._state_pool = StatePool()
         if merge_cohorts:  # a cohort of new worlds lives two blocks before it rejoins: capturing it would not pay
             for graphs in (self.world.sampler.graphs, self.world.decoder_graphs):
                 if graphs is not None:
                     graphs.capture_after = max(graphs.capture_after, 1)
+            graphs = self.world.sampler.graphs
+            if graphs is not None:  # room for the big cohort's 3 graphs and 2 for each other live state
+                graphs.max_graphs = max(graphs.max_graphs, 3 + 2 * (self._state_pool.capacity + 2))
         if action_guidance is not None:
             self.world.sampler.set_action_guidance(action_guidance)
         if keyboard_guidance is not None:
@@ -160,6 +169,8 @@ class MatrixGameVectorEnv(VectorEnv):
                 self._images = list(images)
             else:
                 self._images = [images] * self.num_envs
+        for cohort in self._cohorts:
+            self._state_pool.give(cohort.state)
         self._cohorts = []
         self._start(np.arange(self.num_envs))
         self._needs_reset[:] = False
@@ -229,6 +240,7 @@ class MatrixGameVectorEnv(VectorEnv):
 
     def close_extras(self, **kwargs: Any) -> None:
         self._cohorts = []
+        self._state_pool.clear()
 
     def reset_worlds(self, indices: Sequence[int]) -> np.ndarray:
         """Start new episodes in the given worlds now (same-step autoreset, as stable-baselines3
@@ -269,7 +281,7 @@ class MatrixGameVectorEnv(VectorEnv):
             seeds.append(int(self._rngs[i].integers(2**62)))
             pictures.append(picture)
             self._last_frames[i] = picture_as_uint8(picture, self.world.video_size)[None]
-        state = self.world.start(pictures, seed=seeds)
+        state = self.world.start(pictures, seed=seeds, into=self._state_pool.take(len(indices)))
         self._cohorts.append(_Cohort.of(indices, state))
         self._steps[indices] = 0
 
@@ -289,9 +301,9 @@ class MatrixGameVectorEnv(VectorEnv):
                 continue
             rows = [self._stale_row(host, world) for world in guest.live_worlds]
             if all(row is not None for row in rows):
-                guest = guest.compacted()
-                absorb(model, host.state, rows, guest.state)
+                absorb(model, host.state, rows, guest.compacted().state)
                 host.live[rows] = True
+                self._state_pool.give(guest.state)  # the host copied what it needed
             else:
                 joined.append(guest)
         if joined:

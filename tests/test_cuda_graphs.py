@@ -213,6 +213,58 @@ def test_merged_cohorts_match_separate_ones_within_bf16():
     assert difference.mean() < 3.0
 
 
+@cuda
+def test_restarted_states_replay_their_young_blocks_and_match_fresh_eager_starts():
+    world = WorldModel.from_pretrained("doom-small", device="cuda")
+    starts = [str(p) for p in world.start_image_paths()[:2]]
+
+    def rollout(state):
+        latents = [world.step_latents(state, *_actions(2, b)) for b in range(4)]
+        frames = [world.decode(state, x) for x in latents]
+        return torch.cat(latents, 2).float().cpu(), torch.cat(frames, 1)
+
+    reference_latents, reference_frames = rollout(world.start(starts, seed=4))  # eager: no graphs yet
+    try:
+        world.sampler.enable_cuda_graphs(True)
+        graphs = world.sampler.graphs
+        state = world.start(starts, seed=1)
+        rollout(state)  # first life: its first block runs eagerly (a young block of a one-off state)
+        young = lambda: sum(1 for key in graphs.graphs if len(key) == 3)  # noqa: E731
+        assert young() == 0
+        lives = []
+        for _ in range(3):  # restarted in place: the second life captures the first block, the third replays it
+            replays = graphs.replays
+            lives.append(rollout(world.start(starts, seed=4, into=state)))
+            assert graphs.replays - replays >= 3
+        assert young() == 1 and graphs.replays >= 11
+    finally:
+        world.sampler.enable_cuda_graphs(False)
+    scale = reference_latents.abs().max()
+    for latents, frames in lives:
+        assert (latents - reference_latents).abs().max() <= 2e-2 * scale
+        assert (frames.int() - reference_frames.int()).abs().float().mean() < 0.5
+    assert torch.equal(lives[1][0], lives[2][0])  # two lives of replays alone: the very same numbers
+
+
+@cuda
+def test_vector_env_replays_the_first_blocks_of_its_new_cohorts():
+    import numpy as np
+
+    from matrixgame_env.vector import MatrixGameVectorEnv
+
+    venv = MatrixGameVectorEnv("doom-small", num_envs=4, device="cuda")
+    venv.reset(seed=2)
+    graphs = venv.world.sampler.graphs
+    for step in range(15):
+        if step in (1, 4, 7, 10):  # one world restarts every third step: its cohort rejoins two steps later
+            venv.reset_worlds([step % 4])
+        keys, mouse = _actions(4, step)
+        venv.step({"keyboard": keys.numpy().astype(np.int8), "mouse": mouse.numpy()})
+    young = [key for key in graphs.graphs if len(key) == 3]
+    assert len(young) == 1 and graphs.eager_blocks == 0  # one recycled one-world state, captured once
+    assert venv.num_cohorts == 1
+
+
 def test_fast_option_is_checked():
     from matrixgame_env.env import MatrixGameEnv
 

@@ -1,10 +1,12 @@
-"""CUDA-graph replay of the sampler's steady-state blocks.
+"""CUDA-graph replay of the sampler's steady-state blocks (and of restarted states' young blocks).
 
 Once the ring caches are full, every block runs the same kernels on tensors of the same shapes
 and addresses; only the slots it writes in the ring (one pattern per position of the block in the
 window) differ. So each (world state, ring phase) is captured once and then replayed: the inputs
 (noise, conditions, action windows, RoPE tables) are copied into static buffers, the graph runs,
 and the output is copied out. The kernels are the eager path's own, so the results are the same.
+A state restarted in place (`StreamingSampler.restart`) runs its first blocks on the same tensors,
+shapes and cache bookkeeping as before, so those are captured and replayed too.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..nn.dit import FrameRotations
+from ..nn.dit import FrameRotations, LayerCaches
 from .cache import RingKVCache
 
 if TYPE_CHECKING:
@@ -69,8 +71,13 @@ class BlockInputs:
 
 def ring_caches(state: WorldState) -> list[RingKVCache]:
     """Every ring cache of a state (self-attention and action caches of all layers)."""
+    return layer_ring_caches(state.caches)
+
+
+def layer_ring_caches(layers: list[LayerCaches]) -> list[RingKVCache]:
+    """Every ring cache of a list of layers' caches, in `ring_caches` order."""
     caches = []
-    for layer in state.caches:
+    for layer in layers:
         caches.append(layer.self_attn)
         if layer.action is not None:
             caches += [c for c in (layer.action.mouse, layer.action.keyboard) if c is not None]
@@ -83,8 +90,10 @@ class _CapturedBlock:
 
 
 class BlockGraphs:
-    """Captured steady-state blocks of one sampler, at most `max_graphs` at a time (one per world
-    state and ring phase: two per state with doom-small's and the official window).
+    """Captured blocks of one sampler, at most `max_graphs` at a time: steady-state blocks (one per
+    world state and ring phase: two per state with doom-small's and the official window) and the
+    young blocks of states restarted in place (the blocks before one fills the window: the first
+    block with those windows).
 
     The graphs of a state are dropped when the state is gone. While all `max_graphs` belong to live
     states, further states run eagerly rather than evict one: with more live states than graphs (a
@@ -92,6 +101,9 @@ class BlockGraphs:
     re-capture on every block, which costs more than the eager pass it saves. With `capture_after` n,
     a (state, ring phase) runs n steady blocks eagerly before it is captured, so that states which
     live only a block or two (a vector env's cohorts of new worlds before they rejoin) cost no capture.
+    A young block is captured the second time the same state runs it at the earliest (after
+    `StreamingSampler.restart` or a restore), so one-off states never pay for it; a vector env
+    restarts the states of its cohorts of new worlds (`StatePool`), whose first blocks then replay.
     """
 
     def __init__(self, sampler: StreamingSampler, max_graphs: int = 4) -> None:
@@ -103,15 +115,19 @@ class BlockGraphs:
         self._states: dict[int, weakref.ref] = {}
         self.captures = 0
         self.replays = 0
-        self.eager_blocks = 0  # steady-state blocks left eager because every graph was in use
+        self.eager_blocks = 0  # blocks left eager because every graph was in use
         self.capture_after = 0
-        self._sightings: dict[tuple, tuple[weakref.ref, int]] = {}  # eager steady blocks per key so far
+        self._sightings: dict[tuple, tuple[weakref.ref, int]] = {}  # eager blocks per key so far
 
     def eligible(self, state: WorldState) -> bool:
-        """True once this block fills the window: from then on every block has the same shapes."""
+        """True once this block fills the window: from then on every block has the same shapes
+        (a steady block; the blocks before are young)."""
         return state.frame + self.sampler.config.frames_per_block >= self.sampler.window_frames
 
     def _key(self, state: WorldState) -> tuple:
+        """(state, ring phase) for steady blocks, (state, "young", frame) before the window is full."""
+        if not self.eligible(state):
+            return (id(state), "young", state.frame)
         first = state.caches[0].self_attn
         phase = first.slot(state.frame)
         return (id(state), phase)
@@ -123,7 +139,8 @@ class BlockGraphs:
         return tuple(t.data_ptr() for t in tensors)
 
     def run(self, state: WorldState, inputs: BlockInputs) -> torch.Tensor:
-        """x0 of the block, from a replay (or from the eager pass that precedes a capture)."""
+        """x0 of the block, from a replay (or from the eager pass that precedes a capture, or that
+        runs where no graph may be captured)."""
         key = self._key(state)
         self._drop_dead()
         ref = self._states.get(id(state))
@@ -134,10 +151,11 @@ class BlockGraphs:
             del self.graphs[key]
             captured = None
         if captured is None:
+            threshold = max(self.capture_after, 1) if len(key) == 3 else self.capture_after  # young: see above
+            if sighting_count(self._sightings, key, state) <= threshold:
+                return self.sampler.denoise_block(state, inputs)
             if len(self.graphs) >= self.max_graphs:
                 self.eager_blocks += 1
-                return self.sampler.denoise_block(state, inputs)
-            if sighting_count(self._sightings, key, state) <= self.capture_after:
                 return self.sampler.denoise_block(state, inputs)
             return self._capture(state, inputs, key)
         start = state.frame

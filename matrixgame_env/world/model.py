@@ -93,11 +93,21 @@ class WorldModel:
         return condition.distinct_latents.float(), context
 
     @torch.no_grad()
-    def start(self, images: ImageLike | Sequence[ImageLike], seed: int | Sequence[int] | None = None) -> WorldState:
+    def start(
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        seed: int | Sequence[int] | None = None,
+        into: WorldState | None = None,
+    ) -> WorldState:
         """A fresh state for one world per picture (path, PIL image or HxWx3 uint8; any size:
-        centre-cropped to the model's aspect and resized)."""
+        centre-cropped to the model's aspect and resized). `into`: a state of as many worlds that
+        is no longer needed, restarted in place instead (`StreamingSampler.restart`: the same
+        worlds as a fresh start, on the old state's tensors and CUDA graphs)."""
         image_latents, context = self.encode_start(images)
-        state = self.sampler.start(image_latents, context, seed=seed)
+        if into is None:
+            state = self.sampler.start(image_latents, context, seed=seed)
+        else:
+            state = self.sampler.restart(into, image_latents, context, seed=seed)
         state.decoder_cache = self.vae.new_decoder_cache(state.batch_size)
         return state
 

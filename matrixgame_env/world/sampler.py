@@ -17,11 +17,11 @@ from typing import Any
 import torch
 
 from ..nn.action import ActionCaches, action_windows
-from ..nn.dit import CausalDiT, LayerCaches
+from ..nn.dit import CausalDiT, ContextKV, LayerCaches
 from ..nn.scheduler import FlowMatchScheduler
 from .cache import RingKVCache
 from .condition import ImageLatents, first_frame_mask
-from .graphs import BlockGraphs, BlockInputs
+from .graphs import BlockGraphs, BlockInputs, layer_ring_caches, ring_caches
 from .state import WorldState
 
 
@@ -134,6 +134,54 @@ class StreamingSampler:
         frames (later frames repeat frame K-1); visual_context: CLIP tokens [B, L, clip_dim];
         seed: one per world (or one int: seed + b), None for random seeds.
         """
+        image, context, generators = self._start_parts(image_latents, visual_context, seed)
+        return WorldState(
+            caches=self._new_caches(len(generators)),
+            context=context,
+            image=image,
+            keyboard_history=None,
+            mouse_history=None,
+            generators=generators,
+            frame=0,
+        )
+
+    @torch.no_grad()
+    def restart(
+        self,
+        state: WorldState,
+        image_latents: torch.Tensor | ImageLatents,
+        visual_context: torch.Tensor,
+        seed: int | Sequence[int] | None = None,
+    ) -> WorldState:
+        """`start` into an existing state of as many worlds, in place: its caches and context keep
+        their tensors (and so the CUDA graphs captured on them, young blocks included), everything
+        else starts afresh. The next blocks are exactly those of a fresh `start` with the same
+        arguments: the caches' old contents are never read (attention reads only the frames written
+        since). Snapshots of `state` share its context tensors, which this overwrites: take none that
+        must outlive it. Returns `state`."""
+        image, context, generators = self._start_parts(image_latents, visual_context, seed)
+        caches = ring_caches(state)
+        if len(generators) != state.batch_size or len(state.caches) != len(self.model.blocks):
+            raise ValueError(
+                f"restart needs a state of {len(generators)} worlds from this sampler, got one of "
+                f"{state.batch_size} worlds and {len(state.caches)} layers"
+            )
+        for mine, one in zip(caches, layer_ring_caches(self._new_caches(1)), strict=True):  # one world's, to compare
+            if mine.key.shape[1:] != one.key.shape[1:] or mine.key.dtype != one.key.dtype:
+                raise ValueError("the state's caches differ in shape or dtype from this sampler's: not its state?")
+        for cache in caches:
+            cache.end_frame, cache.last_write = 0, (0, 0)
+        for mine, new in zip(state.context.keys + state.context.values, context.keys + context.values, strict=True):
+            mine.copy_(new)
+        state.image, state.generators = image, generators
+        state.keyboard_history = state.mouse_history = None
+        state.frame, state.frame_shift = 0, None
+        return state
+
+    def _start_parts(
+        self, image_latents: torch.Tensor | ImageLatents, visual_context: torch.Tensor, seed: int | Sequence[int] | None
+    ) -> tuple[ImageLatents, ContextKV, list[torch.Generator]]:
+        """The checked image condition on the device, the context keys/values and the random streams of a start."""
         model = self.model
         device = model.device
         image = image_latents if isinstance(image_latents, ImageLatents) else ImageLatents(image_latents)
@@ -157,15 +205,7 @@ class StreamingSampler:
             )
         _check_finite(visual_context, "visual_context")
         generators = _make_generators(seed, batch, device)
-        return WorldState(
-            caches=self._new_caches(batch),
-            context=model.context_kv(visual_context.to(device)),
-            image=image.to(device, torch.float32),
-            keyboard_history=None,
-            mouse_history=None,
-            generators=generators,
-            frame=0,
-        )
+        return image.to(device, torch.float32), model.context_kv(visual_context.to(device)), generators
 
     def _mask_channels(self) -> int:
         return self.condition_channels - self.model.config.out_dim
@@ -257,7 +297,7 @@ class StreamingSampler:
             mouse_windows,
             model.frame_rotations(start, fpb, h // model.config.patch_size[1], w // model.config.patch_size[2], device),
         )
-        if self.graphs is not None and self.graphs.eligible(state):
+        if self.graphs is not None:  # replays steady blocks, and young blocks of restarted states
             x0 = self.graphs.run(state, inputs)
         else:
             x0 = self.denoise_block(state, inputs)

@@ -1,0 +1,56 @@
+"""World states kept for reuse, by number of worlds.
+
+A vector env whose worlds restart at different times starts a small state for every step's new
+worlds and, two blocks later, writes it back into the big one (`merge.absorb`). Starting each from
+a state given back before (`WorldModel.start(..., into=...)`, which restarts it in place) keeps its
+tensors: no allocation, and the CUDA graphs captured on it replay its first blocks too.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from .state import WorldState
+
+
+class StatePool:
+    """Idle `WorldState`s by batch size, at most `capacity` in all (the least recently given back
+    are dropped first, and with them their CUDA graphs)."""
+
+    def __init__(self, capacity: int = 8) -> None:
+        self._idle: OrderedDict[int, WorldState] = OrderedDict()  # id(state) -> state, oldest first
+        self.capacity = capacity
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @capacity.setter
+    def capacity(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"capacity must be an integer >= 0 (0: keep none), got {value!r}")
+        self._capacity = value
+        self._trim()
+
+    def __len__(self) -> int:
+        return len(self._idle)
+
+    def take(self, batch_size: int) -> WorldState | None:
+        """An idle state of `batch_size` worlds (the most recently given back), or None."""
+        for key in reversed(self._idle):
+            if self._idle[key].batch_size == batch_size:
+                return self._idle.pop(key)
+        return None
+
+    def give(self, state: WorldState) -> None:
+        """Keep a state nothing else uses any more, for a later `take`."""
+        self._idle.pop(id(state), None)
+        self._idle[id(state)] = state
+        self._trim()
+
+    def clear(self) -> None:
+        self._idle.clear()
+
+    def _trim(self) -> None:
+        while len(self._idle) > self._capacity:
+            self._idle.popitem(last=False)

@@ -1,0 +1,105 @@
+"""Restarting world states in place (`WorldModel.start(into=...)`) and keeping them (`StatePool`)."""
+
+import numpy as np
+import pytest
+import torch
+from tiny_model import write_tiny_model
+
+from matrixgame_env.vector import MatrixGameVectorEnv
+from matrixgame_env.world.graphs import ring_caches
+from matrixgame_env.world.model import WorldModel
+from matrixgame_env.world.state_pool import StatePool
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    folder = write_tiny_model(tmp_path_factory.mktemp("tiny-pool"))
+    return WorldModel.from_pretrained(folder, device="cpu")
+
+
+def _pictures(seed, n):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (16, 32, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _rollout(world, state, blocks, seed=3):
+    rng = np.random.default_rng(seed)
+    latents, frames = [], []
+    for _ in range(blocks):
+        keyboard = torch.tensor(rng.integers(0, 2, (state.batch_size, 4)), dtype=torch.float32)
+        mouse = torch.tensor(rng.uniform(-0.2, 0.2, (state.batch_size, 2)), dtype=torch.float32)
+        x = world.step_latents(state, keyboard, mouse)
+        latents.append(x)
+        frames.append(world.decode(state, x))
+    return torch.cat(latents, 2), torch.cat(frames, 1)
+
+
+def test_a_restarted_state_gives_exactly_a_fresh_start_on_its_old_tensors(world):
+    old = world.start(_pictures(0, 2), seed=5)
+    _rollout(world, old, 4, seed=9)  # caches full of another episode
+    tensors = [c.key.data_ptr() for c in ring_caches(old)] + [k.data_ptr() for k in old.context.keys]
+    pictures = _pictures(1, 2)
+    fresh_latents, fresh_frames = _rollout(world, world.start(pictures, seed=7), 4)
+    restarted = world.start(pictures, seed=7, into=old)
+    assert restarted is old
+    assert restarted.frame == 0 and restarted.frame_shift is None and restarted.keyboard_history is None
+    latents, frames = _rollout(world, restarted, 4)
+    assert torch.equal(latents, fresh_latents) and torch.equal(frames, fresh_frames)
+    assert [c.key.data_ptr() for c in ring_caches(old)] + [k.data_ptr() for k in old.context.keys] == tensors
+
+
+def test_restart_refuses_a_state_of_another_size_or_model(world):
+    state = world.start(_pictures(0, 2), seed=0)
+    _rollout(world, state, 1)
+    with pytest.raises(ValueError, match="restart needs a state of 3 worlds"):
+        world.start(_pictures(1, 3), seed=0, into=state)
+    other = WorldModel.from_pretrained(world.folder, device="cpu", dtype=torch.float64)
+    with pytest.raises(ValueError, match="differ in shape or dtype"):
+        world.start(_pictures(1, 2), seed=0, into=other.start(_pictures(1, 2), seed=0))
+    assert state.frame == 3 and all(c.end_frame == 3 for c in ring_caches(state))  # refused: left alone
+
+
+def test_pool_hands_back_states_by_size_newest_first_within_its_capacity(world):
+    pool = StatePool(capacity=2)
+    a, b, c = (world.start(_pictures(i, n), seed=i) for i, n in enumerate((1, 2, 1)))
+    pool.give(a)
+    pool.give(b)
+    pool.give(b)  # given twice: kept once
+    assert len(pool) == 2
+    pool.give(c)  # the oldest (a) goes
+    assert len(pool) == 2
+    assert pool.take(1) is c and pool.take(1) is None and pool.take(2) is b and len(pool) == 0
+    pool.give(a)
+    pool.capacity = 0
+    assert len(pool) == 0 and pool.take(1) is None
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="capacity must be an integer >= 0"):
+            pool.capacity = bad
+
+
+def test_vector_env_restarts_rejoined_cohorts_states_and_steps_as_without_them(world):
+    n = 3
+    venvs = [MatrixGameVectorEnv(model=world, num_envs=n) for _ in range(2)]
+    venvs[1]._state_pool.capacity = 0  # never reuses a state
+    for venv in venvs:
+        venv.prefer_in_place = True  # as where CUDA graphs replay (where the states' reuse pays)
+        venv.reset(seed=30)
+    rng = np.random.default_rng(6)
+    young_states = []
+    for step in range(12):
+        keys = rng.integers(0, 2, (n, 4)).astype(np.int8)
+        mouse = rng.uniform(-0.2, 0.2, (n, 2)).astype(np.float32)
+        observations = []
+        for venv in venvs:
+            if step in (1, 4, 7):
+                venv.reset_worlds([step % n])
+            observations.append(venv.step({"keyboard": keys, "mouse": mouse})[0])
+            if step in (1, 4, 7) and venv is venvs[0]:
+                young_states.append(venv._cohorts[-1].state)
+        assert np.array_equal(observations[0], observations[1])
+    # each one-world cohort rejoined two steps after its start and left its state for the next one
+    assert young_states[0] is young_states[1] is young_states[2]
+    assert venvs[0].num_cohorts == venvs[1].num_cohorts == 1
+    first = venvs[0]._cohorts[0].state
+    venvs[0].reset(seed=31)  # a full reset restarts the big cohort's state too
+    assert venvs[0]._cohorts[0].state is first
