@@ -3,9 +3,11 @@
 Each world's episode ends at random (probability 1 / --episode-steps per step, the same draws for
 every setting), so the worlds reset at different steps, as in RL training. Each reset starts a
 cohort of its own; with `merge_cohorts` (the default) a cohort joins the others once its caches
-are full, without it every cohort keeps its own forward for good. Settings alternate within one
-run (--rounds pairs), and each reports steps/s of all worlds together and the mean number of
-forwards (cohorts) a step ran.
+are full, without it every cohort keeps its own forward for good. Settings (--settings): "merged"
+(the default env), "merged_fresh_states" (merged, but every cohort of new worlds on a new state
+rather than one restarted in place: no CUDA graphs for their first blocks) and "separate" (no
+merging). They alternate within one run (--rounds rounds), and each reports steps/s of all worlds
+together and the mean number of forwards (cohorts) a step ran.
 
 With --phases, the merged setting alone, each phase of a step timed on its own (synchronised before
 and after: starting new worlds, DiT blocks and decodes per cohort size, joining cohorts), to show
@@ -13,7 +15,7 @@ where a desynchronised step goes.
 
 Usage: python benchmarks/bench_desync.py [--model doom-small] [--device cuda] [--worlds 16 64]
        [--episode-steps 20] [--steps 100] [--warmup 20] [--rounds 2] [--fast graphs compile]
-       [--phases] [--out DIR]
+       [--settings merged merged_fresh_states separate] [--phases] [--out DIR]
 """
 
 from __future__ import annotations
@@ -52,16 +54,23 @@ class RandomEpisodeEnd:
         return self.rng.random(len(step.frames)) < self.probability
 
 
-def desync_env(args: argparse.Namespace, worlds: int, merge: bool, fast: str) -> MatrixGameVectorEnv:
-    """A vector env (fast path `fast`) whose worlds end episodes at random, seeded alike for every setting."""
-    return MatrixGameVectorEnv(
+SETTINGS = ("merged", "merged_fresh_states", "separate")
+
+
+def desync_env(args: argparse.Namespace, worlds: int, setting: str, fast: str) -> MatrixGameVectorEnv:
+    """A vector env (fast path `fast`, one of SETTINGS) whose worlds end episodes at random, seeded
+    alike for every setting."""
+    env = MatrixGameVectorEnv(
         args.model,
         num_envs=worlds,
         device=args.device,
         fast=FAST_OPTIONS[fast],
         termination=RandomEpisodeEnd(1 / args.episode_steps, seed=1),
-        merge_cohorts=merge,
+        merge_cohorts=setting != "separate",
     )
+    if setting == "merged_fresh_states":
+        env._state_pool.capacity = 0  # no state is kept to restart in
+    return env
 
 
 def warm_up(env: MatrixGameVectorEnv, args: argparse.Namespace) -> np.random.Generator:
@@ -73,9 +82,9 @@ def warm_up(env: MatrixGameVectorEnv, args: argparse.Namespace) -> np.random.Gen
     return rng
 
 
-def run_setting(args: argparse.Namespace, worlds: int, merge: bool, fast: str) -> dict:
+def run_setting(args: argparse.Namespace, worlds: int, setting: str, fast: str) -> dict:
     """Steps/s and cohorts per step of one vector env (fast path `fast`) after `args.warmup` steps."""
-    env = desync_env(args, worlds, merge, fast)
+    env = desync_env(args, worlds, setting, fast)
     rng = warm_up(env, args)
     synchronize(args.device)
     cohorts, ended = [], 0
@@ -91,7 +100,7 @@ def run_setting(args: argparse.Namespace, worlds: int, merge: bool, fast: str) -
     return {
         "fast": fast,
         "worlds": worlds,
-        "merge_cohorts": merge,
+        "setting": setting,
         "steps_per_s": worlds * args.steps / elapsed,
         "mean_cohorts": statistics.mean(cohorts),
         "max_cohorts": max(cohorts),
@@ -138,7 +147,7 @@ class PhaseTimer:
 
 def run_phases(args: argparse.Namespace, worlds: int, fast: str) -> tuple[dict, list[dict]]:
     """The merged setting with each phase timed: (its row, the phase rows)."""
-    env = desync_env(args, worlds, True, fast)
+    env = desync_env(args, worlds, "merged", fast)
     timer = PhaseTimer(args.device)
     world = env.world
     world.start = timer.wrap("start new worlds", world.start, lambda a: len(a[0]))
@@ -160,7 +169,7 @@ def run_phases(args: argparse.Namespace, worlds: int, fast: str) -> tuple[dict, 
     finally:
         vector_module.absorb, vector_module.merge_states = saved
     env.close()
-    row = {"fast": fast, "worlds": worlds, "merge_cohorts": True, "phases_timed": True}
+    row = {"fast": fast, "worlds": worlds, "setting": "merged", "phases_timed": True}
     row.update(steps_per_s=worlds * args.steps / elapsed, ms_per_step=elapsed / args.steps * 1e3)
     return row, timer.rows(args.steps)
 
@@ -173,13 +182,16 @@ def main() -> None:
     parser.add_argument("--episode-steps", type=float, default=20.0, help="mean episode length in env steps")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=20, help="steps before timing (episodes desynchronise)")
-    parser.add_argument("--rounds", type=int, default=2, help="pairs of (merged, separate) runs, alternating")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the settings, alternating")
+    parser.add_argument(
+        "--settings", nargs="+", default=["merged", "separate"], choices=SETTINGS, help="vector-env settings"
+    )
     parser.add_argument(
         "--fast",
         nargs="+",
         default=["graphs"],
         choices=list(FAST_OPTIONS),
-        help="fast paths to measure (each with merged and separate cohorts)",
+        help="fast paths to measure (each in every setting)",
     )
     parser.add_argument("--phases", action="store_true", help="time each phase of the merged setting instead")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
@@ -196,6 +208,7 @@ def main() -> None:
         "steps": args.steps,
         "warmup": args.warmup,
         "fast": args.fast,
+        "settings": args.settings,
         "threads": torch.get_num_threads(),
     }
     name = f"desync_{args.device.split(':')[0]}"
@@ -213,11 +226,11 @@ def main() -> None:
     for fast_name in args.fast:
         for worlds in args.worlds:
             for _ in range(args.rounds):
-                for merge in (True, False):
-                    rows.append(run_setting(args, worlds, merge, fast_name))
+                for setting in args.settings:
+                    rows.append(run_setting(args, worlds, setting, fast_name))
                     row = rows[-1]
                     print(
-                        f"{fast_name}, {worlds} worlds, merge {merge}: {row['steps_per_s']:.1f} steps/s, "
+                        f"{fast_name}, {worlds} worlds, {setting}: {row['steps_per_s']:.1f} steps/s, "
                         f"{row['mean_cohorts']:.2f} cohorts per step",
                         flush=True,
                     )
@@ -231,7 +244,7 @@ def main() -> None:
             [
                 "fast",
                 "worlds",
-                "merge_cohorts",
+                "setting",
                 "steps_per_s",
                 "mean_cohorts",
                 "max_cohorts",
