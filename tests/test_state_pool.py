@@ -59,6 +59,21 @@ def test_restart_refuses_a_state_of_another_size_or_model(world):
     assert state.frame == 3 and all(c.end_frame == 3 for c in ring_caches(state))  # refused: left alone
 
 
+def test_pool_keeps_at_most_per_size_states_of_one_size(world):
+    pool = StatePool(capacity=5, per_size=2)
+    ones = [world.start(_pictures(i, 1), seed=i) for i in range(3)]
+    two = world.start(_pictures(3, 2), seed=3)
+    for state in (ones[0], two, ones[1], ones[2]):  # the third of size 1 pushes out the oldest of its size
+        pool.give(state)
+    assert len(pool) == 3
+    assert pool.take(1) is ones[2] and pool.take(1) is ones[1] and pool.take(1) is None and pool.take(2) is two
+    with pytest.raises(ValueError, match="per_size must be an integer >= 0"):
+        StatePool(per_size=-1)
+    none = StatePool(per_size=0)
+    none.give(two)
+    assert len(none) == 0
+
+
 def test_pool_hands_back_states_by_size_newest_first_within_its_capacity(world):
     pool = StatePool(capacity=2)
     a, b, c = (world.start(_pictures(i, n), seed=i) for i, n in enumerate((1, 2, 1)))

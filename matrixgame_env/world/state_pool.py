@@ -14,11 +14,12 @@ from .state import WorldState
 
 
 class StatePool:
-    """Idle `WorldState`s by batch size, at most `capacity` in all (the least recently given back
-    are dropped first, and with them their CUDA graphs)."""
+    """Idle `WorldState`s by batch size: at most `per_size` of one size and `capacity` in all (the
+    least recently given back go first, and with them their CUDA graphs)."""
 
-    def __init__(self, capacity: int = 8) -> None:
+    def __init__(self, capacity: int = 16, per_size: int = 2) -> None:
         self._idle: OrderedDict[int, WorldState] = OrderedDict()  # id(state) -> state, oldest first
+        self._per_size = _count(per_size, "per_size")
         self.capacity = capacity
 
     @property
@@ -27,10 +28,12 @@ class StatePool:
 
     @capacity.setter
     def capacity(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"capacity must be an integer >= 0 (0: keep none), got {value!r}")
-        self._capacity = value
+        self._capacity = _count(value, "capacity")
         self._trim()
+
+    @property
+    def per_size(self) -> int:
+        return self._per_size
 
     def __len__(self) -> int:
         return len(self._idle)
@@ -45,7 +48,11 @@ class StatePool:
     def give(self, state: WorldState) -> None:
         """Keep a state nothing else uses any more, for a later `take`."""
         self._idle.pop(id(state), None)
-        self._idle[id(state)] = state
+        same_size = [key for key, idle in self._idle.items() if idle.batch_size == state.batch_size]
+        for key in same_size[: max(0, len(same_size) + 1 - self._per_size)]:
+            del self._idle[key]
+        if self._per_size:
+            self._idle[id(state)] = state
         self._trim()
 
     def clear(self) -> None:
@@ -54,3 +61,9 @@ class StatePool:
     def _trim(self) -> None:
         while len(self._idle) > self._capacity:
             self._idle.popitem(last=False)
+
+
+def _count(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0 (0: keep none), got {value!r}")
+    return value
