@@ -115,13 +115,14 @@ class MatrixGameVectorEnv(VectorEnv):
         # States of cohorts that rejoined (and of every cohort at a full reset) start later cohorts of
         # as many worlds again, in place: their tensors, and the CUDA graphs captured on them, stay.
         self._state_pool = StatePool()
-        if merge_cohorts:  # a cohort of new worlds lives two blocks before it rejoins: capturing it would not pay
+        if merge_cohorts:
             for graphs in (self.world.sampler.graphs, self.world.decoder_graphs):
                 if graphs is not None:
+                    # A cohort of new worlds lives two blocks before it rejoins: capturing it pays only
+                    # once its state is restarted, from the second life on.
                     graphs.capture_after = max(graphs.capture_after, 1)
-            graphs = self.world.sampler.graphs
-            if graphs is not None:  # room for the big cohort's 3 graphs and 2 for each other live state
-                graphs.max_graphs = max(graphs.max_graphs, 3 + 2 * (self._state_pool.capacity + 2))
+                    # Room for the big cohort's graphs (up to 3) and 2 for each other live state.
+                    graphs.max_graphs = max(graphs.max_graphs, 3 + 2 * (self._state_pool.capacity + 2))
         if action_guidance is not None:
             self.world.sampler.set_action_guidance(action_guidance)
         if keyboard_guidance is not None:

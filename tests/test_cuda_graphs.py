@@ -226,7 +226,8 @@ def test_restarted_states_replay_their_young_blocks_and_match_fresh_eager_starts
     reference_latents, reference_frames = rollout(world.start(starts, seed=4))  # eager: no graphs yet
     try:
         world.sampler.enable_cuda_graphs(True)
-        graphs = world.sampler.graphs
+        world.enable_decoder_graphs(True)
+        graphs, decoder_graphs = world.sampler.graphs, world.decoder_graphs
         state = world.start(starts, seed=1)
         rollout(state)  # first life: its first block runs eagerly (a young block of a one-off state)
         young = lambda: sum(1 for key in graphs.graphs if len(key) == 3)  # noqa: E731
@@ -237,13 +238,17 @@ def test_restarted_states_replay_their_young_blocks_and_match_fresh_eager_starts
             lives.append(rollout(world.start(starts, seed=4, into=state)))
             assert graphs.replays - replays >= 3
         assert young() == 1 and graphs.replays >= 11
+        first_decodes = [key for key in decoder_graphs.graphs if key[3]]  # restarted caches' first blocks
+        assert len(first_decodes) == 1 and decoder_graphs.replays >= 8
     finally:
         world.sampler.enable_cuda_graphs(False)
+        world.enable_decoder_graphs(False)
     scale = reference_latents.abs().max()
     for latents, frames in lives:
         assert (latents - reference_latents).abs().max() <= 2e-2 * scale
         assert (frames.int() - reference_frames.int()).abs().float().mean() < 0.5
     assert torch.equal(lives[1][0], lives[2][0])  # two lives of replays alone: the very same numbers
+    assert torch.equal(lives[1][1], lives[2][1])
 
 
 @cuda
@@ -262,6 +267,8 @@ def test_vector_env_replays_the_first_blocks_of_its_new_cohorts():
         venv.step({"keyboard": keys.numpy().astype(np.int8), "mouse": mouse.numpy()})
     young = [key for key in graphs.graphs if len(key) == 3]
     assert len(young) == 1 and graphs.eager_blocks == 0  # one recycled one-world state, captured once
+    first_decodes = [key for key in venv.world.decoder_graphs.graphs if key[3]]
+    assert len(first_decodes) == 1 and venv.world.decoder_graphs.eager_decodes == 0
     assert venv.num_cohorts == 1
 
 

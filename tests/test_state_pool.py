@@ -38,11 +38,14 @@ def test_a_restarted_state_gives_exactly_a_fresh_start_on_its_old_tensors(world)
     old = world.start(_pictures(0, 2), seed=5)
     _rollout(world, old, 4, seed=9)  # caches full of another episode
     tensors = [c.key.data_ptr() for c in ring_caches(old)] + [k.data_ptr() for k in old.context.keys]
+    decoder_cache = old.decoder_cache
     pictures = _pictures(1, 2)
     fresh_latents, fresh_frames = _rollout(world, world.start(pictures, seed=7), 4)
     restarted = world.start(pictures, seed=7, into=old)
-    assert restarted is old
+    assert restarted is old and restarted.decoder_cache is decoder_cache
     assert restarted.frame == 0 and restarted.frame_shift is None and restarted.keyboard_history is None
+    assert all(decoder_cache.is_empty(i) and not slot.any() for i, slot in enumerate(decoder_cache.slots))
+    assert all(decoder_cache.clone().emptied)  # a snapshot of the restarted cache is empty too
     latents, frames = _rollout(world, restarted, 4)
     assert torch.equal(latents, fresh_latents) and torch.equal(frames, fresh_frames)
     assert [c.key.data_ptr() for c in ring_caches(old)] + [k.data_ptr() for k in old.context.keys] == tensors

@@ -65,14 +65,21 @@ class FeatureCache:
     With `write_in_place` set they overwrite a slot's tensor when the new frames have its shape, so
     the slots keep their addresses from chunk to chunk (what a captured CUDA graph of the decoder
     reads and writes); every cache made from another (`clone`, `select`, `to`, ...) starts unset.
+    `restart` empties a cache for a new stream but keeps its tensors: its slots then count as empty
+    (`is_empty`) until their layers write them again.
     """
 
     def __init__(self, num_slots: int, batch_size: int) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.slots: list[torch.Tensor | None] = [None] * num_slots
+        self.emptied = [False] * num_slots  # slots that hold a tensor but count as empty (`restart`)
         self.batch_size = batch_size
         self.write_in_place = False
+
+    def is_empty(self, slot: int) -> bool:
+        """Whether the slot's layer has not run yet in this stream (its first chunk comes next)."""
+        return self.slots[slot] is None or self.emptied[slot]
 
     def keep(self, slot: int, frames: torch.Tensor, owned: bool = False) -> None:
         """Stores `frames` in `slot`: overwriting its tensor under `write_in_place`, else as a copy, or
@@ -82,6 +89,16 @@ class FeatureCache:
             held.copy_(frames)
         else:
             self.slots[slot] = frames if owned else frames.clone()
+        self.emptied[slot] = False
+
+    def restart(self) -> None:
+        """Start a new stream from its first chunk, as a new cache would, on the same tensors: the
+        slots are zeroed in place and count as empty until written (the addresses a captured CUDA
+        graph of a first chunk reads and writes stay the same)."""
+        for i, held in enumerate(self.slots):
+            if held is not None:
+                held.zero_()
+                self.emptied[i] = True
 
     @property
     def nbytes(self) -> int:
@@ -112,6 +129,7 @@ class FeatureCache:
     def _map(self: CacheT, transform: Callable[[torch.Tensor], torch.Tensor], batch_size: int) -> CacheT:
         result = type(self)(len(self.slots), batch_size)
         result.slots = [None if slot is None else transform(slot) for slot in self.slots]
+        result.emptied = list(self.emptied)
         return result
 
 
@@ -309,8 +327,9 @@ class CausalConv3d(nn.Conv3d):
 
     def _past(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         """The inputs kept from the previous chunk, or zeros before the first: [B, C, past, H, W]."""
-        past = cache.slots[self.cache_slot]
-        return x.new_zeros(*x.shape[:2], self.past_frames, *x.shape[3:]) if past is None else past
+        if cache.is_empty(self.cache_slot):
+            return x.new_zeros(*x.shape[:2], self.past_frames, *x.shape[3:])
+        return cache.slots[self.cache_slot]
 
     def _convolve_joined(
         self, joined: torch.Tensor, cache: FeatureCache, bias: torch.Tensor | None, form: str
@@ -490,8 +509,8 @@ class Upsample(nn.Module):
     def _double_frames(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         batch, channels, frames, height, width = x.shape
         slot = self.time_conv.cache_slot
-        if cache.slots[slot] is None:
-            cache.slots[slot] = x.new_zeros(batch, channels, self.time_conv.past_frames, height, width)
+        if cache.is_empty(slot):
+            cache.keep(slot, x.new_zeros(batch, channels, self.time_conv.past_frames, height, width), owned=True)
             return x
         pairs = self.time_conv(x, cache)  # [B, 2C, T, H, W]
         pairs = pairs.view(batch, 2, channels, frames, height, width).permute(0, 2, 3, 1, 4, 5)

@@ -1,11 +1,13 @@
-"""CUDA-graph replay of the VAE decoder's steady-state blocks.
+"""CUDA-graph replay of the VAE decoder's steady-state blocks (and of restarted caches' first blocks).
 
 Once every slot of a world's decoder cache holds frames, each block of latents runs the same
 kernels on tensors of the same shapes; with the cache writing its slots in place
 (`FeatureCache.write_in_place`) the addresses stay the same too. So each (cache, latent shape) is
 decoded eagerly once (the real result, and the warm-up that compiles and autotunes), then captured,
 and later blocks replay the graph: the latents are copied into a static buffer, the graph runs, and
-the uint8 frames are copied out. The kernels are the eager path's own.
+the uint8 frames are copied out. The kernels are the eager path's own. A cache restarted in place
+(`FeatureCache.restart`: its slots zeroed, counted as empty) decodes its first block on the same
+tensors every time, so that block is captured too, on its own.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ class DecoderGraphs:
 
     @staticmethod
     def eligible(cache: DecoderCache) -> bool:
-        """True once every slot holds frames: from then on a block of latents always runs the same kernels."""
+        """True once every slot holds a tensor: from then on a block of latents always runs the same
+        kernels (a restarted cache's first block its own ones)."""
         return all(slot is not None for slot in cache.slots)
 
     def _binding(self, cache: DecoderCache) -> tuple:
@@ -74,7 +77,8 @@ class DecoderGraphs:
         (eagerly before); `cache` moves on exactly as `WanVAE.decode_stream` would move it."""
         if not self.eligible(cache):
             return decode_to_uint8(self.vae, latents, cache)
-        key = (id(cache), tuple(latents.shape), latents.dtype)
+        first = any(cache.emptied)  # a restarted cache's first block: its own graph
+        key = (id(cache), tuple(latents.shape), latents.dtype, first)
         self._drop_dead()
         captured = self.graphs.get(key)
         if captured is not None and (captured.cache() is not cache or captured.binding != self._binding(cache)):
@@ -90,18 +94,23 @@ class DecoderGraphs:
         captured.latents.copy_(latents)
         captured.graph.replay()
         self.replays += 1
+        cache.emptied = [False] * len(cache.slots)  # the Python-side bookkeeping the replay skipped
         return captured.frames.clone()
 
     def _capture(self, latents: torch.Tensor, cache: DecoderCache, key: tuple) -> torch.Tensor:
         """Decode eagerly on the capture stream (the real result, and the warm-up), then capture the
-        same decode; the capture computes nothing, so the cache is left as the eager run wrote it."""
+        same decode; the capture computes nothing, so the cache is left as the eager run wrote it.
+        The capture starts from the cache's bookkeeping as the eager run found it (empty slots of a
+        restarted cache), so that it records the same path."""
         cache.write_in_place = True  # from here on the slots keep their addresses
         static = latents.clone()
+        emptied = list(cache.emptied)
         current = torch.cuda.current_stream(self.vae.device)
         self.stream.wait_stream(current)
         with torch.cuda.stream(self.stream):
             result = decode_to_uint8(self.vae, static, cache)
         current.wait_stream(self.stream)
+        cache.emptied = emptied
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             frames = decode_to_uint8(self.vae, static, cache)

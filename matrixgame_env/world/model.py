@@ -15,7 +15,7 @@ from ..nn import triton_conv
 from ..nn.clip import CLIPVisionEncoder
 from ..nn.dit import CausalDiT
 from ..nn.fusion import enable_fusion
-from ..nn.vae import WanVAE, conv3d_form
+from ..nn.vae import DecoderCache, WanVAE, conv3d_form
 from .condition import ImageLatents
 from .decoder_graphs import DecoderGraphs, decode_to_uint8
 from .sampler import SamplerConfig, StreamingSampler
@@ -101,14 +101,25 @@ class WorldModel:
     ) -> WorldState:
         """A fresh state for one world per picture (path, PIL image or HxWx3 uint8; any size:
         centre-cropped to the model's aspect and resized). `into`: a state of as many worlds that
-        is no longer needed, restarted in place instead (`StreamingSampler.restart`: the same
-        worlds as a fresh start, on the old state's tensors and CUDA graphs)."""
+        is no longer needed, restarted in place instead (`StreamingSampler.restart`, and
+        `FeatureCache.restart` for its decoder cache: the same worlds as a fresh start, on the old
+        state's tensors and CUDA graphs)."""
         image_latents, context = self.encode_start(images)
         if into is None:
             state = self.sampler.start(image_latents, context, seed=seed)
+            state.decoder_cache = self.vae.new_decoder_cache(state.batch_size)
+            return state
+        kept = into.decoder_cache  # checked before the restart below changes anything
+        reusable = (
+            isinstance(kept, DecoderCache)
+            and len(kept.slots) == self.vae.decoder.num_cache_slots
+            and all(t is None or (t.device == self.vae.device and t.dtype == self.vae.dtype) for t in kept.slots)
+        )
+        state = self.sampler.restart(into, image_latents, context, seed=seed)
+        if reusable and kept.batch_size == state.batch_size:
+            kept.restart()  # the same tensors, and the decoder's CUDA graphs of its first block
         else:
-            state = self.sampler.restart(into, image_latents, context, seed=seed)
-        state.decoder_cache = self.vae.new_decoder_cache(state.batch_size)
+            state.decoder_cache = self.vae.new_decoder_cache(state.batch_size)
         return state
 
     @torch.no_grad()
