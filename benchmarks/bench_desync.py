@@ -87,6 +87,7 @@ def run_setting(args: argparse.Namespace, worlds: int, setting: str, fast: str) 
     env = desync_env(args, worlds, setting, fast)
     rng = warm_up(env, args)
     synchronize(args.device)
+    captures_before = graph_captures(env)
     cohorts, ended = [], 0
     t0 = time.perf_counter()
     for _ in range(args.steps):
@@ -95,6 +96,7 @@ def run_setting(args: argparse.Namespace, worlds: int, setting: str, fast: str) 
         ended += int((terminated | truncated).sum())
     synchronize(args.device)
     elapsed = time.perf_counter() - t0
+    captures_timed = [after - before for after, before in zip(graph_captures(env), captures_before)]
     graphs = env.world.sampler.graphs
     env.close()
     return {
@@ -107,7 +109,14 @@ def run_setting(args: argparse.Namespace, worlds: int, setting: str, fast: str) 
         "episodes_ended": ended,
         "graph_captures": None if graphs is None else graphs.captures,
         "eager_blocks_beyond_graphs": None if graphs is None else graphs.eager_blocks,
+        # CUDA graphs captured while timed (DiT blocks, decodes): each costs an eager pass and a capture
+        "captures_timed": None if graphs is None else captures_timed,
     }
+
+
+def graph_captures(env: MatrixGameVectorEnv) -> list[int]:
+    """CUDA graphs captured so far by the env's sampler and decoder (0 where there are none)."""
+    return [0 if graphs is None else graphs.captures for graphs in (env.world.sampler.graphs, env.world.decoder_graphs)]
 
 
 class PhaseTimer:
@@ -250,6 +259,7 @@ def main() -> None:
                 "max_cohorts",
                 "episodes_ended",
                 "graph_captures",
+                "captures_timed",
             ],
         )
     )
