@@ -51,6 +51,14 @@ def test_a_restarted_state_gives_exactly_a_fresh_start_on_its_old_tensors(world)
     assert [c.key.data_ptr() for c in ring_caches(old)] + [k.data_ptr() for k in old.context.keys] == tensors
 
 
+def test_a_sampler_restart_leaves_no_old_decoder_cache_behind(world):
+    state = world.start(_pictures(0, 1), seed=0)
+    _rollout(world, state, 2)
+    image_latents, context = world.encode_start(_pictures(1, 1))
+    restarted = world.sampler.restart(state, image_latents, context, seed=1)
+    assert restarted.decoder_cache is None  # as from `sampler.start`: the old stream's cache is not reused
+
+
 def test_restart_refuses_a_state_of_another_size_or_model(world):
     state = world.start(_pictures(0, 2), seed=0)
     _rollout(world, state, 1)

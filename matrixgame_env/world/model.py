@@ -118,6 +118,7 @@ class WorldModel:
         state = self.sampler.restart(into, image_latents, context, seed=seed)
         if reusable and kept.batch_size == state.batch_size:
             kept.restart()  # the same tensors, and the decoder's CUDA graphs of its first block
+            state.decoder_cache = kept
         else:
             state.decoder_cache = self.vae.new_decoder_cache(state.batch_size)
         return state

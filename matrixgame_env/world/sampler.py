@@ -176,6 +176,7 @@ class StreamingSampler:
         state.image, state.generators = image, generators
         state.keyboard_history = state.mouse_history = None
         state.frame, state.frame_shift = 0, None
+        state.decoder_cache = None  # as from `start`: decoding is the caller's (`WorldModel.start` restarts it)
         return state
 
     def _start_parts(
