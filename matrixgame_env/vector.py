@@ -338,7 +338,9 @@ class MatrixGameVectorEnv(VectorEnv):
 
     def _remove(self, worlds: np.ndarray) -> None:
         """Take `worlds` out of their cohorts: their rows go stale (`keeps_stale_rows`: the state stays
-        as it is, for the worlds' new cohorts to come back to), or the cohorts shrink to the others."""
+        as it is, for the worlds' new cohorts to come back to), or the cohorts shrink to the others.
+        A cohort left without worlds gives its state to the pool (all worlds ending together restart
+        in it)."""
         kept = []
         for cohort in self._cohorts:
             leaving = np.isin(cohort.worlds, worlds) & cohort.live
@@ -346,6 +348,8 @@ class MatrixGameVectorEnv(VectorEnv):
                 cohort = _Cohort(cohort.worlds, cohort.live & ~leaving, cohort.state)
             if cohort.live.any():
                 kept.append(cohort if self.keeps_stale_rows else cohort.compacted())
+            else:
+                self._state_pool.give(cohort.state)
         self._cohorts = kept
 
     def _cohort_actions(

@@ -129,3 +129,5 @@ def test_vector_env_restarts_rejoined_cohorts_states_and_steps_as_without_them(w
     first = venvs[0]._cohorts[0].state
     venvs[0].reset(seed=31)  # a full reset restarts the big cohort's state too
     assert venvs[0]._cohorts[0].state is first
+    venvs[0].reset_worlds(np.arange(n))  # and so do all worlds ending at once (fixed-length episodes)
+    assert venvs[0].num_cohorts == 1 and venvs[0]._cohorts[0].state is first
