@@ -114,7 +114,8 @@ class MatrixGameVectorEnv(VectorEnv):
         enable_fast_path(self.world, fast, batch=num_envs)
         # States of cohorts that rejoined (and of every cohort at a full reset) start later cohorts of
         # as many worlds again, in place: their tensors, and the CUDA graphs captured on them, stay.
-        self._state_pool = StatePool()
+        # Idle states hold at most num_envs worlds' caches together (memory at most doubles).
+        self._state_pool = StatePool(max_worlds=num_envs)
         if merge_cohorts:
             for graphs in (self.world.sampler.graphs, self.world.decoder_graphs):
                 if graphs is not None:

@@ -85,6 +85,18 @@ def test_pool_keeps_at_most_per_size_states_of_one_size(world):
     assert len(none) == 0
 
 
+def test_pool_keeps_states_of_at_most_max_worlds_together(world):
+    pool = StatePool(max_worlds=3)
+    one, two, other_two = (world.start(_pictures(i, n), seed=i) for i, n in enumerate((1, 2, 2)))
+    pool.give(one)
+    pool.give(two)
+    assert pool.worlds == 3
+    pool.give(other_two)  # 5 worlds: the oldest go until 3 or fewer remain (one, then two)
+    assert pool.worlds == 2 and pool.take(2) is other_two
+    with pytest.raises(ValueError, match="max_worlds must be an integer >= 0"):
+        StatePool(max_worlds=-2)
+
+
 def test_pool_hands_back_states_by_size_newest_first_within_its_capacity(world):
     pool = StatePool(capacity=2)
     a, b, c = (world.start(_pictures(i, n), seed=i) for i, n in enumerate((1, 2, 1)))

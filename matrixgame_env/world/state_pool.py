@@ -14,12 +14,15 @@ from .state import WorldState
 
 
 class StatePool:
-    """Idle `WorldState`s by batch size: at most `per_size` of one size and `capacity` in all (the
-    least recently given back go first, and with them their CUDA graphs)."""
+    """Idle `WorldState`s by batch size: at most `per_size` of one size, `capacity` in all and, with
+    `max_worlds`, states of at most that many worlds together (which bounds their memory: a vector env
+    of N worlds keeps at most N worlds' caches idle). The least recently given back go first, and with
+    them their CUDA graphs."""
 
-    def __init__(self, capacity: int = 16, per_size: int = 2) -> None:
+    def __init__(self, capacity: int = 16, per_size: int = 2, max_worlds: int | None = None) -> None:
         self._idle: OrderedDict[int, WorldState] = OrderedDict()  # id(state) -> state, oldest first
         self._per_size = _count(per_size, "per_size")
+        self._max_worlds = None if max_worlds is None else _count(max_worlds, "max_worlds")
         self.capacity = capacity
 
     @property
@@ -34,6 +37,15 @@ class StatePool:
     @property
     def per_size(self) -> int:
         return self._per_size
+
+    @property
+    def max_worlds(self) -> int | None:
+        return self._max_worlds
+
+    @property
+    def worlds(self) -> int:
+        """Worlds of the idle states together."""
+        return sum(state.batch_size for state in self._idle.values())
 
     def __len__(self) -> int:
         return len(self._idle)
@@ -59,7 +71,7 @@ class StatePool:
         self._idle.clear()
 
     def _trim(self) -> None:
-        while len(self._idle) > self._capacity:
+        while len(self._idle) > self._capacity or (self._max_worlds is not None and self.worlds > self._max_worlds):
             self._idle.popitem(last=False)
 
 
