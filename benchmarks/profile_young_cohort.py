@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import environment, synchronize, table, write_json  # noqa: E402
+from common import environment, profile_tables, synchronize, table, write_json  # noqa: E402
 
 from matrixgame_env.world.model import WorldModel, enable_fast_path  # noqa: E402
 from matrixgame_env.world.state_pool import StatePool  # noqa: E402
@@ -69,7 +69,8 @@ def block(world: WorldModel, state, generator: torch.Generator) -> dict[str, flo
 
 
 def profile_block(world: WorldModel, state, generator: torch.Generator, rows: int) -> dict:
-    """torch.profiler over one block (DiT + decode): top operators by host and device time."""
+    """torch.profiler over one block (DiT + decode): the operators by host time (a table), the
+    kernels and operators by device time (`profile_tables`), and how many kernels ran."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if world.device.type == "cuda" else [])
     frames = world.sampler.video_frames_for_block(state)
     keyboard, mouse = random_actions(world, state.batch_size, frames, generator)
@@ -79,15 +80,13 @@ def profile_block(world: WorldModel, state, generator: torch.Generator, rows: in
         world.decode(state, latents)
         synchronize(str(world.device))
     averages = prof.key_averages()
-    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
-    by_host = averages.table(sort_by="self_cpu_time_total", row_limit=rows)
-    by_device = averages.table(sort_by="self_cuda_time_total", row_limit=rows) if kernels else ""
+    device = profile_tables(prof, repeats=1, top=rows)
     return {
-        "kernels": len(kernels),
-        "device_ms": sum(e.device_time for e in kernels) / 1000.0 if kernels else 0.0,
+        "kernels": sum(1 for e in prof.events() if e.device_type.name == "CUDA"),
+        "device_ms": device["kernels"][0]["ms"],
         "host_ops": sum(e.count for e in averages),
-        "by_host": by_host,
-        "by_device": by_device,
+        "by_host": averages.table(sort_by="self_cpu_time_total", row_limit=rows),
+        "by_device": device,
     }
 
 
@@ -170,7 +169,8 @@ def main() -> None:
                 f"{prof['device_ms']:.1f} ms of device time, {prof['host_ops']} host operators"
             )
             print(prof["by_host"])
-            print(prof["by_device"])
+            if prof["kernels"]:
+                print(table(prof["by_device"]["kernels"], ["name", "ms", "share", "calls"]))
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     name = f"young_cohort_{args.device.split(':')[0]}_{args.fast}"
     write_json(

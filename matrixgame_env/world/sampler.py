@@ -166,7 +166,8 @@ class StreamingSampler:
                 f"restart needs a state of {len(generators)} worlds from this sampler, got one of "
                 f"{state.batch_size} worlds and {len(state.caches)} layers"
             )
-        for mine, one in zip(caches, layer_ring_caches(self._new_caches(1)), strict=True):  # one world's, to compare
+        expected = layer_ring_caches(self._new_caches(1, device="meta"))  # one world's shapes, nothing allocated
+        for mine, one in zip(caches, expected, strict=True):
             if mine.key.shape[1:] != one.key.shape[1:] or mine.key.dtype != one.key.dtype:
                 raise ValueError("the state's caches differ in shape or dtype from this sampler's: not its state?")
         for cache in caches:
@@ -211,9 +212,10 @@ class StreamingSampler:
     def _mask_channels(self) -> int:
         return self.condition_channels - self.model.config.out_dim
 
-    def _new_caches(self, batch: int) -> list[LayerCaches]:
+    def _new_caches(self, batch: int, device: torch.device | str | None = None) -> list[LayerCaches]:
+        """Empty ring caches for `batch` worlds, on the model's device unless `device` is given."""
         config, model = self.model.config, self.model
-        kwargs = dict(dtype=model.dtype, device=model.device)
+        kwargs = dict(dtype=model.dtype, device=device or model.device)
         caches = []
         for block in model.blocks:
             self_attn = RingKVCache(
