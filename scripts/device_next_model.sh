@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Two back-to-back calls on a warm GPU machine that finish the next doom-small (models/next: the VAE
+# trained with the motion loss and the DiT mapped onto its latents) and bring it back in $OUT.
+#   bash scripts/device_next_model.sh train    # assemble, record 90 minutes, encode; then, side by side,
+#                                               # the self-forcing distillation (the bundled recipe) and the
+#                                               # decoder's adversarial fine-tune (frozen encoder); pack both
+#   bash scripts/device_next_model.sh finish   # the new decoder into the student and into the teacher (sampled
+#                                               # at action guidance 2); the reward head beside `eval` of both
+#                                               # (drift over MG_DRIFT_MINUTES, default 10); pack
+# MG_CALL_SECONDS (default 585) bounds the train call: both trainings get what recording and packing leave.
+# `finish` needs the train call's work folder ($MG_WORK, default /tmp/mg), so it must follow it on the same
+# machine. Join the pieces here with `cat bundle.tar.part* | tar x`; `python scripts/pack_model.py --unpack`.
+set -eo pipefail
+cd "$(dirname "$0")/.."
+export MG_WORK=${MG_WORK:-/tmp/mg} PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+pipeline() { bash scripts/device_pipeline.sh "$@"; }
+started=$(date +%s)
+left() { echo $((${MG_CALL_SECONDS:-585} - ($(date +%s) - started))); }
+next=$MG_WORK/next
+student=$MG_WORK/runs/distill/model
+decoder=$MG_WORK/runs/vae/model/vae.safetensors
+case ${1:?give train or finish} in
+  train)
+    pipeline setup
+    if [ ! -f "$next/config.json" ]; then
+      python3 scripts/assemble_model.py "$next" --vae models/next/vae-e32d16-motion --clip models/doom-small \
+        --dit models/next/dit-mapped-motion
+      cp models/doom-small/start_*.png "$next/"
+    fi
+    MG_ENCODE_INIT=$next pipeline "record:${MG_RECORD_MINUTES:-90}" encode:3
+    minutes=$(python3 -c "print(round(($(left) - 45) / 60, 2))")
+    MG_VAE_STEPS=2500 MG_VAE_ARGS="--init $next --decoder-only --lr 5e-5 --warmup-steps 50 --clip-frames 9 \
+      --latent-noise 0.05 --edge-weight 0.5 --gan-weight 0.1 --gan-start 100" \
+      pipeline "vae:$minutes" > "$MG_WORK/vae_stage.txt" 2>&1 &
+    vae_stage=$!
+    MG_DISTILL_INIT=$next MG_DISTILL_BATCH=16 MG_DISTILL_STEPS=300 \
+      MG_DISTILL_ARGS="--critic-steps 5 --lr 2e-5 --action-lr-mult 10 --guidance 1.5 --data-weight 0.25" \
+      pipeline "distill:$minutes"
+    wait "$vae_stage" || echo "the decoder stage failed"
+    tail -n 4 "$MG_WORK/vae_stage.txt"
+    MG_PACK_MODELS=distill pipeline pack ;;
+  finish)
+    [ -f "$decoder" ] && [ -d "$student" ] || { echo "run the train call first, on this machine" >&2; exit 2; }
+    cp "$decoder" "$student/vae.safetensors"
+    teacher=$MG_WORK/teacher_g2
+    rm -rf "$teacher" && cp -r "$next" "$teacher" && cp "$decoder" "$teacher/vae.safetensors"
+    python3 - "$teacher/config.json" <<'EOF'
+import json, sys
+path = sys.argv[1]
+config = json.load(open(path))
+config["sampler"]["action_guidance"] = 2.0
+json.dump(config, open(path, "w"), indent=2)
+EOF
+    MG_REWARD_INIT=$student pipeline reward:1 > "$MG_WORK/reward_stage.txt" 2>&1 &
+    reward_stage=$!
+    MG_EVAL_MODEL=$teacher MG_EVAL_OUT=$MG_WORK/eval_teacher_g2 pipeline eval > "$MG_WORK/eval_teacher.txt" 2>&1 &
+    teacher_eval=$!
+    MG_EVAL_MODEL=$student MG_EVAL_OUT=$MG_WORK/eval_student pipeline eval || echo "student eval failed: $?"
+    wait "$teacher_eval" || echo "teacher eval failed"
+    grep -E "fidelity at 1s|IDM on generated|drift|target" "$MG_WORK/eval_teacher.txt" || true
+    wait "$reward_stage" || echo "the reward stage failed"
+    tail -n 3 "$MG_WORK/reward_stage.txt"
+    MG_PACK_MODELS=reward pipeline pack ;;
+  *) echo "unknown call $1 (train or finish)" >&2; exit 2 ;;
+esac
