@@ -88,6 +88,8 @@ def run_setting(args: argparse.Namespace, worlds: int, setting: str, fast: str) 
     rng = warm_up(env, args)
     synchronize(args.device)
     captures_before = graph_captures(env)
+    pool = env._state_pool
+    hits_before, misses_before = pool.hits, pool.misses
     cohorts, ended = [], 0
     t0 = time.perf_counter()
     for _ in range(args.steps):
@@ -111,6 +113,9 @@ def run_setting(args: argparse.Namespace, worlds: int, setting: str, fast: str) 
         "eager_blocks_beyond_graphs": None if graphs is None else graphs.eager_blocks,
         # CUDA graphs captured while timed (DiT blocks, decodes): each costs an eager pass and a capture
         "captures_timed": None if graphs is None else captures_timed,
+        # cohorts of new worlds started while timed in a kept state, and in a new one
+        "restarted_states_timed": pool.hits - hits_before,
+        "new_states_timed": pool.misses - misses_before,
     }
 
 
@@ -260,6 +265,8 @@ def main() -> None:
                 "episodes_ended",
                 "graph_captures",
                 "captures_timed",
+                "restarted_states_timed",
+                "new_states_timed",
             ],
         )
     )

@@ -107,6 +107,7 @@ def test_pool_hands_back_states_by_size_newest_first_within_its_capacity(world):
     pool.give(c)  # the oldest (a) goes
     assert len(pool) == 2
     assert pool.take(1) is c and pool.take(1) is None and pool.take(2) is b and len(pool) == 0
+    assert (pool.hits, pool.misses) == (2, 1)
     pool.give(a)
     pool.capacity = 0
     assert len(pool) == 0 and pool.take(1) is None

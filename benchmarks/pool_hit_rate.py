@@ -1,0 +1,96 @@
+"""How often a vector env's cohorts of new worlds find a kept state to restart in, by pool policy.
+
+Worlds end their episodes at random (as in `bench_desync.py`); every step's new worlds start a
+cohort, which takes an idle state of its size from the env's `StatePool` or, failing that, starts a
+new one (on a GPU: eager blocks, then CUDA-graph captures when it is reused). The policy decides
+how many such misses remain once the run is warm. The count depends only on the env's bookkeeping,
+not on the model's numbers, so this runs the test suite's tiny model on the CPU.
+
+Usage: python benchmarks/pool_hit_rate.py [--worlds 64] [--episode-steps 20] [--warmup 150]
+       [--steps 200] [--policies 2,16,64 3,16,64 4,16,64 3,24,128] [--out DIR]
+(a policy: per_size,capacity,max_worlds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from bench_desync import RandomEpisodeEnd  # noqa: E402
+from bench_env import sample_actions  # noqa: E402
+from common import environment, table, write_json  # noqa: E402
+from tiny_model import write_tiny_model  # noqa: E402
+
+from matrixgame_env.vector import MatrixGameVectorEnv  # noqa: E402
+from matrixgame_env.world.model import WorldModel  # noqa: E402
+from matrixgame_env.world.state_pool import StatePool  # noqa: E402
+
+
+def parse_policy(text: str) -> tuple[int, int, int]:
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"a policy is per_size,capacity,max_worlds (three integers), got {text!r}")
+    return int(parts[0]), int(parts[1]), int(parts[2])
+
+
+def run_policy(world: WorldModel, args: argparse.Namespace, policy: tuple[int, int, int]) -> dict:
+    """Takes answered and missed in the timed steps, with the env keeping stale rows (as on a GPU)."""
+    per_size, capacity, max_worlds = policy
+    env = MatrixGameVectorEnv(
+        model=world, num_envs=args.worlds, termination=RandomEpisodeEnd(1 / args.episode_steps, seed=1)
+    )
+    env.prefer_in_place = True  # as where CUDA graphs replay
+    env._state_pool = pool = StatePool(capacity, per_size, max_worlds)
+    rng = np.random.default_rng(0)
+    env.reset(seed=0)
+    for _ in range(args.warmup):
+        env.step(sample_actions(env.single_action_space, rng, args.worlds))
+    hits, misses = pool.hits, pool.misses
+    for _ in range(args.steps):
+        env.step(sample_actions(env.single_action_space, rng, args.worlds))
+    row = {
+        "per_size": per_size,
+        "capacity": capacity,
+        "max_worlds": max_worlds,
+        "cohorts_started": pool.hits - hits + pool.misses - misses,
+        "new_states": pool.misses - misses,
+        "idle_states_at_end": len(pool),
+        "idle_worlds_at_end": pool.worlds,
+    }
+    env.close()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worlds", type=int, default=64)
+    parser.add_argument("--episode-steps", type=float, default=20.0, help="mean episode length in env steps")
+    parser.add_argument("--warmup", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument(
+        "--policies", type=parse_policy, nargs="+", default=[(2, 16, 64), (3, 16, 64), (4, 16, 64), (3, 24, 128)]
+    )
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as folder:
+        world = WorldModel.from_pretrained(write_tiny_model(Path(folder)), device="cpu")
+        rows = [run_policy(world, args, policy) for policy in args.policies]
+    print(table(rows, list(rows[0])))
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "policies")}
+    path = write_json("pool_hit_rate", {"environment": environment(), "settings": settings, "rows": rows}, args.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
