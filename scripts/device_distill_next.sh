@@ -17,13 +17,8 @@ budget=${MG_CALL_SECONDS:-570}
 eval_seconds=${MG_EVAL_SECONDS:-250}
 left() { echo $((budget - ($(date +%s) - started))); }
 next=$MG_WORK/next
-pipeline setup
-if [ ! -f "$next/config.json" ]; then
-  python3 scripts/assemble_model.py "$next" --vae models/next/vae-e32d16-motion --clip models/doom-small \
-    --dit models/next/dit-mapped-motion
-  cp models/doom-small/start_*.png "$next/"
-fi
-MG_ENCODE_INIT=$next pipeline "record:${MG_RECORD_MINUTES:-90}" encode:3
+pipeline setup next "record:${MG_RECORD_MINUTES:-90}"
+MG_ENCODE_INIT=$next pipeline encode:3
 distill_minutes=$(python3 -c "print(round(($(left) - $eval_seconds - 20) / 60, 2))")
 export MG_DISTILL_BATCH=${MG_DISTILL_BATCH:-16} MG_DISTILL_STEPS=${MG_DISTILL_STEPS:-300}
 export MG_DISTILL_ARGS=${MG_DISTILL_ARGS:---critic-steps 5 --lr 2e-5 --action-lr-mult 10 --guidance 1.5 --data-weight 0.25}

@@ -21,13 +21,8 @@ student=$MG_WORK/runs/distill/model
 decoder=$MG_WORK/runs/vae/model/vae.safetensors
 case ${1:?give train or finish} in
   train)
-    pipeline setup
-    if [ ! -f "$next/config.json" ]; then
-      python3 scripts/assemble_model.py "$next" --vae models/next/vae-e32d16-motion --clip models/doom-small \
-        --dit models/next/dit-mapped-motion
-      cp models/doom-small/start_*.png "$next/"
-    fi
-    MG_ENCODE_INIT=$next pipeline "record:${MG_RECORD_MINUTES:-90}" encode:3
+    pipeline setup next "record:${MG_RECORD_MINUTES:-90}"
+    MG_ENCODE_INIT=$next pipeline encode:3
     minutes=$(python3 -c "print(round(($(left) - 45) / 60, 2))")
     MG_VAE_STEPS=2500 MG_VAE_ARGS="--init $next --decoder-only --lr 5e-5 --warmup-steps 50 --clip-frames 9 \
       --latent-noise 0.05 --edge-weight 0.5 --gan-weight 0.1 --gan-start 100" \

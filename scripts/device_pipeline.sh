@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trains doom-small on a GPU machine in resumable, time-limited pieces.
 # Usage: bash scripts/device_pipeline.sh STAGE[:MINUTES] ...
-#   stages: setup record vae encode dit distill reward eval pack
+#   stages: setup next record vae encode dit distill reward eval pack
 #   distill: from $MG_DISTILL_INIT (default: the dit stage's model), settings in $MG_DISTILL_ARGS;
 #   eval: `matrixgame-env eval` of $MG_EVAL_MODEL (default: the reward model) on the recording's held-out episodes
 #         (rollouts of $MG_DRIFT_MINUTES, default 10, for the drift statistics),
@@ -30,6 +30,12 @@ for item in "$@"; do
         python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
         mkdir -p /tmp/site/vizdoom/scenarios  # the slim package drops the bundled scenarios
         chmod +x /tmp/site/vizdoom/vizdoom    # in case the archive was packed without file modes
+      fi ;;
+    next)  # the next model (models/next: the motion-loss VAE, the DiT mapped onto its latents) in $WORK/next
+      if [ ! -f "$WORK/next/config.json" ]; then
+        python3 scripts/assemble_model.py "$WORK/next" --vae models/next/vae-e32d16-motion --clip models/doom-small \
+          --dit models/next/dit-mapped-motion
+        cp models/doom-small/start_*.png "$WORK/next/"
       fi ;;
     record)
       cli record --out "$WORK/data" --minutes "$minutes" --workers "${MG_RECORD_WORKERS:-14}" --no-progress ;;
