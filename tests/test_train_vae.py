@@ -261,6 +261,8 @@ def test_motion_loss_charges_a_change_that_is_missing_and_ignores_a_brightness_o
         (["--gan-weight", "-1"], "--gan-weight must be a number >= 0, got -1.0"),
         (["--gan-weight", "0.1", "--disc-width", "12"], "--disc-width must be a multiple of 8"),
         (["--gan-weight", "0.1", "--gan-start", "-5"], "--gan-start must be a step >= 0"),
+        (["--gan-weight", "0.1", "--disc-frames", "0"], "--disc-frames must lie in 1..--clip-frames"),
+        (["--gan-weight", "0.1", "--disc-frames", "99"], "--disc-frames must lie in 1..--clip-frames"),
     ],
 )
 def test_bad_loss_options_are_refused(dataset, model_config, tmp_path, options, message) -> None:
@@ -283,6 +285,24 @@ def test_patch_discriminator_gives_one_logit_per_8x8_cell_and_checks_its_width()
         PatchDiscriminator(12)
 
 
+def test_video_windows_stack_consecutive_frames_on_the_channels() -> None:
+    from matrixgame_env.train.adversarial import PatchDiscriminator, video_windows
+
+    video = torch.randn(2, 3, 5, 8, 16, dtype=torch.float64)
+    windows = video_windows(video, 2)
+    assert windows.shape == (2 * 4, 6, 8, 16)
+    for b in range(2):
+        for t in range(4):
+            expected = torch.cat([video[b, :, t], video[b, :, t + 1]])  # frame t's RGB, then frame t + 1's
+            assert torch.equal(windows[b * 4 + t], expected)
+    assert torch.equal(video_windows(video, 1), video.transpose(1, 2).flatten(0, 1))
+    assert PatchDiscriminator(8, frames=2)(windows.float()).shape == (8, 1, 1, 2)
+    with pytest.raises(ValueError, match="need clips of at least that many"):
+        video_windows(video, 6)
+    with pytest.raises(ValueError, match="frames per window must be an integer >= 1"):
+        PatchDiscriminator(8, frames=0)
+
+
 def test_hinge_losses_against_their_definitions() -> None:
     from matrixgame_env.train.adversarial import discriminator_loss, generator_loss
 
@@ -303,7 +323,8 @@ def test_the_adversary_trains_the_decoder_and_leaves_the_discriminator_alone(tmp
     vae = WanVAE(dim=4, num_res_blocks=1).train()
     video = torch.rand(2, 3, 5, 16, 32) * 2 - 1
     training = TrainRun(tmp_path, total_steps=1, device="cpu", progress=False)
-    critic = _Critic(training, argparse.Namespace(gan_weight=0.5, disc_width=8, disc_lr=None, lr=1e-3))
+    options = dict(gan_weight=0.5, disc_width=8, disc_lr=None, lr=1e-3, disc_frames=2)
+    critic = _Critic(training, argparse.Namespace(**options))
     plain = vae_losses(vae, video, kl_weight=0.0, sample=False)
     with_gan = vae_losses(vae, video, kl_weight=0.0, sample=False, adversary=critic.adversary())
     assert set(with_gan) - set(plain) == {"gan", "reconstruction"} and "gan" not in plain

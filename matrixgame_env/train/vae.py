@@ -29,7 +29,7 @@ from ..data.dataset import VideoClipDataset, evenly_spaced
 from ..learned_reward import REWARD_HEAD_KEY
 from ..model_config import ModelConfig
 from ..nn.vae import WanVAE
-from .adversarial import PatchDiscriminator, discriminator_loss, generator_loss, video_frames, width_problem
+from .adversarial import PatchDiscriminator, discriminator_loss, generator_loss, video_windows, width_problem
 from .common import (
     StageError,
     TrainRun,
@@ -82,6 +82,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gan-start", type=int, default=500, help="step from which the adversarial loss applies")
     parser.add_argument("--disc-lr", type=float, default=None, help="discriminator learning rate (default: --lr)")
     parser.add_argument("--disc-width", type=int, default=32, help="channels of the discriminator's first layer")
+    parser.add_argument(
+        "--disc-frames",
+        type=int,
+        default=1,
+        help="consecutive frames the discriminator judges together (1: each frame alone; 2 or more: their motion too)",
+    )
     parser.add_argument(
         "--finish-minutes", type=float, default=1.0,
         help="minutes of --minutes kept for measuring and writing the model folder, which every session ends "
@@ -281,7 +287,8 @@ class _Critic:
     def __init__(self, training: TrainRun, args: argparse.Namespace) -> None:
         self.training = training
         self.weight = args.gan_weight
-        self.discriminator = PatchDiscriminator(args.disc_width).to(training.device).train()
+        self.frames = getattr(args, "disc_frames", 1)
+        self.discriminator = PatchDiscriminator(args.disc_width, self.frames).to(training.device).train()
         self.optimizer = adamw(self.discriminator.parameters(), args.disc_lr or args.lr, 0.0, betas=(0.5, 0.9))
         training.add_module("discriminator", self.discriminator)
         training.add_optimizer("discriminator", self.optimizer)
@@ -293,7 +300,7 @@ class _Critic:
         def weighted_generator_loss(reconstruction: torch.Tensor) -> torch.Tensor:
             self.discriminator.requires_grad_(False)
             try:
-                return self.weight * generator_loss(self.discriminator(video_frames(reconstruction)))
+                return self.weight * generator_loss(self.discriminator(video_windows(reconstruction, self.frames)))
             finally:
                 self.discriminator.requires_grad_(True)
 
@@ -307,7 +314,8 @@ class _Critic:
         return loss.detach()
 
     def _loss(self, video: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
-        frames = torch.cat([video_frames(video.to(reconstruction)), video_frames(reconstruction)])
+        real = video_windows(video.to(reconstruction), self.frames)
+        frames = torch.cat([real, video_windows(reconstruction, self.frames)])
         logits = self.discriminator(frames)
         real, fake = logits.chunk(2)
         return discriminator_loss(real, fake)
@@ -324,6 +332,8 @@ def _check_loss_options(args: argparse.Namespace) -> None:
         raise StageError(f"--disc-lr must be a positive number, got {args.disc_lr}")
     if problem := width_problem(args.disc_width):
         raise StageError(f"--disc-width {problem}")
+    if not 1 <= args.disc_frames <= args.clip_frames:
+        raise StageError(f"--disc-frames must lie in 1..--clip-frames ({args.clip_frames}), got {args.disc_frames}")
     if args.latent_noise > 0 and not args.decoder_only:
         raise StageError("--latent-noise applies to --decoder-only training (the full VAE samples its own posterior)")
 
