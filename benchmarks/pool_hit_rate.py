@@ -85,7 +85,10 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
         world = WorldModel.from_pretrained(write_tiny_model(Path(folder)), device="cpu")
-        rows = [run_policy(world, args, policy) for policy in args.policies]
+        rows = []
+        for policy in args.policies:
+            rows.append(run_policy(world, args, policy))
+            print(rows[-1], flush=True)
     print(table(rows, list(rows[0])))
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "policies")}
     path = write_json("pool_hit_rate", {"environment": environment(), "settings": settings, "rows": rows}, args.out)

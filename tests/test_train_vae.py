@@ -361,7 +361,8 @@ def test_gan_training_resumes_exactly_and_keeps_the_discriminator_out_of_the_mod
     assert "gan" in steps[3] and "disc_loss" in steps[4]
     model = tmp_path / "once" / "vae" / "model"
     assert not any("discriminator" in path.name for path in model.iterdir())
-    assert json.loads((model / "config.json").read_text())["extra"]["training"]["vae"]["gan_weight"] == 0.1
+    recorded = json.loads((model / "config.json").read_text())["extra"]["training"]["vae"]
+    assert recorded["gan_weight"] == 0.1 and recorded["disc_frames"] == 1
 
 
 def _with_dit_and_reward_head(start: Path, folder: Path) -> Path:

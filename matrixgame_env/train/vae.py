@@ -398,7 +398,7 @@ def _finish(
         config.start_images = list(pictures)
     record = {"steps": training.step, "psnr_db": round(psnr_db, 3)}
     if args.gan_weight > 0:
-        record.update(gan_weight=args.gan_weight, gan_start=args.gan_start)
+        record.update(gan_weight=args.gan_weight, gan_start=args.gan_start, disc_frames=args.disc_frames)
     if args.motion_weight > 0:
         record.update(motion_weight=args.motion_weight)
     previous = config.extra.setdefault("training", {}).get(STAGE)
