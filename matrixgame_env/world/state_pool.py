@@ -19,8 +19,8 @@ class StatePool:
     of N worlds keeps at most N worlds' caches idle). The least recently given back go first, and with
     them their CUDA graphs. Three of a size by default: a vector env's cohort of new worlds holds its
     state for three steps, so several of one size are out at once (`benchmarks/pool_hit_rate.py`, 64
-    worlds, episodes of 20 steps: 2 of a size left 9 of 193 cohorts without a state, 3 left 5, 4 or a
-    pool twice as large 4-5). `hits` and `misses` count the takes answered and not."""
+    worlds, episodes of 20 steps: 2 of a size left 9 of 193 cohorts without a state, 3 left 5).
+    `hits` and `misses` count the takes answered and not."""
 
     def __init__(self, capacity: int = 16, per_size: int = 3, max_worlds: int | None = None) -> None:
         self._idle: OrderedDict[int, WorldState] = OrderedDict()  # id(state) -> state, oldest first
