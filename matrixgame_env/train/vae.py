@@ -287,8 +287,7 @@ class _Critic:
     def __init__(self, training: TrainRun, args: argparse.Namespace) -> None:
         self.training = training
         self.weight = args.gan_weight
-        self.frames = getattr(args, "disc_frames", 1)
-        self.discriminator = PatchDiscriminator(args.disc_width, self.frames).to(training.device).train()
+        self.discriminator = PatchDiscriminator(args.disc_width, args.disc_frames).to(training.device).train()
         self.optimizer = adamw(self.discriminator.parameters(), args.disc_lr or args.lr, 0.0, betas=(0.5, 0.9))
         training.add_module("discriminator", self.discriminator)
         training.add_optimizer("discriminator", self.optimizer)
@@ -300,7 +299,8 @@ class _Critic:
         def weighted_generator_loss(reconstruction: torch.Tensor) -> torch.Tensor:
             self.discriminator.requires_grad_(False)
             try:
-                return self.weight * generator_loss(self.discriminator(video_windows(reconstruction, self.frames)))
+                windows = video_windows(reconstruction, self.discriminator.frames)
+                return self.weight * generator_loss(self.discriminator(windows))
             finally:
                 self.discriminator.requires_grad_(True)
 
@@ -314,9 +314,8 @@ class _Critic:
         return loss.detach()
 
     def _loss(self, video: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
-        real = video_windows(video.to(reconstruction), self.frames)
-        frames = torch.cat([real, video_windows(reconstruction, self.frames)])
-        logits = self.discriminator(frames)
+        clips = torch.cat([video.to(reconstruction), reconstruction])
+        logits = self.discriminator(video_windows(clips, self.discriminator.frames))
         real, fake = logits.chunk(2)
         return discriminator_loss(real, fake)
 
