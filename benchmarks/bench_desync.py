@@ -4,9 +4,10 @@ Each world's episode ends at random (probability 1 / --episode-steps per step, t
 every setting), so the worlds reset at different steps, as in RL training. Each reset starts a
 cohort of its own; with `merge_cohorts` (the default) a cohort joins the others once its caches
 are full, without it every cohort keeps its own forward for good. Settings (--settings): "merged"
-(the default env), "merged_fresh_states" (merged, but every cohort of new worlds on a new state
-rather than one restarted in place: no CUDA graphs for their first blocks) and "separate" (no
-merging). They alternate within one run (--rounds rounds), and each reports steps/s of all worlds
+(the default env), "merged_unpadded" (merged, but cohorts of new worlds with as many rows as worlds
+rather than `pad_new_cohorts`), "merged_fresh_states" (merged, but every cohort of new worlds on a
+new state rather than one restarted in place: no CUDA graphs for their first blocks) and "separate"
+(no merging). They alternate within one run (--rounds rounds), and each reports steps/s of all worlds
 together and the mean number of forwards (cohorts) a step ran.
 
 With --phases, the merged setting alone, each phase of a step timed on its own (synchronised before
@@ -15,7 +16,7 @@ where a desynchronised step goes.
 
 Usage: python benchmarks/bench_desync.py [--model doom-small] [--device cuda] [--worlds 16 64]
        [--episode-steps 20] [--steps 100] [--warmup 20] [--rounds 2] [--fast graphs compile]
-       [--settings merged merged_fresh_states separate] [--phases] [--out DIR]
+       [--settings merged merged_unpadded merged_fresh_states separate] [--phases] [--out DIR]
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class RandomEpisodeEnd:
         return self.rng.random(len(step.frames)) < self.probability
 
 
-SETTINGS = ("merged", "merged_fresh_states", "separate")
+SETTINGS = ("merged", "merged_unpadded", "merged_fresh_states", "separate")
 
 
 def desync_env(args: argparse.Namespace, worlds: int, setting: str, fast: str) -> MatrixGameVectorEnv:
@@ -67,6 +68,7 @@ def desync_env(args: argparse.Namespace, worlds: int, setting: str, fast: str) -
         fast=FAST_OPTIONS[fast],
         termination=RandomEpisodeEnd(1 / args.episode_steps, seed=1),
         merge_cohorts=setting != "separate",
+        pad_new_cohorts=0 if setting == "merged_unpadded" else None,
     )
     if setting == "merged_fresh_states":
         env._state_pool.capacity = 0  # no state is kept to restart in
@@ -88,6 +90,7 @@ def run_setting(args: argparse.Namespace, worlds: int, setting: str, fast: str) 
     rng = warm_up(env, args)
     synchronize(args.device)
     captures_before = graph_captures(env)
+    captured_sizes = CaptureTally(env)
     pool = env._state_pool
     hits_before, misses_before = pool.hits, pool.misses
     cohorts, ended = [], 0
@@ -99,6 +102,7 @@ def run_setting(args: argparse.Namespace, worlds: int, setting: str, fast: str) 
     synchronize(args.device)
     elapsed = time.perf_counter() - t0
     captures_timed = [after - before for after, before in zip(graph_captures(env), captures_before)]
+    captured_sizes.stop()
     graphs = env.world.sampler.graphs
     env.close()
     return {
@@ -113,6 +117,8 @@ def run_setting(args: argparse.Namespace, worlds: int, setting: str, fast: str) 
         "eager_blocks_beyond_graphs": None if graphs is None else graphs.eager_blocks,
         # CUDA graphs captured while timed (DiT blocks, decodes): each costs an eager pass and a capture
         "captures_timed": None if graphs is None else captures_timed,
+        # the same by the captured state's number of worlds: {"dit": {rows: n}, "decoder": {rows: n}}
+        "captures_timed_by_rows": captured_sizes.counts,
         # cohorts of new worlds started while timed in a kept state, and in a new one
         "restarted_states_timed": pool.hits - hits_before,
         "new_states_timed": pool.misses - misses_before,
@@ -122,6 +128,35 @@ def run_setting(args: argparse.Namespace, worlds: int, setting: str, fast: str) 
 def graph_captures(env: MatrixGameVectorEnv) -> list[int]:
     """CUDA graphs captured so far by the env's sampler and decoder (0 where there are none)."""
     return [0 if graphs is None else graphs.captures for graphs in (env.world.sampler.graphs, env.world.decoder_graphs)]
+
+
+class CaptureTally:
+    """Counts the env's CUDA-graph captures by the batch size of the captured state until `stop`."""
+
+    def __init__(self, env: MatrixGameVectorEnv) -> None:
+        self.counts: dict[str, dict[int, int]] = {"dit": {}, "decoder": {}}
+        self._patched = []
+        sampler_graphs, decoder_graphs = env.world.sampler.graphs, env.world.decoder_graphs
+        if sampler_graphs is not None:
+            self._patch(sampler_graphs, "dit", lambda args: args[0].batch_size)
+        if decoder_graphs is not None:
+            self._patch(decoder_graphs, "decoder", lambda args: args[0].shape[0])
+
+    def _patch(self, graphs, kind: str, rows_of: Callable[[tuple], int]) -> None:
+        original = graphs._capture
+
+        def counted(*args, **kwargs):
+            rows = int(rows_of(args))
+            self.counts[kind][rows] = self.counts[kind].get(rows, 0) + 1
+            return original(*args, **kwargs)
+
+        graphs._capture = counted
+        self._patched.append(graphs)
+
+    def stop(self) -> None:
+        for graphs in self._patched:
+            del graphs._capture  # the class's method again
+        self._patched = []
 
 
 class PhaseTimer:

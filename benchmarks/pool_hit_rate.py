@@ -7,8 +7,8 @@ how many such misses remain once the run is warm. The count depends only on the 
 not on the model's numbers, so this runs the test suite's tiny model on the CPU.
 
 Usage: python benchmarks/pool_hit_rate.py [--worlds 64] [--episode-steps 20] [--warmup 150]
-       [--steps 200] [--policies 2,16,64 3,16,64 4,16,64 3,24,128] [--out DIR]
-(a policy: per_size,capacity,max_worlds)
+       [--steps 200] [--policies 2,16,64 3,16,64 4,16,64 3,24,128 3,16,64,8] [--out DIR]
+(a policy: per_size,capacity,max_worlds[,pad]: pad is the env's `pad_new_cohorts`, 0 if left out)
 """
 
 from __future__ import annotations
@@ -36,18 +36,24 @@ from matrixgame_env.world.model import WorldModel  # noqa: E402
 from matrixgame_env.world.state_pool import StatePool  # noqa: E402
 
 
-def parse_policy(text: str) -> tuple[int, int, int]:
+def parse_policy(text: str) -> tuple[int, int, int, int]:
     parts = text.split(",")
-    if len(parts) != 3 or not all(p.isdigit() for p in parts):
-        raise argparse.ArgumentTypeError(f"a policy is per_size,capacity,max_worlds (three integers), got {text!r}")
-    return int(parts[0]), int(parts[1]), int(parts[2])
+    if len(parts) not in (3, 4) or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(
+            f"a policy is per_size,capacity,max_worlds[,pad] (three or four integers), got {text!r}"
+        )
+    per_size, capacity, max_worlds, pad = (int(p) for p in [*parts, "0"][:4])
+    return per_size, capacity, max_worlds, pad
 
 
-def run_policy(world: WorldModel, args: argparse.Namespace, policy: tuple[int, int, int]) -> dict:
+def run_policy(world: WorldModel, args: argparse.Namespace, policy: tuple[int, int, int, int]) -> dict:
     """Takes answered and missed in the timed steps, with the env keeping stale rows (as on a GPU)."""
-    per_size, capacity, max_worlds = policy
+    per_size, capacity, max_worlds, pad = policy
     env = MatrixGameVectorEnv(
-        model=world, num_envs=args.worlds, termination=RandomEpisodeEnd(1 / args.episode_steps, seed=1)
+        model=world,
+        num_envs=args.worlds,
+        termination=RandomEpisodeEnd(1 / args.episode_steps, seed=1),
+        pad_new_cohorts=pad,
     )
     env.prefer_in_place = True  # as where CUDA graphs replay
     env._state_pool = pool = StatePool(capacity, per_size, max_worlds)
@@ -56,19 +62,29 @@ def run_policy(world: WorldModel, args: argparse.Namespace, policy: tuple[int, i
     for _ in range(args.warmup):
         env.step(sample_actions(env.single_action_space, rng, args.worlds))
     hits, misses = pool.hits, pool.misses
+    big_states = [biggest_state(env)]
     for _ in range(args.steps):
         env.step(sample_actions(env.single_action_space, rng, args.worlds))
+        big_states.append(biggest_state(env))
     row = {
         "per_size": per_size,
         "capacity": capacity,
         "max_worlds": max_worlds,
+        "pad_new_cohorts": pad,
         "cohorts_started": pool.hits - hits + pool.misses - misses,
         "new_states": pool.misses - misses,
+        # the largest cohort's state replaced by a new one (on a GPU: eager blocks, then captures)
+        "big_state_changes": sum(a is not b for a, b in zip(big_states, big_states[1:])),
         "idle_states_at_end": len(pool),
         "idle_worlds_at_end": pool.worlds,
     }
     env.close()
     return row
+
+
+def biggest_state(env: MatrixGameVectorEnv) -> object:
+    """The state of the env's cohort with the most rows."""
+    return max(env._cohorts, key=lambda cohort: cohort.state.batch_size).state
 
 
 def main() -> None:
@@ -78,7 +94,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=150)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument(
-        "--policies", type=parse_policy, nargs="+", default=[(2, 16, 64), (3, 16, 64), (4, 16, 64), (3, 24, 128)]
+        "--policies",
+        type=parse_policy,
+        nargs="+",
+        default=[(2, 16, 64, 0), (3, 16, 64, 0), (4, 16, 64, 0), (3, 24, 128, 0), (3, 16, 64, 8)],
     )
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args()

@@ -12,7 +12,10 @@ for cohorts with no such rows to go back to, cohorts shrink at once and rejoin a
 (`merge_states`). Worlds whose episodes end at different times thus cost one forward per
 step, plus one for each cohort of the last two steps' resets. A state written back is kept
 (`StatePool`) and a later cohort of as many new worlds restarts in it, so that on the GPU the young
-cohorts' blocks replay CUDA graphs too, once each state has run them once.
+cohorts' blocks replay CUDA graphs too, once each state has run them once. There, a cohort of
+fewer new worlds than `pad_new_cohorts` runs in a state of exactly that many rows (the others
+computed and ignored): new cohorts then share one size, so one kept state always fits and no new
+state pays eager blocks and captures.
 Autoreset follows Gymnasium's next-step mode: the step after an episode ends returns the new
 episode's first observation, with reward 0 and the action ignored.
 """
@@ -86,6 +89,11 @@ class MatrixGameVectorEnv(VectorEnv):
     GPU by default; "compile" adds fused kernels); action_guidance, keyboard_guidance: as for
     `MatrixGameEnv`. merge_cohorts: join cohorts of worlds that reset at different times once their
     caches are full (see the module docstring); False keeps each reset's cohort apart for good.
+    pad_new_cohorts: where stale rows are kept (`keeps_stale_rows`), a cohort of at most this many
+    new worlds runs in a state of exactly this many rows; None: `min(8, num_envs // 4)` (64 worlds
+    whose episodes last 20 steps on average restart ~3 a step, more than 8 about once in 250 steps;
+    kept states hold at most `num_envs` worlds, so a quarter leaves room for the few a step needs);
+    0 or 1: every cohort has as many rows as worlds.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 25, "autoreset_mode": AutoresetMode.NEXT_STEP}
@@ -107,9 +115,14 @@ class MatrixGameVectorEnv(VectorEnv):
         action_guidance: float | None = None,
         keyboard_guidance: float | None = None,
         merge_cohorts: bool = True,
+        pad_new_cohorts: int | None = None,
     ) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        if pad_new_cohorts is not None and (
+            isinstance(pad_new_cohorts, bool) or not isinstance(pad_new_cohorts, int) or pad_new_cohorts < 0
+        ):
+            raise ValueError(f"pad_new_cohorts must be an integer >= 0 or None (auto), got {pad_new_cohorts!r}")
         self.world = resolve_world(model, device, dtype, mode)
         enable_fast_path(self.world, fast, batch=num_envs)
         # States of cohorts that rejoined (and of every cohort at a full reset) start later cohorts of
@@ -136,6 +149,7 @@ class MatrixGameVectorEnv(VectorEnv):
         self.max_episode_steps = max_episode_steps
         self.merge_cohorts = merge_cohorts
         self.prefer_in_place: bool | None = None  # None: keep stale rows where CUDA graphs replay
+        self.pad_new_cohorts = min(8, num_envs // 4) if pad_new_cohorts is None else pad_new_cohorts
         self.metadata = dict(self.metadata, render_fps=config.fps)
         self.block_frames = self.world.frames_per_block
         self.single_observation_space = frame_observation_space(config.video_size, observation, self.block_frames)
@@ -283,9 +297,19 @@ class MatrixGameVectorEnv(VectorEnv):
             seeds.append(int(self._rngs[i].integers(2**62)))
             pictures.append(picture)
             self._last_frames[i] = picture_as_uint8(picture, self.world.video_size)[None]
-        state = self.world.start(pictures, seed=seeds, into=self._state_pool.take(len(indices)))
-        self._cohorts.append(_Cohort.of(indices, state))
+        rows = self._cohort_rows(len(indices))
+        filler = rows - len(indices)  # rows computed and ignored: the first world's start again, seed 0
+        state = self.world.start(
+            pictures + pictures[:1] * filler, seed=seeds + [0] * filler, into=self._state_pool.take(rows)
+        )
+        worlds = np.concatenate([indices, np.full(filler, -1, np.int64)])
+        self._cohorts.append(_Cohort(worlds, np.arange(rows) < len(indices), state))
         self._steps[indices] = 0
+
+    def _cohort_rows(self, new_worlds: int) -> int:
+        """Rows of the state that starts `new_worlds` worlds (see `pad_new_cohorts`)."""
+        padded = self.keeps_stale_rows and new_worlds < self.pad_new_cohorts
+        return self.pad_new_cohorts if padded else new_worlds
 
     def _merge_ready_cohorts(self) -> None:
         """Join the cohorts whose caches are full: into the largest one's stale rows of the same worlds

@@ -272,6 +272,39 @@ def test_vector_env_replays_the_first_blocks_of_its_new_cohorts():
     assert venv.num_cohorts == 1
 
 
+@cuda
+def test_padded_cohorts_of_new_worlds_share_one_state_and_match_unpadded_ones_within_bf16():
+    """Cohorts of 1 and 2 new worlds, padded to 3 rows, restart in one kept state and replay its
+    graphs; their frames are those of unpadded cohorts up to bf16 rounding (other batch sizes)."""
+    import numpy as np
+
+    from matrixgame_env.vector import MatrixGameVectorEnv
+
+    resets = {1: [1], 4: [2, 5], 7: [0], 10: [3, 6], 13: [4]}  # each cohort rejoins before the next starts
+    frames, young_states = {}, {}
+    for pad in (3, 0):
+        venv = MatrixGameVectorEnv("doom-small", num_envs=8, device="cuda", pad_new_cohorts=pad)
+        venv.reset(seed=3)
+        blocks, young_states[pad] = [], []
+        for step in range(16):
+            if step in resets:
+                venv.reset_worlds(resets[step])
+                young_states[pad].append(venv._cohorts[-1].state)
+            keys, mouse = _actions(8, step)
+            blocks.append(venv.step({"keyboard": keys.numpy().astype(np.int8), "mouse": mouse.numpy()})[4]["frames"])
+        frames[pad] = np.stack(blocks)
+        if pad:
+            graphs = venv.world.sampler.graphs
+            assert all(state is young_states[pad][0] for state in young_states[pad])
+            assert young_states[pad][0].batch_size == 3 and graphs.eager_blocks == 0
+            assert len([key for key in graphs.graphs if len(key) == 3]) == 1  # its young block, captured once
+        assert venv.num_cohorts == 1
+    assert len({id(state) for state in young_states[0]}) == 2  # one kept state per size (1 and 2 worlds)
+    difference = np.abs(frames[3].astype(int) - frames[0].astype(int))
+    assert difference[:1].max() <= 1  # the same work until the first reset
+    assert difference.mean() < 3.0
+
+
 def test_fast_option_is_checked():
     from matrixgame_env.env import MatrixGameEnv
 

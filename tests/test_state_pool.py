@@ -144,3 +144,52 @@ def test_vector_env_restarts_rejoined_cohorts_states_and_steps_as_without_them(w
     assert venvs[0]._cohorts[0].state is first
     venvs[0].reset_worlds(np.arange(n))  # and so do all worlds ending at once (fixed-length episodes)
     assert venvs[0].num_cohorts == 1 and venvs[0]._cohorts[0].state is first
+
+
+def test_vector_env_pads_cohorts_of_new_worlds_to_one_size_and_steps_as_without(world):
+    n = 8
+    padded, unpadded = (MatrixGameVectorEnv(model=world, num_envs=n, pad_new_cohorts=pad) for pad in (3, 0))
+    assert MatrixGameVectorEnv(model=world, num_envs=n).pad_new_cohorts == 2  # min(8, num_envs // 4)
+    for venv in (padded, unpadded):
+        venv.prefer_in_place = True  # as where CUDA graphs replay (the only place padding applies)
+        venv.reset(seed=40)
+    resets = {1: [2], 2: [0, 3], 5: [1], 6: [0, 3]}  # cohorts of 1, 2, 1 and 2 new worlds
+    rng = np.random.default_rng(7)
+    young = []
+    for step in range(10):
+        keys = rng.integers(0, 2, (n, 4)).astype(np.int8)
+        mouse = rng.uniform(-0.2, 0.2, (n, 2)).astype(np.float32)
+        infos = []
+        for venv in (padded, unpadded):
+            if step in resets:
+                venv.reset_worlds(resets[step])
+            observation, _, _, _, info = venv.step({"keyboard": keys, "mouse": mouse})
+            infos.append((observation, info))
+        (obs_p, info_p), (obs_u, info_u) = infos
+        assert np.array_equal(info_p["frame_index"], info_u["frame_index"])
+        assert np.array_equal(info_p["new_frames"], info_u["new_frames"])
+        difference = np.abs(info_p["frames"].astype(int) - info_u["frames"].astype(int))
+        assert difference.max() <= 1 and difference.mean() < 1e-3
+        assert obs_p.shape == obs_u.shape == (n, *padded.single_observation_space.shape)
+        if step in resets:
+            new = padded._cohorts[-1]
+            assert new.state.batch_size == 3 and sorted(new.live_worlds) == sorted(resets[step])
+            assert np.all(new.worlds[~new.live] == -1)  # filler rows belong to no world
+            assert unpadded._cohorts[-1].state.batch_size == len(resets[step])
+            young.append(new.state)
+    # the cohorts of steps 5 and 6 restarted in the kept states of 3 rows of the first two (of 2
+    # and 1 worlds), the most recently given back first
+    assert young[0] is not young[1] and young[2] is young[1] and young[3] is young[0]
+    assert padded.num_cohorts == unpadded.num_cohorts == 1
+    assert padded.world_state(2).batch_size == 1
+
+
+def test_vector_env_pads_only_where_stale_rows_are_kept_and_checks_the_size(world):
+    venv = MatrixGameVectorEnv(model=world, num_envs=3)
+    assert not venv.keeps_stale_rows  # on a CPU cohorts shrink and rejoin as new states: no padding
+    venv.reset(seed=50)
+    venv.reset_worlds([1])
+    assert venv._cohorts[-1].state.batch_size == 1
+    for bad in (-1, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="pad_new_cohorts must be an integer >= 0 or None"):
+            MatrixGameVectorEnv(model=world, num_envs=3, pad_new_cohorts=bad)
