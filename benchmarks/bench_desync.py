@@ -5,10 +5,14 @@ every setting), so the worlds reset at different steps, as in RL training. Each 
 cohort of its own; with `merge_cohorts` (the default) a cohort joins the others once its caches
 are full, without it every cohort keeps its own forward for good. Settings (--settings): "merged"
 (the default env), "merged_unpadded" (merged, but cohorts of new worlds with as many rows as worlds
-rather than `pad_new_cohorts`), "merged_fresh_states" (merged, but every cohort of new worlds on a
-new state rather than one restarted in place: no CUDA graphs for their first blocks) and "separate"
-(no merging). They alternate within one run (--rounds rounds), and each reports steps/s of all worlds
-together and the mean number of forwards (cohorts) a step ran.
+rather than `pad_new_cohorts`), "merged_serial" (merged, but waiting for each cohort's frames before
+the next cohort's work is queued, as before `overlap_cohorts`), "merged_fresh_states" (merged, but
+every cohort of new worlds on a new state rather than one restarted in place: no CUDA graphs for
+their first blocks) and "separate" (no merging). They alternate within one run (--rounds rounds),
+and each reports steps/s of all worlds together and the mean number of forwards (cohorts) a step ran.
+
+With --profile, 20 steps of the merged setting under torch's profiler: wall time against GPU kernel
+time per step, the top kernels and host calls.
 
 With --phases, the merged setting alone, each phase of a step timed on its own (synchronised before
 and after: starting new worlds, DiT blocks and decodes per cohort size, joining cohorts), to show
@@ -16,7 +20,7 @@ where a desynchronised step goes.
 
 Usage: python benchmarks/bench_desync.py [--model doom-small] [--device cuda] [--worlds 16 64]
        [--episode-steps 20] [--steps 100] [--warmup 20] [--rounds 2] [--fast graphs compile]
-       [--settings merged merged_unpadded merged_fresh_states separate] [--phases] [--out DIR]
+       [--settings merged merged_unpadded merged_serial merged_fresh_states separate] [--phases | --profile] [--out DIR]
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_env import FAST_OPTIONS, sample_actions  # noqa: E402
-from common import environment, synchronize, table, write_json  # noqa: E402
+from common import environment, profile_tables, synchronize, table, write_json  # noqa: E402
 
 import matrixgame_env.vector as vector_module  # noqa: E402
 from matrixgame_env.rewards import StepOutcome  # noqa: E402
@@ -55,7 +59,7 @@ class RandomEpisodeEnd:
         return self.rng.random(len(step.frames)) < self.probability
 
 
-SETTINGS = ("merged", "merged_unpadded", "merged_fresh_states", "separate")
+SETTINGS = ("merged", "merged_unpadded", "merged_serial", "merged_fresh_states", "separate")
 
 
 def desync_env(args: argparse.Namespace, worlds: int, setting: str, fast: str) -> MatrixGameVectorEnv:
@@ -70,6 +74,7 @@ def desync_env(args: argparse.Namespace, worlds: int, setting: str, fast: str) -
         merge_cohorts=setting != "separate",
         pad_new_cohorts=0 if setting == "merged_unpadded" else None,
     )
+    env.overlap_cohorts = setting != "merged_serial"
     if setting == "merged_fresh_states":
         env._state_pool.capacity = 0  # no state is kept to restart in
     return env
@@ -201,7 +206,7 @@ def run_phases(args: argparse.Namespace, worlds: int, fast: str) -> tuple[dict, 
     world = env.world
     world.start = timer.wrap("start new worlds", world.start, lambda a: len(a[0]))
     world.step_latents = timer.wrap("DiT block", world.step_latents, lambda a: a[0].batch_size)
-    world.decode = timer.wrap("decode", world.decode, lambda a: a[0].batch_size)
+    world.decode_on_device = timer.wrap("decode", world.decode_on_device, lambda a: a[0].batch_size)
     saved = vector_module.absorb, vector_module.merge_states
     vector_module.absorb = timer.wrap("absorb", vector_module.absorb, lambda a: len(a[2]))
     vector_module.merge_states = timer.wrap("merge_states", vector_module.merge_states, lambda a: len(a[1]))
@@ -221,6 +226,39 @@ def run_phases(args: argparse.Namespace, worlds: int, fast: str) -> tuple[dict, 
     row = {"fast": fast, "worlds": worlds, "setting": "merged", "phases_timed": True}
     row.update(steps_per_s=worlds * args.steps / elapsed, ms_per_step=elapsed / args.steps * 1e3)
     return row, timer.rows(args.steps)
+
+
+def run_profile(args: argparse.Namespace, worlds: int, fast: str, steps: int = 20) -> dict:
+    """The merged setting's steps under torch's profiler after the warm-up: wall time against the
+    GPU's kernel time per step (how much of a step the GPU idles), the kernels with the most time
+    and the host-side calls with the most self time (waits for the GPU included)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    env = desync_env(args, worlds, "merged", fast)
+    rng = warm_up(env, args)
+    synchronize(args.device)
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            env.step(sample_actions(env.single_action_space, rng, worlds))
+        synchronize(args.device)
+        elapsed = time.perf_counter() - t0
+    env.close()
+    tables = profile_tables(prof, steps, top=15)
+    host = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+    return {
+        "fast": fast,
+        "worlds": worlds,
+        "steps": steps,
+        "wall_ms_per_step": elapsed / steps * 1e3,  # with the profiler's own overhead
+        "gpu_kernel_ms_per_step": tables["kernels"][0]["ms"],
+        "kernels": tables["kernels"],
+        "host": [
+            {"name": e.key[:90], "self_cpu_ms": e.self_cpu_time_total / 1e3 / steps, "calls": e.count / steps}
+            for e in host
+        ],
+    }
 
 
 def main() -> None:
@@ -243,6 +281,9 @@ def main() -> None:
         help="fast paths to measure (each in every setting)",
     )
     parser.add_argument("--phases", action="store_true", help="time each phase of the merged setting instead")
+    parser.add_argument(
+        "--profile", action="store_true", help="profile 20 steps of the merged setting instead (GPU idle time)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args()
@@ -261,6 +302,19 @@ def main() -> None:
         "threads": torch.get_num_threads(),
     }
     name = f"desync_{args.device.split(':')[0]}"
+    if args.profile:
+        for fast_name in args.fast:
+            for worlds in args.worlds:
+                result = run_profile(args, worlds, fast_name)
+                print(
+                    f"{fast_name}, {worlds} worlds, merged, profiled: {result['wall_ms_per_step']:.1f} ms per step, "
+                    f"GPU kernels {result['gpu_kernel_ms_per_step']:.1f} ms"
+                )
+                print(table(result["kernels"], ["name", "ms", "share", "calls"]))
+                print(table(result["host"], ["name", "self_cpu_ms", "calls"]), flush=True)
+                payload = {"environment": environment(), "settings": settings, "profile": result}
+                print(f"wrote {write_json(f'{name}_profile_{fast_name}_{worlds}', payload, args.out)}")
+        return
     if args.phases:
         for fast_name in args.fast:
             for worlds in args.worlds:

@@ -46,7 +46,7 @@ from .images import ImageLike
 from .rewards import NeverTerminate, StepOutcome, ZeroReward, bind_all
 from .spaces import layout_for
 from .world.merge import absorb, can_merge, merge_states
-from .world.model import WorldModel, enable_fast_path
+from .world.model import WorldModel, enable_fast_path, queue_to_host
 from .world.state import WorldState
 from .world.state_pool import StatePool
 
@@ -149,6 +149,7 @@ class MatrixGameVectorEnv(VectorEnv):
         self.max_episode_steps = max_episode_steps
         self.merge_cohorts = merge_cohorts
         self.prefer_in_place: bool | None = None  # None: keep stale rows where CUDA graphs replay
+        self.overlap_cohorts = True  # False: wait for each cohort's frames before the next one's work
         self.pad_new_cohorts = min(8, num_envs // 4) if pad_new_cohorts is None else pad_new_cohorts
         self.metadata = dict(self.metadata, render_fps=config.fps)
         self.block_frames = self.world.frames_per_block
@@ -210,12 +211,9 @@ class MatrixGameVectorEnv(VectorEnv):
         new_frames = np.zeros(self.num_envs, np.int64)
         frame_index = np.zeros(self.num_envs, np.int64)
         block = None
-        for cohort in self._cohorts:
+        for cohort, latents, host_block in self._generate_blocks(keyboard, mouse, resetting):
             state, rows, worlds = cohort.state, cohort.live_rows, cohort.live_worlds
-            if np.isin(worlds, resetting).any():
-                continue  # the cohort this step's resets just started: its worlds show their start picture
-            latents = self.world.step_latents(state, *self._cohort_actions(cohort, keyboard, mouse))
-            block = self.world.decode(state, latents).numpy()
+            block = host_block.numpy()
             if len(rows) < state.batch_size:  # stale rows were computed too: keep the live ones
                 block, latents = block[rows], latents[torch.from_numpy(rows).to(latents.device)]
             self._steps[worlds] += 1
@@ -240,6 +238,29 @@ class MatrixGameVectorEnv(VectorEnv):
             observations = whole[:, -1].copy() if self.observation_mode == "last" else whole
         info = {"frame_index": frame_index, "new_frames": new_frames, "frames": blocks}
         return observations, rewards, terminated, truncated, info
+
+    def _generate_blocks(
+        self, keyboard: np.ndarray, mouse: np.ndarray | None, resetting: np.ndarray
+    ) -> list[tuple[_Cohort, torch.Tensor, torch.Tensor]]:
+        """(cohort, latents, frames on the host) of every cohort but the one this step's resets just
+        started (its worlds show their start picture). All cohorts' work is queued before the one wait
+        for their frames, so that on a GPU one cohort's launches overlap the previous one's kernels."""
+        generated = []
+        for cohort in self._cohorts:
+            if np.isin(cohort.live_worlds, resetting).any():
+                continue
+            latents = self.world.step_latents(cohort.state, *self._cohort_actions(cohort, keyboard, mouse))
+            frames = queue_to_host(self.world.decode_on_device(cohort.state, latents))
+            generated.append((cohort, latents, frames))
+            if not self.overlap_cohorts:
+                self._wait_for_device()
+        if generated:
+            self._wait_for_device()
+        return generated
+
+    def _wait_for_device(self) -> None:
+        if self.world.device.type == "cuda":
+            torch.cuda.current_stream(self.world.device).synchronize()
 
     def _whole_batch_block(self, block: np.ndarray | None, resetting: np.ndarray) -> np.ndarray | None:
         """The last cohort's block [N, T, H, W, 3] when it already is every world's full block in order

@@ -161,11 +161,19 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
     """A CPU copy of a tensor. From a GPU it goes through page-locked memory (from torch's caching
     host allocator, so each call gets its own buffer and no earlier result is overwritten), which
     copies many times faster than pageable memory."""
+    host = queue_to_host(tensor)
+    if tensor.device.type == "cuda":
+        torch.cuda.current_stream(tensor.device).synchronize()
+    return host
+
+
+def queue_to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """Like `to_host`, but without waiting: a GPU tensor's copy is queued on the current stream and
+    may be read only after that stream is synchronised (so that several copies cost one wait)."""
     if tensor.device.type != "cuda":
         return tensor.cpu()
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     host.copy_(tensor, non_blocking=True)
-    torch.cuda.current_stream(tensor.device).synchronize()
     return host
 
 
