@@ -238,7 +238,7 @@ def run_profile(args: argparse.Namespace, worlds: int, fast: str, steps: int = 2
     env = desync_env(args, worlds, "merged", fast)
     rng = warm_up(env, args)
     synchronize(args.device)
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             env.step(sample_actions(env.single_action_space, rng, worlds))
@@ -247,6 +247,8 @@ def run_profile(args: argparse.Namespace, worlds: int, fast: str, steps: int = 2
     env.close()
     tables = profile_tables(prof, steps, top=15)
     host = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+    waits = [e for e in prof.key_averages(group_by_stack_n=6) if e.key == "cudaStreamSynchronize"]
+    waits.sort(key=lambda e: e.count, reverse=True)
     return {
         "fast": fast,
         "worlds": worlds,
@@ -254,6 +256,11 @@ def run_profile(args: argparse.Namespace, worlds: int, fast: str, steps: int = 2
         "wall_ms_per_step": elapsed / steps * 1e3,  # with the profiler's own overhead
         "gpu_kernel_ms_per_step": tables["kernels"][0]["ms"],
         "kernels": tables["kernels"],
+        "operators": tables["operators"],
+        # where the host waits for the GPU: calls per step and the Python frames that made them
+        "waits": [
+            {"calls": e.count / steps, "stack": [f for f in e.stack if "matrixgame_env" in f]} for e in waits[:8]
+        ],
         "host": [
             {"name": e.key[:90], "self_cpu_ms": e.self_cpu_time_total / 1e3 / steps, "calls": e.count / steps}
             for e in host
