@@ -4,8 +4,8 @@ Each world's episode ends at random (probability 1 / --episode-steps per step, t
 every setting), so the worlds reset at different steps, as in RL training. Each reset starts a
 cohort of its own; with `merge_cohorts` (the default) a cohort joins the others once its caches
 are full, without it every cohort keeps its own forward for good. Settings (--settings): "merged"
-(the default env), "merged_unpadded" (merged, but cohorts of new worlds with as many rows as worlds
-rather than `pad_new_cohorts`), "merged_serial" (merged, but waiting for each cohort's frames before
+(the default env), "merged_padded" (merged, cohorts of new worlds padded to 8 rows:
+`pad_new_cohorts=8`), "merged_serial" (merged, but waiting for each cohort's frames before
 the next cohort's work is queued, as before `overlap_cohorts`), "merged_fresh_states" (merged, but
 every cohort of new worlds on a new state rather than one restarted in place: no CUDA graphs for
 their first blocks) and "separate" (no merging). They alternate within one run (--rounds rounds),
@@ -20,7 +20,7 @@ where a desynchronised step goes.
 
 Usage: python benchmarks/bench_desync.py [--model doom-small] [--device cuda] [--worlds 16 64]
        [--episode-steps 20] [--steps 100] [--warmup 20] [--rounds 2] [--fast graphs compile]
-       [--settings merged merged_unpadded merged_serial merged_fresh_states separate] [--phases | --profile] [--out DIR]
+       [--settings merged merged_padded merged_serial merged_fresh_states separate] [--phases | --profile] [--out DIR]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import collections
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,7 +60,7 @@ class RandomEpisodeEnd:
         return self.rng.random(len(step.frames)) < self.probability
 
 
-SETTINGS = ("merged", "merged_unpadded", "merged_serial", "merged_fresh_states", "separate")
+SETTINGS = ("merged", "merged_padded", "merged_serial", "merged_fresh_states", "separate")
 
 
 def desync_env(args: argparse.Namespace, worlds: int, setting: str, fast: str) -> MatrixGameVectorEnv:
@@ -72,7 +73,7 @@ def desync_env(args: argparse.Namespace, worlds: int, setting: str, fast: str) -
         fast=FAST_OPTIONS[fast],
         termination=RandomEpisodeEnd(1 / args.episode_steps, seed=1),
         merge_cohorts=setting != "separate",
-        pad_new_cohorts=0 if setting == "merged_unpadded" else None,
+        pad_new_cohorts=8 if setting == "merged_padded" else 0,
     )
     env.overlap_cohorts = setting != "merged_serial"
     if setting == "merged_fresh_states":
@@ -228,6 +229,26 @@ def run_phases(args: argparse.Namespace, worlds: int, fast: str) -> tuple[dict, 
     return row, timer.rows(args.steps)
 
 
+def host_waits(env: MatrixGameVectorEnv, rng: np.random.Generator, steps: int) -> dict[str, float]:
+    """Operations that made the host wait for the GPU in `steps` env steps, per step, by the line
+    that asked (torch's sync debug mode warns on each)."""
+    if not torch.cuda.is_available():
+        return {}
+    counts: collections.Counter = collections.Counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                env.step(sample_actions(env.single_action_space, rng, env.num_envs))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for warning in caught:
+        if "synchroniz" in str(warning.message).lower():
+            counts[f"{Path(warning.filename).name}:{warning.lineno}"] += 1
+    return {where: n / steps for where, n in counts.most_common()}
+
+
 def run_profile(args: argparse.Namespace, worlds: int, fast: str, steps: int = 20) -> dict:
     """The merged setting's steps under torch's profiler after the warm-up: wall time against the
     GPU's kernel time per step (how much of a step the GPU idles), the kernels with the most time
@@ -237,8 +258,11 @@ def run_profile(args: argparse.Namespace, worlds: int, fast: str, steps: int = 2
 
     env = desync_env(args, worlds, "merged", fast)
     rng = warm_up(env, args)
+    waits = host_waits(env, rng, steps)
     synchronize(args.device)
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+    with torch_profile(
+        activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+    ) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             env.step(sample_actions(env.single_action_space, rng, worlds))
@@ -247,8 +271,6 @@ def run_profile(args: argparse.Namespace, worlds: int, fast: str, steps: int = 2
     env.close()
     tables = profile_tables(prof, steps, top=15)
     host = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
-    waits = [e for e in prof.key_averages(group_by_stack_n=6) if e.key == "cudaStreamSynchronize"]
-    waits.sort(key=lambda e: e.count, reverse=True)
     return {
         "fast": fast,
         "worlds": worlds,
@@ -257,10 +279,8 @@ def run_profile(args: argparse.Namespace, worlds: int, fast: str, steps: int = 2
         "gpu_kernel_ms_per_step": tables["kernels"][0]["ms"],
         "kernels": tables["kernels"],
         "operators": tables["operators"],
-        # where the host waits for the GPU: calls per step and the Python frames that made them
-        "waits": [
-            {"calls": e.count / steps, "stack": [f for f in e.stack if "matrixgame_env" in f]} for e in waits[:8]
-        ],
+        # where the host waits for the GPU (torch's sync debug mode): per step, by the line that waited
+        "host_waits_per_step": waits,
         "host": [
             {"name": e.key[:90], "self_cpu_ms": e.self_cpu_time_total / 1e3 / steps, "calls": e.count / steps}
             for e in host
@@ -319,6 +339,7 @@ def main() -> None:
                 )
                 print(table(result["kernels"], ["name", "ms", "share", "calls"]))
                 print(table(result["host"], ["name", "self_cpu_ms", "calls"]), flush=True)
+                print("host waits per step:", result["host_waits_per_step"], flush=True)
                 payload = {"environment": environment(), "settings": settings, "profile": result}
                 print(f"wrote {write_json(f'{name}_profile_{fast_name}_{worlds}', payload, args.out)}")
         return

@@ -12,10 +12,10 @@ for cohorts with no such rows to go back to, cohorts shrink at once and rejoin a
 (`merge_states`). Worlds whose episodes end at different times thus cost one forward per
 step, plus one for each cohort of the last two steps' resets. A state written back is kept
 (`StatePool`) and a later cohort of as many new worlds restarts in it, so that on the GPU the young
-cohorts' blocks replay CUDA graphs too, once each state has run them once. There, a cohort of
-fewer new worlds than `pad_new_cohorts` runs in a state of exactly that many rows (the others
-computed and ignored): new cohorts then share one size, so one kept state always fits and no new
-state pays eager blocks and captures.
+cohorts' blocks replay CUDA graphs too, once each state has run them once. With `pad_new_cohorts`
+n, a cohort of fewer than n new worlds runs in a state of exactly n rows (the others computed and
+ignored): new cohorts then share one size, so a kept state always fits and no new state pays eager
+blocks and captures.
 Autoreset follows Gymnasium's next-step mode: the step after an episode ends returns the new
 episode's first observation, with reward 0 and the action ignored.
 """
@@ -43,6 +43,7 @@ from .env import (
     start_picture,
 )
 from .images import ImageLike
+from .nn.transfer import to_device
 from .rewards import NeverTerminate, StepOutcome, ZeroReward, bind_all
 from .spaces import layout_for
 from .world.merge import absorb, can_merge, merge_states
@@ -89,11 +90,11 @@ class MatrixGameVectorEnv(VectorEnv):
     GPU by default; "compile" adds fused kernels); action_guidance, keyboard_guidance: as for
     `MatrixGameEnv`. merge_cohorts: join cohorts of worlds that reset at different times once their
     caches are full (see the module docstring); False keeps each reset's cohort apart for good.
-    pad_new_cohorts: where stale rows are kept (`keeps_stale_rows`), a cohort of at most this many
-    new worlds runs in a state of exactly this many rows; None: `min(8, num_envs // 4)` (64 worlds
-    whose episodes last 20 steps on average restart ~3 a step, more than 8 about once in 250 steps;
-    kept states hold at most `num_envs` worlds, so a quarter leaves room for the few a step needs);
-    0 or 1: every cohort has as many rows as worlds.
+    pad_new_cohorts: where stale rows are kept (`keeps_stale_rows`), a cohort of fewer new worlds
+    runs in a state of exactly this many rows; 0 (the default) or 1: as many rows as worlds. Padding
+    to 8 at 64 worlds (episodes of 20 steps: ~3 restarts a step) left no CUDA-graph capture and one
+    new state in 100 timed steps, against 9 and 3, but ran 0.95x and 0.97x the steps/s on an H200
+    (benchmarks/NOTES.md): the padded rows cost more than the captures they save.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 25, "autoreset_mode": AutoresetMode.NEXT_STEP}
@@ -115,14 +116,12 @@ class MatrixGameVectorEnv(VectorEnv):
         action_guidance: float | None = None,
         keyboard_guidance: float | None = None,
         merge_cohorts: bool = True,
-        pad_new_cohorts: int | None = None,
+        pad_new_cohorts: int = 0,
     ) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
-        if pad_new_cohorts is not None and (
-            isinstance(pad_new_cohorts, bool) or not isinstance(pad_new_cohorts, int) or pad_new_cohorts < 0
-        ):
-            raise ValueError(f"pad_new_cohorts must be an integer >= 0 or None (auto), got {pad_new_cohorts!r}")
+        if isinstance(pad_new_cohorts, bool) or not isinstance(pad_new_cohorts, int) or pad_new_cohorts < 0:
+            raise ValueError(f"pad_new_cohorts must be an integer >= 0, got {pad_new_cohorts!r}")
         self.world = resolve_world(model, device, dtype, mode)
         enable_fast_path(self.world, fast, batch=num_envs)
         # States of cohorts that rejoined (and of every cohort at a full reset) start later cohorts of
@@ -150,7 +149,7 @@ class MatrixGameVectorEnv(VectorEnv):
         self.merge_cohorts = merge_cohorts
         self.prefer_in_place: bool | None = None  # None: keep stale rows where CUDA graphs replay
         self.overlap_cohorts = True  # False: wait for each cohort's frames before the next one's work
-        self.pad_new_cohorts = min(8, num_envs // 4) if pad_new_cohorts is None else pad_new_cohorts
+        self.pad_new_cohorts = pad_new_cohorts
         self.metadata = dict(self.metadata, render_fps=config.fps)
         self.block_frames = self.world.frames_per_block
         self.single_observation_space = frame_observation_space(config.video_size, observation, self.block_frames)
@@ -215,7 +214,7 @@ class MatrixGameVectorEnv(VectorEnv):
             state, rows, worlds = cohort.state, cohort.live_rows, cohort.live_worlds
             block = host_block.numpy()
             if len(rows) < state.batch_size:  # stale rows were computed too: keep the live ones
-                block, latents = block[rows], latents[torch.from_numpy(rows).to(latents.device)]
+                block, latents = block[rows], latents[to_device(torch.from_numpy(rows), latents.device)]
             self._steps[worlds] += 1
             outcome = StepOutcome(
                 block, latents, keyboard[worlds], None if mouse is None else mouse[worlds], self._steps[worlds]

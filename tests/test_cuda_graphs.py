@@ -283,7 +283,7 @@ def test_padded_cohorts_of_new_worlds_share_one_state_and_match_unpadded_ones_wi
     resets = {1: [1], 4: [2, 5], 7: [0], 10: [3, 6], 13: [4]}  # each cohort rejoins before the next starts
     frames, young_states = {}, {}
     for pad in (3, 0):
-        venv = MatrixGameVectorEnv("doom-small", num_envs=8, device="cuda", pad_new_cohorts=pad)
+        venv = MatrixGameVectorEnv("doom-small", num_envs=8, device="cuda", pad_new_cohorts=pad)  # 0: off
         venv.reset(seed=3)
         blocks, young_states[pad] = [], []
         for step in range(16):
@@ -303,6 +303,43 @@ def test_padded_cohorts_of_new_worlds_share_one_state_and_match_unpadded_ones_wi
     difference = np.abs(frames[3].astype(int) - frames[0].astype(int))
     assert difference[:1].max() <= 1  # the same work until the first reset
     assert difference.mean() < 3.0
+
+
+@cuda
+def test_a_desynchronised_vector_step_waits_for_the_gpu_only_for_its_frames():
+    """Steps with young cohorts, a cohort written back (absorb) and a cohort compacted upload their
+    actions, indices and rotations without making the host wait: torch's sync debug mode flags no
+    operation outside the vector env's one wait for the step's frames."""
+    import warnings
+    from pathlib import Path
+
+    import numpy as np
+
+    from matrixgame_env.vector import MatrixGameVectorEnv
+
+    venv = MatrixGameVectorEnv("doom-small", num_envs=6, device="cuda", pad_new_cohorts=3)
+    venv.reset(seed=8)
+
+    def step(k):
+        keys, mouse = _actions(6, k)
+        venv.step({"keyboard": keys.numpy().astype(np.int8), "mouse": mouse.numpy()})
+
+    for k in range(6):  # warm: graphs captured, kept states made
+        if k in (1, 3):
+            venv.reset_worlds([k])
+        step(k)
+    venv.reset_worlds([2])  # starting checks the new encodings on the host: outside the watched steps
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for k in range(6, 10):  # the new cohort's two blocks, then its write-back into the big state
+                step(k)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    waits = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert {Path(w.filename).name for w in waits} <= {"vector.py"}, [(w.filename, w.lineno) for w in waits]
+    assert venv.num_cohorts == 1
 
 
 def test_fast_option_is_checked():

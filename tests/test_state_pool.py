@@ -149,7 +149,7 @@ def test_vector_env_restarts_rejoined_cohorts_states_and_steps_as_without_them(w
 def test_vector_env_pads_cohorts_of_new_worlds_to_one_size_and_steps_as_without(world):
     n = 8
     padded, unpadded = (MatrixGameVectorEnv(model=world, num_envs=n, pad_new_cohorts=pad) for pad in (3, 0))
-    assert MatrixGameVectorEnv(model=world, num_envs=n).pad_new_cohorts == 2  # min(8, num_envs // 4)
+    assert MatrixGameVectorEnv(model=world, num_envs=n).pad_new_cohorts == 0  # off unless asked for
     for venv in (padded, unpadded):
         venv.prefer_in_place = True  # as where CUDA graphs replay (the only place padding applies)
         venv.reset(seed=40)
@@ -185,11 +185,11 @@ def test_vector_env_pads_cohorts_of_new_worlds_to_one_size_and_steps_as_without(
 
 
 def test_vector_env_pads_only_where_stale_rows_are_kept_and_checks_the_size(world):
-    venv = MatrixGameVectorEnv(model=world, num_envs=3)
+    venv = MatrixGameVectorEnv(model=world, num_envs=3, pad_new_cohorts=3)
     assert not venv.keeps_stale_rows  # on a CPU cohorts shrink and rejoin as new states: no padding
     venv.reset(seed=50)
     venv.reset_worlds([1])
     assert venv._cohorts[-1].state.batch_size == 1
-    for bad in (-1, 2.5, True, "8"):
-        with pytest.raises(ValueError, match="pad_new_cohorts must be an integer >= 0 or None"):
+    for bad in (-1, 2.5, True, "8", None):
+        with pytest.raises(ValueError, match="pad_new_cohorts must be an integer >= 0"):
             MatrixGameVectorEnv(model=world, num_envs=3, pad_new_cohorts=bad)

@@ -16,6 +16,7 @@ from .attention import FloatLayerNorm, KVCache, attention, rms_normalize
 from .config import ActionConfig
 from .fusion import keyboard_queries, mouse_features, mouse_temporal_qkv, residual_add, temporal_attention
 from .rope import Rotation, action_rope_angles
+from .transfer import to_device
 
 
 def action_windows(
@@ -36,7 +37,7 @@ def action_windows(
             f"but latent frames {start_frame}..{start_frame + num_frames - 1} "
             f"need {int(video.min())}..{int(video.max())}"
         )
-    return actions[:, index.to(actions.device)]
+    return actions[:, to_device(index, actions.device)]
 
 
 class ActionCaches:

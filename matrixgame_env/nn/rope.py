@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .fusion import rotate_pairs
+from .transfer import to_device
 
 
 def _inverse_frequencies(num_pairs: int, rotary_dim: int, theta: float) -> torch.Tensor:
@@ -61,8 +62,8 @@ class Rotation:
 
     def __init__(self, angles: torch.Tensor, device: torch.device | str | None = None) -> None:
         # angles [L, pairs] -> cos/sin [L, 1, pairs] (broadcast over heads), float32.
-        self.cos = angles.cos().to(device=device, dtype=torch.float32)[:, None, :]
-        self.sin = angles.sin().to(device=device, dtype=torch.float32)[:, None, :]
+        self.cos = to_device(angles.cos(), device, torch.float32)[:, None, :]
+        self.sin = to_device(angles.sin(), device, torch.float32)[:, None, :]
 
     def copy_(self, other: Rotation) -> Rotation:
         """Overwrite this rotation's cos/sin in place with another of the same length (static buffers)."""

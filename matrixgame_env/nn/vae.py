@@ -27,6 +27,7 @@ from torch import nn
 
 from . import triton_conv
 from .fusion import channel_bias_add, channel_rms_norm_silu, fusion_enabled, is_channels_last_video
+from .transfer import to_device
 
 # Per-channel statistics of Wan 2.1 latents: the model works with (mu - mean) / std.
 WAN21_LATENT_MEAN = (
@@ -111,10 +112,17 @@ class FeatureCache:
 
     def select(self: CacheT, indices: Sequence[int] | torch.Tensor) -> CacheT:
         """The cache of the batch elements `indices`, in that order (repeats allowed)."""
-        index = torch.as_tensor(indices, dtype=torch.long).flatten()
+        index = torch.as_tensor(indices, dtype=torch.long).flatten().cpu()  # checked on the host: no device sync
         if index.numel() == 0 or index.min() < 0 or index.max() >= self.batch_size:
             raise ValueError(f"indices must be a non-empty list of values in [0, {self.batch_size}), got {indices}")
-        return self._map(lambda slot: slot.index_select(0, index.to(slot.device)), index.numel())
+        uploaded: dict[torch.device, torch.Tensor] = {}  # one upload per device, not one per slot
+
+        def pick(slot: torch.Tensor) -> torch.Tensor:
+            if slot.device not in uploaded:
+                uploaded[slot.device] = to_device(index, slot.device)
+            return slot.index_select(0, uploaded[slot.device])
+
+        return self._map(pick, index.numel())
 
     def expand_batch(self: CacheT, repeats: int) -> CacheT:
         """Each batch element `repeats` times in a row (element b becomes b*repeats .. b*repeats + repeats - 1)."""

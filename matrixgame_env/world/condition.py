@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..nn.transfer import to_device
+
 
 class ImageLatents:
     """Per-world image-condition latents [B, C, K, h, w]; frames at index >= K repeat frame K-1.
@@ -25,11 +27,11 @@ class ImageLatents:
     def frames(self, start: int, stop: int) -> torch.Tensor:
         """Latent frames [start, stop) -> [B, C, stop - start, h, w]."""
         last = self.latents.shape[2] - 1
-        index = torch.arange(start, stop).clamp(max=last).to(self.latents.device)
+        index = to_device(torch.arange(start, stop).clamp(max=last), self.latents.device)
         return self.latents.index_select(2, index)
 
     def select(self, indices: torch.Tensor) -> ImageLatents:
-        return ImageLatents(self.latents.index_select(0, indices.to(self.latents.device)))
+        return ImageLatents(self.latents.index_select(0, to_device(indices, self.latents.device)))
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ImageLatents:
         return ImageLatents(self.latents.to(device=device, dtype=dtype))

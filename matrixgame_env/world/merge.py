@@ -20,6 +20,7 @@ import torch
 from ..nn.action import ActionCaches
 from ..nn.dit import CausalDiT, LayerCaches
 from ..nn.rope import Rotation
+from ..nn.transfer import to_device
 from ..nn.vae import DecoderCache
 from .cache import RingKVCache
 from .condition import ImageLatents
@@ -70,7 +71,7 @@ def absorb(model: CausalDiT, host: WorldState, rows: Sequence[int], guest: World
     if guest.frame < host.frame:
         _move_in_place(model, host, guest.frame)
     guest = _moved_to(model, guest, host.frame)
-    index = torch.tensor(rows, dtype=torch.long, device=host.device)
+    index = to_device(torch.tensor(rows, dtype=torch.long), host.device)
     for mine, theirs in zip(ring_caches(host), ring_caches(guest), strict=True):
         if mine.key.shape[1:] != theirs.key.shape[1:]:
             raise ValueError("the states' attention caches differ in shape: not from one sampler?")
@@ -144,7 +145,7 @@ def _moved_to(model: CausalDiT, state: WorldState, frame: int) -> WorldState:
     # The condition of frame f is now read at f + delta: read it from -delta frames further along.
     latents = state.image.latents
     index = torch.arange(-delta, -delta + latents.shape[2]).clamp(max=latents.shape[2] - 1)
-    image = ImageLatents(latents.index_select(2, index.to(latents.device)))
+    image = ImageLatents(latents.index_select(2, to_device(index, latents.device)))
     shift = state.frame_shift or [0] * state.batch_size
     return WorldState(
         caches=caches,

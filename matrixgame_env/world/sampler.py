@@ -19,6 +19,7 @@ import torch
 from ..nn.action import ActionCaches, action_windows
 from ..nn.dit import CausalDiT, ContextKV, LayerCaches
 from ..nn.scheduler import FlowMatchScheduler
+from ..nn.transfer import to_device
 from .cache import RingKVCache
 from .condition import ImageLatents, first_frame_mask
 from .graphs import BlockGraphs, BlockInputs, layer_ring_caches, ring_caches
@@ -427,7 +428,7 @@ class StreamingSampler:
                 f"block, {name} width) or [{batch}, {width}] held for the block; got {list(actions.shape)}"
             )
         _check_finite(actions, f"{name} actions")  # before the copy: actions from the host cost no device sync
-        return actions.to(device, torch.float32, non_blocking=actions.device.type == "cpu" and actions.is_pinned())
+        return to_device(actions, device, torch.float32)
 
     def _windows(self, actions: torch.Tensor | None, history: torch.Tensor | None, start: int, new_frames: int):
         """Action windows of the block's latent frames, and the history to keep for the next block."""

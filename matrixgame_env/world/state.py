@@ -9,6 +9,7 @@ import torch
 
 from ..nn.action import ActionCaches
 from ..nn.dit import ContextKV, LayerCaches
+from ..nn.transfer import to_device
 from .cache import RingKVCache
 from .condition import ImageLatents
 
@@ -103,15 +104,16 @@ class WorldState:
 
     def select(self, indices: torch.Tensor | list[int]) -> WorldState:
         """A new state made of the given worlds (in that order; repeats allowed)."""
-        indices = torch.as_tensor(indices, dtype=torch.long)
+        indices = torch.as_tensor(indices, dtype=torch.long).cpu()  # checked on the host: no device sync
         if indices.numel() and (indices.min() < 0 or indices.max() >= self.batch_size):
             raise ValueError(f"world indices must lie in 0..{self.batch_size - 1}, got {indices.tolist()}")
+        on_device = to_device(indices, self.device)  # one upload for every tensor of the state
         return WorldState(
-            caches=[_map_layer(layer, lambda c: c.select(indices)) for layer in self.caches],
-            context=self.context.select(indices.to(self.context.keys[0].device)),
-            image=self.image.select(indices),
-            keyboard_history=None if self.keyboard_history is None else self.keyboard_history[indices.to(self.device)],
-            mouse_history=None if self.mouse_history is None else self.mouse_history[indices.to(self.device)],
+            caches=[_map_layer(layer, lambda c: c.select(on_device)) for layer in self.caches],
+            context=self.context.select(on_device),
+            image=self.image.select(on_device),
+            keyboard_history=None if self.keyboard_history is None else self.keyboard_history[on_device],
+            mouse_history=None if self.mouse_history is None else self.mouse_history[on_device],
             generators=[_clone_generator(self.generators[i]) for i in indices.tolist()],
             frame=self.frame,
             decoder_cache=None if self.decoder_cache is None else self.decoder_cache.select(indices),

@@ -1,0 +1,22 @@
+"""Host-to-device copies that do not make the host wait for the GPU."""
+
+from __future__ import annotations
+
+import torch
+
+
+def to_device(
+    tensor: torch.Tensor, device: torch.device | str | None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """`tensor.to(device, dtype)`, but a CPU tensor bound for a GPU is staged in page-locked memory
+    and copied asynchronously on the current stream. A plain `.to` from pageable memory waits for
+    every kernel queued before it, so each small upload (actions, indices, rotations) would stall
+    the host until the GPU is idle. The staging buffer comes from torch's caching host allocator,
+    which does not reuse it before the copy is done. Same values either way."""
+    target = tensor.device if device is None else torch.device(device)
+    if tensor.device.type != "cpu" or target.type != "cuda":
+        return tensor.to(device=target, dtype=dtype)
+    if dtype is not None:
+        tensor = tensor.to(dtype)
+    staged = tensor if tensor.is_pinned() else tensor.pin_memory()
+    return staged.to(target, non_blocking=True)

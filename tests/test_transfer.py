@@ -1,0 +1,26 @@
+"""`nn.transfer.to_device`: uploads without host waits, with the values of a plain `.to`."""
+
+import pytest
+import torch
+
+from matrixgame_env.nn.transfer import to_device
+
+
+def test_to_device_on_the_host_is_a_plain_to():
+    x = torch.arange(6, dtype=torch.int64).reshape(2, 3)
+    same = to_device(x, "cpu")
+    assert same is x  # nothing to copy
+    as_float = to_device(x, None, torch.float32)
+    assert as_float.dtype == torch.float32 and torch.equal(as_float, x.float())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_to_device_uploads_through_pinned_memory_with_the_same_values():
+    x = torch.randn(4, 5, dtype=torch.float64)
+    for dtype in (None, torch.float32, torch.bfloat16):
+        uploaded = to_device(x, "cuda", dtype)
+        expected = x.to("cuda", dtype=dtype)
+        assert uploaded.is_cuda and uploaded.dtype == expected.dtype and torch.equal(uploaded, expected)
+    view = x[:, 1:3]  # a non-contiguous source is staged as it is read
+    assert torch.equal(to_device(view, torch.device("cuda")).cpu(), view)
+    assert not x.is_pinned()  # the caller's tensor is left as it was
