@@ -23,4 +23,6 @@ def test_to_device_uploads_through_pinned_memory_with_the_same_values():
         assert uploaded.is_cuda and uploaded.dtype == expected.dtype and torch.equal(uploaded, expected)
     view = x[:, 1:3]  # a non-contiguous source is staged as it is read
     assert torch.equal(to_device(view, torch.device("cuda")).cpu(), view)
+    held = x[:, None, :].expand(4, 3, 5)  # actions held over a block: one row read three times
+    assert torch.equal(to_device(held, "cuda", torch.float32).cpu(), held.float())
     assert not x.is_pinned()  # the caller's tensor is left as it was

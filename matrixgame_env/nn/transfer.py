@@ -18,5 +18,7 @@ def to_device(
         return tensor.to(device=target, dtype=dtype)
     if dtype is not None:
         tensor = tensor.to(dtype)
-    staged = tensor if tensor.is_pinned() else tensor.pin_memory()
-    return staged.to(target, non_blocking=True)
+    if not tensor.is_pinned():  # (an expanded view too: the staging copy is dense)
+        staged = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        tensor = staged.copy_(tensor)
+    return tensor.to(target, non_blocking=True)
