@@ -30,7 +30,6 @@ import collections
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from bench_env import FAST_OPTIONS, sample_actions  # noqa: E402
 from common import environment, profile_tables, synchronize, table, write_json  # noqa: E402
 
 import matrixgame_env.vector as vector_module  # noqa: E402
+from matrixgame_env.host_waits import count_host_waits  # noqa: E402
 from matrixgame_env.rewards import StepOutcome  # noqa: E402
 from matrixgame_env.vector import MatrixGameVectorEnv  # noqa: E402
 
@@ -230,23 +230,14 @@ def run_phases(args: argparse.Namespace, worlds: int, fast: str) -> tuple[dict, 
 
 
 def host_waits(env: MatrixGameVectorEnv, rng: np.random.Generator, steps: int) -> dict[str, float]:
-    """Operations that made the host wait for the GPU in `steps` env steps, per step, by the line
-    that asked (torch's sync debug mode warns on each)."""
-    if not torch.cuda.is_available():
-        return {}
-    counts: collections.Counter = collections.Counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            for _ in range(steps):
-                env.step(sample_actions(env.single_action_space, rng, env.num_envs))
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    for warning in caught:
-        if "synchroniz" in str(warning.message).lower():
-            counts[f"{Path(warning.filename).name}:{warning.lineno}"] += 1
-    return {where: n / steps for where, n in counts.most_common()}
+    """Operations that made the host wait for the GPU in `steps` env steps, per step, by the package
+    line that asked (`count_host_waits`)."""
+
+    def work() -> None:
+        for _ in range(steps):
+            env.step(sample_actions(env.single_action_space, rng, env.num_envs))
+
+    return {site: n / steps for site, n in count_host_waits(work).most_common()}
 
 
 def run_profile(args: argparse.Namespace, worlds: int, fast: str, steps: int = 20) -> dict:

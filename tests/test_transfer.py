@@ -1,8 +1,11 @@
-"""`nn.transfer.to_device`: uploads without host waits, with the values of a plain `.to`."""
+"""`nn.transfer.to_device` (uploads without host waits, the values of a plain `.to`) and `count_host_waits`."""
+
+from pathlib import Path
 
 import pytest
 import torch
 
+from matrixgame_env.host_waits import count_host_waits
 from matrixgame_env.nn.transfer import to_device
 
 
@@ -26,3 +29,22 @@ def test_to_device_uploads_through_pinned_memory_with_the_same_values():
     held = x[:, None, :].expand(4, 3, 5)  # actions held over a block: one row read three times
     assert torch.equal(to_device(held, "cuda", torch.float32).cpu(), held.float())
     assert not x.is_pinned()  # the caller's tensor is left as it was
+
+
+def test_count_host_waits_runs_the_work_and_finds_none_without_cuda():
+    calls = []
+    waits = count_host_waits(lambda: calls.append(1))
+    assert calls == [1]
+    if not torch.cuda.is_available():
+        assert waits == {}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_count_host_waits_names_the_line_that_waited():
+    def work():
+        total = torch.ones(3, device="cuda").sum()
+        return float(total)  # reads the GPU's result: the host waits
+
+    waits = count_host_waits(work, within=Path(__file__).resolve().parent)
+    assert waits.total() == 1 and next(iter(waits)).endswith(":work"), waits
+    assert count_host_waits(lambda: to_device(torch.ones(3), "cuda"), within=Path(__file__).resolve().parent) == {}
