@@ -6,10 +6,13 @@ cohort of its own; with `merge_cohorts` (the default) a cohort joins the others 
 are full, without it every cohort keeps its own forward for good. Settings (--settings): "merged"
 (the default env), "merged_padded" (merged, cohorts of new worlds padded to 8 rows:
 `pad_new_cohorts=8`), "merged_serial" (merged, but waiting for each cohort's frames before
-the next cohort's work is queued, as before `overlap_cohorts`), "merged_fresh_states" (merged, but
-every cohort of new worlds on a new state rather than one restarted in place: no CUDA graphs for
-their first blocks) and "separate" (no merging). They alternate within one run (--rounds rounds),
-and each reports steps/s of all worlds together and the mean number of forwards (cohorts) a step ran.
+the next cohort's work is queued, as before `overlap_cohorts`), "merged_waiting_uploads" (merged,
+with plain uploads that wait for the GPU: `set_async_uploads(False)`), "merged_channels_last" (merged,
+the decoder channels-last with the Triton kernel where it applies, as `fast="compile"` has it),
+"merged_fresh_states" (merged, but every cohort of new worlds on a new state rather than one
+restarted in place: no CUDA graphs for their first blocks) and "separate" (no merging). They
+alternate within one run (--rounds rounds), and each reports steps/s of all worlds together and the
+mean number of forwards (cohorts) a step ran.
 
 With --profile, 20 steps of the merged setting under torch's profiler: wall time against GPU kernel
 time per step, the top kernels and host calls.
@@ -20,7 +23,7 @@ where a desynchronised step goes.
 
 Usage: python benchmarks/bench_desync.py [--model doom-small] [--device cuda] [--worlds 16 64]
        [--episode-steps 20] [--steps 100] [--warmup 20] [--rounds 2] [--fast graphs compile]
-       [--settings merged merged_padded merged_serial merged_fresh_states separate] [--phases | --profile] [--out DIR]
+       [--settings merged merged_padded ...] [--phases | --profile] [--out DIR]
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ from common import environment, profile_tables, synchronize, table, write_json  
 
 import matrixgame_env.vector as vector_module  # noqa: E402
 from matrixgame_env.host_waits import count_host_waits  # noqa: E402
+from matrixgame_env.nn import triton_conv  # noqa: E402
+from matrixgame_env.nn.transfer import set_async_uploads  # noqa: E402
 from matrixgame_env.rewards import StepOutcome  # noqa: E402
 from matrixgame_env.vector import MatrixGameVectorEnv  # noqa: E402
 
@@ -60,7 +65,15 @@ class RandomEpisodeEnd:
         return self.rng.random(len(step.frames)) < self.probability
 
 
-SETTINGS = ("merged", "merged_padded", "merged_serial", "merged_fresh_states", "separate")
+SETTINGS = (
+    "merged",
+    "merged_padded",
+    "merged_serial",
+    "merged_waiting_uploads",
+    "merged_channels_last",
+    "merged_fresh_states",
+    "separate",
+)
 
 
 def desync_env(args: argparse.Namespace, worlds: int, setting: str, fast: str) -> MatrixGameVectorEnv:
@@ -76,6 +89,10 @@ def desync_env(args: argparse.Namespace, worlds: int, setting: str, fast: str) -
         pad_new_cohorts=8 if setting == "merged_padded" else 0,
     )
     env.overlap_cohorts = setting != "merged_serial"
+    set_async_uploads(setting != "merged_waiting_uploads")  # process-wide: set again by every setting
+    if setting == "merged_channels_last":
+        env.world.vae.set_decoder_channels_last(True)
+        env.world.vae.set_decoder_triton(triton_conv.available())
     if setting == "merged_fresh_states":
         env._state_pool.capacity = 0  # no state is kept to restart in
     return env

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from matrixgame_env.host_waits import count_host_waits
-from matrixgame_env.nn.transfer import to_device
+from matrixgame_env.nn.transfer import async_uploads, set_async_uploads, to_device
 
 
 def test_to_device_on_the_host_is_a_plain_to():
@@ -48,3 +48,16 @@ def test_count_host_waits_names_the_line_that_waited():
     waits = count_host_waits(work, within=Path(__file__).resolve().parent)
     assert waits.total() == 1 and next(iter(waits)).endswith(":work"), waits
     assert count_host_waits(lambda: to_device(torch.ones(3), "cuda"), within=Path(__file__).resolve().parent) == {}
+
+
+def test_async_uploads_can_be_switched_off_and_on():
+    assert async_uploads()
+    try:
+        set_async_uploads(False)
+        assert not async_uploads()
+        x = torch.arange(4)
+        target = "cuda" if torch.cuda.is_available() else "cpu"
+        assert torch.equal(to_device(x, target).cpu(), x)  # a plain `.to`: the same values
+    finally:
+        set_async_uploads(True)
+    assert async_uploads()

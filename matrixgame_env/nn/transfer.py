@@ -4,6 +4,20 @@ from __future__ import annotations
 
 import torch
 
+_ASYNC = True
+
+
+def set_async_uploads(enabled: bool = True) -> None:
+    """Process-wide: whether `to_device` stages uploads in pinned memory (default) or makes plain,
+    waiting `.to` copies (to measure one against the other)."""
+    global _ASYNC
+    _ASYNC = bool(enabled)
+
+
+def async_uploads() -> bool:
+    """Whether `to_device` uploads without waiting (`set_async_uploads`)."""
+    return _ASYNC
+
 
 def to_device(
     tensor: torch.Tensor, device: torch.device | str | None, dtype: torch.dtype | None = None
@@ -14,7 +28,7 @@ def to_device(
     the host until the GPU is idle. The staging buffer comes from torch's caching host allocator,
     which does not reuse it before the copy is done. Same values either way."""
     target = tensor.device if device is None else torch.device(device)
-    if tensor.device.type != "cpu" or target.type != "cuda":
+    if not _ASYNC or tensor.device.type != "cpu" or target.type != "cuda":
         return tensor.to(device=target, dtype=dtype)
     if dtype is not None:
         tensor = tensor.to(dtype)
