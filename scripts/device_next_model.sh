@@ -7,6 +7,12 @@
 #   bash scripts/device_next_model.sh finish   # the new decoder into the student and into the teacher (sampled
 #                                               # at action guidance 2); the reward head beside `eval` of both
 #                                               # (drift over MG_DRIFT_MINUTES, default 10); pack
+#   bash scripts/device_next_model.sh decoders # assemble, record; then side by side two adversarial fine-tunes of
+#                                               # the decoder, the discriminator judging single frames (--disc-frames 1)
+#                                               # and pairs of consecutive frames (2)
+#   bash scripts/device_next_model.sh judge    # each decoder in the teacher, `eval` of both without drift (the
+#                                               # VAE round trip read by the IDM, fidelity); both decoders and
+#                                               # reports in $OUT
 # MG_CALL_SECONDS (default 585) bounds the train call: both trainings get what recording and packing leave.
 # `finish` needs the train call's work folder ($MG_WORK, default /tmp/mg), so it must follow it on the same
 # machine. Join the pieces here with `cat bundle.tar.part* | tar x`; `python scripts/pack_model.py --unpack`.
@@ -19,6 +25,7 @@ left() { echo $((${MG_CALL_SECONDS:-585} - ($(date +%s) - started))); }
 next=$MG_WORK/next
 student=$MG_WORK/runs/distill/model
 decoder=$MG_WORK/runs/vae/model/vae.safetensors
+pairs=${MG_WORK}_pairs  # the work folder of the decoder whose discriminator judges pairs of frames
 case ${1:?give train or finish} in
   train)
     pipeline setup next "record:${MG_RECORD_MINUTES:-90}"
@@ -56,5 +63,35 @@ EOF
     wait "$reward_stage" || echo "the reward stage failed"
     tail -n 3 "$MG_WORK/reward_stage.txt"
     MG_PACK_MODELS=reward pipeline pack ;;
-  *) echo "unknown call $1 (train or finish)" >&2; exit 2 ;;
+  decoders)
+    pipeline setup next "record:${MG_RECORD_MINUTES:-90}"
+    rm -rf "$pairs" && mkdir -p "$pairs" && ln -s "$MG_WORK/data" "$pairs/data"
+    minutes=$(python3 -c "print(round(($(left) - 30) / 60, 2))")
+    recipe="--init $next --decoder-only --lr 5e-5 --warmup-steps 50 --clip-frames 9 --latent-noise 0.05 \
+      --edge-weight 0.5 --gan-weight 0.1 --gan-start 100"
+    MG_WORK=$pairs MG_VAE_STEPS=2500 MG_VAE_ARGS="$recipe --disc-frames 2" pipeline "vae:$minutes" \
+      > "$pairs/vae_stage.txt" 2>&1 &
+    second=$!
+    MG_VAE_STEPS=2500 MG_VAE_ARGS="$recipe --disc-frames 1" pipeline "vae:$minutes"
+    wait "$second" || echo "the two-frame decoder stage failed"
+    tail -n 4 "$pairs/vae_stage.txt" ;;
+  judge)
+    [ -f "$decoder" ] && [ -f "$pairs/runs/vae/model/vae.safetensors" ] || { echo "run the decoders call first" >&2; exit 2; }
+    rm -rf /tmp/judged && mkdir -p /tmp/judged
+    for frames in 1 2; do
+      made=$decoder; [ "$frames" = 2 ] && made=$pairs/runs/vae/model/vae.safetensors
+      teacher=$MG_WORK/teacher_k$frames
+      rm -rf "$teacher" && cp -r "$next" "$teacher" && cp "$made" "$teacher/vae.safetensors"
+      mkdir -p "/tmp/judged/k$frames"
+      cp "$made" "$(dirname "$made")"/../{log.jsonl,result.json} "/tmp/judged/k$frames/" 2>/dev/null || true
+      MG_EVAL_MODEL=$teacher MG_EVAL_OUT=$MG_WORK/eval_k$frames MG_DRIFT_MINUTES=0 pipeline eval \
+        > "$MG_WORK/eval_k$frames.txt" 2>&1 &
+    done
+    wait || echo "an eval failed"
+    for frames in 1 2; do
+      echo "--- discriminator over $frames frame(s)"; grep -E "fidelity at 1s|IDM|round trip" "$MG_WORK/eval_k$frames.txt" || true
+      cp -r "$MG_WORK/eval_k$frames" "/tmp/judged/k$frames/eval" && rm -f /tmp/judged/k"$frames"/eval/idm/*.pt
+    done
+    tar cf - -C /tmp judged | split -b 15M - "$OUT/judged.tar.part" && ls -la "$OUT" ;;
+  *) echo "unknown call $1 (train, finish, decoders or judge)" >&2; exit 2 ;;
 esac
