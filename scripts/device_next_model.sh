@@ -78,6 +78,7 @@ EOF
   judge)
     [ -f "$decoder" ] && [ -f "$pairs/runs/vae/model/vae.safetensors" ] || { echo "run the decoders call first" >&2; exit 2; }
     rm -rf /tmp/judged && mkdir -p /tmp/judged
+    evals=()
     for frames in 1 2; do
       made=$decoder; [ "$frames" = 2 ] && made=$pairs/runs/vae/model/vae.safetensors
       teacher=$MG_WORK/teacher_k$frames
@@ -86,11 +87,16 @@ EOF
       cp "$made" "$(dirname "$made")"/../{log.jsonl,result.json} "/tmp/judged/k$frames/" 2>/dev/null || true
       MG_EVAL_MODEL=$teacher MG_EVAL_OUT=$MG_WORK/eval_k$frames MG_DRIFT_MINUTES=0 pipeline eval \
         > "$MG_WORK/eval_k$frames.txt" 2>&1 &
+      evals+=($!)
     done
-    wait || echo "an eval failed"
     for frames in 1 2; do
-      echo "--- discriminator over $frames frame(s)"; grep -E "fidelity at 1s|IDM|round trip" "$MG_WORK/eval_k$frames.txt" || true
-      cp -r "$MG_WORK/eval_k$frames" "/tmp/judged/k$frames/eval" && rm -f /tmp/judged/k"$frames"/eval/idm/*.pt
+      echo "--- discriminator over $frames frame(s)"
+      if wait "${evals[$((frames - 1))]}"; then
+        grep -E "fidelity at 1s|IDM|round trip" "$MG_WORK/eval_k$frames.txt" || true
+        cp -r "$MG_WORK/eval_k$frames" "/tmp/judged/k$frames/eval" && rm -f /tmp/judged/k"$frames"/eval/idm/*.pt
+      else
+        echo "its eval failed:"; tail -n 3 "$MG_WORK/eval_k$frames.txt"
+      fi
     done
     tar cf - -C /tmp judged | split -b 15M - "$OUT/judged.tar.part" && ls -la "$OUT" ;;
   *) echo "unknown call $1 (train, finish, decoders or judge)" >&2; exit 2 ;;
