@@ -22,6 +22,14 @@ def _pictures(seed, n):
     return [rng.integers(0, 256, (16, 32, 3), dtype=np.uint8) for _ in range(n)]
 
 
+def _vector_actions(rng, n):
+    """Random actions of n worlds in the universal layout (keys and mouse)."""
+    return {
+        "keyboard": rng.integers(0, 2, (n, 4)).astype(np.int8),
+        "mouse": rng.uniform(-0.2, 0.2, (n, 2)).astype(np.float32),
+    }
+
+
 def _rollout(world, state, blocks, seed=3):
     rng = np.random.default_rng(seed)
     latents, frames = [], []
@@ -126,13 +134,12 @@ def test_vector_env_restarts_rejoined_cohorts_states_and_steps_as_without_them(w
     rng = np.random.default_rng(6)
     young_states = []
     for step in range(12):
-        keys = rng.integers(0, 2, (n, 4)).astype(np.int8)
-        mouse = rng.uniform(-0.2, 0.2, (n, 2)).astype(np.float32)
+        actions = _vector_actions(rng, n)
         observations = []
         for venv in venvs:
             if step in (1, 4, 7):
                 venv.reset_worlds([step % n])
-            observations.append(venv.step({"keyboard": keys, "mouse": mouse})[0])
+            observations.append(venv.step(actions)[0])
             if step in (1, 4, 7) and venv is venvs[0]:
                 young_states.append(venv._cohorts[-1].state)
         assert np.array_equal(observations[0], observations[1])
@@ -157,13 +164,12 @@ def test_vector_env_pads_cohorts_of_new_worlds_to_one_size_and_steps_as_without(
     rng = np.random.default_rng(7)
     young = []
     for step in range(10):
-        keys = rng.integers(0, 2, (n, 4)).astype(np.int8)
-        mouse = rng.uniform(-0.2, 0.2, (n, 2)).astype(np.float32)
+        actions = _vector_actions(rng, n)
         infos = []
         for venv in (padded, unpadded):
             if step in resets:
                 venv.reset_worlds(resets[step])
-            observation, _, _, _, info = venv.step({"keyboard": keys, "mouse": mouse})
+            observation, _, _, _, info = venv.step(actions)
             infos.append((observation, info))
         (obs_p, info_p), (obs_u, info_u) = infos
         assert np.array_equal(info_p["frame_index"], info_u["frame_index"])
