@@ -140,3 +140,15 @@ def test_weights_without_version_counters_are_encoded_every_time():
     cache.encode(picture, encoder, weights)
     cache.encode(picture, encoder, weights)
     assert calls == [1, 1] and len(cache) == 0
+
+
+@pytest.mark.parametrize("encoder", ["vae", "clip"])
+def test_encodings_are_checked_once_when_made_and_starts_from_them_refuse_nan_weights(world, encoder):
+    state = world.start(_picture(5), seed=1)  # checked at encoding, then started without reading them back
+    assert state.batch_size == 1
+    module = world.vae.encoder if encoder == "vae" else world.clip
+    with torch.no_grad():
+        next(module.parameters()).fill_(float("nan"))  # new weights: the picture is encoded again
+    name = "VAE encoder's image latents" if encoder == "vae" else "CLIP encoder's tokens"
+    with pytest.raises(ValueError, match=f"the {name} contain NaN or infinite values"):
+        world.start(_picture(5), seed=1)

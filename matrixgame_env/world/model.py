@@ -90,7 +90,12 @@ class WorldModel:
         pixels = pixels.to(self.device)
         condition = self.vae.encode_image_condition(pixels.to(self.vae.dtype), num_latent_frames=4096)
         context = self.clip(pixels.to(self.clip.patch_embedding.weight.dtype))
-        return condition.distinct_latents.float(), context
+        latents = condition.distinct_latents.float()
+        # Checked once here, so that starts from remembered encodings need not read them back again.
+        for name, encoded in (("VAE encoder's image latents", latents), ("CLIP encoder's tokens", context)):
+            if not torch.isfinite(encoded).all():
+                raise ValueError(f"the {name} contain NaN or infinite values: are the model's weights finite?")
+        return latents, context
 
     @torch.no_grad()
     def start(
@@ -106,7 +111,7 @@ class WorldModel:
         state's tensors and CUDA graphs)."""
         image_latents, context = self.encode_start(images)
         if into is None:
-            state = self.sampler.start(image_latents, context, seed=seed)
+            state = self.sampler.start(image_latents, context, seed=seed, finite_checked=True)
             state.decoder_cache = self.vae.new_decoder_cache(state.batch_size)
             return state
         kept = into.decoder_cache  # checked before the restart below changes anything
@@ -115,7 +120,7 @@ class WorldModel:
             and len(kept.slots) == self.vae.decoder.num_cache_slots
             and all(t is None or (t.device == self.vae.device and t.dtype == self.vae.dtype) for t in kept.slots)
         )
-        state = self.sampler.restart(into, image_latents, context, seed=seed)
+        state = self.sampler.restart(into, image_latents, context, seed=seed, finite_checked=True)
         if reusable and kept.batch_size == state.batch_size:
             kept.restart()  # the same tensors, and the decoder's CUDA graphs of its first block
             state.decoder_cache = kept

@@ -128,14 +128,17 @@ class StreamingSampler:
         image_latents: torch.Tensor | ImageLatents,
         visual_context: torch.Tensor,
         seed: int | Sequence[int] | None = None,
+        *,
+        finite_checked: bool = False,
     ) -> WorldState:
         """A fresh state for B worlds.
 
         image_latents: [B, C, K, h, w] normalised VAE latents of the start image followed by zero
         frames (later frames repeat frame K-1); visual_context: CLIP tokens [B, L, clip_dim];
-        seed: one per world (or one int: seed + b), None for random seeds.
+        seed: one per world (or one int: seed + b), None for random seeds. finite_checked: the
+        caller already made sure both are finite (the check reads them back from the device).
         """
-        image, context, generators = self._start_parts(image_latents, visual_context, seed)
+        image, context, generators = self._start_parts(image_latents, visual_context, seed, finite_checked)
         return WorldState(
             caches=self._new_caches(len(generators)),
             context=context,
@@ -153,6 +156,8 @@ class StreamingSampler:
         image_latents: torch.Tensor | ImageLatents,
         visual_context: torch.Tensor,
         seed: int | Sequence[int] | None = None,
+        *,
+        finite_checked: bool = False,
     ) -> WorldState:
         """`start` into an existing state of as many worlds, in place: its caches and context keep
         their tensors (and so the CUDA graphs captured on them, young blocks included), everything
@@ -160,7 +165,7 @@ class StreamingSampler:
         arguments: the caches' old contents are never read (attention reads only the frames written
         since). Snapshots of `state` share its context tensors, which this overwrites: take none that
         must outlive it. Returns `state`."""
-        image, context, generators = self._start_parts(image_latents, visual_context, seed)
+        image, context, generators = self._start_parts(image_latents, visual_context, seed, finite_checked)
         caches = ring_caches(state)
         if len(generators) != state.batch_size or len(state.caches) != len(self.model.blocks):
             raise ValueError(
@@ -182,7 +187,11 @@ class StreamingSampler:
         return state
 
     def _start_parts(
-        self, image_latents: torch.Tensor | ImageLatents, visual_context: torch.Tensor, seed: int | Sequence[int] | None
+        self,
+        image_latents: torch.Tensor | ImageLatents,
+        visual_context: torch.Tensor,
+        seed: int | Sequence[int] | None,
+        finite_checked: bool = False,
     ) -> tuple[ImageLatents, ContextKV, list[torch.Generator]]:
         """The checked image condition on the device, the context keys/values and the random streams of a start."""
         model = self.model
@@ -197,7 +206,8 @@ class StreamingSampler:
                 f"image latents must have shape [B, {image_channels}, K>=1, {self.latent_height}, "
                 f"{self.latent_width}], got {tuple(latents.shape)}"
             )
-        _check_finite(latents, "image latents")
+        if not finite_checked:
+            _check_finite(latents, "image latents")
         if (
             visual_context.dim() != 3
             or visual_context.shape[0] != batch
@@ -206,7 +216,8 @@ class StreamingSampler:
             raise ValueError(
                 f"visual_context must be [{batch}, L, {model.config.clip_dim}], got {tuple(visual_context.shape)}"
             )
-        _check_finite(visual_context, "visual_context")
+        if not finite_checked:
+            _check_finite(visual_context, "visual_context")
         generators = _make_generators(seed, batch, device)
         return image.to(device, torch.float32), model.context_kv(visual_context.to(device)), generators
 
