@@ -8,7 +8,9 @@ are full, without it every cohort keeps its own forward for good. Settings (--se
 `pad_new_cohorts=8`), "merged_serial" (merged, but waiting for each cohort's frames before
 the next cohort's work is queued, as before `overlap_cohorts`), "merged_waiting_uploads" (merged,
 with plain uploads that wait for the GPU: `set_async_uploads(False)`), "merged_channels_last" (merged,
-the decoder channels-last with the Triton kernel where it applies, as `fast="compile"` has it),
+the decoder channels-last with the Triton kernel where it applies, whatever the number of worlds),
+"merged_standard_layout" (merged, the decoder in the standard layout, as `fast=True` had it below
+"compile" before channels-last paid from 16 worlds up),
 "merged_fresh_states" (merged, but every cohort of new worlds on a new state rather than one
 restarted in place: no CUDA graphs for their first blocks) and "separate" (no merging). They
 alternate within one run (--rounds rounds), and each reports steps/s of all worlds together and the
@@ -71,6 +73,7 @@ SETTINGS = (
     "merged_serial",
     "merged_waiting_uploads",
     "merged_channels_last",
+    "merged_standard_layout",
     "merged_fresh_states",
     "separate",
 )
@@ -93,6 +96,8 @@ def desync_env(args: argparse.Namespace, worlds: int, setting: str, fast: str) -
     if setting == "merged_channels_last":
         env.world.vae.set_decoder_channels_last(True)
         env.world.vae.set_decoder_triton(triton_conv.available())
+    if setting == "merged_standard_layout":
+        env.world.vae.set_decoder_channels_last(False)
     if setting == "merged_fresh_states":
         env._state_pool.capacity = 0  # no state is kept to restart in
     return env

@@ -231,7 +231,8 @@ def cpu_decoder_channels_last_pays(vae: WanVAE) -> bool:
 def decoder_channels_last_pays(decoder_dim: int, fast: bool | str, batch: int) -> bool:
     """Whether the VAE decoder runs channels-last on the GPU. Measured on an H200: wide decoders gain at
     every batch (full size 1.12-1.17x); narrow ones lose at batch 1 (doom-small 0.67x) and gain with
-    many worlds, most with fused kernels (64 worlds: 1.05x with CUDA graphs, 1.34x with "compile")."""
+    many worlds, where they also take the Triton kernel and skip cuDNN's layout conversions (64 worlds:
+    1.34x with "compile"; with CUDA graphs 1.05x synchronised, 1.10x with desynchronised episodes)."""
     if not fast:
         return False
-    return decoder_dim >= 64 or (fast == "compile" and batch >= 16)
+    return decoder_dim >= 64 or batch >= 16
