@@ -232,7 +232,8 @@ def decoder_channels_last_pays(decoder_dim: int, fast: bool | str, batch: int) -
     """Whether the VAE decoder runs channels-last on the GPU. Measured on an H200: wide decoders gain at
     every batch (full size 1.12-1.17x); narrow ones lose at batch 1 (doom-small 0.67x) and gain with
     many worlds, where they also take the Triton kernel and skip cuDNN's layout conversions (64 worlds:
-    1.34x with "compile"; with CUDA graphs 1.05x synchronised, 1.10x with desynchronised episodes)."""
+    1.34x with "compile"; with CUDA graphs 1.08x at 16 worlds and 1.05x at 64 synchronised, 1.10x at 64
+    with desynchronised episodes; 0.91x at 1 world, 0.89-1.10x at 4)."""
     if not fast:
         return False
     return decoder_dim >= 64 or batch >= 16
