@@ -10,7 +10,8 @@ the next cohort's work is queued, as before `overlap_cohorts`), "merged_waiting_
 with plain uploads that wait for the GPU: `set_async_uploads(False)`), "merged_channels_last" (merged,
 the decoder channels-last with the Triton kernel where it applies, whatever the number of worlds),
 "merged_standard_layout" (merged, the decoder in the standard layout, as `fast=True` had it below
-"compile" before channels-last paid from 16 worlds up),
+"compile" before channels-last paid from 16 worlds up), "merged_young_stream" (merged, the young
+cohorts on a second CUDA stream beside the big one: `young_cohort_stream=True`),
 "merged_fresh_states" (merged, but every cohort of new worlds on a new state rather than one
 restarted in place: no CUDA graphs for their first blocks) and "separate" (no merging). They
 alternate within one run (--rounds rounds), and each reports steps/s of all worlds together and the
@@ -74,6 +75,7 @@ SETTINGS = (
     "merged_waiting_uploads",
     "merged_channels_last",
     "merged_standard_layout",
+    "merged_young_stream",
     "merged_fresh_states",
     "separate",
 )
@@ -90,6 +92,7 @@ def desync_env(args: argparse.Namespace, worlds: int, setting: str, fast: str) -
         termination=RandomEpisodeEnd(1 / args.episode_steps, seed=1),
         merge_cohorts=setting != "separate",
         pad_new_cohorts=8 if setting == "merged_padded" else 0,
+        young_cohort_stream=setting == "merged_young_stream",
     )
     env.overlap_cohorts = setting != "merged_serial"
     set_async_uploads(setting != "merged_waiting_uploads")  # process-wide: set again by every setting

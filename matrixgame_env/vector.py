@@ -22,6 +22,7 @@ episode's first observation, with reward 0 and the action ignored.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -95,6 +96,10 @@ class MatrixGameVectorEnv(VectorEnv):
     to 8 at 64 worlds (episodes of 20 steps: ~3 restarts a step) left no CUDA-graph capture and one
     new state in 100 timed steps, against 9 and 3, but ran 0.95x and 0.97x the steps/s on an H200
     (benchmarks/NOTES.md): the padded rows cost more than the captures they save.
+    young_cohort_stream: on a GPU, the cohorts of fewer than `num_envs` rows (worlds that reset in the
+    last two steps) run on a second CUDA stream, beside the whole batch's cohort, so that their small
+    kernels can fill what the big cohort leaves of the GPU; the same kernels on the same inputs (each
+    stream replays CUDA graphs of its own). No effect on CPUs. Off by default until measured.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 25, "autoreset_mode": AutoresetMode.NEXT_STEP}
@@ -117,9 +122,12 @@ class MatrixGameVectorEnv(VectorEnv):
         keyboard_guidance: float | None = None,
         merge_cohorts: bool = True,
         pad_new_cohorts: int = 0,
+        young_cohort_stream: bool = False,
     ) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        if not isinstance(young_cohort_stream, bool):
+            raise ValueError(f"young_cohort_stream must be True or False, got {young_cohort_stream!r}")
         if isinstance(pad_new_cohorts, bool) or not isinstance(pad_new_cohorts, int) or pad_new_cohorts < 0:
             raise ValueError(f"pad_new_cohorts must be an integer >= 0, got {pad_new_cohorts!r}")
         self.world = resolve_world(model, device, dtype, mode)
@@ -150,6 +158,8 @@ class MatrixGameVectorEnv(VectorEnv):
         self.prefer_in_place: bool | None = None  # None: keep stale rows where CUDA graphs replay
         self.overlap_cohorts = True  # False: wait for each cohort's frames before the next one's work
         self.pad_new_cohorts = pad_new_cohorts
+        self.young_cohort_stream = young_cohort_stream
+        self._side_stream: torch.cuda.Stream | None = None  # made on first use (young_cohort_stream)
         self.metadata = dict(self.metadata, render_fps=config.fps)
         self.block_frames = self.world.frames_per_block
         self.single_observation_space = frame_observation_space(config.video_size, observation, self.block_frames)
@@ -244,12 +254,20 @@ class MatrixGameVectorEnv(VectorEnv):
         """(cohort, latents, frames on the host) of every cohort but the one this step's resets just
         started (its worlds show their start picture). All cohorts' work is queued before the one wait
         for their frames, so that on a GPU one cohort's launches overlap the previous one's kernels."""
+        pending = [cohort for cohort in self._cohorts if not np.isin(cohort.live_worlds, resetting).any()]
+        side = self._young_stream()
+        beside = [side is not None and cohort.state.batch_size < self.num_envs for cohort in pending]
+        if any(beside):
+            main = torch.cuda.current_stream(self.world.device)
+            side.wait_stream(main)  # the starts and joins queued so far
         generated = []
-        for cohort in self._cohorts:
-            if np.isin(cohort.live_worlds, resetting).any():
-                continue
-            latents = self.world.step_latents(cohort.state, *self._cohort_actions(cohort, keyboard, mouse))
-            frames = queue_to_host(self.world.decode_on_device(cohort.state, latents))
+        # The whole batch's cohort first, so that its work is queued before the young cohorts'.
+        for cohort, aside in sorted(zip(pending, beside), key=lambda pair: pair[1]):
+            with torch.cuda.stream(side) if aside else contextlib.nullcontext():
+                latents = self.world.step_latents(cohort.state, *self._cohort_actions(cohort, keyboard, mouse))
+                frames = queue_to_host(self.world.decode_on_device(cohort.state, latents))
+            if aside:
+                latents.record_stream(main)  # read on the main stream after the wait below
             generated.append((cohort, latents, frames))
             if not self.overlap_cohorts:
                 self._wait_for_device()
@@ -257,9 +275,21 @@ class MatrixGameVectorEnv(VectorEnv):
             self._wait_for_device()
         return generated
 
+    def _young_stream(self) -> torch.cuda.Stream | None:
+        """The second stream of the young cohorts (`young_cohort_stream`), or None."""
+        if not self.young_cohort_stream or self.world.device.type != "cuda":
+            return None
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(device=self.world.device)
+        return self._side_stream
+
     def _wait_for_device(self) -> None:
+        """Wait for the work queued so far (one host wait, the young cohorts' stream included)."""
         if self.world.device.type == "cuda":
-            torch.cuda.current_stream(self.world.device).synchronize()
+            main = torch.cuda.current_stream(self.world.device)
+            if self._side_stream is not None:
+                main.wait_stream(self._side_stream)
+            main.synchronize()
 
     def _whole_batch_block(self, block: np.ndarray | None, resetting: np.ndarray) -> np.ndarray | None:
         """The last cohort's block [N, T, H, W, 3] when it already is every world's full block in order

@@ -306,6 +306,34 @@ def test_padded_cohorts_of_new_worlds_share_one_state_and_match_unpadded_ones_wi
 
 
 @cuda
+def test_young_cohorts_on_a_second_stream_give_the_same_frames():
+    """With `young_cohort_stream`, cohorts of worlds that reset recently run on a second CUDA stream
+    (with graphs of their own pool) beside the whole batch's cohort: the same frames, bit for bit."""
+    import numpy as np
+
+    from matrixgame_env.vector import MatrixGameVectorEnv
+
+    resets = {1: [1], 4: [2], 7: [0], 10: [3]}  # cohorts of one world, each rejoining before the next
+    frames = {}
+    for aside in (False, True):
+        venv = MatrixGameVectorEnv("doom-small", num_envs=8, device="cuda", young_cohort_stream=aside)
+        venv.reset(seed=4)
+        blocks = []
+        for step in range(14):
+            if step in resets:
+                venv.reset_worlds(resets[step])
+            keys, mouse = _actions(8, step)
+            blocks.append(venv.step({"keyboard": keys.numpy().astype(np.int8), "mouse": mouse.numpy()})[4]["frames"])
+        frames[aside] = np.stack(blocks)
+        streams = {captured.binding[0] for captured in venv.world.sampler.graphs.graphs.values()}
+        main = torch.cuda.current_stream().cuda_stream
+        # The kept one-world state's young block is captured on its second life, on the second stream.
+        assert streams == ({main, venv._side_stream.cuda_stream} if aside else {main})
+        assert venv.num_cohorts == 1
+    assert np.array_equal(frames[True], frames[False])
+
+
+@cuda
 def test_a_desynchronised_vector_step_waits_for_the_gpu_only_for_its_frames():
     """Steps with young cohorts, a cohort written back (absorb) and a cohort compacted upload their
     actions, indices and rotations without making the host wait: torch's sync debug mode finds no

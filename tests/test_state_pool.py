@@ -199,3 +199,25 @@ def test_vector_env_pads_only_where_stale_rows_are_kept_and_checks_the_size(worl
     for bad in (-1, 2.5, True, "8", None):
         with pytest.raises(ValueError, match="pad_new_cohorts must be an integer >= 0"):
             MatrixGameVectorEnv(model=world, num_envs=3, pad_new_cohorts=bad)
+
+
+def test_young_cohort_stream_is_checked_and_leaves_cpu_envs_as_they_are(world):
+    n = 3
+    plain, streamed = (MatrixGameVectorEnv(model=world, num_envs=n, young_cohort_stream=on) for on in (False, True))
+    assert not plain.young_cohort_stream  # off unless asked for
+    for venv in (plain, streamed):
+        venv.reset(seed=60)
+    rng = np.random.default_rng(8)
+    for step in range(4):
+        actions = _vector_actions(rng, n)
+        outputs = []
+        for venv in (plain, streamed):
+            if step == 1:
+                venv.reset_worlds([2])  # a young cohort beside the others for two steps
+            outputs.append(venv.step(actions))
+        assert np.array_equal(outputs[0][4]["frames"], outputs[1][4]["frames"])
+        assert plain.num_cohorts == streamed.num_cohorts
+    assert streamed._side_stream is None  # no second stream on a CPU
+    for bad in (1, "yes", None):
+        with pytest.raises(ValueError, match="young_cohort_stream must be True or False"):
+            MatrixGameVectorEnv(model=world, num_envs=n, young_cohort_stream=bad)

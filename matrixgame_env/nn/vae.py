@@ -354,13 +354,16 @@ class CausalConv3d(nn.Conv3d):
         return self._conv_forward(joined, self.weight, bias)
 
     def _packed_weight(self) -> torch.Tensor:
-        """The kernel in `triton_conv.pack_weight`'s layout, packed again whenever the weight changes."""
+        """The kernel in `triton_conv.pack_weight`'s layout, packed again whenever the weight changes.
+        A new packing is waited for (once per weight), so that any CUDA stream may read it at once."""
         weight = self.weight
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
         packed = getattr(self, "_packed", None)
         if packed is None or packed[0] != key:
             with torch.no_grad():
                 packed = (key, triton_conv.pack_weight(weight.detach()))
+            if weight.is_cuda and not torch.cuda.is_current_stream_capturing():
+                torch.cuda.current_stream(weight.device).synchronize()
             self._packed = packed
         return packed[1]
 

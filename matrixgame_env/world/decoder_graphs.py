@@ -18,7 +18,7 @@ import torch
 
 from ..images import to_uint8_frames
 from ..nn.vae import DecoderCache, WanVAE
-from .graphs import sighting_count
+from .graphs import StreamPools, sighting_count
 
 
 def decode_to_uint8(vae: WanVAE, latents: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
@@ -48,8 +48,8 @@ class DecoderGraphs:
             raise ValueError(f"CUDA graphs need the VAE on a CUDA device, it is on {vae.device}")
         self.vae = vae
         self.max_graphs = max_graphs
-        self.pool = torch.cuda.graph_pool_handle()
-        self.stream = torch.cuda.Stream(device=vae.device)
+        self.pools = StreamPools(vae.device)
+        self.stream = torch.cuda.Stream(device=vae.device)  # where captures are recorded
         self.graphs: dict[tuple, _CapturedDecode] = {}
         self.captures = 0
         self.replays = 0
@@ -65,12 +65,13 @@ class DecoderGraphs:
 
     def _binding(self, cache: DecoderCache) -> tuple:
         """The addresses a captured graph reads and writes (the cache's slots, the decoder's weights,
-        which `WanVAE.set_decoder_channels_last` or a dtype change replace): it may only replay on them.
-        The weights' versions count too: kernels that read a repacked copy of a weight (the Triton
-        convolution) must not replay after an in-place update of it."""
+        which `WanVAE.set_decoder_channels_last` or a dtype change replace) and the stream it replays
+        on: it may only replay on them. The weights' versions count too: kernels that read a repacked
+        copy of a weight (the Triton convolution) must not replay after an in-place update of it."""
         vae = self.vae
         weights = [*vae.conv2.parameters(), *vae.decoder.parameters(), vae.latent_mean, vae.latent_std]
-        return tuple(t.data_ptr() for t in cache.slots) + tuple((t.data_ptr(), t._version) for t in weights)
+        addresses = tuple(t.data_ptr() for t in cache.slots) + tuple((t.data_ptr(), t._version) for t in weights)
+        return (self.pools.current_stream(), *addresses)
 
     def decode(self, latents: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
         """Frames [B, T, H, W, 3] uint8 of a block, from a replay once the cache is `eligible`
@@ -106,13 +107,14 @@ class DecoderGraphs:
         static = latents.clone()
         emptied = list(cache.emptied)
         current = torch.cuda.current_stream(self.vae.device)
+        pool = self.pools.current()
         self.stream.wait_stream(current)
         with torch.cuda.stream(self.stream):
             result = decode_to_uint8(self.vae, static, cache)
         current.wait_stream(self.stream)
         cache.emptied = emptied
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+        with torch.cuda.graph(graph, pool=pool, stream=self.stream):
             frames = decode_to_uint8(self.vae, static, cache)
         self.graphs[key] = _CapturedDecode(graph, static, frames, cache, self._binding(cache))
         self.captures += 1

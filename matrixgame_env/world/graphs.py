@@ -84,6 +84,28 @@ def layer_ring_caches(layers: list[LayerCaches]) -> list[RingKVCache]:
     return caches
 
 
+class StreamPools:
+    """CUDA-graph memory pools, one per stream that replays graphs. Graphs captured into one pool reuse
+    each other's intermediate memory, so they must never run at the same time: graphs replayed on
+    different streams (a vector env's young cohorts beside its big one) take pools of their own, and a
+    graph replays only on the stream it was captured for (`current_stream` is part of its binding)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._pools: dict[int, tuple] = {}
+
+    def current_stream(self) -> int:
+        """The handle of the stream that replays now."""
+        return torch.cuda.current_stream(self.device).cuda_stream
+
+    def current(self) -> tuple:
+        """The pool of the current stream."""
+        stream = self.current_stream()
+        if stream not in self._pools:
+            self._pools[stream] = torch.cuda.graph_pool_handle()
+        return self._pools[stream]
+
+
 class _CapturedBlock:
     def __init__(self, graph: torch.cuda.CUDAGraph, inputs: BlockInputs, output: torch.Tensor, binding: tuple) -> None:
         self.graph, self.inputs, self.output, self.binding = graph, inputs, output, binding
@@ -109,8 +131,8 @@ class BlockGraphs:
     def __init__(self, sampler: StreamingSampler, max_graphs: int = 4) -> None:
         self.sampler = sampler
         self.max_graphs = max_graphs
-        self.pool = torch.cuda.graph_pool_handle()
-        self.stream = torch.cuda.Stream(device=sampler.model.device)
+        self.pools = StreamPools(sampler.model.device)
+        self.stream = torch.cuda.Stream(device=sampler.model.device)  # where captures are recorded
         self.graphs: dict[tuple, _CapturedBlock] = {}
         self._states: dict[int, weakref.ref] = {}
         self.captures = 0
@@ -133,10 +155,11 @@ class BlockGraphs:
         return (id(state), phase)
 
     def _binding(self, state: WorldState) -> tuple:
-        """The addresses a captured graph reads and writes: it may only replay on the same ones."""
+        """The addresses a captured graph reads and writes, and the stream it replays on: it may only
+        replay on the same ones."""
         tensors = [c.key for c in ring_caches(state)] + [c.value for c in ring_caches(state)]
         tensors += list(state.context.keys) + list(state.context.values)
-        return tuple(t.data_ptr() for t in tensors)
+        return (self.pools.current_stream(), *(t.data_ptr() for t in tensors))
 
     def run(self, state: WorldState, inputs: BlockInputs) -> torch.Tensor:
         """x0 of the block, from a replay (or from the eager pass that precedes a capture, or that
@@ -175,13 +198,14 @@ class BlockGraphs:
         sampler = self.sampler
         static = inputs.clone()
         current = torch.cuda.current_stream(sampler.model.device)
+        pool = self.pools.current()
         self.stream.wait_stream(current)
         with torch.cuda.stream(self.stream):
             result = sampler.denoise_block(state, inputs)
         current.wait_stream(self.stream)
         bookkeeping = [(c.end_frame, c.last_write) for c in ring_caches(state)]
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+        with torch.cuda.graph(graph, pool=pool, stream=self.stream):
             output = sampler.denoise_block(state, static)
         for cache, (end, last) in zip(ring_caches(state), bookkeeping):
             cache.end_frame, cache.last_write = end, last
