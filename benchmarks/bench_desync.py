@@ -17,8 +17,8 @@ restarted in place: no CUDA graphs for their first blocks) and "separate" (no me
 alternate within one run (--rounds rounds), and each reports steps/s of all worlds together and the
 mean number of forwards (cohorts) a step ran.
 
-With --profile, 20 steps of the merged setting under torch's profiler: wall time against GPU kernel
-time per step, the top kernels and host calls.
+With --profile, 20 steps of each setting (--settings) under torch's profiler: wall time against GPU
+kernel time per step, the top kernels and host calls.
 
 With --phases, the merged setting alone, each phase of a step timed on its own (synchronised before
 and after: starting new worlds, DiT blocks and decodes per cohort size, joining cohorts), to show
@@ -265,14 +265,14 @@ def host_waits(env: MatrixGameVectorEnv, rng: np.random.Generator, steps: int) -
     return {site: n / steps for site, n in count_host_waits(work).most_common()}
 
 
-def run_profile(args: argparse.Namespace, worlds: int, fast: str, steps: int = 20) -> dict:
-    """The merged setting's steps under torch's profiler after the warm-up: wall time against the
+def run_profile(args: argparse.Namespace, worlds: int, fast: str, setting: str = "merged", steps: int = 20) -> dict:
+    """A setting's steps under torch's profiler after the warm-up: wall time against the
     GPU's kernel time per step (how much of a step the GPU idles), the kernels with the most time
     and the host-side calls with the most self time (waits for the GPU included)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    env = desync_env(args, worlds, "merged", fast)
+    env = desync_env(args, worlds, setting, fast)
     rng = warm_up(env, args)
     waits = host_waits(env, rng, steps)
     synchronize(args.device)
@@ -290,6 +290,7 @@ def run_profile(args: argparse.Namespace, worlds: int, fast: str, steps: int = 2
     return {
         "fast": fast,
         "worlds": worlds,
+        "setting": setting,
         "steps": steps,
         "wall_ms_per_step": elapsed / steps * 1e3,  # with the profiler's own overhead
         "gpu_kernel_ms_per_step": tables["kernels"][0]["ms"],
@@ -325,7 +326,7 @@ def main() -> None:
     )
     parser.add_argument("--phases", action="store_true", help="time each phase of the merged setting instead")
     parser.add_argument(
-        "--profile", action="store_true", help="profile 20 steps of the merged setting instead (GPU idle time)"
+        "--profile", action="store_true", help="profile 20 steps of each setting instead (GPU idle time)"
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
@@ -348,16 +349,19 @@ def main() -> None:
     if args.profile:
         for fast_name in args.fast:
             for worlds in args.worlds:
-                result = run_profile(args, worlds, fast_name)
-                print(
-                    f"{fast_name}, {worlds} worlds, merged, profiled: {result['wall_ms_per_step']:.1f} ms per step, "
-                    f"GPU kernels {result['gpu_kernel_ms_per_step']:.1f} ms"
-                )
-                print(table(result["kernels"], ["name", "ms", "share", "calls"]))
-                print(table(result["host"], ["name", "self_cpu_ms", "calls"]), flush=True)
-                print("host waits per step:", result["host_waits_per_step"], flush=True)
-                payload = {"environment": environment(), "settings": settings, "profile": result}
-                print(f"wrote {write_json(f'{name}_profile_{fast_name}_{worlds}', payload, args.out)}")
+                for setting in args.settings:
+                    result = run_profile(args, worlds, fast_name, setting)
+                    print(
+                        f"{fast_name}, {worlds} worlds, {setting}, profiled: {result['wall_ms_per_step']:.1f} ms "
+                        f"per step, GPU kernels {result['gpu_kernel_ms_per_step']:.1f} ms"
+                    )
+                    print(table(result["kernels"], ["name", "ms", "share", "calls"]))
+                    print(table(result["host"], ["name", "self_cpu_ms", "calls"]), flush=True)
+                    print("host waits per step:", result["host_waits_per_step"], flush=True)
+                    payload = {"environment": environment(), "settings": settings, "profile": result}
+                    suffix = "" if setting == "merged" else f"_{setting}"
+                    path = write_json(f"{name}_profile_{fast_name}_{worlds}{suffix}", payload, args.out)
+                    print(f"wrote {path}")
         return
     if args.phases:
         for fast_name in args.fast:

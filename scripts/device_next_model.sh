@@ -13,6 +13,11 @@
 #   bash scripts/device_next_model.sh judge    # each decoder in the teacher, `eval` of both without drift (the
 #                                               # VAE round trip read by the IDM, fidelity); both decoders and
 #                                               # reports in $OUT
+#   bash scripts/device_next_model.sh distill  # assemble, record and encode (once per machine), then the
+#                                               # self-forcing distillation alone for the rest of the call, toward
+#                                               # MG_DISTILL_STEPS (default 300); again on the warm machine resumes
+#   bash scripts/device_next_model.sh student  # `eval` of the distilled student through the next VAE's own
+#                                               # decoder (drift over MG_DRIFT_MINUTES); student and eval packed
 # MG_CALL_SECONDS (default 585) bounds the train call: both trainings get what recording and packing leave.
 # `finish` needs the train call's work folder ($MG_WORK, default /tmp/mg), so it must follow it on the same
 # machine. Join the pieces here with `cat bundle.tar.part* | tar x`; `python scripts/pack_model.py --unpack`.
@@ -26,7 +31,7 @@ next=$MG_WORK/next
 student=$MG_WORK/runs/distill/model
 decoder=$MG_WORK/runs/vae/model/vae.safetensors
 pairs=${MG_WORK}_pairs  # the work folder of the decoder whose discriminator judges pairs of frames
-case ${1:?give train or finish} in
+case ${1:?give train, finish, decoders, judge, distill or student} in
   train)
     pipeline setup next "record:${MG_RECORD_MINUTES:-90}"
     MG_ENCODE_INIT=$next pipeline encode:3
@@ -99,5 +104,20 @@ EOF
       fi
     done
     tar cf - -C /tmp judged | split -b 15M - "$OUT/judged.tar.part" && ls -la "$OUT" ;;
-  *) echo "unknown call $1 (train, finish, decoders or judge)" >&2; exit 2 ;;
+  distill)
+    pipeline setup next
+    if [ ! -d "$MG_WORK/runs/encode" ]; then
+      pipeline "record:${MG_RECORD_MINUTES:-90}"
+      MG_ENCODE_INIT=$next pipeline encode:3
+    fi
+    minutes=$(python3 -c "print(round(($(left) - 20) / 60, 2))")
+    MG_DISTILL_INIT=$next MG_DISTILL_BATCH=16 MG_DISTILL_STEPS=${MG_DISTILL_STEPS:-300} \
+      MG_DISTILL_ARGS="--critic-steps 5 --lr 2e-5 --action-lr-mult 10 --guidance 1.5 --data-weight 0.25" \
+      pipeline "distill:$minutes"
+    tail -n 2 "$MG_WORK/runs/distill/log.jsonl" ;;
+  student)
+    [ -d "$student" ] || { echo "run the distill call first, on this machine" >&2; exit 2; }
+    MG_EVAL_MODEL=$student MG_EVAL_OUT=$MG_WORK/eval_student pipeline eval
+    MG_PACK_MODELS=distill pipeline pack ;;
+  *) echo "unknown call $1 (train, finish, decoders, judge, distill or student)" >&2; exit 2 ;;
 esac
