@@ -11,7 +11,9 @@ with plain uploads that wait for the GPU: `set_async_uploads(False)`), "merged_c
 the decoder channels-last with the Triton kernel where it applies, whatever the number of worlds),
 "merged_standard_layout" (merged, the decoder in the standard layout, as `fast=True` had it below
 "compile" before channels-last paid from 16 worlds up), "merged_young_stream" (merged, the young
-cohorts on a second CUDA stream beside the big one: `young_cohort_stream=True`),
+cohorts on a second CUDA stream beside the big one: `young_cohort_stream=True`), "merged_triton_norms"
+(merged, the decoder's norms and adds as Triton kernels beside its Triton convolutions:
+`triton_norm.set_enabled()`),
 "merged_fresh_states" (merged, but every cohort of new worlds on a new state rather than one
 restarted in place: no CUDA graphs for their first blocks) and "separate" (no merging). They
 alternate within one run (--rounds rounds), and each reports steps/s of all worlds together and the
@@ -50,7 +52,7 @@ from common import environment, profile_tables, synchronize, table, write_json  
 
 import matrixgame_env.vector as vector_module  # noqa: E402
 from matrixgame_env.host_waits import count_host_waits  # noqa: E402
-from matrixgame_env.nn import triton_conv  # noqa: E402
+from matrixgame_env.nn import triton_conv, triton_norm  # noqa: E402
 from matrixgame_env.nn.transfer import set_async_uploads  # noqa: E402
 from matrixgame_env.rewards import StepOutcome  # noqa: E402
 from matrixgame_env.vector import MatrixGameVectorEnv  # noqa: E402
@@ -76,6 +78,7 @@ SETTINGS = (
     "merged_channels_last",
     "merged_standard_layout",
     "merged_young_stream",
+    "merged_triton_norms",
     "merged_fresh_states",
     "separate",
 )
@@ -96,6 +99,7 @@ def desync_env(args: argparse.Namespace, worlds: int, setting: str, fast: str) -
     )
     env.overlap_cohorts = setting != "merged_serial"
     set_async_uploads(setting != "merged_waiting_uploads")  # process-wide: set again by every setting
+    triton_norm.set_enabled(setting == "merged_triton_norms")  # process-wide too
     if setting == "merged_channels_last":
         env.world.vae.set_decoder_channels_last(True)
         env.world.vae.set_decoder_triton(triton_conv.available())

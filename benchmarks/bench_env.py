@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, profile_tables, table, write_json  # noqa: E402
 
 from matrixgame_env.env import MatrixGameEnv  # noqa: E402
+from matrixgame_env.nn import triton_norm  # noqa: E402
 from matrixgame_env.nn.vae import set_conv3d_mode, set_upsample_mode  # noqa: E402
 from matrixgame_env.vector import MatrixGameVectorEnv  # noqa: E402
 
@@ -98,15 +99,19 @@ def gpu_vector(
     upsample: str = "auto",
     decoder_graphs: bool | None = None,
     conv3d: str = "auto",
+    triton_norms: bool = False,
 ) -> dict:
-    """Steps/s of one vector env; `channels_last` None keeps the env's own decoder layout choice."""
+    """Steps/s of one vector env; `channels_last` None keeps the env's own decoder layout choice;
+    `triton_norms` runs the decoder's norms and adds as Triton kernels beside its Triton convolutions."""
     set_upsample_mode(upsample)
     set_conv3d_mode(conv3d)
+    triton_norm.set_enabled(triton_norms)
     env, rng = warm_vector_env(model, worlds, fast, channels_last, guidance, warmup, decoder_graphs=decoder_graphs)
     guidance = env.world.sampler.config.action_guidance
     channels_last = env.world.vae.decoder_channels_last
     decoder_graphs = env.world.decoder_graphs is not None
     triton = env.world.vae.decoder_triton
+    fused_norms = triton and triton_norm.enabled()
     t0 = time.perf_counter()
     for _ in range(steps):
         env.step(sample_actions(env.single_action_space, rng, worlds))
@@ -115,16 +120,19 @@ def gpu_vector(
     env.close()
     set_upsample_mode("auto")
     set_conv3d_mode("auto")
+    triton_norm.set_enabled(False)
     torch.cuda.empty_cache()
     return {
         "setting": f"gpu vector ({FAST_NAMES[fast]}{', decoder channels-last' if channels_last else ''}"
-        f"{', decoder graphs' if decoder_graphs else ''}, upsample {upsample}, conv3d {conv3d}, "
+        f"{', decoder graphs' if decoder_graphs else ''}{', Triton norms' if fused_norms else ''}, "
+        f"upsample {upsample}, conv3d {conv3d}, "
         f"action guidance {guidance:g})",
         "worlds": worlds,
         "action_guidance": guidance,
         "upsample": upsample,
         "conv3d": conv3d,
         "decoder_triton": triton,
+        "triton_norms": fused_norms,
         "decoder_graphs": decoder_graphs,
         "step_s": elapsed / steps,
         "steps_per_s": worlds * steps / elapsed,
@@ -246,6 +254,12 @@ def main() -> None:
         help="replay the VAE decoder from CUDA graphs (WorldModel.enable_decoder_graphs; auto: as the env chooses)",
     )
     parser.add_argument(
+        "--triton-norms",
+        choices=["on", "off", "both"],
+        default="off",
+        help="the decoder's norms and adds as Triton kernels where its convolutions take Triton (nn.triton_norm)",
+    )
+    parser.add_argument(
         "--gpu-conv3d",
         nargs="+",
         default=["auto"],
@@ -273,11 +287,14 @@ def main() -> None:
     if torch.cuda.is_available():
         layouts = {"auto": [None], "off": [False], "on": [True], "both": [False, True]}[args.channels_last]
         decoder_graphs = {"auto": [None], "off": [False], "on": [True], "both": [False, True]}[args.decoder_graphs]
+        norms = {"on": [True], "off": [False], "both": [False, True]}[args.triton_norms]
         for worlds in args.gpu_worlds:
             for path in args.paths:
                 for channels_last in layouts:
-                    settings = itertools.product(args.action_guidance, args.upsample, decoder_graphs, args.gpu_conv3d)
-                    for guidance, upsample, graphed, conv3d in settings:
+                    settings = itertools.product(
+                        args.action_guidance, args.upsample, decoder_graphs, args.gpu_conv3d, norms
+                    )
+                    for guidance, upsample, graphed, conv3d, fused_norms in settings:
                         row = gpu_vector(
                             args.model,
                             worlds,
@@ -289,6 +306,7 @@ def main() -> None:
                             upsample,
                             graphed,
                             conv3d,
+                            fused_norms,
                         )
                         print(table([row], ["setting", "worlds", "steps_per_s", "step_s", "peak_gib"]), flush=True)
                         rows.append(row)

@@ -405,6 +405,42 @@ def test_fast_decoder_options_match_the_eager_decoder(option):
 
 
 @cuda
+def test_triton_norms_decode_like_the_eager_decoder_and_through_decoder_graphs():
+    """The decoder's norms and adds as Triton kernels (`nn.triton_norm`) beside its Triton
+    convolutions, eagerly and replayed from CUDA graphs: the eager decoder's frames within bf16."""
+    from matrixgame_env.images import to_uint8_frames
+    from matrixgame_env.nn import triton_norm
+
+    world = WorldModel.from_pretrained("doom-small", device="cuda")
+    vae = world.vae
+    generator = torch.Generator().manual_seed(3)
+    latents = [torch.randn(4, 16, n, 12, 22, generator=generator).cuda().bfloat16() for n in (1, 3, 3, 3, 3)]
+
+    def decode_all(graphs):
+        cache = vae.new_decoder_cache(4)
+        if graphs:
+            return torch.cat([world.decoder_graphs.decode(x, cache).float() for x in latents], dim=1)
+        return torch.cat([to_uint8_frames(vae.decode_stream(x, cache)).float() for x in latents], dim=1)
+
+    eager = decode_all(graphs=False)
+    try:
+        vae.set_decoder_channels_last(True)
+        vae.set_decoder_triton(True)
+        triton_norm.set_enabled(True)
+        fused = decode_all(graphs=False)
+        world.enable_decoder_graphs(True)
+        replayed = decode_all(graphs=True)
+        assert world.decoder_graphs.replays >= 1
+    finally:
+        triton_norm.set_enabled(False)
+        vae.set_decoder_triton(False)
+        vae.set_decoder_channels_last(False)
+    for frames in (fused, replayed):  # uint8 frames: bf16 rounding along another path
+        assert (frames - eager).abs().mean() < 1.0
+        assert (frames - eager).norm() / eager.norm() < 2e-2
+
+
+@cuda
 @pytest.mark.parametrize("c_in, c_out", [(16, 16), (32, 16), (64, 64)])
 @pytest.mark.parametrize("row_taps", [False, True])
 def test_triton_convolution_matches_float64_in_bfloat16(c_in, c_out, row_taps):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import triton_conv
+from . import triton_conv, triton_norm
 from .fusion import channel_bias_add, channel_rms_norm_silu, fusion_enabled, is_channels_last_video
 from .transfer import to_device
 
@@ -297,9 +297,23 @@ class CausalConv3d(nn.Conv3d):
 
     def takes_fused_input(self, x: torch.Tensor) -> bool:
         """Whether `forward_normed` joins, normalises and adds biases in fused kernels for this input:
-        with fusion enabled, on channels-last videos, when the convolution runs on a joined input
-        (torch's conv3d or oneDNN's, not stacked taps)."""
-        return fusion_enabled() and is_channels_last_video(x) and self._form(x) != "stacked"
+        with fusion enabled (or the Triton kernels, `fuses_with_triton`), on channels-last videos, when
+        the convolution runs on a joined input (torch's conv3d, oneDNN's or Triton's, not stacked taps)."""
+        fused = fusion_enabled() or self.fuses_with_triton(x)
+        return fused and is_channels_last_video(x) and self._form(x) != "stacked"
+
+    def fuses_with_triton(self, x: torch.Tensor) -> bool:
+        """Whether the norm, SiLU and join before this convolution run as one Triton kernel
+        (`nn.triton_norm`): with `WanVAE.set_decoder_triton`, conv3d mode "auto", torch.compile's
+        fusion off (it takes precedence), no gradient, and a video the kernels take."""
+        return (
+            self.triton_kernel
+            and _CONV3D_FORM.mode == "auto"
+            and not fusion_enabled()
+            and triton_norm.enabled()
+            and not torch.is_grad_enabled()
+            and triton_norm.applies(x)
+        )
 
     def forward_normed(
         self,
@@ -323,7 +337,11 @@ class CausalConv3d(nn.Conv3d):
                 "input_bias and add_bias=False need a convolution of the joined input "
                 "(set_conv3d_mode('native') or 'onednn'), not stacked taps"
             )
-        joined = channel_rms_norm_silu(x, norm.gamma, norm.scale, past=self._past(x, cache), bias=input_bias)
+        past = self._past(x, cache)
+        if self.fuses_with_triton(x):
+            joined = triton_norm.past_and_norm_silu(past, x, norm.gamma, norm.scale, input_bias)
+        else:
+            joined = channel_rms_norm_silu(x, norm.gamma, norm.scale, past=past, bias=input_bias)
         return self._convolve_joined(joined, cache, self.bias if add_bias else None, form)
 
     def _form(self, x: torch.Tensor) -> str:
@@ -433,6 +451,8 @@ class ResidualBlock(nn.Module):
             skip, skip_bias = F.conv3d(x, self.shortcut.weight), self.shortcut.bias
         else:
             skip, skip_bias = x, None
+        if conv2.fuses_with_triton(h) and triton_norm.applies(skip):
+            return same_layout(triton_norm.bias_add(h, conv2.bias, skip, skip_bias), x)
         return same_layout(channel_bias_add(h, conv2.bias, skip, skip_bias), x)  # GPUs: already x's layout
 
 
@@ -845,7 +865,10 @@ class WanVAE(nn.Module):
     def set_decoder_triton(self, enabled: bool = True) -> None:
         """Runs the decoder's 16 -> 16-channel causal convolutions through the Triton kernel of
         `nn.triton_conv` where it applies (CUDA, channels-last, bf16/fp16) while `set_conv3d_mode` is
-        "auto"; the other layers keep cuDNN. The same function up to float32 summation order."""
+        "auto"; the other layers keep cuDNN. With `nn.triton_norm.set_enabled()` (off by default), on
+        channels-last videos the norms, SiLUs and joins before the convolutions and the residual
+        blocks' bias-and-skip adds run as Triton kernels too, unless torch.compile's fusion is on.
+        The same function up to float32 summation order."""
         if enabled and not triton_conv.available():
             raise ValueError("the decoder's Triton convolutions need Triton and a CUDA GPU")
         for module in self.decoder.modules():

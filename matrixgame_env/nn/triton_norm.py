@@ -1,0 +1,222 @@
+"""The VAE decoder's elementwise chains as Triton kernels (GPUs, channels-last videos).
+
+Around every causal convolution the decoder normalises its input over channels (RMS norm), applies
+SiLU and joins the cached past frames in front; a residual block then adds two biases and its skip.
+Eagerly that is about eight passes over each activation (square, sum, clamp, rsqrt, two products,
+SiLU, the join); `torch.compile` fuses them (`fast="compile"`) but compiles again for every new batch
+size. These kernels do the same in one pass each, for any shape: a program takes BLOCK_R pixels'
+rows of C channels (channels-last: a pixel's channels are contiguous), normalises them in float32
+and writes the result where the convolution reads it. The same functions as `nn.fusion`'s
+`_past_and_rms_norm_silu`, `_rms_norm_silu` and `_bias_add_rows` up to float32 rounding.
+
+Triton is optional (`available()`); with TRITON_INTERPRET=1 the kernels run on CPU tensors through
+Triton's interpreter (slowly: for tests).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .triton_conv import _cdiv, _channels_last_strides, interpreted
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+BLOCK_ELEMENTS = 4096  # values a program handles: BLOCK_R rows of C channels (C rounded up to a power of 2)
+_enabled = False  # off until measured against the eager chains on a GPU (`set_enabled`)
+
+
+@functools.cache
+def _kernels():
+    """The jitted kernels, built on first use (Triton imports lazily)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def norm_silu_rows(
+        x_ptr,
+        gamma_ptr,
+        bias_ptr,
+        y_ptr,
+        rows,
+        x_batch_stride,
+        y_batch_stride,
+        y_offset,
+        scale,
+        C: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+    ):
+        # Program (m, b): rows m*BLOCK_R .. of batch element b; row r holds channels r*C .. r*C + C - 1.
+        batch = tl.program_id(1).to(tl.int64)
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.arange(0, BLOCK_C)
+        channel_ok = c < C
+        mask = (r < rows)[:, None] & channel_ok[None, :]
+        offsets = r[:, None].to(tl.int64) * C + c[None, :]
+        x = tl.load(x_ptr + batch * x_batch_stride + offsets, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            x += tl.load(bias_ptr + c, mask=channel_ok, other=0.0).to(tl.float32)[None, :]
+            x = tl.where(mask, x, 0.0)
+        # x / max(|x|, 1e-12): the reciprocal square root of the sum of squares clamped at 1e-24
+        inverse_norm = 1.0 / tl.sqrt(tl.maximum(tl.sum(x * x, axis=1), 1e-24))
+        gamma = tl.load(gamma_ptr + c, mask=channel_ok, other=0.0).to(tl.float32)
+        y = x * inverse_norm[:, None] * scale * gamma[None, :]
+        y = y * tl.sigmoid(y)
+        tl.store(y_ptr + y_offset + batch * y_batch_stride + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def bias_add_rows(
+        h_ptr,
+        bias_ptr,
+        skip_ptr,
+        skip_bias_ptr,
+        y_ptr,
+        rows,
+        h_batch_stride,
+        skip_batch_stride,
+        y_batch_stride,
+        C: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_SKIP_BIAS: tl.constexpr,
+    ):
+        batch = tl.program_id(1).to(tl.int64)
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.arange(0, BLOCK_C)
+        channel_ok = c < C
+        mask = (r < rows)[:, None] & channel_ok[None, :]
+        offsets = r[:, None].to(tl.int64) * C + c[None, :]
+        out = tl.load(h_ptr + batch * h_batch_stride + offsets, mask=mask, other=0.0).to(tl.float32)
+        out += tl.load(skip_ptr + batch * skip_batch_stride + offsets, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + c, mask=channel_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_SKIP_BIAS:
+            out += tl.load(skip_bias_ptr + c, mask=channel_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + batch * y_batch_stride + offsets, out.to(y_ptr.dtype.element_ty), mask=mask)
+
+    return norm_silu_rows, bias_add_rows
+
+
+def available() -> bool:
+    """Whether Triton is installed and its kernels can run: on a CUDA GPU, or in the interpreter."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return interpreted() or torch.cuda.is_available()
+
+
+def set_enabled(enabled: bool = True) -> None:
+    """Process-wide switch: on, decoders that run Triton kernels (`WanVAE.set_decoder_triton`, part of
+    `fast=True` on GPUs) fuse their elementwise chains with these kernels too; off (the default, until
+    measured on a GPU), they keep the eager chains."""
+    global _enabled
+    _enabled = enabled
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def applies(*videos: torch.Tensor) -> bool:
+    """Whether the kernels take these videos [B, C, T, H, W]: bf16 / fp16 / fp32 on a CUDA device (any
+    device in the interpreter), channels-last with each batch element's values contiguous, no gradient."""
+    return all(
+        v.dim() == 5
+        and (v.is_cuda or interpreted())
+        and v.dtype in DTYPES
+        and not v.requires_grad
+        and _channels_last_strides(v)
+        for v in videos
+    )
+
+
+def _launch_shape(channels: int, rows: int, batch: int) -> tuple[int, int, tuple[int, int]]:
+    """(BLOCK_C, BLOCK_R, grid) for rows of `channels` values."""
+    block_c = 1 << max(channels - 1, 0).bit_length()
+    block_r = max(1, BLOCK_ELEMENTS // block_c)
+    if interpreted():
+        block_r = min(block_r, 16)
+    return block_c, block_r, (_cdiv(rows, block_r), batch)
+
+
+def past_and_norm_silu(
+    past: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor, scale: float, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """cat([past, SiLU(RMS norm of (x + bias) over channels * scale * gamma)], dim=2) for videos
+    [B, C, P, H, W] and [B, C, T, H, W] (`applies(x)`; past in any layout, already normalised), as a new
+    channels-last video [B, C, P + T, H, W] in x's dtype. P may be 0."""
+    batch, channels, frames, height, width = x.shape
+    if past.shape[:2] != x.shape[:2] or past.shape[3:] != x.shape[3:]:
+        raise ValueError(f"past frames {tuple(past.shape)} do not fit the video {tuple(x.shape)}")
+    if gamma.numel() != channels or (bias is not None and bias.numel() != channels):
+        raise ValueError(f"gamma and bias need {channels} values, got {gamma.numel()} and "
+                         f"{None if bias is None else bias.numel()}")  # fmt: skip
+    held = past.shape[2]
+    out = torch.empty((batch, channels, held + frames, height, width), device=x.device, dtype=x.dtype)
+    out = out.contiguous(memory_format=torch.channels_last_3d)
+    if held:
+        out[:, :, :held].copy_(past)
+    rows = frames * height * width
+    if rows == 0 or batch == 0:
+        return out
+    block_c, block_r, grid = _launch_shape(channels, rows, batch)
+    norm_silu_rows, _ = _kernels()
+    gamma = gamma.detach().reshape(-1).contiguous()
+    bias = None if bias is None else bias.detach().reshape(-1).contiguous()
+    norm_silu_rows[grid](
+        x,
+        gamma,
+        bias if bias is not None else gamma,
+        out,
+        rows,
+        x.stride(0),
+        out.stride(0),
+        held * height * width * channels,
+        float(scale),
+        C=channels,
+        BLOCK_C=block_c,
+        BLOCK_R=block_r,
+        HAS_BIAS=bias is not None,
+    )
+    return out
+
+
+def bias_add(
+    h: torch.Tensor, bias: torch.Tensor | None, skip: torch.Tensor, skip_bias: torch.Tensor | None
+) -> torch.Tensor:
+    """h + bias + skip + skip_bias for videos [B, C, T, H, W] (`applies(h, skip)`) and per-channel
+    biases (None = none), in float32 math, as a new channels-last video in h's dtype."""
+    if h.shape != skip.shape:
+        raise ValueError(f"the skip {tuple(skip.shape)} does not fit the video {tuple(h.shape)}")
+    batch, channels, frames, height, width = h.shape
+    out = torch.empty_like(h, memory_format=torch.channels_last_3d)
+    rows = frames * height * width
+    if rows == 0 or batch == 0:
+        return out
+    block_c, block_r, grid = _launch_shape(channels, rows, batch)
+    _, bias_add_rows = _kernels()
+    biases = [None if b is None else b.detach().reshape(-1).contiguous() for b in (bias, skip_bias)]
+    for b in biases:
+        if b is not None and b.numel() != channels:
+            raise ValueError(f"a bias needs {channels} values, got {b.numel()}")
+    bias_add_rows[grid](
+        h,
+        biases[0] if biases[0] is not None else h,
+        skip,
+        biases[1] if biases[1] is not None else h,
+        out,
+        rows,
+        h.stride(0),
+        skip.stride(0),
+        out.stride(0),
+        C=channels,
+        BLOCK_C=block_c,
+        BLOCK_R=block_r,
+        HAS_BIAS=biases[0] is not None,
+        HAS_SKIP_BIAS=biases[1] is not None,
+    )
+    return out

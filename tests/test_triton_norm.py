@@ -1,0 +1,131 @@
+"""The decoder's fused elementwise kernels (`nn.triton_norm`) against float64 references.
+
+As in tests/test_triton_conv.py, Triton's interpreter (TRITON_INTERPRET=1, read when a kernel is
+defined) runs the kernels on CPU tensors in a subprocess of their own; bfloat16 and the speed are
+GPU matters (tests/test_cuda_graphs.py, benchmarks/)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from matrixgame_env.nn import triton_norm
+
+pytest.importorskip("triton", reason="the kernels' checks need Triton (installed with the dev extras)")
+
+from test_triton_conv import run_interpreted  # noqa: E402  (after the skip: it imports Triton's checks)
+
+
+def test_norm_silu_joins_the_past_and_matches_float64_for_each_width_and_dtype():
+    out = run_interpreted(
+        """
+        import torch
+        from matrixgame_env.nn import triton_norm as tn
+        g = torch.Generator().manual_seed(0)
+        def reference(past, x, gamma, scale, bias):
+            xf = x.double() + (0 if bias is None else bias.double().view(1, -1, 1, 1, 1))
+            norm = xf.square().sum(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
+            y = xf / norm * scale * gamma.double().view(1, -1, 1, 1, 1)
+            return torch.cat([past.double(), y * torch.sigmoid(y)], dim=2)
+        for channels in (16, 24, 96):
+            for dtype, relative in ((torch.float32, 2.0**-22), (torch.float16, 2.0**-11)):
+                for held, with_bias in ((2, True), (0, False), (2, False)):
+                    whole = torch.randn(3, channels, 6, 3, 5, generator=g).to(dtype)
+                    whole = whole.contiguous(memory_format=torch.channels_last_3d)
+                    x = whole[1:, :, 2:]  # a view: other batch and frame strides, rows still contiguous
+                    past = torch.randn(2, channels, held, 3, 5, generator=g).to(dtype)  # standard layout
+                    gamma = (1 + 0.1 * torch.randn(channels, 1, 1, 1, generator=g)).to(dtype)
+                    bias = torch.randn(channels, generator=g).to(dtype) if with_bias else None
+                    scale = channels**0.5
+                    assert tn.applies(x)
+                    y = tn.past_and_norm_silu(past, x, gamma, scale, bias)
+                    ref = reference(past, x, gamma, scale, bias)
+                    assert y.shape == ref.shape and y.dtype == dtype
+                    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+                    assert torch.equal(y[:, :, :held], past)
+                    # float32 math, one rounding to the output dtype
+                    err = ((y.double() - ref).abs() - ref.abs() * relative).max().item()
+                    assert err <= 1e-5, (channels, dtype, held, with_bias, err)
+        print("ok")
+        """
+    )
+    assert out.strip().endswith("ok")
+
+
+def test_bias_add_matches_float64_with_any_of_its_biases():
+    out = run_interpreted(
+        """
+        import torch
+        from matrixgame_env.nn import triton_norm as tn
+        g = torch.Generator().manual_seed(1)
+        for channels, dtype, relative in ((16, torch.float16, 2.0**-11), (40, torch.float32, 2.0**-22)):
+            h = torch.randn(2, channels, 3, 4, 5, generator=g).to(dtype)
+            h = h.contiguous(memory_format=torch.channels_last_3d)
+            skip = torch.randn(3, channels, 3, 4, 5, generator=g).to(dtype)
+            skip = skip.contiguous(memory_format=torch.channels_last_3d)[1:]
+            for bias, skip_bias in ((True, True), (True, False), (False, True), (False, False)):
+                b = torch.randn(channels, generator=g).to(dtype) if bias else None
+                sb = torch.randn(channels, generator=g).to(dtype) if skip_bias else None
+                ref = h.double() + skip.double()
+                for v in (b, sb):
+                    if v is not None:
+                        ref = ref + v.double().view(1, -1, 1, 1, 1)
+                y = tn.bias_add(h, b, skip, sb)
+                assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last_3d)
+                err = ((y.double() - ref).abs() - ref.abs() * relative).max().item()
+                assert err <= 1e-5, (channels, dtype, bias, skip_bias, err)
+        print("ok")
+        """
+    )
+    assert out.strip().endswith("ok")
+
+
+def test_decoder_streams_the_same_frames_with_the_fused_kernels():
+    out = run_interpreted(
+        """
+        import torch
+        from matrixgame_env.nn import triton_norm
+        from matrixgame_env.nn.vae import WanVAE
+        torch.manual_seed(0)
+        vae = WanVAE(dim=16, num_res_blocks=1).eval().half()
+        vae.set_decoder_channels_last(True)
+        vae.set_decoder_triton(True)
+        latents = [torch.randn(1, 16, n, 1, 2).half() for n in (1, 2)]
+        results = {}
+        for fused in (False, True):
+            triton_norm.set_enabled(fused)
+            cache = vae.new_decoder_cache(1)
+            with torch.no_grad():
+                frames = [vae.decode_stream(z, cache, check_finite=False).float() for z in latents]
+            results[fused] = torch.cat(frames, 1)
+        triton_norm.set_enabled(False)
+        a, b = results[False], results[True]
+        assert a.shape == b.shape == (1, 9, 3, 8, 16), a.shape
+        # float16 activations through ~20 layers, rounded differently by the eager chains
+        err = (a - b).abs().max().item()
+        print(err)
+        assert 0 < err < 1e-2, err
+        print("ok")
+        """
+    )
+    assert out.strip().endswith("ok")
+
+
+def test_kernels_take_only_what_they_compute():
+    assert not triton_norm.enabled()  # off by default
+    video = torch.zeros(1, 16, 2, 3, 4).contiguous(memory_format=torch.channels_last_3d)
+    if not triton_norm.interpreted():
+        assert not triton_norm.applies(video)  # a CPU tensor without the interpreter
+    standard = torch.zeros(1, 16, 2, 3, 4)
+    assert not triton_norm.applies(standard.cuda() if torch.cuda.is_available() else standard)
+    assert not triton_norm.applies(video.double())
+
+
+def test_bad_kernel_inputs_say_what_is_wrong():
+    x = torch.zeros(1, 16, 2, 3, 4).contiguous(memory_format=torch.channels_last_3d)
+    with pytest.raises(ValueError, match=r"past frames \(1, 8, 2, 3, 4\) do not fit the video \(1, 16, 2, 3, 4\)"):
+        triton_norm.past_and_norm_silu(torch.zeros(1, 8, 2, 3, 4), x, torch.ones(16), 4.0)
+    with pytest.raises(ValueError, match="gamma and bias need 16 values, got 8 and None"):
+        triton_norm.past_and_norm_silu(torch.zeros(1, 16, 2, 3, 4), x, torch.ones(8), 4.0)
+    with pytest.raises(ValueError, match=r"the skip \(1, 16, 1, 3, 4\) does not fit the video \(1, 16, 2, 3, 4\)"):
+        triton_norm.bias_add(x, None, torch.zeros(1, 16, 1, 3, 4), None)
