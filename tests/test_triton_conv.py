@@ -22,14 +22,31 @@ from matrixgame_env.nn.vae import set_conv3d_mode
 pytest.importorskip("triton", reason="the kernel's checks need Triton (installed with the dev extras)")
 
 
-def run_interpreted(code: str) -> str:
-    """Runs `code` in a Python process with Triton's interpreter on; returns its standard output."""
+def run_interpreted(code: str, prelude: str = "") -> str:
+    """Runs `prelude` then `code` (dedented) in a Python process with Triton's interpreter on; returns
+    its standard output."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "2"}
     done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", prelude + textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
+
+
+# For interpreted processes: a tiny float16 decoder, channels-last, and `stream()`, which decodes two
+# chunks of latents through it from an empty cache.
+TINY_DECODER = """
+import torch
+from matrixgame_env.nn.vae import WanVAE
+torch.manual_seed(0)
+vae = WanVAE(dim=16, num_res_blocks=1).eval().half()
+vae.set_decoder_channels_last(True)
+latents = [torch.randn(1, 16, n, 1, 2).half() for n in (1, 2)]
+def stream():
+    cache = vae.new_decoder_cache(1)
+    with torch.no_grad():
+        return torch.cat([vae.decode_stream(z, cache, check_finite=False).float() for z in latents], dim=1)
+"""
 
 
 def test_kernel_matches_float64_convolution_for_each_width_with_and_without_bias():
@@ -82,20 +99,12 @@ def test_kernel_reads_views_with_their_own_batch_and_frame_strides():
 def test_decoder_streams_the_same_frames_with_the_triton_form():
     out = run_interpreted(
         """
-        import torch
-        from matrixgame_env.nn.vae import WanVAE, set_conv3d_mode
-        torch.manual_seed(0)
-        vae = WanVAE(dim=16, num_res_blocks=1).eval().half()
-        vae.set_decoder_channels_last(True)
-        latents = [torch.randn(1, 16, n, 1, 2).half() for n in (1, 2)]
+        from matrixgame_env.nn.vae import set_conv3d_mode
         results = {}
         for mode, per_vae in (("native", False), ("triton", False), ("auto", True), ("native", True)):
             set_conv3d_mode(mode)
             vae.set_decoder_triton(per_vae)  # the env's fast path: the kernel while the mode is "auto"
-            cache = vae.new_decoder_cache(1)
-            with torch.no_grad():
-                frames = [vae.decode_stream(z, cache, check_finite=False).float() for z in latents]
-            results[mode, per_vae] = torch.cat(frames, dim=1)
+            results[mode, per_vae] = stream()
         set_conv3d_mode("auto")
         assert torch.equal(results["auto", True], results["triton", False])
         assert torch.equal(results["native", True], results["native", False])  # an explicit mode wins
@@ -106,7 +115,8 @@ def test_decoder_streams_the_same_frames_with_the_triton_form():
         print(err)
         assert 0 < err < 1e-2, err
         print("ok")
-        """
+        """,
+        prelude=TINY_DECODER,
     )
     assert out.strip().endswith("ok")
 

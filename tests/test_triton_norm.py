@@ -13,7 +13,7 @@ from matrixgame_env.nn import triton_norm
 
 pytest.importorskip("triton", reason="the kernels' checks need Triton (installed with the dev extras)")
 
-from test_triton_conv import run_interpreted  # noqa: E402  (after the skip: it imports Triton's checks)
+from test_triton_conv import TINY_DECODER, run_interpreted  # noqa: E402  (after the skip: it imports Triton's checks)
 
 
 def test_norm_silu_joins_the_past_and_matches_float64_for_each_width_and_dtype():
@@ -83,21 +83,12 @@ def test_bias_add_matches_float64_with_any_of_its_biases():
 def test_decoder_streams_the_same_frames_with_the_fused_kernels():
     out = run_interpreted(
         """
-        import torch
         from matrixgame_env.nn import triton_norm
-        from matrixgame_env.nn.vae import WanVAE
-        torch.manual_seed(0)
-        vae = WanVAE(dim=16, num_res_blocks=1).eval().half()
-        vae.set_decoder_channels_last(True)
         vae.set_decoder_triton(True)
-        latents = [torch.randn(1, 16, n, 1, 2).half() for n in (1, 2)]
         results = {}
         for fused in (False, True):
             triton_norm.set_enabled(fused)
-            cache = vae.new_decoder_cache(1)
-            with torch.no_grad():
-                frames = [vae.decode_stream(z, cache, check_finite=False).float() for z in latents]
-            results[fused] = torch.cat(frames, 1)
+            results[fused] = stream()
         triton_norm.set_enabled(False)
         a, b = results[False], results[True]
         assert a.shape == b.shape == (1, 9, 3, 8, 16), a.shape
@@ -106,7 +97,8 @@ def test_decoder_streams_the_same_frames_with_the_fused_kernels():
         print(err)
         assert 0 < err < 1e-2, err
         print("ok")
-        """
+        """,
+        prelude=TINY_DECODER,
     )
     assert out.strip().endswith("ok")
 

@@ -9,8 +9,8 @@ rows of C channels (channels-last: a pixel's channels are contiguous), normalise
 and writes the result where the convolution reads it. The same functions as `nn.fusion`'s
 `_past_and_rms_norm_silu`, `_rms_norm_silu` and `_bias_add_rows` up to float32 rounding.
 
-Triton is optional (`available()`); with TRITON_INTERPRET=1 the kernels run on CPU tensors through
-Triton's interpreter (slowly: for tests).
+Triton is optional (`nn.triton_conv.available()`); with TRITON_INTERPRET=1 the kernels run on CPU
+tensors through Triton's interpreter (slowly: for tests).
 """
 
 from __future__ import annotations
@@ -28,85 +28,10 @@ _enabled = False  # off until measured against the eager chains on a GPU (`set_e
 
 @functools.cache
 def _kernels():
-    """The jitted kernels, built on first use (Triton imports lazily)."""
-    import triton
-    import triton.language as tl
+    """The jitted kernels (`nn.triton_norm_kernels`), imported on first use: Triton loads lazily."""
+    from . import triton_norm_kernels as kernels
 
-    @triton.jit
-    def norm_silu_rows(
-        x_ptr,
-        gamma_ptr,
-        bias_ptr,
-        y_ptr,
-        rows,
-        x_batch_stride,
-        y_batch_stride,
-        y_offset,
-        scale,
-        C: tl.constexpr,
-        BLOCK_C: tl.constexpr,
-        BLOCK_R: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-    ):
-        # Program (m, b): rows m*BLOCK_R .. of batch element b; row r holds channels r*C .. r*C + C - 1.
-        batch = tl.program_id(1).to(tl.int64)
-        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        c = tl.arange(0, BLOCK_C)
-        channel_ok = c < C
-        mask = (r < rows)[:, None] & channel_ok[None, :]
-        offsets = r[:, None].to(tl.int64) * C + c[None, :]
-        x = tl.load(x_ptr + batch * x_batch_stride + offsets, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            x += tl.load(bias_ptr + c, mask=channel_ok, other=0.0).to(tl.float32)[None, :]
-            x = tl.where(mask, x, 0.0)
-        # x / max(|x|, 1e-12): the reciprocal square root of the sum of squares clamped at 1e-24
-        inverse_norm = 1.0 / tl.sqrt(tl.maximum(tl.sum(x * x, axis=1), 1e-24))
-        gamma = tl.load(gamma_ptr + c, mask=channel_ok, other=0.0).to(tl.float32)
-        y = x * inverse_norm[:, None] * scale * gamma[None, :]
-        y = y * tl.sigmoid(y)
-        tl.store(y_ptr + y_offset + batch * y_batch_stride + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def bias_add_rows(
-        h_ptr,
-        bias_ptr,
-        skip_ptr,
-        skip_bias_ptr,
-        y_ptr,
-        rows,
-        h_batch_stride,
-        skip_batch_stride,
-        y_batch_stride,
-        C: tl.constexpr,
-        BLOCK_C: tl.constexpr,
-        BLOCK_R: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-        HAS_SKIP_BIAS: tl.constexpr,
-    ):
-        batch = tl.program_id(1).to(tl.int64)
-        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        c = tl.arange(0, BLOCK_C)
-        channel_ok = c < C
-        mask = (r < rows)[:, None] & channel_ok[None, :]
-        offsets = r[:, None].to(tl.int64) * C + c[None, :]
-        out = tl.load(h_ptr + batch * h_batch_stride + offsets, mask=mask, other=0.0).to(tl.float32)
-        out += tl.load(skip_ptr + batch * skip_batch_stride + offsets, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + c, mask=channel_ok, other=0.0).to(tl.float32)[None, :]
-        if HAS_SKIP_BIAS:
-            out += tl.load(skip_bias_ptr + c, mask=channel_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + batch * y_batch_stride + offsets, out.to(y_ptr.dtype.element_ty), mask=mask)
-
-    return norm_silu_rows, bias_add_rows
-
-
-def available() -> bool:
-    """Whether Triton is installed and its kernels can run: on a CUDA GPU, or in the interpreter."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return interpreted() or torch.cuda.is_available()
+    return kernels.norm_silu_rows, kernels.bias_add_rows
 
 
 def set_enabled(enabled: bool = True) -> None:
