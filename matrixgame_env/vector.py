@@ -257,8 +257,8 @@ class MatrixGameVectorEnv(VectorEnv):
         pending = [cohort for cohort in self._cohorts if not np.isin(cohort.live_worlds, resetting).any()]
         side = self._young_stream()
         beside = [side is not None and cohort.state.batch_size < self.num_envs for cohort in pending]
-        if any(beside):
-            main = torch.cuda.current_stream(self.world.device)
+        main = torch.cuda.current_stream(self.world.device) if any(beside) else None
+        if main is not None:
             side.wait_stream(main)  # the starts and joins queued so far
         generated = []
         # The whole batch's cohort first, so that its work is queued before the young cohorts'.

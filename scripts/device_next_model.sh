@@ -31,6 +31,7 @@ next=$MG_WORK/next
 student=$MG_WORK/runs/distill/model
 decoder=$MG_WORK/runs/vae/model/vae.safetensors
 pairs=${MG_WORK}_pairs  # the work folder of the decoder whose discriminator judges pairs of frames
+distill_recipe="--critic-steps 5 --lr 2e-5 --action-lr-mult 10 --guidance 1.5 --data-weight 0.25"  # the bundled student's recipe
 case ${1:?give train, finish, decoders, judge, distill or student} in
   train)
     pipeline setup next "record:${MG_RECORD_MINUTES:-90}"
@@ -41,7 +42,7 @@ case ${1:?give train, finish, decoders, judge, distill or student} in
       pipeline "vae:$minutes" > "$MG_WORK/vae_stage.txt" 2>&1 &
     vae_stage=$!
     MG_DISTILL_INIT=$next MG_DISTILL_BATCH=16 MG_DISTILL_STEPS=300 \
-      MG_DISTILL_ARGS="--critic-steps 5 --lr 2e-5 --action-lr-mult 10 --guidance 1.5 --data-weight 0.25" \
+      MG_DISTILL_ARGS="$distill_recipe" \
       pipeline "distill:$minutes"
     wait "$vae_stage" || echo "the decoder stage failed"
     tail -n 4 "$MG_WORK/vae_stage.txt"
@@ -112,7 +113,7 @@ EOF
     fi
     minutes=$(python3 -c "print(round(($(left) - 20) / 60, 2))")
     MG_DISTILL_INIT=$next MG_DISTILL_BATCH=16 MG_DISTILL_STEPS=${MG_DISTILL_STEPS:-300} \
-      MG_DISTILL_ARGS="--critic-steps 5 --lr 2e-5 --action-lr-mult 10 --guidance 1.5 --data-weight 0.25" \
+      MG_DISTILL_ARGS="$distill_recipe" \
       pipeline "distill:$minutes"
     tail -n 2 "$MG_WORK/runs/distill/log.jsonl" ;;
   student)

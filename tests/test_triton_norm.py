@@ -116,3 +116,5 @@ def test_bad_kernel_inputs_say_what_is_wrong():
         triton_norm.past_and_norm_silu(torch.zeros(1, 16, 2, 3, 4), x, torch.ones(8), 4.0)
     with pytest.raises(ValueError, match=r"the skip \(1, 16, 1, 3, 4\) does not fit the video \(1, 16, 2, 3, 4\)"):
         triton_norm.bias_add(x, None, torch.zeros(1, 16, 1, 3, 4), None)
+    with pytest.raises(ValueError, match="a bias needs 16 values, got 3"):
+        triton_norm.bias_add(x, torch.zeros(3), torch.zeros_like(x), None)

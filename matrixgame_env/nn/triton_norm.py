@@ -118,16 +118,16 @@ def bias_add(
     if h.shape != skip.shape:
         raise ValueError(f"the skip {tuple(skip.shape)} does not fit the video {tuple(h.shape)}")
     batch, channels, frames, height, width = h.shape
+    biases = [None if b is None else b.detach().reshape(-1).contiguous() for b in (bias, skip_bias)]
+    for b in biases:
+        if b is not None and b.numel() != channels:
+            raise ValueError(f"a bias needs {channels} values, got {b.numel()}")
     out = torch.empty_like(h, memory_format=torch.channels_last_3d)
     rows = frames * height * width
     if rows == 0 or batch == 0:
         return out
     block_c, block_r, grid = _launch_shape(channels, rows, batch)
     _, bias_add_rows = _kernels()
-    biases = [None if b is None else b.detach().reshape(-1).contiguous() for b in (bias, skip_bias)]
-    for b in biases:
-        if b is not None and b.numel() != channels:
-            raise ValueError(f"a bias needs {channels} values, got {b.numel()}")
     bias_add_rows[grid](
         h,
         biases[0] if biases[0] is not None else h,
