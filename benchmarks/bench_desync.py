@@ -11,9 +11,9 @@ with plain uploads that wait for the GPU: `set_async_uploads(False)`), "merged_c
 the decoder channels-last with the Triton kernel where it applies, whatever the number of worlds),
 "merged_standard_layout" (merged, the decoder in the standard layout, as `fast=True` had it below
 "compile" before channels-last paid from 16 worlds up), "merged_young_stream" (merged, the young
-cohorts on a second CUDA stream beside the big one: `young_cohort_stream=True`), "merged_triton_norms"
-(merged, the decoder's norms and adds as Triton kernels beside its Triton convolutions:
-`triton_norm.set_enabled()`),
+cohorts on a second CUDA stream beside the big one: `young_cohort_stream=True`), "merged_eager_norms"
+(merged, the decoder's norms and adds eager rather than as Triton kernels beside its Triton
+convolutions: `triton_norm.set_enabled(False)`),
 "merged_fresh_states" (merged, but every cohort of new worlds on a new state rather than one
 restarted in place: no CUDA graphs for their first blocks) and "separate" (no merging). They
 alternate within one run (--rounds rounds), and each reports steps/s of all worlds together and the
@@ -78,7 +78,7 @@ SETTINGS = (
     "merged_channels_last",
     "merged_standard_layout",
     "merged_young_stream",
-    "merged_triton_norms",
+    "merged_eager_norms",
     "merged_fresh_states",
     "separate",
 )
@@ -99,7 +99,7 @@ def desync_env(args: argparse.Namespace, worlds: int, setting: str, fast: str) -
     )
     env.overlap_cohorts = setting != "merged_serial"
     set_async_uploads(setting != "merged_waiting_uploads")  # process-wide: set again by every setting
-    triton_norm.set_enabled(setting == "merged_triton_norms")  # process-wide too
+    triton_norm.set_enabled(setting != "merged_eager_norms")  # process-wide too
     if setting == "merged_channels_last":
         env.world.vae.set_decoder_channels_last(True)
         env.world.vae.set_decoder_triton(triton_conv.available())

@@ -99,7 +99,7 @@ def gpu_vector(
     upsample: str = "auto",
     decoder_graphs: bool | None = None,
     conv3d: str = "auto",
-    triton_norms: bool = False,
+    triton_norms: bool = True,
 ) -> dict:
     """Steps/s of one vector env; `channels_last` None keeps the env's own decoder layout choice;
     `triton_norms` runs the decoder's norms and adds as Triton kernels beside its Triton convolutions."""
@@ -120,7 +120,7 @@ def gpu_vector(
     env.close()
     set_upsample_mode("auto")
     set_conv3d_mode("auto")
-    triton_norm.set_enabled(False)
+    triton_norm.set_enabled(True)  # the default
     torch.cuda.empty_cache()
     return {
         "setting": f"gpu vector ({FAST_NAMES[fast]}{', decoder channels-last' if channels_last else ''}"
@@ -256,7 +256,7 @@ def main() -> None:
     parser.add_argument(
         "--triton-norms",
         choices=["on", "off", "both"],
-        default="off",
+        default="on",
         help="the decoder's norms and adds as Triton kernels where its convolutions take Triton (nn.triton_norm)",
     )
     parser.add_argument(

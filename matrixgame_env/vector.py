@@ -99,7 +99,8 @@ class MatrixGameVectorEnv(VectorEnv):
     young_cohort_stream: on a GPU, the cohorts of fewer than `num_envs` rows (worlds that reset in the
     last two steps) run on a second CUDA stream, beside the whole batch's cohort, so that their small
     kernels can fill what the big cohort leaves of the GPU; the same kernels on the same inputs (each
-    stream replays CUDA graphs of its own). No effect on CPUs. Off by default until measured.
+    stream replays CUDA graphs of its own). No effect on CPUs. Off by default: at 64 worlds on an
+    H200 it ran 1.16x and 1.00x the steps/s in two runs, within the spread of the settings' order.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 25, "autoreset_mode": AutoresetMode.NEXT_STEP}

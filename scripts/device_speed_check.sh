@@ -30,6 +30,6 @@ grep "gpu vector" "$OUT/env.log" | tail -12
 if [ -n "${MG_DESYNC_WORLDS-64}" ]; then
   # shellcheck disable=SC2086
   python3 benchmarks/bench_desync.py --device cuda --worlds ${MG_DESYNC_WORLDS-64} --episode-steps 20 --steps 100 \
-      --warmup 250 --rounds 1 --settings merged merged_triton_norms merged_young_stream --fast graphs --out "$OUT" >"$OUT/desync.log" 2>&1
+      --warmup 250 --rounds 1 --settings merged merged_eager_norms merged_young_stream --fast graphs --out "$OUT" >"$OUT/desync.log" 2>&1
   grep -v -i warn "$OUT/desync.log" | tail -8
 fi

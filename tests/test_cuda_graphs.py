@@ -432,7 +432,7 @@ def test_triton_norms_decode_like_the_eager_decoder_and_through_decoder_graphs()
         replayed = decode_all(graphs=True)
         assert world.decoder_graphs.replays >= 1
     finally:
-        triton_norm.set_enabled(False)
+        triton_norm.set_enabled(True)  # the default
         vae.set_decoder_triton(False)
         vae.set_decoder_channels_last(False)
     for frames in (fused, replayed):  # uint8 frames: bf16 rounding along another path

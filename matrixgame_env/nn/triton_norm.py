@@ -23,7 +23,8 @@ from .triton_conv import _cdiv, _channels_last_strides, interpreted
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BLOCK_ELEMENTS = 4096  # values a program handles: BLOCK_R rows of C channels (C rounded up to a power of 2)
-_enabled = False  # off until measured against the eager chains on a GPU (`set_enabled`)
+# On by default: 1.15x / 1.22x the steps/s of 16 / 64 synchronised worlds on an H200 (benchmarks/NOTES.md).
+_enabled = True
 
 
 @functools.cache
@@ -36,8 +37,8 @@ def _kernels():
 
 def set_enabled(enabled: bool = True) -> None:
     """Process-wide switch: on, decoders that run Triton kernels (`WanVAE.set_decoder_triton`, part of
-    `fast=True` on GPUs) fuse their elementwise chains with these kernels too; off (the default, until
-    measured on a GPU), they keep the eager chains."""
+    `fast=True` on GPUs) fuse their elementwise chains with these kernels too (the default); off, they
+    keep the eager chains."""
     global _enabled
     _enabled = enabled
 

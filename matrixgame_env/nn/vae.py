@@ -865,7 +865,7 @@ class WanVAE(nn.Module):
     def set_decoder_triton(self, enabled: bool = True) -> None:
         """Runs the decoder's 16 -> 16-channel causal convolutions through the Triton kernel of
         `nn.triton_conv` where it applies (CUDA, channels-last, bf16/fp16) while `set_conv3d_mode` is
-        "auto"; the other layers keep cuDNN. With `nn.triton_norm.set_enabled()` (off by default), on
+        "auto"; the other layers keep cuDNN. With `nn.triton_norm.enabled()` (the default), on
         channels-last videos the norms, SiLUs and joins before the convolutions and the residual
         blocks' bias-and-skip adds run as Triton kernels too, unless torch.compile's fusion is on.
         The same function up to float32 summation order."""
