@@ -16,8 +16,8 @@ cohorts on a second CUDA stream beside the big one: `young_cohort_stream=True`),
 convolutions: `triton_norm.set_enabled(False)`),
 "merged_fresh_states" (merged, but every cohort of new worlds on a new state rather than one
 restarted in place: no CUDA graphs for their first blocks) and "separate" (no merging). They
-alternate within one run (--rounds rounds), and each reports steps/s of all worlds together and the
-mean number of forwards (cohorts) a step ran.
+alternate within one run (--rounds rounds; odd rounds take them in reverse order), and each reports
+steps/s of all worlds together and the mean number of forwards (cohorts) a step ran.
 
 With --profile, 20 steps of each setting (--settings) under torch's profiler: wall time against GPU
 kernel time per step, the top kernels and host calls.
@@ -117,6 +117,13 @@ def warm_up(env: MatrixGameVectorEnv, args: argparse.Namespace) -> np.random.Gen
     for _ in range(args.warmup):
         env.step(sample_actions(env.single_action_space, rng, env.num_envs))
     return rng
+
+
+def round_order(settings: list[str], round_index: int) -> list[str]:
+    """The settings in the order of one round: as given in even rounds, reversed in odd ones, so that
+    a drift along the run (the process's autotuning caches filling, new cohort sizes met first by the
+    first setting) weighs on every setting alike over pairs of rounds."""
+    return list(settings) if round_index % 2 == 0 else list(reversed(settings))
 
 
 def run_setting(args: argparse.Namespace, worlds: int, setting: str, fast: str) -> dict:
@@ -380,10 +387,11 @@ def main() -> None:
     rows: list[dict] = []
     for fast_name in args.fast:
         for worlds in args.worlds:
-            for _ in range(args.rounds):
-                for setting in args.settings:
+            for round_index in range(args.rounds):
+                for setting in round_order(args.settings, round_index):
                     rows.append(run_setting(args, worlds, setting, fast_name))
                     row = rows[-1]
+                    row["round"] = round_index
                     print(
                         f"{fast_name}, {worlds} worlds, {setting}: {row['steps_per_s']:.1f} steps/s, "
                         f"{row['mean_cohorts']:.2f} cohorts per step",
@@ -399,6 +407,7 @@ def main() -> None:
             [
                 "fast",
                 "worlds",
+                "round",
                 "setting",
                 "steps_per_s",
                 "mean_cohorts",
