@@ -6,7 +6,8 @@
 #                                               # decoder's adversarial fine-tune (frozen encoder); pack both
 #   bash scripts/device_next_model.sh finish   # the new decoder into the student and into the teacher (sampled
 #                                               # at action guidance 2); the reward head beside `eval` of both
-#                                               # (drift over MG_DRIFT_MINUTES, default 10); pack
+#                                               # (drift over MG_DRIFT_MINUTES, default 10; MG_TEACHER_EVAL=0:
+#                                               # the student alone); pack
 #   bash scripts/device_next_model.sh decoders # assemble, record; then side by side two adversarial fine-tunes of
 #                                               # the decoder, the discriminator judging single frames (--disc-frames 1)
 #                                               # and pairs of consecutive frames (2)
@@ -18,6 +19,8 @@
 #                                               # MG_DISTILL_STEPS (default 300); again on the warm machine resumes
 #   bash scripts/device_next_model.sh student  # `eval` of the distilled student through the next VAE's own
 #                                               # decoder (drift over MG_DRIFT_MINUTES); student and eval packed
+# The student of 300 steps with the adversarial decoder: `train`, `distill` (resumes the distillation to its
+# 300 steps; again if the call ends first), then `MG_TEACHER_EVAL=0 ... finish`, on one warm machine.
 # MG_CALL_SECONDS (default 585) bounds the train call: both trainings get what recording and packing leave.
 # `finish` needs the train call's work folder ($MG_WORK, default /tmp/mg), so it must follow it on the same
 # machine. Join the pieces here with `cat bundle.tar.part* | tar x`; `python scripts/pack_model.py --unpack`.
@@ -50,22 +53,27 @@ case ${1:?give train, finish, decoders, judge, distill or student} in
   finish)
     [ -f "$decoder" ] && [ -d "$student" ] || { echo "run the train call first, on this machine" >&2; exit 2; }
     cp "$decoder" "$student/vae.safetensors"
-    teacher=$MG_WORK/teacher_g2
-    rm -rf "$teacher" && cp -r "$next" "$teacher" && cp "$decoder" "$teacher/vae.safetensors"
-    python3 - "$teacher/config.json" <<'EOF'
+    MG_REWARD_INIT=$student pipeline reward:1 > "$MG_WORK/reward_stage.txt" 2>&1 &
+    reward_stage=$!
+    teacher_eval=""
+    if [ "${MG_TEACHER_EVAL:-1}" = 1 ]; then  # 0: the student alone (the teacher's row is known)
+      teacher=$MG_WORK/teacher_g2
+      rm -rf "$teacher" && cp -r "$next" "$teacher" && cp "$decoder" "$teacher/vae.safetensors"
+      python3 - "$teacher/config.json" <<'EOF'
 import json, sys
 path = sys.argv[1]
 config = json.load(open(path))
 config["sampler"]["action_guidance"] = 2.0
 json.dump(config, open(path, "w"), indent=2)
 EOF
-    MG_REWARD_INIT=$student pipeline reward:1 > "$MG_WORK/reward_stage.txt" 2>&1 &
-    reward_stage=$!
-    MG_EVAL_MODEL=$teacher MG_EVAL_OUT=$MG_WORK/eval_teacher_g2 pipeline eval > "$MG_WORK/eval_teacher.txt" 2>&1 &
-    teacher_eval=$!
+      MG_EVAL_MODEL=$teacher MG_EVAL_OUT=$MG_WORK/eval_teacher_g2 pipeline eval > "$MG_WORK/eval_teacher.txt" 2>&1 &
+      teacher_eval=$!
+    fi
     MG_EVAL_MODEL=$student MG_EVAL_OUT=$MG_WORK/eval_student pipeline eval || echo "student eval failed: $?"
-    wait "$teacher_eval" || echo "teacher eval failed"
-    grep -E "fidelity at 1s|IDM on generated|drift|target" "$MG_WORK/eval_teacher.txt" || true
+    if [ -n "$teacher_eval" ]; then
+      wait "$teacher_eval" || echo "teacher eval failed"
+      grep -E "fidelity at 1s|IDM on generated|drift|target" "$MG_WORK/eval_teacher.txt" || true
+    fi
     wait "$reward_stage" || echo "the reward stage failed"
     tail -n 3 "$MG_WORK/reward_stage.txt"
     MG_PACK_MODELS=reward pipeline pack ;;
