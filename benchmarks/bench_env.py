@@ -105,6 +105,7 @@ def gpu_vector(
     `triton_norms` runs the decoder's norms and adds as Triton kernels beside its Triton convolutions."""
     set_upsample_mode(upsample)
     set_conv3d_mode(conv3d)
+    norms_before = triton_norm.enabled()
     triton_norm.set_enabled(triton_norms)
     env, rng = warm_vector_env(model, worlds, fast, channels_last, guidance, warmup, decoder_graphs=decoder_graphs)
     guidance = env.world.sampler.config.action_guidance
@@ -120,7 +121,7 @@ def gpu_vector(
     env.close()
     set_upsample_mode("auto")
     set_conv3d_mode("auto")
-    triton_norm.set_enabled(True)  # the default
+    triton_norm.set_enabled(norms_before)
     torch.cuda.empty_cache()
     return {
         "setting": f"gpu vector ({FAST_NAMES[fast]}{', decoder channels-last' if channels_last else ''}"

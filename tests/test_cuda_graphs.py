@@ -423,6 +423,7 @@ def test_triton_norms_decode_like_the_eager_decoder_and_through_decoder_graphs()
         return torch.cat([to_uint8_frames(vae.decode_stream(x, cache)).float() for x in latents], dim=1)
 
     eager = decode_all(graphs=False)
+    norms_before = triton_norm.enabled()
     try:
         vae.set_decoder_channels_last(True)
         vae.set_decoder_triton(True)
@@ -432,7 +433,7 @@ def test_triton_norms_decode_like_the_eager_decoder_and_through_decoder_graphs()
         replayed = decode_all(graphs=True)
         assert world.decoder_graphs.replays >= 1
     finally:
-        triton_norm.set_enabled(True)  # the default
+        triton_norm.set_enabled(norms_before)
         vae.set_decoder_triton(False)
         vae.set_decoder_channels_last(False)
     for frames in (fused, replayed):  # uint8 frames: bf16 rounding along another path
