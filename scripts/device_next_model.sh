@@ -34,11 +34,17 @@ next=$MG_WORK/next
 student=$MG_WORK/runs/distill/model
 decoder=$MG_WORK/runs/vae/model/vae.safetensors
 pairs=${MG_WORK}_pairs  # the work folder of the decoder whose discriminator judges pairs of frames
+record_and_encode() {  # once per machine: the recording and its latents under the next VAE
+  if [ ! -d "$MG_WORK/runs/encode" ]; then
+    pipeline "record:${MG_RECORD_MINUTES:-90}"
+    MG_ENCODE_INIT=$next pipeline encode:3
+  fi
+}
 distill_recipe="--critic-steps 5 --lr 2e-5 --action-lr-mult 10 --guidance 1.5 --data-weight 0.25"  # the bundled student's recipe
 case ${1:?give train, finish, decoders, judge, distill or student} in
   train)
-    pipeline setup next "record:${MG_RECORD_MINUTES:-90}"
-    MG_ENCODE_INIT=$next pipeline encode:3
+    pipeline setup next
+    record_and_encode
     minutes=$(python3 -c "print(round(($(left) - 45) / 60, 2))")
     MG_VAE_STEPS=2500 MG_VAE_ARGS="--init $next --decoder-only --lr 5e-5 --warmup-steps 50 --clip-frames 9 \
       --latent-noise 0.05 --edge-weight 0.5 --gan-weight 0.1 --gan-start 100" \
@@ -115,10 +121,7 @@ EOF
     tar cf - -C /tmp judged | split -b 15M - "$OUT/judged.tar.part" && ls -la "$OUT" ;;
   distill)
     pipeline setup next
-    if [ ! -d "$MG_WORK/runs/encode" ]; then
-      pipeline "record:${MG_RECORD_MINUTES:-90}"
-      MG_ENCODE_INIT=$next pipeline encode:3
-    fi
+    record_and_encode
     minutes=$(python3 -c "print(round(($(left) - 20) / 60, 2))")
     MG_DISTILL_INIT=$next MG_DISTILL_BATCH=16 MG_DISTILL_STEPS=${MG_DISTILL_STEPS:-300} \
       MG_DISTILL_ARGS="$distill_recipe" \
