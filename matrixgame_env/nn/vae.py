@@ -299,8 +299,18 @@ class CausalConv3d(nn.Conv3d):
         """Whether `forward_normed` joins, normalises and adds biases in fused kernels for this input:
         with fusion enabled (or the Triton kernels, `fuses_with_triton`), on channels-last videos, when
         the convolution runs on a joined input (torch's conv3d, oneDNN's or Triton's, not stacked taps)."""
-        fused = fusion_enabled() or self.fuses_with_triton(x)
-        return fused and is_channels_last_video(x) and self._form(x) != "stacked"
+        return self._fused_kind(x) is not None
+
+    def _fused_kind(self, x: torch.Tensor) -> str | None:
+        """How `forward_normed` joins, normalises and adds biases for this input: "triton"
+        (`nn.triton_norm`), "compile" (`nn.fusion`) or None (unfused)."""
+        if self.fuses_with_triton(x):
+            kind = "triton"
+        elif fusion_enabled():
+            kind = "compile"
+        else:
+            return None
+        return kind if is_channels_last_video(x) and self._form(x) != "stacked" else None
 
     def fuses_with_triton(self, x: torch.Tensor) -> bool:
         """Whether the norm, SiLU and join before this convolution run as one Triton kernel
@@ -329,7 +339,8 @@ class CausalConv3d(nn.Conv3d):
         convolution's own bias out (for the caller to add in its next fused kernel): cuDNN adds it to
         channels-last outputs in a pass of its own. Both work on any input (fused or not) except with
         stacked taps."""
-        if not self.takes_fused_input(x) and input_bias is None and add_bias:
+        kind = self._fused_kind(x)
+        if kind is None and input_bias is None and add_bias:
             return self(norm.silu_of(x), cache)
         form = self._form(x)
         if form == "stacked":
@@ -338,7 +349,7 @@ class CausalConv3d(nn.Conv3d):
                 "(set_conv3d_mode('native') or 'onednn'), not stacked taps"
             )
         past = self._past(x, cache)
-        if self.fuses_with_triton(x):
+        if kind == "triton":
             joined = triton_norm.past_and_norm_silu(past, x, norm.gamma, norm.scale, input_bias)
         else:
             joined = channel_rms_norm_silu(x, norm.gamma, norm.scale, past=past, bias=input_bias)
