@@ -86,6 +86,22 @@ def test_reward_stage_ships_the_head_with_the_model(rewarded_model) -> None:
     assert isinstance(head, RewardHead)
 
 
+def test_a_stopped_reward_stage_writes_its_model_and_resumes_to_the_end(tmp_path_factory) -> None:
+    out = tmp_path_factory.mktemp("reward_stopped")
+    data, init = tiny_latents(tmp_path_factory), tiny_model_folder(tmp_path_factory)
+    common = ["--data", str(data), "--init", str(init), "--out", str(out),
+              "--steps", "4", "--batch-size", "4", "--warmup-steps", "1", "--width", "16"]  # fmt: skip
+    train("reward", *common, "--stop-after-steps", "2")
+    result = json.loads((out / "reward" / "result.json").read_text())
+    assert result["step"] == 2 and result["finished"] is False
+    head, settings = load_reward_head(out / "reward" / "model")  # usable before the stage ends
+    assert isinstance(head, RewardHead) and settings["steps"] == 2
+    train("reward", *common, "--resume")
+    result = json.loads((out / "reward" / "result.json").read_text())
+    assert result["step"] == 4 and result["finished"] is True and result["split"] == "val"
+    assert load_reward_head(out / "reward" / "model")[1]["steps"] == 4
+
+
 @pytest.mark.parametrize("target", ["progress", "not_stuck"])
 def test_learned_reward_reads_the_block_latents(rewarded_model, target) -> None:
     reward = LearnedReward(rewarded_model, target=target)

@@ -153,7 +153,8 @@ def evaluate(head: RewardHead, blocks: RewardBlockDataset, batch_size: int, devi
 
 
 def run(args: argparse.Namespace) -> Path:
-    """Run (or continue) the stage; returns OUT/reward/model when all steps are done, else OUT/reward."""
+    """Run (or continue) the stage; returns OUT/reward/model, written at every stop (as the other stages:
+    result.json's `finished` says whether all steps ran; `--resume` continues)."""
     data = existing_dir(args.data, "--data", "give the folder written by `matrixgame-env train encode`")
     try:
         index = read_latent_index(data)
@@ -187,10 +188,6 @@ def run(args: argparse.Namespace) -> Path:
             training.optimize(losses.pop("loss"))
             training.end_step(**losses)
         training.save()
-    if not training.finished:
-        training.close()
-        training.message(f"stopped at step {training.step}/{training.total_steps}; continue with --resume")
-        return training.folder
     if not training.is_main:  # rank 0 evaluates and writes the model folder
         training.close()
         return training.folder / "model"
@@ -213,7 +210,10 @@ def run(args: argparse.Namespace) -> Path:
         training.folder / "model", config, dit, vae, clip, source=source,
         extra_files={HEAD_FILE: lambda path: save_safetensors(state, path)},
     )  # fmt: skip
-    (training.folder / "result.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    result = {"step": training.step, "finished": training.finished, "model": str(folder), **metrics}
+    (training.folder / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     training.message(f"reward head on {metrics['split']}: {json.dumps(metrics)}; model written to {folder}")
+    if not training.finished:
+        training.message(f"stopped at step {training.step}/{training.total_steps}; continue with --resume")
     training.close()
     return folder
