@@ -59,7 +59,7 @@ case ${1:?give train, finish, decoders, judge, distill or student} in
   finish)
     [ -f "$decoder" ] && [ -d "$student" ] || { echo "run the train call first, on this machine" >&2; exit 2; }
     cp "$decoder" "$student/vae.safetensors"
-    MG_REWARD_INIT=$student pipeline reward:1 > "$MG_WORK/reward_stage.txt" 2>&1 &
+    MG_REWARD_INIT=$student pipeline reward:3 > "$MG_WORK/reward_stage.txt" 2>&1 &
     reward_stage=$!
     teacher_eval=""
     if [ "${MG_TEACHER_EVAL:-1}" = 1 ]; then  # 0: the student alone (the teacher's row is known)
@@ -82,7 +82,7 @@ EOF
     fi
     wait "$reward_stage" || echo "the reward stage failed"
     tail -n 3 "$MG_WORK/reward_stage.txt"
-    MG_PACK_MODELS=reward pipeline pack ;;
+    MG_PACK_MODELS="distill reward" pipeline pack ;;  # the student (with the new decoder) and its reward head
   decoders)
     pipeline setup next "record:${MG_RECORD_MINUTES:-90}"
     rm -rf "$pairs" && mkdir -p "$pairs" && ln -s "$MG_WORK/data" "$pairs/data"
