@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import threading
 import traceback
 import warnings
 from collections.abc import Callable
@@ -17,19 +18,15 @@ def count_host_waits(work: Callable[[], object], within: Path = PACKAGE_DIR) -> 
     """Runs `work` under torch's CUDA sync debug mode and counts every operation that made the host
     wait for the GPU (implicit syncs such as `.item()` or uploads from pageable memory, and explicit
     ones), keyed "file.py:line:function" by the innermost frame of the caller's code under `within`
-    (torch names its own frames). Empty where CUDA is absent."""
+    (torch names its own frames; see `wait_site`). Empty where CUDA is absent."""
     counts: collections.Counter = collections.Counter()
     if not torch.cuda.is_available():
         work()
         return counts
 
     def record(message, category, filename, lineno, file=None, line=None) -> None:
-        if "synchroniz" not in str(message).lower():
-            return
-        frames = [f for f in traceback.extract_stack() if Path(f.filename).resolve().is_relative_to(within)]
-        frames = [f for f in frames if Path(f.filename).resolve() != Path(__file__).resolve()]
-        site = frames[-1] if frames else None
-        counts["outside" if site is None else f"{Path(site.filename).name}:{site.lineno}:{site.name}"] += 1
+        if "synchroniz" in str(message).lower():
+            counts[wait_site(traceback.extract_stack(), within)] += 1
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -40,3 +37,20 @@ def count_host_waits(work: Callable[[], object], within: Path = PACKAGE_DIR) -> 
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return counts
+
+
+def wait_site(stack: traceback.StackSummary, within: Path = PACKAGE_DIR) -> str:
+    """The key of one host wait: "file.py:line:function" of the innermost frame under `within`; where
+    no frame is, "outside file.py:line:function" of the innermost frame that is not this module's or
+    the warnings machinery's (the caller's own code, a finaliser run by the garbage collector), with
+    " (thread NAME)" added when the wait came from a thread other than the main one."""
+    own = Path(__file__).resolve()
+    frames = [f for f in stack if Path(f.filename).resolve() != own and Path(f.filename).name != "warnings.py"]
+    inside = [f for f in frames if Path(f.filename).resolve().is_relative_to(within)]
+    site = inside[-1] if inside else (frames[-1] if frames else None)
+    key = "outside" if site is None else f"{Path(site.filename).name}:{site.lineno}:{site.name}"
+    if site is not None and not inside:
+        key = f"outside {key}"
+    if threading.current_thread() is not threading.main_thread():
+        key += f" (thread {threading.current_thread().name})"
+    return key

@@ -1,11 +1,13 @@
 """`nn.transfer.to_device` (uploads without host waits, the values of a plain `.to`) and `count_host_waits`."""
 
+import threading
+import traceback
 from pathlib import Path
 
 import pytest
 import torch
 
-from matrixgame_env.host_waits import count_host_waits
+from matrixgame_env.host_waits import count_host_waits, wait_site
 from matrixgame_env.nn.transfer import async_uploads, set_async_uploads, to_device
 
 
@@ -37,6 +39,27 @@ def test_count_host_waits_runs_the_work_and_finds_none_without_cuda():
     assert calls == [1]
     if not torch.cuda.is_available():
         assert waits == {}
+
+
+def test_a_wait_is_keyed_by_the_innermost_package_frame_else_by_the_callers_own(tmp_path):
+    package, elsewhere = tmp_path / "pkg", tmp_path / "tests"
+
+    def stack(*frames):
+        return traceback.StackSummary.from_list([(str(path), line, name, "") for path, line, name in frames])
+
+    caller = (elsewhere / "test_x.py", 12, "step")
+    inner = (package / "vector.py", 293, "_wait_for_device")
+    torch_frame = (tmp_path / "torch" / "cuda" / "streams.py", 80, "synchronize")
+    assert wait_site(stack(caller, inner, torch_frame), package) == "vector.py:293:_wait_for_device"
+    # No package frame: the innermost frame but the warnings machinery's names where the wait came from.
+    warnings_frame = (tmp_path / "lib" / "warnings.py", 100, "_showwarnmsg")
+    assert wait_site(stack(caller, torch_frame, warnings_frame), package) == "outside streams.py:80:synchronize"
+    assert wait_site(stack(caller), package) == "outside test_x.py:12:step"
+    keys = []
+    worker = threading.Thread(target=lambda: keys.append(wait_site(stack(caller, inner), package)), name="uploader")
+    worker.start()
+    worker.join()
+    assert keys == ["vector.py:293:_wait_for_device (thread uploader)"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
