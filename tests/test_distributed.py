@@ -406,7 +406,8 @@ def test_encode_in_two_processes_writes_the_shards_and_index_of_one_process(runs
 
 def test_a_resumed_two_process_stage_logs_the_losses_of_one_uninterrupted_process(runs) -> None:
     one, two = runs / "reward_one" / "reward", runs / "reward_two" / "reward"
-    assert _logged(two, "step") == [1, 2, 3, 3]  # one line per step and the evaluation, from rank 0 alone
+    # One line per step and one evaluation per stop (the first session stopped after step 1), from rank 0 alone.
+    assert _logged(two, "step") == [1, 1, 2, 3, 3]
     for key in ("progress_mse", "stuck_bce"):  # averaged over both processes: the global batch's means
         assert _logged(two, key) == pytest.approx(_logged(one, key), rel=1e-5), key
     a, b = (read_state_dict(folder / "model" / "reward_head.safetensors") for folder in (one, two))
