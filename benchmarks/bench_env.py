@@ -27,6 +27,7 @@ from common import environment, profile_tables, table, write_json  # noqa: E402
 
 from matrixgame_env.env import MatrixGameEnv  # noqa: E402
 from matrixgame_env.nn import triton_norm  # noqa: E402
+from matrixgame_env.nn.fusion import enable_fusion, fusion_enabled  # noqa: E402
 from matrixgame_env.nn.vae import set_conv3d_mode, set_upsample_mode  # noqa: E402
 from matrixgame_env.vector import MatrixGameVectorEnv  # noqa: E402
 
@@ -54,16 +55,21 @@ def cpu_single(
     upsample: str = "auto",
     fast: bool = True,
     dtype: str = "float32",
+    fused: bool = False,
 ) -> dict:
     set_conv3d_mode(conv3d)
     set_upsample_mode(upsample)
+    was_fused = fusion_enabled()
+    enable_fusion(fused)
     env = MatrixGameEnv(model, device="cpu", fast=fast, action_guidance=guidance, dtype=getattr(torch, dtype))
     channels_last = env.world.vae.decoder_channels_last
     guidance = env.world.sampler.config.action_guidance
     rng = np.random.default_rng(0)
     env.reset(seed=0)
+    started = time.perf_counter()
     for _ in range(warmup):
         env.step(sample_actions(env.action_space, rng))
+    warmup_s = time.perf_counter() - started
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -72,9 +78,13 @@ def cpu_single(
     env.close()
     set_conv3d_mode("auto")
     set_upsample_mode("auto")
+    enable_fusion(was_fused)
     step_s = statistics.median(times)
     layout = ", decoder channels-last" if channels_last else ""
-    setting = f"cpu single env ({dtype}, conv3d {conv3d}{layout}, upsample {upsample}, action guidance {guidance:g})"
+    chains = ", compiled chains" if fused else ""
+    setting = (
+        f"cpu single env ({dtype}, conv3d {conv3d}{layout}{chains}, upsample {upsample}, action guidance {guidance:g})"
+    )
     return {
         "setting": setting,
         "dtype": dtype,
@@ -85,6 +95,8 @@ def cpu_single(
         "upsample": upsample,
         "fast": fast,
         "channels_last": channels_last,
+        "fused_chains": fused,
+        "warmup_s": warmup_s,
     }
 
 
@@ -216,6 +228,13 @@ def main() -> None:
         help="the CPU env's dtype (the whole model); repeat to alternate",
     )
     parser.add_argument(
+        "--cpu-fusion",
+        nargs="+",
+        default=["off"],
+        choices=["off", "on"],
+        help="the CPU env's elementwise chains compiled with torch.compile (nn.fusion); repeat to alternate",
+    )
+    parser.add_argument(
         "--cpu-eager", action="store_true", help="the CPU env with fast=False (the standard decoder layout)"
     )
     parser.add_argument("--gpu-worlds", type=int, nargs="+", default=[1, 4, 16, 64])
@@ -276,10 +295,18 @@ def main() -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     for conv3d in args.cpu_conv3d if args.cpu_steps else []:
-        settings = itertools.product(args.action_guidance, args.upsample, args.cpu_dtypes)
-        for guidance, upsample, dtype in settings:
+        settings = itertools.product(args.action_guidance, args.upsample, args.cpu_dtypes, args.cpu_fusion)
+        for guidance, upsample, dtype, fused in settings:
             row = cpu_single(
-                args.model, args.cpu_steps, args.warmup, conv3d, guidance, upsample, not args.cpu_eager, dtype
+                args.model,
+                args.cpu_steps,
+                args.warmup,
+                conv3d,
+                guidance,
+                upsample,
+                not args.cpu_eager,
+                dtype,
+                fused == "on",
             )
             rows.append(row)
             rows[-1]["threads"] = args.threads
