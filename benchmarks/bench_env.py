@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, profile_tables, table, write_json  # noqa: E402
 
 from matrixgame_env.env import MatrixGameEnv  # noqa: E402
-from matrixgame_env.nn import triton_norm  # noqa: E402
+from matrixgame_env.nn import triton_dit, triton_norm  # noqa: E402
 from matrixgame_env.nn.fusion import enable_fusion, fusion_enabled  # noqa: E402
 from matrixgame_env.nn.vae import set_conv3d_mode, set_upsample_mode  # noqa: E402
 from matrixgame_env.vector import MatrixGameVectorEnv  # noqa: E402
@@ -112,19 +112,23 @@ def gpu_vector(
     decoder_graphs: bool | None = None,
     conv3d: str = "auto",
     triton_norms: bool = True,
+    dit_kernels: bool = False,
 ) -> dict:
     """Steps/s of one vector env; `channels_last` None keeps the env's own decoder layout choice;
-    `triton_norms` runs the decoder's norms and adds as Triton kernels beside its Triton convolutions."""
+    `triton_norms` runs the decoder's norms and adds as Triton kernels beside its Triton convolutions;
+    `dit_kernels` the DiT's elementwise chains as Triton kernels (nn.triton_dit; not under "compile")."""
     set_upsample_mode(upsample)
     set_conv3d_mode(conv3d)
-    norms_before = triton_norm.enabled()
+    norms_before, dit_before = triton_norm.enabled(), triton_dit.enabled()
     triton_norm.set_enabled(triton_norms)
+    triton_dit.set_enabled(dit_kernels)
     env, rng = warm_vector_env(model, worlds, fast, channels_last, guidance, warmup, decoder_graphs=decoder_graphs)
     guidance = env.world.sampler.config.action_guidance
     channels_last = env.world.vae.decoder_channels_last
     decoder_graphs = env.world.decoder_graphs is not None
     triton = env.world.vae.decoder_triton
     fused_norms = triton and triton_norm.enabled()
+    dit_kernels = triton_dit.enabled() and not fusion_enabled()
     t0 = time.perf_counter()
     for _ in range(steps):
         env.step(sample_actions(env.single_action_space, rng, worlds))
@@ -134,10 +138,12 @@ def gpu_vector(
     set_upsample_mode("auto")
     set_conv3d_mode("auto")
     triton_norm.set_enabled(norms_before)
+    triton_dit.set_enabled(dit_before)
     torch.cuda.empty_cache()
     return {
         "setting": f"gpu vector ({FAST_NAMES[fast]}{', decoder channels-last' if channels_last else ''}"
-        f"{', decoder graphs' if decoder_graphs else ''}{', Triton norms' if fused_norms else ''}, "
+        f"{', decoder graphs' if decoder_graphs else ''}{', Triton norms' if fused_norms else ''}"
+        f"{', Triton DiT chains' if dit_kernels else ''}, "
         f"upsample {upsample}, conv3d {conv3d}, "
         f"action guidance {guidance:g})",
         "worlds": worlds,
@@ -146,6 +152,7 @@ def gpu_vector(
         "conv3d": conv3d,
         "decoder_triton": triton,
         "triton_norms": fused_norms,
+        "triton_dit": dit_kernels,
         "decoder_graphs": decoder_graphs,
         "step_s": elapsed / steps,
         "steps_per_s": worlds * steps / elapsed,
@@ -280,6 +287,14 @@ def main() -> None:
         help="the decoder's norms and adds as Triton kernels where its convolutions take Triton (nn.triton_norm)",
     )
     parser.add_argument(
+        "--triton-dit",
+        nargs="+",
+        choices=["on", "off"],
+        default=["off"],
+        help="the DiT's elementwise chains as Triton kernels (nn.triton_dit; no effect under 'compile'); "
+        "repeat to alternate",
+    )
+    parser.add_argument(
         "--gpu-conv3d",
         nargs="+",
         default=["auto"],
@@ -316,13 +331,14 @@ def main() -> None:
         layouts = {"auto": [None], "off": [False], "on": [True], "both": [False, True]}[args.channels_last]
         decoder_graphs = {"auto": [None], "off": [False], "on": [True], "both": [False, True]}[args.decoder_graphs]
         norms = {"on": [True], "off": [False], "both": [False, True]}[args.triton_norms]
+        dit_kernels = [choice == "on" for choice in args.triton_dit]
         for worlds in args.gpu_worlds:
             for path in args.paths:
                 for channels_last in layouts:
                     settings = itertools.product(
-                        args.action_guidance, args.upsample, decoder_graphs, args.gpu_conv3d, norms
+                        args.action_guidance, args.upsample, decoder_graphs, args.gpu_conv3d, norms, dit_kernels
                     )
-                    for guidance, upsample, graphed, conv3d, fused_norms in settings:
+                    for guidance, upsample, graphed, conv3d, fused_norms, dit_fused in settings:
                         row = gpu_vector(
                             args.model,
                             worlds,
@@ -335,6 +351,7 @@ def main() -> None:
                             graphed,
                             conv3d,
                             fused_norms,
+                            dit_fused,
                         )
                         print(table([row], ["setting", "worlds", "steps_per_s", "step_s", "peak_gib"]), flush=True)
                         rows.append(row)

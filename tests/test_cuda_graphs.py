@@ -405,6 +405,30 @@ def test_fast_decoder_options_match_the_eager_decoder(option):
 
 
 @cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_dit_chains_give_the_eager_blocks_eagerly_and_through_graphs(dtype):
+    """The DiT's norms, modulation, gated adds and q/k RMS norm + RoPE as Triton kernels
+    (`nn.triton_dit`): the eager chains' latents within the dtype's rounding, eagerly and replayed."""
+    from matrixgame_env.nn import triton_dit
+
+    world = WorldModel.from_pretrained("doom-small", device="cuda", dtype=dtype)
+    eager_latents, eager_frames, _ = _stream(world, False, 9)
+    before = triton_dit.enabled()
+    triton_dit.set_enabled(True)
+    try:
+        runs = [_stream(world, graphs, 9) for graphs in (False, True)]
+    finally:
+        triton_dit.set_enabled(before)
+    assert runs[1][2] >= 5  # the kernels were captured and replayed
+    for latents, frames, _ in runs:
+        if dtype == torch.float32:  # float32 rounding inside the chains
+            assert (eager_latents - latents).abs().max() <= 1e-4 * eager_latents.abs().max()
+        else:  # bf16 roundings that land apart now and then, carried over nine blocks
+            assert (eager_latents - latents).norm() / eager_latents.norm() < 2e-2
+        assert (eager_frames.int() - frames.int()).abs().float().mean() < 1.0
+
+
+@cuda
 def test_triton_norms_decode_like_the_eager_decoder_and_through_decoder_graphs():
     """The decoder's norms and adds as Triton kernels (`nn.triton_norm`) beside its Triton
     convolutions, eagerly and replayed from CUDA graphs: the eager decoder's frames within bf16."""

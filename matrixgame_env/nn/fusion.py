@@ -19,6 +19,8 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 
+from . import triton_dit
+
 _enabled = False
 _compiled: dict[Callable, Callable] = {}
 _given_up: set[Callable] = set()
@@ -48,15 +50,21 @@ def fusion_enabled() -> bool:
     return _enabled
 
 
-def fusable(fn: Fn | None = None, *, dynamic: bool | None = False) -> Fn:
+def fusable(fn: Fn | None = None, *, dynamic: bool | None = False, kernel: Callable | None = None) -> Fn:
     """Mark a pure tensor function as a fusion candidate. `dynamic` as for `torch.compile`: False
     compiles once per shape; None compiles shape-generic code once a second shape shows up (for
-    functions called at many shapes, such as the decoder's layers at every resolution)."""
+    functions called at many shapes, such as the decoder's layers at every resolution). `kernel`: the
+    same function as a Triton kernel (`nn.triton_dit`), run where compiling is off, the kernels are
+    switched on and it applies (it returns None where not)."""
 
     def decorate(fn: Fn) -> Fn:
         @functools.wraps(fn)
         def call(*args, **kwargs):
             if not _enabled or fn in _given_up:
+                if kernel is not None and triton_dit.enabled():
+                    out = kernel(*args, **kwargs)
+                    if out is not None:
+                        return out
                 return fn(*args, **kwargs)
             compiled = _compiled.get(fn)
             if compiled is None:
@@ -76,7 +84,7 @@ def fusable(fn: Fn | None = None, *, dynamic: bool | None = False) -> Fn:
     return decorate(fn) if fn is not None else decorate  # type: ignore[return-value]
 
 
-@fusable
+@fusable(kernel=triton_dit.norm_modulate)
 def norm_modulate(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, num_frames: int, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -86,7 +94,7 @@ def norm_modulate(
     return (h * (1 + scale[:, :, None]) + shift[:, :, None]).view(batch, tokens, dim).to(dtype)
 
 
-@fusable
+@fusable(kernel=triton_dit.gated_add)
 def gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, num_frames: int) -> torch.Tensor:
     """x + y * gate per frame (x float32 [B, F*S, D], y any dtype, gate [B, F, D])."""
     batch, tokens, dim = x.shape
@@ -94,7 +102,7 @@ def gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, num_frames: 
     return x + update.view(batch, tokens, dim)
 
 
-@fusable
+@fusable(kernel=triton_dit.affine_norm)
 def affine_norm(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -102,7 +110,7 @@ def affine_norm(
     return F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).to(dtype)
 
 
-@fusable
+@fusable(kernel=triton_dit.rms_norm_rope)
 def rms_norm_rope(
     t: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, heads: int
 ) -> torch.Tensor:

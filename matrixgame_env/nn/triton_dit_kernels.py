@@ -1,0 +1,141 @@
+"""The Triton kernels of `nn.triton_dit` (this module imports Triton: load it only where Triton is
+installed; `triton_dit` does so on first use). Each program takes BLOCK_R token rows of D values."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def token_tile(rows, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    # Rows pid*BLOCK_R .. of a contiguous [rows, D] tensor: row indices, columns, masks, offsets.
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    column_ok = d < D
+    mask = (r < rows)[:, None] & column_ok[None, :]
+    return r, d, column_ok, mask, r[:, None] * D + d[None, :]
+
+
+@triton.jit
+def layer_norm_rows(x, mask, eps, D: tl.constexpr):
+    # LayerNorm without affine over each row (biased variance, as torch's), float32.
+    mean = tl.sum(x, axis=1) / D
+    centred = tl.where(mask, x - mean[:, None], 0.0)
+    variance = tl.sum(centred * centred, axis=1) / D
+    return centred / tl.sqrt(variance + eps)[:, None]
+
+
+@triton.jit
+def norm_modulate_rows(
+    x_ptr,
+    shift_ptr,
+    scale_ptr,
+    y_ptr,
+    rows,
+    tokens,
+    frame_tokens,
+    shift_batch_stride,
+    shift_frame_stride,
+    scale_batch_stride,
+    scale_frame_stride,
+    eps,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    r, d, column_ok, mask, offsets = token_tile(rows, D, BLOCK_D, BLOCK_R)
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    h = layer_norm_rows(x, mask, eps, D)
+    batch = r // tokens
+    frame = (r % tokens) // frame_tokens
+    at = d[None, :]
+    scale = tl.load(scale_ptr + (batch * scale_batch_stride + frame * scale_frame_stride)[:, None] + at, mask=mask)
+    shift = tl.load(shift_ptr + (batch * shift_batch_stride + frame * shift_frame_stride)[:, None] + at, mask=mask)
+    y = h * (1 + scale.to(tl.float32)) + shift.to(tl.float32)
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def gated_add_rows(
+    x_ptr,
+    y_ptr,
+    gate_ptr,
+    out_ptr,
+    rows,
+    tokens,
+    frame_tokens,
+    gate_batch_stride,
+    gate_frame_stride,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    r, d, column_ok, mask, offsets = token_tile(rows, D, BLOCK_D, BLOCK_R)
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    gate_row = (r // tokens) * gate_batch_stride + ((r % tokens) // frame_tokens) * gate_frame_stride
+    gate = tl.load(gate_ptr + gate_row[:, None] + d[None, :], mask=mask).to(tl.float32)
+    tl.store(out_ptr + offsets, (x + y * gate).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def affine_norm_rows(
+    x_ptr,
+    weight_ptr,
+    bias_ptr,
+    y_ptr,
+    rows,
+    eps,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    r, d, column_ok, mask, offsets = token_tile(rows, D, BLOCK_D, BLOCK_R)
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    h = layer_norm_rows(x, mask, eps, D)
+    weight = tl.load(weight_ptr + d, mask=column_ok, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + d, mask=column_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offsets, (h * weight[None, :] + bias[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def rms_norm_rope_rows(
+    t_ptr,
+    weight_ptr,
+    cos_ptr,
+    sin_ptr,
+    y_ptr,
+    rows,
+    length,
+    rotation_stride,
+    eps,
+    D: tl.constexpr,
+    PAIRS_PER_HEAD: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    ROUND_PRODUCT: tl.constexpr,
+):
+    # A row of D values as D/2 pairs (2j, 2j+1) = (real, imaginary), pair j of head j // PAIRS_PER_HEAD.
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    j = tl.arange(0, BLOCK_P)
+    pair_ok = j < D // 2
+    mask = (r < rows)[:, None] & pair_ok[None, :]
+    even = r[:, None] * D + 2 * j[None, :]
+    real = tl.load(t_ptr + even, mask=mask, other=0.0).to(tl.float32)
+    imag = tl.load(t_ptr + even + 1, mask=mask, other=0.0).to(tl.float32)
+    inverse_rms = 1.0 / tl.sqrt((tl.sum(real * real, axis=1) + tl.sum(imag * imag, axis=1)) / D + eps)
+    # As the eager chain: the normalised row rounded to t's dtype, then times the weight (rounded
+    # again where the product stays in t's dtype), then rotated in float32.
+    dtype = t_ptr.dtype.element_ty
+    real = (real * inverse_rms[:, None]).to(dtype).to(tl.float32)
+    imag = (imag * inverse_rms[:, None]).to(dtype).to(tl.float32)
+    real = real * tl.load(weight_ptr + 2 * j, mask=pair_ok, other=0.0).to(tl.float32)[None, :]
+    imag = imag * tl.load(weight_ptr + 2 * j + 1, mask=pair_ok, other=0.0).to(tl.float32)[None, :]
+    if ROUND_PRODUCT:
+        real = real.to(dtype).to(tl.float32)
+        imag = imag.to(dtype).to(tl.float32)
+    angle = ((r % length) * rotation_stride)[:, None] + (j % PAIRS_PER_HEAD)[None, :]
+    cos = tl.load(cos_ptr + angle, mask=mask, other=1.0)
+    sin = tl.load(sin_ptr + angle, mask=mask, other=0.0)
+    out_dtype = y_ptr.dtype.element_ty
+    tl.store(y_ptr + even, (real * cos - imag * sin).to(out_dtype), mask=mask)
+    tl.store(y_ptr + even + 1, (imag * cos + real * sin).to(out_dtype), mask=mask)

@@ -1,0 +1,177 @@
+"""The DiT's fused elementwise kernels (`nn.triton_dit`) against float64 references and in a DiT.
+
+As in tests/test_triton_conv.py, Triton's interpreter (TRITON_INTERPRET=1, read when a kernel is
+defined) runs the kernels on CPU tensors in a subprocess of their own; bfloat16 and the speed are
+GPU matters (tests/test_cuda_graphs.py, benchmarks/)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from matrixgame_env.nn import fusion, triton_dit
+
+pytest.importorskip("triton", reason="the kernels' checks need Triton (installed with the dev extras)")
+
+from test_triton_conv import run_interpreted  # noqa: E402  (after the skip: it imports Triton's checks)
+
+# For interpreted processes: float64 references of the four chains, and the relative error of one
+# rounding to each dtype.
+REFERENCES = """
+import torch
+from matrixgame_env.nn import triton_dit as td
+RELATIVE = {torch.float32: 2.0**-22, torch.float16: 2.0**-10}
+def layer_norm(x):
+    x = x.double()
+    centred = x - x.mean(-1, keepdim=True)
+    return centred / (centred.square().mean(-1, keepdim=True) + 1e-6).sqrt()
+def per_frame(t, frames):
+    return t.double()[:, :, None]  # [B, F, 1, D] against tokens [B, F, S, D]
+def assert_close(y, ref, dtype, label, slack=1e-5):
+    assert y.shape == ref.shape and y.dtype == dtype, (label, y.shape, ref.shape, y.dtype)
+    err = ((y.double() - ref).abs() - ref.abs() * RELATIVE[dtype]).max().item()
+    assert err <= slack, (label, err)
+"""
+
+
+def test_norm_modulate_and_gated_add_match_float64_with_per_frame_views():
+    out = run_interpreted(
+        """
+        g = torch.Generator().manual_seed(0)
+        for dim in (16, 24, 96):
+            for dtype in (torch.float32, torch.float16):
+                batch, frames, spatial = 2, 3, 5
+                x = torch.randn(batch, frames * spatial, dim, generator=g) * 3 + 1
+                mod = torch.randn(batch, frames, 6, dim, generator=g)  # as the DiT's: six views of one tensor
+                shift, scale, gate = mod[:, :, 0], mod[:, :, 1], mod[:, :, 2]
+                y = td.norm_modulate(x, shift, scale, 1e-6, frames, dtype)
+                h = layer_norm(x).view(batch, frames, spatial, dim)
+                ref = (h * (1 + per_frame(scale, frames)) + per_frame(shift, frames)).view(x.shape)
+                assert_close(y, ref, dtype, ("norm_modulate", dim, dtype))
+                branch = torch.randn(batch, frames * spatial, dim, generator=g).to(dtype)
+                z = td.gated_add(x, branch, gate, frames)
+                update = branch.double().view(batch, frames, spatial, dim) * per_frame(gate, frames)
+                assert_close(z, x.double() + update.view(x.shape), torch.float32, ("gated_add", dim, dtype))
+        print("ok")
+        """,
+        prelude=REFERENCES,
+    )
+    assert out.strip().endswith("ok")
+
+
+def test_affine_norm_and_rms_norm_rope_match_float64():
+    out = run_interpreted(
+        """
+        from matrixgame_env.nn.rope import Rotation
+        g = torch.Generator().manual_seed(1)
+        for dim, heads in ((16, 2), (24, 2), (96, 4)):
+            for dtype in (torch.float32, torch.float16):
+                x = torch.randn(2, 7, dim, generator=g) * 2 - 1
+                weight, bias = 1 + 0.1 * torch.randn(dim, generator=g), torch.randn(dim, generator=g)
+                y = td.affine_norm(x, weight, bias, 1e-6, dtype)
+                assert_close(y, layer_norm(x) * weight.double() + bias.double(), dtype, ("affine_norm", dim, dtype))
+
+                t = (torch.randn(2, 7, dim, generator=g) * 4).to(dtype)
+                w = (1 + 0.1 * torch.randn(dim, generator=g)).to(dtype)
+                pairs = dim // heads // 2
+                rotation = Rotation(torch.rand(7, pairs, generator=g) * 6)
+                y = td.rms_norm_rope(t, w, 1e-6, rotation.cos, rotation.sin, heads)
+                # float64, with the eager chain's two roundings to t's dtype (normalised, then weighted)
+                td64 = t.double()
+                normed = (td64 / (td64.square().mean(-1, keepdim=True) + 1e-6).sqrt()).to(dtype).double()
+                normed = (normed * w.double()).to(dtype).double().view(2, 7, heads, 2 * pairs)
+                real, imag = normed[..., 0::2], normed[..., 1::2]
+                cos, sin = rotation.cos.double(), rotation.sin.double()
+                ref = torch.stack((real * cos - imag * sin, imag * cos + real * sin), dim=-1).flatten(-2)
+                # the roundings inside the chain can land one unit apart from float64's
+                assert_close(y, ref, dtype, ("rms_norm_rope", dim, dtype), slack=4 * RELATIVE[dtype] * 8)
+        print("ok")
+        """,
+        prelude=REFERENCES,
+    )
+    assert out.strip().endswith("ok")
+
+
+def test_the_kernels_decline_what_they_do_not_take():
+    """Outside the interpreter CPU tensors are the eager chains' (None); so are tensors needing gradients."""
+    x = torch.randn(1, 6, 8)
+    mod = torch.randn(1, 2, 8)
+    assert triton_dit.norm_modulate(x, mod, mod, 1e-6, 2, torch.float32) is None
+    assert triton_dit.gated_add(x, x, mod, 2) is None
+    out = run_interpreted(
+        """
+        x = torch.randn(1, 6, 8, requires_grad=True)
+        mod = torch.randn(1, 2, 8)
+        assert td.norm_modulate(x, mod, mod, 1e-6, 2, torch.float32) is None  # needs gradients
+        with torch.no_grad():
+            assert td.norm_modulate(x, mod, mod, 1e-6, 2, torch.float32) is not None
+        assert td.norm_modulate(x.detach(), mod, mod, 1e-6, 4, torch.float32) is None  # 6 tokens, 4 frames
+        assert td.gated_add(x.detach().half(), x.detach(), mod, 2) is None  # the eager add would promote
+        print("ok")
+        """,
+        prelude=REFERENCES,
+    )
+    assert out.strip().endswith("ok")
+
+
+def test_a_streaming_dit_with_the_kernels_gives_the_eager_blocks():
+    """A tiny DiT (action modules, KV cache, three blocks) through the sampler: the chains run the kernels
+    (each of the four called) and the latents match the eager chains' to float32 rounding."""
+    out = run_interpreted(
+        """
+        import sys
+        sys.path.insert(0, "tests")
+        from tiny import tiny_dit
+        from matrixgame_env.world.sampler import SamplerConfig, StreamingSampler
+        calls = {}
+        launched = td._kernels()
+        class Counted:  # the kernels as launched, each launch counted by name
+            def __getattr__(self, name):
+                kernel = getattr(launched, name)
+                class Launch:
+                    def __getitem__(self, grid):
+                        calls[name] = calls.get(name, 0) + 1
+                        return kernel[grid]
+                return Launch()
+        td._kernels = Counted
+        def run(kernels):
+            td.set_enabled(kernels)
+            model = tiny_dit()
+            sampler = StreamingSampler(model, SamplerConfig(), latent_size=(4, 8))
+            g = torch.Generator().manual_seed(1)
+            image, context = torch.randn(1, 16, 2, 4, 8, generator=g), torch.randn(1, 5, 1280, generator=g)
+            state = sampler.start(image, context, seed=3)
+            blocks = []
+            with torch.no_grad():
+                for k in range(3):
+                    frames = sampler.video_frames_for_block(state)
+                    keyboard = (torch.rand(1, frames, 4, generator=g) > 0.5).float()
+                    mouse = 0.1 * torch.randn(1, frames, 2, generator=g)
+                    blocks.append(sampler.step(state, keyboard, mouse))
+            return torch.cat(blocks, dim=2)
+        eager = run(False)
+        assert not calls, calls
+        fused = run(True)
+        assert set(calls) == {"norm_modulate_rows", "gated_add_rows", "affine_norm_rows", "rms_norm_rope_rows"}, calls
+        scale = eager.abs().max().item()
+        err = (fused - eager).abs().max().item()
+        assert err <= 1e-5 * scale, (err, scale)  # float32 rounding (about 2e-7 of the scale here)
+        print("ok", calls, err, scale)
+        """,
+        prelude=REFERENCES,
+    )
+    assert out.strip().splitlines()[-1].startswith("ok"), out
+
+
+def test_the_switch_is_off_by_default_and_fusion_routes_through_it():
+    assert not triton_dit.enabled()
+    x = torch.randn(1, 6, 8)
+    mod = torch.randn(1, 2, 8)
+    triton_dit.set_enabled(True)
+    try:  # on the CPU outside the interpreter the kernels decline: the eager chain runs
+        torch.testing.assert_close(
+            fusion.norm_modulate(x, mod, mod, 1e-6, 2, torch.float32),
+            fusion.norm_modulate.__wrapped__(x, mod, mod, 1e-6, 2, torch.float32),
+        )
+    finally:
+        triton_dit.set_enabled(False)
