@@ -92,6 +92,41 @@ def test_affine_norm_and_rms_norm_rope_match_float64():
     assert out.strip().endswith("ok")
 
 
+def test_the_action_modules_queries_and_temporal_qkv_match_float64():
+    out = run_interpreted(
+        """
+        g = torch.Generator().manual_seed(2)
+        def normalize_rotate(t, cos, sin):  # float64: RMS norm over the last dim, then RoPE on pairs
+            t = t.double()
+            t = t / (t.square().mean(-1, keepdim=True) + 1e-6).sqrt()
+            real, imag = t[..., 0::2], t[..., 1::2]
+            return torch.stack((real * cos - imag * sin, imag * cos + real * sin), dim=-1).flatten(-2)
+        for heads, head_dim in ((2, 8), (4, 12)):
+            for dtype in (torch.float32, torch.float16):
+                batch, frames, spatial = 2, 3, 5
+                cos, sin = [f(torch.rand(frames, 1, head_dim // 2, generator=g) * 6) for f in (torch.cos, torch.sin)]
+                q = (torch.randn(batch, frames * spatial, heads * head_dim, generator=g) * 3).to(dtype)
+                y = td.keyboard_queries(q, cos, sin, 1e-6, frames, heads)
+                per_frame = q.view(batch, frames, spatial, heads, head_dim)
+                c, s = cos.double()[None, :, None], sin.double()[None, :, None]
+                ref = normalize_rotate(per_frame, c, s).view(batch, frames * spatial, heads, head_dim)
+                assert_close(y, ref, dtype, ("keyboard_queries", heads, dtype))
+
+                qkv = (torch.randn(batch, frames, spatial, 3 * heads * head_dim, generator=g) * 2).to(dtype)
+                qkv = qkv.view(batch, frames, spatial, 3, heads, head_dim)  # as the mouse branch's projection
+                q, k, v = td.mouse_temporal_qkv(qkv, cos, sin, 1e-6)
+                per_location = qkv.permute(0, 2, 1, 3, 4, 5).reshape(batch * spatial, frames, 3, heads, head_dim)
+                for got, which in ((q, 0), (k, 1)):
+                    ref = normalize_rotate(per_location[:, :, which], cos.double(), sin.double())
+                    assert_close(got, ref, dtype, ("mouse_temporal_qkv", which, heads, dtype))
+                assert torch.equal(v, per_location[:, :, 2]) and v.is_contiguous()
+        print("ok")
+        """,
+        prelude=REFERENCES,
+    )
+    assert out.strip().endswith("ok")
+
+
 def test_the_kernels_decline_what_they_do_not_take():
     """Outside the interpreter CPU tensors are the eager chains' (None); so are tensors needing gradients."""
     x = torch.randn(1, 6, 8)
@@ -116,7 +151,8 @@ def test_the_kernels_decline_what_they_do_not_take():
 
 def test_a_streaming_dit_with_the_kernels_gives_the_eager_blocks():
     """A tiny DiT (action modules, KV cache, three blocks) through the sampler: the chains run the kernels
-    (each of the four called) and the latents match the eager chains' to float32 rounding."""
+    (each kernel called, the action modules' q/k chains too) and the latents match the eager chains' to
+    float32 rounding."""
     out = run_interpreted(
         """
         import sys
@@ -153,6 +189,10 @@ def test_a_streaming_dit_with_the_kernels_gives_the_eager_blocks():
         assert not calls, calls
         fused = run(True)
         assert set(calls) == {"norm_modulate_rows", "gated_add_rows", "affine_norm_rows", "rms_norm_rope_rows"}, calls
+        # q and k of the DiT (2 a layer), the keyboard's queries and the mouse's q and k (3 in each of the
+        # two layers with action modules): 12 a pass of the 3-layer DiT
+        passes = calls["norm_modulate_rows"] // 6
+        assert calls["rms_norm_rope_rows"] == 12 * passes, calls
         scale = eager.abs().max().item()
         err = (fused - eager).abs().max().item()
         assert err <= 1e-5 * scale, (err, scale)  # float32 rounding (about 2e-7 of the scale here)

@@ -229,7 +229,7 @@ def _normalize_rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps
     return rotate_pairs(tf * torch.rsqrt(tf.pow(2).mean(dim=-1, keepdim=True) + eps), cos, sin).to(t.dtype)
 
 
-@fusable
+@fusable(kernel=triton_dit.mouse_temporal_qkv)
 def mouse_temporal_qkv(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -242,7 +242,7 @@ def mouse_temporal_qkv(
     return _normalize_rotate(q, cos, sin, eps), _normalize_rotate(k, cos, sin, eps), v.contiguous()
 
 
-@fusable
+@fusable(kernel=triton_dit.keyboard_queries)
 def keyboard_queries(
     q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float, num_frames: int, heads: int
 ) -> torch.Tensor:

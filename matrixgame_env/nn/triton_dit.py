@@ -2,12 +2,14 @@
 
 Around its matrix products every DiT block runs short chains over its tokens: a LayerNorm in float32
 followed by the per-frame modulation, the gated residual add, the affine LayerNorm before the cross
-attention, and the RMS norm of q and k followed by RoPE. Eagerly each chain is 3 to 12 kernels, each a
-pass over all tokens (the RMS norm and RoPE of q and k the most: casts, squares, a mean, products,
-the rotation's pairs); `torch.compile` fuses them (`fast="compile"`) but compiles again for every new
-batch size. These kernels run each chain in one pass, for any shape: a program takes BLOCK_R tokens'
-rows of D values. The same functions as `nn.fusion`'s `norm_modulate`, `gated_add`, `affine_norm`
-and `rms_norm_rope` up to float32 rounding (rounded to the model's dtype where those chains round).
+attention, and the RMS norm of q and k followed by RoPE (in the action modules too: the keyboard's
+queries, the mouse branch's temporal q and k). Eagerly each chain is 3 to 15 kernels, each a pass over
+all tokens (the RMS norms with RoPE the most: casts, squares, a mean, products, the rotation's pairs);
+`torch.compile` fuses them (`fast="compile"`) but compiles again for every new batch size. These
+kernels run each chain in one pass, for any shape: a program takes BLOCK_R rows of values. The same
+functions as `nn.fusion`'s `norm_modulate`, `gated_add`, `affine_norm`, `rms_norm_rope`,
+`keyboard_queries` and `mouse_temporal_qkv` up to float32 rounding (rounded to the model's dtype
+where those chains round).
 
 Off by default (`set_enabled`) until measured on a GPU. Each function returns None where it does not
 apply (CPU tensors outside Triton's interpreter, tensors that need gradients, other dtypes or
@@ -136,6 +138,44 @@ def affine_norm(
     return out
 
 
+def _angles_fit(cos: torch.Tensor, sin: torch.Tensor, length: int, pairs: int) -> bool:
+    """Whether cos/sin are [length, 1, pairs] float32 with contiguous rows and the same strides."""
+    return all(
+        a.shape == (length, 1, pairs) and a.dtype == torch.float32 and a.stride(2) == 1 for a in (cos, sin)
+    ) and cos.stride(0) == sin.stride(0)
+
+
+def _rms_rope(
+    source: torch.Tensor,
+    out: torch.Tensor,
+    weight: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+    layout: tuple[int, int, int, int, int, int, int],
+    angle_div: int,
+    angle_mod: int,
+    pairs_per_head: int,
+    round_normed: bool = False,
+) -> None:
+    """Launch `rms_norm_rope_rows` over `out`'s rows of W = out.shape[-1] values. layout: (heads, frames,
+    locations, and the head, frame, location and batch strides) by which output rows read `source`."""
+    width = out.shape[-1]
+    rows = out.numel() // width
+    if rows == 0:
+        return
+    dtype = source.dtype
+    round_product = weight is not None and dtype != torch.float32 and torch.promote_types(dtype, weight.dtype) == dtype
+    block_p, block_r, grid = _row_launch(width // 2, rows)
+    weight = source if weight is None else weight.detach().reshape(-1).contiguous()
+    _kernels().rms_norm_rope_rows[grid](
+        source, weight, cos, sin, out, rows, *layout, angle_div, angle_mod, cos.stride(0), float(eps),
+        W=width, PAIRS_PER_HEAD=pairs_per_head, BLOCK_P=block_p, BLOCK_R=block_r,
+        HAS_WEIGHT=weight is not source, ROUND_NORMED=round_normed and dtype != torch.float32,
+        ROUND_PRODUCT=round_product,
+    )  # fmt: skip
+
+
 def rms_norm_rope(
     t: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, heads: int
 ) -> torch.Tensor | None:
@@ -144,23 +184,48 @@ def rms_norm_rope(
     if t.dim() != 3 or not _applies(t, weight, cos, sin):
         return None
     batch, length, dim = t.shape
-    if dim % (2 * heads) or weight.numel() != dim:
-        return None
-    pairs = dim // heads // 2
-    for angles in (cos, sin):
-        if angles.shape != (length, 1, pairs) or angles.dtype != torch.float32 or angles.stride(2) != 1:
-            return None
-    if cos.stride(0) != sin.stride(0):
+    if dim % (2 * heads) or weight.numel() != dim or not _angles_fit(cos, sin, length, dim // heads // 2):
         return None
     t = t.contiguous()
     out = torch.empty((batch, length, heads, dim // heads), device=t.device, dtype=t.dtype)
-    rows = batch * length
-    if rows == 0:
-        return out
-    block_p, block_r, grid = _row_launch(dim // 2, rows)
-    round_product = t.dtype != torch.float32 and torch.promote_types(t.dtype, weight.dtype) == t.dtype
-    _kernels().rms_norm_rope_rows[grid](
-        t, weight.detach().reshape(-1).contiguous(), cos, sin, out, rows, length, cos.stride(0), float(eps),
-        D=dim, PAIRS_PER_HEAD=pairs, BLOCK_P=block_p, BLOCK_R=block_r, ROUND_PRODUCT=round_product,
-    )  # fmt: skip
+    flat = out.view(batch, length, dim)  # rows of D values, normalised together
+    _rms_rope(t, flat, weight, cos, sin, eps, (1, 1, 1, 0, 0, 0, dim), 1, length, dim // heads // 2, True)
     return out
+
+
+def keyboard_queries(
+    q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float, num_frames: int, heads: int
+) -> torch.Tensor | None:
+    """`nn.fusion.keyboard_queries` in one kernel, or None where it does not apply."""
+    if q.dim() != 3 or not _applies(q, cos, sin):
+        return None
+    batch, tokens, width = q.shape
+    if tokens % num_frames or width % (2 * heads) or not _angles_fit(cos, sin, num_frames, width // heads // 2):
+        return None
+    q = q.contiguous()
+    head_dim = width // heads
+    out = torch.empty((batch, tokens, heads, head_dim), device=q.device, dtype=q.dtype)
+    spatial = tokens // num_frames  # rows of one head; a token's frame picks its angles
+    _rms_rope(q, out, None, cos, sin, eps, (1, 1, 1, 0, 0, 0, head_dim), heads * spatial, num_frames, head_dim // 2)
+    return out
+
+
+def mouse_temporal_qkv(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """`nn.fusion.mouse_temporal_qkv`: q and k gathered into [B*S, F, heads, hd], normalised and rotated
+    in one kernel each, v gathered by one copy; or None where it does not apply."""
+    if qkv.dim() != 6 or qkv.shape[3] != 3 or qkv.stride(5) != 1 or not _applies(qkv, cos, sin):
+        return None
+    batch, frames, spatial, _, heads, head_dim = qkv.shape
+    if head_dim % 2 or not _angles_fit(cos, sin, frames, head_dim // 2):
+        return None
+    strides = qkv.stride()
+    layout = (heads, frames, spatial, strides[4], strides[1], strides[2], strides[0])
+    results = []
+    for which in (0, 1):
+        out = torch.empty((batch * spatial, frames, heads, head_dim), device=qkv.device, dtype=qkv.dtype)
+        _rms_rope(qkv[:, :, :, which], out, None, cos, sin, eps, layout, heads, frames, head_dim // 2)
+        results.append(out)
+    v = qkv[:, :, :, 2].permute(0, 2, 1, 3, 4).reshape(batch * spatial, frames, heads, head_dim)
+    return results[0], results[1], v.contiguous()

@@ -105,37 +105,61 @@ def rms_norm_rope_rows(
     sin_ptr,
     y_ptr,
     rows,
-    length,
+    heads,
+    frames,
+    locations,
+    head_stride,
+    frame_stride,
+    location_stride,
+    batch_stride,
+    angle_div,
+    angle_mod,
     rotation_stride,
     eps,
-    D: tl.constexpr,
+    W: tl.constexpr,
     PAIRS_PER_HEAD: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    ROUND_NORMED: tl.constexpr,
     ROUND_PRODUCT: tl.constexpr,
 ):
-    # A row of D values as D/2 pairs (2j, 2j+1) = (real, imaginary), pair j of head j // PAIRS_PER_HEAD.
+    # Output row r (W contiguous values, normalised together) reads input row
+    # (r % heads, r // heads % frames, r // (heads * frames) % locations, r // (heads * frames * locations))
+    # through the given strides; its values are pairs (2j, 2j+1) = (real, imaginary), rotated by
+    # angle row (r // angle_div) % angle_mod, pair j % PAIRS_PER_HEAD.
     r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     j = tl.arange(0, BLOCK_P)
-    pair_ok = j < D // 2
+    pair_ok = j < W // 2
     mask = (r < rows)[:, None] & pair_ok[None, :]
-    even = r[:, None] * D + 2 * j[None, :]
-    real = tl.load(t_ptr + even, mask=mask, other=0.0).to(tl.float32)
-    imag = tl.load(t_ptr + even + 1, mask=mask, other=0.0).to(tl.float32)
-    inverse_rms = 1.0 / tl.sqrt((tl.sum(real * real, axis=1) + tl.sum(imag * imag, axis=1)) / D + eps)
-    # As the eager chain: the normalised row rounded to t's dtype, then times the weight (rounded
-    # again where the product stays in t's dtype), then rotated in float32.
+    per_frame = r // heads
+    per_location = per_frame // frames
+    source = (
+        (r % heads) * head_stride
+        + (per_frame % frames) * frame_stride
+        + (per_location % locations) * location_stride
+        + (per_location // locations) * batch_stride
+    )
+    first = source[:, None] + 2 * j[None, :]
+    real = tl.load(t_ptr + first, mask=mask, other=0.0).to(tl.float32)
+    imag = tl.load(t_ptr + first + 1, mask=mask, other=0.0).to(tl.float32)
+    inverse_rms = 1.0 / tl.sqrt((tl.sum(real * real, axis=1) + tl.sum(imag * imag, axis=1)) / W + eps)
+    real = real * inverse_rms[:, None]
+    imag = imag * inverse_rms[:, None]
     dtype = t_ptr.dtype.element_ty
-    real = (real * inverse_rms[:, None]).to(dtype).to(tl.float32)
-    imag = (imag * inverse_rms[:, None]).to(dtype).to(tl.float32)
-    real = real * tl.load(weight_ptr + 2 * j, mask=pair_ok, other=0.0).to(tl.float32)[None, :]
-    imag = imag * tl.load(weight_ptr + 2 * j + 1, mask=pair_ok, other=0.0).to(tl.float32)[None, :]
-    if ROUND_PRODUCT:
+    if ROUND_NORMED:  # as the DiT's chain: rounded to t's dtype before the weight
         real = real.to(dtype).to(tl.float32)
         imag = imag.to(dtype).to(tl.float32)
-    angle = ((r % length) * rotation_stride)[:, None] + (j % PAIRS_PER_HEAD)[None, :]
+    if HAS_WEIGHT:
+        real = real * tl.load(weight_ptr + 2 * j, mask=pair_ok, other=0.0).to(tl.float32)[None, :]
+        imag = imag * tl.load(weight_ptr + 2 * j + 1, mask=pair_ok, other=0.0).to(tl.float32)[None, :]
+    if ROUND_PRODUCT:  # the product stays in t's dtype there
+        real = real.to(dtype).to(tl.float32)
+        imag = imag.to(dtype).to(tl.float32)
+    angle = ((r // angle_div) % angle_mod * rotation_stride)[:, None] + (j % PAIRS_PER_HEAD)[None, :]
     cos = tl.load(cos_ptr + angle, mask=mask, other=1.0)
     sin = tl.load(sin_ptr + angle, mask=mask, other=0.0)
     out_dtype = y_ptr.dtype.element_ty
-    tl.store(y_ptr + even, (real * cos - imag * sin).to(out_dtype), mask=mask)
-    tl.store(y_ptr + even + 1, (imag * cos + real * sin).to(out_dtype), mask=mask)
+    target = r[:, None] * W + 2 * j[None, :]
+    tl.store(y_ptr + target, (real * cos - imag * sin).to(out_dtype), mask=mask)
+    tl.store(y_ptr + target + 1, (imag * cos + real * sin).to(out_dtype), mask=mask)
