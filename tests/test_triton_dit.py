@@ -59,7 +59,7 @@ def test_norm_modulate_and_gated_add_match_float64_with_per_frame_views():
     assert out.strip().endswith("ok")
 
 
-def test_affine_norm_and_rms_norm_rope_match_float64():
+def test_affine_norm_rms_norm_and_rms_norm_rope_match_float64():
     out = run_interpreted(
         """
         from matrixgame_env.nn.rope import Rotation
@@ -85,6 +85,11 @@ def test_affine_norm_and_rms_norm_rope_match_float64():
                 ref = torch.stack((real * cos - imag * sin, imag * cos + real * sin), dim=-1).flatten(-2)
                 # the roundings inside the chain can land one unit apart from float64's
                 assert_close(y, ref, dtype, ("rms_norm_rope", dim, dtype), slack=4 * RELATIVE[dtype] * 8)
+
+                y = td.rms_norm(t, w, 1e-6)  # the cross attention's query norm: the same without RoPE
+                normed = (td64 / (td64.square().mean(-1, keepdim=True) + 1e-6).sqrt()).to(dtype).double()
+                ref = (normed * w.double()).to(dtype).double()
+                assert_close(y, ref, dtype, ("rms_norm", dim, dtype), slack=4 * RELATIVE[dtype] * 8)
         print("ok")
         """,
         prelude=REFERENCES,
@@ -189,10 +194,11 @@ def test_a_streaming_dit_with_the_kernels_gives_the_eager_blocks():
         assert not calls, calls
         fused = run(True)
         assert set(calls) == {"norm_modulate_rows", "gated_add_rows", "affine_norm_rows", "rms_norm_rope_rows"}, calls
-        # q and k of the DiT (2 a layer), the keyboard's queries and the mouse's q and k (3 in each of the
-        # two layers with action modules): 12 a pass of the 3-layer DiT
+        # q and k of the self attention and q of the cross attention (3 a layer), the keyboard's queries
+        # and the mouse's q and k (3 in each of the two layers with action modules): 15 a pass of 3 layers;
+        # and the CLIP context's keys of each layer, once at the start
         passes = calls["norm_modulate_rows"] // 6
-        assert calls["rms_norm_rope_rows"] == 12 * passes, calls
+        assert calls["rms_norm_rope_rows"] == 15 * passes + 3, calls
         scale = eager.abs().max().item()
         err = (fused - eager).abs().max().item()
         assert err <= 1e-5 * scale, (err, scale)  # float32 rounding (about 2e-7 of the scale here)

@@ -7,7 +7,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from .fusion import few_key_attention
+from .fusion import few_key_attention, rms_norm
 
 # Key counts up to this go through `few_key_attention` (the action modules' streaming attention over
 # at most a window of frames); longer ones through SDPA's attention kernels.
@@ -53,7 +53,7 @@ class RMSNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_normalize(x.float(), self.eps).to(x.dtype) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 class FloatLayerNorm(torch.nn.LayerNorm):

@@ -122,6 +122,13 @@ def rms_norm_rope(
     return rotate_pairs(normed.view(batch, length, heads, dim // heads).float(), cos, sin).to(dtype)
 
 
+@fusable(kernel=triton_dit.rms_norm)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS norm over the last dim in float32, rounded to x's dtype, times weight (`attention.RMSNorm`)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
 def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE: adjacent pairs of x's last dim (dims 2i, 2i+1 = real, imaginary) rotated by the angles
     whose cos/sin broadcast against x[..., ::2]; in x's dtype (callers pass float32)."""

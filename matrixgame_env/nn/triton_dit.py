@@ -149,8 +149,8 @@ def _rms_rope(
     source: torch.Tensor,
     out: torch.Tensor,
     weight: torch.Tensor | None,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
     eps: float,
     layout: tuple[int, int, int, int, int, int, int],
     angle_div: int,
@@ -159,7 +159,8 @@ def _rms_rope(
     round_normed: bool = False,
 ) -> None:
     """Launch `rms_norm_rope_rows` over `out`'s rows of W = out.shape[-1] values. layout: (heads, frames,
-    locations, and the head, frame, location and batch strides) by which output rows read `source`."""
+    locations, and the head, frame, location and batch strides) by which output rows read `source`;
+    cos/sin None: no rotation."""
     width = out.shape[-1]
     rows = out.numel() // width
     if rows == 0:
@@ -167,12 +168,14 @@ def _rms_rope(
     dtype = source.dtype
     round_product = weight is not None and dtype != torch.float32 and torch.promote_types(dtype, weight.dtype) == dtype
     block_p, block_r, grid = _row_launch(width // 2, rows)
-    weight = source if weight is None else weight.detach().reshape(-1).contiguous()
+    has_weight, has_rope = weight is not None, cos is not None
+    weight = weight.detach().reshape(-1).contiguous() if has_weight else source
+    cos, sin = (cos, sin) if has_rope else (source, source)  # (not read)
     _kernels().rms_norm_rope_rows[grid](
-        source, weight, cos, sin, out, rows, *layout, angle_div, angle_mod, cos.stride(0), float(eps),
-        W=width, PAIRS_PER_HEAD=pairs_per_head, BLOCK_P=block_p, BLOCK_R=block_r,
-        HAS_WEIGHT=weight is not source, ROUND_NORMED=round_normed and dtype != torch.float32,
-        ROUND_PRODUCT=round_product,
+        source, weight, cos, sin, out, rows, *layout, angle_div, angle_mod, cos.stride(0) if has_rope else 0,
+        float(eps), W=width, PAIRS_PER_HEAD=pairs_per_head, BLOCK_P=block_p, BLOCK_R=block_r,
+        HAS_WEIGHT=has_weight, ROUND_NORMED=round_normed and dtype != torch.float32,
+        ROUND_PRODUCT=round_product, HAS_ROPE=has_rope,
     )  # fmt: skip
 
 
@@ -190,6 +193,19 @@ def rms_norm_rope(
     out = torch.empty((batch, length, heads, dim // heads), device=t.device, dtype=t.dtype)
     flat = out.view(batch, length, dim)  # rows of D values, normalised together
     _rms_rope(t, flat, weight, cos, sin, eps, (1, 1, 1, 0, 0, 0, dim), 1, length, dim // heads // 2, True)
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """`nn.fusion.rms_norm` (the cross attention's query norm) in one kernel, or None where it does not apply."""
+    width = x.shape[-1] if x.dim() else 0
+    if width % 2 or weight.numel() != width or not _applies(x, weight):
+        return None
+    x = x.contiguous()
+    out = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(x.dtype, weight.dtype))
+    if out.dtype not in DTYPES:
+        return None
+    _rms_rope(x, out, weight, None, None, eps, (1, 1, 1, 0, 0, 0, width), 1, 1, 1, True)
     return out
 
 

@@ -123,6 +123,7 @@ def rms_norm_rope_rows(
     HAS_WEIGHT: tl.constexpr,
     ROUND_NORMED: tl.constexpr,
     ROUND_PRODUCT: tl.constexpr,
+    HAS_ROPE: tl.constexpr,
 ):
     # Output row r (W contiguous values, normalised together) reads input row
     # (r % heads, r // heads % frames, r // (heads * frames) % locations, r // (heads * frames * locations))
@@ -156,10 +157,12 @@ def rms_norm_rope_rows(
     if ROUND_PRODUCT:  # the product stays in t's dtype there
         real = real.to(dtype).to(tl.float32)
         imag = imag.to(dtype).to(tl.float32)
-    angle = ((r // angle_div) % angle_mod * rotation_stride)[:, None] + (j % PAIRS_PER_HEAD)[None, :]
-    cos = tl.load(cos_ptr + angle, mask=mask, other=1.0)
-    sin = tl.load(sin_ptr + angle, mask=mask, other=0.0)
+    if HAS_ROPE:
+        angle = ((r // angle_div) % angle_mod * rotation_stride)[:, None] + (j % PAIRS_PER_HEAD)[None, :]
+        cos = tl.load(cos_ptr + angle, mask=mask, other=1.0)
+        sin = tl.load(sin_ptr + angle, mask=mask, other=0.0)
+        real, imag = real * cos - imag * sin, imag * cos + real * sin
     out_dtype = y_ptr.dtype.element_ty
     target = r[:, None] * W + 2 * j[None, :]
-    tl.store(y_ptr + target, (real * cos - imag * sin).to(out_dtype), mask=mask)
-    tl.store(y_ptr + target + 1, (imag * cos + real * sin).to(out_dtype), mask=mask)
+    tl.store(y_ptr + target, real.to(out_dtype), mask=mask)
+    tl.store(y_ptr + target + 1, imag.to(out_dtype), mask=mask)
