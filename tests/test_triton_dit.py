@@ -132,6 +132,27 @@ def test_the_action_modules_queries_and_temporal_qkv_match_float64():
     assert out.strip().endswith("ok")
 
 
+def test_few_key_attention_matches_float64_for_any_key_count_and_strides():
+    out = run_interpreted(
+        """
+        g = torch.Generator().manual_seed(3)
+        for keys in (1, 5, 9):
+            for dtype in (torch.float32, torch.float16):
+                q = (torch.randn(2, 7, 3, 12, generator=g) * 2).to(dtype)
+                kv = (torch.randn(2, keys, 2, 3, 12, generator=g) * 2).to(dtype)
+                k, v = kv[:, :, 0], kv[:, :, 1]  # views, as a cache's keys and values can be
+                y = td.few_key_attention(q, k, v)
+                scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / 12**0.5
+                ref = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v.double())
+                assert_close(y, ref, dtype, ("few_key_attention", keys, dtype), slack=1e-5)
+                assert y.is_contiguous()
+        print("ok")
+        """,
+        prelude=REFERENCES,
+    )
+    assert out.strip().endswith("ok")
+
+
 def test_the_kernels_decline_what_they_do_not_take():
     """Outside the interpreter CPU tensors are the eager chains' (None); so are tensors needing gradients."""
     x = torch.randn(1, 6, 8)
@@ -193,7 +214,8 @@ def test_a_streaming_dit_with_the_kernels_gives_the_eager_blocks():
         eager = run(False)
         assert not calls, calls
         fused = run(True)
-        assert set(calls) == {"norm_modulate_rows", "gated_add_rows", "affine_norm_rows", "rms_norm_rope_rows"}, calls
+        names = ("norm_modulate", "gated_add", "affine_norm", "rms_norm_rope", "few_key_attention")
+        assert set(calls) == {f"{name}_rows" for name in names}, calls
         # q and k of the self attention and q of the cross attention (3 a layer), the keyboard's queries
         # and the mouse's q and k (3 in each of the two layers with action modules): 15 a pass of 3 layers;
         # and the CLIP context's keys of each layer, once at the start

@@ -273,7 +273,7 @@ def _few_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v.float()).to(q.dtype)
 
 
-@fusable
+@fusable(kernel=triton_dit.few_key_attention)
 def few_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Softmax attention of q [B, Lq, heads, hd] over a few keys k, v [B, Lk, heads, hd], in float32
     math. Attention kernels tile keys by 64 or more; with a handful of keys, two small products and
@@ -281,7 +281,7 @@ def few_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     return _few_key_attention(q, k, v)
 
 
-@fusable
+@fusable(kernel=triton_dit.temporal_attention)
 def temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int) -> torch.Tensor:
     """The mouse branch's attention over time at each location: q [B*S, F, heads, hd] over k, v
     [B*S, L, heads, hd] -> [B, F*S, heads*hd] with tokens back in (frame, location) order."""

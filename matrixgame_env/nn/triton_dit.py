@@ -2,14 +2,15 @@
 
 Around its matrix products every DiT block runs short chains over its tokens: a LayerNorm in float32
 followed by the per-frame modulation, the gated residual add, the affine LayerNorm before the cross
-attention, and the RMS norm of q and k followed by RoPE (in the action modules too: the keyboard's
-queries, the mouse branch's temporal q and k). Eagerly each chain is 3 to 15 kernels, each a pass over
+attention and its query norm, and the RMS norm of q and k followed by RoPE (in the action modules
+too: the keyboard's queries, the mouse branch's temporal q and k, then their attention over a few
+keys, done by torch as two small products and a softmax). Eagerly each chain is 3 to 15 kernels, each a pass over
 all tokens (the RMS norms with RoPE the most: casts, squares, a mean, products, the rotation's pairs);
 `torch.compile` fuses them (`fast="compile"`) but compiles again for every new batch size. These
 kernels run each chain in one pass, for any shape: a program takes BLOCK_R rows of values. The same
-functions as `nn.fusion`'s `norm_modulate`, `gated_add`, `affine_norm`, `rms_norm_rope`,
-`keyboard_queries` and `mouse_temporal_qkv` up to float32 rounding (rounded to the model's dtype
-where those chains round).
+functions as `nn.fusion`'s `norm_modulate`, `gated_add`, `affine_norm`, `rms_norm`, `rms_norm_rope`,
+`keyboard_queries`, `mouse_temporal_qkv`, `few_key_attention` and `temporal_attention` up to float32
+rounding (rounded to the model's dtype where those chains round).
 
 Off by default (`set_enabled`) until measured on a GPU. Each function returns None where it does not
 apply (CPU tensors outside Triton's interpreter, tensors that need gradients, other dtypes or
@@ -245,3 +246,37 @@ def mouse_temporal_qkv(
         results.append(out)
     v = qkv[:, :, :, 2].permute(0, 2, 1, 3, 4).reshape(batch * spatial, frames, heads, head_dim)
     return results[0], results[1], v.contiguous()
+
+
+def few_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """`nn.fusion.few_key_attention` in one kernel (a contiguous [B, Lq, heads, hd] in q's dtype), or
+    None where it does not apply."""
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or not _applies(q, k, v):
+        return None
+    batch, queries, heads, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[2:] != (heads, head_dim) or k.shape[1] == 0:
+        return None
+    if q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
+        return None
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    rows = batch * queries * heads
+    if rows == 0:
+        return out
+    block_d, block_r, grid = _row_launch(head_dim, rows)
+    _kernels().few_key_attention_rows[grid](
+        q, k, v, out, rows, heads, queries, k.shape[1], q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), head_dim**-0.5,
+        HD=head_dim, BLOCK_D=block_d, BLOCK_R=block_r,
+    )  # fmt: skip
+    return out
+
+
+def temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int) -> torch.Tensor | None:
+    """`nn.fusion.temporal_attention` with its attention in one kernel, or None where it does not apply."""
+    out = few_key_attention(q, k, v)  # [B*S, F, heads, hd]
+    if out is None:
+        return None
+    locations, frames, heads, head_dim = out.shape
+    spatial = locations // batch
+    out = out.reshape(batch, spatial, frames, heads * head_dim).transpose(1, 2)
+    return out.reshape(batch, frames * spatial, heads * head_dim)

@@ -166,3 +166,56 @@ def rms_norm_rope_rows(
     target = r[:, None] * W + 2 * j[None, :]
     tl.store(y_ptr + target, real.to(out_dtype), mask=mask)
     tl.store(y_ptr + target + 1, imag.to(out_dtype), mask=mask)
+
+
+@triton.jit
+def few_key_attention_rows(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    y_ptr,
+    rows,
+    heads,
+    queries,
+    keys,
+    q_batch_stride,
+    q_query_stride,
+    q_head_stride,
+    k_batch_stride,
+    k_key_stride,
+    k_head_stride,
+    v_batch_stride,
+    v_key_stride,
+    v_head_stride,
+    scale,
+    HD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    # Row r = query (b, i, h) of a contiguous [B, Lq, heads, HD] output: softmax over the `keys` keys of
+    # (b, h), taken one at a time with a running maximum (float32 throughout).
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    mask = (r < rows)[:, None] & (d < HD)[None, :]
+    head = r % heads
+    query = (r // heads) % queries
+    batch = r // heads // queries
+    q = tl.load(q_ptr + (batch * q_batch_stride + query * q_query_stride + head * q_head_stride)[:, None] + d[None, :],
+                mask=mask, other=0.0).to(tl.float32)  # fmt: skip
+    k_row = batch * k_batch_stride + head * k_head_stride
+    v_row = batch * v_batch_stride + head * v_head_stride
+    best = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    total = tl.zeros((BLOCK_R,), tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    for j in range(0, keys):
+        key = tl.load(k_ptr + (k_row + j * k_key_stride)[:, None] + d[None, :], mask=mask, other=0.0)
+        score = tl.sum(q * key.to(tl.float32), axis=1) * scale
+        new_best = tl.maximum(best, score)
+        fade = tl.exp(best - new_best)
+        weight = tl.exp(score - new_best)
+        value = tl.load(v_ptr + (v_row + j * v_key_stride)[:, None] + d[None, :], mask=mask, other=0.0)
+        acc = acc * fade[:, None] + weight[:, None] * value.to(tl.float32)
+        total = total * fade + weight
+        best = new_best
+    out = acc / total[:, None]
+    tl.store(y_ptr + r[:, None] * HD + d[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
