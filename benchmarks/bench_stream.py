@@ -13,6 +13,7 @@ Paths:
   fast     steady-state blocks replayed from CUDA graphs, cuDNN autotuned decoder convolutions
   overlap  fast, with the decode of block n running on its own stream while the DiT makes block n+1
   fused    fast, with the DiT's elementwise chains fused by torch.compile (nn/fusion.py)
+  triton   fast, with the DiT's elementwise chains as shape-generic Triton kernels (nn/triton_dit.py)
   fused_cl fused, with the VAE decoder on channels-last activations and weights
 
 Usage: python benchmarks/bench_stream.py [--batches 1 4 8] [--blocks 8] [--long-blocks 300] [--out DIR]
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, profile_tables, random_world, table, write_json  # noqa: E402
 
 from matrixgame_env.model_config import ModelConfig  # noqa: E402
+from matrixgame_env.nn import triton_dit  # noqa: E402
 from matrixgame_env.nn.fusion import enable_fusion  # noqa: E402
 from matrixgame_env.world.model import WorldModel, to_host  # noqa: E402
 
@@ -52,10 +54,11 @@ def actions(batch: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def set_path(world: WorldModel, path: str) -> None:
-    fast = path in ("fast", "overlap", "fused", "fused_cl")
+    fast = path in ("fast", "overlap", "fused", "fused_cl", "triton")
     world.sampler.enable_cuda_graphs(fast)
     torch.backends.cudnn.benchmark = fast
     enable_fusion(path in ("fused", "fused_cl"))
+    triton_dit.set_enabled(path == "triton")
     decoder_channels_last(world, path == "fused_cl")
 
 
@@ -254,7 +257,7 @@ def main() -> None:
     rows = [stream(world, b, p, args.warmup, args.blocks, args.repeats) for b in args.batches for p in args.paths]
     columns = ["batch", "path", "fps_e2e", "fps_dit", "latency_s", "dit_block_s", "peak_gib", "warmup_s"]
     print(table(rows, columns))
-    fast_paths = [p for p in ("fast", "fused", "fused_cl") if p in args.paths]
+    fast_paths = [p for p in ("fast", "fused", "fused_cl", "triton") if p in args.paths]
     agree = []
     if args.agreement_blocks > 0:
         agree = [agreement(world, b, args.agreement_blocks, p) for p in fast_paths for b in (1, 4)]
