@@ -4,13 +4,13 @@ Around its matrix products every DiT block runs short chains over its tokens: a 
 followed by the per-frame modulation, the gated residual add, the affine LayerNorm before the cross
 attention and its query norm, and the RMS norm of q and k followed by RoPE (in the action modules
 too: the keyboard's queries, the mouse branch's temporal q and k, then their attention over a few
-keys, done by torch as two small products and a softmax). Eagerly each chain is 3 to 15 kernels, each a pass over
-all tokens (the RMS norms with RoPE the most: casts, squares, a mean, products, the rotation's pairs);
-`torch.compile` fuses them (`fast="compile"`) but compiles again for every new batch size. These
-kernels run each chain in one pass, for any shape: a program takes BLOCK_R rows of values. The same
-functions as `nn.fusion`'s `norm_modulate`, `gated_add`, `affine_norm`, `rms_norm`, `rms_norm_rope`,
-`keyboard_queries`, `mouse_temporal_qkv`, `few_key_attention` and `temporal_attention` up to float32
-rounding (rounded to the model's dtype where those chains round).
+keys, which torch runs as two small products and a softmax). Eagerly each chain is 3 to 15 kernels,
+each a pass over all tokens (the RMS norms with RoPE the most: casts, squares, a mean, products, the
+rotation's pairs); `torch.compile` fuses them (`fast="compile"`) but compiles again for every new
+batch size. These kernels run each chain in one pass, for any shape: a program takes BLOCK_R rows of
+values. The same functions as `nn.fusion`'s `norm_modulate`, `gated_add`, `affine_norm`, `rms_norm`,
+`rms_norm_rope`, `keyboard_queries`, `mouse_temporal_qkv`, `few_key_attention` and
+`temporal_attention` up to float32 rounding (rounded to the model's dtype where those chains round).
 
 Off by default (`set_enabled`) until measured on a GPU. Each function returns None where it does not
 apply (CPU tensors outside Triton's interpreter, tensors that need gradients, other dtypes or
@@ -202,10 +202,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     width = x.shape[-1] if x.dim() else 0
     if width % 2 or weight.numel() != width or not _applies(x, weight):
         return None
-    x = x.contiguous()
-    out = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(x.dtype, weight.dtype))
-    if out.dtype not in DTYPES:
+    dtype = torch.promote_types(x.dtype, weight.dtype)  # the eager product's
+    if dtype not in DTYPES:
         return None
+    x = x.contiguous()
+    out = torch.empty(x.shape, device=x.device, dtype=dtype)
     _rms_rope(x, out, weight, None, None, eps, (1, 1, 1, 0, 0, 0, width), 1, 1, 1, True)
     return out
 
