@@ -16,12 +16,14 @@ def token_tile(rows, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constex
 
 
 @triton.jit
-def layer_norm_rows(x, mask, eps, D: tl.constexpr):
-    # LayerNorm without affine over each row (biased variance, as torch's), float32.
+def layer_normed_tile(x_ptr, rows, eps, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    # The program's rows of x, LayerNorm-ed without affine (biased variance, as torch's), in float32.
+    r, d, column_ok, mask, offsets = token_tile(rows, D, BLOCK_D, BLOCK_R)
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=1) / D
     centred = tl.where(mask, x - mean[:, None], 0.0)
     variance = tl.sum(centred * centred, axis=1) / D
-    return centred / tl.sqrt(variance + eps)[:, None]
+    return r, d, column_ok, mask, offsets, centred / tl.sqrt(variance + eps)[:, None]
 
 
 @triton.jit
@@ -42,9 +44,7 @@ def norm_modulate_rows(
     BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    r, d, column_ok, mask, offsets = token_tile(rows, D, BLOCK_D, BLOCK_R)
-    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    h = layer_norm_rows(x, mask, eps, D)
+    r, d, column_ok, mask, offsets, h = layer_normed_tile(x_ptr, rows, eps, D, BLOCK_D, BLOCK_R)
     batch = r // tokens
     frame = (r % tokens) // frame_tokens
     at = d[None, :]
@@ -89,9 +89,7 @@ def affine_norm_rows(
     BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    r, d, column_ok, mask, offsets = token_tile(rows, D, BLOCK_D, BLOCK_R)
-    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    h = layer_norm_rows(x, mask, eps, D)
+    r, d, column_ok, mask, offsets, h = layer_normed_tile(x_ptr, rows, eps, D, BLOCK_D, BLOCK_R)
     weight = tl.load(weight_ptr + d, mask=column_ok, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + d, mask=column_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + offsets, (h * weight[None, :] + bias[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
