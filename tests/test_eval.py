@@ -15,6 +15,7 @@ from tiny_model import write_tiny_model
 from tiny_training import VAL_FRACTION, run_cli, tiny_dataset, tiny_model_folder
 
 from matrixgame_env.data.dataset import VideoClipDataset
+from matrixgame_env.eval.command import summary_lines
 from matrixgame_env.eval.drift import drift_report, frame_statistics, real_ranges
 from matrixgame_env.eval.fidelity import (
     clip_frames,
@@ -39,6 +40,7 @@ from matrixgame_env.eval.idm import (
     load_idm,
     mirror_windows,
     save_idm,
+    share_above_chance,
     train_idm,
     yaw_direction,
 )
@@ -258,6 +260,18 @@ def test_accuracy_and_its_chance_levels() -> None:
     assert perfect["yaw_direction"] == perfect["yaw_direction_balanced"] == 1.0
 
 
+def test_share_above_chance_of_what_a_reference_reads() -> None:
+    chance = {"keyboard": 0.8, "yaw_direction": 0.4}
+    round_trip = {"keyboard": 0.86, "yaw_direction": 0.8, "chance": chance}
+    generated = {"keyboard": 0.83, "yaw_direction": 0.76, "chance": chance}
+    shares = share_above_chance(generated, round_trip)
+    assert shares["keyboard"] == pytest.approx(0.5) and shares["yaw_direction"] == pytest.approx(0.9)
+    below = share_above_chance({**generated, "keyboard": 0.77}, round_trip)  # below chance: negative
+    assert below["keyboard"] == pytest.approx(-0.5)
+    at_chance = share_above_chance(generated, {**round_trip, "keyboard": 0.805})  # nothing to share
+    assert at_chance["keyboard"] is None and at_chance["yaw_direction"] == pytest.approx(0.9)
+
+
 def test_mirroring_swaps_left_and_right() -> None:
     frames = torch.zeros(2, 3, 16, 32, 3, dtype=torch.uint8)
     frames[:, :, :, 0] = 255  # a bright left edge
@@ -346,6 +360,11 @@ def test_eval_command_end_to_end(dataset, model, tmp_path) -> None:
         assert sum(idm[key]["yaw_by_size"]["windows"]) == idm[key]["frames"]
         assert len(idm[key]["by_phase"]["yaw_direction"]) == 4
     assert (out / "idm" / "idm.safetensors").is_file()
+    shares = idm["generated_share_of_round_trip"]
+    assert set(shares) == {"keyboard", "yaw_direction"}
+    expected = share_above_chance(idm["generated"], idm["vae_round_trip"])
+    assert shares == expected  # (None where this tiny judge reads the round trip at chance)
+    assert any(line.startswith("generated video reads, of what the VAE round trip") for line in summary_lines(report))
     readable = idm["readable_from_motion"]
     assert set(readable) == {"forward", "back", "left", "right", "mean"}
     assert readable["mean"]["chance"] <= readable["mean"]["readable"] <= 1

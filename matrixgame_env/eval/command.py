@@ -122,7 +122,16 @@ def _fidelity(args: argparse.Namespace, world, report: dict, timing: dict) -> di
 def _idm(
     args: argparse.Namespace, world, report: dict, timing: dict, clips: dict | None, out: Path, device, manifest
 ) -> None:
-    from .idm import IDMConfig, TrainSettings, evaluate_split, judge_clips, load_idm, save_idm, train_idm
+    from .idm import (
+        IDMConfig,
+        TrainSettings,
+        evaluate_split,
+        judge_clips,
+        load_idm,
+        save_idm,
+        share_above_chance,
+        train_idm,
+    )
 
     if args.idm is None and args.steps == 0:
         return
@@ -154,6 +163,7 @@ def _idm(
         for key, frames in (("real_clips", "real"), ("generated", "generated"), ("vae_round_trip", "reconstructed")):
             judged, by_phase, by_size = judge_clips(model, clips[frames], clips["keyboard"], clips["mouse"])
             section[key] = {**judged, "by_phase": by_phase, "yaw_by_size": by_size}
+        section["generated_share_of_round_trip"] = share_above_chance(section["generated"], section["vae_round_trip"])
     if args.idm is None:
         idm_out = Path(args.idm_out) if args.idm_out else out / "idm"
         save_idm(model, idm_out, {"training": section["training"], "accuracy_real_val": section["real_val"],
@@ -244,6 +254,11 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             if sizes and sizes["yaw_direction"][-1] is not None:
                 low, clear, count = sizes["bands"][-1][0], sizes["yaw_direction"][-1], sizes["windows"][-1]
                 lines.append(f"  yaw direction of clear turns (|yaw| > {low:g}): {clear:.3f} of {count} frames")
+    shares = report.get("idm", {}).get("generated_share_of_round_trip")
+    if shares:
+        told = ", ".join(f"{name} {'-' if v is None else f'{v:.2f}'}" for name, v in shares.items())
+        lines.append(f"generated video reads, of what the VAE round trip reads above chance: {told} "
+                     "(near 1: the VAE is the limit; lower: the DiT)")  # fmt: skip
     readable = report.get("idm", {}).get("readable_from_motion", {}).get("mean")
     if readable:
         lines.append(f"keys readable from the player's true motion (held-out episodes): {readable['readable']:.3f} "

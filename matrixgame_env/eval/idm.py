@@ -279,6 +279,20 @@ def judge_clips(
     return accuracy(predictions, labels, model.config.keyboard), by_phase, by_size
 
 
+def share_above_chance(judged: dict[str, Any], reference: dict[str, Any], least: float = 0.01) -> dict[str, Any]:
+    """How much of what `reference` reads above chance `judged` reads too, per measure ("keyboard",
+    "yaw_direction"): (judged - chance) / (reference - chance), both `judge_clips` results of the same
+    windows. With the VAE round trip of the real clips as reference, near 1 (or above) says the DiT
+    renders what its VAE lets through, so the VAE is the limit; well below 1, the DiT is. None where the
+    reference reads less than `least` above chance."""
+    shares = {}
+    for measure in ("keyboard", "yaw_direction"):
+        chance = reference["chance"][measure]
+        margin = reference[measure] - chance
+        shares[measure] = (judged[measure] - chance) / margin if margin >= least else None
+    return shares
+
+
 def evaluate_split(model: InverseDynamicsModel, windows: FrameWindows, max_windows: int = 4096) -> dict[str, Any]:
     """IDM accuracy on up to `max_windows` windows spread evenly over a split of the recording."""
     chosen = windows.evenly_spaced(max_windows)
