@@ -82,7 +82,9 @@ EOF
     fi
     wait "$reward_stage" || echo "the reward stage failed"
     tail -n 3 "$MG_WORK/reward_stage.txt"
-    MG_PACK_MODELS="distill reward" pipeline pack ;;  # the student (with the new decoder) and its reward head
+    # The reward stage's folder holds the student (with the new decoder) and its head; without it, the student alone.
+    packed=reward; [ -d "$MG_WORK/runs/reward/model" ] || packed=distill
+    MG_PACK_MODELS=$packed pipeline pack ;;
   decoders)
     pipeline setup next "record:${MG_RECORD_MINUTES:-90}"
     rm -rf "$pairs" && mkdir -p "$pairs" && ln -s "$MG_WORK/data" "$pairs/data"
