@@ -15,8 +15,8 @@ pytest.importorskip("triton", reason="the kernels' checks need Triton (installed
 
 from test_triton_conv import run_interpreted  # noqa: E402  (after the skip: it imports Triton's checks)
 
-# For interpreted processes: float64 references of the four chains, and the relative error of one
-# rounding to each dtype.
+# For interpreted processes: float64 helpers for the references, the relative error of one rounding
+# to each dtype, and the check of a result against its reference.
 REFERENCES = """
 import torch
 from matrixgame_env.nn import triton_dit as td
@@ -25,7 +25,7 @@ def layer_norm(x):
     x = x.double()
     centred = x - x.mean(-1, keepdim=True)
     return centred / (centred.square().mean(-1, keepdim=True) + 1e-6).sqrt()
-def per_frame(t, frames):
+def per_frame(t):
     return t.double()[:, :, None]  # [B, F, 1, D] against tokens [B, F, S, D]
 def assert_close(y, ref, dtype, label, slack=1e-5):
     assert y.shape == ref.shape and y.dtype == dtype, (label, y.shape, ref.shape, y.dtype)
@@ -46,11 +46,11 @@ def test_norm_modulate_and_gated_add_match_float64_with_per_frame_views():
                 shift, scale, gate = mod[:, :, 0], mod[:, :, 1], mod[:, :, 2]
                 y = td.norm_modulate(x, shift, scale, 1e-6, frames, dtype)
                 h = layer_norm(x).view(batch, frames, spatial, dim)
-                ref = (h * (1 + per_frame(scale, frames)) + per_frame(shift, frames)).view(x.shape)
+                ref = (h * (1 + per_frame(scale)) + per_frame(shift)).view(x.shape)
                 assert_close(y, ref, dtype, ("norm_modulate", dim, dtype))
                 branch = torch.randn(batch, frames * spatial, dim, generator=g).to(dtype)
                 z = td.gated_add(x, branch, gate, frames)
-                update = branch.double().view(batch, frames, spatial, dim) * per_frame(gate, frames)
+                update = branch.double().view(batch, frames, spatial, dim) * per_frame(gate)
                 assert_close(z, x.double() + update.view(x.shape), torch.float32, ("gated_add", dim, dtype))
         print("ok")
         """,
