@@ -285,7 +285,11 @@ def few_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
 def temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int) -> torch.Tensor:
     """The mouse branch's attention over time at each location: q [B*S, F, heads, hd] over k, v
     [B*S, L, heads, hd] -> [B, F*S, heads*hd] with tokens back in (frame, location) order."""
-    out = _few_key_attention(q, k, v)  # [B*S, F, heads, hd]
+    return tokens_of_locations(_few_key_attention(q, k, v), batch)
+
+
+def tokens_of_locations(out: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-location sequences [B*S, F, heads, hd] back to tokens [B, F*S, heads*hd] in (frame, location) order."""
     locations, frames, heads, head_dim = out.shape
     spatial = locations // batch
     out = out.reshape(batch, spatial, frames, heads * head_dim).transpose(1, 2)

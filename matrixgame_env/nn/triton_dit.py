@@ -274,10 +274,7 @@ def few_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
 
 def temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int) -> torch.Tensor | None:
     """`nn.fusion.temporal_attention` with its attention in one kernel, or None where it does not apply."""
+    from .fusion import tokens_of_locations  # (fusion imports this module)
+
     out = few_key_attention(q, k, v)  # [B*S, F, heads, hd]
-    if out is None:
-        return None
-    locations, frames, heads, head_dim = out.shape
-    spatial = locations // batch
-    out = out.reshape(batch, spatial, frames, heads * head_dim).transpose(1, 2)
-    return out.reshape(batch, frames * spatial, heads * head_dim)
+    return None if out is None else tokens_of_locations(out, batch)
