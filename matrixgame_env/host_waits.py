@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+SYNC_WARNING = "called a synchronizing CUDA operation"  # what torch warns at each wait in "warn" mode
 
 
 def count_host_waits(work: Callable[[], object], within: Path = PACKAGE_DIR) -> collections.Counter:
@@ -25,7 +26,7 @@ def count_host_waits(work: Callable[[], object], within: Path = PACKAGE_DIR) -> 
         return counts
 
     def record(message, category, filename, lineno, file=None, line=None) -> None:
-        if "synchroniz" in str(message).lower():
+        if is_host_wait(message):
             counts[wait_site(traceback.extract_stack(), within)] += 1
 
     with warnings.catch_warnings():
@@ -37,6 +38,12 @@ def count_host_waits(work: Callable[[], object], within: Path = PACKAGE_DIR) -> 
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return counts
+
+
+def is_host_wait(message: object) -> bool:
+    """Whether a warning under torch's sync debug mode reports a host wait (not, for instance, torch's
+    one-time notice on turning the mode on that it is a prototype, which also speaks of synchronizing)."""
+    return SYNC_WARNING in str(message)
 
 
 def wait_site(stack: traceback.StackSummary, within: Path = PACKAGE_DIR) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from matrixgame_env.host_waits import count_host_waits, wait_site
+from matrixgame_env.host_waits import count_host_waits, is_host_wait, wait_site
 from matrixgame_env.nn.transfer import async_uploads, set_async_uploads, to_device
 
 
@@ -39,6 +39,12 @@ def test_count_host_waits_runs_the_work_and_finds_none_without_cuda():
     assert calls == [1]
     if not torch.cuda.is_available():
         assert waits == {}
+
+
+def test_only_torchs_wait_reports_count_not_its_notice_that_the_debug_mode_is_a_prototype():
+    assert is_host_wait(UserWarning("called a synchronizing CUDA operation (Triggered internally at ...)"))
+    notice = "Synchronization debug mode is a prototype feature and does not yet detect all synchronizing operations"
+    assert not is_host_wait(UserWarning(notice))
 
 
 def test_a_wait_is_keyed_by_the_innermost_package_frame_else_by_the_callers_own(tmp_path):
