@@ -175,7 +175,6 @@ def few_key_attention_rows(
     rows,
     heads,
     queries,
-    keys,
     q_batch_stride,
     q_query_stride,
     q_head_stride,
@@ -186,12 +185,15 @@ def few_key_attention_rows(
     v_key_stride,
     v_head_stride,
     scale,
+    KEYS: tl.constexpr,
     HD: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    # Row r = query (b, i, h) of a contiguous [B, Lq, heads, HD] output: softmax over the `keys` keys of
-    # (b, h), taken one at a time with a running maximum (float32 throughout).
+    # Row r = query (b, i, h) of a contiguous [B, Lq, heads, HD] output: softmax over the KEYS keys of
+    # (b, h), taken one at a time with a running maximum (float32 throughout). KEYS is a compile-time
+    # bound (at most `attention.FEW_KEYS` variants); Triton's interpreter cannot loop to a runtime one
+    # under NumPy 2.5.
     r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     mask = (r < rows)[:, None] & (d < HD)[None, :]
@@ -205,7 +207,7 @@ def few_key_attention_rows(
     best = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     total = tl.zeros((BLOCK_R,), tl.float32)
     acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
-    for j in range(0, keys):
+    for j in range(0, KEYS):
         key = tl.load(k_ptr + (k_row + j * k_key_stride)[:, None] + d[None, :], mask=mask, other=0.0)
         score = tl.sum(q * key.to(tl.float32), axis=1) * scale
         new_best = tl.maximum(best, score)
