@@ -13,8 +13,8 @@ the decoder channels-last with the Triton kernel where it applies, whatever the 
 "compile" before channels-last paid from 16 worlds up), "merged_young_stream" (merged, the young
 cohorts on a second CUDA stream beside the big one: `young_cohort_stream=True`), "merged_eager_norms"
 (merged, the decoder's norms and adds eager rather than as Triton kernels beside its Triton
-convolutions: `triton_norm.set_enabled(False)`), "merged_triton_dit" (merged, the DiT's elementwise
-chains as Triton kernels: `triton_dit.set_enabled(True)`),
+convolutions: `triton_norm.set_enabled(False)`), "merged_eager_dit_chains" (merged, the DiT's
+elementwise chains eager rather than as the fast path's Triton kernels: `triton_dit.set_enabled(False)`),
 "merged_fresh_states" (merged, but every cohort of new worlds on a new state rather than one
 restarted in place: no CUDA graphs for their first blocks) and "separate" (no merging). They
 alternate within one run (--rounds rounds; odd rounds take them in reverse order), and each reports
@@ -80,7 +80,7 @@ SETTINGS = (
     "merged_standard_layout",
     "merged_young_stream",
     "merged_eager_norms",
-    "merged_triton_dit",
+    "merged_eager_dit_chains",
     "merged_fresh_states",
     "separate",
 )
@@ -89,6 +89,7 @@ SETTINGS = (
 def desync_env(args: argparse.Namespace, worlds: int, setting: str, fast: str) -> MatrixGameVectorEnv:
     """A vector env (fast path `fast`, one of SETTINGS) whose worlds end episodes at random, seeded
     alike for every setting."""
+    triton_dit.set_enabled(False)  # process-wide: the fast path switches it on where it chooses to
     env = MatrixGameVectorEnv(
         args.model,
         num_envs=worlds,
@@ -102,7 +103,8 @@ def desync_env(args: argparse.Namespace, worlds: int, setting: str, fast: str) -
     env.overlap_cohorts = setting != "merged_serial"
     set_async_uploads(setting != "merged_waiting_uploads")  # process-wide: set again by every setting
     triton_norm.set_enabled(setting != "merged_eager_norms")  # process-wide too
-    triton_dit.set_enabled(setting == "merged_triton_dit")  # process-wide too
+    if setting == "merged_eager_dit_chains":
+        triton_dit.set_enabled(False)  # process-wide too
     if setting == "merged_channels_last":
         env.world.vae.set_decoder_channels_last(True)
         env.world.vae.set_decoder_triton(triton_conv.available())

@@ -112,17 +112,19 @@ def gpu_vector(
     decoder_graphs: bool | None = None,
     conv3d: str = "auto",
     triton_norms: bool = True,
-    dit_kernels: bool = False,
+    dit_kernels: bool | None = None,
 ) -> dict:
     """Steps/s of one vector env; `channels_last` None keeps the env's own decoder layout choice;
     `triton_norms` runs the decoder's norms and adds as Triton kernels beside its Triton convolutions;
-    `dit_kernels` the DiT's elementwise chains as Triton kernels (nn.triton_dit; not under "compile")."""
+    `dit_kernels` the DiT's elementwise chains as Triton kernels (nn.triton_dit; not under "compile";
+    None: as the env chooses)."""
     set_upsample_mode(upsample)
     set_conv3d_mode(conv3d)
     norms_before, dit_before = triton_norm.enabled(), triton_dit.enabled()
     triton_norm.set_enabled(triton_norms)
-    triton_dit.set_enabled(dit_kernels)
-    env, rng = warm_vector_env(model, worlds, fast, channels_last, guidance, warmup, decoder_graphs=decoder_graphs)
+    env, rng = warm_vector_env(
+        model, worlds, fast, channels_last, guidance, warmup, decoder_graphs=decoder_graphs, dit_kernels=dit_kernels
+    )
     guidance = env.world.sampler.config.action_guidance
     channels_last = env.world.vae.decoder_channels_last
     decoder_graphs = env.world.decoder_graphs is not None
@@ -196,11 +198,16 @@ def warm_vector_env(
     warmup: int,
     graphs: bool = True,
     decoder_graphs: bool | None = None,
+    dit_kernels: bool | None = None,
 ) -> tuple[MatrixGameVectorEnv, np.random.Generator]:
     """A reset GPU vector env after `warmup` steps of random actions, and the actions' generator.
     `channels_last` None keeps the env's decoder layout; `graphs=False` turns CUDA graphs off;
-    `decoder_graphs` replays the decoder from CUDA graphs too (`WorldModel.enable_decoder_graphs`)."""
+    `decoder_graphs` replays the decoder from CUDA graphs too (`WorldModel.enable_decoder_graphs`);
+    `dit_kernels` switches the DiT's Triton chains (process-wide; None: as the env's fast path chose)."""
+    triton_dit.set_enabled(False)  # the fast path switches them on where it chooses to
     env = MatrixGameVectorEnv(model, num_envs=worlds, device="cuda", fast=fast, action_guidance=guidance)
+    if dit_kernels is not None:
+        triton_dit.set_enabled(dit_kernels)
     if not graphs:
         env.world.sampler.enable_cuda_graphs(False)
     if decoder_graphs is not None:
@@ -289,10 +296,10 @@ def main() -> None:
     parser.add_argument(
         "--triton-dit",
         nargs="+",
-        choices=["on", "off"],
-        default=["off"],
-        help="the DiT's elementwise chains as Triton kernels (nn.triton_dit; no effect under 'compile'); "
-        "repeat to alternate",
+        choices=["auto", "on", "off"],
+        default=["auto"],
+        help="the DiT's elementwise chains as Triton kernels (nn.triton_dit; no effect under 'compile'; auto: "
+        "as the env's fast path chooses, on with Triton); repeat to alternate",
     )
     parser.add_argument(
         "--gpu-conv3d",
@@ -331,7 +338,7 @@ def main() -> None:
         layouts = {"auto": [None], "off": [False], "on": [True], "both": [False, True]}[args.channels_last]
         decoder_graphs = {"auto": [None], "off": [False], "on": [True], "both": [False, True]}[args.decoder_graphs]
         norms = {"on": [True], "off": [False], "both": [False, True]}[args.triton_norms]
-        dit_kernels = [choice == "on" for choice in args.triton_dit]
+        dit_kernels = [{"auto": None, "on": True, "off": False}[choice] for choice in args.triton_dit]
         for worlds in args.gpu_worlds:
             for path in args.paths:
                 for channels_last in layouts:

@@ -10,11 +10,14 @@ a cold start to the first frame.
 
 Paths:
   eager    the reference implementation as written (SDPA attention, no graphs)
-  fast     steady-state blocks replayed from CUDA graphs, cuDNN autotuned decoder convolutions
+  graphs   steady-state blocks replayed from CUDA graphs, cuDNN autotuned decoder convolutions
+  fast     what `fast=True` runs (`enable_fast_path`): graphs, the decoder channels-last, the DiT's
+           elementwise chains as shape-generic Triton kernels (nn/triton_dit.py)
   overlap  fast, with the decode of block n running on its own stream while the DiT makes block n+1
-  fused    fast, with the DiT's elementwise chains fused by torch.compile (nn/fusion.py)
-  triton   fast, with the DiT's elementwise chains as shape-generic Triton kernels (nn/triton_dit.py)
+  fused    graphs, with the DiT's elementwise chains fused by torch.compile (nn/fusion.py)
   fused_cl fused, with the VAE decoder on channels-last activations and weights
+(Results written before 2026-12-04 call "fast" what is now "graphs"; that day's "triton" was graphs
+with the Triton chains, without the channels-last decoder.)
 
 Usage: python benchmarks/bench_stream.py [--batches 1 4 8] [--blocks 8] [--long-blocks 300] [--out DIR]
 """
@@ -39,7 +42,7 @@ from common import environment, profile_tables, random_world, table, write_json 
 from matrixgame_env.model_config import ModelConfig  # noqa: E402
 from matrixgame_env.nn import triton_dit  # noqa: E402
 from matrixgame_env.nn.fusion import enable_fusion  # noqa: E402
-from matrixgame_env.world.model import WorldModel, to_host  # noqa: E402
+from matrixgame_env.world.model import WorldModel, enable_fast_path, to_host  # noqa: E402
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 FRAMES_PER_BLOCK = 12
@@ -53,12 +56,18 @@ def actions(batch: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     return keys, mouse
 
 
-def set_path(world: WorldModel, path: str) -> None:
-    fast = path in ("fast", "overlap", "fused", "fused_cl", "triton")
-    world.sampler.enable_cuda_graphs(fast)
-    torch.backends.cudnn.benchmark = fast
+def set_path(world: WorldModel, path: str, batch: int) -> None:
+    """Puts `world` (of `batch` worlds) on one of the paths of the module docstring."""
+    enable_fusion(False)
+    triton_dit.set_enabled(False)
+    if path in ("fast", "overlap"):
+        enable_fast_path(world, True, batch)
+        return
+    enable_fast_path(world, False)
+    graphs = path != "eager"
+    world.sampler.enable_cuda_graphs(graphs)
+    torch.backends.cudnn.benchmark = graphs
     enable_fusion(path in ("fused", "fused_cl"))
-    triton_dit.set_enabled(path == "triton")
     decoder_channels_last(world, path == "fused_cl")
 
 
@@ -69,7 +78,7 @@ def decoder_channels_last(world: WorldModel, enabled: bool) -> None:
 
 def stream(world: WorldModel, batch: int, path: str, warmup: int, blocks: int, repeats: int) -> dict:
     """Times `repeats` runs of `blocks` blocks after `warmup` blocks of one fresh stream."""
-    set_path(world, path)
+    set_path(world, path, batch)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     picture = (torch.rand(batch, 352, 640, 3) * 255).to(torch.uint8)
@@ -152,7 +161,7 @@ def agreement(world: WorldModel, batch: int, blocks: int, fast_path: str = "fast
     results = {}
     picture = (torch.rand(batch, 352, 640, 3, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
     for path in ("eager", fast_path):
-        set_path(world, path)
+        set_path(world, path, batch)
         state = world.start(list(picture), seed=3)
         latents, frames = [], []
         for b in range(blocks):
@@ -177,7 +186,7 @@ def agreement(world: WorldModel, batch: int, blocks: int, fast_path: str = "fast
 
 def long_stream(world: WorldModel, blocks: int) -> dict:
     """Allocated memory over a long fast stream at batch 1 (flat = no growth after warm-up)."""
-    set_path(world, "fast")
+    set_path(world, "fast", 1)
     state = world.start([(torch.rand(352, 640, 3) * 255).to(torch.uint8)], seed=0)
     samples = {}
     t0 = time.perf_counter()
@@ -201,7 +210,7 @@ def profile(world: WorldModel, path: str, batch: int = 1, blocks: int = 2) -> di
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    set_path(world, path)
+    set_path(world, path, batch)
     world.sampler.enable_cuda_graphs(False)
     picture = (torch.rand(batch, 352, 640, 3) * 255).to(torch.uint8)
     state = world.start(list(picture), seed=0)
@@ -257,7 +266,7 @@ def main() -> None:
     rows = [stream(world, b, p, args.warmup, args.blocks, args.repeats) for b in args.batches for p in args.paths]
     columns = ["batch", "path", "fps_e2e", "fps_dit", "latency_s", "dit_block_s", "peak_gib", "warmup_s"]
     print(table(rows, columns))
-    fast_paths = [p for p in ("fast", "fused", "fused_cl", "triton") if p in args.paths]
+    fast_paths = [p for p in ("graphs", "fast", "fused", "fused_cl") if p in args.paths]
     agree = []
     if args.agreement_blocks > 0:
         agree = [agreement(world, b, args.agreement_blocks, p) for p in fast_paths for b in (1, 4)]

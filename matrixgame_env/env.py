@@ -85,8 +85,9 @@ class MatrixGameEnv(gym.Env):
     `StepOutcome`). max_episode_steps: truncation after that many blocks (None: never).
     report_timing: add `info["timing"]` (generation seconds and fps of the block); off by default
     because timings differ between identical runs (the same is always in `env.last_timing`).
-    fast: on a GPU, replay steady-state blocks from CUDA graphs (same results, less overhead) and
-    run wide VAE decoders on channels-last tensors (same function, faster kernels); "compile" also
+    fast: on a GPU, replay steady-state blocks from CUDA graphs (same results, less overhead), run
+    wide VAE decoders on channels-last tensors (same function, faster kernels) and, with Triton, the
+    DiT's elementwise chains as Triton kernels (process-wide, within bf16 rounding); "compile" also
     fuses the elementwise chains of the DiT and the decoder with torch.compile (about 15 s of
     compiling on first use, results within bf16 rounding); False: the eager reference path.
     action_guidance: strengthen what the actions do (`SamplerConfig.action_guidance`: 1 is off, as

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from matrixgame_env import reference
+from matrixgame_env.nn import fusion, triton_dit
 from matrixgame_env.reference import Fixture, max_relative_error, subsample_strides  # noqa: F401
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -18,6 +19,16 @@ MANIFEST_DIR = REFERENCE_DIR / "manifests"
 CONFIG_DIR = REFERENCE_DIR / "configs"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_wide_kernel_switches():
+    """A GPU env with `fast=True` switches the DiT's Triton chains on for the whole process (and
+    "compile" the compiled ones): each test leaves the switches as it found them."""
+    dit_kernels, compiled = triton_dit.enabled(), fusion.fusion_enabled()
+    yield
+    triton_dit.set_enabled(dit_kernels)
+    fusion.enable_fusion(compiled)
 
 
 def load_fixture(name: str) -> Fixture:
