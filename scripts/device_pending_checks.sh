@@ -8,7 +8,7 @@
 #   bash scripts/device_pending_checks.sh env     # bench_env.py at 1, 4, 16 and 64 synchronised worlds, the DiT's
 #                                                 # Triton chains as fast=True chooses (on) and off (about 4 minutes)
 #   bash scripts/device_pending_checks.sh desync  # bench_desync.py, 64 desynchronised worlds, two rounds of merged /
-#                                                 # merged_eager_dit_chains (about 5 minutes)
+#                                                 # merged_eager_dit_chains / merged_eager_norms (about 8 minutes)
 # Run from the repository root with the git-ignored .whl/ of pure-Python wheels carried (see
 # scripts/device_speed_check.sh).
 set -uo pipefail
@@ -31,8 +31,8 @@ for check in "$@"; do
           --warmup 6 --triton-dit auto off --out "$OUT" >"$OUT/env.log" 2>&1
       grep -E "^gpu vector" "$OUT/env.log" | tail -8 ;;
     desync)
-      timeout 400 python3 benchmarks/bench_desync.py --device cuda --worlds 64 --episode-steps 20 --warmup 200 \
-          --steps 100 --rounds 2 --settings merged merged_eager_dit_chains --fast graphs --out "$OUT" \
+      timeout 560 python3 benchmarks/bench_desync.py --device cuda --worlds 64 --episode-steps 20 --warmup 200 \
+          --steps 100 --rounds 2 --settings merged merged_eager_dit_chains merged_eager_norms --fast graphs --out "$OUT" \
           >"$OUT/desync.log" 2>&1
       grep -v -i warn "$OUT/desync.log" | tail -8 ;;
     *) echo "unknown check $check (tests, stream, env or desync)" >&2; exit 2 ;;
