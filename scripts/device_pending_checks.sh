@@ -9,6 +9,9 @@
 #                                                 # Triton chains as fast=True chooses (on) and off (about 4 minutes)
 #   bash scripts/device_pending_checks.sh desync  # bench_desync.py, 64 desynchronised worlds, two rounds of merged /
 #                                                 # merged_eager_dit_chains / merged_eager_norms (about 8 minutes)
+#   bash scripts/device_pending_checks.sh cold    # bench_cold_start.py: a fresh process to the first frame of the
+#                                                 # full-size architecture (random weights written first), 3 times
+#                                                 # (about 3 minutes)
 # Run from the repository root with the git-ignored .whl/ of pure-Python wheels carried (see
 # scripts/device_speed_check.sh).
 set -uo pipefail
@@ -35,6 +38,10 @@ for check in "$@"; do
           --steps 100 --rounds 2 --settings merged merged_eager_dit_chains merged_eager_norms --fast graphs --out "$OUT" \
           >"$OUT/desync.log" 2>&1
       grep -v -i warn "$OUT/desync.log" | tail -8 ;;
-    *) echo "unknown check $check (tests, stream, env or desync)" >&2; exit 2 ;;
+    cold)
+      timeout 400 python3 benchmarks/bench_cold_start.py --random universal --repeats 3 --out "$OUT" \
+          >"$OUT/cold.log" 2>&1
+      tail -8 "$OUT/cold.log" ;;
+    *) echo "unknown check $check (tests, stream, env, desync or cold)" >&2; exit 2 ;;
   esac
 done

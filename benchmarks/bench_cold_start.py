@@ -1,0 +1,175 @@
+"""Time from a fresh process to the first frame of an env: what a user waits for after launching.
+
+Each measurement is a new Python process (a new CUDA context, nothing cached in the process), timed
+in phases from the moment it was spawned: interpreter and imports (torch, the package), loading the
+model folder (`WorldModel.from_pretrained`), the env (`MatrixGameEnv(fast=True)`: the fast path's
+settings), `reset` (the start picture through the VAE encoder and CLIP) and the first `step` (one DiT
+block and its decode, frames on the host). `--repeats` processes run one after the other: the first
+may read the weights from disk, later ones from the page cache.
+
+The official weights are not downloadable here, so `--random universal` first writes the full-size
+universal architecture with random weights in bf16 (about 4.6 GB, our format, with a random start
+picture) to a temporary folder and times loading that: the same bytes to read and place as the
+real checkpoint converted to our format (any preset's architecture can be given). Otherwise
+`--model` names a preset or model folder.
+
+Usage: python benchmarks/bench_cold_start.py [--model doom-small | --random universal] [--device cuda]
+       [--repeats 3] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+PHASES = ("imports", "load", "env", "reset", "first_step")
+CHILD_FLAG = "--child"
+
+
+def child(model: str, device: str, spawned: float) -> None:
+    """One cold start, timed in phases from `spawned` (the parent's clock when it launched this
+    process); prints one JSON line."""
+    marks = {"spawned": spawned, "python_up": time.time()}
+    import torch
+
+    from matrixgame_env.env import MatrixGameEnv
+    from matrixgame_env.world.model import WorldModel
+
+    def mark(name: str) -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        marks[name] = time.time()
+
+    mark("imports")
+    world = WorldModel.from_pretrained(model, device=device)
+    mark("load")
+    env = MatrixGameEnv(model=world, fast=True)
+    mark("env")
+    env.reset(seed=0)
+    mark("reset")
+    env.action_space.seed(0)
+    frames = env.step(env.action_space.sample())[4]["frames"]
+    mark("first_step")
+    env.close()
+    print(json.dumps({"marks": marks, "frames": list(frames.shape)}))
+
+
+def random_model_folder(preset: str, folder: Path, device: str) -> Path:
+    """The architecture of `preset` with random bf16 weights (generated on `device`) and a random start
+    picture, written in our format to `folder`."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from matrixgame_env.checkpoints import build_modules, preset_dir, save_model
+    from matrixgame_env.model_config import ModelConfig
+
+    config = ModelConfig.load(preset_dir(preset))
+    modules = []
+    for seed, module in enumerate(build_modules(config, device="meta")):
+        module = module.to_empty(device=device)
+        random_weights_(module, seed)
+        modules.append(module.to(torch.bfloat16))
+    dit, vae, clip = modules
+    vae.latent_mean.zero_()
+    vae.latent_std.fill_(1.0)
+    height, width = config.video_size
+    picture = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(picture).save(folder / "start_0.png")
+    config.start_images = ["start_0.png"]
+    save_model(folder, config, dit, vae, clip)
+    del dit, vae, clip, modules
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return folder
+
+
+def random_weights_(module, seed: int) -> None:
+    """N(0, 1/fan_in) matrices, zero biases, unit vectors, drawn on the module's device (fast on a GPU;
+    `common.random_init_` draws on the CPU so that every device gets the same weights)."""
+    import torch
+
+    generator = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, p[0].numel() ** -0.5, generator=generator)
+
+
+def run_child(model: str, device: str) -> dict:
+    """Spawns one cold start and returns its phases (seconds each) and the total from spawning."""
+    spawned = time.time()
+    done = subprocess.run(
+        [sys.executable, __file__, CHILD_FLAG, model, device, repr(spawned)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"the cold-start process failed:\n{done.stderr[-3000:]}")
+    marks = json.loads(done.stdout.strip().splitlines()[-1])["marks"]
+    row = {"python_up_s": marks["python_up"] - marks["spawned"]}
+    previous = marks["python_up"]
+    for phase in PHASES:
+        row[f"{phase}_s"] = marks[phase] - previous
+        previous = marks[phase]
+    row["first_frame_s"] = marks["first_step"] - marks["spawned"]
+    return row
+
+
+def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == CHILD_FLAG:
+        child(sys.argv[2], sys.argv[3], float(sys.argv[4]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="doom-small", help="a preset or model folder")
+    parser.add_argument("--random", metavar="PRESET", default=None, help="time this architecture with random weights")
+    parser.add_argument("--device", default=None, help="cuda where available, else cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    import torch
+    from common import environment, table, write_json
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory() as scratch:
+        model = args.model
+        if args.random:
+            started = time.perf_counter()
+            model = str(random_model_folder(args.random, Path(scratch), device))
+            size = sum(f.stat().st_size for f in Path(model).glob("*.safetensors")) / 2**30
+            print(f"wrote a random {args.random} model ({size:.2f} GiB) in {time.perf_counter() - started:.1f} s")
+        rows = []
+        for repeat in range(args.repeats):
+            rows.append({"repeat": repeat, **run_child(model, device)})
+            print(table(rows[-1:], list(rows[-1])), flush=True)
+    columns = ["repeat", "first_frame_s", "python_up_s", *(f"{phase}_s" for phase in PHASES)]
+    print(table(rows, columns))
+    name = f"random_{args.random}" if args.random else Path(args.model).name
+    device_name = torch.cuda.get_device_name(0).split()[1].lower() if device == "cuda" else "cpu"
+    result = {
+        "environment": environment(),
+        "model": f"{args.random} architecture, random bf16 weights" if args.random else args.model,
+        "device": device,
+        "phases": "spawned -> python up -> imports -> load -> env (fast=True) -> reset -> first step (frames on host)",
+        "rows": rows,
+    }
+    print(f"wrote {write_json(f'cold_start_{name}_{device_name}', result, args.out)}")
+
+
+if __name__ == "__main__":
+    main()
