@@ -112,16 +112,12 @@ def load_model(
     dit, vae, clip = build_modules(config, device="meta")
     modules = {"dit": dit, "vae": vae, "clip": clip}
     for part, module in modules.items():
-        module.to_empty(device="cpu")
+        # Allocated where they run in their final dtype (no float32 copy of the model in host memory);
+        # each stored tensor is cast once and copied in.
+        module.to(dtype=dtype).to_empty(device=device)
         load_into(module, parts[part], what=f"{config.name} {part}", source=folder / PART_FILES[part])
         _reset_nonpersistent_buffers(module, config, part)
-    return LoadedModel(
-        config=config,
-        dit=dit.to(device=device, dtype=dtype).eval(),
-        vae=vae.to(device=device, dtype=dtype).eval(),
-        clip=clip.to(device=device, dtype=dtype).eval(),
-        folder=folder,
-    )
+    return LoadedModel(config=config, dit=dit.eval(), vae=vae.eval(), clip=clip.eval(), folder=folder)
 
 
 def read_official_parts(folder: Path, config: ModelConfig) -> dict[str, dict[str, torch.Tensor]]:
@@ -233,7 +229,7 @@ def _reset_nonpersistent_buffers(module: torch.nn.Module, config: ModelConfig, p
     if part == "vae":
         mean = config.vae.get("latent_mean", WAN21_LATENT_MEAN)
         std = config.vae.get("latent_std", WAN21_LATENT_STD)
-        module.latent_mean.copy_(torch.tensor(mean, dtype=torch.float32))
+        module.latent_mean.copy_(torch.tensor(mean, dtype=torch.float32))  # cast to the buffer's dtype
         module.latent_std.copy_(torch.tensor(std, dtype=torch.float32))
 
 

@@ -116,6 +116,27 @@ def test_official_layout_loads_and_converts_to_our_format(tmp_path):
     assert torch.equal(w1.step(w1.start(_picture(), seed=2)), w2.step(w2.start(_picture(), seed=2)))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_model_loads_straight_into_its_dtype_with_each_weight_cast_once(tiny_folder, dtype):
+    """Modules allocated in the requested dtype and filled from the files: every parameter and buffer
+    in that dtype, equal to the stored float32 weight cast once, the latent statistics too."""
+    from matrixgame_env.checkpoints import PART_FILES, WAN21_LATENT_MEAN
+    from matrixgame_env.weights import read_state_dict
+
+    loaded = load_model(tiny_folder, device="cpu", dtype=dtype)
+    for part in ("dit", "vae", "clip"):
+        module = getattr(loaded, part)
+        stored = read_state_dict(tiny_folder / PART_FILES[part])
+        state = module.state_dict()
+        assert state.keys() == stored.keys()
+        for key, value in state.items():
+            assert value.dtype == (dtype if stored[key].is_floating_point() else stored[key].dtype), key
+            assert torch.equal(value, stored[key].to(value.dtype)), key
+    config = loaded.config.vae
+    expected_mean = torch.tensor(config.get("latent_mean", WAN21_LATENT_MEAN), dtype=torch.float32)
+    assert loaded.vae.latent_mean.dtype == dtype and torch.equal(loaded.vae.latent_mean, expected_mean.to(dtype))
+
+
 def test_missing_official_file_is_named(tmp_path):
     config = tiny_model_config()
     folder = write_official_layout(tmp_path, config)
