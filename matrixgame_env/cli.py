@@ -107,15 +107,19 @@ def _demo(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     parser.add_argument("--no-overlay", action="store_true", help="plain frames, no action overlay")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--eager", action="store_true", help="the eager reference path (default: the fast path, as envs run)"
+    )
 
     def run(args: argparse.Namespace) -> None:
         from .demo import write_demo
-        from .world.model import WorldModel
+        from .world.model import WorldModel, enable_fast_path
 
         if args.blocks < 1:
             raise CommandError(f"--blocks must be at least 1, got {args.blocks}")
         _check_local_model(args.model)
         world = WorldModel.from_pretrained(args.model, device=args.device)
+        enable_fast_path(world, not args.eager)  # CUDA graphs and Triton kernels on GPUs; channels-last on CPUs
         image = args.image
         if image is None:
             shipped = world.start_image_paths()

@@ -45,6 +45,23 @@ def test_demo_without_overlay_keeps_the_model_size(model, tmp_path) -> None:
     assert len(frames) == 9 and frames[0].shape == (16, 32, 3)
 
 
+def test_demo_runs_the_fast_path_unless_eager_with_the_same_frames(model, tmp_path, monkeypatch) -> None:
+    from matrixgame_env.world import model as world_model
+
+    real, chosen = world_model.enable_fast_path, []
+    monkeypatch.setattr(world_model, "enable_fast_path", lambda world, fast: chosen.append(fast) or real(world, fast))
+    videos = {}
+    for flags in ((), ("--eager",)):
+        out = tmp_path / f"demo{len(flags)}.mp4"
+        common = ("--out", str(out), "--blocks", "2", "--device", "cpu", "--no-overlay", "--no-progress")
+        assert run_cli("demo", "--model", str(model), *common, *flags)[0] == 0
+        videos[flags] = np.stack(_frames(out)).astype(int)
+    assert chosen == [True, False]
+    fast, eager = videos[()], videos[("--eager",)]
+    assert fast.shape == eager.shape == (21, 16, 32, 3)
+    assert np.abs(fast - eager).mean() < 1.0  # the same function in another layout, through the same encoder
+
+
 def test_demo_script_walks_turns_and_looks_around() -> None:
     labels = {action.label for action in scripted_actions(18)}
     assert {"walk forward", "turn left", "turn right", "look up", "look down"} <= labels
