@@ -14,7 +14,7 @@ the decoder channels-last with the Triton kernel where it applies, whatever the 
 cohorts on a second CUDA stream beside the big one: `young_cohort_stream=True`), "merged_eager_norms"
 (merged, the decoder's norms and adds eager rather than as Triton kernels beside its Triton
 convolutions: `triton_norm.set_enabled(False)`), "merged_eager_dit_chains" (merged, the DiT's
-elementwise chains eager rather than as the fast path's Triton kernels: `triton_dit.set_enabled(False)`),
+elementwise chains eager rather than as the fast path's Triton kernels: `sampler.dit_kernels = False`),
 "merged_fresh_states" (merged, but every cohort of new worlds on a new state rather than one
 restarted in place: no CUDA graphs for their first blocks) and "separate" (no merging). They
 alternate within one run (--rounds rounds; odd rounds take them in reverse order), and each reports
@@ -53,7 +53,7 @@ from common import environment, profile_tables, synchronize, table, write_json  
 
 import matrixgame_env.vector as vector_module  # noqa: E402
 from matrixgame_env.host_waits import count_host_waits  # noqa: E402
-from matrixgame_env.nn import triton_conv, triton_dit, triton_norm  # noqa: E402
+from matrixgame_env.nn import triton_conv, triton_norm  # noqa: E402
 from matrixgame_env.nn.transfer import set_async_uploads  # noqa: E402
 from matrixgame_env.rewards import StepOutcome  # noqa: E402
 from matrixgame_env.vector import MatrixGameVectorEnv  # noqa: E402
@@ -89,7 +89,6 @@ SETTINGS = (
 def desync_env(args: argparse.Namespace, worlds: int, setting: str, fast: str) -> MatrixGameVectorEnv:
     """A vector env (fast path `fast`, one of SETTINGS) whose worlds end episodes at random, seeded
     alike for every setting."""
-    triton_dit.set_enabled(False)  # process-wide: the fast path switches it on where it chooses to
     env = MatrixGameVectorEnv(
         args.model,
         num_envs=worlds,
@@ -104,7 +103,7 @@ def desync_env(args: argparse.Namespace, worlds: int, setting: str, fast: str) -
     set_async_uploads(setting != "merged_waiting_uploads")  # process-wide: set again by every setting
     triton_norm.set_enabled(setting != "merged_eager_norms")  # process-wide too
     if setting == "merged_eager_dit_chains":
-        triton_dit.set_enabled(False)  # process-wide too
+        env.world.sampler.dit_kernels = False
     if setting == "merged_channels_last":
         env.world.vae.set_decoder_channels_last(True)
         env.world.vae.set_decoder_triton(triton_conv.available())

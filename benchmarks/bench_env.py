@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, profile_tables, table, write_json  # noqa: E402
 
 from matrixgame_env.env import MatrixGameEnv  # noqa: E402
-from matrixgame_env.nn import triton_dit, triton_norm  # noqa: E402
+from matrixgame_env.nn import triton_norm  # noqa: E402
 from matrixgame_env.nn.fusion import enable_fusion, fusion_enabled  # noqa: E402
 from matrixgame_env.nn.vae import set_conv3d_mode, set_upsample_mode  # noqa: E402
 from matrixgame_env.vector import MatrixGameVectorEnv  # noqa: E402
@@ -120,7 +120,7 @@ def gpu_vector(
     None: as the env chooses)."""
     set_upsample_mode(upsample)
     set_conv3d_mode(conv3d)
-    norms_before, dit_before = triton_norm.enabled(), triton_dit.enabled()
+    norms_before = triton_norm.enabled()
     triton_norm.set_enabled(triton_norms)
     env, rng = warm_vector_env(
         model, worlds, fast, channels_last, guidance, warmup, decoder_graphs=decoder_graphs, dit_kernels=dit_kernels
@@ -130,7 +130,7 @@ def gpu_vector(
     decoder_graphs = env.world.decoder_graphs is not None
     triton = env.world.vae.decoder_triton
     fused_norms = triton and triton_norm.enabled()
-    dit_kernels = triton_dit.enabled() and not fusion_enabled()
+    dit_kernels = bool(env.world.sampler.dit_kernels) and not fusion_enabled()
     t0 = time.perf_counter()
     for _ in range(steps):
         env.step(sample_actions(env.single_action_space, rng, worlds))
@@ -140,7 +140,6 @@ def gpu_vector(
     set_upsample_mode("auto")
     set_conv3d_mode("auto")
     triton_norm.set_enabled(norms_before)
-    triton_dit.set_enabled(dit_before)
     torch.cuda.empty_cache()
     return {
         "setting": f"gpu vector ({FAST_NAMES[fast]}{', decoder channels-last' if channels_last else ''}"
@@ -203,11 +202,10 @@ def warm_vector_env(
     """A reset GPU vector env after `warmup` steps of random actions, and the actions' generator.
     `channels_last` None keeps the env's decoder layout; `graphs=False` turns CUDA graphs off;
     `decoder_graphs` replays the decoder from CUDA graphs too (`WorldModel.enable_decoder_graphs`);
-    `dit_kernels` switches the DiT's Triton chains (process-wide; None: as the env's fast path chose)."""
-    triton_dit.set_enabled(False)  # the fast path switches them on where it chooses to
+    `dit_kernels` switches the DiT's Triton chains in its sampler (None: as the env's fast path chose)."""
     env = MatrixGameVectorEnv(model, num_envs=worlds, device="cuda", fast=fast, action_guidance=guidance)
     if dit_kernels is not None:
-        triton_dit.set_enabled(dit_kernels)
+        env.world.sampler.dit_kernels = dit_kernels
     if not graphs:
         env.world.sampler.enable_cuda_graphs(False)
     if decoder_graphs is not None:

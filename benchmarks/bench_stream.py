@@ -40,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, profile_tables, random_world, table, write_json  # noqa: E402
 
 from matrixgame_env.model_config import ModelConfig  # noqa: E402
-from matrixgame_env.nn import triton_dit  # noqa: E402
 from matrixgame_env.nn.fusion import enable_fusion  # noqa: E402
 from matrixgame_env.world.model import WorldModel, enable_fast_path, to_host  # noqa: E402
 
@@ -59,7 +58,6 @@ def actions(batch: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
 def set_path(world: WorldModel, path: str, batch: int) -> None:
     """Puts `world` (of `batch` worlds) on one of the paths of the module docstring."""
     enable_fusion(False)
-    triton_dit.set_enabled(False)
     if path in ("fast", "overlap"):
         enable_fast_path(world, True, batch)
         return

@@ -87,7 +87,7 @@ class MatrixGameEnv(gym.Env):
     because timings differ between identical runs (the same is always in `env.last_timing`).
     fast: on a GPU, replay steady-state blocks from CUDA graphs (same results, less overhead), run
     wide VAE decoders on channels-last tensors (same function, faster kernels) and, with Triton, the
-    DiT's elementwise chains as Triton kernels (process-wide, within bf16 rounding); "compile" also
+    DiT's elementwise chains as Triton kernels (within bf16 rounding); "compile" also
     fuses the elementwise chains of the DiT and the decoder with torch.compile (about 15 s of
     compiling on first use, results within bf16 rounding); False: the eager reference path.
     action_guidance: strengthen what the actions do (`SamplerConfig.action_guidance`: 1 is off, as

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # GPU checks of the fast path, results under $OUT (each under 10 minutes; two fit one call where noted):
-#   bash scripts/device_pending_checks.sh tests   # the GPU tests: CUDA graphs, the Triton kernels of the DiT and
-#                                                 # the decoder against the eager chains (about 3 minutes)
+#   bash scripts/device_pending_checks.sh tests   # the GPU tests (tests/test_cuda_graphs.py: CUDA graphs, the Triton
+#                                                 # kernels of the DiT and the decoder against the eager chains, the
+#                                                 # fast paths' agreement; about 2 minutes)
+#   bash scripts/device_pending_checks.sh interp  # the Triton kernels' interpreter tests with the machine's Triton and
+#                                                 # NumPy (slow there: about 5 minutes)
 #   bash scripts/device_pending_checks.sh stream  # bench_stream.py, the full-size model at batch 1 and 8: eager /
 #                                                 # graphs / fast (= fast=True) / overlap / fused_cl, each fast
 #                                                 # path's agreement with eager, memory over 300 blocks (about 5 minutes)
@@ -22,9 +25,12 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 for check in "$@"; do
   case $check in
     tests)
-      timeout 240 python3 -m pytest -q -p no:warnings tests/test_cuda_graphs.py tests/test_triton_dit.py \
-          tests/test_triton_norm.py tests/test_triton_conv.py >"$OUT/tests.log" 2>&1
+      timeout 240 python3 -m pytest -q -p no:warnings --tb=line tests/test_cuda_graphs.py >"$OUT/tests.log" 2>&1
       grep -E "^E  |^FAILED|passed|failed" "$OUT/tests.log" | cut -c1-400 | tail -30 ;;
+    interp)
+      timeout 400 python3 -m pytest -q -p no:warnings --tb=line tests/test_triton_dit.py tests/test_triton_norm.py \
+          tests/test_triton_conv.py >"$OUT/interp.log" 2>&1
+      grep -E "^E  |^FAILED|passed|failed" "$OUT/interp.log" | cut -c1-400 | tail -30 ;;
     stream)
       timeout 380 python3 benchmarks/bench_stream.py --batches 1 8 --paths eager graphs fast overlap fused_cl \
           --blocks 6 --repeats 2 --long-blocks 300 --agreement-blocks 6 --out "$OUT" >"$OUT/stream.log" 2>&1
@@ -42,6 +48,6 @@ for check in "$@"; do
       timeout 400 python3 benchmarks/bench_cold_start.py --random universal --repeats 3 --out "$OUT" \
           >"$OUT/cold.log" 2>&1
       tail -8 "$OUT/cold.log" ;;
-    *) echo "unknown check $check (tests, stream, env, desync or cold)" >&2; exit 2 ;;
+    *) echo "unknown check $check (tests, interp, stream, env, desync or cold)" >&2; exit 2 ;;
   esac
 done

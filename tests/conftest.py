@@ -23,8 +23,8 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(autouse=True)
 def _restore_process_wide_kernel_switches():
-    """A GPU env with `fast=True` switches the DiT's Triton chains on for the whole process (and
-    "compile" the compiled ones): each test leaves the switches as it found them."""
+    """Tests that switch the DiT's Triton chains on for the whole process (`triton_dit.set_enabled`),
+    or envs with "compile" the compiled chains, leave the switches as they found them."""
     dit_kernels, compiled = triton_dit.enabled(), fusion.fusion_enabled()
     yield
     triton_dit.set_enabled(dit_kernels)

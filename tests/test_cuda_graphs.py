@@ -515,22 +515,22 @@ def test_decoder_layout_policy_follows_the_measurements():
 @cuda
 def test_fast_env_autotunes_cudnn_and_the_eager_one_leaves_it_alone():
     from matrixgame_env.env import MatrixGameEnv
-    from matrixgame_env.nn import triton_conv, triton_dit
+    from matrixgame_env.nn import triton_conv
 
     previous = torch.backends.cudnn.benchmark
     try:
         torch.backends.cudnn.benchmark = False
-        triton_dit.set_enabled(False)
         MatrixGameEnv("doom-small", device="cuda", fast=False).close()
-        assert not torch.backends.cudnn.benchmark and not triton_dit.enabled()
+        assert not torch.backends.cudnn.benchmark
         fast = MatrixGameEnv("doom-small", device="cuda", fast=True)
         assert torch.backends.cudnn.benchmark
         assert fast.world.decoder_graphs is not None  # the decoder replays from CUDA graphs too
         assert fast.world.vae.decoder_triton == triton_conv.available()
-        assert triton_dit.enabled() == triton_conv.available()  # the DiT's chains as Triton kernels
+        assert fast.world.sampler.dit_kernels == triton_conv.available()  # the DiT's chains as Triton kernels
         fast.close()
         eager = MatrixGameEnv("doom-small", device="cuda", fast=False)
         assert eager.world.decoder_graphs is None and not eager.world.vae.decoder_triton
+        assert eager.world.sampler.dit_kernels is False
         eager.close()
     finally:
         torch.backends.cudnn.benchmark = previous

@@ -196,10 +196,11 @@ def test_a_streaming_dit_with_the_kernels_gives_the_eager_blocks():
                         return kernel[grid]
                 return Launch()
         td._kernels = Counted
-        def run(kernels):
+        def run(kernels, sampler_choice=None):
             td.set_enabled(kernels)
             model = tiny_dit()
             sampler = StreamingSampler(model, SamplerConfig(), latent_size=(4, 8))
+            sampler.dit_kernels = sampler_choice
             g = torch.Generator().manual_seed(1)
             image, context = torch.randn(1, 16, 2, 4, 8, generator=g), torch.randn(1, 5, 1280, generator=g)
             state = sampler.start(image, context, seed=3)
@@ -224,11 +225,42 @@ def test_a_streaming_dit_with_the_kernels_gives_the_eager_blocks():
         scale = eager.abs().max().item()
         err = (fused - eager).abs().max().item()
         assert err <= 1e-5 * scale, (err, scale)  # float32 rounding (about 2e-7 of the scale here)
+        # A sampler's own choice (as `fast=True` / `fast=False` set it) overrides the process-wide switch.
+        before = dict(calls)
+        assert torch.equal(run(True, sampler_choice=False), eager) and calls == before, calls
+        assert torch.equal(run(False, sampler_choice=True), fused) and calls != before, calls
+        assert not td.enabled()  # the sampler's choice held only within its work
         print("ok", calls, err, scale)
         """,
         prelude=REFERENCES,
     )
     assert out.strip().splitlines()[-1].startswith("ok"), out
+
+
+def test_switched_overrides_the_process_wide_switch_in_its_thread_only():
+    import threading
+
+    assert not triton_dit.enabled()
+    seen = []
+    with triton_dit.switched(True):
+        assert triton_dit.enabled()
+        with triton_dit.switched(None):  # no choice: the enclosing one stays
+            assert triton_dit.enabled()
+        with triton_dit.switched(False):
+            assert not triton_dit.enabled()
+        assert triton_dit.enabled()
+        worker = threading.Thread(target=lambda: seen.append(triton_dit.enabled()))
+        worker.start()
+        worker.join()
+    assert seen == [False] and not triton_dit.enabled()
+    triton_dit.set_enabled(True)
+    try:
+        with triton_dit.switched(False):
+            assert not triton_dit.enabled()
+        with triton_dit.switched(None):
+            assert triton_dit.enabled()
+    finally:
+        triton_dit.set_enabled(False)
 
 
 def test_the_switch_is_off_by_default_and_fusion_routes_through_it():

@@ -12,8 +12,9 @@ values. The same functions as `nn.fusion`'s `norm_modulate`, `gated_add`, `affin
 `rms_norm_rope`, `keyboard_queries`, `mouse_temporal_qkv`, `few_key_attention` and
 `temporal_attention` up to float32 rounding (rounded to the model's dtype where those chains round).
 
-Off until switched on (`set_enabled`, process-wide), which the fast path does on GPUs
-(`world.model.enable_fast_path`): measured on an H200, 1.25-1.27x the steps/s of doom-small's vector
+Used by a sampler whose `dit_kernels` is on, which the fast path sets on GPUs with Triton
+(`world.model.enable_fast_path`), or everywhere once switched on process-wide (`set_enabled`; off by
+default). Measured on an H200, 1.25-1.27x the steps/s of doom-small's vector
 env at 16 and 64 worlds and 1.39x the full-size model's end-to-end fps at batch 1 (benchmarks/NOTES.md).
 Each function returns None where it does not apply (CPU tensors outside Triton's interpreter, tensors
 that need gradients, other dtypes or layouts); `nn.fusion` then runs the eager chain.
@@ -21,7 +22,10 @@ that need gradients, other dtypes or layouts); `nn.fusion` then runs the eager c
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
+from collections.abc import Iterator
 
 import torch
 
@@ -30,6 +34,7 @@ from .triton_conv import _cdiv, available, interpreted
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BLOCK_ELEMENTS = 4096  # values a program handles: BLOCK_R rows of D values (D rounded up to a power of 2)
 _enabled = False
+_within = threading.local()  # `switched`'s choice for the calling thread, where one is active
 
 
 @functools.cache
@@ -42,14 +47,29 @@ def _kernels():
 
 def set_enabled(enabled: bool = True) -> None:
     """Process-wide switch (as `nn.fusion.enable_fusion`): on, the DiT's chains run these kernels wherever
-    they apply (CUDA tensors without gradients, Triton installed; `fast=True` on a GPU turns it on);
-    off, the eager chains (the default)."""
+    they apply (CUDA tensors without gradients, Triton installed); off, the eager chains (the default).
+    A sampler's own choice (`StreamingSampler.dit_kernels`, which `fast=True` sets) takes precedence
+    within its blocks."""
     global _enabled
     _enabled = bool(enabled)
 
 
 def enabled() -> bool:
-    return _enabled
+    """Whether the kernels run here: `switched`'s choice where one is active, else the process-wide switch."""
+    chosen = getattr(_within, "enabled", None)
+    return _enabled if chosen is None else chosen
+
+
+@contextlib.contextmanager
+def switched(enabled: bool | None) -> Iterator[None]:
+    """Within the block (and this thread), the kernels on or off as `enabled` says; None leaves the
+    process-wide switch in charge."""
+    before = getattr(_within, "enabled", None)
+    _within.enabled = before if enabled is None else bool(enabled)
+    try:
+        yield
+    finally:
+        _within.enabled = before
 
 
 def _applies(*tensors: torch.Tensor) -> bool:

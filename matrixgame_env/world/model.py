@@ -11,7 +11,7 @@ import torch
 from ..checkpoints import LoadedModel, load_model
 from ..images import ImageLike, fit_images
 from ..model_config import ModelConfig
-from ..nn import triton_conv, triton_dit
+from ..nn import triton_conv
 from ..nn.clip import CLIPVisionEncoder
 from ..nn.dit import CausalDiT
 from ..nn.fusion import enable_fusion
@@ -187,15 +187,16 @@ def enable_fast_path(world: WorldModel, fast: bool | str = True, batch: int = 1)
     narrow decoders, of the decoder (bit-identical results), autotuned cuDNN convolutions
     (process-wide), where it pays channels-last decoding, and then the Triton kernel for the
     decoder's 16-channel convolutions when Triton is installed (same function, other kernels), and
-    with Triton the DiT's elementwise chains as Triton kernels (`nn.triton_dit`, process-wide; results
-    within bf16 rounding); "compile" = that plus torch.compile-fused elementwise chains in the DiT and
-    the decoder (process-wide); False = eager (process-wide switches that another world turned on stay on).
+    with Triton the DiT's elementwise chains as Triton kernels (`nn.triton_dit`, in this world's
+    sampler; results within bf16 rounding); "compile" = that plus torch.compile-fused elementwise
+    chains in the DiT and the decoder (process-wide); False = eager.
     CPU: True or "compile" = channels-last decoding where the causal convolutions run as oneDNN's
     (the CPU default); False = the standard layout."""
     if fast not in (True, False, "compile"):
         raise ValueError(f"fast must be True, False or 'compile', got {fast!r}")
     if world.device.type != "cuda":
         world.vae.set_decoder_channels_last(bool(fast) and cpu_decoder_channels_last_pays(world.vae))
+        world.sampler.dit_kernels = None if fast else False
         return
     if fast:
         if world.sampler.graphs is None:
@@ -212,10 +213,9 @@ def enable_fast_path(world: WorldModel, fast: bool | str = True, batch: int = 1)
         world.enable_decoder_graphs(graphs)
     # The Triton kernel: 1.03-1.09x the steps/s of doom-small at 64 worlds (H200, benchmarks/NOTES.md).
     world.vae.set_decoder_triton(bool(fast) and triton_conv.available())
-    if fast and triton_conv.available():
-        # The DiT's chains in one kernel each: 1.25-1.27x the steps/s of doom-small at 16 and 64 worlds,
-        # 1.39x the full-size model's end-to-end fps at batch 1 (H200, benchmarks/NOTES.md).
-        triton_dit.set_enabled(True)
+    # The DiT's chains in one kernel each: 1.26-1.27x the steps/s of doom-small at 16 and 64 worlds,
+    # 1.39-1.59x the full-size model's end-to-end fps at batch 1 (H200, benchmarks/NOTES.md).
+    world.sampler.dit_kernels = bool(fast) and triton_conv.available()
 
 
 def decoder_graphs_pay(decoder_dim: int, fast: bool | str) -> bool:

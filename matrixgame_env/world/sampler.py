@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..nn import triton_dit
 from ..nn.action import ActionCaches, action_windows
 from ..nn.dit import CausalDiT, ContextKV, LayerCaches
 from ..nn.scheduler import FlowMatchScheduler
@@ -120,6 +121,9 @@ class StreamingSampler:
         self.compression = action.vae_time_compression_ratio if action else 4
         self.condition_channels = model.config.in_dim - model.config.out_dim
         self.graphs: BlockGraphs | None = None
+        # The DiT's elementwise chains as Triton kernels in this sampler's blocks (`nn.triton_dit`):
+        # True / False whatever the process-wide switch says, None as it says. `fast=True` sets it.
+        self.dit_kernels: bool | None = None
 
     # ------------------------------------------------------------------ start
     @torch.no_grad()
@@ -219,7 +223,9 @@ class StreamingSampler:
         if not finite_checked:
             _check_finite(visual_context, "visual_context")
         generators = _make_generators(seed, batch, device)
-        return image.to(device, torch.float32), model.context_kv(visual_context.to(device)), generators
+        with triton_dit.switched(self.dit_kernels):  # the context keys' norm, as the blocks' chains
+            context = model.context_kv(visual_context.to(device))
+        return image.to(device, torch.float32), context, generators
 
     def _mask_channels(self) -> int:
         return self.condition_channels - self.model.config.out_dim
@@ -323,6 +329,10 @@ class StreamingSampler:
         """The device work of one block: the denoising steps, then the clean-context re-run that
         refreshes every cache with the keys of the final frames. Pure tensor code on fixed shapes
         (no host syncs), so it can be captured in a CUDA graph. Returns x0 [B, C, f, h, w]."""
+        with triton_dit.switched(self.dit_kernels):
+            return self._denoise_block(state, inputs)
+
+    def _denoise_block(self, state: WorldState, inputs: BlockInputs) -> torch.Tensor:
         model = self.model
         kwargs = dict(
             context=state.context,
