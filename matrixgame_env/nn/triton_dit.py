@@ -14,8 +14,8 @@ values. The same functions as `nn.fusion`'s `norm_modulate`, `gated_add`, `affin
 
 Used by a sampler whose `dit_kernels` is on, which the fast path sets on GPUs with Triton
 (`world.model.enable_fast_path`), or everywhere once switched on process-wide (`set_enabled`; off by
-default). Measured on an H200, 1.25-1.27x the steps/s of doom-small's vector
-env at 16 and 64 worlds and 1.39x the full-size model's end-to-end fps at batch 1 (benchmarks/NOTES.md).
+default). Measured on an H200, 1.26-1.27x the steps/s of doom-small's vector env at 16 and 64 worlds
+and 1.39-1.59x the full-size model's end-to-end fps at batch 1 (benchmarks/NOTES.md).
 Each function returns None where it does not apply (CPU tensors outside Triton's interpreter, tensors
 that need gradients, other dtypes or layouts); `nn.fusion` then runs the eager chain.
 """
