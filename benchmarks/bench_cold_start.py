@@ -68,6 +68,7 @@ def random_model_folder(preset: str, folder: Path, device: str) -> Path:
     picture, written in our format to `folder`."""
     import numpy as np
     import torch
+    from common import random_init_
     from PIL import Image
 
     from matrixgame_env.checkpoints import build_modules, preset_dir, save_model
@@ -77,7 +78,7 @@ def random_model_folder(preset: str, folder: Path, device: str) -> Path:
     modules = []
     for seed, module in enumerate(build_modules(config, device="meta")):
         module = module.to_empty(device=device)
-        random_weights_(module, seed)
+        random_init_(module, seed, on_device=True)
         modules.append(module.to(torch.bfloat16))
     dit, vae, clip = modules
     vae.latent_mean.zero_()
@@ -91,22 +92,6 @@ def random_model_folder(preset: str, folder: Path, device: str) -> Path:
     if device == "cuda":
         torch.cuda.empty_cache()
     return folder
-
-
-def random_weights_(module, seed: int) -> None:
-    """N(0, 1/fan_in) matrices, zero biases, unit vectors, drawn on the module's device (fast on a GPU;
-    `common.random_init_` draws on the CPU so that every device gets the same weights)."""
-    import torch
-
-    generator = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("bias"):
-                p.zero_()
-            elif p.dim() == 1:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, p[0].numel() ** -0.5, generator=generator)
 
 
 def run_child(model: str, device: str) -> dict:

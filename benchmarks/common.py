@@ -33,10 +33,12 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
-def random_init_(model: torch.nn.Module, seed: int = 0) -> None:
+def random_init_(model: torch.nn.Module, seed: int = 0, on_device: bool = False) -> None:
     """Random weights at a stable scale: N(0, 1/fan_in) matrices, zero biases, unit norms, small
-    modulation tables. Works on meta-built models moved with `to_empty`."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    modulation tables. Works on meta-built models moved with `to_empty`. Drawn on the CPU, so that
+    every device gets the same weights, unless `on_device` (fast on a GPU, other values)."""
+    device = next(model.parameters()).device if on_device else torch.device("cpu")
+    generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -44,11 +46,11 @@ def random_init_(model: torch.nn.Module, seed: int = 0) -> None:
             elif p.dim() == 1:
                 p.fill_(1.0)
             elif "modulation" in name or "embedding" in name and p.dim() == 3:
-                p.copy_(0.02 * torch.randn(p.shape, generator=generator).to(p))
+                p.copy_(0.02 * torch.randn(p.shape, generator=generator, device=device).to(p))
             else:
                 fan_in = p[0].numel()
                 std = fan_in**-0.5
-                p.copy_((std * torch.randn(p.shape, generator=generator)).to(p))
+                p.copy_((std * torch.randn(p.shape, generator=generator, device=device)).to(p))
 
 
 def random_world(config, device: str, dtype: torch.dtype = torch.bfloat16):
