@@ -179,6 +179,46 @@ def test_the_data_weight_pulls_the_student_towards_the_recorded_latents(parts, t
     assert with_data < 0.9 * start and with_data < dmd_only, (start, dmd_only, with_data)
 
 
+def test_the_action_weight_adds_the_readers_loss_to_the_students_update(parts, tmp_path):
+    """With an action weight the student's update holds the frozen reader's loss on its streamed clip:
+    the step reports it, and the student moves elsewhere than under DMD alone from the same start."""
+    from matrixgame_env.train.latent_actions import LatentActionReader
+
+    torch.manual_seed(5)
+    reader = LatentActionReader(16, 4).eval().requires_grad_(False)
+    batch = random_clips(CONFIG, batch=3, frames=6, image_latents=True, seed=8)
+    students = {}
+    for weight in (0.0, 10.0):
+        step, _, student, _, _ = _distillation(parts, tmp_path / str(weight), reader=reader, action_weight=weight)
+        torch.manual_seed(0)
+        metrics = step.step(batch)
+        students[weight] = student.state_dict()
+        assert ("action_loss" in metrics) == (weight > 0)
+    assert torch.isfinite(metrics["action_loss"]) and metrics["action_loss"] > 0
+    assert any(not torch.equal(students[0.0][k], students[10.0][k]) for k in students[0.0])
+    with pytest.raises(ValueError, match="needs a reader"):
+        _distillation(parts, tmp_path / "none", action_weight=1.0)
+
+
+def test_stage_with_an_action_weight_trains_its_reader_once_and_records_what_it_reads(inputs, tmp_path):
+    options = ("--check-clips", "0", "--action-weight", "0.5", "--action-reader-steps", "3")
+    folder = distill.run(_args(inputs, tmp_path, "--steps", "2", "--stop-after-steps", "1", *options))
+    saved = tmp_path / "distill" / "action_reader.safetensors"
+    first = read_state_dict(saved)
+    settings = WorldModel.from_pretrained(folder, device="cpu").config.extra["training"]["distill"]
+    assert settings["action_weight"] == 0.5
+    judged = settings["action_reader_on_real_latents"]
+    assert 0 <= judged["key_accuracy"] <= 1 and 0 <= judged["yaw_accuracy"] <= 1 and judged["latent_frames"] == 2 * 5
+    distill.run(_args(inputs, tmp_path, "--steps", "2", "--resume", *options))  # reuses the saved reader
+    second = read_state_dict(saved)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert [("action_loss" in r) for r in _log(tmp_path / "distill") if "dmd_loss" in r] == [True, True]
+    with pytest.raises(distill.StageError, match="--action-reader"):
+        distill.run(_args(inputs, tmp_path / "other", "--steps", "1", *options, "--action-reader", "nowhere.st"))
+    with pytest.raises(distill.StageError, match="--action-weight"):
+        distill.run(_args(inputs, tmp_path / "negative", "--action-weight", "-1"))
+
+
 def test_a_negative_data_weight_is_refused(inputs, tmp_path):
     with pytest.raises(distill.StageError, match="--data-weight"):
         distill.run(_args(inputs, tmp_path, "--data-weight", "-1"))

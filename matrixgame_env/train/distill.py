@@ -12,6 +12,9 @@ distilled generator, exported) and the critic (fake score). Each step:
    (`dmd.py`): teacher and critic both predict x0 from the clip noised to one random level.
    With `--data-weight w > 0` the student's loss also holds w times the `train dit` loss on the
    recorded latents of its clips, which anchors the student to the data DMD alone lets it leave.
+   With `--action-weight a > 0` it also holds a times the action loss of a latent action reader
+   (`latent_actions.py`: trained on the recorded latents first, then frozen): what of the clip's keys
+   and turns the reader cannot find in the student's latents.
 The teacher and the critic start as the `--init` DiT unless `--teacher` / `--critic-init` name other model
 folders with the same DiT config: a later session can take an exported student further (`--init` the
 student, `--teacher` the diffusion-forcing model it learned from).
@@ -48,6 +51,16 @@ from .conditions import ClipBatch, ClipConditions, build_conditions
 from .diffusion import add_stage_arguments, forcing_for, parameter_groups
 from .dmd import DistributionMatching
 from .forcing import DiffusionForcing, NoiseMix
+from .latent_actions import (
+    READER_FILE,
+    LatentActionReader,
+    action_loss,
+    action_targets,
+    load_reader,
+    reader_accuracy,
+    save_reader,
+    train_reader,
+)
 from .latent_clips import fixed_batches, open_latent_splits
 from .sampling_check import export_and_check
 from .self_forcing import SelfForcingRollout
@@ -87,6 +100,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="weight of the diffusion-forcing loss on the recorded latents in the student's update (0: DMD only)",
     )
+    parser.add_argument(
+        "--action-weight",
+        type=float,
+        default=0.0,
+        help="weight of the latent action reader's loss on the student's clips in its update (0: none)",
+    )
+    parser.add_argument(
+        "--action-reader",
+        default=None,
+        help="a trained action reader (.safetensors) to use (default: OUT/distill/action_reader.safetensors, "
+        "trained on the recorded latents when missing)",
+    )
+    parser.add_argument(
+        "--action-reader-steps", type=int, default=1500, help="steps of training the action reader (default: 1500)"
+    )
     parser.add_argument("--min-level", type=float, default=0.02, help="lowest DMD noise level (unshifted, 0..1)")
     parser.add_argument("--max-level", type=float, default=0.98, help="highest DMD noise level (unshifted, 0..1)")
 
@@ -107,15 +135,21 @@ class Distillation:
         critic_steps: int,
         data_forcing: DiffusionForcing | None = None,
         data_weight: float = 0.0,
+        reader: LatentActionReader | None = None,
+        action_weight: float = 0.0,
     ) -> None:
         """`data_forcing` and `data_weight` > 0: the student's update adds data_weight times the
-        diffusion-forcing loss of the student on the recorded latents of its clips."""
+        diffusion-forcing loss of the student on the recorded latents of its clips. `reader` and
+        `action_weight` > 0: it adds action_weight times the reader's action loss on the student's clip."""
         if data_weight < 0 or (data_weight > 0 and data_forcing is None):
             raise ValueError(f"data_weight must be >= 0, and > 0 needs data_forcing; got {data_weight}")
+        if action_weight < 0 or (action_weight > 0 and reader is None):
+            raise ValueError(f"action_weight must be >= 0, and > 0 needs a reader; got {action_weight}")
         self.training, self.teacher, self.student, self.critic = training, teacher, student, critic
         self.image_encoder, self.rollout, self.dmd = image_encoder, rollout, dmd
         self.critic_forcing, self.critic_steps = critic_forcing, critic_steps
         self.data_forcing, self.data_weight = data_forcing, data_weight
+        self.reader, self.action_weight = reader, action_weight
         # Data-parallel over the processes of a distributed run (each is the function itself in one process).
         self.critic_loss = training.data_parallel(self._critic_loss, critic)
         self.student_loss = training.data_parallel(self._student_loss, student)
@@ -142,33 +176,35 @@ class Distillation:
         return torch.stack(losses).mean()
 
     def student_step(self, batch: ClipBatch) -> dict[str, torch.Tensor]:
-        """One DMD update of the student; returns its losses (`dmd_loss`, and `data_loss` with a data
-        weight) and `grad_norm`."""
+        """One DMD update of the student; returns its losses (`dmd_loss`, `data_loss` with a data
+        weight, `action_loss` with an action weight) and `grad_norm`."""
         conditions = self.conditions(batch)
         frame_mask = self.critic_forcing.frame_mask(batch.num_frames, batch.latents.device)
         with self.training.autocast():
-            dmd_loss, data_loss = self.student_loss(
-                conditions, torch.randn_like(batch.latents), frame_mask, batch.latents
-            )
-        loss = dmd_loss if data_loss is None else dmd_loss + self.data_weight * data_loss
-        result = {"dmd_loss": dmd_loss.detach(), "grad_norm": self.training.optimize(loss, "student")}
-        if data_loss is not None:
-            result["data_loss"] = data_loss.detach()
+            losses = self.student_loss(conditions, torch.randn_like(batch.latents), frame_mask, batch)
+        weights = {"dmd_loss": 1.0, "data_loss": self.data_weight, "action_loss": self.action_weight}
+        loss = sum(weights[name] * value for name, value in losses.items())
+        result = {name: value.detach() for name, value in losses.items()}
+        result["grad_norm"] = self.training.optimize(loss, "student")
         return result
 
     def _critic_loss(self, samples: torch.Tensor, conditions: ClipConditions) -> torch.Tensor:
         return self.critic_forcing.loss(self.critic, samples, conditions).loss
 
     def _student_loss(
-        self, conditions: ClipConditions, noise: torch.Tensor, frame_mask: torch.Tensor, latents: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self, conditions: ClipConditions, noise: torch.Tensor, frame_mask: torch.Tensor, batch: ClipBatch
+    ) -> dict[str, torch.Tensor]:
         """The DMD loss of a clip the student streams from `noise` (with gradient on each block's exit
-        step), and with a data weight the student's diffusion-forcing loss on the recorded `latents`."""
+        step); with a data weight the student's diffusion-forcing loss on the recorded latents; with an
+        action weight the reader's action loss on the streamed clip against the clip's actions."""
         sample = self.rollout(conditions, noise)
-        dmd_loss = self.dmd.loss(sample, self.teacher, self.critic, conditions, frame_mask).loss
-        if not self.data_weight:
-            return dmd_loss, None
-        return dmd_loss, self.data_forcing.loss(self.student, latents, conditions).loss
+        losses = {"dmd_loss": self.dmd.loss(sample, self.teacher, self.critic, conditions, frame_mask).loss}
+        if self.data_weight:
+            losses["data_loss"] = self.data_forcing.loss(self.student, batch.latents, conditions).loss
+        if self.action_weight:
+            targets = action_targets(batch.keyboard, batch.mouse, batch.num_frames)
+            losses["action_loss"] = action_loss(self.reader, sample, targets)
+        return losses
 
     def step(self, batch: ClipBatch) -> dict[str, torch.Tensor]:
         """Critic updates on the first `critic_steps` shares of `batch`, then a student update on the last:
@@ -180,6 +216,45 @@ class Distillation:
         critic_loss = self.critic_steps_on(batch.clips(slice(0, size * self.critic_steps)))
         student = self.student_step(batch.clips(slice(size * self.critic_steps, None)))
         return {"critic_loss": critic_loss, **student}
+
+
+def action_reader(
+    args: argparse.Namespace, training: TrainRun, train_clips, val_clips, student: CausalDiT
+) -> tuple[LatentActionReader, dict]:
+    """The frozen latent action reader of `--action-weight`: `--action-reader`'s, else the one this stage
+    trained in an earlier session, else one trained now on the recorded latents (saved in the stage's
+    folder); with its accuracy on real latents (validation clips where there are some)."""
+    channels = student.config.out_dim
+    action = student.config.action
+    keys = action.keyboard_dim_in if action is not None and action.enable_keyboard else 0
+    if keys == 0:
+        raise StageError("--action-weight needs a model with keyboard actions")
+    path = Path(args.action_reader) if args.action_reader else training.folder / READER_FILE
+    if path.exists():
+        reader = load_reader(path, channels, keys, training.device)
+    elif args.action_reader:
+        raise StageError(f"--action-reader {path}: no such file (give a reader this stage saved, or leave it out)")
+    else:
+        loader = torch.utils.data.DataLoader(
+            train_clips,
+            batch_size=args.batch_size,
+            sampler=torch.utils.data.RandomSampler(
+                train_clips, replacement=True, num_samples=2**31 - 1, generator=torch.Generator().manual_seed(0)
+            ),
+        )  # the same batches in every process, so every process trains the same reader
+        batches = (ClipBatch.from_item(item) for item in loader)
+        reader = train_reader(
+            batches, channels, keys, args.action_reader_steps, training.device, progress=training.show_progress
+        )
+        if training.is_main:
+            save_reader(reader, path)
+    judged = reader_accuracy(reader, fixed_batches(val_clips or train_clips, 256, args.batch_size), training.device)
+    training.message(
+        f"action reader on real latents: keys {judged['key_accuracy']:.3f} (always the commonest: "
+        f"{judged['key_commonest_share']:.3f}), yaw {judged['yaw_accuracy']:.3f} "
+        f"({judged['yaw_commonest_share']:.3f}), {judged['latent_frames']} latent frames"
+    )
+    return reader, judged
 
 
 def dit_of(folder: str, option: str, config: ModelConfig) -> CausalDiT:
@@ -204,6 +279,8 @@ def run(args: argparse.Namespace) -> Path:
         raise StageError("--critic-steps must be at least 1")
     if args.data_weight < 0:
         raise StageError(f"--data-weight must be >= 0, got {args.data_weight}")
+    if args.action_weight < 0:
+        raise StageError(f"--action-weight must be >= 0, got {args.action_weight}")
     training = TrainRun.from_args(args, STAGE, minutes=args.minutes - args.finish_minutes)
     config, initial, vae, clip, source = initial_model(args.init, args.model_config)
     if "dit" not in config.extra.get("training", {}):
@@ -245,9 +322,12 @@ def run(args: argparse.Namespace) -> Path:
 
     # The student's data term: the `train dit` loss with that stage's default noise patterns.
     data_forcing = forcing_for(config.sampler, teacher, NoiseMix()) if args.data_weight else None
+    reader = reader_judged = None
+    if args.action_weight:
+        reader, reader_judged = action_reader(args, training, train_clips, val_clips, student)
     distillation = Distillation(
         training, teacher, student, critic, clip, rollout, dmd, critic_forcing, args.critic_steps,
-        data_forcing, args.data_weight,
+        data_forcing, args.data_weight, reader, args.action_weight,
     )  # fmt: skip
     if not training.finished:
         training.local_batch_size(args.batch_size)  # each process takes its share of every part of a step
@@ -267,6 +347,9 @@ def run(args: argparse.Namespace) -> Path:
             settings[name] = str(folder)
     if args.data_weight:
         settings["data_weight"] = args.data_weight
+    if args.action_weight:
+        settings["action_weight"] = args.action_weight
+        settings["action_reader_on_real_latents"] = reader_judged
     folder = export_and_check(
         training, STAGE, config, parts, source, check_clips, args.check_blocks, trends, settings=settings
     )
