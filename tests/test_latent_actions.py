@@ -87,6 +87,17 @@ def test_a_saved_reader_loads_the_same_and_a_reader_for_other_keys_is_refused(tm
         load_reader(path, latent_channels=16, keys=7, device="cpu")
 
 
+def test_training_a_reader_leaves_the_callers_random_state_and_repeats_from_its_seed():
+    state = torch.get_rng_state()
+    readers = [
+        train_reader(iter([_written_actions(2)]), latent_channels=16, keys=4, steps=1, device="cpu", progress=False)
+        for _ in range(2)
+    ]
+    assert torch.equal(torch.get_rng_state(), state)
+    first, second = (r.state_dict() for r in readers)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_a_single_latent_frame_is_refused():
     with pytest.raises(ValueError, match="F >= 2"):
         LatentActionReader(16, 4)(torch.randn(1, 16, 1, 4, 8))

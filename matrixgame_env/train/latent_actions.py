@@ -131,9 +131,12 @@ def train_reader(
     seed: int = 0,
     progress: bool = True,
 ) -> LatentActionReader:
-    """A reader trained for `steps` AdamW steps on real clips (one batch a step); returned frozen, in eval mode."""
-    torch.manual_seed(seed)
-    reader = LatentActionReader(latent_channels, keys).to(device)
+    """A reader trained for `steps` AdamW steps on real clips (one batch a step); returned frozen, in eval
+    mode. Its initial weights come from `seed`; the caller's random state is left as it was."""
+    cuda = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        reader = LatentActionReader(latent_channels, keys).to(device)
     optimizer = torch.optim.AdamW(reader.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
     for _ in tqdm(range(steps), desc="action reader", unit="step", disable=not progress):
