@@ -27,6 +27,12 @@ def layer_norm(x):
     return centred / (centred.square().mean(-1, keepdim=True) + 1e-6).sqrt()
 def per_frame(t):
     return t.double()[:, :, None]  # [B, F, 1, D] against tokens [B, F, S, D]
+def rms_normalize(t):  # RMS norm over the last dim, no weight
+    t = t.double()
+    return t / (t.square().mean(-1, keepdim=True) + 1e-6).sqrt()
+def rotate(t, cos, sin):  # RoPE on adjacent pairs (real, imaginary)
+    real, imag = t[..., 0::2], t[..., 1::2]
+    return torch.stack((real * cos - imag * sin, imag * cos + real * sin), dim=-1).flatten(-2)
 def assert_close(y, ref, dtype, label, slack=1e-5):
     assert y.shape == ref.shape and y.dtype == dtype, (label, y.shape, ref.shape, y.dtype)
     err = ((y.double() - ref).abs() - ref.abs() * RELATIVE[dtype]).max().item()
@@ -77,19 +83,13 @@ def test_affine_norm_rms_norm_and_rms_norm_rope_match_float64():
                 rotation = Rotation(torch.rand(7, pairs, generator=g) * 6)
                 y = td.rms_norm_rope(t, w, 1e-6, rotation.cos, rotation.sin, heads)
                 # float64, with the eager chain's two roundings to t's dtype (normalised, then weighted)
-                td64 = t.double()
-                normed = (td64 / (td64.square().mean(-1, keepdim=True) + 1e-6).sqrt()).to(dtype).double()
-                normed = (normed * w.double()).to(dtype).double().view(2, 7, heads, 2 * pairs)
-                real, imag = normed[..., 0::2], normed[..., 1::2]
-                cos, sin = rotation.cos.double(), rotation.sin.double()
-                ref = torch.stack((real * cos - imag * sin, imag * cos + real * sin), dim=-1).flatten(-2)
+                weighted = (rms_normalize(t).to(dtype).double() * w.double()).to(dtype).double()
+                ref = rotate(weighted.view(2, 7, heads, 2 * pairs), rotation.cos.double(), rotation.sin.double())
                 # the roundings inside the chain can land one unit apart from float64's
                 assert_close(y, ref, dtype, ("rms_norm_rope", dim, dtype), slack=4 * RELATIVE[dtype] * 8)
 
                 y = td.rms_norm(t, w, 1e-6)  # the cross attention's query norm: the same without RoPE
-                normed = (td64 / (td64.square().mean(-1, keepdim=True) + 1e-6).sqrt()).to(dtype).double()
-                ref = (normed * w.double()).to(dtype).double()
-                assert_close(y, ref, dtype, ("rms_norm", dim, dtype), slack=4 * RELATIVE[dtype] * 8)
+                assert_close(y, weighted, dtype, ("rms_norm", dim, dtype), slack=4 * RELATIVE[dtype] * 8)
         print("ok")
         """,
         prelude=REFERENCES,
@@ -101,11 +101,6 @@ def test_the_action_modules_queries_and_temporal_qkv_match_float64():
     out = run_interpreted(
         """
         g = torch.Generator().manual_seed(2)
-        def normalize_rotate(t, cos, sin):  # float64: RMS norm over the last dim, then RoPE on pairs
-            t = t.double()
-            t = t / (t.square().mean(-1, keepdim=True) + 1e-6).sqrt()
-            real, imag = t[..., 0::2], t[..., 1::2]
-            return torch.stack((real * cos - imag * sin, imag * cos + real * sin), dim=-1).flatten(-2)
         for heads, head_dim in ((2, 8), (4, 12)):
             for dtype in (torch.float32, torch.float16):
                 batch, frames, spatial = 2, 3, 5
@@ -114,7 +109,7 @@ def test_the_action_modules_queries_and_temporal_qkv_match_float64():
                 y = td.keyboard_queries(q, cos, sin, 1e-6, frames, heads)
                 per_frame = q.view(batch, frames, spatial, heads, head_dim)
                 c, s = cos.double()[None, :, None], sin.double()[None, :, None]
-                ref = normalize_rotate(per_frame, c, s).view(batch, frames * spatial, heads, head_dim)
+                ref = rotate(rms_normalize(per_frame), c, s).view(batch, frames * spatial, heads, head_dim)
                 assert_close(y, ref, dtype, ("keyboard_queries", heads, dtype))
 
                 qkv = (torch.randn(batch, frames, spatial, 3 * heads * head_dim, generator=g) * 2).to(dtype)
@@ -122,7 +117,7 @@ def test_the_action_modules_queries_and_temporal_qkv_match_float64():
                 q, k, v = td.mouse_temporal_qkv(qkv, cos, sin, 1e-6)
                 per_location = qkv.permute(0, 2, 1, 3, 4, 5).reshape(batch * spatial, frames, 3, heads, head_dim)
                 for got, which in ((q, 0), (k, 1)):
-                    ref = normalize_rotate(per_location[:, :, which], cos.double(), sin.double())
+                    ref = rotate(rms_normalize(per_location[:, :, which]), cos.double(), sin.double())
                     assert_close(got, ref, dtype, ("mouse_temporal_qkv", which, heads, dtype))
                 assert torch.equal(v, per_location[:, :, 2]) and v.is_contiguous()
         print("ok")
