@@ -100,7 +100,7 @@ def load_model(
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     folder, config = _resolve(source, mode, download, config)
     if is_our_format(folder):
-        parts = None  # read one part at a time, each just before it is loaded
+        official = None  # our files: read one part at a time, each just before it is loaded
     elif (folder / "config.json").exists() and not is_official_layout(folder):
         missing = sorted(name for name in PART_FILES.values() if not (folder / name).exists())
         raise CheckpointError(
@@ -108,16 +108,16 @@ def load_model(
             f"{sorted(PART_FILES.values())} (a `train vae` run's model folder has all three)"
         )
     else:
-        parts = read_official_parts(folder, config)
+        official = read_official_parts(folder, config)
     dit, vae, clip = build_modules(config, device="meta")
     modules = {"dit": dit, "vae": vae, "clip": clip}
     for part, module in modules.items():
         # Allocated where they run in their final dtype (no float32 copy of the model in host memory);
         # each stored tensor is cast once and copied in, and a part's file is let go once it is loaded.
-        state = read_state_dict(folder / PART_FILES[part]) if parts is None else parts.pop(part)
+        state = read_state_dict(folder / PART_FILES[part]) if official is None else official.pop(part)
         module.to(dtype=dtype).to_empty(device=device)
         load_into(module, state, what=f"{config.name} {part}", source=folder / PART_FILES[part])
-        del state
+        del state  # before the next part's file is read
         _reset_nonpersistent_buffers(module, config, part)
     return LoadedModel(config=config, dit=dit.eval(), vae=vae.eval(), clip=clip.eval(), folder=folder)
 
