@@ -109,6 +109,16 @@ def test_vector_env_equals_single_envs_frame_for_frame(world):
     assert venv.num_cohorts == 1
 
 
+def test_an_eager_env_keeps_its_dit_chains_eager_whatever_the_process_wide_switch(world):
+    from matrixgame_env.nn import triton_dit
+
+    MatrixGameEnv(model=world, fast=False)
+    assert world.sampler.dit_kernels is False  # eager even where the kernels are switched on for the process
+    MatrixGameEnv(model=world, fast=True)
+    assert world.sampler.dit_kernels is None  # on a CPU: as the process-wide switch says (off by default)
+    assert not triton_dit.enabled()
+
+
 def test_cpu_envs_decode_channels_last_where_onednn_runs_with_the_same_frames(world):
     from matrixgame_env.nn.vae import set_conv3d_mode
     from matrixgame_env.world.model import cpu_decoder_channels_last_pays
