@@ -42,7 +42,9 @@ record_and_encode() {  # once per machine: the recording and its latents under t
 }
 distill_recipe="--critic-steps 5 --lr 2e-5 --action-lr-mult 10 --guidance 1.5 --data-weight 0.25"  # the bundled student's recipe
 # MG_ACTION_WEIGHT > 0 adds the latent action reader's loss (`train distill --action-weight`) to that recipe.
+# MG_ACTION_READER: a reader packed by an earlier run (on the same seeded recording) instead of training one.
 if [ -n "${MG_ACTION_WEIGHT:-}" ]; then distill_recipe="$distill_recipe --action-weight $MG_ACTION_WEIGHT"; fi
+if [ -n "${MG_ACTION_READER:-}" ]; then distill_recipe="$distill_recipe --action-reader $MG_ACTION_READER"; fi
 case ${1:?give train, finish, decoders, judge, distill or student} in
   train)
     pipeline setup next

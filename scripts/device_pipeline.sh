@@ -8,7 +8,8 @@
 #         into $MG_EVAL_OUT (default: $MG_WORK/eval),
 #         judged by the IDM in $MG_IDM (default: models/doom-small/eval/idm; empty: train one);
 #   pack: the model folders named in $MG_PACK_MODELS (default: reward, which holds the DiT too), the VAE (float32)
-#         and config of the vae stage when it ran, the logs of the vae, dit, distill and reward stages and the eval, as <=15 MiB pieces in $OUT
+#         and config of the vae stage when it ran, the logs of the vae, dit, distill and reward stages, the distillation's
+#         action reader (--action-weight) and the eval, as <=15 MiB pieces in $OUT
 #         (join here with `cat bundle.tar.part* | tar x`, then `python scripts/pack_model.py --unpack ...`).
 # Work lives in $MG_WORK (default /tmp/mg) so that consecutive calls on a warm machine reuse it;
 # each stage's result.json is copied to $OUT when it is set; `pack` bundles the model folders.
@@ -73,6 +74,8 @@ for item in "$@"; do
           python3 scripts/pack_model.py "$WORK/runs/$s/model" "/tmp/pack/$s" --piece-mib 1000
         fi
         cp "$WORK/runs/$s/log.jsonl" "$WORK/runs/$s/result.json" "/tmp/pack/$s/" 2>/dev/null || true
+        # the distillation's latent action reader (--action-weight), reusable with --action-reader
+        cp "$WORK/runs/$s/action_reader.safetensors" "/tmp/pack/$s/" 2>/dev/null || true
       done
       for e in "$WORK"/eval*; do  # every eval folder (MG_EVAL_OUT), without the IDM's checkpoints
         [ -d "$e" ] && cp -r "$e" /tmp/pack/ && rm -f "/tmp/pack/$(basename "$e")"/idm/*.pt
