@@ -10,9 +10,9 @@
 #                                                 # path's agreement with eager, memory over 300 blocks (about 5 minutes)
 #   bash scripts/device_pending_checks.sh env     # bench_env.py at 1, 4, 16 and 64 synchronised worlds, the DiT's
 #                                                 # Triton chains as fast=True chooses (on) and off (about 4 minutes)
-#   bash scripts/device_pending_checks.sh small   # bench_env.py at 1 and 4 synchronised worlds: the decoder's conv3d
-#                                                 # mode (auto / triton) x its Triton norms (off / on), fast=True's
-#                                                 # DiT chains (about 2 minutes)
+#   bash scripts/device_pending_checks.sh small   # bench_env.py at 1 and 4 synchronised worlds: the decoder's layout
+#                                                 # (standard / channels-last) x conv3d mode (auto / triton) x its
+#                                                 # Triton norms (off / on), fast=True's DiT chains (about 3 minutes)
 #   bash scripts/device_pending_checks.sh desync  # bench_desync.py, 64 desynchronised worlds, two rounds of merged /
 #                                                 # merged_eager_dit_chains / merged_eager_norms (about 8 minutes)
 #   bash scripts/device_pending_checks.sh cold    # bench_cold_start.py: a fresh process to the first frame of the
@@ -43,9 +43,9 @@ for check in "$@"; do
           --warmup 6 --triton-dit auto off --out "$OUT" >"$OUT/env.log" 2>&1
       grep -E "^gpu vector" "$OUT/env.log" | tail -8 ;;
     small)
-      timeout 300 python3 benchmarks/bench_env.py --cpu-steps 0 --gpu-worlds 1 4 --paths graphs --gpu-steps 60 \
-          --warmup 10 --gpu-conv3d auto triton --triton-norms both --out "$OUT" >"$OUT/small.log" 2>&1
-      grep -E "^gpu vector" "$OUT/small.log" | tail -8 ;;
+      timeout 400 python3 benchmarks/bench_env.py --cpu-steps 0 --gpu-worlds 1 4 --paths graphs --gpu-steps 60 \
+          --warmup 10 --channels-last both --gpu-conv3d auto triton --triton-norms both --out "$OUT" >"$OUT/small.log" 2>&1
+      grep -E "^gpu vector" "$OUT/small.log" | tail -16 ;;
     desync)
       timeout 560 python3 benchmarks/bench_desync.py --device cuda --worlds 64 --episode-steps 20 --warmup 200 \
           --steps 100 --rounds 2 --settings merged merged_eager_dit_chains merged_eager_norms --fast graphs --out "$OUT" \
