@@ -453,10 +453,10 @@ def _check_finite(
 ) -> None:
     problems = []
     for key, value in converted.items():
-        if not value.is_floating_point() or bool(torch.isfinite(value).all()):
+        if not value.is_floating_point() or all_finite(value):
             continue
         original = stored[key]
-        if bool(torch.isfinite(original).all()):
+        if all_finite(original):
             problems.append(f"{key}: finite as stored ({original.dtype}) but beyond the range of {value.dtype}")
         else:
             bad = int((~torch.isfinite(original)).sum())
@@ -466,6 +466,16 @@ def _check_finite(
         lines.extend(f"    {problem}" for problem in _truncated(problems))
         lines.append("Accepted: finite values only (a NaN or inf weight would poison every output).")
         raise CheckpointError("\n".join(lines))
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value of a floating-point tensor is finite, in one reduction: NaN propagates
+    through min and max, and an infinity is its own extreme. No mask is made, so this reads a large
+    weight tensor at memory speed (benchmarks/NOTES.md: 20-40x faster than `isfinite(...).all()`)."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _truncated(items: Sequence[str]) -> list[str]:

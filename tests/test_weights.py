@@ -14,6 +14,7 @@ from torch import nn
 from matrixgame_env.weights import (
     CheckpointError,
     add_prefix,
+    all_finite,
     load_into,
     read_state_dict,
     save_safetensors,
@@ -342,6 +343,27 @@ def test_load_into_rejects_values_that_overflow_the_target_dtype() -> None:
     with pytest.raises(CheckpointError) as caught:
         load_into(TinyNet(), state_dict, what="TinyNet", dtype=torch.float16)
     assert "proj.bias: finite as stored (torch.float32) but beyond the range of torch.float16" in str(caught.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_finds_every_nan_and_infinity_wherever_it_sits(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(0)
+    for size in (1, 2, 31, 1000, 2**20 + 3):  # the last spans the vectorised and threaded reductions
+        clean = torch.randn(size, generator=generator).to(dtype)
+        assert all_finite(clean) and all_finite(clean.view(-1, 1) if size > 1 else clean)
+        positions = {0, size // 2, size - 1, int(torch.randint(size, (1,), generator=generator))}
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            for position in positions:
+                tainted = clean.clone()
+                tainted[position] = bad
+                assert all_finite(tainted) is False, (size, bad, position)
+                assert all_finite(tainted) == bool(torch.isfinite(tainted).all())
+    largest = torch.finfo(dtype).max
+    assert all_finite(torch.tensor([largest, -largest], dtype=dtype))  # extremes that are still finite
+    assert all_finite(torch.empty(0, 3, dtype=dtype))
+    matrix = torch.randn(64, 48, generator=generator).to(dtype)
+    matrix[5, 7] = float("nan")
+    assert not all_finite(matrix.t())  # strided layouts too
 
 
 def test_load_into_leaves_the_module_untouched_when_it_rejects_the_weights() -> None:
