@@ -13,6 +13,8 @@ Paths:
   graphs   steady-state blocks replayed from CUDA graphs, cuDNN autotuned decoder convolutions
   fast     what `fast=True` runs (`enable_fast_path`): graphs, the decoder channels-last, the DiT's
            elementwise chains as shape-generic Triton kernels (nn/triton_dit.py)
+  fast_decoder_graphs  fast, with the VAE decoder replayed from CUDA graphs too (`fast=True` does that for
+           narrow decoders only: is it worth its memory at full size?)
   overlap  fast, with the decode of block n running on its own stream while the DiT makes block n+1
   fused    graphs, with the DiT's elementwise chains fused by torch.compile (nn/fusion.py)
   fused_cl fused, with the VAE decoder on channels-last activations and weights
@@ -58,8 +60,10 @@ def actions(batch: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
 def set_path(world: WorldModel, path: str, batch: int) -> None:
     """Puts `world` (of `batch` worlds) on one of the paths of the module docstring."""
     enable_fusion(False)
-    if path in ("fast", "overlap"):
+    if path in ("fast", "overlap", "fast_decoder_graphs"):
         enable_fast_path(world, True, batch)
+        if path == "fast_decoder_graphs":
+            world.enable_decoder_graphs(True)
         return
     enable_fast_path(world, False)
     graphs = path != "eager"
@@ -264,7 +268,7 @@ def main() -> None:
     rows = [stream(world, b, p, args.warmup, args.blocks, args.repeats) for b in args.batches for p in args.paths]
     columns = ["batch", "path", "fps_e2e", "fps_dit", "latency_s", "dit_block_s", "peak_gib", "warmup_s"]
     print(table(rows, columns))
-    fast_paths = [p for p in ("graphs", "fast", "fused", "fused_cl") if p in args.paths]
+    fast_paths = [p for p in ("graphs", "fast", "fast_decoder_graphs", "fused", "fused_cl") if p in args.paths]
     agree = []
     if args.agreement_blocks > 0:
         agree = [agreement(world, b, args.agreement_blocks, p) for p in fast_paths for b in (1, 4)]
