@@ -471,7 +471,8 @@ def _check_finite(
 def all_finite(tensor: torch.Tensor) -> bool:
     """Whether every value of a floating-point tensor is finite, in one reduction: NaN propagates
     through min and max, and an infinity is its own extreme. No mask is made, so this reads a large
-    weight tensor at memory speed (benchmarks/NOTES.md: 20-40x faster than `isfinite(...).all()`)."""
+    weight tensor at memory speed (the full-size DiT's weights on a 2-core CPU: 0.12-0.26 s against
+    4.8-12.4 s for `isfinite(...).all()`, benchmarks/NOTES.md)."""
     if tensor.numel() == 0:
         return True
     low, high = torch.aminmax(tensor)

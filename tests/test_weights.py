@@ -350,7 +350,7 @@ def test_all_finite_finds_every_nan_and_infinity_wherever_it_sits(dtype: torch.d
     generator = torch.Generator().manual_seed(0)
     for size in (1, 2, 31, 1000, 2**20 + 3):  # the last spans the vectorised and threaded reductions
         clean = torch.randn(size, generator=generator).to(dtype)
-        assert all_finite(clean) and all_finite(clean.view(-1, 1) if size > 1 else clean)
+        assert all_finite(clean) and all_finite(clean.view(-1, 1))
         positions = {0, size // 2, size - 1, int(torch.randint(size, (1,), generator=generator))}
         for bad in (float("nan"), float("inf"), float("-inf")):
             for position in positions:
