@@ -118,3 +118,22 @@ def test_python_dash_m_runs_the_cli() -> None:
     result = subprocess.run([sys.executable, "-m", "matrixgame_env.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     assert all(command in result.stdout for command in ("record", "train", "convert", "play", "demo", "eval"))
+
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(
+    Path(sys.prefix).resolve() != (REPOSITORY / ".venv").resolve(),
+    reason="scripts/demo.sh runs the repository's .venv (installing one otherwise); these tests run elsewhere",
+)
+def test_the_readme_demo_script_runs_the_demo_with_its_arguments(model, tmp_path) -> None:
+    out = tmp_path / "scripted.mp4"
+    result = subprocess.run(
+        ["bash", str(REPOSITORY / "scripts" / "demo.sh"), "--model", str(model), "--out", str(out), "--blocks", "2",
+         "--device", "cpu", "--no-progress"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"wrote {out}" in result.stdout
+    assert len(_frames(out)) == 9 + 12  # the arguments reached `matrixgame-env demo`
