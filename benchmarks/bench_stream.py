@@ -15,6 +15,9 @@ Paths:
            elementwise chains as shape-generic Triton kernels (nn/triton_dit.py)
   fast_decoder_graphs  fast, with the VAE decoder replayed from CUDA graphs too (`fast=True` does that for
            narrow decoders only: is it worth its memory at full size?)
+  fast_early  fast through `WorldModel.generate`, which decodes a block between its denoising steps and
+           the clean-context re-run: latency to frames on the host without the re-run (timed alone),
+           and blocks back to back (the re-run overlaps the host's next step)
   overlap  fast, with the decode of block n running on its own stream while the DiT makes block n+1
   fused    graphs, with the DiT's elementwise chains fused by torch.compile (nn/fusion.py)
   fused_cl fused, with the VAE decoder on channels-last activations and weights
@@ -60,7 +63,7 @@ def actions(batch: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
 def set_path(world: WorldModel, path: str, batch: int) -> None:
     """Puts `world` (of `batch` worlds) on one of the paths of the module docstring."""
     enable_fusion(False)
-    if path in ("fast", "overlap", "fast_decoder_graphs"):
+    if path in ("fast", "overlap", "fast_decoder_graphs", "fast_early"):
         enable_fast_path(world, True, batch)
         if path == "fast_decoder_graphs":
             world.enable_decoder_graphs(True)
@@ -92,11 +95,28 @@ def stream(world: WorldModel, batch: int, path: str, warmup: int, blocks: int, r
         world.decode(state, world.step_latents(state, *actions(batch, block)))
         block += 1
     warmup_s = time.perf_counter() - t_warm
+    latency_runs = []
     for _ in range(repeats):
         dit_s, e2e_s = [], []
         if path == "overlap":
             e2e_s = overlapped_blocks(world, state, batch, block, blocks)
             block += blocks
+        elif path == "fast_early":
+            latency_s = []
+            for _ in range(blocks):  # each block alone: the action to its frames on the host
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                world.generate(state, *actions(batch, block))
+                latency_s.append(time.perf_counter() - t0)
+                block += 1
+            latency_runs.append(statistics.median(latency_s))
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(blocks):  # back to back
+                world.generate(state, *actions(batch, block))
+                block += 1
+            torch.cuda.synchronize()
+            e2e_s = [(time.perf_counter() - t0) / blocks]
         else:
             for _ in range(blocks):
                 torch.cuda.synchronize()
@@ -117,7 +137,7 @@ def stream(world: WorldModel, batch: int, path: str, warmup: int, blocks: int, r
         "path": path,
         "e2e_block_s": statistics.median(e2e_runs),
         "fps_e2e": batch * FRAMES_PER_BLOCK / statistics.median(e2e_runs),
-        "latency_s": statistics.median(e2e_runs),
+        "latency_s": statistics.median(latency_runs or e2e_runs),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "warmup_s": warmup_s,
     }
@@ -158,24 +178,28 @@ def overlapped_blocks(world: WorldModel, state, batch: int, block: int, blocks: 
     return times
 
 
-def agreement(world: WorldModel, batch: int, blocks: int, fast_path: str = "fast") -> dict:
-    """A fast path vs eager on the same seeds and actions: latents and frames of every block."""
+def agreement(world: WorldModel, batch: int, blocks: int, fast_path: str = "fast", reference: str = "eager") -> dict:
+    """A fast path vs `reference` (eager) on the same seeds and actions: latents and frames of every block."""
     results = {}
     picture = (torch.rand(batch, 352, 640, 3, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
-    for path in ("eager", fast_path):
+    for path in (reference, fast_path):
         set_path(world, path, batch)
         state = world.start(list(picture), seed=3)
         latents, frames = [], []
         for b in range(blocks):
-            x = world.step_latents(state, *actions(batch, b))
+            if path == "fast_early":
+                x, block_frames = world.generate(state, *actions(batch, b))
+            else:
+                x = world.step_latents(state, *actions(batch, b))
+                block_frames = world.decode(state, x)
             latents.append(x.float().cpu())
-            frames.append(world.decode(state, x))
+            frames.append(block_frames)
         results[path] = (torch.cat(latents, 2), torch.cat(frames, 1))
         world.sampler.enable_cuda_graphs(False)
-    (le, fe), (lf, ff) = results["eager"], results[fast_path]
+    (le, fe), (lf, ff) = results[reference], results[fast_path]
     enable_fusion(False)
     return {
-        "path": fast_path,
+        "path": fast_path if reference == "eager" else f"{fast_path} vs {reference}",
         "batch": batch,
         "blocks": blocks,
         "latents_max_abs_diff": float((le - lf).abs().max()),
@@ -272,6 +296,8 @@ def main() -> None:
     agree = []
     if args.agreement_blocks > 0:
         agree = [agreement(world, b, args.agreement_blocks, p) for p in fast_paths for b in (1, 4)]
+        if "fast_early" in args.paths:  # the same kernels in another order: against fast, bit for bit
+            agree += [agreement(world, b, args.agreement_blocks, "fast_early", reference="fast") for b in (1, 4)]
     if agree:
         print(table(agree, list(agree[0])))
     result = {

@@ -171,8 +171,8 @@ class MatrixGameEnv(gym.Env):
         started = time.perf_counter()
         keyboard_t = torch.from_numpy(keyboard)[None]
         mouse_t = torch.from_numpy(mouse)[None] if mouse is not None else None
-        latents = self.world.step_latents(self._state, keyboard_t, mouse_t)
-        frames = self.world.decode(self._state, latents).numpy()
+        latents, frames_t = self.world.generate(self._state, keyboard_t, mouse_t)
+        frames = frames_t.numpy()
         elapsed = time.perf_counter() - started
         self._steps += 1
         outcome = StepOutcome(
@@ -265,10 +265,10 @@ def imagine_plans(
         arrays = [layout.to_arrays(plan[t]) for plan in plans]
         keyboard = np.stack([a[0] for a in arrays])
         mouse = np.stack([a[1] for a in arrays]) if layout.mouse else None
-        latents = world.step_latents(
+        latents, frames_t = world.generate(
             batch, torch.from_numpy(keyboard), None if mouse is None else torch.from_numpy(mouse)
         )
-        block = world.decode(batch, latents).numpy()
+        block = frames_t.numpy()
         outcome = StepOutcome(block, latents, keyboard, mouse, np.full(len(plans), steps_so_far + t + 1))
         rewards.append(np.asarray(reward_fn(outcome), np.float32))
         frames.append(pad_block(block, world.frames_per_block, axis=1))

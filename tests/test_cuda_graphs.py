@@ -45,6 +45,33 @@ def test_graphs_match_eager(dtype):
 
 
 @cuda
+def test_generate_through_graphs_gives_the_frames_of_decoding_after_the_block():
+    """`generate` replays a block's denoising steps and its caches' refresh as two graphs with the
+    decode queued between them: the same kernels on the same inputs as decoding after the block."""
+    world = WorldModel.from_pretrained("doom-small", device="cuda")
+    world.sampler.enable_cuda_graphs(True)
+    results = []
+    try:
+        for split in (False, True):
+            state = world.start([str(p) for p in world.start_image_paths()[:2]], seed=4)
+            blocks = []
+            for b in range(8):
+                if split:
+                    x, frames = world.generate(state, *_actions(2, b))
+                else:
+                    x = world.step_latents(state, *_actions(2, b))
+                    frames = world.decode(state, x)
+                blocks.append((x.cpu(), frames))
+            results.append(blocks)
+        assert world.sampler.graphs.replays >= 8  # both runs replayed their steady blocks
+    finally:
+        world.sampler.enable_cuda_graphs(False)
+    for (x_after, frames_after), (x_between, frames_between) in zip(*results):
+        assert torch.equal(x_after, x_between)
+        assert torch.equal(frames_after, frames_between)
+
+
+@cuda
 def test_graphs_follow_restore_and_fork():
     world = WorldModel.from_pretrained("doom-small", device="cuda")
     results = {}

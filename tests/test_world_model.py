@@ -210,3 +210,27 @@ def test_our_folder_missing_a_part_names_the_missing_file_not_the_official_layou
     assert "lacks ['clip.safetensors', 'dit.safetensors']" in message
     assert "vae.safetensors" in message
     assert OFFICIAL_VAE_FILE not in message
+
+
+def test_generate_decodes_each_block_before_the_caches_refresh_with_the_same_results(world, monkeypatch):
+    pictures = [_picture(), _picture(seed=1)]
+
+    def actions(block):
+        keyboard = torch.zeros(2, 4)
+        keyboard[0, block % 4] = 1.0
+        return keyboard, torch.tensor([[0.0, 0.05 * block], [0.1, -0.05]])
+
+    state = world.start(pictures, seed=7)
+    reference = []
+    for block in range(5):  # past the window: young and steady blocks
+        latents = world.step_latents(state, *actions(block))
+        reference.append((latents, world.decode(state, latents)))
+    order = []
+    refresh, decode = world.sampler.refresh_caches, world.decode_on_device
+    monkeypatch.setattr(world.sampler, "refresh_caches", lambda *a: (order.append("refresh"), refresh(*a))[1])
+    monkeypatch.setattr(world, "decode_on_device", lambda *a: (order.append("decode"), decode(*a))[1])
+    state = world.start(pictures, seed=7)
+    for block in range(5):
+        latents, frames = world.generate(state, *actions(block))
+        assert torch.equal(latents, reference[block][0]) and torch.equal(frames, reference[block][1])
+    assert order == ["decode", "refresh"] * 5

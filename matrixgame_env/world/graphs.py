@@ -12,6 +12,7 @@ shapes and cache bookkeeping as before, so those are captured and replayed too.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -107,8 +108,18 @@ class StreamPools:
 
 
 class _CapturedBlock:
-    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: BlockInputs, output: torch.Tensor, binding: tuple) -> None:
-        self.graph, self.inputs, self.output, self.binding = graph, inputs, output, binding
+    """A block as two graphs that replay one after the other: its denoising steps (writing `output`)
+    and its caches' refresh (reading it), so that other work can be queued between them."""
+
+    def __init__(
+        self,
+        steps: torch.cuda.CUDAGraph,
+        refresh: torch.cuda.CUDAGraph,
+        inputs: BlockInputs,
+        output: torch.Tensor,
+        binding: tuple,
+    ) -> None:
+        self.steps, self.refresh, self.inputs, self.output, self.binding = steps, refresh, inputs, output, binding
 
 
 class BlockGraphs:
@@ -161,9 +172,12 @@ class BlockGraphs:
         tensors += list(state.context.keys) + list(state.context.values)
         return (self.pools.current_stream(), *(t.data_ptr() for t in tensors))
 
-    def run(self, state: WorldState, inputs: BlockInputs) -> torch.Tensor:
+    def run(
+        self, state: WorldState, inputs: BlockInputs, before_refresh: Callable[[torch.Tensor], None] | None = None
+    ) -> torch.Tensor:
         """x0 of the block, from a replay (or from the eager pass that precedes a capture, or that
-        runs where no graph may be captured)."""
+        runs where no graph may be captured); `before_refresh(x0)` runs between the denoising steps
+        and the caches' refresh (after both in the block that is captured)."""
         key = self._key(state)
         self._drop_dead()
         ref = self._states.get(id(state))
@@ -176,25 +190,40 @@ class BlockGraphs:
         if captured is None:
             threshold = max(self.capture_after, 1) if len(key) == 3 else self.capture_after  # young: see above
             if sighting_count(self._sightings, key, state) <= threshold:
-                return self.sampler.denoise_block(state, inputs)
+                return self._eager(state, inputs, before_refresh)
             if len(self.graphs) >= self.max_graphs:
                 self.eager_blocks += 1
-                return self.sampler.denoise_block(state, inputs)
-            return self._capture(state, inputs, key)
+                return self._eager(state, inputs, before_refresh)
+            result = self._capture(state, inputs, key)
+            if before_refresh is not None:
+                before_refresh(result)
+            return result
         start = state.frame
         captured.inputs.copy_(inputs)
-        captured.graph.replay()
+        captured.steps.replay()
+        x0 = captured.output.clone()  # the next block's replay rewrites the static output
+        if before_refresh is not None:
+            before_refresh(x0)
+        captured.refresh.replay()
         self.replays += 1
         end = start + self.sampler.config.frames_per_block
         for cache in ring_caches(state):  # the Python-side bookkeeping the replay skipped
             cache.end_frame = max(cache.end_frame, end)
             cache.last_write = (start, end)
-        return captured.output.clone()
+        return x0
+
+    def _eager(
+        self, state: WorldState, inputs: BlockInputs, before_refresh: Callable[[torch.Tensor], None] | None
+    ) -> torch.Tensor:
+        if before_refresh is None:
+            return self.sampler.denoise_block(state, inputs)
+        return self.sampler.denoise_block(state, inputs, before_refresh)
 
     def _capture(self, state: WorldState, inputs: BlockInputs, key: tuple) -> torch.Tensor:
         """Run the block eagerly on the capture stream (the real result, and the warm-up), then
-        capture it; the capture itself computes nothing, so the caches are left as the eager run
-        wrote them."""
+        capture its denoising steps and its caches' refresh as two graphs in one memory pool (they
+        always replay in that order); the capture itself computes nothing, so the caches are left
+        as the eager run wrote them."""
         sampler = self.sampler
         static = inputs.clone()
         current = torch.cuda.current_stream(sampler.model.device)
@@ -204,12 +233,14 @@ class BlockGraphs:
             result = sampler.denoise_block(state, inputs)
         current.wait_stream(self.stream)
         bookkeeping = [(c.end_frame, c.last_write) for c in ring_caches(state)]
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool, stream=self.stream):
-            output = sampler.denoise_block(state, static)
+        steps, refresh = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(steps, pool=pool, stream=self.stream):
+            output = sampler.denoise_steps(state, static)
+        with torch.cuda.graph(refresh, pool=pool, stream=self.stream):
+            sampler.refresh_caches(state, static, output)
         for cache, (end, last) in zip(ring_caches(state), bookkeeping):
             cache.end_frame, cache.last_write = end, last
-        self.graphs[key] = _CapturedBlock(graph, static, output, self._binding(state))
+        self.graphs[key] = _CapturedBlock(steps, refresh, static, output, self._binding(state))
         self._states[id(state)] = weakref.ref(state)
         self.captures += 1
         return result

@@ -159,7 +159,30 @@ class WorldModel:
         keyboard [B, K] / mouse [B, 2] are held for the block, or [B, T, K] / [B, T, 2] give one
         action per new video frame (T = 9 for the first block, 12 after).
         """
-        return self.decode(state, self.step_latents(state, keyboard, mouse))
+        return self.generate(state, keyboard, mouse)[1]
+
+    @torch.no_grad()
+    def generate(self, state: WorldState, keyboard=None, mouse=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like `step`, with the block's latents: (latents on the model's device, frames on the CPU).
+
+        The block is decoded between its denoising steps and the clean-context re-run that refreshes
+        the caches (which the frames do not depend on): on a GPU the frames reach the host while the
+        re-run still runs, so a caller gets them that much sooner. The same results as
+        `decode(state, step_latents(state, ...))`.
+        """
+        frames: list[torch.Tensor] = []
+        copied: list[torch.cuda.Event] = []
+
+        def decode(latents: torch.Tensor) -> None:
+            frames.append(queue_to_host(self.decode_on_device(state, latents)))
+            if self.device.type == "cuda":
+                copied.append(torch.cuda.Event())
+                copied[0].record()
+
+        latents = self.sampler.step(state, keyboard, mouse, before_refresh=decode)
+        for event in copied:
+            event.synchronize()  # the frames' copy, not the re-run queued after it
+        return latents, frames[0]
 
 
 def to_host(tensor: torch.Tensor) -> torch.Tensor:

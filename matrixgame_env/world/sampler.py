@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -278,6 +278,7 @@ class StreamingSampler:
         *,
         noise: torch.Tensor | None = None,
         renoise: Sequence[torch.Tensor] | None = None,
+        before_refresh: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """Generate the next block of latent frames for every world: [B, 16, frames_per_block, h, w].
 
@@ -285,6 +286,8 @@ class StreamingSampler:
         (`video_frames_for_block`: 9 for the first block, 12 after), or [B, K] / [B, 2] for one
         action held over the block. `noise` [B, 16, f, h, w] and `renoise` (one tensor per step
         after the first) replace the state's random streams, for replaying stored noise.
+        `before_refresh(x0)` is called with the block's latents between the denoising steps and the
+        clean-context re-run (on a GPU: queued between them), e.g. to decode them first.
         """
         model, cfg = self.model, self.config
         batch, start, fpb = state.batch_size, state.frame, cfg.frames_per_block
@@ -319,22 +322,43 @@ class StreamingSampler:
             model.frame_rotations(start, fpb, h // model.config.patch_size[1], w // model.config.patch_size[2], device),
         )
         if self.graphs is not None:  # replays steady blocks, and young blocks of restarted states
-            x0 = self.graphs.run(state, inputs)
+            x0 = self.graphs.run(state, inputs, before_refresh)
+        elif before_refresh is not None:
+            x0 = self.denoise_block(state, inputs, before_refresh)
         else:
             x0 = self.denoise_block(state, inputs)
         state.frame = start + fpb
         return x0
 
-    def denoise_block(self, state: WorldState, inputs: BlockInputs) -> torch.Tensor:
-        """The device work of one block: the denoising steps, then the clean-context re-run that
-        refreshes every cache with the keys of the final frames. Pure tensor code on fixed shapes
-        (no host syncs), so it can be captured in a CUDA graph. Returns x0 [B, C, f, h, w]."""
-        with triton_dit.switched(self.dit_kernels):
-            return self._denoise_block(state, inputs)
+    def denoise_block(
+        self, state: WorldState, inputs: BlockInputs, before_refresh: Callable[[torch.Tensor], None] | None = None
+    ) -> torch.Tensor:
+        """The device work of one block: the denoising steps (`denoise_steps`), then the clean-context
+        re-run that refreshes every cache with the keys of the final frames (`refresh_caches`), with
+        `before_refresh(x0)` between them. Pure tensor code on fixed shapes (no host syncs), so each
+        part can be captured in a CUDA graph. Returns x0 [B, C, f, h, w]."""
+        x0 = self.denoise_steps(state, inputs)
+        if before_refresh is not None:
+            before_refresh(x0)
+        self.refresh_caches(state, inputs, x0)
+        return x0
 
-    def _denoise_block(self, state: WorldState, inputs: BlockInputs) -> torch.Tensor:
-        model = self.model
-        kwargs = dict(
+    def denoise_steps(self, state: WorldState, inputs: BlockInputs) -> torch.Tensor:
+        """The block's denoising steps: x0 [B, C, f, h, w]. The caches are read, not written, apart
+        from the extra passes of action guidance, whose writes `refresh_caches` overwrites."""
+        with triton_dit.switched(self.dit_kernels):
+            return self._denoise_steps(state, inputs)
+
+    def refresh_caches(self, state: WorldState, inputs: BlockInputs, x0: torch.Tensor) -> None:
+        """The clean-context re-run: the block's final latents x0 through the DiT at the context noise
+        level, writing every cache's keys and values of the block's frames."""
+        with triton_dit.switched(self.dit_kernels):
+            timestep = torch.full(x0.shape[:1] + x0.shape[2:3], float(self.config.context_noise), device=x0.device)
+            self.model(x0, inputs.cond, timestep, **self._block_kwargs(state, inputs))
+
+    @staticmethod
+    def _block_kwargs(state: WorldState, inputs: BlockInputs) -> dict[str, Any]:
+        return dict(
             context=state.context,
             mouse_windows=inputs.mouse_windows,
             keyboard_windows=inputs.keyboard_windows,
@@ -342,6 +366,10 @@ class StreamingSampler:
             caches=state.caches,
             rotations=inputs.rotations,
         )
+
+    def _denoise_steps(self, state: WorldState, inputs: BlockInputs) -> torch.Tensor:
+        model = self.model
+        kwargs = self._block_kwargs(state, inputs)
         x = inputs.noise
         timestep = torch.empty(x.shape[0], x.shape[2], device=x.device)
         guidance, keyboard_guidance = self.guidance_scales()
@@ -371,7 +399,6 @@ class StreamingSampler:
             if k + 1 < len(self.timesteps):
                 next_sigma = self.sigmas[k + 1]
                 x = (1 - next_sigma) * x0 + next_sigma * inputs.renoise[k]
-        model(x0, inputs.cond, timestep.fill_(self.config.context_noise), **kwargs)
         return x0
 
     def guidance_scales(self) -> tuple[float, float]:
