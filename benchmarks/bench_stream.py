@@ -18,6 +18,7 @@ Paths:
   fast_early  fast through `WorldModel.generate`, which decodes a block between its denoising steps and
            the clean-context re-run: latency to frames on the host without the re-run (timed alone),
            and blocks back to back (the re-run overlaps the host's next step)
+  fast_beside  fast_early, with the decode on a stream of its own beside the re-run (`set_decode_beside`)
   overlap  fast, with the decode of block n running on its own stream while the DiT makes block n+1
   fused    graphs, with the DiT's elementwise chains fused by torch.compile (nn/fusion.py)
   fused_cl fused, with the VAE decoder on channels-last activations and weights
@@ -63,7 +64,8 @@ def actions(batch: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
 def set_path(world: WorldModel, path: str, batch: int) -> None:
     """Puts `world` (of `batch` worlds) on one of the paths of the module docstring."""
     enable_fusion(False)
-    if path in ("fast", "overlap", "fast_decoder_graphs", "fast_early"):
+    world.set_decode_beside(path == "fast_beside")
+    if path in ("fast", "overlap", "fast_decoder_graphs", "fast_early", "fast_beside"):
         enable_fast_path(world, True, batch)
         if path == "fast_decoder_graphs":
             world.enable_decoder_graphs(True)
@@ -101,7 +103,7 @@ def stream(world: WorldModel, batch: int, path: str, warmup: int, blocks: int, r
         if path == "overlap":
             e2e_s = overlapped_blocks(world, state, batch, block, blocks)
             block += blocks
-        elif path == "fast_early":
+        elif path in ("fast_early", "fast_beside"):
             latency_s = []
             for _ in range(blocks):  # each block alone: the action to its frames on the host
                 torch.cuda.synchronize()
@@ -187,7 +189,7 @@ def agreement(world: WorldModel, batch: int, blocks: int, fast_path: str = "fast
         state = world.start(list(picture), seed=3)
         latents, frames = [], []
         for b in range(blocks):
-            if path == "fast_early":
+            if path in ("fast_early", "fast_beside"):
                 x, block_frames = world.generate(state, *actions(batch, b))
             else:
                 x = world.step_latents(state, *actions(batch, b))
@@ -296,8 +298,9 @@ def main() -> None:
     agree = []
     if args.agreement_blocks > 0:
         agree = [agreement(world, b, args.agreement_blocks, p) for p in fast_paths for b in (1, 4)]
-        if "fast_early" in args.paths:  # the same kernels in another order: against fast, bit for bit
-            agree += [agreement(world, b, args.agreement_blocks, "fast_early", reference="fast") for b in (1, 4)]
+        for early in ("fast_early", "fast_beside"):  # the same kernels in another order: against fast, bit for bit
+            if early in args.paths:
+                agree += [agreement(world, b, args.agreement_blocks, early, reference="fast") for b in (1, 4)]
     if agree:
         print(table(agree, list(agree[0])))
     result = {

@@ -9,8 +9,9 @@
 #                                                 # graphs / fast (= fast=True) / overlap / fused_cl, each fast
 #                                                 # path's agreement with eager, memory over 300 blocks (about 5 minutes)
 #   bash scripts/device_pending_checks.sh batch1  # bench_stream.py at batch 1: fast / through WorldModel.generate (frames
-#                                                 # before the re-run) / with the decoder's CUDA graphs / compiled
-#                                                 # (fused_cl), each one's agreement (about 6 minutes)
+#                                                 # before the re-run) / with the decode on its own stream beside the
+#                                                 # re-run / with the decoder's CUDA graphs / compiled (fused_cl), each
+#                                                 # one's agreement (about 7 minutes: alone in a call)
 #   bash scripts/device_pending_checks.sh env     # bench_env.py at 1, 4, 16 and 64 synchronised worlds, the DiT's
 #                                                 # Triton chains as fast=True chooses (on) and off (about 4 minutes)
 #   bash scripts/device_pending_checks.sh small   # bench_env.py at 1 and 4 synchronised worlds: the decoder's layout
@@ -42,9 +43,10 @@ for check in "$@"; do
           --blocks 6 --repeats 2 --long-blocks 300 --agreement-blocks 6 --out "$OUT" >"$OUT/stream.log" 2>&1
       grep -v -i warn "$OUT/stream.log" | tail -24 ;;
     batch1)
-      timeout 500 python3 benchmarks/bench_stream.py --batches 1 --paths eager fast fast_early fast_decoder_graphs fused_cl \
-          --blocks 8 --repeats 3 --long-blocks 0 --agreement-blocks 6 --out "$OUT" >"$OUT/batch1.log" 2>&1
-      grep -v -i warn "$OUT/batch1.log" | tail -14 ;;
+      timeout 540 python3 benchmarks/bench_stream.py --batches 1 --paths eager fast fast_early fast_beside \
+          fast_decoder_graphs fused_cl --blocks 8 --repeats 3 --long-blocks 0 --agreement-blocks 4 --out "$OUT" \
+          >"$OUT/batch1.log" 2>&1
+      grep -v -i warn "$OUT/batch1.log" | tail -24 ;;
     env)
       timeout 400 python3 benchmarks/bench_env.py --cpu-steps 0 --gpu-worlds 1 4 16 64 --paths graphs --gpu-steps 30 \
           --warmup 6 --triton-dit auto off --out "$OUT" >"$OUT/env.log" 2>&1

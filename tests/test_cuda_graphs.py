@@ -50,25 +50,30 @@ def test_generate_through_graphs_gives_the_frames_of_decoding_after_the_block():
     decode queued between them: the same kernels on the same inputs as decoding after the block."""
     world = WorldModel.from_pretrained("doom-small", device="cuda")
     world.sampler.enable_cuda_graphs(True)
+    world.enable_decoder_graphs(True)
     results = []
     try:
-        for split in (False, True):
+        for way in ("after", "between", "beside"):  # beside: on a stream of its own, next to the refresh
+            world.set_decode_beside(way == "beside")
             state = world.start([str(p) for p in world.start_image_paths()[:2]], seed=4)
             blocks = []
             for b in range(8):
-                if split:
-                    x, frames = world.generate(state, *_actions(2, b))
-                else:
+                if way == "after":
                     x = world.step_latents(state, *_actions(2, b))
                     frames = world.decode(state, x)
+                else:
+                    x, frames = world.generate(state, *_actions(2, b))
                 blocks.append((x.cpu(), frames))
             results.append(blocks)
-        assert world.sampler.graphs.replays >= 8  # both runs replayed their steady blocks
+        assert world.sampler.graphs.replays >= 12  # every run replayed its steady blocks
     finally:
         world.sampler.enable_cuda_graphs(False)
-    for (x_after, frames_after), (x_between, frames_between) in zip(*results):
-        assert torch.equal(x_after, x_between)
-        assert torch.equal(frames_after, frames_between)
+        world.enable_decoder_graphs(False)
+        world.set_decode_beside(False)
+    for (x_after, frames_after), *others in zip(*results):
+        for x, frames in others:
+            assert torch.equal(x_after, x)
+            assert torch.equal(frames_after, frames)
 
 
 @cuda

@@ -234,3 +234,10 @@ def test_generate_decodes_each_block_before_the_caches_refresh_with_the_same_res
         latents, frames = world.generate(state, *actions(block))
         assert torch.equal(latents, reference[block][0]) and torch.equal(frames, reference[block][1])
     assert order == ["decode", "refresh"] * 5
+
+
+def test_decoding_beside_the_refresh_needs_a_gpu(world):
+    with pytest.raises(ValueError, match="needs a CUDA device, the model is on cpu"):
+        world.set_decode_beside(True)
+    world.set_decode_beside(False)  # turning it off is always fine
+    assert world.decode_stream is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +44,8 @@ class WorldModel:
         self.folder = Path(folder) if folder is not None else None
         self.sampler = StreamingSampler(dit, SamplerConfig.from_dict(config.sampler), latent_size=config.latent_size)
         self.decoder_graphs: DecoderGraphs | None = None
+        # `generate` on a GPU: decode on a stream of its own, beside the caches' refresh (set_decode_beside).
+        self.decode_stream: torch.cuda.Stream | None = None
         # Resets to pictures seen before skip the encoders (`start_encodings.capacity = 0`: always encode).
         self.start_encodings = StartEncodingCache()
 
@@ -147,6 +150,17 @@ class WorldModel:
             return self.decoder_graphs.decode(latents, state.decoder_cache)
         return decode_to_uint8(self.vae, latents, state.decoder_cache)
 
+    def set_decode_beside(self, enabled: bool = True) -> None:
+        """On a GPU, `generate` decodes on a stream of its own, so that the decode and the caches'
+        refresh that follows the denoising steps can run at the same time (they share no tensors:
+        the decode reads the block's latents and writes the decoder cache, the refresh writes the
+        DiT's caches). The same kernels on the same inputs as decoding on the main stream. Each decode
+        first waits for the work queued on the main stream, so states may be copied, forked or
+        dropped between steps as usual."""
+        if enabled and self.device.type != "cuda":
+            raise ValueError(f"decoding beside the refresh needs a CUDA device, the model is on {self.device}")
+        self.decode_stream = torch.cuda.Stream(device=self.device) if enabled else None
+
     def enable_decoder_graphs(self, enabled: bool = True, max_graphs: int = 4) -> None:
         """Replay the VAE decoder's steady-state blocks (once a world's decoder cache is full) from
         captured CUDA graphs: the same kernels without the Python and launch overhead. CUDA only."""
@@ -174,10 +188,15 @@ class WorldModel:
         copied: list[torch.cuda.Event] = []
 
         def decode(latents: torch.Tensor) -> None:
-            frames.append(queue_to_host(self.decode_on_device(state, latents)))
-            if self.device.type == "cuda":
-                copied.append(torch.cuda.Event())
-                copied[0].record()
+            beside = self.decode_stream
+            if beside is not None:  # the decode and the refresh may then run at the same time
+                beside.wait_stream(torch.cuda.current_stream(self.device))
+                latents.record_stream(beside)
+            with torch.cuda.stream(beside) if beside is not None else contextlib.nullcontext():
+                frames.append(queue_to_host(self.decode_on_device(state, latents)))
+                if self.device.type == "cuda":
+                    copied.append(torch.cuda.Event())
+                    copied[0].record()
 
         latents = self.sampler.step(state, keyboard, mouse, before_refresh=decode)
         for event in copied:
