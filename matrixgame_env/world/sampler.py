@@ -344,8 +344,9 @@ class StreamingSampler:
         return x0
 
     def denoise_steps(self, state: WorldState, inputs: BlockInputs) -> torch.Tensor:
-        """The block's denoising steps: x0 [B, C, f, h, w]. The caches are read, not written, apart
-        from the extra passes of action guidance, whose writes `refresh_caches` overwrites."""
+        """The block's denoising steps: x0 [B, C, f, h, w]. Each pass writes the block's own keys and
+        values into the caches (the newest block may be rewritten); `refresh_caches` overwrites them
+        with those of the final frames."""
         with triton_dit.switched(self.dit_kernels):
             return self._denoise_steps(state, inputs)
 
