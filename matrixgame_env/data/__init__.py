@@ -1,5 +1,5 @@
-"""Game recordings for training world models: the ViZDoom recorder, its exploration policy, the chunked
-on-disk format and a clip dataset for training.
+"""Game recordings for training world models: the ViZDoom recorder, its exploration policy, a writer
+for any other game's frames and actions, the chunked on-disk format and a clip dataset for training.
 
 Names are imported on first use: recording worker processes import this package, and should not pay
 for importing torch (the dataset's dependency), nor should dataset readers need vizdoom.
@@ -28,12 +28,14 @@ _EXPORTS = {
     "open_chunk": "storage",
     "read_manifest": "storage",
     "VARIABLE_NAMES": "vizdoom_recorder",
+    "DatasetWriter": "writer",
     "DoomRecorder": "vizdoom_recorder",
     "RecorderConfig": "vizdoom_recorder",
     "Trajectory": "vizdoom_recorder",
 }
 __all__ = [
     "ChunkInfo",
+    "DatasetWriter",
     "DoomRecorder",
     "ExplorationPolicy",
     "Manifest",
