@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -62,6 +64,9 @@ def test_a_gymnasium_game_recorded_with_the_writer_reads_as_clips_and_trains_the
           "--out", str(out), "--steps", "2", "--clip-frames", "9", "--val-fraction", "0.5", "--batch-size", "2",
           "--warmup-steps", "1", "--stats-clips", "4", "--val-clips", "2")  # fmt: skip
     assert (out / "vae" / "model" / "vae.safetensors").is_file()
+    train("encode", "--data", str(root), "--init", str(out / "vae" / "model"), "--out", str(out),
+          "--latent-frames", "3", "--stride", "8", "--val-fraction", "0.5", "--batch-size", "2")  # fmt: skip
+    assert json.loads((out / "encode" / "index.json").read_text())["complete"]
 
 
 def test_chunks_split_long_episodes_and_a_reopened_dataset_gets_new_episodes(tmp_path) -> None:

@@ -160,7 +160,7 @@ def check_recording(manifest: Manifest, fps: float, keyboard_dim: int, mouse_dim
     if abs(manifest.fps - fps) > 1e-3 * fps:
         raise ValueError(
             f"{source} is recorded at {manifest.fps:g} fps but the model runs at {fps:g} fps: frames would not "
-            "line up in time; record with a matching --tics-per-frame (35 tics/s)"
+            "line up in time; record at the model's frame rate (`record`: a matching --tics-per-frame, 35 tics/s)"
         )
     keys = manifest.settings.get("keyboard", [])
     if len(keys) != keyboard_dim or (mouse_dim and mouse_dim != 2):
