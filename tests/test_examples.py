@@ -188,3 +188,20 @@ def test_the_python_snippets_of_docs_rl_md_run(tiny):
     exec(compile(code, "docs/rl.md", "exec"), namespace)
     assert namespace["agent"].num_timesteps >= 16 and np.isfinite(namespace["loss"].item())
     assert namespace["futures"]["rewards"].shape == (3, 3) and namespace["frames"].shape[:2] == (4, 9)
+
+
+def test_record_gym_game_writes_a_dataset_of_left_and_right_pushes(tmp_path) -> None:
+    pytest.importorskip("pygame")  # CartPole draws its frames with pygame
+    from matrixgame_env.data import VideoClipDataset, read_manifest
+
+    out = tmp_path / "cartpole"
+    load_example("record_gym_game").main(
+        ["--out", str(out), "--episodes", "3", "--steps", "30", "--size", "16", "32", "--no-progress"]
+    )
+    manifest = read_manifest(out)
+    assert manifest.episodes == [0, 1, 2] and sum(chunk.frames for chunk in manifest.chunks) == 90
+    assert manifest.variable_names == ["EPISODE_START", "REWARD"]
+    clips = VideoClipDataset(out, clip_frames=9, split="train", val_fraction=0.34)
+    item = clips[0]
+    assert item["video"].shape == (3, 9, 16, 32)
+    assert (item["keyboard"][:, :2] == 0).all() and (item["keyboard"][:, 2:].sum(1) == 1).all()  # A or D
