@@ -72,7 +72,7 @@ class _Calls:
             handle.remove()
 
 
-def _two_pass_denoise_block(self, state, inputs):
+def _two_pass_denoise_block(self, state, inputs, before_refresh=None):
     """The sampler's block as it was before the keyboard scale existed (one scale for all actions),
     written out here as the reference that equal scales must reproduce bit for bit."""
     model = self.model
@@ -100,6 +100,8 @@ def _two_pass_denoise_block(self, state, inputs):
         x0 = (x.double() - sigma * flow.double()).float()
         if k + 1 < len(self.timesteps):
             x = (1 - self.sigmas[k + 1]) * x0 + self.sigmas[k + 1] * inputs.renoise[k]
+    if before_refresh is not None:
+        before_refresh(x0)
     model(x0, inputs.cond, timestep.fill_(self.config.context_noise), **kwargs)
     return x0
 

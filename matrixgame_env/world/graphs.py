@@ -190,10 +190,10 @@ class BlockGraphs:
         if captured is None:
             threshold = max(self.capture_after, 1) if len(key) == 3 else self.capture_after  # young: see above
             if sighting_count(self._sightings, key, state) <= threshold:
-                return self._eager(state, inputs, before_refresh)
+                return self.sampler.denoise_block(state, inputs, before_refresh)
             if len(self.graphs) >= self.max_graphs:
                 self.eager_blocks += 1
-                return self._eager(state, inputs, before_refresh)
+                return self.sampler.denoise_block(state, inputs, before_refresh)
             result = self._capture(state, inputs, key)
             if before_refresh is not None:
                 before_refresh(result)
@@ -211,13 +211,6 @@ class BlockGraphs:
             cache.end_frame = max(cache.end_frame, end)
             cache.last_write = (start, end)
         return x0
-
-    def _eager(
-        self, state: WorldState, inputs: BlockInputs, before_refresh: Callable[[torch.Tensor], None] | None
-    ) -> torch.Tensor:
-        if before_refresh is None:
-            return self.sampler.denoise_block(state, inputs)
-        return self.sampler.denoise_block(state, inputs, before_refresh)
 
     def _capture(self, state: WorldState, inputs: BlockInputs, key: tuple) -> torch.Tensor:
         """Run the block eagerly on the capture stream (the real result, and the warm-up), then

@@ -323,10 +323,8 @@ class StreamingSampler:
         )
         if self.graphs is not None:  # replays steady blocks, and young blocks of restarted states
             x0 = self.graphs.run(state, inputs, before_refresh)
-        elif before_refresh is not None:
-            x0 = self.denoise_block(state, inputs, before_refresh)
         else:
-            x0 = self.denoise_block(state, inputs)
+            x0 = self.denoise_block(state, inputs, before_refresh)
         state.frame = start + fpb
         return x0
 
