@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 
+from .dtype_names import add_dtype_argument, dtype_from_name
+
 PROG = "matrixgame-env"
 Runner = Callable[[argparse.Namespace], object]
 
@@ -105,6 +107,7 @@ def _demo(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("--image", default=None, help="start picture (default: the model's first shipped one)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    add_dtype_argument(parser)
     parser.add_argument("--no-overlay", action="store_true", help="plain frames, no action overlay")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
@@ -118,7 +121,7 @@ def _demo(parser: argparse.ArgumentParser) -> Runner:
         if args.blocks < 1:
             raise CommandError(f"--blocks must be at least 1, got {args.blocks}")
         _check_local_model(args.model)
-        world = WorldModel.from_pretrained(args.model, device=args.device)
+        world = WorldModel.from_pretrained(args.model, device=args.device, dtype=dtype_from_name(args.dtype))
         enable_fast_path(world, not args.eager)  # CUDA graphs and Triton kernels on GPUs; channels-last on CPUs
         image = args.image
         if image is None:

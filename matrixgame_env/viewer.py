@@ -35,6 +35,7 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the installed extras
     raise ImportError("the play window needs pygame-ce: pip install 'matrixgame-env[play]'") from error
 
+from .dtype_names import add_dtype_argument, dtype_from_name
 from .spaces import CAMERA_KEY_SPEED, CAMERA_KEYS, KEY_MAPS, ActionLayout
 
 # Model units of camera turn per pixel of mouse motion, summed over a block and spread over its
@@ -819,6 +820,7 @@ def add_play_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help="start pictures (O cycles through them; default: the model's shipped pictures)",
     )
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: the env's choice)")
+    add_dtype_argument(parser)
     parser.add_argument("--scale", type=int, default=None, help="whole zoom of the video (default: fits 1280x720)")
     parser.add_argument("--record-dir", default="recordings", help="folder of V's mp4 recordings")
     parser.add_argument("--fps", type=float, default=None, help="display frame rate (default: the model's)")
@@ -846,6 +848,7 @@ def play_main(args: argparse.Namespace) -> int:
 
     kwargs = {
         "device": args.device,
+        "dtype": dtype_from_name(args.dtype),
         "action_guidance": args.action_guidance,
         "keyboard_guidance": args.keyboard_guidance,
     }

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from tiny_training import run_cli, tiny_model_folder
 
 from matrixgame_env import cli, train
 from matrixgame_env.checkpoints import is_our_format
 from matrixgame_env.demo import scripted_actions
+from matrixgame_env.dtype_names import DTYPE_NAMES, dtype_from_name
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +62,38 @@ def test_demo_runs_the_fast_path_unless_eager_with_the_same_frames(model, tmp_pa
     fast, eager = videos[()], videos[("--eager",)]
     assert fast.shape == eager.shape == (21, 16, 32, 3)
     assert np.abs(fast - eager).mean() < 1.0  # the same function in another layout, through the same encoder
+
+
+def test_demo_runs_in_the_dtype_asked_for_with_frames_near_float32(model, tmp_path, monkeypatch) -> None:
+    from matrixgame_env.world import model as world_model
+
+    real, dtypes = world_model.enable_fast_path, []
+    monkeypatch.setattr(
+        world_model, "enable_fast_path", lambda world, fast: dtypes.append(world.dit.dtype) or real(world, fast)
+    )
+    videos = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"{dtype}.mp4"
+        common = ("--out", str(out), "--blocks", "2", "--device", "cpu", "--no-overlay", "--no-progress")
+        assert run_cli("demo", "--model", str(model), *common, "--dtype", dtype)[0] == 0
+        videos[dtype] = np.stack(_frames(out)).astype(int)
+    assert dtypes == [torch.float32, torch.bfloat16]
+    assert videos["float32"].shape == videos["bfloat16"].shape == (21, 16, 32, 3)
+    assert np.abs(videos["float32"] - videos["bfloat16"]).mean() < 8.0  # bf16 rounding, not another video
+
+
+def test_an_unknown_dtype_is_a_clear_error(model, tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--model", str(model), "--out", str(tmp_path / "x.mp4"), "--dtype", "float64"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'float64'" in capsys.readouterr().err
+
+
+def test_dtype_names_resolve_to_torch_dtypes() -> None:
+    assert [dtype_from_name(name) for name in DTYPE_NAMES] == [torch.float32, torch.bfloat16, torch.float16]
+    assert dtype_from_name(None) is None
+    with pytest.raises(ValueError, match="unknown dtype 'half': choose one of float32, bfloat16, float16"):
+        dtype_from_name("half")
 
 
 def test_demo_script_walks_turns_and_looks_around() -> None:

@@ -384,9 +384,11 @@ def test_eval_command_end_to_end(dataset, model, tmp_path) -> None:
     again = tmp_path / "again"
     status, errors = run_cli("eval", "--model", str(model), "--data", str(dataset), "--out", str(again), "--idm",
                              str(out / "idm"), "--val-fraction", VAL_FRACTION, "--clips", "0", "--drift-minutes", "0",
-                             "--action-guidance", "2.5", "--device", "cpu", "--no-progress")  # fmt: skip
+                             "--action-guidance", "2.5", "--device", "cpu", "--dtype", "bfloat16",
+                             "--no-progress")  # fmt: skip
     assert status == 0, errors
     reused = json.loads((again / "eval.json").read_text())
+    assert report["settings"]["dtype"] == "float32" and reused["settings"]["dtype"] == "bfloat16"
     assert set(reused) == {"settings", "idm", "targets", "timing_s"}
     assert reused["idm"]["real_val"] == idm["real_val"]
     assert report["settings"]["idm_steps"] == 20 and reused["settings"]["idm_steps"] is None  # trained elsewhere

@@ -391,7 +391,18 @@ def test_o_cycles_the_model_s_shipped_pictures_by_default(model_folder, sdl_dumm
 
 def test_play_main_plays_a_model_folder_until_the_window_closes(model_folder, sdl_dummy, tmp_path):
     args = add_play_arguments(argparse.ArgumentParser()).parse_args(
-        ["--model", str(model_folder), "--device", "cpu", "--scale", "4", "--record-dir", str(tmp_path)]
+        [
+            "--model",
+            str(model_folder),
+            "--device",
+            "cpu",
+            "--dtype",
+            "bfloat16",
+            "--scale",
+            "4",
+            "--record-dir",
+            str(tmp_path),
+        ]
     )
     # SDL's event queue takes events from any thread: close the window after a moment of play, and
     # again until play_main returns (a slow start may miss the first close).
@@ -420,6 +431,7 @@ def test_play_arguments():
     assert parser.parse_args([]).model is None
     assert parser.parse_args([]).action_guidance is None
     assert parser.parse_args(["--action-guidance", "2"]).action_guidance == 2.0
+    assert parser.parse_args([]).dtype is None and parser.parse_args(["--dtype", "bfloat16"]).dtype == "bfloat16"
 
 
 # ---------------------------------------------------------------------- a real X11 window

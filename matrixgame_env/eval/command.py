@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from ..dtype_names import add_dtype_argument, dtype_from_name
+
 DEFAULT_HORIZON_S = 4.0
 DEFAULT_DRIFT_MINUTES = 10.0
 
@@ -43,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drift-worlds", type=int, default=4, help="worlds rolled out together for drift")
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes for IDM training")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    add_dtype_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of generation noise and IDM training")
     parser.add_argument(
         "--action-guidance",
@@ -73,7 +76,7 @@ def run(args: argparse.Namespace) -> Path:
     _check_local_model(args.model)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(args.out)
-    world = WorldModel.from_pretrained(args.model, device=device)
+    world = WorldModel.from_pretrained(args.model, device=device, dtype=dtype_from_name(args.dtype))
     if args.action_guidance is not None:
         world.sampler.set_action_guidance(args.action_guidance)
     if args.keyboard_guidance is not None:
