@@ -17,7 +17,8 @@ import weakref
 import torch
 
 from ..images import to_uint8_frames
-from ..nn.vae import DecoderCache, WanVAE
+from ..nn.vae import WanVAE
+from ..nn.vae_cache import DecoderCache
 from .graphs import StreamPools, sighting_count
 
 

@@ -21,7 +21,7 @@ from ..nn.action import ActionCaches
 from ..nn.dit import CausalDiT, LayerCaches
 from ..nn.rope import Rotation
 from ..nn.transfer import to_device
-from ..nn.vae import DecoderCache
+from ..nn.vae_cache import DecoderCache
 from .cache import RingKVCache
 from .condition import ImageLatents
 from .graphs import ring_caches

@@ -13,10 +13,12 @@ from ..checkpoints import LoadedModel, load_model
 from ..images import ImageLike, fit_images
 from ..model_config import ModelConfig
 from ..nn import triton_conv
+from ..nn.causal_conv import conv3d_form
 from ..nn.clip import CLIPVisionEncoder
 from ..nn.dit import CausalDiT
 from ..nn.fusion import enable_fusion
-from ..nn.vae import DecoderCache, WanVAE, conv3d_form
+from ..nn.vae import WanVAE
+from ..nn.vae_cache import DecoderCache
 from .condition import ImageLatents
 from .decoder_graphs import DecoderGraphs, decode_to_uint8
 from .sampler import SamplerConfig, StreamingSampler
