@@ -10,7 +10,7 @@ reconstruction of the real frames (the best any generation through this VAE can 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from ..images import to_uint8_frames
 from ..world.model import WorldModel
+from ..world.state import WorldState
 from .metrics import psnr, ssim
 
 FIRST_BLOCK_FRAMES = 9  # video frames of the first block (1 + 4 (3 - 1)); later blocks add 12
@@ -37,7 +38,6 @@ def clip_frames(world: WorldModel, horizon: int) -> int:
     return FIRST_BLOCK_FRAMES + later * max(0, math.ceil((horizon + 1 - FIRST_BLOCK_FRAMES) / later))
 
 
-@torch.no_grad()
 def generate_clips(
     world: WorldModel,
     start_frames: torch.Tensor,
@@ -53,6 +53,24 @@ def generate_clips(
     the action of every video frame (T = 9 + 12 n, whole blocks). Returns uint8 [K, T, H, W, 3] on
     the CPU; world k is seeded with `seed + k`, so a clip does not depend on the batch it is in.
     """
+    return roll_out(world, world.step, 1, start_frames, keyboard, mouse, batch_size, seed, progress)
+
+
+@torch.no_grad()
+def roll_out(
+    world: WorldModel,
+    step: Callable[[WorldState, torch.Tensor, torch.Tensor], torch.Tensor],
+    time_dim: int,
+    start_frames: torch.Tensor,
+    keyboard: torch.Tensor,
+    mouse: torch.Tensor,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> torch.Tensor:
+    """What `step(state, keyboard, mouse)` returns for every block of K worlds rolled out as in
+    `generate_clips` (the blocks joined along `time_dim`, the clips along dim 0), on the CPU:
+    `world.step` gives frames, `world.step_latents` the latents."""
     count, length = keyboard.shape[:2]
     if length < FIRST_BLOCK_FRAMES or (length - FIRST_BLOCK_FRAMES) % world.frames_per_block:
         raise ValueError(f"clips must span whole blocks (9 + {world.frames_per_block} n frames), got {length}")
@@ -63,15 +81,15 @@ def generate_clips(
             chosen = slice(first, min(first + batch_size, count))
             size = chosen.stop - chosen.start
             state = world.start(list(start_frames[chosen].numpy()), seed=[seed + k for k in range(first, chosen.stop)])
-            frames, position = [], 0
+            outputs, position = [], 0
             while position < length:
                 n = world.sampler.video_frames_for_block(state)
                 block_keyboard = keyboard[chosen, position : position + n].to(world.device)
                 block_mouse = mouse[chosen, position : position + n].to(world.device)
-                frames.append(world.step(state, block_keyboard, block_mouse))
+                outputs.append(step(state, block_keyboard, block_mouse).cpu())
                 position += n
                 bar.update(size)
-            clips.append(torch.cat(frames, dim=1))
+            clips.append(torch.cat(outputs, dim=time_dim))
     return torch.cat(clips)
 
 

@@ -619,6 +619,10 @@ class WanVAE(nn.Module):
         """Unnormalised posterior means -> the model's latents, (mu - latent_mean) / latent_std per channel."""
         return self._normalise(mu)
 
+    def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
+        """The model's latents -> unnormalised ones (what `decode_unnormalised` takes): the inverse of `normalise`."""
+        return self._denormalise(latents)
+
     def set_latent_statistics(self, mean: Sequence[float], std: Sequence[float]) -> None:
         """Replace the per-channel latent mean and std (e.g. measured on a dataset after training)."""
         if len(mean) != self.z_dim or len(std) != self.z_dim:

@@ -4,7 +4,9 @@
 
 Each step encodes clips of 1 + 4k frames with the causal chunked encoder, samples the posterior,
 decodes with the (non-streaming) decoder and minimises L1 + MSE + kl_weight * KL (+ an edge loss and,
-with `--gan-weight`, a patch discriminator's adversarial loss: see `adversarial.py`). Every session ends
+with `--gan-weight`, a patch discriminator's adversarial loss: see `adversarial.py`; with `--decoder-only
+--generated-from MODEL` the decoder also learns to render MODEL's generated latents: see
+`generated_latents.py`). Every session ends
 (`--finish-minutes` are kept for it) by measuring the per-channel mean and std of the posterior means on
 training clips (with `--decoder-only` the --init model's statistics stay),
 stores them as the config's `vae.latent_mean` / `latent_std` (so the DiT sees unit-variance latents),
@@ -16,9 +18,11 @@ few start pictures from the data.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +32,7 @@ from torch.utils.data import Dataset
 from ..data.dataset import VideoClipDataset, evenly_spaced
 from ..learned_reward import REWARD_HEAD_KEY
 from ..model_config import ModelConfig
-from ..nn.vae import WanVAE
+from ..nn.vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD, WanVAE
 from .adversarial import PatchDiscriminator, discriminator_loss, generator_loss, video_windows, width_problem
 from .common import (
     StageError,
@@ -88,6 +92,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="consecutive frames the discriminator judges together (1: each frame alone; 2 or more: their motion too)",
     )
+    parser.add_argument(
+        "--generated-from", default=None, metavar="MODEL",
+        help="with --decoder-only and --gan-weight: a model folder whose DiT works on these latents (e.g. a distilled "
+        "student); the decoder also learns to render the latents it generates (see train/generated_latents.py)",
+    )  # fmt: skip
+    parser.add_argument("--generated-clips", type=int, default=256, help="clips in the pool of generated latents")
+    parser.add_argument("--generated-blocks", type=int, default=4, help="blocks generated per clip of the pool")
+    parser.add_argument(
+        "--anchor-weight", type=float, default=1.0,
+        help="with --generated-from: weight of the L1 loss that keeps the generated latents' decoding, averaged over "
+        "4x4 pixels, that of the starting decoder",
+    )  # fmt: skip
     parser.add_argument(
         "--finish-minutes", type=float, default=1.0,
         help="minutes of --minutes kept for measuring and writing the model folder, which every session ends "
@@ -249,31 +265,42 @@ def run(args: argparse.Namespace) -> Path:
     training.add_module("vae", vae, ema_decay=args.ema)
     training.add_optimizer("vae", optimizer, warmup_cosine(optimizer, args.warmup_steps, args.steps))
     critic = _Critic(training, args) if args.gan_weight > 0 else None
+    generated = _Generated(training, args, vae, data) if args.generated_from else None
     training.resume()
     if not training.finished:
         batches = training.batches(train_clips, args.batch_size, args.workers)
         sample = not args.no_sample
 
-        def step(video: torch.Tensor, adversary: Adversary | None) -> dict[str, torch.Tensor]:
-            if args.decoder_only:
-                return decoder_losses(vae, video, args.latent_noise, args.edge_weight, adversary, args.motion_weight)
-            return vae_losses(vae, video, args.kl_weight, sample, args.edge_weight, adversary, args.motion_weight)
+        def step(
+            video: torch.Tensor, adversary: Adversary | None, latents: torch.Tensor | None
+        ) -> dict[str, torch.Tensor]:
+            if not args.decoder_only:
+                return vae_losses(vae, video, args.kl_weight, sample, args.edge_weight, adversary, args.motion_weight)
+            losses = decoder_losses(vae, video, args.latent_noise, args.edge_weight, adversary, args.motion_weight)
+            if latents is not None:
+                losses = generated.add_losses(losses, latents, adversary)
+            return losses
 
         losses_of = training.data_parallel(step, vae)
         while training.keep_going():
             video = next(batches)["video"].to(training.device, non_blocking=True)
             adversary = critic.adversary() if critic is not None and training.step >= args.gan_start else None
+            latents = generated.batch(args.batch_size) if generated is not None and adversary is not None else None
             with training.autocast():
-                losses = losses_of(video, adversary)
+                losses = losses_of(video, adversary, latents)
             grad_norm = training.optimize(losses.pop("loss"), "vae")
             reconstruction = losses.pop("reconstruction", None)
+            decoded_generated = losses.pop("generated", None)
             if reconstruction is not None:
-                losses["disc_loss"] = critic.train_step(video, reconstruction)
+                fakes = reconstruction if decoded_generated is None else torch.cat([reconstruction, decoded_generated])
+                losses["disc_loss"] = critic.train_step(video, fakes)
             training.end_step(**losses, grad_norm=grad_norm)
         training.save()
     folder = training.folder / "model"
     if training.is_main:  # rank 0 measures and writes the model folder
-        folder = _finish(training, config, dit, training.weights("vae"), clip, source, train_clips, val_clips, args)
+        pool_clips = len(generated.pool) if generated is not None else None
+        folder = _finish(training, config, dit, training.weights("vae"), clip, source, train_clips, val_clips, args,
+                         pool_clips)  # fmt: skip
     if not training.finished:
         training.message(f"stopped at step {training.step}/{training.total_steps}; continue with --resume")
     training.close()
@@ -306,22 +333,89 @@ class _Critic:
 
         return weighted_generator_loss
 
-    def train_step(self, video: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
-        """One discriminator step on the real clips and the (detached) decoded ones; returns its loss."""
+    def train_step(self, video: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
+        """One discriminator step on the real clips and the (detached) decoded ones, which may be more
+        (reconstructions, then decoded generated latents); returns its loss."""
         with self.training.autocast():
-            loss = self._losses_of(video, reconstruction)
+            loss = self._losses_of(video, decoded)
         self.training.optimize(loss, "discriminator")
         return loss.detach()
 
-    def _loss(self, video: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
-        clips = torch.cat([video.to(reconstruction), reconstruction])
+    def _loss(self, video: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
+        clips = torch.cat([video.to(decoded), decoded])
         logits = self.discriminator(video_windows(clips, self.discriminator.frames))
-        real, fake = logits.chunk(2)
+        real, fake = logits.split([len(logits) * len(video) // len(clips), len(logits) * len(decoded) // len(clips)])
         return discriminator_loss(real, fake)
 
 
+class _Generated:
+    """`--generated-from`: the pool of the model's generated latents (made once per run, kept in the run's
+    folder), a frozen copy of the starting decoder for the anchor, and their losses."""
+
+    def __init__(self, training: TrainRun, args: argparse.Namespace, vae: WanVAE, data: Path) -> None:
+        from . import generated_latents
+
+        self.module, self.training, self.args, self.vae = generated_latents, training, args, vae
+        self.frames = (args.clip_frames - 1) // 4 + 1  # latent frames of a training clip
+        if self.frames > 3 * args.generated_blocks:
+            raise StageError(f"--clip-frames {args.clip_frames} needs {self.frames} latent frames; clips of "
+                             f"{args.generated_blocks} blocks have {3 * args.generated_blocks}: raise "
+                             "--generated-blocks")  # fmt: skip
+        own = _latent_statistics_of(vae.config)
+        if _latent_statistics_of(ModelConfig.load(Path(args.generated_from) / "config.json").vae) != own:
+            raise StageError(
+                f"--generated-from {args.generated_from} works on another latent space than the --init VAE "
+                "(their latent statistics differ): give a model whose DiT was trained on these latents"
+            )
+        path = training.folder / generated_latents.POOL_FILE
+        if path.exists():
+            self.pool, statistics, _ = generated_latents.load_pool(path)
+            if _latent_statistics_of(statistics) != own:
+                raise StageError(f"{path} holds latents of another latent space: delete it to generate a new pool")
+        else:  # every process makes the same pool (seeded); the main one keeps it
+            training.message(f"generating {args.generated_clips} clips of {args.generated_blocks} blocks with "
+                             f"{args.generated_from} for the decoder")  # fmt: skip
+            self.pool, statistics = generated_latents.generate_latent_pool(
+                args.generated_from, data, args.generated_clips, args.generated_blocks, args.val_fraction,
+                training.device, seed=args.seed, progress=training.show_progress,
+            )  # fmt: skip
+            if training.is_main:
+                generated_latents.save_pool(path, self.pool, statistics, str(args.generated_from))
+            if len(self.pool) < args.generated_clips:
+                training.message(f"the train split holds {len(self.pool)} windows of {args.generated_blocks} "
+                                 f"blocks: the pool has {len(self.pool)} clips")  # fmt: skip
+        self.reference = copy.deepcopy(vae).eval().requires_grad_(False)  # the starting decoder, for the anchor
+
+    def batch(self, count: int) -> torch.Tensor:
+        """This step's windows of generated latents (unnormalised, on the device), different per process."""
+        seed = int(
+            np.random.SeedSequence([self.args.seed, self.training.step, self.training.rank]).generate_state(1)[0]
+        )
+        windows = self.module.latent_windows(self.pool, count, self.frames, torch.Generator().manual_seed(seed))
+        return self.reference.denormalise(windows.to(self.training.device))
+
+    def add_losses(
+        self, losses: dict[str, torch.Tensor], latents: torch.Tensor, adversary: Adversary
+    ) -> dict[str, torch.Tensor]:
+        """`losses` plus the adversary's loss on the decoded generated latents ("gen_gan") and the anchor
+        ("anchor", weighted by --anchor-weight) in "loss"; the detached decodings as "generated"."""
+        decoded = self.vae.decode_unnormalised(latents)
+        with torch.no_grad():
+            reference = self.reference.decode_unnormalised(latents)
+        gan = adversary(decoded)
+        anchor = self.module.anchor_loss(decoded, reference)
+        losses["loss"] = losses["loss"] + gan + self.args.anchor_weight * anchor
+        return {**losses, "gen_gan": gan.detach(), "anchor": anchor.detach(), "generated": decoded.detach().float()}
+
+
+def _latent_statistics_of(values: Mapping[str, Any]) -> dict[str, list[float]]:
+    """The latent mean and std of a VAE config (Wan 2.1's where it gives none, as `WanVAE` takes them)."""
+    defaults = {"latent_mean": WAN21_LATENT_MEAN, "latent_std": WAN21_LATENT_STD}
+    return {name: [float(v) for v in values.get(name, default)] for name, default in defaults.items()}
+
+
 def _check_loss_options(args: argparse.Namespace) -> None:
-    for name in ("latent_noise", "edge_weight", "motion_weight", "gan_weight"):
+    for name in ("latent_noise", "edge_weight", "motion_weight", "gan_weight", "anchor_weight"):
         value = getattr(args, name)
         if not value >= 0:  # also catches NaN
             raise StageError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
@@ -335,6 +429,19 @@ def _check_loss_options(args: argparse.Namespace) -> None:
         raise StageError(f"--disc-frames must lie in 1..--clip-frames ({args.clip_frames}), got {args.disc_frames}")
     if args.latent_noise > 0 and not args.decoder_only:
         raise StageError("--latent-noise applies to --decoder-only training (the full VAE samples its own posterior)")
+    if args.generated_from is not None:
+        if not (args.decoder_only and args.gan_weight > 0):
+            raise StageError(
+                "--generated-from needs --decoder-only (the latent space its DiT works on must stay) and --gan-weight "
+                "> 0 (the discriminator judges the generated latents' decoding: there is no true video for them)"
+            )
+        if not Path(args.generated_from).is_dir():
+            raise StageError(f"--generated-from: no model folder at {args.generated_from}")
+        if args.generated_clips < 1 or args.generated_blocks < 1:
+            raise StageError(
+                f"--generated-clips and --generated-blocks must be at least 1, got {args.generated_clips} "
+                f"and {args.generated_blocks}"
+            )
 
 
 def _freeze_encoder(vae: WanVAE, init: object) -> None:
@@ -370,11 +477,13 @@ def _finish(
     train_clips: VideoClipDataset,
     val_clips: VideoClipDataset | None,
     args: argparse.Namespace,
+    pool_clips: int | None = None,
 ) -> Path:
-    """Latent statistics, val PSNR, start pictures, and the model folder."""
+    """Latent statistics, val PSNR, start pictures, and the model folder (`pool_clips`: the clips of the
+    pool of generated latents, with --generated-from)."""
     vae.eval()
     if args.decoder_only:  # the latent space is the --init model's: keep its statistics
-        mean, std = list(config.vae["latent_mean"]), list(config.vae["latent_std"])
+        mean, std = list(vae.config["latent_mean"]), list(vae.config["latent_std"])  # also where the config gives none
     else:
         stats_indices = evenly_spaced(len(train_clips), args.stats_clips)
         mean, std = latent_statistics(vae, train_clips, stats_indices, args.batch_size)
@@ -400,6 +509,9 @@ def _finish(
         record.update(gan_weight=args.gan_weight, gan_start=args.gan_start, disc_frames=args.disc_frames)
     if args.motion_weight > 0:
         record.update(motion_weight=args.motion_weight)
+    if args.generated_from is not None:
+        record.update(generated_from=str(args.generated_from), generated_clips=pool_clips,
+                      generated_blocks=args.generated_blocks, anchor_weight=args.anchor_weight)  # fmt: skip
     previous = config.extra.setdefault("training", {}).get(STAGE)
     if args.decoder_only:
         record = {**(previous or {}), "decoder_only": {**record, "latent_noise": args.latent_noise,
