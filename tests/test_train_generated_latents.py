@@ -102,9 +102,10 @@ def test_decoder_learns_generated_latents_and_resumes_exactly(dataset, model, tm
     assert recorded["generated_clips"] == 2 and recorded["generated_blocks"] == 2
 
 
-def test_the_anchor_keeps_the_decoder_where_it_started(dataset, model, tmp_path) -> None:
+def test_the_anchor_keeps_the_generating_model_s_own_decoding(dataset, model, tmp_path) -> None:
     """With the discriminator's weight far below the anchor's, the generated latents' decoding stays
-    close to the starting decoder's; with the anchor off it moves further."""
+    close to that of the generating model's decoder (here also the starting one); with the anchor off
+    it moves further."""
     drift = {}
     for anchor in ("0", "50"):
         out = tmp_path / anchor

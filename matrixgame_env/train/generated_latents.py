@@ -1,13 +1,15 @@
 """Latents a world model generates, for training its decoder on what the DiT makes.
 
 A decoder trained on the encoder's latents meets other latents in play: the DiT's, which are softer
-and drift from the encoder's over a rollout; rendered by an adversarially sharpened decoder they lose
-what the judge reads (models/doom-small/README.md). `train vae --decoder-only --generated-from MODEL`
-therefore also decodes latents MODEL generates from starts of the recording's train split, under their
-recorded actions, and trains the decoder on them with the patch discriminator (unpaired: there is no
-true video for them) and an anchor: their decoding, blurred, must stay that of the starting decoder
-(so content and motion stay, only detail is added). The pool is generated once per run and kept in
-the run's folder, so resumed sessions decode the same latents.
+and drift from the encoder's over a rollout; rendered by an adversarially sharpened decoder they
+lose what the judge reads (models/doom-small/README.md). `train vae --decoder-only --generated-from
+MODEL` therefore also decodes latents MODEL generates from starts of the recording's train split,
+under their recorded actions, and trains the decoder on them with the patch discriminator (unpaired:
+there is no true video for them) and an anchor: their decoding, blurred, must stay that of MODEL's
+own decoder, the one its video was judged through (so content and motion stay, only detail is
+added). The decoder may start elsewhere (`--init`, e.g. an adversarially sharpened one of the same
+latent space). The pool is generated once per run and kept in the run's folder, so resumed sessions
+decode the same latents.
 """
 
 from __future__ import annotations

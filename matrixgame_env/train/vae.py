@@ -18,7 +18,6 @@ few start pictures from the data.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..checkpoints import load_model
 from ..data.dataset import VideoClipDataset, evenly_spaced
 from ..learned_reward import REWARD_HEAD_KEY
 from ..model_config import ModelConfig
@@ -102,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--anchor-weight", type=float, default=1.0,
         help="with --generated-from: weight of the L1 loss that keeps the generated latents' decoding, averaged over "
-        "4x4 pixels, that of the starting decoder",
+        "4x4 pixels, that of MODEL's own decoder",
     )  # fmt: skip
     parser.add_argument(
         "--finish-minutes", type=float, default=1.0,
@@ -350,7 +350,7 @@ class _Critic:
 
 class _Generated:
     """`--generated-from`: the pool of the model's generated latents (made once per run, kept in the run's
-    folder), a frozen copy of the starting decoder for the anchor, and their losses."""
+    folder), the model's own decoder (frozen) for the anchor, and their losses."""
 
     def __init__(self, training: TrainRun, args: argparse.Namespace, vae: WanVAE, data: Path) -> None:
         from . import generated_latents
@@ -384,7 +384,9 @@ class _Generated:
             if len(self.pool) < args.generated_clips:
                 training.message(f"the train split holds {len(self.pool)} windows of {args.generated_blocks} "
                                  f"blocks: the pool has {len(self.pool)} clips")  # fmt: skip
-        self.reference = copy.deepcopy(vae).eval().requires_grad_(False)  # the starting decoder, for the anchor
+        # The anchor's reference: the decoder the generating model ships with (the one its video was judged through).
+        reference = load_model(args.generated_from, device=training.device, dtype=torch.float32).vae
+        self.reference = reference.eval().requires_grad_(False)
 
     def batch(self, count: int) -> torch.Tensor:
         """This step's windows of generated latents (unnormalised, on the device), different per process."""
