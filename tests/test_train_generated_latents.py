@@ -102,6 +102,17 @@ def test_decoder_learns_generated_latents_and_resumes_exactly(dataset, model, tm
     assert recorded["generated_clips"] == 2 and recorded["generated_blocks"] == 2
 
 
+def test_before_the_adversarial_loss_generated_latents_only_feed_the_discriminator(dataset, model, tmp_path) -> None:
+    options = _options(dataset, model, "--steps", "3")
+    options[options.index("--gan-start") + 1] = "2"
+    train("vae", *options, "--disc-start", "0", "--out", str(tmp_path))
+    log = [json.loads(line) for line in (tmp_path / "vae" / "log.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in log if "l1" in r}
+    assert all("disc_loss" in steps[k] for k in (1, 2, 3))
+    assert not any(name in steps[k] for k in (1, 2) for name in ("gan", "gen_gan", "anchor"))
+    assert all(name in steps[3] for name in ("gan", "gen_gan", "anchor"))
+
+
 def test_the_anchor_keeps_the_generating_model_s_own_decoding(dataset, model, tmp_path) -> None:
     """With the discriminator's weight far below the anchor's, the generated latents' decoding stays
     close to that of the generating model's decoder (here also the starting one); with the anchor off

@@ -327,7 +327,10 @@ def test_the_adversary_trains_the_decoder_and_leaves_the_discriminator_alone(tmp
     critic = _Critic(training, argparse.Namespace(**options))
     plain = vae_losses(vae, video, kl_weight=0.0, sample=False)
     with_gan = vae_losses(vae, video, kl_weight=0.0, sample=False, adversary=critic.adversary())
-    assert set(with_gan) - set(plain) == {"gan", "reconstruction"} and "gan" not in plain
+    assert set(with_gan) - set(plain) == {"gan"} and "reconstruction" in plain
+    assert (
+        torch.equal(plain["reconstruction"], with_gan["reconstruction"]) and not plain["reconstruction"].requires_grad
+    )
     assert float((with_gan["loss"] - plain["loss"]).detach()) == pytest.approx(float(with_gan["gan"]), rel=1e-5)
     with_gan["loss"].backward()
     assert all(p.grad is None for p in critic.discriminator.parameters())
@@ -363,6 +366,32 @@ def test_gan_training_resumes_exactly_and_keeps_the_discriminator_out_of_the_mod
     assert not any("discriminator" in path.name for path in model.iterdir())
     recorded = json.loads((model / "config.json").read_text())["extra"]["training"]["vae"]
     assert recorded["gan_weight"] == 0.1 and recorded["disc_frames"] == 1
+
+
+def test_the_discriminator_can_learn_before_it_weighs_on_the_decoder(dataset, model_config, tmp_path) -> None:
+    common = ["--data", str(dataset), "--model-config", str(model_config), "--steps", "5", "--gan-weight", "0.1",
+              "--gan-start", "3", "--disc-start", "1", "--disc-width", "8", "--log-every", "1", "--stats-clips", "4",
+              "--val-clips", "2", *CLIP]  # fmt: skip
+    train("vae", *common, "--out", str(tmp_path / "once"))
+    train("vae", *common, "--out", str(tmp_path / "twice"), "--stop-after-steps", "2")
+    train("vae", *common, "--out", str(tmp_path / "twice"), "--resume")
+    for name in ("vae.safetensors", "discriminator.safetensors"):
+        a, b = (read_state_dict(_checkpoint(tmp_path / out) / name) for out in ("once", "twice"))
+        assert all(torch.equal(a[key], b[key]) for key in a), name
+    log = [json.loads(line) for line in (tmp_path / "once" / "vae" / "log.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in log if "l1" in r}
+    assert "disc_loss" not in steps[1] and "gan" not in steps[1]  # logged step k ran at training step k - 1
+    assert "disc_loss" in steps[2] and "gan" not in steps[2] and "gan" not in steps[3]
+    assert "disc_loss" in steps[4] and "gan" in steps[4]
+    recorded = ModelConfig.load(tmp_path / "once" / "vae" / "model").extra["training"]["vae"]
+    assert recorded["gan_start"] == 3 and recorded["disc_start"] == 1
+
+
+def test_a_discriminator_start_after_the_adversarial_loss_is_refused(dataset, model_config, tmp_path) -> None:
+    status, errors = run_cli("train", "vae", "--data", str(dataset), "--model-config", str(model_config), "--out",
+                             str(tmp_path), "--device", "cpu", "--no-progress", "--gan-weight", "0.1", "--gan-start",
+                             "2", "--disc-start", "3", *CLIP)  # fmt: skip
+    assert status == 2 and "--disc-start must be a step in 0..--gan-start (2), got 3" in errors
 
 
 def _with_dit_and_reward_head(start: Path, folder: Path) -> Path:

@@ -84,6 +84,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="weight of the adversarial loss of a patch discriminator over frames (0: none; e.g. 0.1 against blur)",
     )  # fmt: skip
     parser.add_argument("--gan-start", type=int, default=500, help="step from which the adversarial loss applies")
+    parser.add_argument(
+        "--disc-start", type=int, default=None,
+        help="step from which the discriminator trains (default: --gan-start); earlier than --gan-start, it learns "
+        "real from decoded before its judgement weighs on the decoder",
+    )  # fmt: skip
     parser.add_argument("--disc-lr", type=float, default=None, help="discriminator learning rate (default: --lr)")
     parser.add_argument("--disc-width", type=int, default=32, help="channels of the discriminator's first layer")
     parser.add_argument(
@@ -128,8 +133,8 @@ def vae_losses(
     Returns "loss" (to minimise) = l1 + mse + kl_weight * kl + edge_weight * edge + motion_weight * motion
     (see `edge_loss`, `motion_loss`), and its parts: "l1", "mse" (pixel means), "kl" (mean KL per latent
     value of the unnormalised posterior against N(0, 1)), "psnr" (dB, 0..1 range) and "motion" when
-    weighted. With `adversary` (decoded clips -> weighted generator loss) its value is added to "loss"
-    and reported as "gan", and the detached decoded clips come back as "reconstruction".
+    weighted, and the detached decoded clips as "reconstruction". With `adversary` (decoded clips ->
+    weighted generator loss) its value is added to "loss" and reported as "gan".
     """
     mu, logvar = vae.encode_distribution(video)
     z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample else mu
@@ -172,7 +177,7 @@ def reconstruction_losses(
 ) -> dict[str, torch.Tensor]:
     """ "loss" = l1 + mse + edge_weight * edge + motion_weight * motion (+ adversary(reconstruction)) of a
     decoded video against the clips, and "l1", "mse", "psnr" (detached), all in float32; "motion" too when
-    weighted; with `adversary` also "gan" and the detached "reconstruction"."""
+    weighted; "gan" with `adversary`; the detached "reconstruction" (for the discriminator)."""
     reconstruction = reconstruction.float()
     target = video.to(reconstruction)
     error = reconstruction - target
@@ -183,6 +188,7 @@ def reconstruction_losses(
         "l1": l1.detach(),
         "mse": mse.detach(),
         "psnr": psnr(reconstruction.detach().clamp(-1, 1), target),
+        "reconstruction": reconstruction.detach(),
     }
     if motion_weight > 0:
         motion = motion_loss(reconstruction, target)
@@ -192,7 +198,6 @@ def reconstruction_losses(
         gan = adversary(reconstruction)
         losses["loss"] = losses["loss"] + gan
         losses["gan"] = gan.detach()
-        losses["reconstruction"] = reconstruction.detach()
     return losses
 
 
@@ -282,16 +287,18 @@ def run(args: argparse.Namespace) -> Path:
             return losses
 
         losses_of = training.data_parallel(step, vae)
+        disc_start = args.gan_start if args.disc_start is None else args.disc_start
         while training.keep_going():
             video = next(batches)["video"].to(training.device, non_blocking=True)
-            adversary = critic.adversary() if critic is not None and training.step >= args.gan_start else None
-            latents = generated.batch(args.batch_size) if generated is not None and adversary is not None else None
+            judged = critic is not None and training.step >= disc_start
+            adversary = critic.adversary() if judged and training.step >= args.gan_start else None
+            latents = generated.batch(args.batch_size) if generated is not None and judged else None
             with training.autocast():
                 losses = losses_of(video, adversary, latents)
             grad_norm = training.optimize(losses.pop("loss"), "vae")
-            reconstruction = losses.pop("reconstruction", None)
+            reconstruction = losses.pop("reconstruction")
             decoded_generated = losses.pop("generated", None)
-            if reconstruction is not None:
+            if judged:
                 fakes = reconstruction if decoded_generated is None else torch.cat([reconstruction, decoded_generated])
                 losses["disc_loss"] = critic.train_step(video, fakes)
             training.end_step(**losses, grad_norm=grad_norm)
@@ -397,10 +404,14 @@ class _Generated:
         return self.reference.denormalise(windows.to(self.training.device))
 
     def add_losses(
-        self, losses: dict[str, torch.Tensor], latents: torch.Tensor, adversary: Adversary
+        self, losses: dict[str, torch.Tensor], latents: torch.Tensor, adversary: Adversary | None
     ) -> dict[str, torch.Tensor]:
         """`losses` plus the adversary's loss on the decoded generated latents ("gen_gan") and the anchor
-        ("anchor", weighted by --anchor-weight) in "loss"; the detached decodings as "generated"."""
+        ("anchor", weighted by --anchor-weight) in "loss"; the detached decodings as "generated". Without
+        an adversary (before --gan-start) the latents are only decoded, for the discriminator."""
+        if adversary is None:
+            with torch.no_grad():
+                return {**losses, "generated": self.vae.decode_unnormalised(latents).float()}
         decoded = self.vae.decode_unnormalised(latents)
         with torch.no_grad():
             reference = self.reference.decode_unnormalised(latents)
@@ -423,6 +434,8 @@ def _check_loss_options(args: argparse.Namespace) -> None:
             raise StageError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
     if args.gan_start < 0:
         raise StageError(f"--gan-start must be a step >= 0, got {args.gan_start}")
+    if args.disc_start is not None and not 0 <= args.disc_start <= args.gan_start:
+        raise StageError(f"--disc-start must be a step in 0..--gan-start ({args.gan_start}), got {args.disc_start}")
     if args.disc_lr is not None and not args.disc_lr > 0:
         raise StageError(f"--disc-lr must be a positive number, got {args.disc_lr}")
     if problem := width_problem(args.disc_width):
@@ -509,6 +522,8 @@ def _finish(
     record = {"steps": training.step, "psnr_db": round(psnr_db, 3)}
     if args.gan_weight > 0:
         record.update(gan_weight=args.gan_weight, gan_start=args.gan_start, disc_frames=args.disc_frames)
+        if args.disc_start is not None:
+            record.update(disc_start=args.disc_start)
     if args.motion_weight > 0:
         record.update(motion_weight=args.motion_weight)
     if args.generated_from is not None:
