@@ -390,20 +390,9 @@ def test_o_cycles_the_model_s_shipped_pictures_by_default(model_folder, sdl_dumm
 
 
 def test_play_main_plays_a_model_folder_until_the_window_closes(model_folder, sdl_dummy, tmp_path):
-    args = add_play_arguments(argparse.ArgumentParser()).parse_args(
-        [
-            "--model",
-            str(model_folder),
-            "--device",
-            "cpu",
-            "--dtype",
-            "bfloat16",
-            "--scale",
-            "4",
-            "--record-dir",
-            str(tmp_path),
-        ]
-    )
+    argv = ["--model", str(model_folder), "--device", "cpu", "--dtype", "bfloat16", "--scale", "4",
+            "--record-dir", str(tmp_path)]  # fmt: skip
+    args = add_play_arguments(argparse.ArgumentParser()).parse_args(argv)
     # SDL's event queue takes events from any thread: close the window after a moment of play, and
     # again until play_main returns (a slow start may miss the first close).
     done = threading.Event()
