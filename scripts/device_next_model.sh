@@ -19,6 +19,10 @@
 #                                               # MG_DISTILL_STEPS (default 300); again on the warm machine resumes
 #   bash scripts/device_next_model.sh student  # `eval` of the distilled student through the next VAE's own
 #                                               # decoder (drift over MG_DRIFT_MINUTES); student and eval packed
+#   bash scripts/device_next_model.sh adapt    # after train and distill: the train call's adversarial decoder taught
+#                                               # the student's latents (`train vae --generated-from`, anchor to the
+#                                               # student's own decoder: MG_ANCHOR_WEIGHT, default 5), then `eval` of
+#                                               # the student through it; decoder, logs and eval in $OUT (adapted.tar.part*)
 # The student of 300 steps with the adversarial decoder: `train`, `distill` (resumes the distillation to its
 # 300 steps; again if the call ends first), then `MG_TEACHER_EVAL=0 ... finish`, on one warm machine.
 # MG_CALL_SECONDS (default 585) bounds the train call: both trainings get what recording and packing leave.
@@ -45,7 +49,7 @@ distill_recipe="--critic-steps 5 --lr 2e-5 --action-lr-mult 10 --guidance 1.5 --
 # MG_ACTION_READER: a reader packed by an earlier run (on the same seeded recording) instead of training one.
 if [ -n "${MG_ACTION_WEIGHT:-}" ]; then distill_recipe="$distill_recipe --action-weight $MG_ACTION_WEIGHT"; fi
 if [ -n "${MG_ACTION_READER:-}" ]; then distill_recipe="$distill_recipe --action-reader $MG_ACTION_READER"; fi
-case ${1:?give train, finish, decoders, judge, distill or student} in
+case ${1:?give train, finish, decoders, judge, distill, student or adapt} in
   train)
     pipeline setup next
     record_and_encode
@@ -137,5 +141,24 @@ EOF
     [ -d "$student" ] || { echo "run the distill call first, on this machine" >&2; exit 2; }
     MG_EVAL_MODEL=$student MG_EVAL_OUT=$MG_WORK/eval_student pipeline eval
     MG_PACK_MODELS=distill pipeline pack ;;
-  *) echo "unknown call $1 (train, finish, decoders, judge, distill or student)" >&2; exit 2 ;;
+  adapt)
+    [ -f "$decoder" ] && [ -d "$student" ] || { echo "run the train and distill calls first, on this machine" >&2; exit 2; }
+    sharp=$MG_WORK/student_sharp  # the student with the train call's adversarial decoder: where the decoder starts
+    rm -rf "$sharp" && cp -r "$student" "$sharp" && cp "$decoder" "$sharp/vae.safetensors"
+    adapted=$MG_WORK/runs_adapt
+    resume=""; [ -d "$adapted/vae/checkpoints" ] && resume=--resume
+    minutes=$(python3 -c "print(round(($(left) - ${MG_ADAPT_EVAL_SECONDS:-200}) / 60, 2))")
+    python3 -m matrixgame_env.cli train vae --data "$MG_WORK/data" --init "$sharp" --decoder-only \
+      --generated-from "$student" --gan-weight 0.1 --disc-start 0 --gan-start "${MG_ADAPT_GAN_START:-200}" \
+      --anchor-weight "${MG_ANCHOR_WEIGHT:-5}" --lr 5e-5 --warmup-steps 50 --clip-frames 9 --latent-noise 0.05 \
+      --edge-weight 0.5 --batch-size "${MG_ADAPT_BATCH:-16}" --generated-clips "${MG_ADAPT_CLIPS:-256}" --generated-blocks 4 \
+      --steps "${MG_ADAPT_STEPS:-2000}" \
+      --workers 8 --minutes "$minutes" --out "$adapted" --no-progress $resume
+    MG_EVAL_MODEL=$adapted/vae/model MG_EVAL_OUT=$MG_WORK/eval_adapted pipeline eval || echo "its eval failed: $?"
+    rm -rf /tmp/adapted && mkdir -p /tmp/adapted
+    cp "$adapted"/vae/log.jsonl "$adapted"/vae/result.json "$adapted"/vae/model/vae.safetensors \
+      "$adapted"/vae/model/config.json /tmp/adapted/
+    if [ -d "$MG_WORK/eval_adapted" ]; then cp -r "$MG_WORK/eval_adapted" /tmp/adapted/eval && rm -f /tmp/adapted/eval/idm/*.pt; fi
+    tar cf - -C /tmp adapted | split -b 15M - "$OUT/adapted.tar.part" && ls -la "$OUT" ;;
+  *) echo "unknown call $1 (train, finish, decoders, judge, distill, student or adapt)" >&2; exit 2 ;;
 esac
