@@ -33,6 +33,7 @@ from ..data.dataset import VideoClipDataset, evenly_spaced
 from ..learned_reward import REWARD_HEAD_KEY
 from ..model_config import ModelConfig
 from ..nn.vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD, WanVAE
+from . import generated_latents
 from .adversarial import PatchDiscriminator, discriminator_loss, generator_loss, video_windows, width_problem
 from .common import (
     StageError,
@@ -360,9 +361,7 @@ class _Generated:
     folder), the model's own decoder (frozen) for the anchor, and their losses."""
 
     def __init__(self, training: TrainRun, args: argparse.Namespace, vae: WanVAE, data: Path) -> None:
-        from . import generated_latents
-
-        self.module, self.training, self.args, self.vae = generated_latents, training, args, vae
+        self.training, self.args, self.vae = training, args, vae
         self.frames = (args.clip_frames - 1) // 4 + 1  # latent frames of a training clip
         if self.frames > 3 * args.generated_blocks:
             raise StageError(f"--clip-frames {args.clip_frames} needs {self.frames} latent frames; clips of "
@@ -400,7 +399,7 @@ class _Generated:
         seed = int(
             np.random.SeedSequence([self.args.seed, self.training.step, self.training.rank]).generate_state(1)[0]
         )
-        windows = self.module.latent_windows(self.pool, count, self.frames, torch.Generator().manual_seed(seed))
+        windows = generated_latents.latent_windows(self.pool, count, self.frames, torch.Generator().manual_seed(seed))
         return self.reference.denormalise(windows.to(self.training.device))
 
     def add_losses(
@@ -416,7 +415,7 @@ class _Generated:
         with torch.no_grad():
             reference = self.reference.decode_unnormalised(latents)
         gan = adversary(decoded)
-        anchor = self.module.anchor_loss(decoded, reference)
+        anchor = generated_latents.anchor_loss(decoded, reference)
         losses["loss"] = losses["loss"] + gan + self.args.anchor_weight * anchor
         return {**losses, "gen_gan": gan.detach(), "anchor": anchor.detach(), "generated": decoded.detach().float()}
 
