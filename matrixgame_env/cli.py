@@ -10,6 +10,7 @@
     matrixgame-env play --model doom-small
     matrixgame-env demo --model doom-small --out demo.mp4 --blocks 24
     matrixgame-env eval --model doom-small --data data/doom --out runs/eval [--idm runs/eval/idm]
+    matrixgame-env compare runs/eval runs/eval2 [--format markdown]
 
 Each command builds its options only when it is chosen, so `record` never imports torch and `play`
 alone needs pygame.
@@ -150,6 +151,19 @@ def _eval(parser: argparse.ArgumentParser) -> Runner:
     return run
 
 
+def _compare(parser: argparse.ArgumentParser) -> Runner:
+    compare = _import("matrixgame_env.eval.compare", "compare")
+    compare.add_arguments(parser)
+
+    def run(args: argparse.Namespace) -> None:
+        try:
+            compare.run(args)
+        except ValueError as error:  # a file that is not a report, names that do not fit
+            raise CommandError(str(error)) from error
+
+    return run
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Runner] | None]] = {
     "record": ("record a ViZDoom dataset (resumable)", _record),
     "train": ("train a stage: vae, encode, dit, distill, reward", None),
@@ -157,6 +171,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Runner] | Non
     "play": ("play a world model in a window (keyboard and mouse)", _play),
     "demo": ("write a scripted rollout to an mp4, headless", _demo),
     "eval": ("evaluate a model against the real game", _eval),
+    "compare": ("eval reports side by side", _compare),
 }
 
 

@@ -1,0 +1,125 @@
+"""`matrixgame-env compare` on eval reports the package's own models produced (shipped in models/)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from matrixgame_env.cli import main
+from matrixgame_env.eval.compare import Row, comparison_rows, load_report
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "models/doom-small/eval/eval.json"  # CPU, float32, 10 minutes of drift
+STUDENT = ROOT / "models/next/dit-mapped-motion/student278_action_eval.json"  # H200, bfloat16
+SHARP = ROOT / "models/next/dit-mapped-motion/student278_action_generated_decoder_cpu_eval.json"  # 2 min drift
+
+
+def _compare_json(capsys, *argv: str) -> dict:
+    assert main(["compare", *argv, "--format", "json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _row(comparison: dict, label: str) -> dict:
+    (row,) = [row for row in comparison["rows"] if row["label"] == label]
+    return row
+
+
+def test_rows_carry_each_reports_figures_and_mark_the_best(capsys):
+    comparison = _compare_json(capsys, str(SHIPPED), str(STUDENT), "--names", "shipped", "student")
+    shipped, student = (json.loads(path.read_text()) for path in (SHIPPED, STUDENT))
+    assert comparison["reports"] == ["shipped", "student"]
+
+    psnr = _row(comparison, "PSNR at 1s (dB)")
+    assert psnr["values"] == {name: r["fidelity"]["at"]["1s"]["model"]["psnr"] for name, r in
+                              (("shipped", shipped), ("student", student))}  # fmt: skip
+    assert psnr["values"]["student"] > psnr["values"]["shipped"] and psnr["best"] == ["student"]
+    copy = _row(comparison, "PSNR at 1s, copying the last frame")
+    assert copy["values"]["shipped"] == shipped["fidelity"]["at"]["1s"]["copy_last_frame"]["psnr"]
+    assert copy["best"] == []  # a baseline, not a contest
+
+    keys = _row(comparison, "IDM keys")
+    assert keys["values"]["shipped"] == shipped["idm"]["generated"]["keyboard"]
+    assert keys["best"] == ["student"]
+    # The shipped report predates the yaw-by-size breakdown: not measured, no best among one value.
+    clear = _row(comparison, "IDM yaw of clear turns")
+    assert clear["values"]["shipped"] is None and clear["best"] == []
+    sharpness = _row(comparison, "sharpness in the real range")
+    assert sharpness["values"]["shipped"] == shipped["drift"]["statistics"]["sharpness"]["in_range_share"]
+    assert sharpness["best"] == ["shipped"]  # 0.13 against the blurry student's 0.00
+    assert _row(comparison, "target no_collapse")["values"]["shipped"].startswith("not met")
+
+    # Same clips (the recorder is seeded), but other devices and dtypes: named, not hidden.
+    assert "fidelity and IDM rows scored on the same 32 clips" in comparison["notes"]
+    assert any(note.startswith("device differs: shipped cpu, student cuda") for note in comparison["notes"])
+    assert any(note.startswith("dtype differs") for note in comparison["notes"])
+
+
+def test_reports_on_other_clips_or_settings_are_flagged(tmp_path, capsys):
+    report = json.loads(SHARP.read_text())
+    report["fidelity"]["sources"] = report["fidelity"]["sources"][1:]
+    other = tmp_path / "other" / "eval.json"
+    other.parent.mkdir()
+    other.write_text(json.dumps(report))
+    comparison = _compare_json(capsys, str(SHARP), str(other), str(SHIPPED), "--names", "a", "b", "c")
+    notes = comparison["notes"]
+    assert any("scored on different clips (a, c; b)" in note for note in notes), notes
+    assert any(note.startswith("drift_minutes differs: a 2.0, b 2.0, c 10.0") for note in notes), notes
+
+
+def test_text_and_markdown_tables(tmp_path, capsys):
+    folder = tmp_path / "run_sharp"
+    folder.mkdir()
+    shutil.copy(SHARP, folder / "eval.json")
+    out = tmp_path / "table.md"
+    assert main(["compare", str(SHIPPED), str(folder), "--format", "markdown", "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[0] == "|  | eval | run_sharp |"  # a folder is named by itself, a file by its folder
+    assert lines[1] == "|---|---|---|"
+    table = [line for line in lines if line.startswith("|")]
+    assert all(line.count("|") == 4 for line in table)
+    assert "| PSNR at 4s (dB) | **18.44** | 17.75 |" in lines
+    assert "| sharpness in the real range | 0.13 | **0.68** |" in lines
+
+    assert main(["compare", str(SHIPPED), str(folder)]) == 0
+    text = capsys.readouterr().out
+    sharp_line = next(line for line in text.splitlines() if line.startswith("sharpness in the real range"))
+    assert sharp_line.split()[-2:] == ["0.68", "*"]
+    assert "note: fidelity and IDM rows scored on the same 32 clips" in text
+
+
+def test_values_that_print_alike_are_marked_alike():
+    row = Row("share", (0.9996, 1.0, 0.5), higher_is_better=True, digits=2)
+    assert row.best() == {0, 1}
+    assert [row.cell(i) for i in range(3)] == ["1.00", "1.00", "0.50"]
+    assert Row("one report", (0.5, None), higher_is_better=True).best() == set()
+
+
+def test_rows_follow_what_the_reports_hold():
+    sharp = load_report(SHARP)
+    without_drift = {key: value for key, value in sharp.items() if key != "drift"}
+    labels = [row.label for row in comparison_rows([without_drift])]
+    assert "PSNR at 0.5s (dB)" in labels and not any("real range" in label for label in labels)
+    horizons = [label for label in labels if label.startswith("PSNR at") and label.endswith("(dB)")]
+    assert horizons == ["PSNR at 0.5s (dB)", "PSNR at 1s (dB)", "PSNR at 2s (dB)", "PSNR at 4s (dB)"]
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda tmp: tmp / "missing.json", "no eval report at"),
+        (lambda tmp: ROOT / "models/doom-small/start_0.png", "is not JSON"),
+        (lambda tmp: ROOT / "models/doom-small/config.json", "is not a `matrixgame-env eval` report"),
+        (lambda tmp: tmp, "no eval report at"),  # a folder without eval.json
+    ],
+)
+def test_what_is_not_a_report_is_refused(tmp_path, capsys, make, message):
+    assert main(["compare", str(make(tmp_path)), str(SHIPPED)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_names_must_fit_the_reports(capsys):
+    assert main(["compare", str(SHIPPED), str(STUDENT), "--names", "only-one"]) == 2
+    assert "--names gives 1 names for 2 reports" in capsys.readouterr().err
