@@ -22,7 +22,8 @@
 #   bash scripts/device_next_model.sh adapt    # after train and distill: the train call's adversarial decoder taught
 #                                               # the student's latents (`train vae --generated-from`, anchor to the
 #                                               # student's own decoder: MG_ANCHOR_WEIGHT, default 5), then `eval` of
-#                                               # the student through it; decoder, logs and eval in $OUT (adapted.tar.part*)
+#                                               # the student through it; decoder, logs and eval in $OUT (adapted.tar.part*;
+#                                               # MG_ADAPT_TAG=anchor2 MG_ANCHOR_WEIGHT=2: another run, anchor2.tar.part*)
 # The student of 300 steps with the adversarial decoder: `train`, `distill` (resumes the distillation to its
 # 300 steps; again if the call ends first), then `MG_TEACHER_EVAL=0 ... finish`, on one warm machine.
 # MG_CALL_SECONDS (default 585) bounds the train call: both trainings get what recording and packing leave.
@@ -145,7 +146,8 @@ EOF
     [ -f "$decoder" ] && [ -d "$student" ] || { echo "run the train and distill calls first, on this machine" >&2; exit 2; }
     sharp=$MG_WORK/student_sharp  # the student with the train call's adversarial decoder: where the decoder starts
     rm -rf "$sharp" && cp -r "$student" "$sharp" && cp "$decoder" "$sharp/vae.safetensors"
-    adapted=$MG_WORK/runs_adapt
+    tag=${MG_ADAPT_TAG:-adapted}  # another tag, another run (e.g. a second anchor weight on the same machine)
+    adapted=$MG_WORK/runs_$tag
     resume=""; [ -d "$adapted/vae/checkpoints" ] && resume=--resume
     minutes=$(python3 -c "print(round(($(left) - ${MG_ADAPT_EVAL_SECONDS:-200}) / 60, 2))")
     python3 -m matrixgame_env.cli train vae --data "$MG_WORK/data" --init "$sharp" --decoder-only \
@@ -154,11 +156,11 @@ EOF
       --edge-weight 0.5 --batch-size "${MG_ADAPT_BATCH:-16}" --generated-clips "${MG_ADAPT_CLIPS:-256}" --generated-blocks 4 \
       --steps "${MG_ADAPT_STEPS:-2000}" \
       --workers 8 --minutes "$minutes" --out "$adapted" --no-progress $resume
-    MG_EVAL_MODEL=$adapted/vae/model MG_EVAL_OUT=$MG_WORK/eval_adapted pipeline eval || echo "its eval failed: $?"
-    rm -rf /tmp/adapted && mkdir -p /tmp/adapted
+    MG_EVAL_MODEL=$adapted/vae/model MG_EVAL_OUT=$MG_WORK/eval_$tag pipeline eval || echo "its eval failed: $?"
+    rm -rf "/tmp/$tag" && mkdir -p "/tmp/$tag"
     cp "$adapted"/vae/log.jsonl "$adapted"/vae/result.json "$adapted"/vae/model/vae.safetensors \
-      "$adapted"/vae/model/config.json /tmp/adapted/
-    if [ -d "$MG_WORK/eval_adapted" ]; then cp -r "$MG_WORK/eval_adapted" /tmp/adapted/eval && rm -f /tmp/adapted/eval/idm/*.pt; fi
-    tar cf - -C /tmp adapted | split -b 15M - "$OUT/adapted.tar.part" && ls -la "$OUT" ;;
+      "$adapted"/vae/model/config.json "/tmp/$tag/"
+    if [ -d "$MG_WORK/eval_$tag" ]; then cp -r "$MG_WORK/eval_$tag" "/tmp/$tag/eval" && rm -f "/tmp/$tag/eval/idm/"*.pt; fi
+    tar cf - -C /tmp "$tag" | split -b 15M - "$OUT/$tag.tar.part" && ls -la "$OUT" ;;
   *) echo "unknown call $1 (train, finish, decoders, judge, distill, student or adapt)" >&2; exit 2 ;;
 esac
