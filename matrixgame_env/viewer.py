@@ -8,7 +8,9 @@ allow: what you press shows up as early as possible.
 
     matrixgame-env play --model universal --image street.png --record-dir clips
 
-This is the only module of the package that imports pygame at import time (the `[play]` extra).
+Its parts: `play_controls` (input -> actions), `play_overlay` (the action drawn on the video),
+`play_worker` (generation and mp4 recording off the event loop). These are the package's only
+modules that import pygame at import time (the `[play]` extra).
 """
 
 from __future__ import annotations
@@ -18,10 +20,9 @@ import math
 import os
 import queue
 import sys
-import threading
 import time
 from collections import deque
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -36,315 +37,22 @@ except ImportError as error:  # pragma: no cover - depends on the installed extr
     raise ImportError("the play window needs pygame-ce: pip install 'matrixgame-env[play]'") from error
 
 from .dtype_names import add_dtype_argument, dtype_from_name
-from .spaces import CAMERA_KEY_SPEED, CAMERA_KEYS, KEY_MAPS, ActionLayout
+from .play_controls import MOUSE_SENSITIVITY, Controls
+from .play_overlay import DARK, GREY, RED, WHITE, ActionOverlay
+from .play_worker import Generator, Recorder, Request, Result
 
-# Model units of camera turn per pixel of mouse motion, summed over a block and spread over its
-# frames: 300 px during a 12-frame block -> 300 * 0.004 / 12 = 0.1 per frame, a normal turn.
-MOUSE_SENSITIVITY = 0.004
 WINDOW_CLASS = "matrixgame-env"  # X11 WM_CLASS: `xdotool search --classname matrixgame-env` finds the window
 
-_QWERTY_ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm")
-_ROW_STAGGER = (0.0, 0.25, 0.75)  # horizontal offset of each keyboard row, in key widths
 _LOOP_HZ = 100  # event-loop rate: input latency and frame-time jitter are at most 10 ms
 _HUD_REFRESH_S = 0.25
 _MESSAGE_S = 4.0
 GUIDANCE_CYCLE = (1.0, 2.0, 3.0)  # G steps through these action-guidance scales (1: the official sampler)
-_WHITE, _GREY, _DARK, _ACCENT, _RED = (240, 240, 240), (150, 150, 150), (20, 20, 24), (255, 196, 0), (230, 60, 60)
-
-
-def _key_code(name: str) -> int:
-    """pygame key code of a key name of the key maps ("w", "space", "up")."""
-    return pygame.key.key_code(name)
 
 
 def _first_block_frames(block_frames: int) -> int:
     # The causal VAE decodes the first latent frame to 1 video frame and every later one to 4, so the
     # first block has 3 frames fewer than the others (9 vs 12 for the released models).
     return max(1, block_frames - 3)
-
-
-class Controls:
-    """Keyboard and mouse events -> the env action of the next block.
-
-    Held keys are tracked from KEYDOWN/KEYUP (`pygame.key.get_pressed` misses posted events). A
-    key pressed and released between two samples still counts for the next block, so quick taps are
-    never lost. Mouse motion (`MOUSEMOTION.rel`, only while the pointer is captured) is summed
-    between samples; `action(frames)` turns the sum into model units per video frame.
-
-    layout: the env's `ActionLayout`; mode: the name of its key maps in `spaces.KEY_MAPS` (unknown
-    modes use the universal keys that fit the layout); sensitivity: camera turn in model units per
-    pixel of motion, spread over the block's frames (see `MOUSE_SENSITIVITY`).
-    """
-
-    def __init__(
-        self,
-        layout: ActionLayout,
-        mode: str | None = None,
-        sensitivity: float = MOUSE_SENSITIVITY,
-        invert_pitch: bool = False,
-    ) -> None:
-        self.layout = layout
-        self.mode = mode or layout.name
-        names = KEY_MAPS.get(self.mode) or {
-            name: index for name, index in KEY_MAPS["universal"].items() if index < layout.keyboard_dim
-        }
-        camera = CAMERA_KEYS.get(self.mode, CAMERA_KEYS["universal"]) if layout.mouse else {}
-        self.key_map: dict[int, int] = {_key_code(name): index for name, index in names.items()}
-        self.camera_keys: dict[int, tuple[int, float]] = {_key_code(name): move for name, move in camera.items()}
-        self.sensitivity = sensitivity
-        self.invert_pitch = invert_pitch
-        self.captured = True
-        self.last_keys: tuple[int, ...] = ()  # the keys that made the last sampled action
-        self._held: set[int] = set()
-        self._tapped: set[int] = set()  # pressed since the last sample, maybe released already
-        self._order: list[int] = []  # press order: for one-hot layouts the latest key wins
-        self._motion = np.zeros(2)  # summed pointer motion in pixels, [up, right]
-
-    def is_game_key(self, key: int) -> bool:
-        return key in self.key_map or key in self.camera_keys
-
-    def handle(self, event: pygame.event.Event) -> bool:
-        """Update the state from one event; True when the event was game input (consumed)."""
-        if event.type == pygame.KEYDOWN:
-            # Ctrl+key is left to the window's commands (Ctrl+Q quits even where Q is a game key).
-            if not self.is_game_key(event.key) or getattr(event, "mod", 0) & pygame.KMOD_CTRL:
-                return False
-            self._held.add(event.key)
-            self._tapped.add(event.key)
-            if event.key in self._order:
-                self._order.remove(event.key)
-            self._order.append(event.key)
-            return True
-        if event.type == pygame.KEYUP:
-            if event.key not in self._held:
-                return False
-            self._held.discard(event.key)
-            return True
-        if event.type == pygame.MOUSEMOTION and self.captured and self.layout.mouse:
-            dx, dy = event.rel
-            self._motion += (dy if self.invert_pitch else -dy, dx)  # screen y grows downwards; up is +pitch
-            return True
-        return False
-
-    def held_names(self) -> list[str]:
-        """Names of the game keys held now, in press order (for the HUD)."""
-        return [pygame.key.name(key).upper() for key in self._order if key in self._held]
-
-    def release_all(self) -> None:
-        """Forget held keys (the window lost focus: their KEYUP will never come)."""
-        self._held.clear()
-
-    def clear_motion(self) -> None:
-        self._motion[:] = 0.0
-
-    def preview(self, frames: int) -> Any:
-        """The action `action(frames)` would return now, without consuming input."""
-        return self._compose(frames)[0]
-
-    def action(self, frames: int) -> Any:
-        """The env action for the next block of `frames` video frames; starts a new mouse sum.
-
-        Multi-hot layouts: {"keyboard": int8 (K,), "mouse": float32 (2,) [pitch, yaw]} (mouse only
-        when the layout has one; per video frame, clipped to the layout's mouse_limit). One-hot
-        layouts: the index of the latest pressed key, 0 when none.
-        """
-        action, self.last_keys = self._compose(frames)
-        self._tapped.clear()
-        self._order = [key for key in self._order if key in self._held]
-        self.clear_motion()
-        return action
-
-    def _compose(self, frames: int) -> tuple[Any, tuple[int, ...]]:
-        active = [key for key in self._order if key in self._held or key in self._tapped]
-        mapped = [key for key in active if key in self.key_map]
-        if self.layout.one_hot:
-            return (self.key_map[mapped[-1]], (mapped[-1],)) if mapped else (0, ())
-        keyboard = np.zeros(self.layout.keyboard_dim, np.int8)
-        for key in mapped:
-            keyboard[self.key_map[key]] = 1
-        if not self.layout.mouse:
-            return {"keyboard": keyboard}, tuple(mapped)
-        mouse = self._motion * self.sensitivity / max(1, frames)
-        camera = [key for key in active if key in self.camera_keys]
-        for key in camera:
-            axis, direction = self.camera_keys[key]
-            mouse[axis] += CAMERA_KEY_SPEED * direction
-        limit = self.layout.mouse_limit
-        mouse = np.clip(mouse, -limit, limit).astype(np.float32)
-        return {"keyboard": keyboard, "mouse": mouse}, tuple(mapped + camera)
-
-
-@dataclass
-class _Request:
-    kind: str  # "reset" or "step"
-    epoch: int
-    action: Any = None
-    keys: tuple[int, ...] = ()
-    image: Any = None
-    seed: int | None = None
-    guidance: float | None = None  # action guidance to use from this request on (None: unchanged)
-
-
-@dataclass
-class _Result:
-    request: _Request
-    frames: np.ndarray | None = None  # [T, H, W, 3] uint8
-    first_index: int = 0  # video frame index of frames[0]
-    generate_s: float = 0.0
-    episode_over: bool = False
-    error: BaseException | None = None
-
-
-class _Generator(threading.Thread):
-    """Runs env.reset / env.step off the event loop, one request at a time, results in order."""
-
-    def __init__(self, env: Any) -> None:
-        super().__init__(name="matrixgame-generator", daemon=True)  # never keeps a closing app alive
-        self.env = env
-        self.requests: queue.Queue[_Request | None] = queue.Queue()
-        self.results: queue.Queue[_Result] = queue.Queue()
-
-    def run(self) -> None:
-        while (request := self.requests.get()) is not None:
-            try:
-                self.results.put(self._serve(request))
-            except Exception as error:  # reported to the event loop, which decides
-                self.results.put(_Result(request, error=error))
-
-    def _serve(self, request: _Request) -> _Result:
-        if request.guidance is not None:  # here, between blocks: never while the sampler runs
-            self.env.unwrapped.world.sampler.set_action_guidance(request.guidance)
-        if request.kind == "reset":
-            options = None if request.image is None else {"image": request.image}
-            _, info = self.env.reset(seed=request.seed, options=options)
-            return _Result(request, frames=np.asarray(info["frames"]), first_index=int(info.get("frame_index", 0)))
-        started = time.perf_counter()
-        _, _, terminated, truncated, info = self.env.step(request.action)
-        elapsed = time.perf_counter() - started
-        frames = np.asarray(info["frames"])
-        generate_s = info.get("timing", {}).get("generate_s", elapsed)
-        last_index = int(info.get("frame_index", 0))
-        return _Result(request, frames, last_index - len(frames) + 1, generate_s, bool(terminated or truncated))
-
-    def stop(self, timeout: float = 300.0) -> None:
-        self.requests.put(None)
-        self.join(timeout)
-
-
-class _Recorder:
-    """Writes frames to an mp4 from its own thread, so encoding never stalls the window."""
-
-    def __init__(self, path: Path, fps: float) -> None:
-        try:
-            import imageio.v2 as imageio
-        except ImportError as error:
-            raise RuntimeError("recording needs imageio-ffmpeg: pip install 'matrixgame-env[play]'") from error
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self.frames = 0
-        self._writer = imageio.get_writer(
-            path, fps=fps, codec="libx264", quality=8, pixelformat="yuv420p", ffmpeg_log_level="error"
-        )
-        self._queue: queue.Queue[np.ndarray | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._write, name="matrixgame-recorder", daemon=True)
-        self._thread.start()
-
-    def add(self, frame: np.ndarray) -> None:
-        self.frames += 1
-        self._queue.put(frame)
-
-    def close(self) -> Path:
-        self._queue.put(None)
-        self._thread.join()
-        return self.path
-
-    def _write(self) -> None:
-        try:
-            while (frame := self._queue.get()) is not None:
-                self._writer.append_data(frame)
-        finally:
-            self._writer.close()
-
-
-def _key_positions(keys: Sequence[int]) -> dict[int, tuple[float, float]]:
-    """Where each key sits on a QWERTY keyboard, in key widths (x, row); groups far apart are
-    pulled together so W/A/S/D and I/J/K/L draw as two small clusters side by side."""
-    placed: dict[int, tuple[float, float]] = {}
-    others = []
-    for key in keys:
-        name = pygame.key.name(key)
-        row = next((r for r, letters in enumerate(_QWERTY_ROWS) if len(name) == 1 and name in letters), None)
-        if row is None:
-            others.append(key)
-        else:
-            placed[key] = (_QWERTY_ROWS[row].index(name) + _ROW_STAGGER[row], float(row))
-    if placed:
-        top = min(row for _, row in placed.values())
-        placed = {key: (x, row - top) for key, (x, row) in placed.items()}
-    positions: dict[int, tuple[float, float]] = {}
-    cursor, previous = 0.0, None
-    for key, (x, row) in sorted(placed.items(), key=lambda item: item[1][0]):
-        if previous is None:
-            cursor = -x
-        elif x - previous > 2.5:  # a gap of several keys: start a new cluster one key to the right
-            cursor -= x - previous - 2.0
-        positions[key] = (x + cursor, row)
-        previous = x
-    rows = 1 + max((row for _, row in positions.values()), default=-1)
-    for column, key in enumerate(others):  # keys off the letter rows (space, arrows...): one row below
-        positions[key] = (float(column) * 1.6, float(rows))
-    return positions
-
-
-class _ActionOverlay:
-    """Draws a block's action on the video: key caps (lit when pressed) and a mouse gauge."""
-
-    def __init__(self, controls: Controls, video_height: int) -> None:
-        self.controls = controls
-        self.cap = max(14, video_height // 16)
-        self.font = pygame.font.Font(None, max(12, int(self.cap * 0.8)))
-        self.small = pygame.font.Font(None, max(15, int(self.cap * 0.7)))
-        self.positions = _key_positions(list(controls.key_map) + list(controls.camera_keys))
-        self.labels = {key: self.font.render(pygame.key.name(key).upper(), True, _WHITE) for key in self.positions}
-
-    def draw(self, surface: pygame.Surface, keys: Collection[int], action: Any) -> None:
-        margin, cap = self.cap // 2, self.cap
-        width = max((x for x, _ in self.positions.values()), default=-1.0) + 1
-        rows = max((row for _, row in self.positions.values()), default=-1.0) + 1
-        gauge = cap if self.controls.layout.mouse else 0
-        text = self.small.render(self._describe(action), True, _WHITE)
-        panel_width = max(int(width * cap * 1.1) + 3 * gauge + margin, text.get_width() + margin)
-        panel = pygame.Surface((panel_width, int((rows + 0.8) * cap * 1.1)), pygame.SRCALPHA)
-        panel.fill((0, 0, 0, 110))
-        for key, (x, row) in self.positions.items():
-            rect = pygame.Rect(int(x * cap * 1.1) + margin // 2, int((row + 0.8) * cap * 1.1), cap, cap)
-            lit = key in keys
-            pygame.draw.rect(panel, (*_ACCENT, 230) if lit else (60, 60, 60, 200), rect, border_radius=cap // 5)
-            label = self.labels[key]
-            panel.blit(label, label.get_rect(center=rect.center))
-        panel.blit(text, (margin // 2, cap // 8))
-        if gauge:
-            self._draw_gauge(panel, action, (panel.get_width() - int(1.5 * gauge), panel.get_height() // 2 + cap // 3))
-        surface.blit(panel, (margin, surface.get_height() - panel.get_height() - margin))
-
-    def _draw_gauge(self, panel: pygame.Surface, action: Any, center: tuple[int, int]) -> None:
-        radius = self.cap
-        pitch, yaw = np.asarray(action["mouse"], np.float64) / self.controls.layout.mouse_limit
-        pygame.draw.circle(panel, (60, 60, 60, 200), center, radius, width=2)
-        tip = (center[0] + int(yaw * radius), center[1] - int(pitch * radius))
-        pygame.draw.line(panel, (*_ACCENT, 255), center, tip, width=3)
-        pygame.draw.circle(panel, (*_ACCENT, 255), tip, max(2, radius // 6))
-
-    def _describe(self, action: Any) -> str:
-        layout = self.controls.layout
-        if layout.one_hot:
-            return layout.keys[int(action)]
-        names = [name for name, on in zip(layout.keys, action["keyboard"]) if on]
-        text = " ".join(names) or "-"
-        if layout.mouse:
-            pitch, yaw = action["mouse"]
-            text += f"  pitch {pitch:+.2f} yaw {yaw:+.2f}"
-        return text
 
 
 @dataclass
@@ -418,9 +126,9 @@ class Viewer:
         pygame.display.set_caption(f"matrixgame-env play: {self._model_name}")
 
         self.controls = Controls(base.layout, getattr(base, "mode", None), sensitivity)
-        self._overlay = _ActionOverlay(self.controls, self.video_rect.height)
+        self._overlay = ActionOverlay(self.controls, self.video_rect.height)
         self._help_font = pygame.font.Font(None, 24)
-        self._generator = _Generator(env)
+        self._generator = Generator(env)
         self._generator.start()
         self._clock = pygame.time.Clock()
 
@@ -428,7 +136,7 @@ class Viewer:
         self.help_visible = False
         self.quit_requested = False
         self.last_recording: Path | None = None
-        self._recorder: _Recorder | None = None
+        self._recorder: Recorder | None = None
         self._queue: deque[_Shown] = deque()
         self._video: pygame.Surface | None = None  # the scaled frame on screen, with its action drawn
         self._current: _Shown | None = None
@@ -572,7 +280,7 @@ class Viewer:
         self._started = True
         self._in_flight += 1
         self._generator.requests.put(
-            _Request("reset", self._epoch, image=image, seed=seed, guidance=self._take_pending_guidance())
+            Request("reset", self._epoch, image=image, seed=seed, guidance=self._take_pending_guidance())
         )
 
     def _take_pending_guidance(self) -> float | None:
@@ -590,7 +298,7 @@ class Viewer:
         action = self.controls.action(self._next_block_frames)
         self._in_flight += 1
         self._generator.requests.put(
-            _Request("step", self._epoch, action=action, keys=self.controls.last_keys,
+            Request("step", self._epoch, action=action, keys=self.controls.last_keys,
                      guidance=self._take_pending_guidance())
         )  # fmt: skip
         if self._steps_left is not None:
@@ -627,7 +335,7 @@ class Viewer:
                     self._say("episode over: starting again")
                     self._request_reset(self._current_image())
 
-    def _on_error(self, result: _Result) -> None:
+    def _on_error(self, result: Result) -> None:
         if result.request.kind == "step":
             raise RuntimeError(f"generating a block failed: {result.error}") from result.error
         # A picture that cannot be read: say so and keep playing the world we had (env.reset failed
@@ -693,7 +401,7 @@ class Viewer:
         now = time.perf_counter()
         if not (force or self._dirty or now - self._hud_drawn_at >= _HUD_REFRESH_S):
             return
-        self.window.fill(_DARK)
+        self.window.fill(DARK)
         if self._video is not None:
             self.window.blit(self._video, self.video_rect)
         if self.help_visible:
@@ -732,7 +440,7 @@ class Viewer:
         ]
         if self.action_guidance is not None:
             timing.append(f"guidance {self.action_guidance:g} (G)")
-        groups = [(timing, _WHITE), (inputs, _WHITE), (status, _RED if self._recorder is not None else _GREY)]
+        groups = [(timing, WHITE), (inputs, WHITE), (status, RED if self._recorder is not None else GREY)]
         self._draw_text_groups(groups, self.video_rect.bottom + 6)
 
     def _draw_text_groups(
@@ -775,7 +483,7 @@ class Viewer:
         shade = pygame.Surface(self.video_rect.size, pygame.SRCALPHA)
         shade.fill((0, 0, 0, 170))
         self.window.blit(shade, self.video_rect)
-        self._draw_text_groups([(items, _WHITE) for items in groups], 12, self._help_font)
+        self._draw_text_groups([(items, WHITE) for items in groups], 12, self._help_font)
 
     def _say(self, text: str) -> None:
         self._message, self._message_until = text, time.perf_counter() + _MESSAGE_S
@@ -793,7 +501,7 @@ class Viewer:
             suffix += 1
             path = self.record_dir / f"{self._model_name}-{stamp}-{suffix}.mp4"
         try:
-            self._recorder = _Recorder(path, self.fps)
+            self._recorder = Recorder(path, self.fps)
         except (OSError, RuntimeError) as error:
             self._say(f"cannot record: {error}")
             return
