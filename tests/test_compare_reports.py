@@ -12,7 +12,8 @@ from matrixgame_env.cli import main
 from matrixgame_env.eval.compare import Row, comparison_rows, load_report
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "models/doom-small/eval/eval.json"  # CPU, float32, 10 minutes of drift
+# The bundled model through its previous decoder: CPU, float32, 10 minutes of drift.
+SHIPPED = ROOT / "models/doom-small/eval/eval_previous_decoder.json"
 STUDENT = ROOT / "models/next/dit-mapped-motion/student278_action_eval.json"  # H200, bfloat16
 SHARP = ROOT / "models/next/dit-mapped-motion/student278_action_generated_decoder_cpu_eval.json"  # 2 min drift
 
@@ -75,16 +76,18 @@ def test_text_and_markdown_tables(tmp_path, capsys):
     shutil.copy(SHARP, folder / "eval.json")
     out = tmp_path / "table.md"
     assert main(["compare", str(SHIPPED), str(folder), "--format", "markdown", "--out", str(out)]) == 0
+    capsys.readouterr()  # the markdown, printed too
     lines = out.read_text().splitlines()
-    assert lines[0] == "|  | eval | run_sharp |"  # a folder is named by itself, a file by its folder
+    assert lines[0] == "|  | eval_previous_decoder | run_sharp |"  # a folder is named by itself, a file by its stem
     assert lines[1] == "|---|---|---|"
     table = [line for line in lines if line.startswith("|")]
     assert all(line.count("|") == 4 for line in table)
     assert "| PSNR at 4s (dB) | **18.44** | 17.75 |" in lines
     assert "| sharpness in the real range | 0.13 | **0.68** |" in lines
 
-    assert main(["compare", str(SHIPPED), str(folder)]) == 0
+    assert main(["compare", str(SHIPPED), str(folder / "eval.json")]) == 0  # eval.json: named by its folder
     text = capsys.readouterr().out
+    assert text.splitlines()[0].split() == ["eval_previous_decoder", "run_sharp"]
     sharp_line = next(line for line in text.splitlines() if line.startswith("sharpness in the real range"))
     assert sharp_line.split()[-2:] == ["0.68", "*"]
     assert "note: fidelity and IDM rows scored on the same 32 clips" in text
