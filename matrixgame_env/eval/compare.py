@@ -104,14 +104,14 @@ def comparison_rows(reports: Sequence[dict[str, Any]]) -> list[Row]:
     drifts = [r.get("drift") for r in reports]
     if any(drifts):
         rows.append(Row("drift minutes", _each(drifts, "minutes"), None, 2))
-        for name in _statistic_names(drifts):
+        for name in _names_in(drifts, "statistics"):
             statistic = [_get(d, "statistics", name) if d else None for d in drifts]
             rows.append(Row(f"{name} in the real range", _each(statistic, "in_range_share"), True, 2))
             rows.append(
                 Row(f"{name} in the real range, final frames", _each(statistic, "final_in_range_share"), True, 2)
             )
         rows.append(Row("collapsed", _each(drifts, "collapsed")))
-    for name in _target_names(reports):
+    for name in _names_in(reports, "targets"):
         rows.append(Row(f"target {name}", tuple(_target_cell(_get(r, "targets", name)) for r in reports)))
     for name in ("device", "dtype", "action_guidance"):
         rows.append(Row(name, tuple(_get(r, "settings", name) for r in reports)))
@@ -228,22 +228,9 @@ def _horizon_labels(reports: Sequence[dict[str, Any]]) -> list[str]:
     return sorted(found, key=found.get)
 
 
-def _statistic_names(drifts: Sequence[dict[str, Any] | None]) -> list[str]:
-    names: list[str] = []
-    for drift in drifts:
-        for name in (drift or {}).get("statistics", {}):
-            if name not in names:
-                names.append(name)
-    return names
-
-
-def _target_names(reports: Sequence[dict[str, Any]]) -> list[str]:
-    names: list[str] = []
-    for report in reports:
-        for name in report.get("targets", {}):
-            if name not in names:
-                names.append(name)
-    return names
+def _names_in(entries: Sequence[Any], key: str) -> list[str]:
+    """The keys of `entry[key]` over all entries, each once, in the order first seen."""
+    return list(dict.fromkeys(name for entry in entries for name in (_get(entry, key) or {})))
 
 
 def _target_cell(target: dict[str, Any] | None) -> str | None:
