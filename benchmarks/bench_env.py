@@ -2,10 +2,12 @@
 
   cpu     one MatrixGameEnv on the CPU (threads as given by --threads)
   gpu     MatrixGameVectorEnv with 1..64 worlds in one batch, eager and with CUDA graphs
+Both with frame observations (the VAE decoder runs every step) and, with --observations latent,
+latent observations (no decoding), side by side.
 
 Usage: python benchmarks/bench_env.py [--model doom-small] [--cpu-steps 20] [--gpu-worlds 1 4 16 64]
        [--paths eager graphs compile] [--channels-last off|on|both] [--action-guidance 1 2]
-       [--upsample nearest transposed] [--decoder-graphs off|on|both] [--out DIR]
+       [--upsample nearest transposed] [--decoder-graphs off|on|both] [--observations last latent] [--out DIR]
 """
 
 from __future__ import annotations
@@ -56,12 +58,15 @@ def cpu_single(
     fast: bool = True,
     dtype: str = "float32",
     fused: bool = False,
+    observation: str = "last",
 ) -> dict:
     set_conv3d_mode(conv3d)
     set_upsample_mode(upsample)
     was_fused = fusion_enabled()
     enable_fusion(fused)
-    env = MatrixGameEnv(model, device="cpu", fast=fast, action_guidance=guidance, dtype=getattr(torch, dtype))
+    env = MatrixGameEnv(
+        model, device="cpu", fast=fast, action_guidance=guidance, dtype=getattr(torch, dtype), observation=observation
+    )
     channels_last = env.world.vae.decoder_channels_last
     guidance = env.world.sampler.config.action_guidance
     rng = np.random.default_rng(0)
@@ -82,11 +87,14 @@ def cpu_single(
     step_s = statistics.median(times)
     layout = ", decoder channels-last" if channels_last else ""
     chains = ", compiled chains" if fused else ""
+    seen = ", latent observations" if observation == "latent" else ""
     setting = (
-        f"cpu single env ({dtype}, conv3d {conv3d}{layout}{chains}, upsample {upsample}, action guidance {guidance:g})"
+        f"cpu single env ({dtype}, conv3d {conv3d}{layout}{chains}, upsample {upsample}, "
+        f"action guidance {guidance:g}{seen})"
     )
     return {
         "setting": setting,
+        "observation": observation,
         "dtype": dtype,
         "worlds": 1,
         "step_s": step_s,
@@ -113,8 +121,10 @@ def gpu_vector(
     conv3d: str = "auto",
     triton_norms: bool = True,
     dit_kernels: bool | None = None,
+    observation: str = "last",
 ) -> dict:
-    """Steps/s of one vector env; `channels_last` None keeps the env's own decoder layout choice;
+    """Steps/s of one vector env (`observation` "latent": no decoding);
+    `channels_last` None keeps the env's own decoder layout choice;
     `triton_norms` runs the decoder's norms and adds as Triton kernels beside its Triton convolutions;
     `dit_kernels` the DiT's elementwise chains as Triton kernels (nn.triton_dit; not under "compile";
     None: as the env chooses)."""
@@ -123,7 +133,15 @@ def gpu_vector(
     norms_before = triton_norm.enabled()
     triton_norm.set_enabled(triton_norms)
     env, rng = warm_vector_env(
-        model, worlds, fast, channels_last, guidance, warmup, decoder_graphs=decoder_graphs, dit_kernels=dit_kernels
+        model,
+        worlds,
+        fast,
+        channels_last,
+        guidance,
+        warmup,
+        decoder_graphs=decoder_graphs,
+        dit_kernels=dit_kernels,
+        observation=observation,
     )
     guidance = env.world.sampler.config.action_guidance
     channels_last = env.world.vae.decoder_channels_last
@@ -146,7 +164,8 @@ def gpu_vector(
         f"{', decoder graphs' if decoder_graphs else ''}{', Triton norms' if fused_norms else ''}"
         f"{', Triton DiT chains' if dit_kernels else ''}, "
         f"upsample {upsample}, conv3d {conv3d}, "
-        f"action guidance {guidance:g})",
+        f"action guidance {guidance:g}{', latent observations' if observation == 'latent' else ''})",
+        "observation": observation,
         "worlds": worlds,
         "action_guidance": guidance,
         "upsample": upsample,
@@ -198,12 +217,15 @@ def warm_vector_env(
     graphs: bool = True,
     decoder_graphs: bool | None = None,
     dit_kernels: bool | None = None,
+    observation: str = "last",
 ) -> tuple[MatrixGameVectorEnv, np.random.Generator]:
     """A reset GPU vector env after `warmup` steps of random actions, and the actions' generator.
     `channels_last` None keeps the env's decoder layout; `graphs=False` turns CUDA graphs off;
     `decoder_graphs` replays the decoder from CUDA graphs too (`WorldModel.enable_decoder_graphs`);
     `dit_kernels` switches the DiT's Triton chains in its sampler (None: as the env's fast path chose)."""
-    env = MatrixGameVectorEnv(model, num_envs=worlds, device="cuda", fast=fast, action_guidance=guidance)
+    env = MatrixGameVectorEnv(
+        model, num_envs=worlds, device="cuda", fast=fast, action_guidance=guidance, observation=observation
+    )
     if dit_kernels is not None:
         env.world.sampler.dit_kernels = dit_kernels
     if not graphs:
@@ -309,14 +331,23 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="also profile a GPU step at the largest world count (compiled)"
     )
+    parser.add_argument(
+        "--observations",
+        nargs="+",
+        choices=["last", "latent"],
+        default=["last"],
+        help="observations measured: frames (the decoder runs) and/or latents (no decoding)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     rows = []
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     for conv3d in args.cpu_conv3d if args.cpu_steps else []:
-        settings = itertools.product(args.action_guidance, args.upsample, args.cpu_dtypes, args.cpu_fusion)
-        for guidance, upsample, dtype, fused in settings:
+        settings = itertools.product(
+            args.action_guidance, args.upsample, args.cpu_dtypes, args.cpu_fusion, args.observations
+        )
+        for guidance, upsample, dtype, fused, observation in settings:
             row = cpu_single(
                 args.model,
                 args.cpu_steps,
@@ -327,6 +358,7 @@ def main() -> None:
                 not args.cpu_eager,
                 dtype,
                 fused == "on",
+                observation,
             )
             rows.append(row)
             rows[-1]["threads"] = args.threads
@@ -341,9 +373,15 @@ def main() -> None:
             for path in args.paths:
                 for channels_last in layouts:
                     settings = itertools.product(
-                        args.action_guidance, args.upsample, decoder_graphs, args.gpu_conv3d, norms, dit_kernels
+                        args.action_guidance,
+                        args.upsample,
+                        decoder_graphs,
+                        args.gpu_conv3d,
+                        norms,
+                        dit_kernels,
+                        args.observations,
                     )
-                    for guidance, upsample, graphed, conv3d, fused_norms, dit_fused in settings:
+                    for guidance, upsample, graphed, conv3d, fused_norms, dit_fused, observation in settings:
                         row = gpu_vector(
                             args.model,
                             worlds,
@@ -357,6 +395,7 @@ def main() -> None:
                             conv3d,
                             fused_norms,
                             dit_fused,
+                            observation,
                         )
                         print(table([row], ["setting", "worlds", "steps_per_s", "step_s", "peak_gib"]), flush=True)
                         rows.append(row)

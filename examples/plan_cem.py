@@ -4,10 +4,11 @@
     python examples/plan_cem.py --quick --model path/to/model --out /tmp/cem     # a short CPU run
 
 Each step, K candidate action sequences of H blocks are rolled out from the current world state in one
-batch (`env.imagine`: the state is forked K times), scored by the reward, and refit to the best
-(elite) ones for a few iterations; the first action of the best sequence is executed, then the planner
-plans again. Compared with random actions (the planner's own starting distribution) and with holding
-W, on the dream's reward over the same episodes (same start pictures and seeds).
+batch (`env.imagine`: the state is forked K times; no frames are decoded where the reward reads
+latents), scored by the reward, and refit to the best (elite) ones for a few iterations; the first
+action of the best sequence is executed, then the planner plans again. Compared with random actions
+(the planner's own starting distribution) and with holding W, on the dream's reward over the same
+episodes (same start pictures and seeds).
 
 With `--real` the planner also plays the real ViZDoom game (`RealDoomEnv`): each step the dream is
 restarted from the real game's current frame (so the dream remembers nothing but that frame), the
@@ -31,6 +32,7 @@ from tqdm import tqdm
 from matrixgame_env.data.doom_env import TASKS, DoomTask, RealDoomEnv
 from matrixgame_env.env import MatrixGameEnv
 from matrixgame_env.eval.returns import compare_returns, return_stats
+from matrixgame_env.rewards import plugin_reads_frames
 from matrixgame_env.spaces import ActionLayout
 from matrixgame_env.world.model import WorldModel
 
@@ -113,7 +115,8 @@ class CEMPlanner:
         for _ in range(self.iterations):
             keys, mouse = self.sample(self.candidates)
             plans = [[action(keys[k, h], mouse[k, h]) for h in range(self.horizon)] for k in range(self.candidates)]
-            returns = env.imagine(plans)["rewards"].sum(axis=1)  # [K]: one batch, the env is left unchanged
+            # [K]: one batch, the env is left unchanged; rewards read from latents need no decoded frames
+            returns = env.imagine(plans, frames=plugin_reads_frames(env.reward_fn))["rewards"].sum(axis=1)
             elite = np.argsort(-returns)[: self.elites]
             self.key_probability = keys[elite].mean(axis=0).clip(0.05, 0.95)  # never rule a key out entirely
             self.mouse_mean = mouse[elite].mean(axis=0)
@@ -221,6 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "seconds_per_plan": float(np.mean(planning_seconds)),
             "blocks_imagined_per_plan": args.iterations * args.candidates * args.horizon,
             "mean_best_imagined_return": float(np.mean(imagined)),
+            "frames_decoded": plugin_reads_frames(dream.reward_fn),  # False: futures scored from latents
         },
         "real_comparison": "each step the dream restarts from the real frame; the real reward comes from the game"
         if args.real

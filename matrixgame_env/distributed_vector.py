@@ -75,6 +75,11 @@ class DistributedVectorEnv(VectorEnv):
         device: str | torch.device | None = None,
         **options: Any,
     ) -> None:
+        if options.get("observation", "last") == "latent":
+            raise ValueError(
+                "DistributedVectorEnv gathers frames: observation='latent' is for MatrixGameVectorEnv and "
+                "MatrixGameEnv; accepted here: 'last', 'block'"
+            )
         device = distributed.init(device)
         self.rank, self.processes = distributed.rank(), distributed.world_size()
         self.shares = world_shares(num_envs, self.processes)

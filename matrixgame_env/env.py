@@ -2,7 +2,10 @@
 
 One `step` generates one block of video (9 frames on the first step, 12 after) with the action
 held for the whole block. The observation is the block's last frame (or all its frames with
-`observation="block"`); `info["frames"]` always holds every frame of the block.
+`observation="block"`); `info["frames"]` holds every frame of the block. With
+`observation="latent"` the VAE decoder does not run: the observation is the block's latent frames
+(float32 [C, F, h, w], the space the DiT generates in; after a reset the start picture's latent
+frame, repeated) and there are no frames.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ import torch
 from gymnasium import spaces
 
 from .images import ImageLike, fit_image
-from .rewards import NeverTerminate, StepOutcome, ZeroReward, bind_all
+from .rewards import NeverTerminate, StepOutcome, ZeroReward, bind_all, check_frames_not_needed
 from .spaces import ActionLayout, layout_for
-from .world.model import WorldModel, enable_fast_path
+from .world.model import WorldModel, enable_fast_path, to_host
 from .world.state import WorldState
 
 DEFAULT_MODEL = "doom-small"
@@ -50,12 +53,61 @@ def picture_as_uint8(picture: ImageLike, size: tuple[int, int]) -> np.ndarray:
     return ((fit_image(picture, size) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
+OBSERVATIONS = ("last", "block", "latent")
+
+
 def frame_observation_space(video_size: tuple[int, int], observation: str, block_frames: int) -> spaces.Box:
-    """One world's observation space: the last frame, or the whole block ("block")."""
+    """One world's observation space of frames: the last frame, or the whole block ("block")."""
     if observation not in ("last", "block"):
         raise ValueError(f"observation must be 'last' or 'block', got {observation!r}")
     shape = (*video_size, 3) if observation == "last" else (block_frames, *video_size, 3)
     return spaces.Box(0, 255, shape, np.uint8)
+
+
+def observation_space_for(world: WorldModel, observation: str) -> spaces.Box:
+    """One world's observation space: frames ("last", "block") or a block's latents ("latent")."""
+    if observation not in OBSERVATIONS:
+        raise ValueError(f"observation must be one of {OBSERVATIONS}, got {observation!r}")
+    if observation == "latent":
+        shape = (world.vae.z_dim, world.sampler.config.frames_per_block, *world.config.latent_size)
+        return spaces.Box(-np.inf, np.inf, shape, np.float32)
+    return frame_observation_space(world.video_size, observation, world.frames_per_block)
+
+
+def check_latent_observation(observation: str, render_mode: str | None, *plugins: Any) -> None:
+    """Refuse what needs frames in an env that decodes none (observation "latent")."""
+    if observation != "latent":
+        return
+    if render_mode is not None:
+        raise ValueError(
+            f"render_mode={render_mode!r} shows frames, which observation='latent' does not decode; "
+            "use render_mode=None, or observation 'last' or 'block'"
+        )
+    check_frames_not_needed(*plugins, what="observation='latent'")
+
+
+def start_latents(state: WorldState, frames_per_block: int) -> np.ndarray:
+    """The start pictures' latent frame repeated over a block: [B, C, F, h, w] float32 on the host,
+    the latent observation after a reset (as a start picture's frame is the frame observation)."""
+    first = state.image.frames(0, 1).float()
+    return to_host(first.expand(-1, -1, frames_per_block, -1, -1).contiguous()).numpy()
+
+
+def decodes_frames(observation: str, frames: bool | None) -> bool:
+    """Whether `imagine` decodes frames: as asked, by default unless the env observes latents."""
+    if frames is None:
+        return observation != "latent"
+    if frames is True and observation == "latent":
+        raise ValueError(
+            "imagine(frames=True) needs the VAE decoder to have followed the world, but an env with "
+            "observation='latent' decodes nothing; use frames=False (latents and rewards)"
+        )
+    return frames
+
+
+def video_frames_in_block(first: bool, latent_frames: int) -> int:
+    """Video frames a block of latent frames stands for: 1 + 4 (F - 1) for a world's first, 4 F after."""
+    return 4 * latent_frames - (3 if first else 0)
 
 
 def pad_block(frames: np.ndarray, length: int, axis: int = 0) -> np.ndarray:
@@ -137,10 +189,11 @@ class MatrixGameEnv(gym.Env):
         self.max_episode_steps = max_episode_steps
         self.metadata = dict(self.metadata, render_fps=config.fps)
         self.block_frames = self.world.frames_per_block
-        self.observation_space = frame_observation_space(config.video_size, observation, self.block_frames)
+        self.observation_space = observation_space_for(self.world, observation)
         self.action_space = self.layout.action_space()
         self.reward_fn = reward if reward is not None else ZeroReward()
         self.termination_fn = termination if termination is not None else NeverTerminate()
+        check_latent_observation(observation, render_mode, self.reward_fn, self.termination_fn)
         bind_all(self.world, self.reward_fn, self.termination_fn)
         self._state: WorldState | None = None
         self._steps = 0
@@ -158,8 +211,11 @@ class MatrixGameEnv(gym.Env):
             raise ValueError(f"unknown reset options {sorted(unknown)}; accepted: 'image'")
         picture = start_picture(self.world, options.get("image"), self.np_random)
         world_seed = int(self.np_random.integers(2**62))
-        self._state = self.world.start(picture, seed=world_seed)
+        self._state = self.world.start(picture, seed=world_seed, decoded=self.observation_mode != "latent")
         self._steps = 0
+        if self.observation_mode == "latent":
+            self._last_frames = start_latents(self._state, self.world.sampler.config.frames_per_block)[0]
+            return self._last_frames.copy(), {"frame_index": 0, "block": 0}
         self._last_frames = picture_as_uint8(picture, self.world.video_size)[None]
         info = {"frames": self._last_frames, "frame_index": 0, "block": 0}
         return self._observation(self._last_frames), info
@@ -171,8 +227,14 @@ class MatrixGameEnv(gym.Env):
         started = time.perf_counter()
         keyboard_t = torch.from_numpy(keyboard)[None]
         mouse_t = torch.from_numpy(mouse)[None] if mouse is not None else None
-        latents, frames_t = self.world.generate(self._state, keyboard_t, mouse_t)
-        frames = frames_t.numpy()
+        if self.observation_mode == "latent":  # no decoding: the latents are the observation
+            latents, frames = self.world.step_latents(self._state, keyboard_t, mouse_t), None
+            observed = to_host(latents[0].float()).numpy()
+            shown = video_frames_in_block(self._steps == 0, latents.shape[2])
+        else:
+            latents, frames_t = self.world.generate(self._state, keyboard_t, mouse_t)
+            frames = frames_t.numpy()
+            observed, shown = frames[0], frames.shape[1]
         elapsed = time.perf_counter() - started
         self._steps += 1
         outcome = StepOutcome(
@@ -185,14 +247,16 @@ class MatrixGameEnv(gym.Env):
         reward = float(np.asarray(self.reward_fn(outcome))[0])
         terminated = bool(np.asarray(self.termination_fn(outcome))[0])
         truncated = self.max_episode_steps is not None and self._steps >= self.max_episode_steps
-        self._last_frames = frames[0]
-        self.last_timing = {"generate_s": elapsed, "fps": len(frames[0]) / elapsed}
-        info = {"frames": frames[0], "frame_index": self._state.video_frame - 1, "block": self._steps}
+        self._last_frames = observed
+        self.last_timing = {"generate_s": elapsed, "fps": shown / elapsed}
+        info = {"frame_index": self._state.video_frame - 1, "block": self._steps}
+        if frames is not None:
+            info["frames"] = frames[0]
         if self.report_timing:
             info["timing"] = dict(self.last_timing)
         if self.render_mode == "human":
             self.render()
-        return self._observation(frames[0]), reward, terminated, truncated, info
+        return self._observation(observed), reward, terminated, truncated, info
 
     def render(self):
         if self._last_frames is None:
@@ -233,43 +297,72 @@ class MatrixGameEnv(gym.Env):
         self._last_frames = snapshot.last_frames.copy()
         self.np_random.bit_generator.state = snapshot.np_random_state
 
-    def imagine(self, plans: list[list[Any]] | np.ndarray) -> dict[str, np.ndarray]:
+    def imagine(self, plans: list[list[Any]] | np.ndarray, frames: bool | None = None) -> dict[str, np.ndarray]:
         """Roll K action plans of H steps out from the current state, in one batch (fork), without
-        changing the env. Returns {"frames": [K, H, T, h, w, 3] uint8, "rewards": [K, H]}; T is the
-        block length (a first block of 9 frames is front-padded with its first frame)."""
+        changing the env. Returns {"frames": [K, H, T, h, w, 3] uint8, "latents": [K, H, C, F, h', w']
+        float32, "rewards": [K, H]}; T is the block length (a first block of 9 frames is front-padded
+        with its first frame), F the latent frames of a block.
+
+        frames=False skips the VAE decoder: no "frames" in the result, the same latents and rewards,
+        sooner. It takes reward plug-ins that read only latents and actions (`LearnedReward`,
+        `ZeroReward`; see `rewards.py`). None: frames unless the env observes latents (which has
+        decoded none, so its decoder cannot continue the world's video)."""
         if self._state is None:
             raise RuntimeError("imagine() needs a started episode: call reset() first")
-        return imagine_plans(self.world, self.layout, self._state, self.reward_fn, plans, self._steps)
+        frames = decodes_frames(self.observation_mode, frames)
+        return imagine_plans(self.world, self.layout, self._state, self.reward_fn, plans, self._steps, frames=frames)
 
     # ------------------------------------------------------------------ helpers
     def _observation(self, frames: np.ndarray) -> np.ndarray:
         if self.observation_mode == "last":
             return frames[-1].copy()
+        if self.observation_mode == "latent":
+            return frames.copy()
         return pad_block(frames, self.block_frames).copy()
 
 
 @torch.no_grad()
 def imagine_plans(
-    world: WorldModel, layout: ActionLayout, state: WorldState, reward_fn: Any, plans: Any, steps_so_far: int
+    world: WorldModel,
+    layout: ActionLayout,
+    state: WorldState,
+    reward_fn: Any,
+    plans: Any,
+    steps_so_far: int,
+    frames: bool = True,
 ) -> dict[str, np.ndarray]:
-    """K plans rolled out from one world's state in one batch; the state itself is left unchanged."""
+    """K plans rolled out from one world's state in one batch; the state itself is left unchanged.
+    frames=False: latents and rewards only, without running the VAE decoder."""
     plans = list(plans)
     horizon = len(plans[0]) if plans else 0
     if not plans or horizon == 0 or any(len(p) != horizon for p in plans):
         raise ValueError("plans must be K >= 1 action sequences of the same length H >= 1")
     if state.batch_size != 1:
         raise ValueError(f"imagine starts from one world, this state holds {state.batch_size}")
+    if not isinstance(frames, bool):
+        raise ValueError(f"frames must be True or False, got {frames!r}")
+    if not frames:
+        check_frames_not_needed(reward_fn, what="imagine(frames=False)")
     batch = state.fork(len(plans))
-    frames, rewards = [], []
+    blocks, latent_blocks, rewards = [], [], []
     for t in range(horizon):
         arrays = [layout.to_arrays(plan[t]) for plan in plans]
         keyboard = np.stack([a[0] for a in arrays])
         mouse = np.stack([a[1] for a in arrays]) if layout.mouse else None
-        latents, frames_t = world.generate(
-            batch, torch.from_numpy(keyboard), None if mouse is None else torch.from_numpy(mouse)
-        )
-        block = frames_t.numpy()
+        keyboard_t, mouse_t = torch.from_numpy(keyboard), None if mouse is None else torch.from_numpy(mouse)
+        if frames:
+            latents, frames_t = world.generate(batch, keyboard_t, mouse_t)
+            block = frames_t.numpy()
+            blocks.append(pad_block(block, world.frames_per_block, axis=1))
+        else:
+            latents, block = world.step_latents(batch, keyboard_t, mouse_t), None
         outcome = StepOutcome(block, latents, keyboard, mouse, np.full(len(plans), steps_so_far + t + 1))
         rewards.append(np.asarray(reward_fn(outcome), np.float32))
-        frames.append(pad_block(block, world.frames_per_block, axis=1))
-    return {"frames": np.stack(frames, axis=1), "rewards": np.stack(rewards, axis=1)}
+        latent_blocks.append(latents.to(torch.float32, copy=True))  # a graph replay may reuse its buffer
+    result = {
+        "latents": to_host(torch.stack(latent_blocks, dim=1)).numpy(),
+        "rewards": np.stack(rewards, axis=1),
+    }
+    if frames:
+        result["frames"] = np.stack(blocks, axis=1)
+    return result

@@ -56,6 +56,8 @@ class LearnedReward:
         target: "progress" or "not_stuck".
     """
 
+    reads_frames = False
+
     def __init__(self, model: str | os.PathLike | None = None, target: str = "progress") -> None:
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")

@@ -4,6 +4,10 @@ A reward is any callable `reward(step) -> np.ndarray [B]` and a termination any 
 `terminated(step) -> np.ndarray[bool] [B]`, where `step` is a `StepOutcome` describing the block
 just generated for B worlds. Optional `bind(world)` is called once with the `WorldModel` (for
 rewards that need its encoders) and `reset(indices, start_frames)` when worlds restart.
+
+Rollouts that skip the VAE decoder (`imagine(..., frames=False)`) give `step.frames = None`: they
+accept only plug-ins whose `reads_frames` attribute is False (a plug-in without it is assumed to
+read frames). Every built-in declares it.
 """
 
 from __future__ import annotations
@@ -22,11 +26,16 @@ from .images import ImageLike, fit_image
 class StepOutcome:
     """What one block produced, for B worlds."""
 
-    frames: np.ndarray  # [B, T, H, W, 3] uint8
+    frames: np.ndarray | None  # [B, T, H, W, 3] uint8; None where the block was not decoded
     latents: torch.Tensor  # [B, 16, frames_per_block, h, w]
     keyboard: np.ndarray  # [B, K] actions held during the block
     mouse: np.ndarray | None  # [B, 2]
     step_index: np.ndarray  # [B] steps taken in each world's episode, this one included
+
+    @property
+    def batch_size(self) -> int:
+        """B, the number of worlds in this outcome."""
+        return len(self.step_index)
 
 
 class Reward(Protocol):
@@ -36,13 +45,17 @@ class Reward(Protocol):
 class ZeroReward:
     """Always 0: for pure exploration or when rewards come from a wrapper."""
 
+    reads_frames = False
+
     def __call__(self, step: StepOutcome) -> np.ndarray:
-        return np.zeros(len(step.frames), np.float32)
+        return np.zeros(step.batch_size, np.float32)
 
 
 class NeverTerminate:
+    reads_frames = False
+
     def __call__(self, step: StepOutcome) -> np.ndarray:
-        return np.zeros(len(step.frames), bool)
+        return np.zeros(step.batch_size, bool)
 
 
 class PixelGoalReward:
@@ -50,6 +63,8 @@ class PixelGoalReward:
 
     The goal is centre-cropped and resized to the frame size, as start images are.
     """
+
+    reads_frames = True
 
     def __init__(self, goal: ImageLike, size: tuple[int, int] | None = None) -> None:
         self._goal_image = goal
@@ -79,6 +94,8 @@ class ClipGoalReward:
     Uses the world model's own image encoder, so it works for any model (the official ViT-H/14
     or the bundled small model's encoder).
     """
+
+    reads_frames = True
 
     def __init__(self, goal: ImageLike) -> None:
         self._goal_image = goal
@@ -111,12 +128,33 @@ class GoalReached:
         self.reward = reward
         self.threshold = threshold
 
+    @property
+    def reads_frames(self) -> bool:
+        return plugin_reads_frames(self.reward)
+
     def bind(self, world: Any) -> None:
         if hasattr(self.reward, "bind"):
             self.reward.bind(world)
 
     def __call__(self, step: StepOutcome) -> np.ndarray:
         return self.reward(step) >= self.threshold
+
+
+def plugin_reads_frames(plugin: Any) -> bool:
+    """Whether a reward or termination plug-in may read `step.frames` (True unless it says otherwise)."""
+    return bool(getattr(plugin, "reads_frames", True))
+
+
+def check_frames_not_needed(*plugins: Any, what: str) -> None:
+    """Refuse plug-ins that may read frames where `what` decodes none, saying how to proceed."""
+    for plugin in plugins:
+        if plugin_reads_frames(plugin):
+            name = getattr(plugin, "__qualname__", None) or type(plugin).__qualname__
+            raise ValueError(
+                f"{what} decodes no frames, but the plug-in {name} may read them (step.frames); use "
+                "plug-ins that read only latents and actions (e.g. LearnedReward, ZeroReward), ask for "
+                "frames, or, if this one never reads step.frames, give it the attribute reads_frames = False"
+            )
 
 
 def bind_all(world: Any, *plugins: Any) -> None:

@@ -36,12 +36,16 @@ from gymnasium.vector.utils import batch_space
 
 from .env import (
     DEFAULT_MODEL,
-    frame_observation_space,
+    check_latent_observation,
+    decodes_frames,
     imagine_plans,
+    observation_space_for,
     pad_block,
     picture_as_uint8,
     resolve_world,
+    start_latents,
     start_picture,
+    video_frames_in_block,
 )
 from .images import ImageLike
 from .nn.transfer import to_device
@@ -163,17 +167,20 @@ class MatrixGameVectorEnv(VectorEnv):
         self._side_stream: torch.cuda.Stream | None = None  # made on first use (young_cohort_stream)
         self.metadata = dict(self.metadata, render_fps=config.fps)
         self.block_frames = self.world.frames_per_block
-        self.single_observation_space = frame_observation_space(config.video_size, observation, self.block_frames)
+        self.single_observation_space = observation_space_for(self.world, observation)
         self.single_action_space = self.layout.action_space()
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
         self.reward_fn = reward if reward is not None else ZeroReward()
         self.termination_fn = termination if termination is not None else NeverTerminate()
+        check_latent_observation(observation, render_mode, self.reward_fn, self.termination_fn)
         bind_all(self.world, self.reward_fn, self.termination_fn)
         self._rngs = [seeding.np_random(None)[0] for _ in range(num_envs)]
         self._cohorts: list[_Cohort] = []
         self._steps = np.zeros(num_envs, np.int64)
         self._needs_reset = np.zeros(num_envs, bool)
+        # Each world's last block of frames (its start picture after a reset), or with observation
+        # "latent" its last block of latents (its start picture's latent frame, repeated).
         self._last_frames: list[np.ndarray | None] = [None] * num_envs
         self._images: list[ImageLike | None] = [None] * num_envs
 
@@ -221,14 +228,20 @@ class MatrixGameVectorEnv(VectorEnv):
         new_frames = np.zeros(self.num_envs, np.int64)
         frame_index = np.zeros(self.num_envs, np.int64)
         block = None
+        latent_mode = self.observation_mode == "latent"
         for cohort, latents, host_block in self._generate_blocks(keyboard, mouse, resetting):
             state, rows, worlds = cohort.state, cohort.live_rows, cohort.live_worlds
-            block = host_block.numpy()
+            block = host_block.numpy()  # frames, or with observation "latent" the latents on the host
             if len(rows) < state.batch_size:  # stale rows were computed too: keep the live ones
                 block, latents = block[rows], latents[to_device(torch.from_numpy(rows), latents.device)]
+            first = self._steps[worlds] == 0
             self._steps[worlds] += 1
             outcome = StepOutcome(
-                block, latents, keyboard[worlds], None if mouse is None else mouse[worlds], self._steps[worlds]
+                None if latent_mode else block,
+                latents,
+                keyboard[worlds],
+                None if mouse is None else mouse[worlds],
+                self._steps[worlds],
             )
             rewards[worlds] = np.asarray(self.reward_fn(outcome), np.float32)
             terminated[worlds] = np.asarray(self.termination_fn(outcome), bool)
@@ -236,25 +249,32 @@ class MatrixGameVectorEnv(VectorEnv):
                 truncated[worlds] = self._steps[worlds] >= self.max_episode_steps
             for j, i in enumerate(worlds):
                 self._last_frames[i] = block[j]
-            new_frames[worlds] = block.shape[1]
+            if latent_mode:
+                new_frames[worlds] = [video_frames_in_block(bool(f), latents.shape[2]) for f in first]
+            else:
+                new_frames[worlds] = block.shape[1]
             frame_index[worlds] = np.asarray(state.world_video_frames())[rows] - 1
         self._needs_reset = terminated | truncated
+        info = {"frame_index": frame_index, "new_frames": new_frames}
         frames = [self._last_frames[i] for i in range(self.num_envs)]
+        if latent_mode:
+            return self._observations(frames), rewards, terminated, truncated, info
         whole = self._whole_batch_block(block, resetting)
         if whole is None:
             blocks, observations = self._padded_blocks(frames), self._observations(frames)
         else:
             blocks = whole
             observations = whole[:, -1].copy() if self.observation_mode == "last" else whole
-        info = {"frame_index": frame_index, "new_frames": new_frames, "frames": blocks}
+        info["frames"] = blocks
         return observations, rewards, terminated, truncated, info
 
     def _generate_blocks(
         self, keyboard: np.ndarray, mouse: np.ndarray | None, resetting: np.ndarray
     ) -> list[tuple[_Cohort, torch.Tensor, torch.Tensor]]:
-        """(cohort, latents, frames on the host) of every cohort but the one this step's resets just
-        started (its worlds show their start picture). All cohorts' work is queued before the one wait
-        for their frames, so that on a GPU one cohort's launches overlap the previous one's kernels."""
+        """(cohort, latents, frames on the host; with observation "latent" the latents on the host) of
+        every cohort but the one this step's resets just started (its worlds show their start
+        picture). All cohorts' work is queued before the one wait for their frames, so that on a GPU
+        one cohort's launches overlap the previous one's kernels."""
         pending = [cohort for cohort in self._cohorts if not np.isin(cohort.live_worlds, resetting).any()]
         side = self._young_stream()
         beside = [side is not None and cohort.state.batch_size < self.num_envs for cohort in pending]
@@ -266,7 +286,10 @@ class MatrixGameVectorEnv(VectorEnv):
         for cohort, aside in sorted(zip(pending, beside), key=lambda pair: pair[1]):
             with torch.cuda.stream(side) if aside else contextlib.nullcontext():
                 latents = self.world.step_latents(cohort.state, *self._cohort_actions(cohort, keyboard, mouse))
-                frames = queue_to_host(self.world.decode_on_device(cohort.state, latents))
+                if self.observation_mode == "latent":  # no decoding: the latents are the observation
+                    frames = queue_to_host(latents.float())
+                else:
+                    frames = queue_to_host(self.world.decode_on_device(cohort.state, latents))
             if aside:
                 latents.record_stream(main)  # read on the main stream after the wait below
             generated.append((cohort, latents, frames))
@@ -319,11 +342,14 @@ class MatrixGameVectorEnv(VectorEnv):
         return self._observations([self._last_frames[i] for i in indices])
 
     # ------------------------------------------------------------------ planners
-    def imagine(self, world_index: int, plans: Any) -> dict[str, np.ndarray]:
+    def imagine(self, world_index: int, plans: Any, frames: bool | None = None) -> dict[str, np.ndarray]:
         """Roll K plans of H steps out from world `world_index` in one batch (the worlds are left
-        unchanged). Returns {"frames": [K, H, T, h, w, 3], "rewards": [K, H]}."""
+        unchanged). Returns {"frames": [K, H, T, h, w, 3], "latents": [K, H, C, F, h', w'],
+        "rewards": [K, H]}; frames=False skips the VAE decoder (see `MatrixGameEnv.imagine`)."""
+        frames = decodes_frames(self.observation_mode, frames)
         state = self.world_state(world_index)
-        return imagine_plans(self.world, self.layout, state, self.reward_fn, plans, int(self._steps[world_index]))
+        steps = int(self._steps[world_index])
+        return imagine_plans(self.world, self.layout, state, self.reward_fn, plans, steps, frames=frames)
 
     def world_state(self, world_index: int) -> WorldState:
         """A copy of one world's state (for planners and debugging)."""
@@ -347,12 +373,20 @@ class MatrixGameVectorEnv(VectorEnv):
             picture = start_picture(self.world, self._images[i], self._rngs[i])
             seeds.append(int(self._rngs[i].integers(2**62)))
             pictures.append(picture)
-            self._last_frames[i] = picture_as_uint8(picture, self.world.video_size)[None]
+            if self.observation_mode != "latent":  # else the start latents, below
+                self._last_frames[i] = picture_as_uint8(picture, self.world.video_size)[None]
         rows = self._cohort_rows(len(indices))
         filler = rows - len(indices)  # rows computed and ignored: the first world's start again, seed 0
         state = self.world.start(
-            pictures + pictures[:1] * filler, seed=seeds + [0] * filler, into=self._state_pool.take(rows)
+            pictures + pictures[:1] * filler,
+            seed=seeds + [0] * filler,
+            into=self._state_pool.take(rows),
+            decoded=self.observation_mode != "latent",
         )
+        if self.observation_mode == "latent":
+            latents = start_latents(state, self.world.sampler.config.frames_per_block)
+            for j, i in enumerate(indices):
+                self._last_frames[i] = latents[j]
         worlds = np.concatenate([indices, np.full(filler, -1, np.int64)])
         self._cohorts.append(_Cohort(worlds, np.arange(rows) < len(indices), state))
         self._steps[indices] = 0
@@ -473,4 +507,6 @@ class MatrixGameVectorEnv(VectorEnv):
     def _observations(self, frames: list[np.ndarray]) -> np.ndarray:
         if self.observation_mode == "last":
             return np.stack([f[-1] for f in frames])
+        if self.observation_mode == "latent":
+            return np.stack(frames)
         return self._padded_blocks(frames)

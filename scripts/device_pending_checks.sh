@@ -14,6 +14,9 @@
 #                                                 # one's agreement (about 7 minutes: alone in a call)
 #   bash scripts/device_pending_checks.sh env     # bench_env.py at 1, 4, 16 and 64 synchronised worlds, the DiT's
 #                                                 # Triton chains as fast=True chooses (on) and off (about 4 minutes)
+#   bash scripts/device_pending_checks.sh latent  # bench_env.py at 1, 16 and 64 synchronised worlds observing frames
+#                                                 # and latents (no decoding), and bench_imagine.py with and without
+#                                                 # frames at 16 and 64 plans (about 4 minutes)
 #   bash scripts/device_pending_checks.sh small   # bench_env.py at 1 and 4 synchronised worlds: the decoder's layout
 #                                                 # (standard / channels-last) x conv3d mode (auto / triton) x its
 #                                                 # Triton norms (off / on), fast=True's DiT chains (about 3 minutes)
@@ -51,6 +54,13 @@ for check in "$@"; do
       timeout 400 python3 benchmarks/bench_env.py --cpu-steps 0 --gpu-worlds 1 4 16 64 --paths graphs --gpu-steps 30 \
           --warmup 6 --triton-dit auto off --out "$OUT" >"$OUT/env.log" 2>&1
       grep -E "^gpu vector" "$OUT/env.log" | tail -8 ;;
+    latent)
+      timeout 300 python3 benchmarks/bench_env.py --cpu-steps 0 --gpu-worlds 1 16 64 --paths graphs --gpu-steps 40 \
+          --warmup 8 --observations last latent last latent --out "$OUT" >"$OUT/latent.log" 2>&1
+      grep -E "^gpu vector" "$OUT/latent.log" | tail -12
+      timeout 200 python3 benchmarks/bench_imagine.py --candidates 16 64 --horizon 3 --repeats 5 --rounds 2 \
+          --out "$OUT" >"$OUT/imagine.log" 2>&1
+      grep -E "faster" "$OUT/imagine.log" ;;
     small)
       timeout 400 python3 benchmarks/bench_env.py --cpu-steps 0 --gpu-worlds 1 4 --paths graphs --gpu-steps 60 \
           --warmup 10 --channels-last both --gpu-conv3d auto triton --triton-norms both --out "$OUT" >"$OUT/small.log" 2>&1
@@ -64,6 +74,6 @@ for check in "$@"; do
       timeout 400 python3 benchmarks/bench_cold_start.py --random universal --repeats 3 --out "$OUT" \
           >"$OUT/cold.log" 2>&1
       tail -8 "$OUT/cold.log" ;;
-    *) echo "unknown check $check (tests, interp, stream, batch1, env, small, desync or cold)" >&2; exit 2 ;;
+    *) echo "unknown check $check (tests, interp, stream, batch1, env, latent, small, desync or cold)" >&2; exit 2 ;;
   esac
 done

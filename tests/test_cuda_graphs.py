@@ -305,6 +305,46 @@ def test_vector_env_replays_the_first_blocks_of_its_new_cohorts():
 
 
 @cuda
+def test_latent_observations_through_graphs_are_the_latents_of_the_decoding_env():
+    """A vector env that observes latents runs the same DiT graphs as one that decodes frames, with a
+    restart and the merge of its cohort between: the same blocks, bit for bit."""
+    import numpy as np
+
+    from matrixgame_env.vector import MatrixGameVectorEnv
+
+    class Recorder:
+        reads_frames = False
+
+        def __init__(self):
+            self.blocks = []
+
+        def __call__(self, step):
+            self.blocks.append(step.latents.float().cpu().numpy())
+            return np.zeros(step.batch_size, np.float32)
+
+    recorded, observed = {}, {}
+    for observation in ("last", "latent"):
+        recorder = Recorder()
+        world = WorldModel.from_pretrained("doom-small", device="cuda")
+        venv = MatrixGameVectorEnv(world, num_envs=3, observation=observation, reward=recorder)
+        venv.reset(seed=5)
+        observed[observation] = []
+        for step in range(8):
+            if step == 2:
+                venv.reset_worlds([1])
+            keys, mouse = _actions(3, step)
+            obs = venv.step({"keyboard": keys.numpy().astype(np.int8), "mouse": mouse.numpy()})[0]
+            observed[observation].append((obs, venv.num_cohorts))
+        assert venv.num_cohorts == 1 and world.sampler.graphs.replays > 0
+        recorded[observation] = recorder.blocks
+    assert len(recorded["latent"]) == len(recorded["last"]) > 8  # two cohorts for a while
+    assert all(np.array_equal(a, b) for a, b in zip(recorded["latent"], recorded["last"]))
+    for obs, cohorts in observed["latent"][-2:]:  # one cohort again: every world's block, in order
+        assert cohorts == 1 and obs.shape == (3, 16, 3, 12, 22)
+    assert np.array_equal(observed["latent"][-1][0], recorded["latent"][-1])
+
+
+@cuda
 def test_padded_cohorts_of_new_worlds_share_one_state_and_match_unpadded_ones_within_bf16():
     """Cohorts of 1 and 2 new worlds, padded to 3 rows, restart in one kept state and replay its
     graphs; their frames are those of unpadded cohorts up to bf16 rounding (other batch sizes)."""

@@ -90,6 +90,65 @@ def test_imagine_matches_stepping_and_leaves_the_env_unchanged(world):
         assert np.abs(stepped.astype(int) - imagined["frames"][k].astype(int)).max() <= 1
 
 
+class LatentMean:
+    """A reward from the latents alone, which says so (reads_frames = False)."""
+
+    reads_frames = False
+
+    def __call__(self, step):
+        assert step.frames is None or step.frames.dtype == np.uint8
+        return step.latents.float().mean(dim=(1, 2, 3, 4)).numpy()
+
+
+def test_imagine_without_frames_gives_the_same_latents_and_rewards(world):
+    env = MatrixGameEnv(model=world, reward=LatentMean())
+    env.reset(seed=7)
+    env.step(_action())
+    plans = [[_action((1, 0, 0, 0)), _action((0, 0, 1, 0), (0.0, -0.2))], [_action((0, 1, 0, 0), (0.1, 0))] * 2]
+    with_frames = env.imagine(plans)
+    without = env.imagine(plans, frames=False)
+    assert "frames" not in without and set(without) == {"latents", "rewards"}
+    assert without["latents"].shape == (2, 2, 16, 3, 2, 4) and without["latents"].dtype == np.float32
+    assert np.array_equal(without["latents"], with_frames["latents"])
+    assert np.array_equal(without["rewards"], with_frames["rewards"])
+    assert not np.array_equal(without["rewards"][0], without["rewards"][1])  # other plans, other futures
+    # the latents are the blocks that stepping the same plan makes
+    env_state = env.snapshot()
+    for k, plan in enumerate(plans):
+        env.restore(env_state)
+        stepped = [float(env.step(action)[1]) for action in plan]
+        np.testing.assert_allclose(stepped, without["rewards"][k], rtol=1e-6)
+
+
+def test_imagine_without_frames_refuses_rewards_that_may_read_frames(world):
+    plans = [[_action()]]
+    for reward, name in ((PixelGoalReward(np.zeros((16, 32, 3), np.uint8)), "PixelGoalReward"),
+                         (lambda step: step.frames[:, -1].mean(axis=(1, 2, 3)), "<lambda>")):  # fmt: skip
+        env = MatrixGameEnv(model=world, reward=reward)
+        env.reset(seed=0)
+        with pytest.raises(ValueError, match=f"{name}.*reads_frames = False"):
+            env.imagine(plans, frames=False)
+        assert env.imagine(plans)["frames"].shape == (1, 1, 12, 16, 32, 3)  # with frames it still works
+    venv = MatrixGameVectorEnv(
+        model=world, num_envs=2, reward=GoalReached(PixelGoalReward(np.zeros((16, 32, 3), np.uint8)), 0)
+    )
+    venv.reset(seed=0)
+    with pytest.raises(ValueError, match="GoalReached"):
+        venv.imagine(0, plans, frames=False)
+    with pytest.raises(ValueError, match="frames must be True or False"):
+        venv.imagine(0, plans, frames="no")
+
+
+def test_vector_imagine_without_frames_matches_the_single_env(world):
+    venv = MatrixGameVectorEnv(model=world, num_envs=2)  # ZeroReward reads no frames
+    venv.reset(seed=3)
+    venv.step({"keyboard": np.array([[1, 0, 0, 0]] * 2, np.int8), "mouse": np.zeros((2, 2), np.float32)})
+    plans = [[_action()] * 2, [_action((0, 0, 0, 1))] * 2]
+    out = venv.imagine(1, plans, frames=False)
+    assert set(out) == {"latents", "rewards"} and not out["rewards"].any()
+    assert np.array_equal(out["latents"], venv.imagine(1, plans)["latents"])
+
+
 def test_vector_env_equals_single_envs_frame_for_frame(world):
     n = 3
     venv = MatrixGameVectorEnv(model=world, num_envs=n)
@@ -107,6 +166,87 @@ def test_vector_env_equals_single_envs_frame_for_frame(world):
             difference = np.abs(frames.astype(int) - info["frames"][i, -len(frames) :].astype(int))
             assert difference.max() <= 1 and difference.mean() < 1e-3
     assert venv.num_cohorts == 1
+
+
+class LatentRecorder:
+    """Keeps every block's latents (a plug-in that reads no frames)."""
+
+    reads_frames = False
+
+    def __init__(self):
+        self.blocks = []
+
+    def __call__(self, step):
+        self.blocks.append(step.latents.float().numpy().copy())
+        return np.zeros(step.batch_size, np.float32)
+
+
+def test_latent_observations_are_the_blocks_latents_without_decoding(world):
+    recorder = LatentRecorder()
+    pixels = MatrixGameEnv(model=world, reward=recorder)
+    latent = MatrixGameEnv(model=world, observation="latent")
+    assert latent.observation_space.shape == (16, 3, 2, 4) and latent.observation_space.dtype == np.float32
+    pixels.reset(seed=4)
+    obs, info = latent.reset(seed=4)
+    assert obs.dtype == np.float32 and "frames" not in info and latent.observation_space.contains(obs)
+    start = latent.unwrapped._state.image.frames(0, 1)[0, :, 0].numpy()
+    assert all(np.array_equal(obs[:, f], start) for f in range(3))  # the start picture's latent, repeated
+    actions = [_action(), _action((0, 0, 1, 0), (0.0, -0.2)), _action((0, 1, 0, 0), (0.1, 0.0))]
+    for t, action in enumerate(actions):
+        pixel_info = pixels.step(action)[4]
+        obs, reward, terminated, truncated, info = latent.step(action)
+        assert np.array_equal(obs, recorder.blocks[t][0])  # the same latents as the decoding env's
+        assert "frames" not in info and info["frame_index"] == pixel_info["frame_index"]
+        assert latent.observation_space.contains(obs)
+    assert latent.last_timing["fps"] > 0
+    check_env(MatrixGameEnv(model=world, observation="latent"), skip_render_check=True)
+
+
+def test_latent_observations_refuse_what_needs_frames(world):
+    with pytest.raises(ValueError, match="render_mode='rgb_array' shows frames"):
+        MatrixGameEnv(model=world, observation="latent", render_mode="rgb_array")
+    with pytest.raises(ValueError, match="PixelGoalReward"):
+        MatrixGameVectorEnv(model=world, observation="latent", reward=PixelGoalReward(np.zeros((16, 32, 3), np.uint8)))
+    with pytest.raises(ValueError, match="observation must be one of"):
+        MatrixGameEnv(model=world, observation="latents")
+    env = MatrixGameEnv(model=world, observation="latent")
+    env.reset(seed=0)
+    plans = [[_action()], [_action((0, 0, 0, 1))]]
+    assert set(env.imagine(plans)) == {"latents", "rewards"}  # by default without frames
+    with pytest.raises(ValueError, match="decodes nothing"):
+        env.imagine(plans, frames=True)
+    from matrixgame_env.distributed_vector import DistributedVectorEnv
+
+    with pytest.raises(ValueError, match="accepted here: 'last', 'block'"):
+        DistributedVectorEnv(world, 2, observation="latent")
+
+
+def test_vector_env_with_latent_observations_equals_single_envs(world):
+    n = 3
+    venv = MatrixGameVectorEnv(model=world, num_envs=n, observation="latent")
+    assert venv.observation_space.shape == (n, 16, 3, 2, 4)
+    singles = [MatrixGameEnv(model=world, observation="latent") for _ in range(n)]
+    obs, info = venv.reset(seed=10)
+    assert np.array_equal(obs, np.stack([env.reset(seed=10 + i)[0] for i, env in enumerate(singles)]))
+    rng = np.random.default_rng(1)
+
+    def step_all():
+        keys = rng.integers(0, 2, (n, 4)).astype(np.int8)
+        mouse = rng.uniform(-0.2, 0.2, (n, 2)).astype(np.float32)
+        obs, rewards, terminated, truncated, info = venv.step({"keyboard": keys, "mouse": mouse})
+        assert "frames" not in info and venv.observation_space.contains(obs)
+        for i, env in enumerate(singles):
+            np.testing.assert_allclose(obs[i], env.step({"keyboard": keys[i], "mouse": mouse[i]})[0], atol=1e-4)
+        return info
+
+    assert step_all()["new_frames"].tolist() == [9] * n
+    step_all()
+    restarted = venv.reset_worlds([1])  # world 1 alone starts again: two cohorts
+    assert np.array_equal(restarted[0], singles[1].reset()[0])
+    assert step_all()["new_frames"].tolist() == [12, 9, 12] and venv.num_cohorts == 2
+    for _ in range(3):
+        step_all()
+    assert venv.num_cohorts == 1  # rejoined once world 1's caches were full
 
 
 def test_an_eager_env_keeps_its_dit_chains_eager_whatever_the_process_wide_switch(world):

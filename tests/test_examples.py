@@ -97,6 +97,7 @@ def test_plan_cem_plans_in_the_dream_and_acts_in_the_real_game(tiny, tmp_path):
     assert planning["plans"] == 2 * 2 * 2  # episodes x steps, in the dream and in the real game
     assert planning["blocks_imagined_per_plan"] == 1 * 4 * 2  # iterations x candidates x horizon
     assert np.isfinite(planning["mean_best_imagined_return"])
+    assert planning["frames_decoded"] is False  # the learned reward reads latents: no decoding while planning
     assert written["real"]["always_forward"]["mean_progress_map_units"] > 0
     assert "CEM" in written["dream_verdict"] and "real game" in written["real_verdict"]
 
@@ -104,7 +105,10 @@ def test_plan_cem_plans_in_the_dream_and_acts_in_the_real_game(tiny, tmp_path):
 class _Scored:
     """A stand-in for `env.imagine` with a known best plan: W pressed, S released, turning right."""
 
-    def imagine(self, plans):
+    reward_fn = None  # a plug-in that does not say it reads no frames: imagine is asked for frames
+
+    def imagine(self, plans, frames):
+        assert frames is True
         rewards = [[a["keyboard"][0] - a["keyboard"][1] + 10 * a["mouse"][1] for a in plan] for plan in plans]
         return {"rewards": np.array(rewards, np.float32)}
 

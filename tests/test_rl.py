@@ -44,3 +44,33 @@ def test_vec_env_restarts_finished_worlds_and_reports_terminal_observations(worl
     assert dones.all() and all("terminal_observation" in i for i in infos)
     assert all(i["TimeLimit.truncated"] for i in infos)
     assert obs.shape == first.shape
+
+
+class LatentMotion:
+    """Reward: how much the block's latents change (read from latents alone)."""
+
+    reads_frames = False
+
+    def __call__(self, step):
+        latents = step.latents.float()
+        return (latents[:, :, -1] - latents[:, :, 0]).abs().mean(dim=(1, 2, 3)).numpy()
+
+
+def test_ppo_trains_on_latent_observations(world):
+    from stable_baselines3 import PPO
+
+    from matrixgame_env.sb3 import DreamVecEnv
+
+    venv = DreamVecEnv(model=world, num_envs=4, observation="latent", reward=LatentMotion(), max_episode_steps=3)
+    assert venv.observation_space.shape == (16, 3, 2, 4) and venv.observation_space.dtype == np.float32
+    venv.seed(1)
+    model = PPO("MlpPolicy", venv, n_steps=8, batch_size=16, n_epochs=2, seed=0, verbose=0, device="cpu")
+    before = [p.detach().clone() for p in model.policy.parameters()]
+    model.learn(total_timesteps=64)
+    assert model.num_timesteps >= 64
+    assert any(not np.allclose(a.numpy(), p.detach().numpy()) for a, p in zip(before, model.policy.parameters()))
+    obs = venv.reset()
+    for _ in range(3):
+        obs, rewards, dones, infos = venv.step(np.zeros((4, 6), np.float32))
+    assert dones.all() and all(i["terminal_observation"].shape == (16, 3, 2, 4) for i in infos)
+    assert np.isfinite(rewards).all() and (rewards > 0).all()

@@ -125,6 +125,18 @@ def test_learned_reward_in_the_env_binds_to_the_model_folder(rewarded_model) -> 
     env.close()
 
 
+def test_imagine_without_frames_scores_plans_with_the_learned_reward(rewarded_model) -> None:
+    env = MatrixGameEnv(rewarded_model, device="cpu", reward=LearnedReward(target="progress"))
+    env.reset(seed=1)
+    keys = ((1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0))
+    plans = [[{"keyboard": np.array(k, np.int8), "mouse": np.zeros(2, np.float32)}] * 2 for k in keys]
+    with_frames, without = env.imagine(plans), env.imagine(plans, frames=False)
+    assert "frames" not in without and without["rewards"].shape == (3, 2)
+    assert np.array_equal(without["rewards"], with_frames["rewards"])
+    assert np.array_equal(without["latents"], with_frames["latents"])
+    env.close()
+
+
 def test_learned_reward_needs_a_model_with_a_head(tmp_path_factory) -> None:
     with pytest.raises(ValueError, match="train reward"):
         LearnedReward(tiny_model_folder(tmp_path_factory))

@@ -108,13 +108,19 @@ class WorldModel:
         images: ImageLike | Sequence[ImageLike],
         seed: int | Sequence[int] | None = None,
         into: WorldState | None = None,
+        decoded: bool = True,
     ) -> WorldState:
         """A fresh state for one world per picture (path, PIL image or HxWx3 uint8; any size:
         centre-cropped to the model's aspect and resized). `into`: a state of as many worlds that
         is no longer needed, restarted in place instead (`StreamingSampler.restart`, and
         `FeatureCache.restart` for its decoder cache: the same worlds as a fresh start, on the old
-        state's tensors and CUDA graphs)."""
+        state's tensors and CUDA graphs). decoded=False: a state whose blocks will not be decoded
+        (latents only), without a decoder cache."""
         image_latents, context = self.encode_start(images)
+        if not decoded:
+            if into is None:
+                return self.sampler.start(image_latents, context, seed=seed, finite_checked=True)
+            return self.sampler.restart(into, image_latents, context, seed=seed, finite_checked=True)
         if into is None:
             state = self.sampler.start(image_latents, context, seed=seed, finite_checked=True)
             state.decoder_cache = self.vae.new_decoder_cache(state.batch_size)
