@@ -1,4 +1,4 @@
-"""`matrixgame-env`: record a game, train a world model in stages, convert, play, demo and evaluate.
+"""`matrixgame-env`: record a game, train a world model in stages, convert, play, demo, evaluate, bench.
 
     matrixgame-env record --out data/doom --minutes 60
     matrixgame-env train vae     --data data/doom --out runs/doom --minutes 9 [--resume]
@@ -11,6 +11,7 @@
     matrixgame-env demo --model doom-small --out demo.mp4 --blocks 24
     matrixgame-env eval --model doom-small --data data/doom --out runs/eval [--idm runs/eval/idm]
     matrixgame-env compare runs/eval runs/eval2 [--format markdown]
+    matrixgame-env bench --model doom-small --worlds 1 16 --observations last latent
 
 Each command builds its options only when it is chosen, so `record` never imports torch and `play`
 alone needs pygame.
@@ -164,6 +165,21 @@ def _compare(parser: argparse.ArgumentParser) -> Runner:
     return run
 
 
+def _bench(parser: argparse.ArgumentParser) -> Runner:
+    speed = _import("matrixgame_env.speed", "bench")
+    speed.add_arguments(parser)
+
+    def run(args: argparse.Namespace) -> None:
+        try:
+            speed.check_arguments(args)
+        except ValueError as error:  # settings that cannot be measured
+            raise CommandError(str(error)) from error
+        _check_local_model(args.model)
+        speed.run(args)
+
+    return run
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Runner] | None]] = {
     "record": ("record a ViZDoom dataset (resumable)", _record),
     "train": ("train a stage: vae, encode, dit, distill, reward", None),
@@ -172,6 +188,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Runner] | Non
     "demo": ("write a scripted rollout to an mp4, headless", _demo),
     "eval": ("evaluate a model against the real game", _eval),
     "compare": ("eval reports side by side", _compare),
+    "bench": ("env steps per second of a model on this machine", _bench),
 }
 
 

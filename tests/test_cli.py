@@ -171,3 +171,55 @@ def test_the_readme_demo_script_runs_the_demo_with_its_arguments(model, tmp_path
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"wrote {out}" in result.stdout
     assert len(_frames(out)) == 9 + 12  # the arguments reached `matrixgame-env demo`
+
+
+def test_bench_measures_every_setting_and_writes_json(model, tmp_path, capsys) -> None:
+    import json
+
+    out = tmp_path / "speed" / "bench.json"
+    status, errors = run_cli("bench", "--model", str(model), "--device", "cpu", "--worlds", "1", "2",
+                             "--observations", "last", "latent", "--steps", "2", "--warmup", "1",
+                             "--json", str(out), "--no-progress")  # fmt: skip
+    assert status == 0, errors
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert [(r["worlds"], r["observation"]) for r in rows] == [(1, "last"), (1, "latent"), (2, "last"), (2, "latent")]
+    for row in rows:
+        assert row["steps_per_s"] > 0 and row["step_s"] > 0 and row["peak_gib"] is None  # CPU: no GPU memory
+        assert row["frames_per_s"] == pytest.approx(12 * row["steps_per_s"])
+        assert row["steps_per_s"] == pytest.approx(row["worlds"] / row["step_s"], rel=0.5)  # 2 steps: mean vs median
+    assert report["machine"]["torch"] == torch.__version__ and report["settings"]["steps"] == 2
+    printed = capsys.readouterr().out
+    assert "steps/s" in printed and printed.count("latent") >= 2 and f"wrote {out}" in printed
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (("--worlds", "0"), "--worlds must all be at least 1"),
+        (("--steps", "0"), "--steps must be at least 1"),
+        (("--warmup", "0"), "--warmup must be at least 1"),
+    ],
+)
+def test_bench_refuses_settings_it_cannot_measure(model, flags, message) -> None:
+    status, errors = run_cli("bench", "--model", str(model), "--device", "cpu", *flags)
+    assert status == 2 and message in errors
+
+
+def test_bench_of_a_missing_model_folder_is_a_clear_error(tmp_path) -> None:
+    status, errors = run_cli("bench", "--model", str(tmp_path / "nowhere"), "--device", "cpu")
+    assert status == 2 and "no model folder" in errors
+
+
+def test_bench_draws_actions_inside_every_layouts_space() -> None:
+    from matrixgame_env.spaces import layout_for
+    from matrixgame_env.speed import random_actions
+
+    rng = np.random.default_rng(0)
+    for mode in ("universal", "gta_drive", "templerun"):
+        space = layout_for(mode).action_space()
+        single = random_actions(space, rng, None)
+        assert space.contains(single), (mode, single)
+        batch = random_actions(space, rng, 5)
+        rows = [{k: v[i] for k, v in batch.items()} if isinstance(batch, dict) else int(batch[i]) for i in range(5)]
+        assert all(space.contains(row) for row in rows), mode
