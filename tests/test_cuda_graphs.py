@@ -309,22 +309,13 @@ def test_latent_observations_through_graphs_are_the_latents_of_the_decoding_env(
     """A vector env that observes latents runs the same DiT graphs as one that decodes frames, with a
     restart and the merge of its cohort between: the same blocks, bit for bit."""
     import numpy as np
+    from latent_plugins import LatentRecorder
 
     from matrixgame_env.vector import MatrixGameVectorEnv
 
-    class Recorder:
-        reads_frames = False
-
-        def __init__(self):
-            self.blocks = []
-
-        def __call__(self, step):
-            self.blocks.append(step.latents.float().cpu().numpy())
-            return np.zeros(step.batch_size, np.float32)
-
     recorded, observed = {}, {}
     for observation in ("last", "latent"):
-        recorder = Recorder()
+        recorder = LatentRecorder()
         world = WorldModel.from_pretrained("doom-small", device="cuda")
         venv = MatrixGameVectorEnv(world, num_envs=3, observation=observation, reward=recorder)
         venv.reset(seed=5)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
+from latent_plugins import LatentRecorder
 from tiny_model import write_tiny_model
 
 import matrixgame_env
@@ -166,19 +167,6 @@ def test_vector_env_equals_single_envs_frame_for_frame(world):
             difference = np.abs(frames.astype(int) - info["frames"][i, -len(frames) :].astype(int))
             assert difference.max() <= 1 and difference.mean() < 1e-3
     assert venv.num_cohorts == 1
-
-
-class LatentRecorder:
-    """Keeps every block's latents (a plug-in that reads no frames)."""
-
-    reads_frames = False
-
-    def __init__(self):
-        self.blocks = []
-
-    def __call__(self, step):
-        self.blocks.append(step.latents.float().numpy().copy())
-        return np.zeros(step.batch_size, np.float32)
 
 
 def test_latent_observations_are_the_blocks_latents_without_decoding(world):
