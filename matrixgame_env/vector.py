@@ -94,8 +94,9 @@ class MatrixGameVectorEnv(VectorEnv):
     options={"image": picture or list of N pictures}. fast: as for `MatrixGameEnv` (CUDA graphs on a
     GPU by default; "compile" adds fused kernels); action_guidance, keyboard_guidance: as for
     `MatrixGameEnv`. observation: "last" (frame), "block" (frames) or "latent" (the block's latents,
-    no decoding; see `MatrixGameEnv`). merge_cohorts: join cohorts of worlds that reset at different times once their
-    caches are full (see the module docstring); False keeps each reset's cohort apart for good.
+    no decoding; see `MatrixGameEnv`). merge_cohorts: join cohorts of worlds that reset at different
+    times once their caches are full (see the module docstring); False keeps each reset's cohort
+    apart for good.
     pad_new_cohorts: where stale rows are kept (`keeps_stale_rows`), a cohort of fewer new worlds
     runs in a state of exactly this many rows; 0 (the default) or 1: as many rows as worlds. Padding
     to 8 at 64 worlds (episodes of 20 steps: ~3 restarts a step) left no CUDA-graph capture and one
