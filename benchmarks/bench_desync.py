@@ -48,7 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_env import FAST_OPTIONS, sample_actions  # noqa: E402
+from bench_env import FAST_OPTIONS  # noqa: E402
 from common import environment, profile_tables, synchronize, table, write_json  # noqa: E402
 
 import matrixgame_env.vector as vector_module  # noqa: E402
@@ -56,6 +56,7 @@ from matrixgame_env.host_waits import count_host_waits  # noqa: E402
 from matrixgame_env.nn import triton_conv, triton_norm  # noqa: E402
 from matrixgame_env.nn.transfer import set_async_uploads  # noqa: E402
 from matrixgame_env.rewards import StepOutcome  # noqa: E402
+from matrixgame_env.speed import random_actions  # noqa: E402
 from matrixgame_env.vector import MatrixGameVectorEnv  # noqa: E402
 
 
@@ -119,7 +120,7 @@ def warm_up(env: MatrixGameVectorEnv, args: argparse.Namespace) -> np.random.Gen
     rng = np.random.default_rng(0)
     env.reset(seed=0)
     for _ in range(args.warmup):
-        env.step(sample_actions(env.single_action_space, rng, env.num_envs))
+        env.step(random_actions(env.single_action_space, rng, env.num_envs))
     return rng
 
 
@@ -142,7 +143,7 @@ def run_setting(args: argparse.Namespace, worlds: int, setting: str, fast: str) 
     cohorts, ended = [], 0
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        _, _, terminated, truncated, _ = env.step(sample_actions(env.single_action_space, rng, worlds))
+        _, _, terminated, truncated, _ = env.step(random_actions(env.single_action_space, rng, worlds))
         cohorts.append(env.num_cohorts)
         ended += int((terminated | truncated).sum())
     synchronize(args.device)
@@ -258,7 +259,7 @@ def run_phases(args: argparse.Namespace, worlds: int, fast: str) -> tuple[dict, 
         synchronize(args.device)
         t0 = time.perf_counter()
         for _ in range(args.steps):
-            env.step(sample_actions(env.single_action_space, rng, worlds))
+            env.step(random_actions(env.single_action_space, rng, worlds))
         synchronize(args.device)
         elapsed = time.perf_counter() - t0
     finally:
@@ -275,7 +276,7 @@ def host_waits(env: MatrixGameVectorEnv, rng: np.random.Generator, steps: int) -
 
     def work() -> None:
         for _ in range(steps):
-            env.step(sample_actions(env.single_action_space, rng, env.num_envs))
+            env.step(random_actions(env.single_action_space, rng, env.num_envs))
 
     return {site: n / steps for site, n in count_host_waits(work).most_common()}
 
@@ -296,7 +297,7 @@ def run_profile(args: argparse.Namespace, worlds: int, fast: str, setting: str =
     ) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
-            env.step(sample_actions(env.single_action_space, rng, worlds))
+            env.step(random_actions(env.single_action_space, rng, worlds))
         synchronize(args.device)
         elapsed = time.perf_counter() - t0
     env.close()

@@ -31,21 +31,11 @@ from matrixgame_env.env import MatrixGameEnv  # noqa: E402
 from matrixgame_env.nn import triton_norm  # noqa: E402
 from matrixgame_env.nn.fusion import enable_fusion, fusion_enabled  # noqa: E402
 from matrixgame_env.nn.vae import set_conv3d_mode, set_upsample_mode  # noqa: E402
+from matrixgame_env.speed import random_actions  # noqa: E402
 from matrixgame_env.vector import MatrixGameVectorEnv  # noqa: E402
 
 FAST_NAMES = {False: "eager", True: "cuda graphs", "compile": "cuda graphs + compile"}
 FAST_OPTIONS = {"eager": False, "graphs": True, "compile": "compile"}  # --paths name -> the envs' `fast`
-
-
-def sample_actions(space, rng: np.random.Generator, n: int | None = None) -> dict:
-    """Random actions: keys pressed with probability 0.3, mouse uniform in its box."""
-    shape = () if n is None else (n,)
-    keys = space["keyboard"]
-    mouse = space["mouse"]
-    return {
-        "keyboard": (rng.random(shape + keys.shape[-1:]) < 0.3).astype(keys.dtype),
-        "mouse": rng.uniform(mouse.low, mouse.high, shape + mouse.shape[-1:]).astype(mouse.dtype),
-    }
 
 
 def cpu_single(
@@ -73,12 +63,12 @@ def cpu_single(
     env.reset(seed=0)
     started = time.perf_counter()
     for _ in range(warmup):
-        env.step(sample_actions(env.action_space, rng))
+        env.step(random_actions(env.action_space, rng))
     warmup_s = time.perf_counter() - started
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        env.step(sample_actions(env.action_space, rng))
+        env.step(random_actions(env.action_space, rng))
         times.append(time.perf_counter() - t0)
     env.close()
     set_conv3d_mode("auto")
@@ -151,7 +141,7 @@ def gpu_vector(
     dit_kernels = bool(env.world.sampler.dit_kernels) and not fusion_enabled()
     t0 = time.perf_counter()
     for _ in range(steps):
-        env.step(sample_actions(env.single_action_space, rng, worlds))
+        env.step(random_actions(env.single_action_space, rng, worlds))
     elapsed = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30
     env.close()
@@ -193,7 +183,7 @@ def profile_vector_step(
     env, rng = warm_vector_env(model, worlds, "compile", channels_last, None, 4, graphs=False)
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            env.step(sample_actions(env.single_action_space, rng, worlds))
+            env.step(random_actions(env.single_action_space, rng, worlds))
         torch.cuda.synchronize()
     env.close()
     set_upsample_mode("auto")
@@ -237,7 +227,7 @@ def warm_vector_env(
     rng = np.random.default_rng(0)
     env.reset(seed=0)
     for _ in range(warmup):
-        env.step(sample_actions(env.single_action_space, rng, worlds))
+        env.step(random_actions(env.single_action_space, rng, worlds))
     torch.cuda.synchronize()
     return env, rng
 

@@ -45,6 +45,7 @@ from matrixgame_env import distributed  # noqa: E402
 from matrixgame_env.checkpoints import build_modules  # noqa: E402
 from matrixgame_env.distributed_vector import DistributedVectorEnv  # noqa: E402
 from matrixgame_env.model_config import ModelConfig  # noqa: E402
+from matrixgame_env.speed import random_actions  # noqa: E402
 from matrixgame_env.vector import MatrixGameVectorEnv  # noqa: E402
 from matrixgame_env.world.model import WorldModel  # noqa: E402
 
@@ -76,14 +77,6 @@ def build_world(name: str, device: torch.device) -> WorldModel:
     vae.latent_mean.zero_()
     vae.latent_std.fill_(1.0)
     return WorldModel(dit, vae, clip, config)
-
-
-def random_actions(space: Any, rng: np.random.Generator, worlds: int) -> dict[str, np.ndarray]:
-    keys, mouse = space["keyboard"], space["mouse"]
-    return {
-        "keyboard": (rng.random((worlds, *keys.shape)) < 0.3).astype(keys.dtype),
-        "mouse": rng.uniform(mouse.low, mouse.high, (worlds, *mouse.shape)).astype(mouse.dtype),
-    }
 
 
 def stream(venv: Any, world: WorldModel, steps: int, warmup: int, progress: bool, label: str) -> dict[str, float]:

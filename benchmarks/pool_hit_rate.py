@@ -27,10 +27,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from bench_desync import RandomEpisodeEnd  # noqa: E402
-from bench_env import sample_actions  # noqa: E402
 from common import environment, table, write_json  # noqa: E402
 from tiny_model import write_tiny_model  # noqa: E402
 
+from matrixgame_env.speed import random_actions  # noqa: E402
 from matrixgame_env.vector import MatrixGameVectorEnv  # noqa: E402
 from matrixgame_env.world.model import WorldModel  # noqa: E402
 from matrixgame_env.world.state_pool import StatePool  # noqa: E402
@@ -60,11 +60,11 @@ def run_policy(world: WorldModel, args: argparse.Namespace, policy: tuple[int, i
     rng = np.random.default_rng(0)
     env.reset(seed=0)
     for _ in range(args.warmup):
-        env.step(sample_actions(env.single_action_space, rng, args.worlds))
+        env.step(random_actions(env.single_action_space, rng, args.worlds))
     hits, misses = pool.hits, pool.misses
     big_states = [biggest_state(env)]
     for _ in range(args.steps):
-        env.step(sample_actions(env.single_action_space, rng, args.worlds))
+        env.step(random_actions(env.single_action_space, rng, args.worlds))
         big_states.append(biggest_state(env))
     row = {
         "per_size": per_size,

@@ -63,7 +63,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
 
 
-def random_actions(space: Any, rng: np.random.Generator, worlds: int | None) -> Any:
+def random_actions(space: Any, rng: np.random.Generator, worlds: int | None = None) -> Any:
     """Seeded random actions of a Dict or Discrete space, batched over `worlds` (None: one world)."""
     shape = () if worlds is None else (worlds,)
     if hasattr(space, "spaces"):  # keyboard (keys held with probability 0.3) and mouse
