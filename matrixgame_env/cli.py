@@ -56,17 +56,22 @@ def _entry_points(module: ModuleType, command: str, add: str, run: str) -> tuple
 # Commands: each adds its options to a parser and returns the function that runs it.
 
 
+def _refusing(run: Runner) -> Runner:
+    """`run`, with the ValueErrors by which its module refuses bad settings shown as user errors."""
+
+    def checked(args: argparse.Namespace) -> object:
+        try:
+            return run(args)
+        except ValueError as error:
+            raise CommandError(str(error)) from error
+
+    return checked
+
+
 def _record(parser: argparse.ArgumentParser) -> Runner:
     data = _import("matrixgame_env.data", "record")
     data.add_record_arguments(parser)
-
-    def run(args: argparse.Namespace) -> None:
-        try:
-            data.run_record(args)
-        except ValueError as error:  # settings that clash with an existing recording, bad sizes, ...
-            raise CommandError(str(error)) from error
-
-    return run
+    return _refusing(data.run_record)  # settings that clash with an existing recording, bad sizes, ...
 
 
 def _train(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[Runner, argparse.Namespace]:
@@ -155,14 +160,7 @@ def _eval(parser: argparse.ArgumentParser) -> Runner:
 def _compare(parser: argparse.ArgumentParser) -> Runner:
     compare = _import("matrixgame_env.eval.compare", "compare")
     compare.add_arguments(parser)
-
-    def run(args: argparse.Namespace) -> None:
-        try:
-            compare.run(args)
-        except ValueError as error:  # a file that is not a report, names that do not fit
-            raise CommandError(str(error)) from error
-
-    return run
+    return _refusing(compare.run)  # a file that is not a report, names that do not fit
 
 
 def _bench(parser: argparse.ArgumentParser) -> Runner:
@@ -170,14 +168,10 @@ def _bench(parser: argparse.ArgumentParser) -> Runner:
     speed.add_arguments(parser)
 
     def run(args: argparse.Namespace) -> None:
-        try:
-            speed.check_arguments(args)
-        except ValueError as error:  # settings that cannot be measured
-            raise CommandError(str(error)) from error
         _check_local_model(args.model)
         speed.run(args)
 
-    return run
+    return _refusing(run)  # settings that cannot be measured
 
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Runner] | None]] = {

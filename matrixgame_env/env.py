@@ -215,7 +215,7 @@ class MatrixGameEnv(gym.Env):
         self._steps = 0
         if self.observation_mode == "latent":
             self._last_frames = start_latents(self._state, self.world.sampler.config.frames_per_block)[0]
-            return self._last_frames.copy(), {"frame_index": 0, "block": 0}
+            return self._observation(self._last_frames), {"frame_index": 0, "block": 0}
         self._last_frames = picture_as_uint8(picture, self.world.video_size)[None]
         info = {"frames": self._last_frames, "frame_index": 0, "block": 0}
         return self._observation(self._last_frames), info

@@ -149,13 +149,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         for worlds, observation in settings:
             bar.set_description(f"{worlds} world(s), {observation}")
             rows.append(measure(world, worlds, observation, args.steps, args.warmup, not args.eager, args.seed, bar))
+    where = machine(world)
     path = "eager" if args.eager else "fast"
-    print(f"{world.config.name} on {machine(world)['device']} ({world.device}, {world.vae.dtype}, {path} path)")
+    print(f"{world.config.name} on {where['device']} ({world.device}, {world.vae.dtype}, {path} path)")
     print(format_table(rows))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         settings_used = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        report = {"model": world.config.name, "machine": machine(world), "settings": settings_used, "rows": rows}
+        report = {"model": world.config.name, "machine": where, "settings": settings_used, "rows": rows}
         args.json.write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.json}")
     return rows

@@ -236,7 +236,6 @@ class MatrixGameVectorEnv(VectorEnv):
             block = host_block.numpy()  # frames, or with observation "latent" the latents on the host
             if len(rows) < state.batch_size:  # stale rows were computed too: keep the live ones
                 block, latents = block[rows], latents[to_device(torch.from_numpy(rows), latents.device)]
-            first = self._steps[worlds] == 0
             self._steps[worlds] += 1
             outcome = StepOutcome(
                 None if latent_mode else block,
@@ -251,8 +250,9 @@ class MatrixGameVectorEnv(VectorEnv):
                 truncated[worlds] = self._steps[worlds] >= self.max_episode_steps
             for j, i in enumerate(worlds):
                 self._last_frames[i] = block[j]
-            if latent_mode:
-                new_frames[worlds] = [video_frames_in_block(bool(f), latents.shape[2]) for f in first]
+            if latent_mode:  # a world's first block stands for fewer video frames
+                first, later = (video_frames_in_block(f, latents.shape[2]) for f in (True, False))
+                new_frames[worlds] = np.where(self._steps[worlds] == 1, first, later)
             else:
                 new_frames[worlds] = block.shape[1]
             frame_index[worlds] = np.asarray(state.world_video_frames())[rows] - 1

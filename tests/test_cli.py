@@ -148,6 +148,11 @@ def test_record_dispatches_to_the_recorder(tmp_path) -> None:
     assert (out / "manifest.json").is_file() and (out / "chunks" / "chunk_000000.npz").is_file()
 
 
+def test_record_refuses_bad_settings_as_a_user_error(tmp_path) -> None:
+    status, errors = run_cli("record", "--out", str(tmp_path / "recording"), "--minutes", "-1")
+    assert status == 2 and "minutes must be positive" in errors
+
+
 def test_python_dash_m_runs_the_cli() -> None:
     result = subprocess.run([sys.executable, "-m", "matrixgame_env.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
