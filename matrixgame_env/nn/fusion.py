@@ -39,11 +39,16 @@ def enable_fusion(enabled: bool = True) -> None:
     global _enabled
     _enabled = enabled
     if enabled:
-        config = torch._dynamo.config
-        for name in ("recompile_limit", "cache_size_limit"):  # the newer name, then the older one
-            if hasattr(config, name):
-                setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
-                break
+        raise_recompile_limit()
+
+
+def raise_recompile_limit() -> None:
+    """Raise torch's per-function recompilation limit to at least `RECOMPILE_LIMIT`."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the newer name, then the older one
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+            return
 
 
 def fusion_enabled() -> bool:

@@ -49,6 +49,10 @@ class RingKVCache:
             return frame
         return self.sink + (frame - self.sink) % (self.capacity - self.sink)
 
+    # Never traced by torch.compile (`StreamingSampler.compile_dit`): its Python bookkeeping (frame
+    # numbers, ring slots) changes every block and would recompile the DiT each time; compiled DiT
+    # passes stop here, run it eagerly and go on.
+    @torch.compiler.disable
     def update(self, start_frame: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write frames [start_frame, start_frame + n) and return the valid keys/values."""
         axis = self.frame_axis

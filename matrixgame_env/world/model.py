@@ -241,12 +241,15 @@ def enable_fast_path(world: WorldModel, fast: bool | str = True, batch: int = 1)
     sampler; results within bf16 rounding); "compile" = that plus torch.compile-fused elementwise
     chains in the DiT and the decoder (process-wide); False = eager.
     CPU: True or "compile" = channels-last decoding where the causal convolutions run as oneDNN's
-    (the CPU default); False = the standard layout."""
+    (the CPU default), and "compile" the DiT's passes through torch.compile
+    (`StreamingSampler.compile_dit`: the first blocks compile, tens of seconds); False = the standard
+    layout, eager."""
     if fast not in (True, False, "compile"):
         raise ValueError(f"fast must be True, False or 'compile', got {fast!r}")
     if world.device.type != "cuda":
         world.vae.set_decoder_channels_last(bool(fast) and cpu_decoder_channels_last_pays(world.vae))
         world.sampler.dit_kernels = None if fast else False
+        world.sampler.compile_dit(fast == "compile")
         return
     if fast:
         if world.sampler.graphs is None:

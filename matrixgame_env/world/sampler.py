@@ -19,6 +19,7 @@ import torch
 from ..nn import triton_dit
 from ..nn.action import ActionCaches, action_windows
 from ..nn.dit import CausalDiT, ContextKV, LayerCaches
+from ..nn.fusion import raise_recompile_limit
 from ..nn.scheduler import FlowMatchScheduler
 from ..nn.transfer import to_device
 from .cache import RingKVCache
@@ -124,6 +125,8 @@ class StreamingSampler:
         # The DiT's elementwise chains as Triton kernels in this sampler's blocks (`nn.triton_dit`):
         # True / False whatever the process-wide switch says, None as it says. `fast=True` sets it.
         self.dit_kernels: bool | None = None
+        # What the blocks call for a DiT pass: the module itself, or its compiled form (`compile_dit`).
+        self._dit: Callable[..., torch.Tensor] = model
 
     # ------------------------------------------------------------------ start
     @torch.no_grad()
@@ -353,7 +356,7 @@ class StreamingSampler:
         level, writing every cache's keys and values of the block's frames."""
         with triton_dit.switched(self.dit_kernels):
             timestep = torch.full(x0.shape[:1] + x0.shape[2:3], float(self.config.context_noise), device=x0.device)
-            self.model(x0, inputs.cond, timestep, **self._block_kwargs(state, inputs))
+            self._dit(x0, inputs.cond, timestep, **self._block_kwargs(state, inputs))
 
     @staticmethod
     def _block_kwargs(state: WorldState, inputs: BlockInputs) -> dict[str, Any]:
@@ -367,7 +370,7 @@ class StreamingSampler:
         )
 
     def _denoise_steps(self, state: WorldState, inputs: BlockInputs) -> torch.Tensor:
-        model = self.model
+        model = self._dit
         kwargs = self._block_kwargs(state, inputs)
         x = inputs.noise
         timestep = torch.empty(x.shape[0], x.shape[2], device=x.device)
@@ -430,6 +433,30 @@ class StreamingSampler:
         self.config = replace(self.config, **changes)
         if self.graphs is not None:
             self.graphs.clear()
+
+    @property
+    def dit_compiled(self) -> bool:
+        """Whether the blocks' DiT passes run compiled (`compile_dit`)."""
+        return self._dit is not self.model
+
+    def compile_dit(self, enabled: bool = True) -> None:
+        """CPU only: run the blocks' DiT passes through `torch.compile` (inductor's C++ kernels fuse
+        the elementwise work around the matrix products and drop most of the per-operator overhead;
+        the ring caches' bookkeeping stays eager, between the compiled parts). The first blocks of
+        each cache fill and batch size compile (tens of seconds in all on 2 cores); the results equal
+        the eager passes' to float rounding. On GPUs `fast="compile"` fuses the elementwise chains
+        and replays CUDA graphs instead."""
+        if not enabled:
+            self._dit = self.model
+            return
+        if self.model.device.type != "cpu":
+            raise ValueError(
+                f"compile_dit is for CPU models, this one is on {self.model.device}; on GPUs "
+                "fast='compile' fuses the DiT's elementwise chains and replays CUDA graphs"
+            )
+        if not self.dit_compiled:
+            raise_recompile_limit()
+            self._dit = torch.compile(self.model, dynamic=None)
 
     def enable_cuda_graphs(self, enabled: bool = True, max_graphs: int = 4) -> None:
         """Replay steady-state blocks (once the caches are full) from captured CUDA graphs: the

@@ -1,0 +1,79 @@
+"""CPU `fast="compile"`: the DiT's passes through torch.compile give the eager passes' results and
+stop compiling once the caches' fill states and the batch size have been seen."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny import tiny_dit
+
+from matrixgame_env.env import MatrixGameEnv
+from matrixgame_env.vector import MatrixGameVectorEnv
+from matrixgame_env.world.sampler import StreamingSampler
+
+
+def _actions(steps: int, worlds: int | None = None, seed: int = 1) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    shape = () if worlds is None else (worlds,)
+    return [
+        {
+            "keyboard": rng.integers(0, 2, (*shape, 4)).astype(np.int64),
+            "mouse": rng.uniform(-0.2, 0.2, (*shape, 2)).astype(np.float32),
+        }
+        for _ in range(steps)
+    ]
+
+
+def _relative_error(got: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
+
+
+def _latent_rollout(env, actions: list[dict]) -> np.ndarray:
+    first, _ = env.reset(seed=3)
+    return np.stack([first] + [env.step(action)[0] for action in actions])
+
+
+def test_compiled_dit_gives_the_eager_latents_and_episodes_do_not_recompile():
+    eager = MatrixGameEnv(observation="latent", fast=True, device="cpu")
+    compiled = MatrixGameEnv(observation="latent", fast="compile", device="cpu")
+    assert compiled.world.sampler.dit_compiled and not eager.world.sampler.dit_compiled
+    actions = _actions(6)
+    expected = _latent_rollout(eager, actions)
+    got = _latent_rollout(compiled, actions)
+    assert got.shape == expected.shape
+    for step, (a, b) in enumerate(zip(got, expected)):
+        assert _relative_error(a, b) < 1e-5, f"step {step}"
+    # Every shape a stream meets (the caches filling, then full) has compiled: a new episode and
+    # its blocks run what was compiled, and any recompilation raises here.
+    with torch.compiler.set_stance("fail_on_recompile"):
+        again = _latent_rollout(compiled, actions[:4])
+    assert np.allclose(again, got[:5], rtol=0, atol=0)
+
+
+def test_compiled_dit_in_a_vector_env_gives_the_eager_frames():
+    """Frames observed (the decoder runs eagerly after the compiled passes), two worlds in one batch."""
+    actions = _actions(3, worlds=2)
+    rollouts = []
+    for fast in (True, "compile"):
+        env = MatrixGameVectorEnv(num_envs=2, fast=fast, device="cpu")
+        first, _ = env.reset(seed=[5, 6])
+        rollouts.append(np.stack([first] + [env.step(action)[0] for action in actions]).astype(np.int16))
+        env.close()
+    expected, got = rollouts
+    assert got.shape == expected.shape == (4, 2, 96, 176, 3)
+    difference = np.abs(got - expected)
+    assert difference.max() <= 2, "frames of the compiled DiT more than 2 grey levels from eager ones"
+    assert difference.mean() < 0.05
+
+
+def test_compile_dit_is_refused_off_the_cpu_and_can_be_turned_off():
+    sampler = StreamingSampler(tiny_dit().to("meta"), latent_size=(4, 6))
+    with pytest.raises(ValueError, match="for CPU models.*meta.*fast='compile'"):
+        sampler.compile_dit()
+    assert not sampler.dit_compiled
+    cpu = StreamingSampler(tiny_dit(), latent_size=(4, 6))
+    cpu.compile_dit()
+    assert cpu.dit_compiled
+    cpu.compile_dit(False)
+    assert not cpu.dit_compiled and cpu._dit is cpu.model
