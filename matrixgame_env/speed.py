@@ -44,7 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--warmup", type=int, default=3, help="untimed steps first: the 9-frame first block, graph captures, tuning"
     )
-    parser.add_argument("--eager", action="store_true", help="the eager reference path (default: the fast path)")
+    path = parser.add_mutually_exclusive_group()
+    path.add_argument("--eager", action="store_true", help="the eager reference path (default: the fast path)")
+    path.add_argument(
+        "--compile",
+        action="store_true",
+        help="the envs' fast='compile' (GPU: fused chains; CPU: the DiT compiled); compiling happens in the warm-up",
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the envs and their random actions")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
@@ -76,7 +82,7 @@ def random_actions(space: Any, rng: np.random.Generator, worlds: int | None = No
     return rng.integers(0, space.n, shape) if worlds is not None else int(rng.integers(0, space.n))
 
 
-def measure(world: Any, worlds: int, observation: str, steps: int, warmup: int, fast: bool, seed: int,
+def measure(world: Any, worlds: int, observation: str, steps: int, warmup: int, fast: bool | str, seed: int,
             bar: tqdm) -> dict[str, Any]:  # fmt: skip
     """One setting's row: world-steps/s, video fps, median step seconds, peak GPU memory."""
     from .env import MatrixGameEnv
@@ -144,19 +150,20 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         torch.set_num_threads(args.threads)
     world = WorldModel.from_pretrained(args.model, device=args.device, dtype=dtype_from_name(args.dtype))
     settings = [(w, o) for w in args.worlds for o in args.observations]
+    path = "eager" if args.eager else "compile" if args.compile else "fast"
+    fast = {"eager": False, "fast": True, "compile": "compile"}[path]
     rows = []
     with tqdm(total=len(settings) * (args.warmup + args.steps), unit="step", disable=args.no_progress) as bar:
         for worlds, observation in settings:
             bar.set_description(f"{worlds} world(s), {observation}")
-            rows.append(measure(world, worlds, observation, args.steps, args.warmup, not args.eager, args.seed, bar))
+            rows.append(measure(world, worlds, observation, args.steps, args.warmup, fast, args.seed, bar))
     where = machine(world)
-    path = "eager" if args.eager else "fast"
     print(f"{world.config.name} on {where['device']} ({world.device}, {world.vae.dtype}, {path} path)")
     print(format_table(rows))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         settings_used = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        report = {"model": world.config.name, "machine": where, "settings": settings_used, "rows": rows}
+        report = {"model": world.config.name, "machine": where, "path": path, "settings": settings_used, "rows": rows}
         args.json.write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.json}")
     return rows

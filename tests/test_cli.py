@@ -194,6 +194,7 @@ def test_bench_measures_every_setting_and_writes_json(model, tmp_path, capsys) -
         assert row["frames_per_s"] == pytest.approx(12 * row["steps_per_s"])
         assert row["steps_per_s"] == pytest.approx(row["worlds"] / row["step_s"], rel=0.5)  # 2 steps: mean vs median
     assert report["machine"]["torch"] == torch.__version__ and report["settings"]["steps"] == 2
+    assert report["path"] == "fast"
     printed = capsys.readouterr().out
     assert "steps/s" in printed and printed.count("latent") >= 2 and f"wrote {out}" in printed
 
@@ -209,6 +210,22 @@ def test_bench_measures_every_setting_and_writes_json(model, tmp_path, capsys) -
 def test_bench_refuses_settings_it_cannot_measure(model, flags, message) -> None:
     status, errors = run_cli("bench", "--model", str(model), "--device", "cpu", *flags)
     assert status == 2 and message in errors
+
+
+def test_bench_compile_measures_the_compiled_path_and_refuses_eager_beside_it(model, tmp_path, capsys) -> None:
+    import json
+
+    out = tmp_path / "bench.json"
+    status, errors = run_cli("bench", "--model", str(model), "--device", "cpu", "--observations", "latent",
+                             "--steps", "1", "--warmup", "3", "--compile", "--json", str(out),
+                             "--no-progress")  # fmt: skip
+    assert status == 0, errors
+    report = json.loads(out.read_text())
+    assert report["path"] == "compile" and report["rows"][0]["steps_per_s"] > 0
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--model", str(model), "--device", "cpu", "--eager", "--compile"])
+    assert exit_info.value.code == 2
+    assert "--compile: not allowed with argument --eager" in capsys.readouterr().err
 
 
 def test_bench_of_a_missing_model_folder_is_a_clear_error(tmp_path) -> None:
