@@ -7,7 +7,8 @@ latent observations (no decoding), side by side.
 
 Usage: python benchmarks/bench_env.py [--model doom-small] [--cpu-steps 20] [--gpu-worlds 1 4 16 64]
        [--paths eager graphs compile] [--channels-last off|on|both] [--action-guidance 1 2]
-       [--upsample nearest transposed] [--decoder-graphs off|on|both] [--observations last latent] [--out DIR]
+       [--upsample nearest transposed] [--decoder-graphs off|on|both] [--observations last latent]
+       [--cpu-paths fast compile fast compile] [--out DIR]
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from matrixgame_env.vector import MatrixGameVectorEnv  # noqa: E402
 
 FAST_NAMES = {False: "eager", True: "cuda graphs", "compile": "cuda graphs + compile"}
 FAST_OPTIONS = {"eager": False, "graphs": True, "compile": "compile"}  # --paths name -> the envs' `fast`
+CPU_FAST_OPTIONS = {"eager": False, "fast": True, "compile": "compile"}  # --cpu-paths name -> the env's `fast`
 
 
 def cpu_single(
@@ -45,7 +47,7 @@ def cpu_single(
     conv3d: str,
     guidance: float | None = None,
     upsample: str = "auto",
-    fast: bool = True,
+    fast: bool | str = True,
     dtype: str = "float32",
     fused: bool = False,
     observation: str = "last",
@@ -78,8 +80,9 @@ def cpu_single(
     layout = ", decoder channels-last" if channels_last else ""
     chains = ", compiled chains" if fused else ""
     seen = ", latent observations" if observation == "latent" else ""
+    dit = ", DiT compiled" if fast == "compile" else ""
     setting = (
-        f"cpu single env ({dtype}, conv3d {conv3d}{layout}{chains}, upsample {upsample}, "
+        f"cpu single env ({dtype}{dit}, conv3d {conv3d}{layout}{chains}, upsample {upsample}, "
         f"action guidance {guidance:g}{seen})"
     )
     return {
@@ -259,7 +262,12 @@ def main() -> None:
         help="the CPU env's elementwise chains compiled with torch.compile (nn.fusion); repeat to alternate",
     )
     parser.add_argument(
-        "--cpu-eager", action="store_true", help="the CPU env with fast=False (the standard decoder layout)"
+        "--cpu-paths",
+        nargs="+",
+        default=["fast"],
+        choices=["eager", "fast", "compile"],
+        help="the CPU env's fast=False (the standard decoder layout) / True / 'compile' (the DiT compiled); "
+        "repeat to alternate",
     )
     parser.add_argument("--gpu-worlds", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--gpu-steps", type=int, default=30)
@@ -335,9 +343,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     for conv3d in args.cpu_conv3d if args.cpu_steps else []:
         settings = itertools.product(
-            args.action_guidance, args.upsample, args.cpu_dtypes, args.cpu_fusion, args.observations
+            args.action_guidance, args.upsample, args.cpu_dtypes, args.cpu_fusion, args.cpu_paths, args.observations
         )
-        for guidance, upsample, dtype, fused, observation in settings:
+        for guidance, upsample, dtype, fused, cpu_path, observation in settings:
             row = cpu_single(
                 args.model,
                 args.cpu_steps,
@@ -345,7 +353,7 @@ def main() -> None:
                 conv3d,
                 guidance,
                 upsample,
-                not args.cpu_eager,
+                CPU_FAST_OPTIONS[cpu_path],
                 dtype,
                 fused == "on",
                 observation,
