@@ -77,3 +77,36 @@ def test_compile_dit_is_refused_off_the_cpu_and_can_be_turned_off():
     assert cpu.dit_compiled
     cpu.compile_dit(False)
     assert not cpu.dit_compiled and cpu._dit is cpu.model
+
+
+def _tiny_stream(sampler, blocks: int = 3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    image = torch.randn(1, 16, 2, 4, 6, generator=g)
+    state = sampler.start(image, torch.randn(1, 5, 1280, generator=g), seed=3)
+    out = []
+    for b in range(blocks):
+        frames = sampler.video_frames_for_block(state)
+        g = torch.Generator().manual_seed(20 + b)
+        keyboard = (torch.rand(1, frames, sampler.keyboard_dim, generator=g) > 0.5).float()
+        out.append(sampler.step(state, keyboard, 0.1 * torch.randn(1, frames, 2, generator=g)))
+    return torch.cat(out, dim=2)
+
+
+def test_a_failed_compile_warns_and_runs_the_eager_passes(monkeypatch, tmp_path):
+    """Without a working C++ compiler inductor cannot build its kernels: the sampler says so once
+    and streams the eager results."""
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # nothing built earlier to reuse
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (str(tmp_path / "no-such-compiler"),))
+    model = tiny_dit()
+    expected = _tiny_stream(StreamingSampler(model, latent_size=(4, 6)))
+    sampler = StreamingSampler(model, latent_size=(4, 6))
+    sampler.compile_dit()
+    with pytest.warns(UserWarning, match="compiling the DiT failed .*; it runs eagerly"):
+        got = _tiny_stream(sampler)
+    assert not sampler.dit_compiled
+    assert torch.equal(got, expected)
+    torch._dynamo.reset()

@@ -19,10 +19,10 @@ import torch
 from ..nn import triton_dit
 from ..nn.action import ActionCaches, action_windows
 from ..nn.dit import CausalDiT, ContextKV, LayerCaches
-from ..nn.fusion import raise_recompile_limit
 from ..nn.scheduler import FlowMatchScheduler
 from ..nn.transfer import to_device
 from .cache import RingKVCache
+from .compiled_dit import CompiledDiT
 from .condition import ImageLatents, first_frame_mask
 from .graphs import BlockGraphs, BlockInputs, layer_ring_caches, ring_caches
 from .state import WorldState
@@ -436,16 +436,16 @@ class StreamingSampler:
 
     @property
     def dit_compiled(self) -> bool:
-        """Whether the blocks' DiT passes run compiled (`compile_dit`)."""
-        return self._dit is not self.model
+        """Whether the blocks' DiT passes run compiled (`compile_dit`; False again if compiling failed)."""
+        return isinstance(self._dit, CompiledDiT) and not self._dit.failed
 
     def compile_dit(self, enabled: bool = True) -> None:
         """CPU only: run the blocks' DiT passes through `torch.compile` (inductor's C++ kernels fuse
         the elementwise work around the matrix products and drop most of the per-operator overhead;
         the ring caches' bookkeeping stays eager, between the compiled parts). The first blocks of
         each cache fill and batch size compile (tens of seconds in all on 2 cores); the results equal
-        the eager passes' to float rounding. On GPUs `fast="compile"` fuses the elementwise chains
-        and replays CUDA graphs instead."""
+        the eager passes' to float rounding. Where compiling fails (no C++ compiler) it warns and runs
+        eagerly. On GPUs `fast="compile"` fuses the elementwise chains and replays CUDA graphs instead."""
         if not enabled:
             self._dit = self.model
             return
@@ -454,9 +454,8 @@ class StreamingSampler:
                 f"compile_dit is for CPU models, this one is on {self.model.device}; on GPUs "
                 "fast='compile' fuses the DiT's elementwise chains and replays CUDA graphs"
             )
-        if not self.dit_compiled:
-            raise_recompile_limit()
-            self._dit = torch.compile(self.model, dynamic=None)
+        if not isinstance(self._dit, CompiledDiT):
+            self._dit = CompiledDiT(self.model)
 
     def enable_cuda_graphs(self, enabled: bool = True, max_graphs: int = 4) -> None:
         """Replay steady-state blocks (once the caches are full) from captured CUDA graphs: the
