@@ -32,12 +32,11 @@ from matrixgame_env.env import MatrixGameEnv  # noqa: E402
 from matrixgame_env.nn import triton_norm  # noqa: E402
 from matrixgame_env.nn.fusion import enable_fusion, fusion_enabled  # noqa: E402
 from matrixgame_env.nn.vae import set_conv3d_mode, set_upsample_mode  # noqa: E402
-from matrixgame_env.speed import random_actions  # noqa: E402
+from matrixgame_env.speed import FAST_PATHS, random_actions  # noqa: E402
 from matrixgame_env.vector import MatrixGameVectorEnv  # noqa: E402
 
 FAST_NAMES = {False: "eager", True: "cuda graphs", "compile": "cuda graphs + compile"}
 FAST_OPTIONS = {"eager": False, "graphs": True, "compile": "compile"}  # --paths name -> the envs' `fast`
-CPU_FAST_OPTIONS = {"eager": False, "fast": True, "compile": "compile"}  # --cpu-paths name -> the env's `fast`
 
 
 def cpu_single(
@@ -265,7 +264,7 @@ def main() -> None:
         "--cpu-paths",
         nargs="+",
         default=["fast"],
-        choices=["eager", "fast", "compile"],
+        choices=list(FAST_PATHS),
         help="the CPU env's fast=False (the standard decoder layout) / True / 'compile' (the DiT compiled); "
         "repeat to alternate",
     )
@@ -353,7 +352,7 @@ def main() -> None:
                 conv3d,
                 guidance,
                 upsample,
-                CPU_FAST_OPTIONS[cpu_path],
+                FAST_PATHS[cpu_path],
                 dtype,
                 fused == "on",
                 observation,

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from .dtype_names import add_dtype_argument, dtype_from_name
 
 OBSERVATIONS = ("last", "latent")
+FAST_PATHS = {"eager": False, "fast": True, "compile": "compile"}  # path name -> the envs' `fast`
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -151,7 +152,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     world = WorldModel.from_pretrained(args.model, device=args.device, dtype=dtype_from_name(args.dtype))
     settings = [(w, o) for w in args.worlds for o in args.observations]
     path = "eager" if args.eager else "compile" if args.compile else "fast"
-    fast = {"eager": False, "fast": True, "compile": "compile"}[path]
+    fast = FAST_PATHS[path]
     rows = []
     with tqdm(total=len(settings) * (args.warmup + args.steps), unit="step", disable=args.no_progress) as bar:
         for worlds, observation in settings:
