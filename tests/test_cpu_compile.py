@@ -92,21 +92,24 @@ def _tiny_stream(sampler, blocks: int = 3) -> torch.Tensor:
     return torch.cat(out, dim=2)
 
 
-def test_a_failed_compile_warns_and_runs_the_eager_passes(monkeypatch, tmp_path):
+def test_a_failed_compile_warns_and_runs_the_eager_passes(tmp_path):
     """Without a working C++ compiler inductor cannot build its kernels: the sampler says so once
     and streams the eager results."""
     import torch._inductor.config as inductor_config
 
     torch._dynamo.reset()
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # nothing built earlier to reuse
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (str(tmp_path / "no-such-compiler"),))
     model = tiny_dit()
     expected = _tiny_stream(StreamingSampler(model, latent_size=(4, 6)))
     sampler = StreamingSampler(model, latent_size=(4, 6))
     sampler.compile_dit()
-    with pytest.warns(UserWarning, match="compiling the DiT failed .*; it runs eagerly"):
+    # torch's own config patching (restored on exit); nothing built earlier may be reused
+    no_compiler = {"force_disable_caches": True, "cpp.cxx": (str(tmp_path / "no-such-compiler"),)}
+    with (
+        inductor_config.patch(no_compiler),
+        pytest.warns(UserWarning, match="compiling the DiT failed .*; it runs eagerly"),
+    ):
         got = _tiny_stream(sampler)
     assert not sampler.dit_compiled
     assert torch.equal(got, expected)
     torch._dynamo.reset()
+    assert inductor_config.cpp.cxx != no_compiler["cpp.cxx"] and not inductor_config.force_disable_caches
