@@ -113,3 +113,28 @@ def test_a_failed_compile_warns_and_runs_the_eager_passes(tmp_path):
     assert torch.equal(got, expected)
     torch._dynamo.reset()
     assert inductor_config.cpp.cxx != no_compiler["cpp.cxx"] and not inductor_config.force_disable_caches
+
+
+def test_full_cache_passes_compile_whole_and_follow_changed_weights():
+    """Once the caches are full a pass is one graph (its cache writes planned, no graph break), and
+    weights changed in place after compiling (the compiled graph holds them frozen) are noticed:
+    it warns, compiles again and streams what the eager model gives with the new weights."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_dit()
+    sampler = StreamingSampler(model, latent_size=(4, 6))
+    sampler.compile_dit()
+    first = _tiny_stream(sampler)
+    assert sampler.dit_compiled
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(1.05)
+    expected = _tiny_stream(StreamingSampler(model, latent_size=(4, 6)))
+    with pytest.warns(UserWarning, match="weights changed since it was compiled; compiling it again"):
+        got = _tiny_stream(sampler)
+    assert not torch.allclose(got, first)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()

@@ -39,6 +39,8 @@ class RingKVCache:
         self.value = torch.zeros(shape, dtype=dtype, device=device)
         self.end_frame = 0  # absolute end of the newest frames written
         self.last_write = (0, 0)  # (start, end) of the most recent write
+        self.planned_slots: torch.Tensor | None = None  # ring slots of a planned write (`plan_write`)
+        self.planned_valid_tokens = 0  # how many tokens attention reads after it
 
     @property
     def frame_axis(self) -> int:
@@ -49,25 +51,66 @@ class RingKVCache:
             return frame
         return self.sink + (frame - self.sink) % (self.capacity - self.sink)
 
-    # Never traced by torch.compile (`StreamingSampler.compile_dit`): its Python bookkeeping (frame
-    # numbers, ring slots) changes every block and would recompile the DiT each time; compiled DiT
-    # passes stop here, run it eagerly and go on.
-    @torch.compiler.disable
     def update(self, start_frame: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write frames [start_frame, start_frame + n) and return the valid keys/values."""
+        """Write frames [start_frame, start_frame + n) and return the valid keys/values. After
+        `plan_write` the planned slots are written (and `start_frame` is not read)."""
+        if self.planned_slots is None:
+            return self._write_now(start_frame, key, value)
+        axis, per_frame = self.frame_axis, self.tokens_per_frame
+        frames = self.planned_slots.shape[0]
+        if key.shape[axis] != frames * per_frame:
+            raise ValueError(f"a write of {key.shape[axis]} tokens, but {frames} frames were planned")
+        for store, new in ((self.key, key), (self.value, value)):
+            store.unflatten(axis, (self.capacity, per_frame)).index_copy_(
+                axis, self.planned_slots, new.unflatten(axis, (frames, per_frame))
+            )
+        valid = self.planned_valid_tokens
+        return self.key.narrow(axis, 0, valid), self.value.narrow(axis, 0, valid)
+
+    def plan_write(self, start_frame: int, frames: int) -> None:
+        """Check and book the write of frames [start_frame, start_frame + frames) that the next
+        `update` makes, with its ring slots as a tensor: the update is then the same traceable
+        tensor work at every position in the ring, so one compiled DiT pass serves every block
+        once the cache is full (`CompiledDiT`). `clear_plan` ends it."""
+        self._book(start_frame, frames)
+        slots = [self.slot(frame) for frame in range(start_frame, start_frame + frames)]
+        self.planned_slots = torch.tensor(slots, dtype=torch.long, device=self.key.device)
+        self.planned_valid_tokens = min(self.end_frame, self.capacity) * self.tokens_per_frame
+
+    def clear_plan(self) -> None:
+        self.planned_slots = None
+
+    def full_after(self, start_frame: int, frames: int) -> bool:
+        """Whether every slot holds a frame once frames [start_frame, start_frame + frames) are written."""
+        return max(self.end_frame, start_frame + frames) >= self.capacity
+
+    def _book(self, start_frame: int, frames: int) -> None:
+        """Check that frames [start_frame, start_frame + frames) may be written; note the write."""
+        end = start_frame + frames
+        if frames > self.capacity - self.sink:
+            raise ValueError(
+                f"a write of {frames} frames does not fit a cache window of {self.capacity - self.sink} frames"
+            )
+        if end < self.end_frame or start_frame < self.end_frame - (self.capacity - self.sink):
+            raise ValueError(
+                f"cannot write frames {start_frame}..{end - 1}: the cache already holds frames up to "
+                f"{self.end_frame - 1} and only the newest block may be rewritten"
+            )
+        self.end_frame = max(self.end_frame, end)
+        self.last_write = (start_frame, end)
+
+    # Never traced by torch.compile: its Python bookkeeping (frame numbers, ring slots) changes every
+    # block and would recompile a traced DiT each time; a compiled pass stops here, runs it eagerly
+    # and goes on. `CompiledDiT` plans its writes (`plan_write`) instead.
+    @torch.compiler.disable
+    def _write_now(self, start_frame: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         axis = self.frame_axis
         tokens = key.shape[axis]
         if tokens % self.tokens_per_frame:
             raise ValueError(f"{tokens} tokens is not a whole number of {self.tokens_per_frame}-token frames")
         n = tokens // self.tokens_per_frame
         end = start_frame + n
-        if n > self.capacity - self.sink:
-            raise ValueError(f"a write of {n} frames does not fit a cache window of {self.capacity - self.sink} frames")
-        if end < self.end_frame or start_frame < self.end_frame - (self.capacity - self.sink):
-            raise ValueError(
-                f"cannot write frames {start_frame}..{end - 1}: the cache already holds frames up to "
-                f"{self.end_frame - 1} and only the newest block may be rewritten"
-            )
+        self._book(start_frame, n)
         frame = start_frame
         while frame < end:  # at most two contiguous runs (the write may wrap around the ring)
             slot = self.slot(frame)
@@ -83,8 +126,6 @@ class RingKVCache:
                 value.narrow(axis, src.start, src.stop - src.start)
             )
             frame += run
-        self.end_frame = max(self.end_frame, end)
-        self.last_write = (start_frame, end)
         valid = min(self.end_frame, self.capacity) * self.tokens_per_frame
         return self.key.narrow(axis, 0, valid), self.value.narrow(axis, 0, valid)
 

@@ -242,7 +242,7 @@ def enable_fast_path(world: WorldModel, fast: bool | str = True, batch: int = 1)
     chains in the DiT and the decoder (process-wide); False = eager.
     CPU: True or "compile" = channels-last decoding where the causal convolutions run as oneDNN's
     (the CPU default), and "compile" the DiT's passes through torch.compile
-    (`StreamingSampler.compile_dit`: the first blocks compile, tens of seconds); False = the standard
+    (`StreamingSampler.compile_dit`: the first full block compiles, a minute or two); False = the standard
     layout, eager."""
     if fast not in (True, False, "compile"):
         raise ValueError(f"fast must be True, False or 'compile', got {fast!r}")

@@ -440,12 +440,14 @@ class StreamingSampler:
         return isinstance(self._dit, CompiledDiT) and not self._dit.failed
 
     def compile_dit(self, enabled: bool = True) -> None:
-        """CPU only: run the blocks' DiT passes through `torch.compile` (inductor's C++ kernels fuse
-        the elementwise work around the matrix products and drop most of the per-operator overhead;
-        the ring caches' bookkeeping stays eager, between the compiled parts). The first blocks of
-        each cache fill and batch size compile (tens of seconds in all on 2 cores); the results equal
-        the eager passes' to float rounding. Where compiling fails (no C++ compiler) it warns and runs
-        eagerly. On GPUs `fast="compile"` fuses the elementwise chains and replays CUDA graphs instead."""
+        """CPU only: run the blocks' DiT passes through `torch.compile` (`CompiledDiT`): once the
+        ring caches are full, each pass is one compiled graph with the weights frozen in and its
+        matrix products autotuned (oneDNN/MKL or inductor's C++ GEMM kernels, the elementwise work
+        fused around them); the first blocks of a stream, which fill the caches, run eagerly. The
+        first full block of each batch size compiles (one to two minutes on 2 cores); the results
+        equal the eager passes' to float rounding. Where compiling fails (no C++ compiler) it warns
+        and runs eagerly. On GPUs `fast="compile"` fuses the elementwise chains and replays CUDA
+        graphs instead."""
         if not enabled:
             self._dit = self.model
             return
