@@ -138,3 +138,17 @@ def test_full_cache_passes_compile_whole_and_follow_changed_weights():
     assert not torch.allclose(got, first)
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
     torch._dynamo.reset()
+
+
+def test_weights_fingerprint_of_a_model_made_under_inference_mode():
+    """Inference tensors keep no version count: their place stands in for it, so a model built
+    under `torch.inference_mode` compiles like any other."""
+    from matrixgame_env.world.compiled_dit import CompiledDiT
+
+    with torch.inference_mode():
+        model = tiny_dit()
+    compiled = CompiledDiT(model)
+    assert all(p.is_inference() for p in model.parameters())
+    assert compiled._weights_fingerprint() == compiled._weights
+    other = CompiledDiT(tiny_dit())
+    assert other._weights_fingerprint() != compiled._weights

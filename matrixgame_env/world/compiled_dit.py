@@ -47,8 +47,10 @@ class CompiledDiT:
         self._weights = self._weights_fingerprint()
 
     def _weights_fingerprint(self) -> tuple[tuple[int, int], ...]:
-        """Where each weight lives and how often it was changed in place."""
-        return tuple((t.data_ptr(), t._version) for t in (*self.model.parameters(), *self.model.buffers()))
+        """Where each weight lives and how often it was changed in place (inference tensors, made
+        under `torch.inference_mode`, keep no count: their place alone)."""
+        tensors = (*self.model.parameters(), *self.model.buffers())
+        return tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors)
 
     def __call__(
         self, latents: torch.Tensor, cond: torch.Tensor, timestep: torch.Tensor, **kwargs: Any
