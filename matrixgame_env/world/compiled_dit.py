@@ -28,9 +28,11 @@ class CompiledDiT:
     A pass whose ring caches are full once it has written (every block after the first
     `window / block` of a stream) runs as one compiled graph: its cache writes are planned before
     the call (`RingKVCache.plan_write`: checks, bookkeeping, ring slots as a tensor), so the
-    traced pass is the same at every position in the ring and compiles once per batch size. The
-    passes of the first blocks, which fill the caches, run eagerly: compiling each fill state
-    would cost a whole-graph compile for one or two blocks per episode.
+    traced pass is the same at every position in the ring. The first batch size compiles a graph
+    of its own, the second one with the batch size dynamic that every later size runs (a CPU
+    vector env's cohorts come in many sizes). The passes of the first blocks, which fill the
+    caches, run eagerly: compiling each fill state would cost a whole-graph compile for one or
+    two blocks per episode.
 
     The compiled graph holds the weights as they were when it compiled; a change to them (loading
     other weights in place, an optimiser step) is noticed at the next call, which warns and
@@ -43,7 +45,7 @@ class CompiledDiT:
         self._compile()
 
     def _compile(self) -> None:
-        self._compiled = torch.compile(self.model, dynamic=False)
+        self._compiled = torch.compile(self.model, dynamic=None)
         self._weights = self._weights_fingerprint()
 
     def _weights_fingerprint(self) -> tuple[tuple[int, int], ...]:
