@@ -40,7 +40,9 @@ class RingKVCache:
         self.end_frame = 0  # absolute end of the newest frames written
         self.last_write = (0, 0)  # (start, end) of the most recent write
         self.planned_slots: torch.Tensor | None = None  # ring slots of a planned write (`plan_write`)
-        self.planned_valid_tokens = 0  # how many tokens attention reads after it
+        # Tokens attention reads after the planned write, kept at planning: a traced pass that read
+        # `end_frame` would be specialised to (and recompiled for) each frame number.
+        self.planned_valid_tokens = 0
 
     @property
     def frame_axis(self) -> int:
@@ -75,7 +77,7 @@ class RingKVCache:
         self._book(start_frame, frames)
         slots = [self.slot(frame) for frame in range(start_frame, start_frame + frames)]
         self.planned_slots = torch.tensor(slots, dtype=torch.long, device=self.key.device)
-        self.planned_valid_tokens = min(self.end_frame, self.capacity) * self.tokens_per_frame
+        self.planned_valid_tokens = self._valid_tokens()
 
     def clear_plan(self) -> None:
         self.planned_slots = None
@@ -83,6 +85,10 @@ class RingKVCache:
     def full_after(self, start_frame: int, frames: int) -> bool:
         """Whether every slot holds a frame once frames [start_frame, start_frame + frames) are written."""
         return max(self.end_frame, start_frame + frames) >= self.capacity
+
+    def _valid_tokens(self) -> int:
+        """How many leading tokens hold frames (all once the cache is full)."""
+        return min(self.end_frame, self.capacity) * self.tokens_per_frame
 
     def _book(self, start_frame: int, frames: int) -> None:
         """Check that frames [start_frame, start_frame + frames) may be written; note the write."""
@@ -126,7 +132,7 @@ class RingKVCache:
                 value.narrow(axis, src.start, src.stop - src.start)
             )
             frame += run
-        valid = min(self.end_frame, self.capacity) * self.tokens_per_frame
+        valid = self._valid_tokens()
         return self.key.narrow(axis, 0, valid), self.value.narrow(axis, 0, valid)
 
     # --- state handling (snapshot / restore / fork) ---

@@ -445,10 +445,9 @@ class StreamingSampler:
         matrix products autotuned (oneDNN/MKL or inductor's C++ GEMM kernels, the elementwise work
         fused around them); the first blocks of a stream, which fill the caches, run eagerly. The
         first full block compiles (one to two minutes on 2 cores), and once more for a second batch
-        size, after which the batch size is dynamic; the results
-        equal the eager passes' to float rounding. Where compiling fails (no C++ compiler) it warns
-        and runs eagerly. On GPUs `fast="compile"` fuses the elementwise chains and replays CUDA
-        graphs instead."""
+        size, after which the batch size is dynamic; the results equal the eager passes' to float
+        rounding. Where compiling fails (no C++ compiler) it warns and runs eagerly. On GPUs
+        `fast="compile"` fuses the elementwise chains and replays CUDA graphs instead."""
         if not enabled:
             self._dit = self.model
             return
