@@ -1,5 +1,5 @@
-"""CPU `fast="compile"`: the DiT's passes through torch.compile give the eager passes' results and
-stop compiling once the caches' fill states and the batch size have been seen."""
+"""CPU `fast="compile"`: the DiT's passes and the decoder's chunks through torch.compile give the eager
+results and stop compiling once the caches' fill states and the batch size have been seen."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import torch
 from tiny import tiny_dit
 
 from matrixgame_env.env import MatrixGameEnv
+from matrixgame_env.nn.vae import WanVAE
 from matrixgame_env.vector import MatrixGameVectorEnv
+from matrixgame_env.world.compiled_decoder import CompiledDecoder, compile_decoder, decoder_compiled
 from matrixgame_env.world.sampler import StreamingSampler
 
 
@@ -152,3 +154,95 @@ def test_weights_fingerprint_of_a_model_made_under_inference_mode():
     assert compiled._weights_fingerprint() == compiled._weights
     other = CompiledDiT(tiny_dit())
     assert other._weights_fingerprint() != compiled._weights
+
+
+def _tiny_vae(seed: int = 0) -> WanVAE:
+    torch.manual_seed(seed)
+    vae = WanVAE(
+        dim=8,
+        z_dim=4,
+        dim_mult=(1, 2, 2),
+        num_res_blocks=1,
+        temporal_downsample=(True, True),
+        latent_mean=[0.1] * 4,
+        latent_std=[1.5] * 4,
+    ).eval()
+    vae.set_decoder_channels_last(True)  # as fast=True and "compile" decode on CPUs
+    return vae
+
+
+def _decoded_stream(vae: WanVAE, latents: torch.Tensor, cache=None) -> torch.Tensor:
+    """Two calls of `decode_stream`, as a world decodes its first block and the next."""
+    cache = vae.new_decoder_cache(latents.shape[0]) if cache is None else cache
+    return torch.cat([vae.decode_stream(latents[:, :, :3], cache), vae.decode_stream(latents[:, :, 3:], cache)], 1)
+
+
+def test_compiled_decoder_gives_the_eager_frames_in_one_graph_and_restarts_without_compiling():
+    """A stream's first latent decodes eagerly (it fills the cache); every later one runs one compiled
+    graph (no graph break), within float rounding of the eager decoder. A restarted cache, as a new
+    episode's, decodes the same frames again with nothing left to compile."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    vae = _tiny_vae()
+    latents = torch.randn(1, 4, 6, 4, 6, generator=torch.Generator().manual_seed(2))
+    expected = _decoded_stream(vae, latents)
+    compile_decoder(vae)
+    assert decoder_compiled(vae)
+    cache = vae.new_decoder_cache(1)
+    got = _decoded_stream(vae, latents, cache)
+    assert got.shape == expected.shape == (1, 21, 3, 16, 24)
+    assert (got - expected).abs().max() < 1e-4
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+    cache.restart()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        again = _decoded_stream(vae, latents, cache)
+    assert torch.equal(again, got)
+    compile_decoder(vae, False)
+    assert vae.decoder_runner is None and not decoder_compiled(vae)
+    torch._dynamo.reset()
+
+
+def test_compiled_decoder_follows_changed_weights_and_is_refused_off_the_cpu():
+    """The compiled graph holds the weights frozen: weights changed in place after compiling are
+    noticed, and it warns, compiles again and decodes what the eager decoder gives with them."""
+    torch._dynamo.reset()
+    vae = _tiny_vae()
+    latents = torch.randn(1, 4, 6, 4, 6, generator=torch.Generator().manual_seed(3))
+    compile_decoder(vae)
+    runner = vae.decoder_runner
+    assert isinstance(runner, CompiledDecoder)
+    first = _decoded_stream(vae, latents)
+    with torch.no_grad():
+        for parameter in vae.decoder.parameters():
+            parameter.mul_(1.05)
+    vae.set_decoder_runner(None)
+    expected = _decoded_stream(vae, latents)
+    vae.set_decoder_runner(runner)
+    with pytest.warns(UserWarning, match="decoder's weights changed since it was compiled; compiling it again"):
+        got = _decoded_stream(vae, latents)
+    assert (expected - first).abs().max() > 1e-3
+    assert (got - expected).abs().max() < 1e-4
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match="compile_decoder is for CPU models.*meta"):
+        compile_decoder(_tiny_vae().to("meta"))
+
+
+def test_a_failed_decoder_compile_warns_and_decodes_eagerly(tmp_path):
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    vae = _tiny_vae()
+    latents = torch.randn(1, 4, 6, 4, 6, generator=torch.Generator().manual_seed(4))
+    expected = _decoded_stream(vae, latents)
+    compile_decoder(vae)
+    no_compiler = {"force_disable_caches": True, "cpp.cxx": (str(tmp_path / "no-such-compiler"),)}
+    with (
+        inductor_config.patch(no_compiler),
+        pytest.warns(UserWarning, match="compiling the decoder failed .*; it runs eagerly"),
+    ):
+        got = _decoded_stream(vae, latents)
+    assert not decoder_compiled(vae)
+    assert torch.equal(got, expected)
+    torch._dynamo.reset()

@@ -101,8 +101,22 @@ def conv3d_form(device: torch.device, dtype: torch.dtype) -> str:
     return "stacked"
 
 
+# Whether oneDNN has this CPU's kernels for a dtype, asked once per dtype: the questions are calls
+# that torch.compile cannot trace (a compiled decoder would break its graph at each convolution).
+_ONEDNN_KERNELS: dict[torch.dtype, bool] = {}
+
+
 def _onednn_applies(device: torch.device, dtype: torch.dtype) -> bool:
-    if device.type != "cpu" or dtype not in _ONEDNN_DTYPES or not torch.backends.mkldnn.is_available():
+    if device.type != "cpu" or dtype not in _ONEDNN_DTYPES:
+        return False
+    if dtype not in _ONEDNN_KERNELS:
+        _ONEDNN_KERNELS[dtype] = _onednn_has_kernels(dtype)
+    return _ONEDNN_KERNELS[dtype]
+
+
+@torch.compiler.disable
+def _onednn_has_kernels(dtype: torch.dtype) -> bool:
+    if not torch.backends.mkldnn.is_available():
         return False
     # oneDNN's half-precision kernels need the CPU's own instructions for them (it raises otherwise).
     if dtype == torch.float16:
@@ -242,6 +256,10 @@ class CausalConv3d(nn.Conv3d):
         """The convolution of [past frames, this chunk] [B, C, past + T, H, W] in `form` ("native",
         "onednn" or "triton", which takes torch's where its kernel does not apply); keeps its last frames."""
         cache.keep(self.cache_slot, joined[:, :, -self.past_frames :])  # a copy: the join need not stay alive
+        if form == "onednn" and torch.compiler.is_compiling():
+            # Traced as a convolution, which a compiled graph with frozen weights (`world.frozen_compile`)
+            # runs as oneDNN's, prepacked; oneDNN's op itself cannot be traced.
+            return self._conv_forward(joined, self.weight, bias)
         if form == "onednn":  # torch's own conv3d would take its slow generic CPU kernel
             return torch.ops.aten.mkldnn_convolution(
                 joined, self.weight, bias, self.padding, self.stride, self.dilation, self.groups

@@ -17,7 +17,7 @@ against the first latent (see `Upsample`). Decoded frames differ by up to ~2 wit
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -318,6 +318,10 @@ class Decoder(nn.Module):
         return conv.forward_normed(x, norm, cache)
 
 
+# Runs the decoder on one latent frame [B, z_dim, 1, h, w] with its cache (`WanVAE.set_decoder_runner`).
+DecoderRunner = Callable[[torch.Tensor, FeatureCache], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class ImageCondition:
     """Normalised latents of a start image followed by all-zero video frames (the world model's `img_cond`).
@@ -401,6 +405,7 @@ class WanVAE(nn.Module):
             self._config["decoder_dim"] = int(decoder_dim)
         self.z_dim = z_dim
         self._decoder_channels_last = False  # see set_decoder_channels_last
+        self._decoder_runner: DecoderRunner | None = None  # see set_decoder_runner
         self.spatial_factor = 2 ** (len(dim_mult) - 1)
         self.temporal_factor = 2 ** sum(bool(t) for t in temporal_downsample)
 
@@ -553,6 +558,17 @@ class WanVAE(nn.Module):
         """Whether `set_decoder_triton` is on."""
         return any(getattr(m, "triton_kernel", False) for m in self.decoder.modules())
 
+    @property
+    def decoder_runner(self) -> DecoderRunner | None:
+        """What `decode_stream` calls in place of `decoder` (`set_decoder_runner`), or None."""
+        return self._decoder_runner
+
+    def set_decoder_runner(self, runner: DecoderRunner | None) -> None:
+        """Have `decode_stream` call `runner(chunk, cache)` for each latent instead of `decoder` (a
+        compiled form of it: `world.compiled_decoder`); None calls the decoder again. Training's
+        `decode_unnormalised` always calls the decoder."""
+        self._decoder_runner = runner
+
     def _decoder_input(self, z: torch.Tensor) -> torch.Tensor:
         x = self.conv2(z)
         if self._decoder_channels_last:
@@ -585,7 +601,8 @@ class WanVAE(nn.Module):
         self._check_decoder_cache(cache, latents)
         x = self._decoder_input(self._denormalise(latents))  # [B, z_dim, n, h, w]
         # One latent per decoder call, as the official decoder runs (the first-latent rule depends on it).
-        frames = [self.decoder(x[:, :, i : i + 1], cache) for i in range(x.shape[2])]  # [B, 3, 1 or 4, H, W] each
+        decode = self._decoder_runner or self.decoder
+        frames = [decode(x[:, :, i : i + 1], cache) for i in range(x.shape[2])]  # [B, 3, 1 or 4, H, W] each
         video = torch.cat(frames, dim=2)  # [B, 3, T, H, W]
         return video.transpose(1, 2).contiguous().clamp_(-1.0, 1.0)  # [B, T, 3, H, W]
 

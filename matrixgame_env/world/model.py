@@ -19,6 +19,7 @@ from ..nn.dit import CausalDiT
 from ..nn.fusion import enable_fusion
 from ..nn.vae import WanVAE
 from ..nn.vae_cache import DecoderCache
+from .compiled_decoder import compile_decoder
 from .condition import ImageLatents
 from .decoder_graphs import DecoderGraphs, decode_to_uint8
 from .sampler import SamplerConfig, StreamingSampler
@@ -241,15 +242,16 @@ def enable_fast_path(world: WorldModel, fast: bool | str = True, batch: int = 1)
     sampler; results within bf16 rounding); "compile" = that plus torch.compile-fused elementwise
     chains in the DiT and the decoder (process-wide); False = eager.
     CPU: True or "compile" = channels-last decoding where the causal convolutions run as oneDNN's
-    (the CPU default), and "compile" the DiT's passes through torch.compile
-    (`StreamingSampler.compile_dit`: the first full block compiles, a minute or two); False = the standard
-    layout, eager."""
+    (the CPU default), and "compile" the DiT's passes and the decoder's chunks through torch.compile
+    (`StreamingSampler.compile_dit`: the first full block compiles, a minute or two;
+    `compiled_decoder.compile_decoder`: the second latent, 10-30 s); False = the standard layout, eager."""
     if fast not in (True, False, "compile"):
         raise ValueError(f"fast must be True, False or 'compile', got {fast!r}")
     if world.device.type != "cuda":
         world.vae.set_decoder_channels_last(bool(fast) and cpu_decoder_channels_last_pays(world.vae))
         world.sampler.dit_kernels = None if fast else False
         world.sampler.compile_dit(fast == "compile")
+        compile_decoder(world.vae, fast == "compile")
         return
     if fast:
         if world.sampler.graphs is None:
