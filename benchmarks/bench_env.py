@@ -8,7 +8,7 @@ latent observations (no decoding), side by side.
 Usage: python benchmarks/bench_env.py [--model doom-small] [--cpu-steps 20] [--gpu-worlds 1 4 16 64]
        [--paths eager graphs compile] [--channels-last off|on|both] [--action-guidance 1 2]
        [--upsample nearest transposed] [--decoder-graphs off|on|both] [--observations last latent]
-       [--cpu-paths fast compile fast compile] [--out DIR]
+       [--cpu-paths fast compile_dit compile] [--out DIR]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from matrixgame_env.nn.fusion import enable_fusion, fusion_enabled  # noqa: E402
 from matrixgame_env.nn.vae import set_conv3d_mode, set_upsample_mode  # noqa: E402
 from matrixgame_env.speed import FAST_PATHS, random_actions  # noqa: E402
 from matrixgame_env.vector import MatrixGameVectorEnv  # noqa: E402
+from matrixgame_env.world.compiled_decoder import compile_decoder  # noqa: E402
 
 FAST_NAMES = {False: "eager", True: "cuda graphs", "compile": "cuda graphs + compile"}
 FAST_OPTIONS = {"eager": False, "graphs": True, "compile": "compile"}  # --paths name -> the envs' `fast`
@@ -46,7 +47,7 @@ def cpu_single(
     conv3d: str,
     guidance: float | None = None,
     upsample: str = "auto",
-    fast: bool | str = True,
+    path: str = "fast",
     dtype: str = "float32",
     fused: bool = False,
     observation: str = "last",
@@ -55,9 +56,12 @@ def cpu_single(
     set_upsample_mode(upsample)
     was_fused = fusion_enabled()
     enable_fusion(fused)
+    fast = FAST_PATHS.get(path, "compile")
     env = MatrixGameEnv(
         model, device="cpu", fast=fast, action_guidance=guidance, dtype=getattr(torch, dtype), observation=observation
     )
+    if path == "compile_dit":  # the DiT compiled, the decoder eager (what "compile" did before CompiledDecoder)
+        compile_decoder(env.world.vae, False)
     channels_last = env.world.vae.decoder_channels_last
     guidance = env.world.sampler.config.action_guidance
     rng = np.random.default_rng(0)
@@ -79,7 +83,7 @@ def cpu_single(
     layout = ", decoder channels-last" if channels_last else ""
     chains = ", compiled chains" if fused else ""
     seen = ", latent observations" if observation == "latent" else ""
-    dit = ", DiT compiled" if fast == "compile" else ""
+    dit = {"compile": ", DiT and decoder compiled", "compile_dit": ", DiT compiled"}.get(path, "")
     setting = (
         f"cpu single env ({dtype}{dit}, conv3d {conv3d}{layout}{chains}, upsample {upsample}, "
         f"action guidance {guidance:g}{seen})"
@@ -94,6 +98,7 @@ def cpu_single(
         "action_guidance": guidance,
         "upsample": upsample,
         "fast": fast,
+        "path": path,
         "channels_last": channels_last,
         "fused_chains": fused,
         "warmup_s": warmup_s,
@@ -264,9 +269,9 @@ def main() -> None:
         "--cpu-paths",
         nargs="+",
         default=["fast"],
-        choices=list(FAST_PATHS),
-        help="the CPU env's fast=False (the standard decoder layout) / True / 'compile' (the DiT compiled); "
-        "repeat to alternate",
+        choices=[*FAST_PATHS, "compile_dit"],
+        help="the CPU env's fast=False (the standard decoder layout) / True / 'compile' (the DiT and the decoder "
+        "compiled) / 'compile_dit' (fast='compile' with the decoder eager); repeat to alternate",
     )
     parser.add_argument("--gpu-worlds", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--gpu-steps", type=int, default=30)
@@ -352,7 +357,7 @@ def main() -> None:
                 conv3d,
                 guidance,
                 upsample,
-                FAST_PATHS[cpu_path],
+                cpu_path,
                 dtype,
                 fused == "on",
                 observation,
