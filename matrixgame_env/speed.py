@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     path.add_argument(
         "--compile",
         action="store_true",
-        help="the envs' fast='compile' (GPU: fused chains; CPU: the DiT compiled); compiling happens in the warm-up",
+        help="the envs' fast='compile' (GPU: fused chains; CPU: the DiT and the decoder compiled); "
+        "compiling happens in the warm-up",
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the envs and their random actions")
