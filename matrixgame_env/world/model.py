@@ -262,7 +262,9 @@ def enable_fast_path(world: WorldModel, fast: bool | str = True, batch: int = 1)
         world.sampler.enable_cuda_graphs(False)
     if fast == "compile":
         enable_fusion(True)
-    world.vae.set_decoder_channels_last(decoder_channels_last_pays(world.vae.decoder_dim, fast, batch))
+    world.vae.set_decoder_channels_last(
+        decoder_channels_last_pays(world.vae.decoder_dim, fast, batch, triton_conv.available())
+    )
     graphs = decoder_graphs_pay(world.vae.decoder_dim, fast)
     if not graphs or world.decoder_graphs is None:
         world.enable_decoder_graphs(graphs)
@@ -288,12 +290,15 @@ def cpu_decoder_channels_last_pays(vae: WanVAE) -> bool:
     return conv3d_form(vae.device, vae.dtype) == "onednn"
 
 
-def decoder_channels_last_pays(decoder_dim: int, fast: bool | str, batch: int) -> bool:
-    """Whether the VAE decoder runs channels-last on the GPU. Measured on an H200: wide decoders gain at
-    every batch (full size 1.12-1.17x); narrow ones lose at batch 1 (doom-small 0.67x) and gain with
-    many worlds, where they also take the Triton kernel and skip cuDNN's layout conversions (64 worlds:
-    1.34x with "compile"; with CUDA graphs 1.08x at 16 worlds and 1.05x at 64 synchronised, 1.10x at 64
-    with desynchronised episodes; 0.91x at 1 world, 0.89-1.10x at 4)."""
+def decoder_channels_last_pays(decoder_dim: int, fast: bool | str, batch: int, triton: bool = False) -> bool:
+    """Whether the VAE decoder runs channels-last on the GPU (`triton`: Triton is installed, so that
+    `fast=True` runs a channels-last decoder's norms and 16-channel convolutions as Triton kernels).
+    Measured on an H200: wide decoders gain at every batch (full size 1.12-1.17x); narrow ones gain
+    with many worlds, where they also skip cuDNN's layout conversions (64 worlds: 1.34x with
+    "compile"; with CUDA graphs 1.08x at 16 worlds and 1.05x at 64 synchronised, 1.10x at 64 with
+    desynchronised episodes). Below 16 worlds, doom-small with `fast=True` and Triton gained 1.20x at
+    1 world and 1.28x at 4 (`env_h200_small_1_4_worlds_options.json`); under "compile" (compiled
+    chains instead of the Triton kernels) it lost at batch 1 (0.67x)."""
     if not fast:
         return False
-    return decoder_dim >= 64 or batch >= 16
+    return decoder_dim >= 64 or batch >= 16 or (fast is True and triton)
