@@ -66,7 +66,10 @@ def test_edited_or_reloaded_weights_are_never_served_an_old_encoding(world):
     with torch.no_grad():
         next(world.vae.parameters()).mul_(1.5)  # in place, as training or load_state_dict would
     after, _ = world.encode_start(_picture(4))
-    assert not torch.allclose(after.latents, before.latents)
+    # Compared over the same frames: other weights may reach the encoding's fixed point a frame
+    # sooner or later, so the number of distinct frames kept may differ.
+    span = max(after.latents.shape[2], before.latents.shape[2])
+    assert not torch.allclose(after.frames(0, span), before.frames(0, span))
     assert torch.equal(after.latents, _encode_without_cache(world, _picture(4))[0])
     with torch.no_grad():
         world.clip.patch_embedding.weight.add_(0.1)
