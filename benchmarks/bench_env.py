@@ -38,6 +38,9 @@ from matrixgame_env.world.compiled_decoder import compile_decoder  # noqa: E402
 
 FAST_NAMES = {False: "eager", True: "cuda graphs", "compile": "cuda graphs + compile"}
 FAST_OPTIONS = {"eager": False, "graphs": True, "compile": "compile"}  # --paths name -> the envs' `fast`
+# --cpu-paths name -> the env's `fast`; "compile_dit" then decodes eagerly (what "compile" did before
+# the decoder compiled too)
+CPU_PATHS = {**FAST_PATHS, "compile_dit": "compile"}
 
 
 def cpu_single(
@@ -56,11 +59,11 @@ def cpu_single(
     set_upsample_mode(upsample)
     was_fused = fusion_enabled()
     enable_fusion(fused)
-    fast = FAST_PATHS.get(path, "compile")
+    fast = CPU_PATHS[path]
     env = MatrixGameEnv(
         model, device="cpu", fast=fast, action_guidance=guidance, dtype=getattr(torch, dtype), observation=observation
     )
-    if path == "compile_dit":  # the DiT compiled, the decoder eager (what "compile" did before CompiledDecoder)
+    if path == "compile_dit":
         compile_decoder(env.world.vae, False)
     channels_last = env.world.vae.decoder_channels_last
     guidance = env.world.sampler.config.action_guidance
@@ -269,7 +272,7 @@ def main() -> None:
         "--cpu-paths",
         nargs="+",
         default=["fast"],
-        choices=[*FAST_PATHS, "compile_dit"],
+        choices=list(CPU_PATHS),
         help="the CPU env's fast=False (the standard decoder layout) / True / 'compile' (the DiT and the decoder "
         "compiled) / 'compile_dit' (fast='compile' with the decoder eager); repeat to alternate",
     )

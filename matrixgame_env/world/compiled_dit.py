@@ -27,7 +27,11 @@ class CompiledDiT(FrozenCompiled):
 
     def __init__(self, model: CausalDiT) -> None:
         super().__init__(model, "DiT")
-        self.model = model
+
+    @property
+    def model(self) -> CausalDiT:
+        """The wrapped DiT (`module`)."""
+        return self.module
 
     def __call__(
         self, latents: torch.Tensor, cond: torch.Tensor, timestep: torch.Tensor, **kwargs: Any
