@@ -23,7 +23,8 @@
 #                                               # the student's latents (`train vae --generated-from`, anchor to the
 #                                               # student's own decoder: MG_ANCHOR_WEIGHT, default 5), then `eval` of
 #                                               # the student through it; decoder, logs and eval in $OUT (adapted.tar.part*;
-#                                               # MG_ADAPT_TAG=anchor2 MG_ANCHOR_WEIGHT=2: another run, anchor2.tar.part*)
+#                                               # MG_ADAPT_TAG=anchor2 MG_ANCHOR_WEIGHT=2: another run, anchor2.tar.part*;
+#                                               # the student's DiT and distillation log come along, in student/)
 # The student of 300 steps with the adversarial decoder: `train`, `distill` (resumes the distillation to its
 # 300 steps; again if the call ends first), then `MG_TEACHER_EVAL=0 ... finish`, on one warm machine.
 # MG_CALL_SECONDS (default 585) bounds the train call: both trainings get what recording and packing leave.
@@ -161,6 +162,11 @@ EOF
     cp "$adapted"/vae/log.jsonl "$adapted"/vae/result.json "$adapted"/vae/model/vae.safetensors \
       "$adapted"/vae/model/config.json "/tmp/$tag/"
     if [ -d "$MG_WORK/eval_$tag" ]; then cp -r "$MG_WORK/eval_$tag" "/tmp/$tag/eval" && rm -f "/tmp/$tag/eval/idm/"*.pt; fi
+    # the student itself (its DiT and config), so that the pair can ship; MG_ADAPT_STUDENT=0 leaves it behind
+    if [ "${MG_ADAPT_STUDENT:-1}" = 1 ]; then
+      mkdir -p "/tmp/$tag/student" && cp "$student"/dit.safetensors "$student"/config.json "/tmp/$tag/student/"
+      cp "$MG_WORK"/runs/distill/{log.jsonl,result.json} "/tmp/$tag/student/" 2>/dev/null || true
+    fi
     tar cf - -C /tmp "$tag" | split -b 15M - "$OUT/$tag.tar.part" && ls -la "$OUT" ;;
   *) echo "unknown call $1 (train, finish, decoders, judge, distill, student or adapt)" >&2; exit 2 ;;
 esac
