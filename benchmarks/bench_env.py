@@ -8,7 +8,7 @@ latent observations (no decoding), side by side.
 Usage: python benchmarks/bench_env.py [--model doom-small] [--cpu-steps 20] [--gpu-worlds 1 4 16 64]
        [--paths eager graphs compile] [--channels-last off|on|both] [--action-guidance 1 2]
        [--upsample nearest transposed] [--decoder-graphs off|on|both] [--observations last latent]
-       [--cpu-paths fast compile_dit compile] [--out DIR]
+       [--cpu-paths fast compile_dit compile compile_python] [--cpu-rounds N] [--out DIR]
 """
 
 from __future__ import annotations
@@ -39,8 +39,72 @@ from matrixgame_env.world.compiled_decoder import compile_decoder  # noqa: E402
 FAST_NAMES = {False: "eager", True: "cuda graphs", "compile": "cuda graphs + compile"}
 FAST_OPTIONS = {"eager": False, "graphs": True, "compile": "compile"}  # --paths name -> the envs' `fast`
 # --cpu-paths name -> the env's `fast`; "compile_dit" then decodes eagerly (what "compile" did before
-# the decoder compiled too)
-CPU_PATHS = {**FAST_PATHS, "compile_dit": "compile"}
+# the decoder compiled too); "compile_python": both compiled, the kernels called from Python code
+# (inductor's cpp_wrapper off, as before it was on)
+CPU_PATHS = {**FAST_PATHS, "compile_dit": "compile", "compile_python": "compile"}
+
+
+def cpu_env(model: str, path: str, dtype: str, guidance: float | None, observation: str) -> MatrixGameEnv:
+    """The CPU env of a --cpu-paths name, reset; nothing compiled yet (its first steps compile)."""
+    env = MatrixGameEnv(
+        model,
+        device="cpu",
+        fast=CPU_PATHS[path],
+        action_guidance=guidance,
+        dtype=getattr(torch, dtype),
+        observation=observation,
+    )
+    if path == "compile_dit":
+        compile_decoder(env.world.vae, False)
+    if path == "compile_python":
+        for compiled in (env.world.sampler._dit, env.world.vae.decoder_runner):
+            compiled.options["cpp_wrapper"] = False  # before the first step compiles them
+    env.reset(seed=0)
+    return env
+
+
+def timed_steps(env: MatrixGameEnv, steps: int, rng: np.random.Generator) -> list[float]:
+    """Seconds of each of `steps` env steps under random actions."""
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        env.step(random_actions(env.action_space, rng))
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def cpu_row(env: MatrixGameEnv, path: str, dtype: str, conv3d: str, upsample: str, fused: bool, step_s: float) -> dict:
+    """A result row for the CPU env `env` (a --cpu-paths name) that took `step_s` a step."""
+    fast = CPU_PATHS[path]
+    guidance = env.world.sampler.config.action_guidance
+    channels_last = env.world.vae.decoder_channels_last
+    observation = env.observation_mode
+    layout = ", decoder channels-last" if channels_last else ""
+    chains = ", compiled chains" if fused else ""
+    seen = ", latent observations" if observation == "latent" else ""
+    dit = {
+        "compile": ", DiT and decoder compiled",
+        "compile_dit": ", DiT compiled",
+        "compile_python": ", DiT and decoder compiled, Python wrappers",
+    }.get(path, "")
+    setting = (
+        f"cpu single env ({dtype}{dit}, conv3d {conv3d}{layout}{chains}, upsample {upsample}, "
+        f"action guidance {guidance:g}{seen})"
+    )
+    return {
+        "setting": setting,
+        "observation": observation,
+        "dtype": dtype,
+        "worlds": 1,
+        "step_s": step_s,
+        "steps_per_s": 1 / step_s,
+        "action_guidance": guidance,
+        "upsample": upsample,
+        "fast": fast,
+        "path": path,
+        "channels_last": channels_last,
+        "fused_chains": fused,
+    }
 
 
 def cpu_single(
@@ -59,53 +123,49 @@ def cpu_single(
     set_upsample_mode(upsample)
     was_fused = fusion_enabled()
     enable_fusion(fused)
-    fast = CPU_PATHS[path]
-    env = MatrixGameEnv(
-        model, device="cpu", fast=fast, action_guidance=guidance, dtype=getattr(torch, dtype), observation=observation
-    )
-    if path == "compile_dit":
-        compile_decoder(env.world.vae, False)
-    channels_last = env.world.vae.decoder_channels_last
-    guidance = env.world.sampler.config.action_guidance
+    env = cpu_env(model, path, dtype, guidance, observation)
     rng = np.random.default_rng(0)
-    env.reset(seed=0)
     started = time.perf_counter()
-    for _ in range(warmup):
-        env.step(random_actions(env.action_space, rng))
+    timed_steps(env, warmup, rng)
     warmup_s = time.perf_counter() - started
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        env.step(random_actions(env.action_space, rng))
-        times.append(time.perf_counter() - t0)
+    times = timed_steps(env, steps, rng)
+    row = cpu_row(env, path, dtype, conv3d, upsample, fused, statistics.median(times))
     env.close()
+    if CPU_PATHS[path] == "compile":
+        # Its graphs would stay in Dynamo's caches, whose guards every later compiled env checks first.
+        torch._dynamo.reset()
     set_conv3d_mode("auto")
     set_upsample_mode("auto")
     enable_fusion(was_fused)
-    step_s = statistics.median(times)
-    layout = ", decoder channels-last" if channels_last else ""
-    chains = ", compiled chains" if fused else ""
-    seen = ", latent observations" if observation == "latent" else ""
-    dit = {"compile": ", DiT and decoder compiled", "compile_dit": ", DiT compiled"}.get(path, "")
-    setting = (
-        f"cpu single env ({dtype}{dit}, conv3d {conv3d}{layout}{chains}, upsample {upsample}, "
-        f"action guidance {guidance:g}{seen})"
-    )
-    return {
-        "setting": setting,
-        "observation": observation,
-        "dtype": dtype,
-        "worlds": 1,
-        "step_s": step_s,
-        "steps_per_s": 1 / step_s,
-        "action_guidance": guidance,
-        "upsample": upsample,
-        "fast": fast,
-        "path": path,
-        "channels_last": channels_last,
-        "fused_chains": fused,
-        "warmup_s": warmup_s,
-    }
+    return {**row, "warmup_s": warmup_s}
+
+
+def cpu_side_by_side(
+    model: str, paths: list[str], steps: int, rounds: int, warmup: int, dtype: str, observation: str
+) -> list[dict]:
+    """One CPU env per --cpu-paths name, all built and warmed up first, then timed in `rounds`
+    alternating rounds of `steps` steps (the order reversed every other round), so that a shared
+    machine's drift falls on every path alike. A row's step_s is the median of its rounds' medians.
+    (Compiled envs share Dynamo's caches: a later one's lookups check the earlier ones' guards first,
+    so the order of `paths` favours the first compiled path, slightly.)"""
+    envs, warmups, rng = {}, {}, np.random.default_rng(0)
+    for path in dict.fromkeys(paths):
+        envs[path] = cpu_env(model, path, dtype, None, observation)
+        started = time.perf_counter()
+        timed_steps(envs[path], warmup, rng)
+        warmups[path] = time.perf_counter() - started
+    medians: dict[str, list[float]] = {path: [] for path in envs}
+    for round_index in range(rounds):
+        order = list(envs) if round_index % 2 == 0 else list(reversed(envs))
+        for path in order:
+            medians[path].append(statistics.median(timed_steps(envs[path], steps, rng)))
+    rows = []
+    for path, env in envs.items():
+        row = cpu_row(env, path, dtype, "auto", "auto", False, statistics.median(medians[path]))
+        rows.append({**row, "warmup_s": warmups[path], "rounds_steps_per_s": [1 / m for m in medians[path]]})
+        env.close()
+    torch._dynamo.reset()
+    return rows
 
 
 def gpu_vector(
@@ -274,7 +334,8 @@ def main() -> None:
         default=["fast"],
         choices=list(CPU_PATHS),
         help="the CPU env's fast=False (the standard decoder layout) / True / 'compile' (the DiT and the decoder "
-        "compiled) / 'compile_dit' (fast='compile' with the decoder eager); repeat to alternate",
+        "compiled) / 'compile_dit' (fast='compile' with the decoder eager) / 'compile_python' (both compiled, "
+        "inductor's cpp_wrapper off); repeat to alternate",
     )
     parser.add_argument("--gpu-worlds", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--gpu-steps", type=int, default=30)
@@ -343,12 +404,28 @@ def main() -> None:
         default=["last"],
         help="observations measured: frames (the decoder runs) and/or latents (no decoding)",
     )
+    parser.add_argument(
+        "--cpu-rounds",
+        type=int,
+        default=0,
+        help="side by side: every --cpu-paths env built and warmed first, then timed in this many alternating "
+        "rounds of --cpu-steps steps (per dtype and observation; conv3d, upsample and fusion as by default)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     rows = []
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    for conv3d in args.cpu_conv3d if args.cpu_steps else []:
+    if args.cpu_rounds and args.cpu_steps:
+        for dtype, observation in itertools.product(args.cpu_dtypes, args.observations):
+            side_rows = cpu_side_by_side(
+                args.model, args.cpu_paths, args.cpu_steps, args.cpu_rounds, args.warmup, dtype, observation
+            )
+            for row in side_rows:
+                row["threads"] = args.threads
+            rows += side_rows
+            print(table(side_rows, ["setting", "steps_per_s", "step_s", "threads"]), flush=True)
+    for conv3d in args.cpu_conv3d if args.cpu_steps and not args.cpu_rounds else []:
         settings = itertools.product(
             args.action_guidance, args.upsample, args.cpu_dtypes, args.cpu_fusion, args.cpu_paths, args.observations
         )
