@@ -24,7 +24,7 @@
 #                                               # student's own decoder: MG_ANCHOR_WEIGHT, default 5), then `eval` of
 #                                               # the student through it; decoder, logs and eval in $OUT (adapted.tar.part*;
 #                                               # MG_ADAPT_TAG=anchor2 MG_ANCHOR_WEIGHT=2: another run, anchor2.tar.part*;
-#                                               # the student's DiT and distillation log come along, in student/)
+#                                               # the student's DiT (bfloat16) and distillation log come along, in student/)
 # The student of 300 steps with the adversarial decoder: `train`, `distill` (resumes the distillation to its
 # 300 steps; again if the call ends first), then `MG_TEACHER_EVAL=0 ... finish`, on one warm machine.
 # MG_CALL_SECONDS (default 585) bounds the train call: both trainings get what recording and packing leave.
@@ -162,9 +162,17 @@ EOF
     cp "$adapted"/vae/log.jsonl "$adapted"/vae/result.json "$adapted"/vae/model/vae.safetensors \
       "$adapted"/vae/model/config.json "/tmp/$tag/"
     if [ -d "$MG_WORK/eval_$tag" ]; then cp -r "$MG_WORK/eval_$tag" "/tmp/$tag/eval" && rm -f "/tmp/$tag/eval/idm/"*.pt; fi
-    # the student itself (its DiT and config), so that the pair can ship; MG_ADAPT_STUDENT=0 leaves it behind
+    # the student itself (its DiT in bfloat16, as shipped, and config), so that the pair can ship; in float32
+    # it would push the whole past $OUT's 64 MiB; MG_ADAPT_STUDENT=0 leaves it behind
     if [ "${MG_ADAPT_STUDENT:-1}" = 1 ]; then
-      mkdir -p "/tmp/$tag/student" && cp "$student"/dit.safetensors "$student"/config.json "/tmp/$tag/student/"
+      mkdir -p "/tmp/$tag/student" && cp "$student"/config.json "/tmp/$tag/student/"
+      python3 - "$student/dit.safetensors" "/tmp/$tag/student/dit.safetensors" <<'EOF'
+import sys
+from safetensors.torch import load_file
+from matrixgame_env.weights import save_safetensors
+weights = load_file(sys.argv[1])
+save_safetensors({name: (w.bfloat16() if w.is_floating_point() else w) for name, w in weights.items()}, sys.argv[2])
+EOF
       cp "$MG_WORK"/runs/distill/{log.jsonl,result.json} "/tmp/$tag/student/" 2>/dev/null || true
     fi
     tar cf - -C /tmp "$tag" | split -b 15M - "$OUT/$tag.tar.part" && ls -la "$OUT" ;;
