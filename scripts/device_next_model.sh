@@ -166,13 +166,7 @@ EOF
     # it would push the whole past $OUT's 64 MiB; MG_ADAPT_STUDENT=0 leaves it behind
     if [ "${MG_ADAPT_STUDENT:-1}" = 1 ]; then
       mkdir -p "/tmp/$tag/student" && cp "$student"/config.json "/tmp/$tag/student/"
-      python3 - "$student/dit.safetensors" "/tmp/$tag/student/dit.safetensors" <<'EOF'
-import sys
-from safetensors.torch import load_file
-from matrixgame_env.weights import save_safetensors
-weights = load_file(sys.argv[1])
-save_safetensors({name: (w.bfloat16() if w.is_floating_point() else w) for name, w in weights.items()}, sys.argv[2])
-EOF
+      python3 scripts/pack_model.py --cast "$student/dit.safetensors" "/tmp/$tag/student/dit.safetensors"
       cp "$MG_WORK"/runs/distill/{log.jsonl,result.json} "/tmp/$tag/student/" 2>/dev/null || true
     fi
     tar cf - -C /tmp "$tag" | split -b 15M - "$OUT/$tag.tar.part" && ls -la "$OUT" ;;
