@@ -24,7 +24,12 @@
 #                                               # student's own decoder: MG_ANCHOR_WEIGHT, default 5), then `eval` of
 #                                               # the student through it; decoder, logs and eval in $OUT (adapted.tar.part*;
 #                                               # MG_ADAPT_TAG=anchor2 MG_ANCHOR_WEIGHT=2: another run, anchor2.tar.part*;
-#                                               # the student's DiT (bfloat16) and distillation log come along, in student/)
+#                                               # the student's DiT (bfloat16) and distillation log come along, in student/;
+#                                               # MG_ADAPT_FROM=DIR: a student and a decoder carried in instead, after
+#                                               # `setup next record` on a fresh machine; MG_ADAPT_EVAL=0: no eval)
+#   bash scripts/device_next_model.sh complete # after adapt (same MG_ADAPT_TAG): `eval` of its student and decoder beside
+#                                               # encoding the recording and the reward head's training on its latents;
+#                                               # eval, head and logs in $OUT (<tag>_complete.tar.part*)
 # The student of 300 steps with the adversarial decoder: `train`, `distill` (resumes the distillation to its
 # 300 steps; again if the call ends first), then `MG_TEACHER_EVAL=0 ... finish`, on one warm machine.
 # MG_CALL_SECONDS (default 585) bounds the train call: both trainings get what recording and packing leave.
@@ -46,12 +51,19 @@ record_and_encode() {  # once per machine: the recording and its latents under t
     MG_ENCODE_INIT=$next pipeline encode:3
   fi
 }
+adopt_carried() {  # $1/student/{config.json,dit.safetensors} (the distilled student) and $1/vae.safetensors (its
+  # decoder's starting point), carried in, take the places of the train and distill calls' results
+  [ -f "$next/config.json" ] || { echo "run \`setup next record\` first, on this machine" >&2; exit 2; }
+  rm -rf "$student" && mkdir -p "$(dirname "$student")" "$(dirname "$decoder")"
+  cp -r "$next" "$student" && cp "$1/student/config.json" "$1/student/dit.safetensors" "$student/"
+  cp "$1/vae.safetensors" "$decoder"
+}
 distill_recipe="--critic-steps 5 --lr 2e-5 --action-lr-mult 10 --guidance 1.5 --data-weight 0.25"  # the bundled student's recipe
 # MG_ACTION_WEIGHT > 0 adds the latent action reader's loss (`train distill --action-weight`) to that recipe.
 # MG_ACTION_READER: a reader packed by an earlier run (on the same seeded recording) instead of training one.
 if [ -n "${MG_ACTION_WEIGHT:-}" ]; then distill_recipe="$distill_recipe --action-weight $MG_ACTION_WEIGHT"; fi
 if [ -n "${MG_ACTION_READER:-}" ]; then distill_recipe="$distill_recipe --action-reader $MG_ACTION_READER"; fi
-case ${1:?give train, finish, decoders, judge, distill, student or adapt} in
+case ${1:?give train, finish, decoders, judge, distill, student, adapt or complete} in
   train)
     pipeline setup next
     record_and_encode
@@ -144,6 +156,7 @@ EOF
     MG_EVAL_MODEL=$student MG_EVAL_OUT=$MG_WORK/eval_student pipeline eval
     MG_PACK_MODELS=distill pipeline pack ;;
   adapt)
+    if [ -n "${MG_ADAPT_FROM:-}" ]; then adopt_carried "$MG_ADAPT_FROM"; fi
     [ -f "$decoder" ] && [ -d "$student" ] || { echo "run the train and distill calls first, on this machine" >&2; exit 2; }
     sharp=$MG_WORK/student_sharp  # the student with the train call's adversarial decoder: where the decoder starts
     rm -rf "$sharp" && cp -r "$student" "$sharp" && cp "$decoder" "$sharp/vae.safetensors"
@@ -157,7 +170,9 @@ EOF
       --edge-weight 0.5 --batch-size "${MG_ADAPT_BATCH:-16}" --generated-clips "${MG_ADAPT_CLIPS:-256}" --generated-blocks 4 \
       --steps "${MG_ADAPT_STEPS:-2000}" \
       --workers 8 --minutes "$minutes" --out "$adapted" --no-progress $resume
-    MG_EVAL_MODEL=$adapted/vae/model MG_EVAL_OUT=$MG_WORK/eval_$tag pipeline eval || echo "its eval failed: $?"
+    if [ "${MG_ADAPT_EVAL:-1}" = 1 ]; then
+      MG_EVAL_MODEL=$adapted/vae/model MG_EVAL_OUT=$MG_WORK/eval_$tag pipeline eval || echo "its eval failed: $?"
+    fi
     rm -rf "/tmp/$tag" && mkdir -p "/tmp/$tag"
     cp "$adapted"/vae/log.jsonl "$adapted"/vae/result.json "$adapted"/vae/model/vae.safetensors \
       "$adapted"/vae/model/config.json "/tmp/$tag/"
@@ -170,5 +185,21 @@ EOF
       cp "$MG_WORK"/runs/distill/{log.jsonl,result.json} "/tmp/$tag/student/" 2>/dev/null || true
     fi
     tar cf - -C /tmp "$tag" | split -b 15M - "$OUT/$tag.tar.part" && ls -la "$OUT" ;;
-  *) echo "unknown call $1 (train, finish, decoders, judge, distill, student or adapt)" >&2; exit 2 ;;
+  complete)
+    tag=${MG_ADAPT_TAG:-adapted}
+    model=$MG_WORK/runs_$tag/vae/model
+    [ -d "$model" ] || { echo "run adapt (MG_ADAPT_TAG=$tag) first, on this machine" >&2; exit 2; }
+    # the reward head reads the encoder's latents, which the decoder-only stages leave as they were
+    ( record_and_encode && MG_REWARD_INIT=$model pipeline reward:3 ) > "$MG_WORK/reward_stage.txt" 2>&1 &
+    reward_stage=$!
+    MG_EVAL_MODEL=$model MG_EVAL_OUT=$MG_WORK/eval_$tag pipeline eval || echo "its eval failed: $?"
+    wait "$reward_stage" || echo "the encode or reward stage failed"
+    tail -n 3 "$MG_WORK/reward_stage.txt"
+    done_dir=/tmp/${tag}_complete
+    rm -rf "$done_dir" && mkdir -p "$done_dir/reward"
+    if [ -d "$MG_WORK/eval_$tag" ]; then cp -r "$MG_WORK/eval_$tag" "$done_dir/eval" && rm -f "$done_dir/eval/idm/"*.pt; fi
+    cp "$MG_WORK"/runs/reward/model/{reward_head.safetensors,config.json} "$MG_WORK"/runs/reward/{log.jsonl,result.json} \
+      "$done_dir/reward/" 2>/dev/null || true
+    tar cf - -C /tmp "${tag}_complete" | split -b 15M - "$OUT/${tag}_complete.tar.part" && ls -la "$OUT" ;;
+  *) echo "unknown call $1 (train, finish, decoders, judge, distill, student, adapt or complete)" >&2; exit 2 ;;
 esac
