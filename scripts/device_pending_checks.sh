@@ -7,7 +7,8 @@
 #                                                 # NumPy (slow there: about 5 minutes)
 #   bash scripts/device_pending_checks.sh stream  # bench_stream.py, the full-size model at batch 1 and 8: eager /
 #                                                 # graphs / fast (= fast=True) / overlap / fused_cl, each fast
-#                                                 # path's agreement with eager, memory over 300 blocks (about 5 minutes)
+#                                                 # path's agreement with eager, memory over 300 blocks (5 minutes on
+#                                                 # an H200, more on an H100: alone in a call)
 #   bash scripts/device_pending_checks.sh batch1  # bench_stream.py at batch 1: fast / through WorldModel.generate (frames
 #                                                 # before the re-run) / with the decode on its own stream beside the
 #                                                 # re-run / with the decoder's CUDA graphs / compiled (fused_cl), each
@@ -42,7 +43,7 @@ for check in "$@"; do
           tests/test_triton_conv.py >"$OUT/interp.log" 2>&1
       grep -E "^E  |^FAILED|passed|failed" "$OUT/interp.log" | cut -c1-400 | tail -30 ;;
     stream)
-      timeout 380 python3 benchmarks/bench_stream.py --batches 1 8 --paths eager graphs fast overlap fused_cl \
+      timeout 560 python3 benchmarks/bench_stream.py --batches 1 8 --paths eager graphs fast overlap fused_cl \
           --blocks 6 --repeats 2 --long-blocks 300 --agreement-blocks 6 --out "$OUT" >"$OUT/stream.log" 2>&1
       grep -v -i warn "$OUT/stream.log" | tail -24 ;;
     batch1)
