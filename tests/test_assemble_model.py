@@ -106,3 +106,57 @@ def test_the_next_vae_in_the_repository_assembles_and_reconstructs_the_start_pic
         decoded = vae.decode(vae.encode_image(image))[:, 0].clamp(-1, 1)  # [B, T, 3, H, W] -> first frame
         mse = (decoded - image).pow(2).mean()
         assert float(10 * torch.log10(4 / mse)) > 20.0
+
+
+def _with_reward_head(model: Path, folder: Path) -> Path:
+    """A copy of `model` that ships a trained-looking reward head for its VAE's latents."""
+    from matrixgame_env.nn.reward_head import RewardHead
+
+    shutil.copytree(model, folder)
+    config = ModelConfig.load(folder)
+    torch.manual_seed(3)
+    head = RewardHead(z_dim=config.vae["z_dim"], frames=3, width=8, depth=2)
+    save_safetensors(head.state_dict(), folder / "reward_head.safetensors")
+    config.extra["reward_head"] = {"file": "reward_head.safetensors", "config": head.config, "steps": 7}
+    config.save(folder / "config.json")
+    return folder
+
+
+def test_a_reward_head_of_the_same_latent_space_comes_along_with_reward(assemble_script, model, tmp_path):
+    from matrixgame_env.learned_reward import load_reward_head
+
+    reward = _with_reward_head(model, tmp_path / "rewarded")
+    vae = _vae_only(model, tmp_path / "vae")
+    assert assemble_script.main([str(tmp_path / "out"), "--vae", str(vae), "--reward", str(reward)]) == 0
+    head, settings = load_reward_head(tmp_path / "out")
+    source = read_state_dict(reward / "reward_head.safetensors")
+    assert all(torch.equal(head.state_dict()[k], v) for k, v in source.items())
+    assert settings["steps"] == 7
+    assert load_model(tmp_path / "out", device="cpu").config.extra["assembled_from"]["reward_head"] == str(reward)
+
+
+def test_a_reward_head_of_another_latent_space_or_none_is_refused(assemble_script, model, tmp_path):
+    reward = _with_reward_head(model, tmp_path / "rewarded")
+    config = ModelConfig.load(reward)
+    config.vae["latent_mean"] = [0.5] * config.vae["z_dim"]  # another encoder's statistics
+    config.save(reward / "config.json")
+    vae = _vae_only(model, tmp_path / "vae")
+    with pytest.raises(SystemExit, match="another VAE's latents"):
+        assemble_script.assemble(tmp_path / "a", vae, reward=reward)
+    with pytest.raises(SystemExit, match="ships no reward head"):
+        assemble_script.assemble(tmp_path / "b", vae, reward=vae)  # a folder without a head
+
+
+def test_the_next_reward_head_in_the_repository_assembles_with_the_next_vae(assemble_script, tmp_path):
+    """models/next/reward-e32d16-motion was trained on the next VAE's latents: it comes along, loads
+    strictly, and reads a block of that VAE's latents."""
+    from matrixgame_env.learned_reward import load_reward_head
+
+    root = Path(__file__).resolve().parents[1] / "models"
+    folder = assemble_script.assemble(
+        tmp_path / "next", root / "next" / "vae-e32d16-motion", reward=root / "next" / "reward-e32d16-motion"
+    )
+    head, settings = load_reward_head(folder)
+    assert settings["metrics"]["progress_correlation"] > 0.7
+    latents = torch.randn(2, 16, 3, 12, 22)
+    assert torch.isfinite(head(latents)).all()
