@@ -54,6 +54,7 @@ record_and_encode() {  # once per machine: the recording and its latents under t
 adopt_carried() {  # $1/student/{config.json,dit.safetensors} (the distilled student) and $1/vae.safetensors (its
   # decoder's starting point), carried in, take the places of the train and distill calls' results
   [ -f "$next/config.json" ] || { echo "run \`setup next record\` first, on this machine" >&2; exit 2; }
+  [ -d "$student" ] && echo "MG_ADAPT_FROM: the carried student replaces the distilled one in $student"
   rm -rf "$student" && mkdir -p "$(dirname "$student")" "$(dirname "$decoder")"
   cp -r "$next" "$student" && cp "$1/student/config.json" "$1/student/dit.safetensors" "$student/"
   cp "$1/vae.safetensors" "$decoder"
