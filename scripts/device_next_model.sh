@@ -51,6 +51,12 @@ record_and_encode() {  # once per machine: the recording and its latents under t
     MG_ENCODE_INIT=$next pipeline encode:3
   fi
 }
+copy_eval() {  # an eval folder $1 to $2 without the IDM's checkpoints (the IDM's weights travel as safetensors)
+  if [ -d "$1" ]; then cp -r "$1" "$2" && rm -f "$2"/idm/*.pt; fi
+}
+bundle() {  # /tmp/$1 into $OUT as <=15 MiB pieces ($1.tar.part*; join here with `cat $1.tar.part* | tar x`)
+  tar cf - -C /tmp "$1" | split -b 15M - "$OUT/$1.tar.part" && ls -la "$OUT"
+}
 adopt_carried() {  # $1/student/{config.json,dit.safetensors} (the distilled student) and $1/vae.safetensors (its
   # decoder's starting point), carried in, take the places of the train and distill calls' results
   [ -f "$next/config.json" ] || { echo "run \`setup next record\` first, on this machine" >&2; exit 2; }
@@ -138,12 +144,12 @@ EOF
       echo "--- discriminator over $frames frame(s)"
       if wait "${evals[$((frames - 1))]}"; then
         grep -E "fidelity at 1s|IDM|round trip" "$MG_WORK/eval_k$frames.txt" || true
-        cp -r "$MG_WORK/eval_k$frames" "/tmp/judged/k$frames/eval" && rm -f /tmp/judged/k"$frames"/eval/idm/*.pt
+        copy_eval "$MG_WORK/eval_k$frames" "/tmp/judged/k$frames/eval"
       else
         echo "its eval failed:"; tail -n 3 "$MG_WORK/eval_k$frames.txt"
       fi
     done
-    tar cf - -C /tmp judged | split -b 15M - "$OUT/judged.tar.part" && ls -la "$OUT" ;;
+    bundle judged ;;
   distill)
     pipeline setup next
     record_and_encode
@@ -177,7 +183,7 @@ EOF
     rm -rf "/tmp/$tag" && mkdir -p "/tmp/$tag"
     cp "$adapted"/vae/log.jsonl "$adapted"/vae/result.json "$adapted"/vae/model/vae.safetensors \
       "$adapted"/vae/model/config.json "/tmp/$tag/"
-    if [ -d "$MG_WORK/eval_$tag" ]; then cp -r "$MG_WORK/eval_$tag" "/tmp/$tag/eval" && rm -f "/tmp/$tag/eval/idm/"*.pt; fi
+    copy_eval "$MG_WORK/eval_$tag" "/tmp/$tag/eval"
     # the student itself (its DiT in bfloat16, as shipped, and config), so that the pair can ship; in float32
     # it would push the whole past $OUT's 64 MiB; MG_ADAPT_STUDENT=0 leaves it behind
     if [ "${MG_ADAPT_STUDENT:-1}" = 1 ]; then
@@ -185,7 +191,7 @@ EOF
       python3 scripts/pack_model.py --cast "$student/dit.safetensors" "/tmp/$tag/student/dit.safetensors"
       cp "$MG_WORK"/runs/distill/{log.jsonl,result.json} "/tmp/$tag/student/" 2>/dev/null || true
     fi
-    tar cf - -C /tmp "$tag" | split -b 15M - "$OUT/$tag.tar.part" && ls -la "$OUT" ;;
+    bundle "$tag" ;;
   complete)
     tag=${MG_ADAPT_TAG:-adapted}
     model=$MG_WORK/runs_$tag/vae/model
@@ -198,9 +204,9 @@ EOF
     tail -n 3 "$MG_WORK/reward_stage.txt"
     done_dir=/tmp/${tag}_complete
     rm -rf "$done_dir" && mkdir -p "$done_dir/reward"
-    if [ -d "$MG_WORK/eval_$tag" ]; then cp -r "$MG_WORK/eval_$tag" "$done_dir/eval" && rm -f "$done_dir/eval/idm/"*.pt; fi
+    copy_eval "$MG_WORK/eval_$tag" "$done_dir/eval"
     cp "$MG_WORK"/runs/reward/model/{reward_head.safetensors,config.json} "$MG_WORK"/runs/reward/{log.jsonl,result.json} \
       "$done_dir/reward/" 2>/dev/null || true
-    tar cf - -C /tmp "${tag}_complete" | split -b 15M - "$OUT/${tag}_complete.tar.part" && ls -la "$OUT" ;;
+    bundle "${tag}_complete" ;;
   *) echo "unknown call $1 (train, finish, decoders, judge, distill, student, adapt or complete)" >&2; exit 2 ;;
 esac
