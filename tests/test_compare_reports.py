@@ -12,7 +12,7 @@ from matrixgame_env.cli import main
 from matrixgame_env.eval.compare import Row, comparison_rows, load_report
 
 ROOT = Path(__file__).resolve().parents[1]
-# The bundled model through its previous decoder: CPU, float32, 10 minutes of drift.
+# The previous release (session 7's student) through its previous decoder: CPU, float32, 10 minutes of drift.
 SHIPPED = ROOT / "models/doom-small/eval/eval_previous_decoder.json"
 STUDENT = ROOT / "models/next/dit-mapped-motion/student278_action_eval.json"  # H200, bfloat16
 SHARP = ROOT / "models/next/dit-mapped-motion/student278_action_generated_decoder_cpu_eval.json"  # 2 min drift

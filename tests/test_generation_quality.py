@@ -64,7 +64,8 @@ def test_first_generated_frame_is_the_vae_reconstruction_of_the_start_picture(wo
     """Latent frame 0 of the first block reproduces the start picture's latent (up to a tenth of its
     variance), and its decoded video frame is the VAE's own reconstruction of the picture. Wrong mask
     channels, unnormalised image latents, timesteps in sigma units or swapped condition channels each
-    push the latent error to 0.15-0.98 and the frame to 30 dB or less (shipped model: 0.0023, 44.2 dB)."""
+    push the latent error to 0.15-0.98 and the frame to 30 dB or less (shipped model: 0.0049, 41.4 dB; the
+    previous release 0.0023, 44.2 dB)."""
     _, image, tokens = start
     latents = world.step_latents(_state(world, image, tokens), FORWARD, STILL)
     target = image.latents[:, :, 0]
@@ -144,8 +145,10 @@ def _downsampled_copy(pixels: torch.Tensor, factor: int) -> torch.Tensor:
 @pytest.mark.xfail(
     raises=AssertionError,
     strict=True,
-    reason="the shipped VAE (1,400 steps) reconstructs no better than an 8x-downsampled copy; "
-    "remove this mark once a retrained VAE ships",
+    reason="the shipped VAE (encoder 32 wide, 2,803 steps, then a sharpened decoder) reconstructs the start "
+    "pictures from 3.8 dB below to 0.02 dB above an 8x-downsampled copy, where 2 dB above is asked (the "
+    "previous one, 1,400 steps: 1.1-3.7 dB below); "
+    "remove this mark once a VAE that beats it ships",
 )
 def test_vae_keeps_more_of_each_start_picture_than_an_8x_downsampled_copy(world):
     """decode(encode(picture)) must beat the 8x average-pooled, re-upsampled picture by 2 dB on every
@@ -196,7 +199,8 @@ def test_the_bundled_model_turns_and_walks_as_told(world, judge):
     turning left, walking forward and standing: the shipped inverse-dynamics model reads each turn
     in its own direction on most windows and almost never in the other, and reads walking far more
     often when W is held. The session-5 release read right turns as right on 54 % of the windows,
-    session 6 on 78 %, the shipped session 7 on 82 %."""
+    session 6 on 78 %, session 7 on 82 %, the release of 2026-12-05 on 99 % (left turns 95 %, W held
+    0.96 against 0.56 without)."""
     still = [0.0, 0.0, 0.0, 0.0]
     rollouts = _judged_rollouts(
         world,
@@ -209,7 +213,7 @@ def test_the_bundled_model_turns_and_walks_as_told(world, judge):
         shares[turn] = dict(zip(("left", "none", "right"), counts.tolist()))
     report = f"yaw read as left / none / right: {shares}"
     for turn, opposite in (("right", "left"), ("left", "right")):
-        assert shares[turn][turn] > 2 / 3, f"a {turn} turn is read as {turn} on too few windows; {report}"
+        assert shares[turn][turn] > 0.85, f"a {turn} turn is read as {turn} on too few windows; {report}"
         assert shares[turn][opposite] < 0.05, f"a {turn} turn is read as {opposite}; {report}"
     apart = (rollouts["right"][1][:, -1].double() - rollouts["left"][1][:, -1].double()).abs().mean()
     assert apart > 2.0, f"turning right and left end {apart:.2f} grey levels apart"
