@@ -6,10 +6,12 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from matrixgame_env.cli import main
 from matrixgame_env.eval.compare import Row, comparison_rows, load_report
+from matrixgame_env.eval.intervals import paired_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 # The previous release (session 7's student) through its previous decoder: CPU, float32, 10 minutes of drift.
@@ -91,6 +93,53 @@ def test_text_and_markdown_tables(tmp_path, capsys):
     sharp_line = next(line for line in text.splitlines() if line.startswith("sharpness in the real range"))
     assert sharp_line.split()[-2:] == ["0.68", "*"]
     assert "note: fidelity and IDM rows scored on the same 32 clips" in text
+
+
+def _with_clips(report: dict, shift: float, seed: int) -> dict:
+    """`report` with per-clip figures: PSNR per clip about the report's own mean, plus `shift`; keys
+    accuracy per clip likewise (what `eval` keeps since reports hold per-clip figures)."""
+    rng = np.random.default_rng(seed)
+    report = json.loads(json.dumps(report))
+    clips = report["fidelity"]["clips"]
+    for entry in report["fidelity"]["at"].values():
+        for method in ("model", "copy_last_frame"):
+            entry[method]["psnr_clips"] = (entry[method]["psnr"] + shift + rng.normal(0, 2, clips)).tolist()
+            entry[method]["ssim_clips"] = (entry[method]["ssim"] + rng.normal(0, 0.05, clips)).tolist()
+    generated = report["idm"]["generated"]
+    generated["per_clip"] = {name: (generated[name] + rng.normal(0, 0.05, clips)).tolist()
+                             for name in ("keyboard", "yaw_direction")}  # fmt: skip
+    return report
+
+
+def test_changes_from_the_first_report_are_paired_clip_by_clip(tmp_path, capsys):
+    base = json.loads(SHIPPED.read_text())
+    first, second = _with_clips(base, 0.0, 1), _with_clips(base, -0.6, 2)
+    other_clips = _with_clips(base, 0.0, 3)
+    other_clips["fidelity"]["sources"] = other_clips["fidelity"]["sources"][1:]
+    paths = []
+    for name, report in (("first", first), ("second", second), ("elsewhere", other_clips), ("old", base)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(report))
+    comparison = _compare_json(capsys, *map(str, paths[:3]))
+    row = _row(comparison, "PSNR at 1s, change from the first report")
+    expected = paired_interval(first["fidelity"]["at"]["1s"]["model"]["psnr_clips"],
+                               second["fidelity"]["at"]["1s"]["model"]["psnr_clips"])  # fmt: skip
+    assert row["values"]["first"] is None and row["values"]["elsewhere"] is None  # itself; other clips
+    assert row["values"]["second"] == expected.as_dict() and row["best"] == []
+    per_clip = np.subtract(second["fidelity"]["at"]["1s"]["model"]["psnr_clips"],
+                           first["fidelity"]["at"]["1s"]["model"]["psnr_clips"])  # fmt: skip
+    assert expected.mean == pytest.approx(float(per_clip.mean()), abs=1e-12)
+    keys = _row(comparison, "IDM keys, change from the first report")["values"]["second"]
+    assert keys == paired_interval(first["idm"]["generated"]["per_clip"]["keyboard"],
+                                   second["idm"]["generated"]["per_clip"]["keyboard"]).as_dict()  # fmt: skip
+
+    # The printed table shows "mean [low, high]"; a report without per-clip figures gets a note instead.
+    assert main(["compare", str(paths[0]), str(paths[1])]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("PSNR at 1s, change"))
+    assert line.split()[-4:] == ["-", expected.format(2).split()[0], *expected.format(2).split()[1:]]
+    comparison = _compare_json(capsys, str(paths[0]), str(paths[3]), "--names", "first", "old")
+    assert not any(row["label"].endswith("change from the first report") for row in comparison["rows"])
+    assert any(note.startswith("no per-clip figures in old") for note in comparison["notes"]), comparison["notes"]
 
 
 def test_values_that_print_alike_are_marked_alike():

@@ -350,6 +350,11 @@ def test_eval_command_end_to_end(dataset, model, tmp_path) -> None:
     assert baseline["psnr"][0] == PSNR_CAP and baseline["ssim"][0] == pytest.approx(1.0, abs=1e-6)
     assert max(baseline["psnr"][1:]) < PSNR_CAP  # the real frames change
     assert set(fidelity["at"]) == {"0.5s", "1s"} and fidelity["at"]["1s"]["frame"] == 18
+    for entry in fidelity["at"].values():  # each clip's own score, kept for paired comparisons (4 decimals)
+        for method in ("model", "copy_last_frame", "vae_reconstruction"):
+            for name in ("psnr", "ssim"):
+                clips = entry[method][f"{name}_clips"]
+                assert len(clips) == 2 and sum(clips) / 2 == pytest.approx(entry[method][name], abs=1e-4)
 
     idm = report["idm"]
     for key in ("real_val", "real_clips", "vae_round_trip", "generated"):
@@ -359,6 +364,9 @@ def test_eval_command_end_to_end(dataset, model, tmp_path) -> None:
     for key in ("real_clips", "vae_round_trip", "generated"):  # the splits cover the same windows
         assert sum(idm[key]["yaw_by_size"]["windows"]) == idm[key]["frames"]
         assert len(idm[key]["by_phase"]["yaw_direction"]) == 4
+        for name in ("keyboard", "yaw_direction"):  # each clip's own accuracy: as many windows each
+            per_clip = idm[key]["per_clip"][name]
+            assert len(per_clip) == 2 and sum(per_clip) / 2 == pytest.approx(idm[key][name], abs=1e-4)
     assert (out / "idm" / "idm.safetensors").is_file()
     shares = idm["generated_share_of_round_trip"]
     assert set(shares) == {"keyboard", "yaw_direction"}
@@ -514,6 +522,19 @@ def test_accuracy_by_phase_splits_the_clip_accuracy_by_the_labelled_frames_place
     assert phases["yaw_direction"][0] == pytest.approx(alone["yaw_direction"], abs=1e-12)
     with pytest.raises(ValueError, match="fewer than 4 windows"):
         accuracy_by_phase(idm, frames[:, :5], keyboard[:, :5], mouse[:, :5])
+
+
+def test_judged_clips_keep_each_clips_own_accuracy(dataset) -> None:
+    windows = FrameWindows(dataset, "val", 9, float(VAL_FRACTION), stride=9)
+    items = windows.stack(windows.evenly_spaced(2))
+    torch.manual_seed(3)
+    idm = InverseDynamicsModel(IDMConfig(video_size=(16, 32), width=8)).eval()
+    frames, keyboard, mouse = items["frames"], items["keyboard"], items["mouse"]
+    judged = judge_clips(idm, frames, keyboard, mouse)[0]
+    for clip in range(2):
+        alone = evaluate_clips(idm, frames[clip : clip + 1], keyboard[clip : clip + 1], mouse[clip : clip + 1])
+        for name in ("keyboard", "yaw_direction"):
+            assert judged["per_clip"][name][clip] == pytest.approx(alone[name], abs=5e-5)
 
 
 def test_yaw_accuracy_by_size_splits_the_windows_by_the_labelled_yaw(dataset) -> None:

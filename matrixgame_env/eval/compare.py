@@ -3,7 +3,9 @@
 One row per headline figure (PSNR and SSIM per horizon with the copy-last-frame baseline, what the
 inverse-dynamics judge reads of the generated video, the drift's shares in the real range, the
 targets), one column per report, the best value of a row marked. Reports scored on other clips,
-horizons or judges are not comparable row by row: the notes say what differs.
+horizons or judges are not comparable row by row: the notes say what differs. Where the reports
+kept their clips' own figures and scored the same clips, rows "change from the first report" give
+each later report's difference, clip by clip, with a 95 % bootstrap interval (`intervals`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .intervals import Interval, paired_interval, per_clip_values
 
 REPORT_SECTIONS = ("fidelity", "idm", "drift")
 # Settings that change what a row measures: differing ones are named in the notes.
@@ -59,6 +63,8 @@ class Row:
             return "yes" if value else "no"
         if isinstance(value, float):
             return f"{value:.{self.digits}f}" if math.isfinite(value) else str(value)
+        if isinstance(value, Interval):
+            return value.format(self.digits)
         return str(value)
 
 
@@ -84,17 +90,21 @@ def comparison_rows(reports: Sequence[dict[str, Any]]) -> list[Row]:
     for label in _horizon_labels(reports):
         at = [_get(r, "fidelity", "at", label) for r in reports]
         rows.append(Row(f"PSNR at {label} (dB)", _each(at, "model", "psnr"), True, 2))
+        rows += _change_row(f"PSNR at {label}", reports, ("fidelity", "at", label, "model", "psnr_clips"), 2)
         rows.append(Row(f"PSNR at {label}, copying the last frame", _each(at, "copy_last_frame", "psnr"), None, 2))
     for label in _horizon_labels(reports):
         at = [_get(r, "fidelity", "at", label) for r in reports]
         rows.append(Row(f"SSIM at {label}", _each(at, "model", "ssim"), True, 3))
+        rows += _change_row(f"SSIM at {label}", reports, ("fidelity", "at", label, "model", "ssim_clips"), 3)
     generated = [_get(r, "idm", "generated") for r in reports]
     if any(generated):
         rows += [
             Row("IDM keys", _each(generated, "keyboard"), True),
+            *_change_row("IDM keys", reports, ("idm", "generated", "per_clip", "keyboard"), 3),
             Row("IDM keys, by chance", _each(generated, "chance", "keyboard")),
             Row("IDM walking forward (W)", _each(generated, "keyboard_per_key", "forward"), True),
             Row("IDM yaw direction", _each(generated, "yaw_direction"), True),
+            *_change_row("IDM yaw direction", reports, ("idm", "generated", "per_clip", "yaw_direction"), 3),
             Row("IDM yaw direction, by chance", _each(generated, "chance", "yaw_direction")),
             Row("IDM yaw of clear turns", tuple(_clear_turns(g) for g in generated), True),
         ]
@@ -137,6 +147,16 @@ def comparison_notes(reports: Sequence[dict[str, Any]], names: Sequence[str]) ->
                 groups.setdefault(json.dumps(s), []).append(name)
             told = "; ".join(", ".join(group) for group in groups.values())
             notes.append(f"scored on different clips ({told}): their fidelity and IDM rows are not comparable")
+    if len(reports) > 1 and _same_clips(reports[0], reports[1:]):
+        clips = _get(reports[0], "fidelity", "clips")
+        keys = ("fidelity", "at", (_horizon_labels(reports) or [""])[0], "model", "psnr_clips")
+        without = [name for name, r in zip(names, reports) if per_clip_values(_get(r, *keys), clips) is None]
+        if without:
+            notes.append(f"no per-clip figures in {', '.join(without)} (reports written before they were kept): "
+                         "no change from the first report with an interval")  # fmt: skip
+        else:
+            notes.append("change from the first report: the mean over the clips of each clip's difference, "
+                         "[95 % bootstrap interval]; an interval holding 0 cannot tell the two apart")  # fmt: skip
     return notes
 
 
@@ -219,6 +239,31 @@ def _default_names(paths: Sequence[str]) -> list[str]:
     return [f"{name} ({i + 1})" if names.count(name) > 1 else name for i, name in enumerate(names)]
 
 
+def _change_row(label: str, reports: Sequence[dict[str, Any]], keys: tuple[str, ...], digits: int) -> list[Row]:
+    """[The row of each later report's change from the first in the per-clip figures at `keys`, paired clip
+    by clip with its interval], or [] where no report can be paired with the first (other clips, or no
+    per-clip figures)."""
+    if len(reports) < 2:
+        return []
+    first = reports[0]
+    clips = _get(first, "fidelity", "clips")
+    before = per_clip_values(_get(first, *keys), clips)
+    values: list[Interval | None] = [None]
+    for report in reports[1:]:
+        after = per_clip_values(_get(report, *keys), clips)
+        paired = before is not None and after is not None and _same_clips(first, [report])
+        values.append(paired_interval(before, after) if paired else None)
+    if not any(values):
+        return []
+    return [Row(f"{label}, change from the first report", tuple(values), None, digits)]
+
+
+def _same_clips(first: dict[str, Any], others: Sequence[dict[str, Any]]) -> bool:
+    """Whether every report of `others` scored the clips `first` scored (their fidelity sources)."""
+    sources = _get(first, "fidelity", "sources")
+    return bool(sources) and all(_get(other, "fidelity", "sources") == sources for other in others)
+
+
 def _horizon_labels(reports: Sequence[dict[str, Any]]) -> list[str]:
     """The horizons any report scored, in increasing time."""
     found: dict[str, float] = {}
@@ -265,4 +310,6 @@ def _is_number(value: Any) -> bool:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, Interval):
+        return value.as_dict()
     return None if isinstance(value, float) and not math.isfinite(value) else value

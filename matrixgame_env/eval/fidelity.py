@@ -147,13 +147,23 @@ def summary_points(horizon: int, fps: float) -> list[tuple[str, int]]:
     return points
 
 
-def summarise(methods: dict[str, dict[str, list[float]]], horizon: int, fps: float) -> dict[str, dict]:
-    """Scores of each method at the summary horizons: {"1s": {"frame": 18, "model": {"psnr", "ssim"}, ...}}."""
+def summarise(
+    methods: dict[str, dict[str, list[float]]],
+    horizon: int,
+    fps: float,
+    per_clip: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> dict[str, dict]:
+    """Scores of each method at the summary horizons: {"1s": {"frame": 18, "model": {"psnr", "ssim"}, ...}}.
+    With `per_clip` (each method's `frame_scores`, [K, T]) every method's entry also keeps the clips' own
+    scores at that frame ("psnr_clips", "ssim_clips"), which `compare` pairs clip by clip (`intervals`)."""
     summary = {}
     for label, frame in summary_points(horizon, fps):
         entry: dict = {"frame": frame, "time_s": frame / fps}
         for method, values in methods.items():
             entry[method] = {"psnr": values["psnr"][frame], "ssim": values["ssim"][frame]}
+            if per_clip is not None:
+                for name in ("psnr", "ssim"):
+                    entry[method][f"{name}_clips"] = [round(v, 4) for v in per_clip[method][name][:, frame].tolist()]
         summary[label] = entry
     return summary
 
@@ -177,15 +187,15 @@ def evaluate_fidelity(
     """
     length = horizon + 1
     device = world.device
-    methods = {
-        "model": curves(frame_scores(real[:, :length], generated[:, :length], device)),
-        "copy_last_frame": curves(frame_scores(real[:, :length], copy_last_frame(real[:, :length]), device)),
+    scores = {
+        "model": frame_scores(real[:, :length], generated[:, :length], device),
+        "copy_last_frame": frame_scores(real[:, :length], copy_last_frame(real[:, :length]), device),
     }
     if reconstruction:
         if reconstructed is None:
             reconstructed = reconstruct_clips(world, real, batch_size)
-        recon = reconstructed[:, :length]
-        methods["vae_reconstruction"] = curves(frame_scores(real[:, :length], recon, device))
+        scores["vae_reconstruction"] = frame_scores(real[:, :length], reconstructed[:, :length], device)
+    methods = {name: curves(values) for name, values in scores.items()}
     fps = world.config.fps
     return {
         "clips": int(real.shape[0]),
@@ -193,6 +203,6 @@ def evaluate_fidelity(
         "fps": fps,
         "time_s": (np.arange(length) / fps).tolist(),
         "methods": methods,
-        "at": summarise(methods, horizon, fps),
+        "at": summarise(methods, horizon, fps, scores),
         "sources": list(sources),
     }

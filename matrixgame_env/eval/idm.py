@@ -254,7 +254,8 @@ def judge_clips(
 ) -> tuple[dict[str, Any], dict[str, list[float]], dict[str, list]]:
     """`evaluate_clips` and `accuracy_by_phase` of the same clips from one pass of the model, and the
     yaw-direction accuracy split by the size of the labelled yaw (`yaw_size_bands`: "bands", then
-    "yaw_direction" and "windows" per band; None for an empty band)."""
+    "yaw_direction" and "windows" per band; None for an empty band). The accuracy also holds each clip's
+    own mean-key and yaw-direction accuracy ("per_clip"), which `compare` pairs clip by clip."""
     context = model.config.context
     if frames.shape[1] < context + period - 1:
         raise ValueError(f"clips of {frames.shape[1]} frames give fewer than {period} windows of {context} frames")
@@ -276,7 +277,13 @@ def judge_clips(
         "yaw_direction": [float(yaw_right[c].mean()) if c.any() else None for c in chosen],
         "windows": [int(c.sum()) for c in chosen],
     }
-    return accuracy(predictions, labels, model.config.keyboard), by_phase, by_size
+    clips = frames.shape[0]
+    judged = accuracy(predictions, labels, model.config.keyboard)
+    judged["per_clip"] = {
+        "keyboard": [round(v, 4) for v in keys_right.view(clips, -1).mean(1).tolist()],
+        "yaw_direction": [round(v, 4) for v in yaw_right.view(clips, -1).mean(1).tolist()],
+    }
+    return judged, by_phase, by_size
 
 
 def share_above_chance(judged: dict[str, Any], reference: dict[str, Any], least: float = 0.01) -> dict[str, Any]:
