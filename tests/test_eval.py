@@ -503,12 +503,17 @@ def test_frames_alone_are_each_frames_own_round_trip_and_get_their_own_rows(data
     assert report["tiny (frames alone)"] == frames_report(alone, real)
 
 
-def test_accuracy_by_phase_splits_the_clip_accuracy_by_the_labelled_frames_place_in_its_group(dataset) -> None:
+def _two_clips_and_an_untrained_idm(dataset, seed: int, **config):
+    """Two 9-frame held-out clips (frames, keyboard, mouse) and a small untrained IDM seeded with `seed`."""
     windows = FrameWindows(dataset, "val", 9, float(VAL_FRACTION), stride=9)
     items = windows.stack(windows.evenly_spaced(2))
-    torch.manual_seed(1)
-    idm = InverseDynamicsModel(IDMConfig(video_size=(16, 32), width=8)).eval()
-    frames, keyboard, mouse = items["frames"], items["keyboard"], items["mouse"]
+    torch.manual_seed(seed)
+    idm = InverseDynamicsModel(IDMConfig(video_size=(16, 32), width=8, **config)).eval()
+    return idm, items["frames"], items["keyboard"], items["mouse"]
+
+
+def test_accuracy_by_phase_splits_the_clip_accuracy_by_the_labelled_frames_place_in_its_group(dataset) -> None:
+    idm, frames, keyboard, mouse = _two_clips_and_an_untrained_idm(dataset, 1)
     phases = accuracy_by_phase(idm, frames, keyboard, mouse)
     whole = evaluate_clips(idm, frames, keyboard, mouse)
     # windows of 3 frames label frames 1..7 of each 9-frame clip: phases 1, 2, 3, 0, 1, 2, 3
@@ -525,11 +530,7 @@ def test_accuracy_by_phase_splits_the_clip_accuracy_by_the_labelled_frames_place
 
 
 def test_judged_clips_keep_each_clips_own_accuracy(dataset) -> None:
-    windows = FrameWindows(dataset, "val", 9, float(VAL_FRACTION), stride=9)
-    items = windows.stack(windows.evenly_spaced(2))
-    torch.manual_seed(3)
-    idm = InverseDynamicsModel(IDMConfig(video_size=(16, 32), width=8)).eval()
-    frames, keyboard, mouse = items["frames"], items["keyboard"], items["mouse"]
+    idm, frames, keyboard, mouse = _two_clips_and_an_untrained_idm(dataset, 3)
     judged = judge_clips(idm, frames, keyboard, mouse)[0]
     for clip in range(2):
         alone = evaluate_clips(idm, frames[clip : clip + 1], keyboard[clip : clip + 1], mouse[clip : clip + 1])
@@ -538,12 +539,8 @@ def test_judged_clips_keep_each_clips_own_accuracy(dataset) -> None:
 
 
 def test_yaw_accuracy_by_size_splits_the_windows_by_the_labelled_yaw(dataset) -> None:
-    windows = FrameWindows(dataset, "val", 9, float(VAL_FRACTION), stride=9)
-    items = windows.stack(windows.evenly_spaced(2))
-    torch.manual_seed(2)
-    idm = InverseDynamicsModel(IDMConfig(video_size=(16, 32), width=8, yaw_dead_zone=0.02)).eval()
-    frames, keyboard = items["frames"], items["keyboard"]
-    mouse = items["mouse"].clone()
+    idm, frames, keyboard, mouse = _two_clips_and_an_untrained_idm(dataset, 2, yaw_dead_zone=0.02)
+    mouse = mouse.clone()
     sizes = torch.tensor([0.0, 0.004, -0.01, 0.011, -0.02, 0.05, 0.051, -0.3, 0.03])  # one per frame
     mouse[..., 1] = sizes
     judged, _, by_size = judge_clips(idm, frames, keyboard, mouse)
