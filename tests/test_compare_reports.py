@@ -175,3 +175,17 @@ def test_what_is_not_a_report_is_refused(tmp_path, capsys, make, message):
 def test_names_must_fit_the_reports(capsys):
     assert main(["compare", str(SHIPPED), str(STUDENT), "--names", "only-one"]) == 2
     assert "--names gives 1 names for 2 reports" in capsys.readouterr().err
+
+
+def test_the_shipped_releases_compared_clip_by_clip(capsys):
+    """The model card's paired figures: the release of 2026-12-05 against the previous one, on the same
+    32 clips (CPU, float32, no drift): the yaw gain is outside the clips' spread, the PSNR at 2 s is not."""
+    paired = ROOT / "models/doom-small/eval/paired"
+    comparison = _compare_json(capsys, str(paired / "previous_release.json"), str(paired / "this_release.json"),
+                               "--names", "previous", "this")  # fmt: skip
+    yaw = _row(comparison, "IDM yaw direction, change from the first report")["values"]["this"]
+    assert 0.12 < yaw["low"] < yaw["mean"] < yaw["high"] < 0.21
+    at_2s = _row(comparison, "PSNR at 2s, change from the first report")["values"]["this"]
+    assert at_2s["low"] < 0 < at_2s["high"]
+    at_half = _row(comparison, "PSNR at 0.5s, change from the first report")["values"]["this"]
+    assert at_half["high"] < 0
