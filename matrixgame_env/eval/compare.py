@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .intervals import Interval, paired_interval, per_clip_values
+from .intervals import Interval, is_finite_number, paired_interval, per_clip_values
 
 REPORT_SECTIONS = ("fidelity", "idm", "drift")
 # Settings that change what a row measures: differing ones are named in the notes.
@@ -48,7 +48,7 @@ class Row:
     def best(self) -> set[int]:
         """The columns holding the row's best value (none when fewer than two reports measured it)."""
         # Compared as printed, so that values that print alike are marked alike.
-        numbers = [(i, round(v, self.digits)) for i, v in enumerate(self.values) if _is_number(v)]
+        numbers = [(i, round(v, self.digits)) for i, v in enumerate(self.values) if is_finite_number(v)]
         if self.higher_is_better is None or len(numbers) < 2:
             return set()
         pick = max if self.higher_is_better else min
@@ -283,7 +283,7 @@ def _target_cell(target: dict[str, Any] | None) -> str | None:
         return None
     state = {True: "met", False: "not met", None: "not measured"}[target.get("passed")]
     value = target.get("value")
-    return f"{state} ({value:.3f})" if _is_number(value) else state
+    return f"{state} ({value:.3f})" if is_finite_number(value) else state
 
 
 def _clear_turns(generated: dict[str, Any] | None) -> float | None:
@@ -303,10 +303,6 @@ def _get(entry: Any, *keys: str) -> Any:
             return None
         entry = entry[key]
     return entry
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _plain(value: Any) -> Any:

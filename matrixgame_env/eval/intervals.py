@@ -70,11 +70,14 @@ def paired_interval(
     return Interval(float(differences.mean()), float(low), float(high), level)
 
 
+def is_finite_number(value: object) -> bool:
+    """An int or float (not a bool) that is finite: a figure a report can hold."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def per_clip_values(values: object, clips: int) -> list[float] | None:
     """`values` as a list of `clips` finite floats, or None where it is not one (a report written
     before reports kept per-clip figures, or a clip with an infinite PSNR)."""
-    if not isinstance(values, list) or len(values) != clips:
-        return None
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+    if not isinstance(values, list) or len(values) != clips or not all(map(is_finite_number, values)):
         return None
     return [float(v) for v in values]
