@@ -24,6 +24,7 @@
 #                                               # student's own decoder: MG_ANCHOR_WEIGHT, default 5), then `eval` of
 #                                               # the student through it; decoder, logs and eval in $OUT (adapted.tar.part*;
 #                                               # MG_ADAPT_TAG=anchor2 MG_ANCHOR_WEIGHT=2: another run, anchor2.tar.part*;
+#                                               # MG_ADAPT_MOTION=1: with a loss on frame-to-frame change;
 #                                               # the student's DiT (bfloat16) and distillation log come along, in student/;
 #                                               # MG_ADAPT_FROM=DIR: a student and a decoder carried in instead, after
 #                                               # `setup next record` on a fresh machine; MG_ADAPT_EVAL=0: no eval)
@@ -171,7 +172,10 @@ EOF
     adapted=$MG_WORK/runs_$tag
     resume=""; [ -d "$adapted/vae/checkpoints" ] && resume=--resume
     minutes=$(python3 -c "print(round(($(left) - ${MG_ADAPT_EVAL_SECONDS:-200}) / 60, 2))")
-    python3 -m matrixgame_env.cli train vae --data "$MG_WORK/data" --init "$sharp" --decoder-only \
+    # MG_ADAPT_MOTION=W: a loss on the frame-to-frame change of the reconstructed clips (`--motion-weight W`),
+    # against the sharpened decoder's still frames that the judge reads as walking
+    motion=(); [ -n "${MG_ADAPT_MOTION:-}" ] && motion=(--motion-weight "$MG_ADAPT_MOTION")
+    python3 -m matrixgame_env.cli train vae --data "$MG_WORK/data" --init "$sharp" --decoder-only "${motion[@]}" \
       --generated-from "$student" --gan-weight 0.1 --disc-start 0 --gan-start "${MG_ADAPT_GAN_START:-200}" \
       --anchor-weight "${MG_ANCHOR_WEIGHT:-5}" --lr 5e-5 --warmup-steps 50 --clip-frames 9 --latent-noise 0.05 \
       --edge-weight 0.5 --batch-size "${MG_ADAPT_BATCH:-16}" --generated-clips "${MG_ADAPT_CLIPS:-256}" --generated-blocks 4 \
