@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models/doom-small/eval/eval_previous_decoder.json"
 STUDENT = ROOT / "models/next/dit-mapped-motion/student278_action_eval.json"  # H200, bfloat16
 SHARP = ROOT / "models/next/dit-mapped-motion/student278_action_generated_decoder_cpu_eval.json"  # 2 min drift
+# Each doom-small release evaluated again without drift (CPU, float32, the same 32 clips), per-clip figures kept.
+PAIRED = ROOT / "models/doom-small/eval/paired"
 
 
 def _compare_json(capsys, *argv: str) -> dict:
@@ -180,14 +182,12 @@ def test_names_must_fit_the_reports(capsys):
 def test_the_shipped_releases_compared_clip_by_clip(capsys):
     """The model card's paired figures: the release of 2026-12-05 against session 7's, on the same
     32 clips (CPU, float32, no drift): the yaw gain is outside the clips' spread, the PSNR at 2 s is not."""
-    paired = ROOT / "models/doom-small/eval/paired"
-    comparison = _compare_json(capsys, str(paired / "release_session7.json"), str(paired / "release_2026-12-05.json"),
-                               "--names", "previous", "this")  # fmt: skip
-    yaw = _row(comparison, "IDM yaw direction, change from the first report")["values"]["this"]
+    change = _release_changes(capsys, "release_session7.json", "release_2026-12-05.json")
+    yaw = change("IDM yaw direction")
     assert 0.12 < yaw["low"] < yaw["mean"] < yaw["high"] < 0.21
-    at_2s = _row(comparison, "PSNR at 2s, change from the first report")["values"]["this"]
+    at_2s = change("PSNR at 2s")
     assert at_2s["low"] < 0 < at_2s["high"]
-    at_half = _row(comparison, "PSNR at 0.5s, change from the first report")["values"]["this"]
+    at_half = change("PSNR at 0.5s")
     assert at_half["high"] < 0
 
 
@@ -195,13 +195,18 @@ def test_the_action_loss_06_release_compared_clip_by_clip(capsys):
     """The model card's paired figures for the release of 2026-12-06 (the student of action loss 0.6)
     against that of 2026-12-05 (0.3), on the same 32 clips (CPU, float32, no drift): more faithful at
     1, 2 and 4 s and more turns read right, with intervals clear of zero; the keys cannot tell them apart."""
-    paired = ROOT / "models/doom-small/eval/paired"
-    comparison = _compare_json(capsys, str(paired / "release_2026-12-05.json"), str(paired / "release_2026-12-06.json"),
-                               "--names", "before", "this")  # fmt: skip
+    change = _release_changes(capsys, "release_2026-12-05.json", "release_2026-12-06.json")
     for horizon in ("1s", "2s", "4s"):
-        change = _row(comparison, f"PSNR at {horizon}, change from the first report")["values"]["this"]
-        assert 0 < change["low"] < change["mean"] < change["high"] < 1.0, (horizon, change)
-    yaw = _row(comparison, "IDM yaw direction, change from the first report")["values"]["this"]
+        psnr = change(f"PSNR at {horizon}")
+        assert 0 < psnr["low"] < psnr["mean"] < psnr["high"] < 1.0, (horizon, psnr)
+    yaw = change("IDM yaw direction")
     assert 0 < yaw["low"] < yaw["mean"] < yaw["high"] < 0.05
-    keys = _row(comparison, "IDM keys, change from the first report")["values"]["this"]
+    keys = change("IDM keys")
     assert keys["low"] < 0 < keys["high"]
+
+
+def _release_changes(capsys, before: str, after: str):
+    """`compare` of two paired release reports: a function from a row's label to the later release's
+    "change from the first report" (mean, low, high)."""
+    comparison = _compare_json(capsys, str(PAIRED / before), str(PAIRED / after), "--names", "before", "after")
+    return lambda label: _row(comparison, f"{label}, change from the first report")["values"]["after"]
