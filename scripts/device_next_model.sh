@@ -27,7 +27,8 @@
 #                                               # MG_ADAPT_MOTION=1: with a loss on frame-to-frame change;
 #                                               # the student's DiT (bfloat16) and distillation log come along, in student/;
 #                                               # MG_ADAPT_FROM=DIR: a student and a decoder carried in instead, after
-#                                               # `setup next record` on a fresh machine; MG_ADAPT_EVAL=0: no eval)
+#                                               # `setup next record` on a fresh machine (DIR=models/doom-small: the
+#                                               # shipped DiT and decoder); MG_ADAPT_EVAL=0: no eval)
 #   bash scripts/device_next_model.sh complete # after adapt (same MG_ADAPT_TAG): `eval` of its student and decoder beside
 #                                               # encoding the recording and the reward head's training on its latents;
 #                                               # eval, head and logs in $OUT (<tag>_complete.tar.part*)
@@ -59,11 +60,16 @@ bundle() {  # /tmp/$1 into $OUT as <=15 MiB pieces ($1.tar.part*; join here with
   tar cf - -C /tmp "$1" | split -b 15M - "$OUT/$1.tar.part" && ls -la "$OUT"
 }
 adopt_carried() {  # $1/student/{config.json,dit.safetensors} (the distilled student) and $1/vae.safetensors (its
-  # decoder's starting point), carried in, take the places of the train and distill calls' results
+  # decoder's starting point), carried in, take the places of the train and distill calls' results; a model folder
+  # such as models/doom-small (config.json, dit.safetensors and vae.safetensors side by side) serves as well
   [ -f "$next/config.json" ] || { echo "run \`setup next record\` first, on this machine" >&2; exit 2; }
+  local from=$1/student; [ -d "$from" ] || from=$1
+  for f in "$from/config.json" "$from/dit.safetensors" "$1/vae.safetensors"; do
+    [ -f "$f" ] || { echo "MG_ADAPT_FROM: $f is missing (give a folder with student/ and vae.safetensors, or a model folder)" >&2; exit 2; }
+  done
   [ -d "$student" ] && echo "MG_ADAPT_FROM: the carried student replaces the distilled one in $student"
   rm -rf "$student" && mkdir -p "$(dirname "$student")" "$(dirname "$decoder")"
-  cp -r "$next" "$student" && cp "$1/student/config.json" "$1/student/dit.safetensors" "$student/"
+  cp -r "$next" "$student" && cp "$from/config.json" "$from/dit.safetensors" "$student/"
   cp "$1/vae.safetensors" "$decoder"
 }
 distill_recipe="--critic-steps 5 --lr 2e-5 --action-lr-mult 10 --guidance 1.5 --data-weight 0.25"  # the bundled student's recipe
