@@ -25,6 +25,7 @@
 #                                               # the student through it; decoder, logs and eval in $OUT (adapted.tar.part*;
 #                                               # MG_ADAPT_TAG=anchor2 MG_ANCHOR_WEIGHT=2: another run, anchor2.tar.part*;
 #                                               # MG_ADAPT_MOTION=1: with a loss on frame-to-frame change;
+#                                               # MG_ADAPT_GAN_WEIGHT=0: no adversary (default 0.1);
 #                                               # the student's DiT (bfloat16) and distillation log come along, in student/;
 #                                               # MG_ADAPT_FROM=DIR: a student and a decoder carried in instead, after
 #                                               # `setup next record` on a fresh machine (DIR=models/doom-small: the
@@ -182,7 +183,7 @@ EOF
     # against the sharpened decoder's still frames that the judge reads as walking
     motion=(); [ -n "${MG_ADAPT_MOTION:-}" ] && motion=(--motion-weight "$MG_ADAPT_MOTION")
     python3 -m matrixgame_env.cli train vae --data "$MG_WORK/data" --init "$sharp" --decoder-only "${motion[@]}" \
-      --generated-from "$student" --gan-weight 0.1 --disc-start 0 --gan-start "${MG_ADAPT_GAN_START:-200}" \
+      --generated-from "$student" --gan-weight "${MG_ADAPT_GAN_WEIGHT:-0.1}" --disc-start 0 --gan-start "${MG_ADAPT_GAN_START:-200}" \
       --anchor-weight "${MG_ANCHOR_WEIGHT:-5}" --lr 5e-5 --warmup-steps 50 --clip-frames 9 --latent-noise 0.05 \
       --edge-weight 0.5 --batch-size "${MG_ADAPT_BATCH:-16}" --generated-clips "${MG_ADAPT_CLIPS:-256}" --generated-blocks 4 \
       --steps "${MG_ADAPT_STEPS:-2000}" \
