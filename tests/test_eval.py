@@ -327,6 +327,24 @@ def test_drift_flags_grey_frames_and_accepts_real_ones(dataset) -> None:
     assert len(collapsed["seconds"]) == 2 and len(collapsed["statistics"]["motion"]["per_second_mean"]) == 2
 
 
+def test_drift_tells_a_drift_from_frames_out_of_range_from_the_start(dataset) -> None:
+    ranges = real_ranges(FrameWindows(dataset, "val", 2, float(VAL_FRACTION)), (16, 32))
+    real = FrameWindows(dataset, "val", 40, float(VAL_FRACTION)).stack([0, 1])["frames"]
+    fading = real.clone()
+    fading[:, -10:] = 128  # the game's look, then grey at the end: a drift
+    grey = torch.full_like(real, 128)  # grey from the first frame: a look, not a drift
+    onsets = {}
+    for name, frames in (("real", real), ("fading", fading), ("grey", grey)):
+        report = drift_report({k: v.numpy() for k, v in frame_statistics(frames).items()}, ranges, fps=17.5)
+        assert report["opening_frames"] == 4  # at most the final stretch: 10 % of 40 frames
+        onsets[name] = {stat: values["onset"] for stat, values in report["statistics"].items()}
+        for stat in report["collapsed_statistics"]:
+            assert onsets[name][stat] is not None
+    assert set(onsets["real"].values()) == {None}
+    assert onsets["fading"]["contrast"] == "drifted" and onsets["fading"]["sharpness"] == "drifted"
+    assert onsets["grey"]["contrast"] == "from the start" and onsets["grey"]["sharpness"] == "from the start"
+
+
 # ---------------------------------------------------------------------------------------------- command
 
 
@@ -381,6 +399,11 @@ def test_eval_command_end_to_end(dataset, model, tmp_path) -> None:
     assert drift["frames"] == 21 and drift["worlds"] == 2
     for values in drift["statistics"].values():
         assert values["real_low"] <= values["real_high"] and 0 <= values["in_range_share"] <= 1
+        assert (values["onset"] is None) == (values["final_in_range_share"] >= drift["in_range_needed"])
+    line = next(text for text in summary_lines(report) if text.startswith("drift over"))
+    assert ("no collapse" in line) == (not drift["collapsed"])
+    for name in drift["collapsed_statistics"]:  # each named with how it left the real range
+        assert f"{name}, {drift['statistics'][name]['onset']}" in line
     assert set(report["targets"]) == {"idm_keyboard_accuracy", "idm_yaw_direction_accuracy",
                                       "psnr_above_copy_last_frame_at_1s", "no_collapse"}  # fmt: skip
     assert all(target["passed"] in (True, False) for target in report["targets"].values())

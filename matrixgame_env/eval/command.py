@@ -269,7 +269,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     drift = report.get("drift")
     if drift:
         shares = ", ".join(f"{name} {v['in_range_share']:.2f}" for name, v in drift["statistics"].items())
-        verdict = f"collapsed ({', '.join(drift['collapsed_statistics'])})" if drift["collapsed"] else "no collapse"
+        onsets = {name: drift["statistics"][name].get("onset") for name in drift["collapsed_statistics"]}
+        named = [name if onset is None else f"{name}, {onset}" for name, onset in onsets.items()]
+        verdict = f"collapsed ({'; '.join(named)})" if drift["collapsed"] else "no collapse"
         lines.append(f"drift over {drift['minutes']:.2f} min: {verdict}; share in the real range: {shares}")
     for name, target in report.get("targets", {}).items():
         state = {True: "met", False: "NOT met", None: "not measured"}[target["passed"]]

@@ -11,7 +11,10 @@ percentile) of the same statistics over real held-out frames:
     motion         mean absolute difference from the previous frame
 
 A rollout is "collapsed" when, over its final stretch, any statistic is outside the real range for
-most frames.
+most frames. Each statistic's `onset` tells a drift from a look the model has from its first
+seconds on: "drifted" (in range over the opening stretch, out of it at the end), "from the start"
+(out of range over both: a property of the frames, e.g. a blurry decoder, rather than a drift), or
+null when the final stretch is in range.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from .real_data import ActionSequence, FrameWindows, resize_frames
 STATISTICS = ("brightness", "contrast", "colourfulness", "sharpness", "motion")
 PERCENTILES = (1.0, 99.0)
 FINAL_FRACTION = 0.1  # the final stretch of the rollout that the verdict looks at
+OPENING_SECONDS = 10.0  # the opening stretch (at most the final stretch's length) that tells a drift from a look
 IN_RANGE_NEEDED = 0.5  # share of the final stretch within the real range, for every statistic
 REAL_FRAMES = 4000  # real frames that set the ranges (spread evenly over the held-out episodes)
 _LUMA = (0.299, 0.587, 0.114)
@@ -127,6 +131,7 @@ def drift_report(
     and final stretch), per-second means and in-range shares over time, and the collapse verdict."""
     frames = next(iter(statistics.values())).shape[1]
     final = max(1, math.ceil(FINAL_FRACTION * frames))
+    opening = max(1, min(final, math.ceil(OPENING_SECONDS * fps)))
     seconds = max(1, math.floor(frames / fps))
     # Whole seconds of video; a last partial second joins the one before.
     bins = np.minimum((np.arange(frames) / fps).astype(int), seconds - 1)
@@ -138,12 +143,15 @@ def drift_report(
         valid = ~np.isnan(values)
         inside = (values >= low) & (values <= high)
         final_share = _share(inside[:, -final:], valid[:, -final:])
+        opening_share = _share(inside[:, :opening], valid[:, :opening])
         per_statistic[name] = {
             "real_low": low,
             "real_high": high,
             "in_range_share": _share(inside, valid),
             "final_in_range_share": final_share,
             "final_median": float(np.nanmedian(values[:, -final:])),
+            "opening_in_range_share": opening_share,
+            "onset": _onset(opening_share, final_share),
             "per_second_mean": [float(np.nanmean(values[:, bins == s])) for s in range(seconds)],
             "per_second_in_range": [_share(inside[:, bins == s], valid[:, bins == s]) for s in range(seconds)],
         }
@@ -154,12 +162,20 @@ def drift_report(
             "seconds": (np.arange(seconds) + 0.5).tolist(),
             "statistics": per_statistic,
             "final_fraction": FINAL_FRACTION,
+            "opening_frames": int(opening),
             "in_range_needed": IN_RANGE_NEEDED,
             "collapsed": bool(collapsed),
             "collapsed_statistics": collapsed,
         }
     )
     return report
+
+
+def _onset(opening_share: float, final_share: float) -> str | None:
+    """How a statistic left the real range: None (it did not), "drifted" or "from the start"."""
+    if not final_share < IN_RANGE_NEEDED:
+        return None
+    return "from the start" if opening_share < IN_RANGE_NEEDED else "drifted"
 
 
 def _share(inside: np.ndarray, valid: np.ndarray) -> float:
