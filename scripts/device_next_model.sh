@@ -25,7 +25,8 @@
 #                                               # the student through it; decoder, logs and eval in $OUT (adapted.tar.part*;
 #                                               # MG_ADAPT_TAG=anchor2 MG_ANCHOR_WEIGHT=2: another run, anchor2.tar.part*;
 #                                               # MG_ADAPT_MOTION=1: with a loss on frame-to-frame change;
-#                                               # MG_ADAPT_GAN_WEIGHT=0: no adversary (default 0.1);
+#                                               # MG_ADAPT_GAN_WEIGHT=0: no adversary, so the recording alone (default 0.1);
+#                                               # MG_ADAPT_LR: the learning rate (default 5e-5);
 #                                               # the student's DiT (bfloat16) and distillation log come along, in student/;
 #                                               # MG_ADAPT_FROM=DIR: a student and a decoder carried in instead, after
 #                                               # `setup next record` on a fresh machine (DIR=models/doom-small: the
@@ -182,11 +183,17 @@ EOF
     # MG_ADAPT_MOTION=W: a loss on the frame-to-frame change of the reconstructed clips (`--motion-weight W`),
     # against the sharpened decoder's still frames that the judge reads as walking
     motion=(); [ -n "${MG_ADAPT_MOTION:-}" ] && motion=(--motion-weight "$MG_ADAPT_MOTION")
+    # the student's latents are judged by the adversary alone (and anchored): without one (MG_ADAPT_GAN_WEIGHT=0)
+    # the decoder learns from the recording's clips only
+    gan=${MG_ADAPT_GAN_WEIGHT:-0.1}
+    generated=(--gan-weight 0)
+    if [ "$gan" != 0 ]; then
+      generated=(--generated-from "$student" --gan-weight "$gan" --disc-start 0 --gan-start "${MG_ADAPT_GAN_START:-200}"
+        --anchor-weight "${MG_ANCHOR_WEIGHT:-5}" --generated-clips "${MG_ADAPT_CLIPS:-256}" --generated-blocks 4)
+    fi
     python3 -m matrixgame_env.cli train vae --data "$MG_WORK/data" --init "$sharp" --decoder-only "${motion[@]}" \
-      --generated-from "$student" --gan-weight "${MG_ADAPT_GAN_WEIGHT:-0.1}" --disc-start 0 --gan-start "${MG_ADAPT_GAN_START:-200}" \
-      --anchor-weight "${MG_ANCHOR_WEIGHT:-5}" --lr 5e-5 --warmup-steps 50 --clip-frames 9 --latent-noise 0.05 \
-      --edge-weight 0.5 --batch-size "${MG_ADAPT_BATCH:-16}" --generated-clips "${MG_ADAPT_CLIPS:-256}" --generated-blocks 4 \
-      --steps "${MG_ADAPT_STEPS:-2000}" \
+      "${generated[@]}" --lr "${MG_ADAPT_LR:-5e-5}" --warmup-steps 50 --clip-frames 9 --latent-noise 0.05 \
+      --edge-weight 0.5 --batch-size "${MG_ADAPT_BATCH:-16}" --steps "${MG_ADAPT_STEPS:-2000}" \
       --workers 8 --minutes "$minutes" --out "$adapted" --no-progress $resume
     if [ "${MG_ADAPT_EVAL:-1}" = 1 ]; then
       MG_EVAL_MODEL=$adapted/vae/model MG_EVAL_OUT=$MG_WORK/eval_$tag pipeline eval || echo "its eval failed: $?"
