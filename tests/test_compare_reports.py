@@ -62,6 +62,20 @@ def test_rows_carry_each_reports_figures_and_mark_the_best(capsys):
     assert any(note.startswith("dtype differs") for note in comparison["notes"])
 
 
+def test_a_collapse_is_named_with_its_onset(capsys):
+    # An H100 decoder run whose sharpness left the real range over its 10 minutes (a report with onsets)
+    # beside the current release's report (no collapse) and one written before onsets were reported.
+    drifted = ROOT / "models/next/dit-mapped-motion/student300_action06_motion2_gan_h100_decoder_eval.json"
+    release = ROOT / "models/doom-small/eval/eval.json"
+    comparison = _compare_json(capsys, str(drifted), str(release), str(STUDENT), "--names", "run", "release", "old")
+    sharpness = json.loads(drifted.read_text())["drift"]["statistics"]["sharpness"]
+    assert sharpness["onset"] == "drifted"
+    collapsed = _row(comparison, "collapsed")["values"]
+    assert collapsed == {"run": "sharpness (drifted)", "release": False, "old": "sharpness"}
+    opening = _row(comparison, "sharpness in the real range, opening seconds")["values"]
+    assert opening == {"run": sharpness["opening_in_range_share"], "release": None, "old": None}
+
+
 def test_reports_on_other_clips_or_settings_are_flagged(tmp_path, capsys):
     report = json.loads(SHARP.read_text())
     report["fidelity"]["sources"] = report["fidelity"]["sources"][1:]

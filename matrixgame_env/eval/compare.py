@@ -118,9 +118,12 @@ def comparison_rows(reports: Sequence[dict[str, Any]]) -> list[Row]:
             statistic = [_get(d, "statistics", name) if d else None for d in drifts]
             rows.append(Row(f"{name} in the real range", _each(statistic, "in_range_share"), True, 2))
             rows.append(
+                Row(f"{name} in the real range, opening seconds", _each(statistic, "opening_in_range_share"), True, 2)
+            )
+            rows.append(
                 Row(f"{name} in the real range, final frames", _each(statistic, "final_in_range_share"), True, 2)
             )
-        rows.append(Row("collapsed", _each(drifts, "collapsed")))
+        rows.append(Row("collapsed", tuple(_collapse_cell(d) for d in drifts)))
     for name in _names_in(reports, "targets"):
         rows.append(Row(f"target {name}", tuple(_target_cell(_get(r, "targets", name)) for r in reports)))
     for name in ("device", "dtype", "action_guidance"):
@@ -290,6 +293,20 @@ def _clear_turns(generated: dict[str, Any] | None) -> float | None:
     """Yaw direction accuracy in the band of the largest turns (`yaw_by_size`)."""
     sizes = (generated or {}).get("yaw_by_size")
     return sizes["yaw_direction"][-1] if sizes else None
+
+
+def _collapse_cell(drift: dict[str, Any] | None) -> Any:
+    """False, or the statistics that collapsed, each with its onset where the report has one
+    ("sharpness (from the start)"); None where the report has no drift."""
+    if not drift:
+        return None
+    if not drift.get("collapsed"):
+        return False
+    names = []
+    for name in drift.get("collapsed_statistics") or []:
+        onset = _get(drift, "statistics", name, "onset")
+        names.append(f"{name} ({onset})" if onset else name)
+    return ", ".join(names) or True
 
 
 def _each(entries: Sequence[Any], *keys: str) -> tuple[Any, ...]:
