@@ -187,10 +187,10 @@ EOF
     # the decoder learns from the recording's clips only
     gan=${MG_ADAPT_GAN_WEIGHT:-0.1}
     generated=(--gan-weight 0)
-    if [ "$gan" != 0 ]; then
+    case $gan in 0|0.0|0.00) ;; *)
       generated=(--generated-from "$student" --gan-weight "$gan" --disc-start 0 --gan-start "${MG_ADAPT_GAN_START:-200}"
-        --anchor-weight "${MG_ANCHOR_WEIGHT:-5}" --generated-clips "${MG_ADAPT_CLIPS:-256}" --generated-blocks 4)
-    fi
+        --anchor-weight "${MG_ANCHOR_WEIGHT:-5}" --generated-clips "${MG_ADAPT_CLIPS:-256}" --generated-blocks 4) ;;
+    esac
     python3 -m matrixgame_env.cli train vae --data "$MG_WORK/data" --init "$sharp" --decoder-only "${motion[@]}" \
       "${generated[@]}" --lr "${MG_ADAPT_LR:-5e-5}" --warmup-steps 50 --clip-frames 9 --latent-noise 0.05 \
       --edge-weight 0.5 --batch-size "${MG_ADAPT_BATCH:-16}" --steps "${MG_ADAPT_STEPS:-2000}" \
