@@ -129,6 +129,7 @@ def _idm(
         IDMConfig,
         TrainSettings,
         evaluate_split,
+        idm_weights_sha256,
         judge_clips,
         load_idm,
         save_idm,
@@ -148,6 +149,9 @@ def _idm(
 
             raise CommandError(f"cannot use the IDM at {args.idm}: {error}") from error
         section["source"] = str(Path(args.idm).resolve())
+        section["sha256"] = idm_weights_sha256(args.idm)
+        if section["sha256"] in _action_judges(world.config.extra.get("training", {}).get("vae")):
+            section["trained_against"] = True  # the VAE learned to please this very judge: not independent
     else:
         config = IDMConfig(video_size=world.video_size, width=args.idm_width)
         settings = TrainSettings(args.steps, args.idm_batch_size, args.idm_lr, seed=args.seed, workers=args.workers)
@@ -175,6 +179,16 @@ def _idm(
     section["readable_from_motion"] = _key_readability(args, manifest)
     timing["idm_eval"] = time.monotonic() - started
     report["idm"] = section
+
+
+def _action_judges(record: Any) -> set[str]:
+    """The weights hashes of every IDM a VAE training record (and the records it continued) trained against."""
+    if not isinstance(record, dict):
+        return set()
+    found = {record["action_judge_sha256"]} if isinstance(record.get("action_judge_sha256"), str) else set()
+    for value in record.values():
+        found |= _action_judges(value)
+    return found
 
 
 def _key_readability(args: argparse.Namespace, manifest) -> dict[str, Any]:
@@ -257,6 +271,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             if sizes and sizes["yaw_direction"][-1] is not None:
                 low, clear, count = sizes["bands"][-1][0], sizes["yaw_direction"][-1], sizes["windows"][-1]
                 lines.append(f"  yaw direction of clear turns (|yaw| > {low:g}): {clear:.3f} of {count} frames")
+    if report.get("idm", {}).get("trained_against"):
+        lines.append("note: this model's VAE was trained against this IDM (train vae --action-judge): its reads are "
+                     "not an independent measure; judge with another IDM")  # fmt: skip
     shares = report.get("idm", {}).get("generated_share_of_round_trip")
     if shares:
         told = ", ".join(f"{name} {'-' if v is None else f'{v:.2f}'}" for name, v in shares.items())

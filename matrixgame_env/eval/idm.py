@@ -12,6 +12,7 @@ dead zone around zero). Stored as `idm.safetensors` (weights, read with safetens
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -99,7 +100,15 @@ class InverseDynamicsModel(nn.Module):
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 windows [B, L, H, W, 3] (any size: resized to the config's) -> key logits [B, K], yaw logits [B, 3]."""
         frames = resize_frames(frames.to(self.device), self.config.video_size)
-        x = frames.permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0  # [B, L, 3, H, W]
+        return self.read_pixels(frames.permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0)
+
+    def read_pixels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float windows [B, L, 3, H, W] in [-1, 1] at the config's size -> key logits [B, K], yaw logits
+        [B, 3]; differentiable in `x` (a frozen IDM as a training loss)."""
+        if x.dim() != 5 or tuple(x.shape[1:3]) != (self.config.context, 3):
+            raise ValueError(f"windows must be [B, {self.config.context}, 3, H, W], got {tuple(x.shape)}")
+        if tuple(x.shape[-2:]) != self.config.video_size:
+            raise ValueError(f"windows must be {self.config.video_size} pixels, got {tuple(x.shape[-2:])}")
         x = torch.cat([x.flatten(1, 2), (x[:, 1:] - x[:, :-1]).flatten(1, 2)], dim=1)
         logits = self.head(self.pool(self.features(x)).flatten(1))
         keys = len(self.config.keyboard)
@@ -433,6 +442,17 @@ def load_idm(path: str | os.PathLike, device: torch.device | str = "cpu") -> Inv
     model = InverseDynamicsModel(IDMConfig(**saved["config"]))
     model.load_state_dict(load_file(weights_path), strict=True)
     return model.to(device).eval()
+
+
+def idm_weights_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a saved IDM's weights file (its folder, or a file in it): which judge this is."""
+    path = Path(path)
+    weights = (path if path.is_dir() else path.parent) / WEIGHTS_FILE
+    digest = hashlib.sha256()
+    with open(weights, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _groups(channels: int) -> int:

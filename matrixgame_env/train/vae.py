@@ -34,6 +34,7 @@ from ..learned_reward import REWARD_HEAD_KEY
 from ..model_config import ModelConfig
 from ..nn.vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD, WanVAE
 from . import generated_latents
+from .action_judge import ActionJudge
 from .adversarial import PatchDiscriminator, discriminator_loss, generator_loss, video_windows, width_problem
 from .common import (
     StageError,
@@ -111,6 +112,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "4x4 pixels, that of MODEL's own decoder",
     )  # fmt: skip
     parser.add_argument(
+        "--action-judge", default=None, metavar="IDM",
+        help="an inverse-dynamics model saved by `matrixgame-env eval` (--idm-out): frozen, it reads the decoded "
+        "clips, and --action-weight times its loss against the recorded actions is added (train/action_judge.py); "
+        "use another judge than the one eval scores with",
+    )  # fmt: skip
+    parser.add_argument("--action-weight", type=float, default=0.0, help="weight of the --action-judge loss")
+    parser.add_argument(
         "--finish-minutes", type=float, default=1.0,
         help="minutes of --minutes kept for measuring and writing the model folder, which every session ends "
         "with (default: 1)",
@@ -128,6 +136,7 @@ def vae_losses(
     edge_weight: float = 0.0,
     adversary: Adversary | None = None,
     motion_weight: float = 0.0,
+    action: Adversary | None = None,
 ) -> dict[str, torch.Tensor]:
     """Training losses of a batch of clips [B, 3, T, H, W] in [-1, 1].
 
@@ -135,11 +144,12 @@ def vae_losses(
     (see `edge_loss`, `motion_loss`), and its parts: "l1", "mse" (pixel means), "kl" (mean KL per latent
     value of the unnormalised posterior against N(0, 1)), "psnr" (dB, 0..1 range) and "motion" when
     weighted, and the detached decoded clips as "reconstruction". With `adversary` (decoded clips ->
-    weighted generator loss) its value is added to "loss" and reported as "gan".
+    weighted generator loss) its value is added to "loss" and reported as "gan"; likewise `action` (decoded
+    clips -> the weighted action judge's loss, see train/action_judge.py) as "action".
     """
     mu, logvar = vae.encode_distribution(video)
     z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample else mu
-    losses = reconstruction_losses(vae.decode_unnormalised(z), video, edge_weight, adversary, motion_weight)
+    losses = reconstruction_losses(vae.decode_unnormalised(z), video, edge_weight, adversary, motion_weight, action)
     mu, logvar = mu.float(), logvar.float()
     kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
     losses["loss"] = losses["loss"] + kl_weight * kl
@@ -154,19 +164,20 @@ def decoder_losses(
     edge_weight: float = 0.0,
     adversary: Adversary | None = None,
     motion_weight: float = 0.0,
+    action: Adversary | None = None,
 ) -> dict[str, torch.Tensor]:
     """Losses of the decoder alone: the frozen encoder's posterior means (plus `latent_noise` times each
     channel's latent std of Gaussian noise) decoded and compared with the clips [B, 3, T, H, W] in [-1, 1].
 
     Returns "loss" = l1 + mse + edge_weight * edge + motion_weight * motion (+ the adversary's), and "l1",
-    "mse", "psnr" (and "motion", "gan", "reconstruction") as `vae_losses`.
+    "mse", "psnr" (and "motion", "gan", "action", "reconstruction") as `vae_losses`.
     """
     with torch.no_grad():
         mu, _ = vae.encode_distribution(video)
         if latent_noise > 0:
             std = torch.as_tensor(vae.config["latent_std"], dtype=mu.dtype, device=mu.device).view(1, -1, 1, 1, 1)
             mu = mu + latent_noise * std * torch.randn_like(mu)
-    return reconstruction_losses(vae.decode_unnormalised(mu), video, edge_weight, adversary, motion_weight)
+    return reconstruction_losses(vae.decode_unnormalised(mu), video, edge_weight, adversary, motion_weight, action)
 
 
 def reconstruction_losses(
@@ -175,10 +186,12 @@ def reconstruction_losses(
     edge_weight: float = 0.0,
     adversary: Adversary | None = None,
     motion_weight: float = 0.0,
+    action: Adversary | None = None,
 ) -> dict[str, torch.Tensor]:
-    """ "loss" = l1 + mse + edge_weight * edge + motion_weight * motion (+ adversary(reconstruction)) of a
-    decoded video against the clips, and "l1", "mse", "psnr" (detached), all in float32; "motion" too when
-    weighted; "gan" with `adversary`; the detached "reconstruction" (for the discriminator)."""
+    """ "loss" = l1 + mse + edge_weight * edge + motion_weight * motion (+ adversary(reconstruction)
+    + action(reconstruction)) of a decoded video against the clips, and "l1", "mse", "psnr" (detached), all
+    in float32; "motion" too when weighted; "gan" with `adversary`, "action" with `action`; the detached
+    "reconstruction" (for the discriminator)."""
     reconstruction = reconstruction.float()
     target = video.to(reconstruction)
     error = reconstruction - target
@@ -199,6 +212,10 @@ def reconstruction_losses(
         gan = adversary(reconstruction)
         losses["loss"] = losses["loss"] + gan
         losses["gan"] = gan.detach()
+    if action is not None:
+        judged = action(reconstruction)
+        losses["loss"] = losses["loss"] + judged
+        losses["action"] = judged.detach()
     return losses
 
 
@@ -271,6 +288,7 @@ def run(args: argparse.Namespace) -> Path:
     training.add_module("vae", vae, ema_decay=args.ema)
     training.add_optimizer("vae", optimizer, warmup_cosine(optimizer, args.warmup_steps, args.steps))
     critic = _Critic(training, args) if args.gan_weight > 0 else None
+    judge = _action_judge(args, config, train_clips, training.device)
     generated = _Generated(training, args, vae, data) if args.generated_from else None
     training.resume()
     if not training.finished:
@@ -278,11 +296,14 @@ def run(args: argparse.Namespace) -> Path:
         sample = not args.no_sample
 
         def step(
-            video: torch.Tensor, adversary: Adversary | None, latents: torch.Tensor | None
+            video: torch.Tensor, adversary: Adversary | None, latents: torch.Tensor | None, actions: dict | None
         ) -> dict[str, torch.Tensor]:
+            action = None if actions is None else _weighted_judge(judge, args.action_weight, actions)
             if not args.decoder_only:
-                return vae_losses(vae, video, args.kl_weight, sample, args.edge_weight, adversary, args.motion_weight)
-            losses = decoder_losses(vae, video, args.latent_noise, args.edge_weight, adversary, args.motion_weight)
+                return vae_losses(vae, video, args.kl_weight, sample, args.edge_weight, adversary, args.motion_weight,
+                                  action)  # fmt: skip
+            losses = decoder_losses(vae, video, args.latent_noise, args.edge_weight, adversary, args.motion_weight,
+                                    action)  # fmt: skip
             if latents is not None:
                 losses = generated.add_losses(losses, latents, adversary)
             return losses
@@ -290,12 +311,14 @@ def run(args: argparse.Namespace) -> Path:
         losses_of = training.data_parallel(step, vae)
         disc_start = args.gan_start if args.disc_start is None else args.disc_start
         while training.keep_going():
-            video = next(batches)["video"].to(training.device, non_blocking=True)
+            batch = next(batches)
+            video = batch["video"].to(training.device, non_blocking=True)
+            actions = None if judge is None else {name: batch[name] for name in ("keyboard", "mouse")}
             judged = critic is not None and training.step >= disc_start
             adversary = critic.adversary() if judged and training.step >= args.gan_start else None
             latents = generated.batch(args.batch_size) if generated is not None and judged else None
             with training.autocast():
-                losses = losses_of(video, adversary, latents)
+                losses = losses_of(video, adversary, latents, actions)
             grad_norm = training.optimize(losses.pop("loss"), "vae")
             reconstruction = losses.pop("reconstruction")
             decoded_generated = losses.pop("generated", None)
@@ -427,7 +450,7 @@ def _latent_statistics_of(values: Mapping[str, Any]) -> dict[str, list[float]]:
 
 
 def _check_loss_options(args: argparse.Namespace) -> None:
-    for name in ("latent_noise", "edge_weight", "motion_weight", "gan_weight", "anchor_weight"):
+    for name in ("latent_noise", "edge_weight", "motion_weight", "gan_weight", "anchor_weight", "action_weight"):
         value = getattr(args, name)
         if not value >= 0:  # also catches NaN
             raise StageError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
@@ -441,6 +464,9 @@ def _check_loss_options(args: argparse.Namespace) -> None:
         raise StageError(f"--disc-width {problem}")
     if not 1 <= args.disc_frames <= args.clip_frames:
         raise StageError(f"--disc-frames must lie in 1..--clip-frames ({args.clip_frames}), got {args.disc_frames}")
+    if (args.action_weight > 0) != (args.action_judge is not None):
+        raise StageError("--action-judge and --action-weight > 0 go together (the judge's loss needs a weight, and "
+                         "a weight needs a judge: an IDM folder saved by `matrixgame-env eval --idm-out`)")  # fmt: skip
     if args.latent_noise > 0 and not args.decoder_only:
         raise StageError("--latent-noise applies to --decoder-only training (the full VAE samples its own posterior)")
     if args.generated_from is not None:
@@ -456,6 +482,31 @@ def _check_loss_options(args: argparse.Namespace) -> None:
                 f"--generated-clips and --generated-blocks must be at least 1, got {args.generated_clips} "
                 f"and {args.generated_blocks}"
             )
+
+
+def _weighted_judge(judge: ActionJudge, weight: float, actions: Mapping[str, torch.Tensor]) -> Adversary:
+    """Decoded clips -> `weight` times the judge's loss against this batch's recorded actions."""
+
+    def judged(decoded: torch.Tensor) -> torch.Tensor:
+        return weight * judge.loss(decoded, actions["keyboard"], actions["mouse"])
+
+    return judged
+
+
+def _action_judge(
+    args: argparse.Namespace, config: ModelConfig, clips: VideoClipDataset, device: torch.device
+) -> ActionJudge | None:
+    """The frozen IDM of --action-judge, checked against the stage's frames, keys and clip length."""
+    if not args.action_weight > 0:
+        return None
+    try:
+        judge = ActionJudge.load(args.action_judge, device)
+    except (OSError, ValueError, RuntimeError) as error:  # no IDM there, another format, or mismatched weights
+        raise StageError(f"--action-judge {args.action_judge}: {error}") from error
+    problem = judge.check(config.video_size, clips[0]["keyboard"].shape[-1], args.clip_frames)
+    if problem:
+        raise StageError(f"--action-judge {args.action_judge} {problem}")
+    return judge
 
 
 def _freeze_encoder(vae: WanVAE, init: object) -> None:
@@ -525,6 +576,9 @@ def _finish(
             record.update(disc_start=args.disc_start)
     if args.motion_weight > 0:
         record.update(motion_weight=args.motion_weight)
+    if args.action_weight > 0:
+        judge = ActionJudge.load(args.action_judge)
+        record.update(action_weight=args.action_weight, action_judge=judge.source, action_judge_sha256=judge.sha256)
     if args.generated_from is not None:
         record.update(generated_from=str(args.generated_from), generated_clips=pool_clips,
                       generated_blocks=args.generated_blocks, anchor_weight=args.anchor_weight)  # fmt: skip
