@@ -87,7 +87,9 @@ def test_a_judge_that_cannot_read_the_clips_is_named(tmp_path) -> None:
     assert judge.check(VIDEO_SIZE, 4, 1) == "reads windows of 3 frames, longer than --clip-frames 1"
 
 
-def test_decoder_training_against_a_judge_is_recorded_and_eval_names_that_judge(dataset, start, tmp_path) -> None:
+def test_decoder_training_against_a_judge_is_recorded_and_eval_names_that_judge(
+    dataset, start, tmp_path, capsys
+) -> None:
     judge = _idm(tmp_path / "judge", seed=3)
     other = _idm(tmp_path / "other", seed=4)
     judge_hash = idm_weights_sha256(judge)
@@ -112,6 +114,13 @@ def test_decoder_training_against_a_judge_is_recorded_and_eval_names_that_judge(
         section = json.loads((report_dir / "eval.json").read_text())["idm"]
         assert section["sha256"] == idm_weights_sha256(idm)
         assert section.get("trained_against") is expected
+    reports = [str(tmp_path / f"eval_{idm.name}") for idm in (judge, other)]
+    capsys.readouterr()
+    status, errors = run_cli("compare", *reports, "--names", "same", "another")
+    assert status == 0, errors
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: judged by")]
+    assert notes == ["note: judged by the IDM their VAE was trained against (same): their IDM rows are not an "
+                     "independent measure"]  # fmt: skip
 
 
 @pytest.mark.parametrize(

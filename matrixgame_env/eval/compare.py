@@ -160,6 +160,10 @@ def comparison_notes(reports: Sequence[dict[str, Any]], names: Sequence[str]) ->
         else:
             notes.append("change from the first report: the mean over the clips of each clip's difference, "
                          "[95 % bootstrap interval]; an interval holding 0 cannot tell the two apart")  # fmt: skip
+    partial = [name for name, r in zip(names, reports) if _get(r, "idm", "trained_against")]
+    if partial:
+        notes.append(f"judged by the IDM their VAE was trained against ({', '.join(partial)}): their IDM rows are "
+                     "not an independent measure")  # fmt: skip
     return notes
 
 
