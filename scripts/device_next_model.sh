@@ -27,6 +27,7 @@
 #                                               # MG_ADAPT_MOTION=1: with a loss on frame-to-frame change;
 #                                               # MG_ADAPT_GAN_WEIGHT=0: no adversary, so the recording alone (default 0.1);
 #                                               # MG_ADAPT_LR: the learning rate (default 5e-5);
+#                                               # MG_ADAPT_JUDGE=IDM: against a second judge (--action-judge);
 #                                               # the student's DiT (bfloat16) and distillation log come along, in student/;
 #                                               # MG_ADAPT_FROM=DIR: a student and a decoder carried in instead, after
 #                                               # `setup next record` on a fresh machine (DIR=models/doom-small: the
@@ -183,6 +184,9 @@ EOF
     # MG_ADAPT_MOTION=W: a loss on the frame-to-frame change of the reconstructed clips (`--motion-weight W`),
     # against the sharpened decoder's still frames that the judge reads as walking
     motion=(); [ -n "${MG_ADAPT_MOTION:-}" ] && motion=(--motion-weight "$MG_ADAPT_MOTION")
+    # MG_ADAPT_JUDGE=IDM: a frozen second judge's loss on the decoded clips (`--action-judge`, weight
+    # MG_ADAPT_JUDGE_WEIGHT, default 0.1), e.g. models/next/action-judge-w24
+    [ -n "${MG_ADAPT_JUDGE:-}" ] && motion+=(--action-judge "$MG_ADAPT_JUDGE" --action-weight "${MG_ADAPT_JUDGE_WEIGHT:-0.1}")
     # the student's latents are judged by the adversary alone (and anchored): without one (MG_ADAPT_GAN_WEIGHT=0)
     # the decoder learns from the recording's clips only
     gan=${MG_ADAPT_GAN_WEIGHT:-0.1}
