@@ -169,8 +169,8 @@ def decoder_losses(
     """Losses of the decoder alone: the frozen encoder's posterior means (plus `latent_noise` times each
     channel's latent std of Gaussian noise) decoded and compared with the clips [B, 3, T, H, W] in [-1, 1].
 
-    Returns "loss" = l1 + mse + edge_weight * edge + motion_weight * motion (+ the adversary's), and "l1",
-    "mse", "psnr" (and "motion", "gan", "action", "reconstruction") as `vae_losses`.
+    Returns "loss" = l1 + mse + edge_weight * edge + motion_weight * motion (+ the adversary's and the
+    judge's), and "l1", "mse", "psnr" (and "motion", "gan", "action", "reconstruction") as `vae_losses`.
     """
     with torch.no_grad():
         mu, _ = vae.encode_distribution(video)
