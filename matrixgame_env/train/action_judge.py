@@ -33,9 +33,7 @@ class ActionJudge:
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> ActionJudge:
         """The IDM folder `path` (as `load_idm` reads it), frozen on `device`."""
-        model = load_idm(path, device)
-        folder = Path(path) if Path(path).is_dir() else Path(path).parent
-        return cls(model, str(folder.resolve()), idm_weights_sha256(folder))
+        return cls(load_idm(path, device), *describe(path))
 
     def check(self, video_size: tuple[int, int], keyboard: int, clip_frames: int) -> str | None:
         """What stops this judge from reading the stage's clips (None: nothing)."""
@@ -60,3 +58,9 @@ class ActionJudge:
         key_loss = F.binary_cross_entropy_with_logits(key_logits.float(), labels.keys.float().to(key_logits.device))
         yaw_loss = F.cross_entropy(yaw_logits.float(), labels.yaw.to(yaw_logits.device))
         return key_loss + yaw_loss
+
+
+def describe(path: str | os.PathLike) -> tuple[str, str]:
+    """(resolved folder, weights SHA-256) of the IDM at `path`, without loading it: what a model records."""
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    return str(folder.resolve()), idm_weights_sha256(folder)

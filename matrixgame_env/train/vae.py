@@ -35,6 +35,7 @@ from ..model_config import ModelConfig
 from ..nn.vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD, WanVAE
 from . import generated_latents
 from .action_judge import ActionJudge
+from .action_judge import describe as describe_judge
 from .adversarial import PatchDiscriminator, discriminator_loss, generator_loss, video_windows, width_problem
 from .common import (
     StageError,
@@ -577,8 +578,8 @@ def _finish(
     if args.motion_weight > 0:
         record.update(motion_weight=args.motion_weight)
     if args.action_weight > 0:
-        judge = ActionJudge.load(args.action_judge)
-        record.update(action_weight=args.action_weight, action_judge=judge.source, action_judge_sha256=judge.sha256)
+        judge_folder, judge_hash = describe_judge(args.action_judge)  # the file read at the start, not loaded again
+        record.update(action_weight=args.action_weight, action_judge=judge_folder, action_judge_sha256=judge_hash)
     if args.generated_from is not None:
         record.update(generated_from=str(args.generated_from), generated_clips=pool_clips,
                       generated_blocks=args.generated_blocks, anchor_weight=args.anchor_weight)  # fmt: skip
