@@ -28,6 +28,7 @@
 #                                               # MG_ADAPT_GAN_WEIGHT=0: no adversary, so the recording alone (default 0.1);
 #                                               # MG_ADAPT_LR: the learning rate (default 5e-5);
 #                                               # MG_ADAPT_JUDGE=IDM: against a second judge (--action-judge);
+#                                               # MG_ADAPT_ARGS: more `train vae` options (e.g. --reference-weight 2);
 #                                               # the student's DiT (bfloat16) and distillation log come along, in student/;
 #                                               # MG_ADAPT_FROM=DIR: a student and a decoder carried in instead, after
 #                                               # `setup next record` on a fresh machine (DIR=models/doom-small: the
@@ -198,7 +199,7 @@ EOF
     python3 -m matrixgame_env.cli train vae --data "$MG_WORK/data" --init "$sharp" --decoder-only "${motion[@]}" \
       "${generated[@]}" --lr "${MG_ADAPT_LR:-5e-5}" --warmup-steps 50 --clip-frames 9 --latent-noise 0.05 \
       --edge-weight 0.5 --batch-size "${MG_ADAPT_BATCH:-16}" --steps "${MG_ADAPT_STEPS:-2000}" \
-      --workers 8 --minutes "$minutes" --out "$adapted" --no-progress $resume
+      --workers 8 --minutes "$minutes" --out "$adapted" --no-progress $resume ${MG_ADAPT_ARGS:-}
     if [ "${MG_ADAPT_EVAL:-1}" = 1 ]; then
       MG_EVAL_MODEL=$adapted/vae/model MG_EVAL_OUT=$MG_WORK/eval_$tag pipeline eval || echo "its eval failed: $?"
     fi

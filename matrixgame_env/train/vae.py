@@ -18,6 +18,7 @@ few start pictures from the data.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -120,6 +121,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--action-weight", type=float, default=0.0, help="weight of the --action-judge loss")
     parser.add_argument(
+        "--reference-weight", type=float, default=0.0,
+        help="with --decoder-only: weight of an L1 loss between the decoding and what the --init model's decoder "
+        "(a frozen copy) makes of the same latents; above 1 (the L1 to the true frames) the loss is least at the "
+        "starting decoder's own frames, so a fine-tune (e.g. with --action-judge) changes only what its other "
+        "losses pay for and keeps that decoder's sharpness (0: none)",
+    )  # fmt: skip
+    parser.add_argument(
         "--finish-minutes", type=float, default=1.0,
         help="minutes of --minutes kept for measuring and writing the model folder, which every session ends "
         "with (default: 1)",
@@ -166,19 +174,29 @@ def decoder_losses(
     adversary: Adversary | None = None,
     motion_weight: float = 0.0,
     action: Adversary | None = None,
+    reference: WanVAE | None = None,
+    reference_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Losses of the decoder alone: the frozen encoder's posterior means (plus `latent_noise` times each
     channel's latent std of Gaussian noise) decoded and compared with the clips [B, 3, T, H, W] in [-1, 1].
 
     Returns "loss" = l1 + mse + edge_weight * edge + motion_weight * motion (+ the adversary's and the
-    judge's), and "l1", "mse", "psnr" (and "motion", "gan", "action", "reconstruction") as `vae_losses`.
+    judge's, + reference_weight * the L1 to `reference`'s decoding of the same latents), and "l1", "mse",
+    "psnr" (and "motion", "gan", "action", "reference", "reconstruction") as `vae_losses`.
     """
     with torch.no_grad():
         mu, _ = vae.encode_distribution(video)
         if latent_noise > 0:
             std = torch.as_tensor(vae.config["latent_std"], dtype=mu.dtype, device=mu.device).view(1, -1, 1, 1, 1)
             mu = mu + latent_noise * std * torch.randn_like(mu)
-    return reconstruction_losses(vae.decode_unnormalised(mu), video, edge_weight, adversary, motion_weight, action)
+        kept = reference.decode_unnormalised(mu).float() if reference is not None and reference_weight > 0 else None
+    decoded = vae.decode_unnormalised(mu)
+    losses = reconstruction_losses(decoded, video, edge_weight, adversary, motion_weight, action)
+    if kept is not None:
+        held = (decoded.float() - kept).abs().mean()
+        losses["loss"] = losses["loss"] + reference_weight * held
+        losses["reference"] = held.detach()
+    return losses
 
 
 def reconstruction_losses(
@@ -284,6 +302,7 @@ def run(args: argparse.Namespace) -> Path:
     train_clips, val_clips = _open_splits(data, config, args)
     if args.decoder_only:
         _freeze_encoder(vae, args.init)
+    reference = _frozen_copy(vae).to(training.device) if args.reference_weight > 0 else None
     vae.to(training.device).train()
     optimizer = adamw(vae.parameters(), args.lr, args.weight_decay)  # adamw skips the frozen encoder
     training.add_module("vae", vae, ema_decay=args.ema)
@@ -304,7 +323,7 @@ def run(args: argparse.Namespace) -> Path:
                 return vae_losses(vae, video, args.kl_weight, sample, args.edge_weight, adversary, args.motion_weight,
                                   action)  # fmt: skip
             losses = decoder_losses(vae, video, args.latent_noise, args.edge_weight, adversary, args.motion_weight,
-                                    action)  # fmt: skip
+                                    action, reference, args.reference_weight)  # fmt: skip
             if latents is not None:
                 losses = generated.add_losses(losses, latents, adversary)
             return losses
@@ -451,7 +470,8 @@ def _latent_statistics_of(values: Mapping[str, Any]) -> dict[str, list[float]]:
 
 
 def _check_loss_options(args: argparse.Namespace) -> None:
-    for name in ("latent_noise", "edge_weight", "motion_weight", "gan_weight", "anchor_weight", "action_weight"):
+    for name in ("latent_noise", "edge_weight", "motion_weight", "gan_weight", "anchor_weight", "action_weight",
+                 "reference_weight"):  # fmt: skip
         value = getattr(args, name)
         if not value >= 0:  # also catches NaN
             raise StageError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
@@ -468,6 +488,9 @@ def _check_loss_options(args: argparse.Namespace) -> None:
     if (args.action_weight > 0) != (args.action_judge is not None):
         raise StageError("--action-judge and --action-weight > 0 go together (the judge's loss needs a weight, and "
                          "a weight needs a judge: an IDM folder saved by `matrixgame-env eval --idm-out`)")  # fmt: skip
+    if args.reference_weight > 0 and not args.decoder_only:
+        raise StageError("--reference-weight applies to --decoder-only training (the reference decodes the frozen "
+                         "encoder's latents, which a full VAE run changes)")  # fmt: skip
     if args.latent_noise > 0 and not args.decoder_only:
         raise StageError("--latent-noise applies to --decoder-only training (the full VAE samples its own posterior)")
     if args.generated_from is not None:
@@ -508,6 +531,13 @@ def _action_judge(
     if problem:
         raise StageError(f"--action-judge {args.action_judge} {problem}")
     return judge
+
+
+def _frozen_copy(vae: WanVAE) -> WanVAE:
+    """The --init VAE as it starts, frozen and in eval mode: the decoder --reference-weight keeps to."""
+    reference = copy.deepcopy(vae).eval()
+    reference.requires_grad_(False)
+    return reference
 
 
 def _freeze_encoder(vae: WanVAE, init: object) -> None:
@@ -577,6 +607,8 @@ def _finish(
             record.update(disc_start=args.disc_start)
     if args.motion_weight > 0:
         record.update(motion_weight=args.motion_weight)
+    if args.reference_weight > 0:
+        record.update(reference_weight=args.reference_weight)
     if args.action_weight > 0:
         judge_folder, judge_hash = describe_judge(args.action_judge)  # the file read at the start, not loaded again
         record.update(action_weight=args.action_weight, action_judge=judge_folder, action_judge_sha256=judge_hash)

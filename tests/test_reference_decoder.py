@@ -1,0 +1,86 @@
+"""`train vae --reference-weight`: the L1 to the starting decoder's frames, checked in float64, and its record."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_training import VAL_FRACTION, run_cli, tiny_dataset, tiny_training_config, train
+
+from matrixgame_env.checkpoints import load_model
+from matrixgame_env.train.vae import decoder_losses
+
+CLIP = ["--clip-frames", "9", "--val-fraction", VAL_FRACTION, "--batch-size", "2", "--warmup-steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return tiny_dataset(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def start(dataset, tmp_path_factory) -> Path:
+    """A trained tiny model folder (4 VAE steps) for decoder-only runs."""
+    out = tmp_path_factory.mktemp("start")
+    config = tiny_training_config(tmp_path_factory.mktemp("config"))
+    train("vae", "--data", str(dataset), "--model-config", str(config), "--out", str(out), "--steps", "4",
+          "--stats-clips", "4", "--val-clips", "2", *CLIP)  # fmt: skip
+    return out / "vae" / "model"
+
+
+def _clip(start: Path) -> torch.Tensor:
+    torch.manual_seed(0)
+    height, width = load_model(start, device="cpu").config.video_size
+    return torch.rand(1, 3, 9, height, width) * 2 - 1
+
+
+def test_the_reference_term_against_float64_and_zero_at_the_start(start) -> None:
+    vae = load_model(start, device="cpu").vae.float()
+    reference = copy.deepcopy(vae).requires_grad_(False)
+    video = _clip(start)
+    same = decoder_losses(vae, video, reference=reference, reference_weight=2.0)
+    plain = decoder_losses(vae, video)
+    assert same["reference"].item() == 0.0  # the starting decoder is where the term begins: nothing to pay
+    assert torch.allclose(same["loss"], plain["loss"])
+    with torch.no_grad():
+        for parameter in vae.decoder.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    moved = decoder_losses(vae, video, reference=reference, reference_weight=2.0)
+    plain = decoder_losses(vae, video)
+    with torch.no_grad():
+        mu, _ = vae.encode_distribution(video)
+        expected = (vae.decode_unnormalised(mu).double() - reference.decode_unnormalised(mu).double()).abs().mean()
+    assert moved["reference"].item() > 0
+    assert math.isclose(moved["reference"].item(), expected.item(), rel_tol=1e-5)
+    assert math.isclose(moved["loss"].item(), plain["loss"].item() + 2.0 * expected.item(), rel_tol=1e-5)
+    moved["loss"].backward()
+    assert all(p.grad is None for p in reference.parameters())  # the reference stays as it was
+
+
+def test_decoder_training_with_a_reference_is_logged_and_recorded(dataset, start, tmp_path) -> None:
+    out = tmp_path / "run"
+    train("vae", "--data", str(dataset), "--init", str(start), "--out", str(out), "--steps", "3", "--decoder-only",
+          "--reference-weight", "2", "--val-clips", "2", "--log-every", "1", *CLIP)  # fmt: skip
+    logged = [json.loads(line) for line in (out / "vae" / "log.jsonl").read_text().splitlines()]
+    held = [line["reference"] for line in logged if "reference" in line]
+    assert len(held) == 3 and held[0] == 0.0 and all(math.isfinite(v) and v >= 0 for v in held)
+    assert held[-1] > 0  # the decoder moved away from its start, and the term saw it
+    record = load_model(out / "vae" / "model", device="cpu").config.extra["training"]["vae"]["decoder_only"]
+    assert record["reference_weight"] == 2.0
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--reference-weight", "1"], "--reference-weight applies to --decoder-only training"),
+        (["--decoder-only", "--reference-weight", "nan"], "--reference-weight must be a number >= 0, got nan"),
+    ],
+)
+def test_bad_reference_options_are_refused(dataset, start, tmp_path, options, message) -> None:
+    status, errors = run_cli("train", "vae", "--data", str(dataset), "--init", str(start), "--out", str(tmp_path),
+                             "--device", "cpu", "--no-progress", *options, *CLIP)  # fmt: skip
+    assert status == 2 and message in errors
