@@ -122,10 +122,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--action-weight", type=float, default=0.0, help="weight of the --action-judge loss")
     parser.add_argument(
         "--reference-weight", type=float, default=0.0,
-        help="with --decoder-only: weight of an L1 loss between the decoding and what the --init model's decoder "
-        "(a frozen copy) makes of the same latents; above 1 (the L1 to the true frames) the loss is least at the "
-        "starting decoder's own frames, so a fine-tune (e.g. with --action-judge) changes only what its other "
-        "losses pay for and keeps that decoder's sharpness (0: none)",
+        help="with --decoder-only: weight of an L1 loss, on pixels and on their spatial differences (edges), between "
+        "the decoding and what the --init model's decoder (a frozen copy) makes of the same latents; above 1 (the "
+        "L1 to the true frames) the loss is least at the starting decoder's own frames, so a fine-tune (e.g. with "
+        "--action-judge) changes only what its other losses pay for and keeps that decoder's sharpness (0: none)",
     )  # fmt: skip
     parser.add_argument(
         "--finish-minutes", type=float, default=1.0,
@@ -181,7 +181,7 @@ def decoder_losses(
     channel's latent std of Gaussian noise) decoded and compared with the clips [B, 3, T, H, W] in [-1, 1].
 
     Returns "loss" = l1 + mse + edge_weight * edge + motion_weight * motion (+ the adversary's and the
-    judge's, + reference_weight * the L1 to `reference`'s decoding of the same latents), and "l1", "mse",
+    judge's, + reference_weight * (L1 + edge loss) to `reference`'s decoding of the same latents), and "l1", "mse",
     "psnr" (and "motion", "gan", "action", "reference", "reconstruction") as `vae_losses`.
     """
     with torch.no_grad():
@@ -193,7 +193,8 @@ def decoder_losses(
     decoded = vae.decode_unnormalised(mu)
     losses = reconstruction_losses(decoded, video, edge_weight, adversary, motion_weight, action)
     if kept is not None:
-        held = (decoded.float() - kept).abs().mean()
+        decoded = decoded.float()
+        held = (decoded - kept).abs().mean() + edge_loss(decoded, kept)
         losses["loss"] = losses["loss"] + reference_weight * held
         losses["reference"] = held.detach()
     return losses
