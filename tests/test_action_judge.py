@@ -145,3 +145,15 @@ def test_a_judge_of_other_frames_is_refused(dataset, start, tmp_path) -> None:
                              "--action-judge", str(judge), "--action-weight", "1", "--out", str(tmp_path / "run"),
                              "--device", "cpu", "--no-progress", *CLIP)  # fmt: skip
     assert status == 2 and "reads (32, 64) frames, the model makes (16, 32)" in errors
+
+
+def test_the_judges_of_a_record_are_found_in_nested_stages_and_lists() -> None:
+    from matrixgame_env.eval.command import _action_judges
+
+    record = {
+        "steps": 10,
+        "decoder_stages": [{"stage": "adversarial"}, {"stage": "judged", "action_judge_sha256": "a"}],
+        "decoder_only": {"action_judge_sha256": "b", "continued_from": {"action_judge_sha256": "c"}},
+    }
+    assert _action_judges(record) == {"a", "b", "c"}
+    assert _action_judges({"decoder_stages": [{"stage": "adversarial"}]}) == set()

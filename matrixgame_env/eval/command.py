@@ -182,7 +182,10 @@ def _idm(
 
 
 def _action_judges(record: Any) -> set[str]:
-    """The weights hashes of every IDM a VAE training record (and the records it continued) trained against."""
+    """The weights hashes of every IDM a VAE training record (and the records it continued, also in lists
+    such as a model card's `decoder_stages`) trained against."""
+    if isinstance(record, list):
+        return set().union(*(_action_judges(item) for item in record))
     if not isinstance(record, dict):
         return set()
     found = {record["action_judge_sha256"]} if isinstance(record.get("action_judge_sha256"), str) else set()
