@@ -66,7 +66,7 @@ def test_a_collapse_is_named_with_its_onset(capsys):
     # An H100 decoder run whose sharpness left the real range over its 10 minutes (a report with onsets)
     # beside the current release's report (no collapse) and one written before onsets were reported.
     drifted = ROOT / "models/next/dit-mapped-motion/student300_action06_motion2_gan_h100_decoder_eval.json"
-    release = ROOT / "models/doom-small/eval/eval.json"
+    release = ROOT / "models/doom-small/eval/release_2026-12-06/eval.json"
     comparison = _compare_json(capsys, str(drifted), str(release), str(STUDENT), "--names", "run", "release", "old")
     sharpness = json.loads(drifted.read_text())["drift"]["statistics"]["sharpness"]
     assert sharpness["onset"] == "drifted"
@@ -217,6 +217,33 @@ def test_the_action_loss_06_release_compared_clip_by_clip(capsys):
     assert 0 < yaw["low"] < yaw["mean"] < yaw["high"] < 0.05
     keys = change("IDM keys")
     assert keys["low"] < 0 < keys["high"]
+
+
+def test_the_judged_decoder_release_compared_clip_by_clip(capsys):
+    """The model card's paired figures for the release of 2026-12-06b (the decoder fine-tuned against a
+    second judge, kept to its own frames by --reference-weight) against 2026-12-06, from the two full
+    shipped reports (CPU, float32, 10 minutes of drift): more keys and turns read right and more faithful
+    from 1 s on, every interval clear of zero; at 0.5 s the two cannot be told apart; neither collapses."""
+    before = ROOT / "models/doom-small/eval/release_2026-12-06/eval.json"
+    after = ROOT / "models/doom-small/eval/eval.json"
+    comparison = _compare_json(capsys, str(before), str(after), "--names", "before", "after")
+
+    def change(label: str) -> dict:
+        return _row(comparison, f"{label}, change from the first report")["values"]["after"]
+
+    keys, yaw = change("IDM keys"), change("IDM yaw direction")
+    assert 0.01 < keys["low"] < keys["mean"] < keys["high"] < 0.05, keys
+    assert 0.01 < yaw["low"] < yaw["mean"] < yaw["high"] < 0.08, yaw
+    for horizon in ("1s", "2s", "4s"):
+        psnr = change(f"PSNR at {horizon}")
+        assert 0 < psnr["low"] < psnr["mean"] < psnr["high"] < 0.5, (horizon, psnr)
+    early = change("PSNR at 0.5s")
+    assert early["low"] < 0 < early["high"]
+    assert _row(comparison, "collapsed")["values"] == {"before": False, "after": False}
+    shipped = json.loads(after.read_text())
+    assert shipped["idm"]["sha256"] != json.loads((ROOT / "models/doom-small/config.json").read_text())[
+        "extra"]["training"]["vae"]["decoder_stages"][-1]["action_judge_sha256"]  # scored by another judge
+    assert not shipped["idm"].get("trained_against")
 
 
 def _release_changes(capsys, before: str, after: str):
