@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_training import VAL_FRACTION, VIDEO_SIZE, run_cli, tiny_dataset, tiny_training_config, train
+from tiny_training import VAE_CLIPS, VAL_FRACTION, VIDEO_SIZE, run_cli, tiny_dataset, tiny_trained_vae, train
 
 from matrixgame_env.checkpoints import load_model
 from matrixgame_env.eval.idm import IDMConfig, InverseDynamicsModel, idm_weights_sha256, save_idm, yaw_direction
 from matrixgame_env.train.action_judge import ActionJudge
 
-CLIP = ["--clip-frames", "9", "--val-fraction", VAL_FRACTION, "--batch-size", "2", "--warmup-steps", "2"]
+CLIP = VAE_CLIPS
 
 
 def _idm(folder: Path, seed: int, size: tuple[int, int] = VIDEO_SIZE) -> Path:
@@ -28,13 +28,9 @@ def dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def start(dataset, tmp_path_factory) -> Path:
+def start(tmp_path_factory) -> Path:
     """A trained tiny model folder (4 VAE steps) for decoder-only runs."""
-    out = tmp_path_factory.mktemp("start")
-    config = tiny_training_config(tmp_path_factory.mktemp("config"))
-    train("vae", "--data", str(dataset), "--model-config", str(config), "--out", str(out), "--steps", "4",
-          "--stats-clips", "4", "--val-clips", "2", *CLIP)  # fmt: skip
-    return out / "vae" / "model"
+    return tiny_trained_vae(tmp_path_factory)
 
 
 def test_the_pixel_path_reads_as_the_uint8_path() -> None:

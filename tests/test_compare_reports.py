@@ -241,8 +241,9 @@ def test_the_judged_decoder_release_compared_clip_by_clip(capsys):
     assert early["low"] < 0 < early["high"]
     assert _row(comparison, "collapsed")["values"] == {"before": False, "after": False}
     shipped = json.loads(after.read_text())
-    assert shipped["idm"]["sha256"] != json.loads((ROOT / "models/doom-small/config.json").read_text())[
-        "extra"]["training"]["vae"]["decoder_stages"][-1]["action_judge_sha256"]  # scored by another judge
+    vae_training = json.loads((ROOT / "models/doom-small/config.json").read_text())["extra"]["training"]["vae"]
+    decoder_judge = vae_training["decoder_stages"][-1]["action_judge_sha256"]
+    assert shipped["idm"]["sha256"] != decoder_judge  # scored by another judge than the decoder trained against
     assert not shipped["idm"].get("trained_against")
 
 

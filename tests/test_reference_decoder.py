@@ -1,4 +1,4 @@
-"""`train vae --reference-weight`: the L1 (pixels and edges) to the starting decoder's frames, checked in float64, and its record."""
+"""`train vae --reference-weight`: the L1 (pixels and edges) to the starting decoder's frames, and its record."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_training import VAL_FRACTION, run_cli, tiny_dataset, tiny_training_config, train
+from tiny_training import VAE_CLIPS, run_cli, tiny_dataset, tiny_trained_vae, train
 
 from matrixgame_env.checkpoints import load_model
 from matrixgame_env.train.vae import decoder_losses
 
-CLIP = ["--clip-frames", "9", "--val-fraction", VAL_FRACTION, "--batch-size", "2", "--warmup-steps", "2"]
+CLIP = VAE_CLIPS
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +23,9 @@ def dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def start(dataset, tmp_path_factory) -> Path:
+def start(tmp_path_factory) -> Path:
     """A trained tiny model folder (4 VAE steps) for decoder-only runs."""
-    out = tmp_path_factory.mktemp("start")
-    config = tiny_training_config(tmp_path_factory.mktemp("config"))
-    train("vae", "--data", str(dataset), "--model-config", str(config), "--out", str(out), "--steps", "4",
-          "--stats-clips", "4", "--val-clips", "2", *CLIP)  # fmt: skip
-    return out / "vae" / "model"
+    return tiny_trained_vae(tmp_path_factory)
 
 
 def _clip(start: Path) -> torch.Tensor:

@@ -58,6 +58,22 @@ def tiny_latents(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _made["latents"]
 
 
+# `train vae` options for quick runs on the tiny dataset: clips of 9 frames, half the episodes held out.
+VAE_CLIPS = ("--clip-frames", "9", "--val-fraction", VAL_FRACTION, "--batch-size", "2", "--warmup-steps", "2")
+
+
+def tiny_trained_vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model folder whose VAE (width 4) trained 4 steps on the tiny dataset, the start of decoder-only
+    runs; made once per session."""
+    if "vae" not in _made:
+        out = tmp_path_factory.mktemp("tiny_vae")
+        config = tiny_training_config(tmp_path_factory.mktemp("tiny_vae_config"))
+        train("vae", "--data", str(tiny_dataset(tmp_path_factory)), "--model-config", str(config), "--out", str(out),
+              "--steps", "4", "--stats-clips", "4", "--val-clips", "2", *VAE_CLIPS)  # fmt: skip
+        _made["vae"] = out / "vae" / "model"
+    return _made["vae"]
+
+
 def tiny_training_config(folder: Path) -> Path:
     """config.json of a 16x32 model with a VAE of width 4 and a DiT of width 32; returns its path."""
     config: ModelConfig = tiny_model_config()
