@@ -28,7 +28,7 @@
 #                                               # MG_ADAPT_GAN_WEIGHT=0: no adversary, so the recording alone (default 0.1);
 #                                               # MG_ADAPT_LR: the learning rate (default 5e-5);
 #                                               # MG_ADAPT_JUDGE=IDM: against a second judge (--action-judge);
-#                                               # MG_ADAPT_ARGS: more `train vae` options (e.g. --reference-weight 2);
+#                                               # MG_ADAPT_ARGS: more `train vae` options (e.g. --reference-weight 5);
 #                                               # the student's DiT (bfloat16) and distillation log come along, in student/;
 #                                               # MG_ADAPT_FROM=DIR: a student and a decoder carried in instead, after
 #                                               # `setup next record` on a fresh machine (DIR=models/doom-small: the
