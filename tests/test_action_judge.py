@@ -11,10 +11,9 @@ import torch
 from tiny_training import VAE_CLIPS, VAL_FRACTION, VIDEO_SIZE, run_cli, tiny_dataset, tiny_trained_vae, train
 
 from matrixgame_env.checkpoints import load_model
+from matrixgame_env.eval.command import _action_judges
 from matrixgame_env.eval.idm import IDMConfig, InverseDynamicsModel, idm_weights_sha256, save_idm, yaw_direction
 from matrixgame_env.train.action_judge import ActionJudge
-
-CLIP = VAE_CLIPS
 
 
 def _idm(folder: Path, seed: int, size: tuple[int, int] = VIDEO_SIZE) -> Path:
@@ -91,7 +90,7 @@ def test_decoder_training_against_a_judge_is_recorded_and_eval_names_that_judge(
     judge_hash = idm_weights_sha256(judge)
     out = tmp_path / "run"
     train("vae", "--data", str(dataset), "--init", str(start), "--out", str(out), "--steps", "3", "--decoder-only",
-          "--action-judge", str(judge), "--action-weight", "0.5", "--val-clips", "2", *CLIP)  # fmt: skip
+          "--action-judge", str(judge), "--action-weight", "0.5", "--val-clips", "2", *VAE_CLIPS)  # fmt: skip
     assert idm_weights_sha256(judge) == judge_hash  # the judge is read, never trained
     logged = [json.loads(line) for line in (out / "vae" / "log.jsonl").read_text().splitlines()]
     actions = [line["action"] for line in logged if "action" in line]
@@ -131,7 +130,7 @@ def test_decoder_training_against_a_judge_is_recorded_and_eval_names_that_judge(
 def test_bad_judge_options_are_refused(dataset, start, tmp_path, options, message) -> None:
     status, errors = run_cli("train", "vae", "--data", str(dataset), "--init", str(start), "--decoder-only",
                              "--out", str(tmp_path), "--device", "cpu", "--no-progress", *options,
-                             *CLIP)  # fmt: skip
+                             *VAE_CLIPS)  # fmt: skip
     assert status == 2 and message in errors
 
 
@@ -139,13 +138,11 @@ def test_a_judge_of_other_frames_is_refused(dataset, start, tmp_path) -> None:
     judge = _idm(tmp_path / "big", seed=0, size=(32, 64))
     status, errors = run_cli("train", "vae", "--data", str(dataset), "--init", str(start), "--decoder-only",
                              "--action-judge", str(judge), "--action-weight", "1", "--out", str(tmp_path / "run"),
-                             "--device", "cpu", "--no-progress", *CLIP)  # fmt: skip
+                             "--device", "cpu", "--no-progress", *VAE_CLIPS)  # fmt: skip
     assert status == 2 and "reads (32, 64) frames, the model makes (16, 32)" in errors
 
 
 def test_the_judges_of_a_record_are_found_in_nested_stages_and_lists() -> None:
-    from matrixgame_env.eval.command import _action_judges
-
     record = {
         "steps": 10,
         "decoder_stages": [{"stage": "adversarial"}, {"stage": "judged", "action_judge_sha256": "a"}],

@@ -14,8 +14,6 @@ from tiny_training import VAE_CLIPS, run_cli, tiny_dataset, tiny_trained_vae, tr
 from matrixgame_env.checkpoints import load_model
 from matrixgame_env.train.vae import decoder_losses
 
-CLIP = VAE_CLIPS
-
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
@@ -62,7 +60,7 @@ def test_the_reference_term_against_float64_and_zero_at_the_start(start) -> None
 def test_decoder_training_with_a_reference_is_logged_and_recorded(dataset, start, tmp_path) -> None:
     out = tmp_path / "run"
     train("vae", "--data", str(dataset), "--init", str(start), "--out", str(out), "--steps", "3", "--decoder-only",
-          "--reference-weight", "2", "--val-clips", "2", "--log-every", "1", *CLIP)  # fmt: skip
+          "--reference-weight", "2", "--val-clips", "2", "--log-every", "1", *VAE_CLIPS)  # fmt: skip
     logged = [json.loads(line) for line in (out / "vae" / "log.jsonl").read_text().splitlines()]
     held = [line["reference"] for line in logged if "reference" in line]
     assert len(held) == 3 and held[0] == 0.0 and all(math.isfinite(v) and v >= 0 for v in held)
@@ -80,5 +78,5 @@ def test_decoder_training_with_a_reference_is_logged_and_recorded(dataset, start
 )
 def test_bad_reference_options_are_refused(dataset, start, tmp_path, options, message) -> None:
     status, errors = run_cli("train", "vae", "--data", str(dataset), "--init", str(start), "--out", str(tmp_path),
-                             "--device", "cpu", "--no-progress", *options, *CLIP)  # fmt: skip
+                             "--device", "cpu", "--no-progress", *options, *VAE_CLIPS)  # fmt: skip
     assert status == 2 and message in errors
