@@ -33,6 +33,7 @@ from matrixgame_env.eval.idm import (
     TrainSettings,
     accuracy,
     accuracy_by_phase,
+    batches_in_device_memory,
     clip_windows,
     evaluate_clips,
     evaluate_windows,
@@ -198,10 +199,12 @@ def test_yaw_direction_has_a_dead_zone() -> None:
     assert directions.tolist() == [0, 0, 1, 1, 1, 2, 2]
 
 
-def test_idm_learns_real_actions_well_above_chance(dataset, tmp_path) -> None:
+@pytest.mark.parametrize("windows_on", ["loader", "device"])
+def test_idm_learns_real_actions_well_above_chance(dataset, tmp_path, windows_on) -> None:
     config = IDMConfig(video_size=(16, 32), width=8)
     train = FrameWindows(dataset, "train", config.context, float(VAL_FRACTION))
-    model, history = train_idm(train, config, TrainSettings(steps=300, batch_size=16, lr=3e-3), progress=False)
+    settings = TrainSettings(steps=300, batch_size=16, lr=3e-3, windows_on=windows_on)
+    model, history = train_idm(train, config, settings, progress=False)
     items = train.stack(list(range(len(train))))
     result = evaluate_windows(model, items["frames"], items["keyboard"], items["mouse"])
     assert history[-1]["loss"] < 0.5 * history[0]["loss"]
@@ -214,6 +217,27 @@ def test_idm_learns_real_actions_well_above_chance(dataset, tmp_path) -> None:
     again = loaded.predict(items["frames"])
     first = model.predict(items["frames"])
     assert torch.equal(again.keys, first.keys) and torch.equal(again.yaw, first.yaw)
+
+
+def test_windows_cut_in_device_memory_are_the_recordings_windows(dataset) -> None:
+    train = FrameWindows(dataset, "train", 5, float(VAL_FRACTION))
+    items = train.stack(list(range(len(train))))
+    known = {(items["frames"][i].numpy().tobytes(), items["keyboard"][i].numpy().tobytes(),
+              items["mouse"][i].numpy().tobytes()) for i in range(len(train))}  # fmt: skip
+    batches = batches_in_device_memory(train, TrainSettings(batch_size=32, seed=3), "cpu")
+    drawn = set()
+    for _ in range(4):
+        batch = next(batches)
+        assert batch["frames"].shape == (32, 5, *train.frame_size, 3) and batch["frames"].dtype == torch.uint8
+        for i in range(32):
+            window = (batch["frames"][i].numpy().tobytes(), batch["keyboard"][i].numpy().tobytes(),
+                      batch["mouse"][i].numpy().tobytes())  # fmt: skip
+            assert window in known  # frames and actions of one recorded window, never across a chunk or restart
+            drawn.add(window)
+    assert len(drawn) > 64  # 128 draws with replacement from hundreds of windows: mostly distinct
+    with pytest.raises(ValueError, match="windows_on must be"):
+        train_idm(train, IDMConfig(video_size=(16, 32), context=5, before=1, width=4),
+                  TrainSettings(steps=1, windows_on="gpu"), progress=False)  # fmt: skip
 
 
 def test_idm_windows_of_clips_are_labelled_with_the_action_after_the_first_frame() -> None:
@@ -353,7 +377,8 @@ def test_eval_command_end_to_end(dataset, model, tmp_path) -> None:
     status, errors = run_cli("eval", "--model", str(model), "--data", str(dataset), "--out", str(out),
                              "--val-fraction", VAL_FRACTION, "--clips", "2", "--horizon-s", "1", "--drift-minutes",
                              "0.02", "--drift-worlds", "2", "--steps", "20", "--idm-batch-size", "8", "--idm-width",
-                             "8", "--device", "cpu", "--no-progress")  # fmt: skip
+                             "8", "--idm-context", "4", "--idm-before", "1", "--device", "cpu",
+                             "--no-progress")  # fmt: skip
     assert status == 0, errors
     report = json.loads((out / "eval.json").read_text())
     assert set(report) == {"settings", "fidelity", "idm", "drift", "targets", "timing_s"}
@@ -378,7 +403,8 @@ def test_eval_command_end_to_end(dataset, model, tmp_path) -> None:
     for key in ("real_val", "real_clips", "vae_round_trip", "generated"):
         for name in ("keyboard", "keyboard_exact", "keyboard_balanced", "yaw_direction", "yaw_direction_balanced"):
             assert 0 <= idm[key][name] <= 1, (key, name)
-    assert idm["real_clips"]["frames"] == idm["vae_round_trip"]["frames"] == idm["generated"]["frames"] == 2 * (21 - 2)
+    assert idm["real_clips"]["frames"] == idm["vae_round_trip"]["frames"] == idm["generated"]["frames"] == 2 * (21 - 3)
+    assert idm["config"]["context"] == 4 and idm["config"]["before"] == 1  # windows of 4 frames, one before
     for key in ("real_clips", "vae_round_trip", "generated"):  # the splits cover the same windows
         assert sum(idm[key]["yaw_by_size"]["windows"]) == idm[key]["frames"]
         assert len(idm[key]["by_phase"]["yaw_direction"]) == 4
@@ -431,6 +457,13 @@ def test_eval_action_guidance_below_one_is_a_clear_error(dataset, model, tmp_pat
     status, errors = run_cli("eval", "--model", str(model), "--data", str(dataset), "--out", str(tmp_path),
                              "--action-guidance", "0.5", "--device", "cpu", "--no-progress")  # fmt: skip
     assert status == 2 and "--action-guidance must be a finite number >= 1 (1: off), got 0.5" in errors
+    assert "Traceback" not in errors
+
+
+def test_eval_idm_windows_without_a_frame_after_the_labelled_one_are_a_clear_error(dataset, model, tmp_path) -> None:
+    status, errors = run_cli("eval", "--model", str(model), "--data", str(dataset), "--out", str(tmp_path),
+                             "--idm-context", "4", "--idm-before", "3", "--device", "cpu", "--no-progress")  # fmt: skip
+    assert status == 2 and "--idm-before must be 0 to --idm-context - 2" in errors and "got 3" in errors
     assert "Traceback" not in errors
 
 

@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--idm-batch-size", type=int, default=64, help="IDM training batch size")
     parser.add_argument("--idm-lr", type=float, default=1e-3, help="IDM learning rate (AdamW, cosine decay)")
     parser.add_argument("--idm-width", type=int, default=32, help="IDM channels of the first conv layer")
+    parser.add_argument("--idm-context", type=int, default=3, help="frames the trained IDM reads per window")
+    parser.add_argument("--idm-before", type=int, default=1,
+                        help="window frames before the labelled one (at least one comes after it)")  # fmt: skip
     parser.add_argument("--drift-minutes", type=float, default=DEFAULT_DRIFT_MINUTES,
                         help="minutes of video time rolled out for drift (0: skip)")  # fmt: skip
     parser.add_argument("--drift-worlds", type=int, default=4, help="worlds rolled out together for drift")
@@ -153,7 +156,8 @@ def _idm(
         if section["sha256"] in _action_judges(world.config.extra.get("training", {}).get("vae")):
             section["trained_against"] = True  # the VAE learned to please this very judge: not independent
     else:
-        config = IDMConfig(video_size=world.video_size, width=args.idm_width)
+        config = IDMConfig(video_size=world.video_size, width=args.idm_width, context=args.idm_context,
+                           before=args.idm_before)  # fmt: skip
         settings = TrainSettings(args.steps, args.idm_batch_size, args.idm_lr, seed=args.seed, workers=args.workers)
         train = _windows(args, "train", config.context)
         model, history = train_idm(train, config, settings, device, progress=not args.no_progress)
@@ -161,8 +165,9 @@ def _idm(
                                "windows": len(train), "loss": history}  # fmt: skip
         timing["idm_train"] = time.monotonic() - started
         started = time.monotonic()
-    section["config"] = {"context": model.config.context, "video_size": list(model.config.video_size),
-                         "yaw_dead_zone": model.config.yaw_dead_zone, "width": model.config.width}  # fmt: skip
+    section["config"] = {"context": model.config.context, "before": model.config.before,
+                         "video_size": list(model.config.video_size), "yaw_dead_zone": model.config.yaw_dead_zone,
+                         "width": model.config.width}  # fmt: skip
     section["real_val"] = evaluate_split(model, _windows(args, "val", model.config.context))
     if clips is not None:  # the same windows of the same clips, real and generated
         # "vae_round_trip": what survives of the actions in the VAE round trip of the real clips, about what a
@@ -330,6 +335,12 @@ def _check_arguments(args: argparse.Namespace, error: type[Exception]) -> None:
         (args.steps >= 0, f"--steps must be 0 or more, got {args.steps}"),
         (args.idm_batch_size >= 1, f"--idm-batch-size must be at least 1, got {args.idm_batch_size}"),
         (args.idm_width >= 1, f"--idm-width must be at least 1, got {args.idm_width}"),
+        (args.idm_context >= 2, f"--idm-context must be at least 2 frames, got {args.idm_context}"),
+        (
+            0 <= args.idm_before < args.idm_context - 1,
+            f"--idm-before must be 0 to --idm-context - 2 (one frame after the labelled one at least), got "
+            f"{args.idm_before} with --idm-context {args.idm_context}",
+        ),
         (args.drift_minutes >= 0, f"--drift-minutes must be 0 or more, got {args.drift_minutes}"),
         (args.drift_worlds >= 1, f"--drift-worlds must be at least 1, got {args.drift_worlds}"),
         (0 <= args.val_fraction < 1, f"--val-fraction must be in [0, 1), got {args.val_fraction}"),

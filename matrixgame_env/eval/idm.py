@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -28,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
+from ..data.storage import open_chunk
 from ..weights import save_safetensors
 from .real_data import FrameWindows, resize_frames
 
@@ -340,6 +342,10 @@ class TrainSettings:
     seed: int = 0
     workers: int = 0
     mirror: bool = True  # half the windows mirrored left-right, with left/right keys and yaw swapped
+    # "device": the split's frames are read once into the training device's memory and windows are cut
+    # there (fast on GPUs, where loading windows from disk would keep the GPU waiting); "loader": windows
+    # come from the recording through a DataLoader; "auto": "device" on CUDA devices, else "loader"
+    windows_on: str = "auto"
 
 
 def train_idm(
@@ -362,11 +368,15 @@ def train_idm(
         raise ValueError(f"training windows hold {windows.length} frames, the IDM reads {config.context}")
     if settings.steps < 1:
         raise ValueError(f"IDM training needs at least 1 step, got {settings.steps}")
+    if settings.windows_on not in ("auto", "device", "loader"):
+        raise ValueError(f"windows_on must be 'auto', 'device' or 'loader', got {settings.windows_on!r}")
     torch.manual_seed(settings.seed)
     model = InverseDynamicsModel(config).to(device).train()
     optimizer = adamw(model.parameters(), settings.lr, settings.weight_decay)
     schedule = warmup_cosine(optimizer, min(100, settings.steps // 10), settings.steps)
-    batches = _random_batches(windows, settings)
+    on_cuda = torch.device(device).type == "cuda"
+    on_device = settings.windows_on == "device" or (settings.windows_on == "auto" and on_cuda)
+    batches = batches_in_device_memory(windows, settings, device) if on_device else _random_batches(windows, settings)
     running, history = 0.0, []
     with tqdm(total=settings.steps, desc="train IDM", unit="step", disable=not progress) as bar:
         for step in range(settings.steps):
@@ -374,7 +384,7 @@ def train_idm(
             frames = batch["frames"]
             labels = Labels.of_windows(batch["keyboard"], batch["mouse"], config)
             if settings.mirror:
-                chosen = torch.rand(len(frames)) < 0.5
+                chosen = (torch.rand(len(frames)) < 0.5).to(frames.device)
                 frames, labels = mirror_windows(frames, labels, config, chosen)
             key_logits, yaw_logits = model(frames)
             loss = F.binary_cross_entropy_with_logits(key_logits, labels.keys.float().to(device)) + F.cross_entropy(
@@ -406,6 +416,31 @@ def mirror_windows(
         keys[chosen, left], keys[chosen, right] = labels.keys[chosen, right], labels.keys[chosen, left]
     yaw[chosen] = 2 - labels.yaw[chosen]  # left (0) <-> right (2), none (1) stays
     return frames, Labels(keys, yaw)
+
+
+def batches_in_device_memory(
+    windows: FrameWindows, settings: TrainSettings, device: torch.device | str
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Random windows (with replacement) cut from the split's frames held in `device` memory."""
+    frames, keyboard, mouse, offsets, total = [], [], [], [], 0
+    for chunk in windows.chunks:
+        arrays = open_chunk(windows.root / chunk.file)
+        frames.append(torch.from_numpy(np.array(arrays["frames"])).to(device))
+        keyboard.append(torch.from_numpy(np.array(arrays["keyboard"], dtype=np.float32)))
+        mouse.append(torch.from_numpy(np.array(arrays["mouse"], dtype=np.float32)))
+        offsets.append(total)
+        total += len(frames[-1])
+    all_frames = torch.cat(frames)
+    del frames
+    all_keyboard, all_mouse = torch.cat(keyboard).to(device), torch.cat(mouse).to(device)
+    positions = torch.from_numpy(windows.windows)
+    starts = (torch.tensor(offsets)[positions[:, 0]] + positions[:, 1]).to(device)
+    steps = torch.arange(windows.length, device=device)
+    generator = torch.Generator().manual_seed(settings.seed)
+    while True:
+        chosen = torch.randint(len(starts), (settings.batch_size,), generator=generator).to(device)
+        index = starts[chosen][:, None] + steps
+        yield {"frames": all_frames[index], "keyboard": all_keyboard[index], "mouse": all_mouse[index]}
 
 
 def _random_batches(windows: FrameWindows, settings: TrainSettings) -> Iterator[dict[str, torch.Tensor]]:
