@@ -344,7 +344,8 @@ class TrainSettings:
     mirror: bool = True  # half the windows mirrored left-right, with left/right keys and yaw swapped
     # "device": the split's frames are read once into the training device's memory and windows are cut
     # there (fast on GPUs, where loading windows from disk would keep the GPU waiting); "loader": windows
-    # come from the recording through a DataLoader; "auto": "device" on CUDA devices, else "loader"
+    # come from the recording through a DataLoader; "auto": "device" on CUDA devices where the frames take
+    # at most half the free memory, else "loader"
     windows_on: str = "auto"
 
 
@@ -375,7 +376,9 @@ def train_idm(
     optimizer = adamw(model.parameters(), settings.lr, settings.weight_decay)
     schedule = warmup_cosine(optimizer, min(100, settings.steps // 10), settings.steps)
     on_cuda = torch.device(device).type == "cuda"
-    on_device = settings.windows_on == "device" or (settings.windows_on == "auto" and on_cuda)
+    on_device = settings.windows_on == "device" or (
+        settings.windows_on == "auto" and on_cuda and _fits_in_device_memory(windows, device)
+    )
     batches = batches_in_device_memory(windows, settings, device) if on_device else _random_batches(windows, settings)
     running, history = 0.0, []
     with tqdm(total=settings.steps, desc="train IDM", unit="step", disable=not progress) as bar:
@@ -422,25 +425,32 @@ def batches_in_device_memory(
     windows: FrameWindows, settings: TrainSettings, device: torch.device | str
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Random windows (with replacement) cut from the split's frames held in `device` memory."""
-    frames, keyboard, mouse, offsets, total = [], [], [], [], 0
-    for chunk in windows.chunks:
+    height, width = windows.frame_size
+    offsets = np.concatenate([[0], np.cumsum([chunk.frames for chunk in windows.chunks])])
+    frames = torch.empty((int(offsets[-1]), height, width, 3), dtype=torch.uint8, device=device)
+    keyboard, mouse = [], []
+    for chunk, offset in zip(windows.chunks, offsets):
         arrays = open_chunk(windows.root / chunk.file)
-        frames.append(torch.from_numpy(np.array(arrays["frames"])).to(device))
+        frames[offset : offset + chunk.frames] = torch.from_numpy(np.array(arrays["frames"])).to(device)
         keyboard.append(torch.from_numpy(np.array(arrays["keyboard"], dtype=np.float32)))
         mouse.append(torch.from_numpy(np.array(arrays["mouse"], dtype=np.float32)))
-        offsets.append(total)
-        total += len(frames[-1])
-    all_frames = torch.cat(frames)
-    del frames
-    all_keyboard, all_mouse = torch.cat(keyboard).to(device), torch.cat(mouse).to(device)
+    keyboard, mouse = torch.cat(keyboard).to(device), torch.cat(mouse).to(device)
     positions = torch.from_numpy(windows.windows)
-    starts = (torch.tensor(offsets)[positions[:, 0]] + positions[:, 1]).to(device)
+    starts = (torch.from_numpy(offsets)[positions[:, 0]] + positions[:, 1]).to(device)
     steps = torch.arange(windows.length, device=device)
     generator = torch.Generator().manual_seed(settings.seed)
     while True:
         chosen = torch.randint(len(starts), (settings.batch_size,), generator=generator).to(device)
         index = starts[chosen][:, None] + steps
-        yield {"frames": all_frames[index], "keyboard": all_keyboard[index], "mouse": all_mouse[index]}
+        yield {"frames": frames[index], "keyboard": keyboard[index], "mouse": mouse[index]}
+
+
+def _fits_in_device_memory(windows: FrameWindows, device: torch.device | str) -> bool:
+    """Whether the split's frames take at most half the CUDA device's free memory."""
+    height, width = windows.frame_size
+    needed = sum(chunk.frames for chunk in windows.chunks) * height * width * 3
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return needed <= free // 2
 
 
 def _random_batches(windows: FrameWindows, settings: TrainSettings) -> Iterator[dict[str, torch.Tensor]]:
