@@ -453,6 +453,39 @@ def test_eval_command_end_to_end(dataset, model, tmp_path) -> None:
     assert report["settings"]["action_guidance"] == 1.0 and reused["settings"]["action_guidance"] == 2.5
 
 
+def test_eval_also_judge_reads_the_same_clips_beside_the_main_judge(dataset, model, tmp_path) -> None:
+    config = IDMConfig(video_size=(16, 32), context=4, before=1, width=4)
+    train = FrameWindows(dataset, "train", config.context, float(VAL_FRACTION))
+    judge, _ = train_idm(train, config, TrainSettings(steps=5, batch_size=8), progress=False)
+    save_idm(judge, tmp_path / "judge")
+    out = tmp_path / "eval"
+    status, errors = run_cli("eval", "--model", str(model), "--data", str(dataset), "--out", str(out), "--idm",
+                             str(tmp_path / "judge"), "--also-judge", str(tmp_path / "judge"), "--val-fraction",
+                             VAL_FRACTION, "--clips", "2", "--horizon-s", "1", "--drift-minutes", "0", "--device",
+                             "cpu", "--no-progress")  # fmt: skip
+    assert status == 0, errors
+    report = json.loads((out / "eval.json").read_text())
+    idm = report["idm"]
+    assert report["settings"]["also_judge"] == [str(tmp_path / "judge")]
+    [other] = idm["also"]
+    assert other["source"] == idm["source"] and other["sha256"] == idm["sha256"]
+    assert other["config"] == idm["config"] and other["config"]["context"] == 4
+    assert other["real_val"] == idm["real_val"]
+    for key in ("real_clips", "generated", "vae_round_trip"):  # the same judge on the same clips reads the same
+        assert other[key] == {k: v for k, v in idm[key].items() if k not in ("by_phase", "yaw_by_size")}, key
+    assert other["generated_share_of_round_trip"] == idm["generated_share_of_round_trip"]
+    [summary] = [text for text in summary_lines({"idm": idm}) if text.startswith("also judged by")]
+    generated = idm["generated"]
+    assert f"generated keys {generated['keyboard']:.3f}, yaw {generated['yaw_direction']:.3f}" in summary
+
+    out = tmp_path / "refused"
+    status, errors = run_cli("eval", "--model", str(model), "--data", str(dataset), "--out", str(out), "--idm",
+                             str(tmp_path / "judge"), "--also-judge", str(tmp_path), "--val-fraction", VAL_FRACTION,
+                             "--clips", "0", "--drift-minutes", "0", "--device", "cpu", "--no-progress")  # fmt: skip
+    assert status == 2 and f"cannot use the IDM at {tmp_path}: no inverse-dynamics model" in errors
+    assert "Traceback" not in errors and not (out / "eval.json").exists()  # refused before generating anything
+
+
 def test_eval_action_guidance_below_one_is_a_clear_error(dataset, model, tmp_path) -> None:
     status, errors = run_cli("eval", "--model", str(model), "--data", str(dataset), "--out", str(tmp_path),
                              "--action-guidance", "0.5", "--device", "cpu", "--no-progress")  # fmt: skip

@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--horizon-s", type=float, default=DEFAULT_HORIZON_S, help="seconds generated per clip")
     parser.add_argument("--batch-size", type=int, default=8, help="worlds generated together")
     parser.add_argument("--idm", default=None, help="a trained inverse-dynamics model folder (default: train one)")
+    parser.add_argument("--also-judge", action="append", default=[], metavar="IDM",
+                        help="another trained IDM folder that reads the same clips, reported beside the main one "
+                             "(idm.also); repeat for more")  # fmt: skip
     parser.add_argument("--idm-out", default=None, help="where to save the trained IDM (default: OUT/idm)")
     parser.add_argument("--steps", type=int, default=2000, help="IDM training steps (0 without --idm: no IDM)")
     parser.add_argument("--idm-batch-size", type=int, default=64, help="IDM training batch size")
@@ -88,10 +91,12 @@ def run(args: argparse.Namespace) -> Path:
         check_recording(manifest, world.config.fps, world.sampler.keyboard_dim, world.sampler.mouse_dim, args.data)
     except ValueError as error:
         raise CommandError(str(error)) from error
+    # given judges load before anything is generated, so that a wrong folder fails at once
+    judges = [_load_judge(folder, world, device) for folder in [args.idm] * (args.idm is not None) + args.also_judge]
     timing: dict[str, float] = {"load": time.monotonic() - started}
     report: dict[str, Any] = {"settings": _settings(args, world, manifest, device)}
     clips = _fidelity(args, world, report, timing)
-    _idm(args, world, report, timing, clips, out, device, manifest)
+    _idm(args, world, report, timing, clips, out, device, manifest, judges)
     _drift(args, world, report, timing)
     report["timing_s"] = {**timing, "total": time.monotonic() - started}
     return _write(report, out)
@@ -126,64 +131,83 @@ def _fidelity(args: argparse.Namespace, world, report: dict, timing: dict) -> di
 
 
 def _idm(
-    args: argparse.Namespace, world, report: dict, timing: dict, clips: dict | None, out: Path, device, manifest
+    args: argparse.Namespace,
+    world,
+    report: dict,
+    timing: dict,
+    clips: dict | None,
+    out: Path,
+    device,
+    manifest,
+    judges: list[tuple[Any, dict[str, Any]]],
 ) -> None:
-    from .idm import (
-        IDMConfig,
-        TrainSettings,
-        evaluate_split,
-        idm_weights_sha256,
-        judge_clips,
-        load_idm,
-        save_idm,
-        share_above_chance,
-        train_idm,
-    )
+    """The IDM section: the main judge (--idm, the first of `judges`, or one trained here) and the
+    --also-judge ones (the rest of `judges`) reading the held-out episodes and the clips."""
+    from .idm import IDMConfig, TrainSettings, save_idm, train_idm
 
     if args.idm is None and args.steps == 0:
         return
     started = time.monotonic()
-    section: dict[str, Any] = {}
     if args.idm is not None:
-        try:
-            model = load_idm(args.idm, device)
-        except (ValueError, RuntimeError) as error:  # another format, or weights that do not fit the config
-            from ..cli import CommandError
-
-            raise CommandError(f"cannot use the IDM at {args.idm}: {error}") from error
-        section["source"] = str(Path(args.idm).resolve())
-        section["sha256"] = idm_weights_sha256(args.idm)
-        if section["sha256"] in _action_judges(world.config.extra.get("training", {}).get("vae")):
-            section["trained_against"] = True  # the VAE learned to please this very judge: not independent
+        (model, section), judges = judges[0], judges[1:]
     else:
         config = IDMConfig(video_size=world.video_size, width=args.idm_width, context=args.idm_context,
                            before=args.idm_before)  # fmt: skip
         settings = TrainSettings(args.steps, args.idm_batch_size, args.idm_lr, seed=args.seed, workers=args.workers)
         train = _windows(args, "train", config.context)
         model, history = train_idm(train, config, settings, device, progress=not args.no_progress)
-        section["training"] = {"steps": settings.steps, "batch_size": settings.batch_size, "lr": settings.lr,
-                               "windows": len(train), "loss": history}  # fmt: skip
+        section = {"training": {"steps": settings.steps, "batch_size": settings.batch_size, "lr": settings.lr,
+                                "windows": len(train), "loss": history}}  # fmt: skip
         timing["idm_train"] = time.monotonic() - started
         started = time.monotonic()
-    section["config"] = {"context": model.config.context, "before": model.config.before,
-                         "video_size": list(model.config.video_size), "yaw_dead_zone": model.config.yaw_dead_zone,
-                         "width": model.config.width}  # fmt: skip
-    section["real_val"] = evaluate_split(model, _windows(args, "val", model.config.context))
-    if clips is not None:  # the same windows of the same clips, real and generated
-        # "vae_round_trip": what survives of the actions in the VAE round trip of the real clips, about what a
-        # DiT that renders them as the game does can reach (one that exaggerates them can score higher).
-        for key, frames in (("real_clips", "real"), ("generated", "generated"), ("vae_round_trip", "reconstructed")):
-            judged, by_phase, by_size = judge_clips(model, clips[frames], clips["keyboard"], clips["mouse"])
-            section[key] = {**judged, "by_phase": by_phase, "yaw_by_size": by_size}
-        section["generated_share_of_round_trip"] = share_above_chance(section["generated"], section["vae_round_trip"])
+    section.update(_judge_readings(args, model, clips, by_parts=True))
     if args.idm is None:
         idm_out = Path(args.idm_out) if args.idm_out else out / "idm"
         save_idm(model, idm_out, {"training": section["training"], "accuracy_real_val": section["real_val"],
                                   "data": str(Path(args.data).resolve())})  # fmt: skip
         section["saved"] = str(idm_out)
+    if judges:  # the same clips read by more judges: how far the figures depend on the judge
+        section["also"] = [{**entry, **_judge_readings(args, other, clips, by_parts=False)} for other, entry in judges]
     section["readable_from_motion"] = _key_readability(args, manifest)
     timing["idm_eval"] = time.monotonic() - started
     report["idm"] = section
+
+
+def _load_judge(folder: str, world, device) -> tuple[Any, dict[str, Any]]:
+    """A trained IDM and its report entry: where it is, its weights' hash, and whether the model's VAE
+    was trained against it."""
+    from .idm import idm_weights_sha256, load_idm
+
+    try:
+        model = load_idm(folder, device)
+    except (OSError, ValueError, RuntimeError) as error:  # none there, another format, or mismatched weights
+        from ..cli import CommandError
+
+        raise CommandError(f"cannot use the IDM at {folder}: {error}") from error
+    entry: dict[str, Any] = {"source": str(Path(folder).resolve()), "sha256": idm_weights_sha256(folder)}
+    if entry["sha256"] in _action_judges(world.config.extra.get("training", {}).get("vae")):
+        entry["trained_against"] = True  # the VAE learned to please this very judge: not independent
+    return model, entry
+
+
+def _judge_readings(args: argparse.Namespace, model, clips: dict | None, by_parts: bool) -> dict[str, Any]:
+    """What an IDM reads: its config, the held-out episodes, and (with clips) the real clips, the generated
+    ones and the VAE round trip of the real ones (`by_parts`: also by phase and yaw size)."""
+    from .idm import evaluate_split, judge_clips, share_above_chance
+
+    config = model.config
+    described = {"context": config.context, "before": config.before, "video_size": list(config.video_size),
+                 "yaw_dead_zone": config.yaw_dead_zone, "width": config.width}  # fmt: skip
+    readings = {"config": described, "real_val": evaluate_split(model, _windows(args, "val", config.context))}
+    if clips is not None:  # the same windows of the same clips, real and generated
+        # "vae_round_trip": what survives of the actions in the VAE round trip of the real clips, about what a
+        # DiT that renders them as the game does can reach (one that exaggerates them can score higher).
+        for key, frames in (("real_clips", "real"), ("generated", "generated"), ("vae_round_trip", "reconstructed")):
+            judged, by_phase, by_size = judge_clips(model, clips[frames], clips["keyboard"], clips["mouse"])
+            readings[key] = {**judged, "by_phase": by_phase, "yaw_by_size": by_size} if by_parts else judged
+        readings["generated_share_of_round_trip"] = share_above_chance(readings["generated"],
+                                                                       readings["vae_round_trip"])  # fmt: skip
+    return readings
 
 
 def _action_judges(record: Any) -> set[str]:
@@ -282,6 +306,17 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     if report.get("idm", {}).get("trained_against"):
         lines.append("note: this model's VAE was trained against this IDM (train vae --action-judge): its reads are "
                      "not an independent measure; judge with another IDM")  # fmt: skip
+    for other in report.get("idm", {}).get("also", []):
+        config, parts = other["config"], []
+        for key, label in (("generated", "generated"), ("real_clips", "real clips"), ("vae_round_trip", "round trip")):
+            if key in other:
+                parts.append(f"{label} keys {other[key]['keyboard']:.3f}, yaw {other[key]['yaw_direction']:.3f}")
+        if not parts:
+            parts.append(f"held-out episodes keys {other['real_val']['keyboard']:.3f}, "
+                         f"yaw {other['real_val']['yaw_direction']:.3f}")  # fmt: skip
+        against = "; its VAE was trained against this judge" if other.get("trained_against") else ""
+        lines.append(f"also judged by {other['source']} ({config['context']} frames, {config['before']} before): "
+                     f"{'; '.join(parts)}{against}")  # fmt: skip
     shares = report.get("idm", {}).get("generated_share_of_round_trip")
     if shares:
         told = ", ".join(f"{name} {'-' if v is None else f'{v:.2f}'}" for name, v in shares.items())
@@ -314,6 +349,7 @@ def _settings(args: argparse.Namespace, world, manifest, device: torch.device) -
         "drift_minutes": args.drift_minutes,
         "drift_worlds": args.drift_worlds,
         "idm": args.idm,
+        "also_judge": list(args.also_judge),
         "idm_steps": None if args.idm else args.steps,  # a given IDM was trained elsewhere (its idm.json)
         "seed": args.seed,
         "action_guidance": world.sampler.config.action_guidance,
