@@ -483,7 +483,7 @@ def test_eval_also_judge_reads_the_same_clips_beside_the_main_judge(dataset, mod
                              str(tmp_path / "judge"), "--also-judge", str(tmp_path), "--val-fraction", VAL_FRACTION,
                              "--clips", "0", "--drift-minutes", "0", "--device", "cpu", "--no-progress")  # fmt: skip
     assert status == 2 and f"cannot use the IDM at {tmp_path}: no inverse-dynamics model" in errors
-    assert "Traceback" not in errors and not (out / "eval.json").exists()  # refused before generating anything
+    assert "Traceback" not in errors and not (out / "eval.json").exists()
 
 
 def test_eval_action_guidance_below_one_is_a_clear_error(dataset, model, tmp_path) -> None:
