@@ -92,11 +92,12 @@ def run(args: argparse.Namespace) -> Path:
     except ValueError as error:
         raise CommandError(str(error)) from error
     # given judges load before anything is generated, so that a wrong folder fails at once
-    judges = [_load_judge(folder, world, device) for folder in [args.idm] * (args.idm is not None) + args.also_judge]
+    main_judge = None if args.idm is None else _load_judge(args.idm, world, device)
+    other_judges = [_load_judge(folder, world, device) for folder in args.also_judge]
     timing: dict[str, float] = {"load": time.monotonic() - started}
     report: dict[str, Any] = {"settings": _settings(args, world, manifest, device)}
     clips = _fidelity(args, world, report, timing)
-    _idm(args, world, report, timing, clips, out, device, manifest, judges)
+    _idm(args, world, report, timing, clips, out, device, manifest, main_judge, other_judges)
     _drift(args, world, report, timing)
     report["timing_s"] = {**timing, "total": time.monotonic() - started}
     return _write(report, out)
@@ -139,17 +140,18 @@ def _idm(
     out: Path,
     device,
     manifest,
-    judges: list[tuple[Any, dict[str, Any]]],
+    main_judge: tuple[Any, dict[str, Any]] | None,
+    other_judges: list[tuple[Any, dict[str, Any]]],
 ) -> None:
-    """The IDM section: the main judge (--idm, the first of `judges`, or one trained here) and the
-    --also-judge ones (the rest of `judges`) reading the held-out episodes and the clips."""
+    """The IDM section: the main judge (--idm's `main_judge`, or one trained here) and the --also-judge
+    ones (`other_judges`) reading the held-out episodes and the clips."""
     from .idm import IDMConfig, TrainSettings, save_idm, train_idm
 
-    if args.idm is None and args.steps == 0:
+    if main_judge is None and args.steps == 0:
         return
     started = time.monotonic()
-    if args.idm is not None:
-        (model, section), judges = judges[0], judges[1:]
+    if main_judge is not None:
+        model, section = main_judge
     else:
         config = IDMConfig(video_size=world.video_size, width=args.idm_width, context=args.idm_context,
                            before=args.idm_before)  # fmt: skip
@@ -161,13 +163,14 @@ def _idm(
         timing["idm_train"] = time.monotonic() - started
         started = time.monotonic()
     section.update(_judge_readings(args, model, clips, by_parts=True))
-    if args.idm is None:
+    if main_judge is None:  # trained here: saved
         idm_out = Path(args.idm_out) if args.idm_out else out / "idm"
         save_idm(model, idm_out, {"training": section["training"], "accuracy_real_val": section["real_val"],
                                   "data": str(Path(args.data).resolve())})  # fmt: skip
         section["saved"] = str(idm_out)
-    if judges:  # the same clips read by more judges: how far the figures depend on the judge
-        section["also"] = [{**entry, **_judge_readings(args, other, clips, by_parts=False)} for other, entry in judges]
+    if other_judges:  # the same clips read by more judges: how far the figures depend on the judge
+        section["also"] = [{**entry, **_judge_readings(args, judge, clips, by_parts=False)}
+                           for judge, entry in other_judges]  # fmt: skip
     section["readable_from_motion"] = _key_readability(args, manifest)
     timing["idm_eval"] = time.monotonic() - started
     report["idm"] = section

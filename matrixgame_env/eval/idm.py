@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from ..data.storage import open_chunk
 from ..weights import save_safetensors
-from .real_data import FrameWindows, resize_frames
+from .real_data import FrameWindows, resize_frames, split_actions
 
 IDM_FORMAT = "matrixgame-env/inverse-dynamics"
 WEIGHTS_FILE = "idm.safetensors"
@@ -428,13 +428,11 @@ def batches_in_device_memory(
     height, width = windows.frame_size
     offsets = np.concatenate([[0], np.cumsum([chunk.frames for chunk in windows.chunks])])
     frames = torch.empty((int(offsets[-1]), height, width, 3), dtype=torch.uint8, device=device)
-    keyboard, mouse = [], []
     for chunk, offset in zip(windows.chunks, offsets):
-        arrays = open_chunk(windows.root / chunk.file)
-        frames[offset : offset + chunk.frames] = torch.from_numpy(np.array(arrays["frames"])).to(device)
-        keyboard.append(torch.from_numpy(np.array(arrays["keyboard"], dtype=np.float32)))
-        mouse.append(torch.from_numpy(np.array(arrays["mouse"], dtype=np.float32)))
-    keyboard, mouse = torch.cat(keyboard).to(device), torch.cat(mouse).to(device)
+        chunk_frames = open_chunk(windows.root / chunk.file)["frames"]
+        frames[offset : offset + chunk.frames] = torch.from_numpy(np.array(chunk_frames)).to(device)
+    actions = split_actions(windows)  # in the same order as the frames
+    keyboard, mouse = torch.from_numpy(actions.keyboard).to(device), torch.from_numpy(actions.mouse).to(device)
     positions = torch.from_numpy(windows.windows)
     starts = (torch.from_numpy(offsets)[positions[:, 0]] + positions[:, 1]).to(device)
     steps = torch.arange(windows.length, device=device)
