@@ -241,16 +241,25 @@ def gpu_vector(
 
 
 def profile_vector_step(
-    model: str, worlds: int, channels_last: bool | None, upsample: str = "auto", steps: int = 3, conv3d: str = "auto"
+    model: str,
+    worlds: int,
+    channels_last: bool | None,
+    upsample: str = "auto",
+    steps: int = 3,
+    conv3d: str = "auto",
+    path: str = "compile",
+    observation: str = "last",
 ) -> dict:
-    """Where a vector-env step's GPU time goes (`profile_tables`, per step): compiled fusions on, CUDA
-    graphs off so that every kernel is seen."""
+    """Where a vector-env step's GPU time goes (`profile_tables`, per step) on one of `FAST_OPTIONS`'
+    paths, with CUDA graphs off so that every kernel is seen."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     set_upsample_mode(upsample)
     set_conv3d_mode(conv3d)
-    env, rng = warm_vector_env(model, worlds, "compile", channels_last, None, 4, graphs=False)
+    env, rng = warm_vector_env(
+        model, worlds, FAST_OPTIONS[path], channels_last, None, 4, graphs=False, observation=observation
+    )
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             env.step(random_actions(env.single_action_space, rng, worlds))
@@ -260,6 +269,8 @@ def profile_vector_step(
     set_conv3d_mode("auto")
     return {
         "worlds": worlds,
+        "path": path,
+        "observation": observation,
         "channels_last": env.world.vae.decoder_channels_last,
         "upsample": upsample,
         "conv3d": conv3d,
@@ -394,8 +405,13 @@ def main() -> None:
         choices=["auto", "native", "triton"],
         help="how the decoder's causal convolutions run on the GPU (nn.vae.set_conv3d_mode); repeat to alternate",
     )
+    parser.add_argument("--profile", action="store_true", help="also profile a GPU step at the largest world count")
     parser.add_argument(
-        "--profile", action="store_true", help="also profile a GPU step at the largest world count (compiled)"
+        "--profile-paths",
+        nargs="+",
+        choices=["eager", "graphs", "compile"],
+        default=["compile"],
+        help="paths profiled with --profile (CUDA graphs off in each, so that every kernel is seen)",
     )
     parser.add_argument(
         "--observations",
@@ -485,12 +501,22 @@ def main() -> None:
     result = {"environment": environment(), "model": args.model, "rows": rows}
     if args.profile and torch.cuda.is_available():
         layout = {"auto": None, "off": False}.get(args.channels_last, True)
-        result["profile"] = profile_vector_step(
-            args.model, max(args.gpu_worlds), layout, args.upsample[-1], conv3d=args.gpu_conv3d[-1]
-        )
-        for view in ("kernels", "operators"):
-            print(f"profile: {max(args.gpu_worlds)} worlds, {view} (ms and calls per step)")
-            print(table(result["profile"][view], ["name", "ms", "share", "calls"]))
+        profiles = []
+        for path, observation in itertools.product(args.profile_paths, args.observations):
+            profile = profile_vector_step(
+                args.model,
+                max(args.gpu_worlds),
+                layout,
+                args.upsample[-1],
+                conv3d=args.gpu_conv3d[-1],
+                path=path,
+                observation=observation,
+            )
+            profiles.append(profile)
+            for view in ("kernels", "operators"):
+                print(f"profile: {max(args.gpu_worlds)} worlds, {path}, {observation}, {view} (ms and calls per step)")
+                print(table(profile[view], ["name", "ms", "share", "calls"]))
+        result["profile"] = profiles[0] if len(profiles) == 1 else profiles
     name = "env_" + (torch.cuda.get_device_name(0).split()[1].lower() if torch.cuda.is_available() else "cpu")
     path = write_json(name, result, args.out)
     print(f"wrote {path}")

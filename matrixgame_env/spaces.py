@@ -82,6 +82,34 @@ class ActionLayout:
             raise ValueError(f"the {self.name} layout has no mouse; accepted: {self._describe()}")
         return keyboard.astype(np.float32), mouse
 
+    def batch_to_arrays(self, actions: Any, count: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """`count` worlds' actions validated at once (one-hot: integers [count]; else a dict of arrays with
+        `count` rows) -> (keyboard [count, K] float32, mouse [count, 2] float32 or None), the rows
+        `to_arrays` gives world by world; None where any check fails (then `to_arrays` world by world
+        says what is wrong)."""
+        if self.one_hot:
+            index = np.asarray(actions)
+            if index.shape != (count,) or not np.issubdtype(index.dtype, np.integer):
+                return None
+            if count and (index.min() < 0 or index.max() >= self.keyboard_dim):
+                return None
+            return np.eye(self.keyboard_dim, dtype=np.float32)[index], None
+        if not isinstance(actions, dict) or set(actions) - {"keyboard", "mouse"}:
+            return None
+        if not self.mouse and "mouse" in actions:
+            return None
+        keyboard = np.asarray(actions.get("keyboard", np.zeros((count, self.keyboard_dim))))
+        if keyboard.shape != (count, self.keyboard_dim) or not ((keyboard == 0) | (keyboard == 1)).all():
+            return None
+        mouse = None
+        if self.mouse:
+            mouse = np.array(actions.get("mouse", np.zeros((count, 2))), dtype=np.float32)
+            if mouse.shape != (count, 2) or not np.isfinite(mouse).all():
+                return None
+            if count and np.abs(mouse).max() > self.mouse_limit + 1e-6:
+                return None
+        return keyboard.astype(np.float32), mouse
+
     def _describe(self) -> str:
         mouse = f", 'mouse': float32 (2,) in [-{self.mouse_limit}, {self.mouse_limit}]" if self.mouse else ""
         return "{'keyboard': 0/1 array of " + f"{self.keyboard_dim} {list(self.keys)}" + mouse + "}"

@@ -486,19 +486,23 @@ class MatrixGameVectorEnv(VectorEnv):
             actions = np.asarray(actions)
             if actions.shape != (self.num_envs,):
                 raise ValueError(f"actions must be {self.num_envs} integers, got shape {actions.shape}")
-            per_world = [self.layout.to_arrays(a) for a in actions]
+        elif not isinstance(actions, dict):
+            raise ValueError(f"actions must be a dict of batched arrays, got {type(actions).__name__}")
         else:
-            if not isinstance(actions, dict):
-                raise ValueError(f"actions must be a dict of batched arrays, got {type(actions).__name__}")
-            per_world = []
-            for i in range(self.num_envs):
-                single = {}
-                for key, value in actions.items():
-                    value = np.asarray(value)
-                    if value.shape[:1] != (self.num_envs,):
-                        raise ValueError(f"actions[{key!r}] must have {self.num_envs} rows, got shape {value.shape}")
-                    single[key] = value[i]
+            for key, value in actions.items():
+                if np.shape(value)[:1] != (self.num_envs,):
+                    raise ValueError(f"actions[{key!r}] must have {self.num_envs} rows, got shape {np.shape(value)}")
+        whole = self.layout.batch_to_arrays(actions, self.num_envs)
+        if whole is not None:
+            return whole
+        # Some world's action is outside the space: checked world by world, to say which and why.
+        per_world = []
+        for i in range(self.num_envs):
+            single = actions[i] if self.layout.one_hot else {key: np.asarray(v)[i] for key, v in actions.items()}
+            try:
                 per_world.append(self.layout.to_arrays(single))
+            except ValueError as error:
+                raise ValueError(f"world {i}: {error}") from None
         keyboard = np.stack([p[0] for p in per_world]).astype(np.float32)
         mouse = np.stack([p[1] for p in per_world]).astype(np.float32) if self.layout.mouse else None
         return keyboard, mouse

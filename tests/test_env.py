@@ -11,6 +11,7 @@ from tiny_model import write_tiny_model
 import matrixgame_env
 from matrixgame_env.env import MatrixGameEnv
 from matrixgame_env.rewards import ClipGoalReward, GoalReached, PixelGoalReward
+from matrixgame_env.spaces import GTA_DRIVE, TEMPLERUN, UNIVERSAL
 from matrixgame_env.vector import MatrixGameVectorEnv
 from matrixgame_env.world.model import WorldModel
 from matrixgame_env.wrappers import DiscretizeActions, FlattenActions, ResizeFrames
@@ -330,6 +331,51 @@ def test_actions_outside_the_space_are_rejected(world, action, message):
     env.reset(seed=0)
     with pytest.raises(ValueError, match=message):
         env.step(action)
+
+
+@pytest.mark.parametrize(
+    "world_action, message",
+    [
+        ({"keyboard": np.array([2, 0, 0, 0])}, "world 1: keyboard entries must be 0 or 1"),
+        ({"mouse": np.array([np.nan, 0.0])}, "world 1: mouse contains NaN"),
+        ({"mouse": np.array([0.0, 5.0])}, r"world 1: mouse values must lie in \[-0.3, 0.3\]"),
+    ],
+)
+def test_vector_actions_outside_the_space_name_the_world(world, world_action, message):
+    venv = MatrixGameVectorEnv(model=world, num_envs=3)
+    venv.reset(seed=0)
+    actions = {"keyboard": np.zeros((3, 4), np.int8), "mouse": np.zeros((3, 2), np.float32)}
+    for key, value in world_action.items():
+        actions[key] = actions[key].astype(value.dtype)
+        actions[key][1] = value
+    with pytest.raises(ValueError, match=message):
+        venv.step(actions)
+    with pytest.raises(ValueError, match=r"actions\['mouse'\] must have 3 rows"):
+        venv.step({"keyboard": actions["keyboard"], "mouse": np.zeros((2, 2), np.float32)})
+
+
+@pytest.mark.parametrize("layout", [UNIVERSAL, GTA_DRIVE, TEMPLERUN])
+def test_batched_actions_convert_as_each_world_alone(layout):
+    rng = np.random.default_rng(0)
+    space = layout.action_space()
+    space.seed(0)
+    samples = [space.sample() for _ in range(9)]
+    if layout.one_hot:
+        batch = np.array(samples)
+    else:
+        batch = {key: np.stack([s[key] for s in samples]) for key in samples[0]}
+    keyboard, mouse = layout.batch_to_arrays(batch, 9)
+    for i, sample in enumerate(samples):
+        alone = layout.to_arrays(sample)
+        assert np.array_equal(keyboard[i], alone[0]) and keyboard.dtype == np.float32
+        assert (mouse is None) == (alone[1] is None)
+        if mouse is not None:
+            assert np.array_equal(mouse[i], alone[1]) and mouse.dtype == np.float32
+    if not layout.one_hot:  # a value outside the space in any row: no batch result, so each world is checked
+        batch["keyboard"][rng.integers(9), 0] = 2
+        assert layout.batch_to_arrays(batch, 9) is None
+    else:
+        assert layout.batch_to_arrays(np.full(9, layout.keyboard_dim), 9) is None
 
 
 def test_step_before_reset_is_refused(world):

@@ -52,6 +52,40 @@ def test_norm_silu_joins_the_past_and_matches_float64_for_each_width_and_dtype()
     assert out.strip().endswith("ok")
 
 
+def test_copy_frames_copies_runs_of_channels_last_frames_exactly_and_anything_else_through_copy():
+    out = run_interpreted(
+        """
+        import torch
+        from matrixgame_env.nn import triton_norm as tn
+        from matrixgame_env.nn.vae_cache import FeatureCache
+        g = torch.Generator().manual_seed(3)
+        last = torch.channels_last_3d
+        for dtype in (torch.float32, torch.bfloat16):
+            for channels, frames, height, width in ((16, 6, 3, 5), (3, 4, 7, 9), (64, 3, 2, 2)):
+                whole = torch.randn(3, channels, frames, height, width, generator=g).to(dtype)
+                whole = whole.contiguous(memory_format=last)
+                kept = whole[:, :, -2:]  # a run of frames: each batch element contiguous, batches apart
+                joined = torch.zeros(3, channels, frames + 2, height, width, dtype=dtype).contiguous(memory_format=last)
+                assert tn.applies(joined[:, :, :2], kept)
+                tn.copy_frames(joined[:, :, :2], kept)
+                assert torch.equal(joined[:, :, :2], kept) and not joined[:, :, 2:].any()
+                standard = torch.empty(kept.shape, dtype=dtype)  # not channels-last: torch's copy_
+                tn.copy_frames(standard, kept)
+                assert torch.equal(standard, kept)
+                cache = FeatureCache(1, 3)
+                cache.keep(0, kept)  # a copy of its own, channels-last
+                first = cache.slots[0]
+                assert torch.equal(first, kept) and first.data_ptr() != kept.data_ptr()
+                assert first.is_contiguous(memory_format=last)
+                cache.write_in_place = True
+                cache.keep(0, whole[:, :, :2])  # overwritten where it is
+                assert cache.slots[0] is first and torch.equal(first, whole[:, :, :2])
+        print("ok")
+        """
+    )
+    assert out.strip().endswith("ok")
+
+
 def test_bias_add_matches_float64_with_any_of_its_biases():
     out = run_interpreted(
         """

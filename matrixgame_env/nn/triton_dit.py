@@ -33,6 +33,12 @@ from .triton_conv import _cdiv, available, interpreted
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BLOCK_ELEMENTS = 4096  # values a program handles: BLOCK_R rows of D values (D rounded up to a power of 2)
+# `rms_norm_rope_rows` keeps a row's pairs and their int64 offsets in registers: with 4096 values over 4
+# warps it took 255 registers and spilled at doom-small's widths (64 and 256 values a row; sm_90,
+# `cuobjdump -res-usage`), 73 us a call at 64 worlds on an H100. 1024 pairs over 8 warps: 32-72
+# registers, no spills, at widths 64, 256 and 1536.
+ROPE_PAIRS = 1024
+ROPE_WARPS = 8
 _enabled = False
 _within = threading.local()  # `switched`'s choice for the calling thread, where one is active
 
@@ -80,10 +86,10 @@ def _applies(*tensors: torch.Tensor) -> bool:
     return all((t.is_cuda or interpreted()) and t.dtype in DTYPES and not (grad and t.requires_grad) for t in tensors)
 
 
-def _row_launch(width: int, rows: int) -> tuple[int, int, tuple[int]]:
-    """(BLOCK_D, BLOCK_R, grid) for `rows` rows of `width` values."""
+def _row_launch(width: int, rows: int, elements: int = BLOCK_ELEMENTS) -> tuple[int, int, tuple[int]]:
+    """(BLOCK_D, BLOCK_R, grid) for `rows` rows of `width` values, about `elements` values a program."""
     block_d = 1 << max(width - 1, 0).bit_length()
-    block_r = max(1, BLOCK_ELEMENTS // block_d)
+    block_r = max(1, elements // block_d)
     if interpreted():
         block_r = min(block_r, 8)
     return block_d, block_r, (_cdiv(rows, block_r),)
@@ -191,7 +197,7 @@ def _rms_rope(
         return
     dtype = source.dtype
     round_product = weight is not None and dtype != torch.float32 and torch.promote_types(dtype, weight.dtype) == dtype
-    block_p, block_r, grid = _row_launch(width // 2, rows)
+    block_p, block_r, grid = _row_launch(width // 2, rows, ROPE_PAIRS)
     has_weight, has_rope = weight is not None, cos is not None
     weight = weight.detach().reshape(-1).contiguous() if has_weight else source
     cos, sin = (cos, sin) if has_rope else (source, source)  # (not read)
@@ -199,7 +205,7 @@ def _rms_rope(
         source, weight, cos, sin, out, rows, *layout, angle_div, angle_mod, cos.stride(0) if has_rope else 0,
         float(eps), W=width, PAIRS_PER_HEAD=pairs_per_head, BLOCK_P=block_p, BLOCK_R=block_r,
         HAS_WEIGHT=has_weight, ROUND_NORMED=round_normed and dtype != torch.float32,
-        ROUND_PRODUCT=round_product, HAS_ROPE=has_rope,
+        ROUND_PRODUCT=round_product, HAS_ROPE=has_rope, num_warps=ROPE_WARPS,
     )  # fmt: skip
 
 

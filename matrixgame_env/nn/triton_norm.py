@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from .triton_conv import _cdiv, _channels_last_strides, interpreted
+from .triton_conv import _cdiv, _channels_last_strides, available, interpreted
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BLOCK_ELEMENTS = 4096  # values a program handles: BLOCK_R rows of C channels (C rounded up to a power of 2)
@@ -32,7 +32,7 @@ def _kernels():
     """The jitted kernels (`nn.triton_norm_kernels`), imported on first use: Triton loads lazily."""
     from . import triton_norm_kernels as kernels
 
-    return kernels.norm_silu_rows, kernels.bias_add_rows
+    return kernels.norm_silu_rows, kernels.bias_add_rows, kernels.copy_batch_rows
 
 
 def set_enabled(enabled: bool = True) -> None:
@@ -85,12 +85,12 @@ def past_and_norm_silu(
     out = torch.empty((batch, channels, held + frames, height, width), device=x.device, dtype=x.dtype)
     out = out.contiguous(memory_format=torch.channels_last_3d)
     if held:
-        out[:, :, :held].copy_(past)
+        copy_frames(out[:, :, :held], past)
     rows = frames * height * width
     if rows == 0 or batch == 0:
         return out
     block_c, block_r, grid = _launch_shape(channels, rows, batch)
-    norm_silu_rows, _ = _kernels()
+    norm_silu_rows, _, _ = _kernels()
     gamma = gamma.detach().reshape(-1).contiguous()
     bias = None if bias is None else bias.detach().reshape(-1).contiguous()
     norm_silu_rows[grid](
@@ -128,7 +128,7 @@ def bias_add(
     if rows == 0 or batch == 0:
         return out
     block_c, block_r, grid = _launch_shape(channels, rows, batch)
-    _, bias_add_rows = _kernels()
+    _, bias_add_rows, _ = _kernels()
     bias_add_rows[grid](
         h,
         biases[0] if biases[0] is not None else h,
@@ -146,3 +146,31 @@ def bias_add(
         HAS_SKIP_BIAS=biases[1] is not None,
     )
     return out
+
+
+COPY_BLOCK = 4096  # values a program of `copy_batch_rows` moves
+
+
+def copy_frames(destination: torch.Tensor, source: torch.Tensor) -> None:
+    """destination.copy_(source) for videos [B, C, T, H, W] of one shape and dtype whose batch elements
+    each hold their values contiguously in the same channels-last order (a run of frames of a
+    channels-last video: a cache's kept frames, the head of a joined input), in one vectorised pass;
+    torch copies such strided views with its generic elementwise kernel, at a fraction of the memory
+    bandwidth. Other tensors go through `copy_`."""
+    if (
+        destination.shape != source.shape
+        or destination.dtype != source.dtype
+        or destination.device != source.device
+        or not applies(destination, source)
+        or not available()
+    ):
+        destination.copy_(source)
+        return
+    batch = destination.shape[0]
+    per_batch = destination[0].numel()
+    if per_batch == 0 or batch == 0:
+        return
+    block = min(COPY_BLOCK, 64) if interpreted() else COPY_BLOCK
+    _, _, copy_batch_rows = _kernels()
+    grid = (_cdiv(per_batch, block), batch)
+    copy_batch_rows[grid](source, destination, per_batch, source.stride(0), destination.stride(0), BLOCK=block)

@@ -69,3 +69,13 @@ def bias_add_rows(
     if HAS_SKIP_BIAS:
         out += tl.load(skip_bias_ptr + c, mask=channel_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + batch * y_batch_stride + offsets, out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def copy_batch_rows(src_ptr, dst_ptr, n, src_batch_stride, dst_batch_stride, BLOCK: tl.constexpr):
+    # Program (m, b): values m*BLOCK .. of batch element b, contiguous in both tensors.
+    batch = tl.program_id(1).to(tl.int64)
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = i < n
+    values = tl.load(src_ptr + batch * src_batch_stride + i, mask=inside)
+    tl.store(dst_ptr + batch * dst_batch_stride + i, values, mask=inside)

@@ -8,6 +8,7 @@ from typing import TypeVar
 
 import torch
 
+from . import triton_norm
 from .transfer import to_device
 
 CacheT = TypeVar("CacheT", bound="FeatureCache")
@@ -44,9 +45,9 @@ class FeatureCache:
         as they are when `owned` (a tensor nothing else refers to)."""
         held = self.slots[slot]
         if self.write_in_place and held is not None and held.shape == frames.shape and held.dtype == frames.dtype:
-            held.copy_(frames)
+            triton_norm.copy_frames(held, frames)
         else:
-            self.slots[slot] = frames if owned else frames.clone()
+            self.slots[slot] = frames if owned else _copy_of(frames)
         self.emptied[slot] = False
 
     def restart(self) -> None:
@@ -104,3 +105,14 @@ class DecoderCache(FeatureCache):
     Make one with `WanVAE.new_decoder_cache(batch_size)`; `WanVAE.decode_stream` updates it in place.
     `clone` snapshots a world, `select` / `expand_batch` drop or fork worlds of the batch.
     """
+
+
+def _copy_of(frames: torch.Tensor) -> torch.Tensor:
+    """A copy of `frames`: channels-last frames the Triton kernels take are copied by one of them
+    (`triton_norm.copy_frames`), others by `clone`."""
+    if not triton_norm.applies(frames):
+        return frames.clone()
+    copy = torch.empty(frames.shape, dtype=frames.dtype, device=frames.device)
+    copy = copy.contiguous(memory_format=torch.channels_last_3d)
+    triton_norm.copy_frames(copy, frames)
+    return copy
