@@ -86,6 +86,28 @@ def test_copy_frames_copies_runs_of_channels_last_frames_exactly_and_anything_el
     assert out.strip().endswith("ok")
 
 
+def test_upsample_nearest2x_equals_torchs_for_channels_last_pictures_and_declines_others():
+    out = run_interpreted(
+        """
+        import torch
+        import torch.nn.functional as F
+        from matrixgame_env.nn import triton_norm as tn
+        g = torch.Generator().manual_seed(4)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for count, channels, height, width in ((3, 16, 3, 5), (2, 3, 4, 1), (1, 64, 2, 3)):
+                video = torch.randn(2, channels, count + 1, height, width, generator=g).to(dtype)
+                video = video.contiguous(memory_format=torch.channels_last_3d)
+                frames = video[1:].transpose(1, 2).flatten(0, 1)[:count]  # channels-last pictures, a view
+                up = tn.upsample_nearest2x(frames)
+                assert up is not None and up.is_contiguous(memory_format=torch.channels_last)
+                assert torch.equal(up, F.interpolate(frames, scale_factor=2.0, mode="nearest"))
+        assert tn.upsample_nearest2x(torch.randn(2, 4, 3, 5)) is None  # standard layout: torch's kernel
+        print("ok")
+        """
+    )
+    assert out.strip().endswith("ok")
+
+
 def test_bias_add_matches_float64_with_any_of_its_biases():
     out = run_interpreted(
         """

@@ -32,7 +32,7 @@ def _kernels():
     """The jitted kernels (`nn.triton_norm_kernels`), imported on first use: Triton loads lazily."""
     from . import triton_norm_kernels as kernels
 
-    return kernels.norm_silu_rows, kernels.bias_add_rows, kernels.copy_batch_rows
+    return kernels.norm_silu_rows, kernels.bias_add_rows, kernels.copy_batch_rows, kernels.upsample_nearest2x_rows
 
 
 def set_enabled(enabled: bool = True) -> None:
@@ -90,7 +90,7 @@ def past_and_norm_silu(
     if rows == 0 or batch == 0:
         return out
     block_c, block_r, grid = _launch_shape(channels, rows, batch)
-    norm_silu_rows, _, _ = _kernels()
+    norm_silu_rows = _kernels()[0]
     gamma = gamma.detach().reshape(-1).contiguous()
     bias = None if bias is None else bias.detach().reshape(-1).contiguous()
     norm_silu_rows[grid](
@@ -128,7 +128,7 @@ def bias_add(
     if rows == 0 or batch == 0:
         return out
     block_c, block_r, grid = _launch_shape(channels, rows, batch)
-    _, bias_add_rows, _ = _kernels()
+    bias_add_rows = _kernels()[1]
     bias_add_rows[grid](
         h,
         biases[0] if biases[0] is not None else h,
@@ -171,6 +171,45 @@ def copy_frames(destination: torch.Tensor, source: torch.Tensor) -> None:
     if per_batch == 0 or batch == 0:
         return
     block = min(COPY_BLOCK, 64) if interpreted() else COPY_BLOCK
-    _, _, copy_batch_rows = _kernels()
+    copy_batch_rows = _kernels()[2]
     grid = (_cdiv(per_batch, block), batch)
     copy_batch_rows[grid](source, destination, per_batch, source.stride(0), destination.stride(0), BLOCK=block)
+
+
+def upsample_nearest2x(frames: torch.Tensor) -> torch.Tensor | None:
+    """`F.interpolate(frames, scale_factor=2, mode="nearest")` for pictures [N, C, H, W] stored channels-last
+    (each pixel's channels contiguous, rows W * C apart; the image stride is free), as a new
+    channels-last [N, C, 2H, 2W] in one pass; torch's channels-last nearest kernel reaches a fraction
+    of the memory bandwidth. None where it does not apply (then use torch's)."""
+    if frames.dim() != 4 or not available():
+        return None
+    count, channels, height, width = frames.shape
+    if (
+        not (frames.is_cuda or interpreted())
+        or frames.dtype not in DTYPES
+        or frames.requires_grad
+        or frames.stride(1) != 1
+        or frames.stride(3) != channels
+        or frames.stride(2) != width * channels
+    ):
+        return None
+    out = torch.empty((count, channels, 2 * height, 2 * width), device=frames.device, dtype=frames.dtype)
+    out = out.contiguous(memory_format=torch.channels_last)
+    pixels = 4 * height * width
+    if pixels == 0 or count == 0:
+        return out
+    block_c, block_r, _ = _launch_shape(channels, pixels, count)
+    upsample = _kernels()[3]
+    upsample[(_cdiv(pixels, block_r), count)](
+        frames,
+        out,
+        pixels,
+        2 * width,
+        frames.stride(0),
+        frames.stride(2),
+        out.stride(0),
+        C=channels,
+        BLOCK_C=block_c,
+        BLOCK_R=block_r,
+    )
+    return out

@@ -79,3 +79,25 @@ def copy_batch_rows(src_ptr, dst_ptr, n, src_batch_stride, dst_batch_stride, BLO
     inside = i < n
     values = tl.load(src_ptr + batch * src_batch_stride + i, mask=inside)
     tl.store(dst_ptr + batch * dst_batch_stride + i, values, mask=inside)
+
+
+@triton.jit
+def upsample_nearest2x_rows(
+    x_ptr,
+    y_ptr,
+    out_pixels,
+    out_width,
+    x_image_stride,
+    x_row_stride,
+    y_image_stride,
+    C: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    # Program (m, n): output pixels m*BLOCK_R .. of image n, each the input pixel (row // 2, col // 2);
+    # channels innermost in both (input pixels C apart, rows x_row_stride apart).
+    image, c, channel_ok, mask, _ = row_tile(out_pixels, C, BLOCK_C, BLOCK_R)
+    p = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    source = (p // out_width // 2) * x_row_stride + (p % out_width // 2) * C
+    values = tl.load(x_ptr + image * x_image_stride + source[:, None] + c[None, :], mask=mask)
+    tl.store(y_ptr + image * y_image_stride + p[:, None] * C + c[None, :], values, mask=mask)

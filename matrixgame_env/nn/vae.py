@@ -190,13 +190,21 @@ class Upsample(nn.Module):
             nn.Conv2d(channels, channels // 2, 3, padding=1),
         )
         self.time_conv = CausalConv3d(channels, 2 * channels, (3, 1, 1)) if temporal else None
+        self.triton_kernel = False  # WanVAE.set_decoder_triton: the nearest upsampling as a Triton kernel
 
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         if self.time_conv is not None:
             x = self._double_frames(x, cache)
         if use_transposed_upsampling(x.device):
             return _per_frame(self._upsample_transposed, x)
+        if self.triton_kernel and triton_norm.enabled() and not torch.is_grad_enabled():
+            return _per_frame(self._upsample_triton, x)
         return _per_frame(self.resample, x)  # [B, C/2, T, 2H, 2W]
+
+    def _upsample_triton(self, frames: torch.Tensor) -> torch.Tensor:
+        """`resample` with the nearest upsampling in one Triton pass where it applies (channels-last frames)."""
+        upsampled = triton_norm.upsample_nearest2x(frames)
+        return self.resample(frames) if upsampled is None else self.resample[1](upsampled)
 
     def _upsample_transposed(self, frames: torch.Tensor) -> torch.Tensor:
         """`resample` on frames [N, C, H, W] -> [N, C/2, 2H, 2W] as one transposed convolution."""
@@ -545,12 +553,13 @@ class WanVAE(nn.Module):
         `nn.triton_conv` where it applies (CUDA, channels-last, bf16/fp16) while `set_conv3d_mode` is
         "auto"; the other layers keep cuDNN. With `nn.triton_norm.enabled()` (the default), on
         channels-last videos the norms, SiLUs and joins before the convolutions and the residual
-        blocks' bias-and-skip adds run as Triton kernels too, unless torch.compile's fusion is on.
+        blocks' bias-and-skip adds run as Triton kernels too, unless torch.compile's fusion is on, and
+        so does the upsamplers' nearest doubling.
         The same function up to float32 summation order."""
         if enabled and not triton_conv.available():
             raise ValueError("the decoder's Triton convolutions need Triton and a CUDA GPU")
         for module in self.decoder.modules():
-            if isinstance(module, CausalConv3d):
+            if isinstance(module, (CausalConv3d, Upsample)):
                 module.triton_kernel = enabled
 
     @property
