@@ -609,10 +609,19 @@ class WanVAE(nn.Module):
         latents = self._checked_latents(latents, check_finite)
         self._check_decoder_cache(cache, latents)
         x = self._decoder_input(self._denormalise(latents))  # [B, z_dim, n, h, w]
-        # One latent per decoder call, as the official decoder runs (the first-latent rule depends on it).
+        # The official decoder takes one latent per call. A stream's first latent must go alone (the
+        # layers' first-chunk rules apply to a call); once every layer has kept frames, one call of
+        # several latents computes what as many calls of one would (causal convolutions over [kept
+        # frames, chunk]; norms, attention and upsampling per frame) in fewer, larger kernels. A
+        # decoder runner (`set_decoder_runner`: a compiled decoder, traced for one latent) keeps one.
         decode = self._decoder_runner or self.decoder
-        frames = [decode(x[:, :, i : i + 1], cache) for i in range(x.shape[2])]  # [B, 3, 1 or 4, H, W] each
-        video = torch.cat(frames, dim=2)  # [B, 3, T, H, W]
+        frames, start, total = [], 0, x.shape[2]
+        while start < total:
+            alone = self._decoder_runner is not None or any(cache.is_empty(s) for s in range(len(cache.slots)))
+            count = 1 if alone else total - start
+            frames.append(decode(x[:, :, start : start + count], cache))  # [B, 3, 1 or 4 * count, H, W]
+            start += count
+        video = frames[0] if len(frames) == 1 else torch.cat(frames, dim=2)  # [B, 3, T, H, W]
         return video.transpose(1, 2).contiguous().clamp_(-1.0, 1.0)  # [B, T, 3, H, W]
 
     # Training: the same computations with gradients, on unnormalised latents, without clamping.
