@@ -203,8 +203,18 @@ def test_decode_stream_runs_the_latents_after_a_streams_first_in_one_call_with_t
         calls.clear()
         vae.decode_stream(latents[:, :, :3], together)
         assert calls == [1, 2]
+        vae.set_latents_per_decoder_call(2)  # a cap on the activations held at once
+        calls.clear()
+        capped = vae.new_decoder_cache(1)
+        frames = vae.decode_stream(latents, capped)
+        assert calls == [1, 2, 2]
+        assert max_relative_error(frames, torch.cat(one_by_one, 1)) <= OTHER_CHUNKING_TOLERANCE
+        for bad in (0, -1, 1.5, True):
+            with pytest.raises(ValueError, match="positive integer or None"):
+                vae.set_latents_per_decoder_call(bad)
     finally:
         del vae.decoder.forward
+        vae.set_latents_per_decoder_call(None)
 
 
 def test_decode_stream_frame_counts(vae: WanVAE, fixture: Fixture) -> None:

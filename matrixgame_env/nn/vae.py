@@ -414,6 +414,7 @@ class WanVAE(nn.Module):
         self.z_dim = z_dim
         self._decoder_channels_last = False  # see set_decoder_channels_last
         self._decoder_runner: DecoderRunner | None = None  # see set_decoder_runner
+        self._latents_per_decoder_call: int | None = None  # see set_latents_per_decoder_call
         self.spatial_factor = 2 ** (len(dim_mult) - 1)
         self.temporal_factor = 2 ** sum(bool(t) for t in temporal_downsample)
 
@@ -578,6 +579,20 @@ class WanVAE(nn.Module):
         `decode_unnormalised` always calls the decoder."""
         self._decoder_runner = runner
 
+    def set_latents_per_decoder_call(self, count: int | None = None) -> None:
+        """At most `count` latents per decoder call in `decode_stream` (None: every latent after a stream's
+        first in one call, the default). Larger calls run fewer, larger kernels and hold the
+        activations of more frames at once: the full-size decoder at batch 8 peaked at 42 GiB with 3
+        latents a call against 31 GiB with 1 (benchmarks/NOTES.md); 1 is the official decoder's way."""
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+            raise ValueError(f"latents per decoder call must be a positive integer or None, got {count!r}")
+        self._latents_per_decoder_call = count
+
+    @property
+    def latents_per_decoder_call(self) -> int | None:
+        """The cap set by `set_latents_per_decoder_call` (None: none)."""
+        return self._latents_per_decoder_call
+
     def _decoder_input(self, z: torch.Tensor) -> torch.Tensor:
         x = self.conv2(z)
         if self._decoder_channels_last:
@@ -613,12 +628,14 @@ class WanVAE(nn.Module):
         # layers' first-chunk rules apply to a call); once every layer has kept frames, one call of
         # several latents computes what as many calls of one would (causal convolutions over [kept
         # frames, chunk]; norms, attention and upsampling per frame) in fewer, larger kernels. A
-        # decoder runner (`set_decoder_runner`: a compiled decoder, traced for one latent) keeps one.
+        # decoder runner (`set_decoder_runner`: a compiled decoder, traced for one latent) keeps one, and
+        # `set_latents_per_decoder_call` caps the count.
         decode = self._decoder_runner or self.decoder
+        most = 1 if self._decoder_runner is not None else (self._latents_per_decoder_call or x.shape[2])
         frames, start, total = [], 0, x.shape[2]
         while start < total:
-            alone = self._decoder_runner is not None or any(cache.is_empty(s) for s in range(len(cache.slots)))
-            count = 1 if alone else total - start
+            alone = any(cache.is_empty(s) for s in range(len(cache.slots)))
+            count = 1 if alone else min(most, total - start)
             frames.append(decode(x[:, :, start : start + count], cache))  # [B, 3, 1 or 4 * count, H, W]
             start += count
         video = frames[0] if len(frames) == 1 else torch.cat(frames, dim=2)  # [B, 3, T, H, W]
