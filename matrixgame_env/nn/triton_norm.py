@@ -16,6 +16,7 @@ tensors through Triton's interpreter (slowly: for tests).
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -30,9 +31,9 @@ _enabled = True
 @functools.cache
 def _kernels():
     """The jitted kernels (`nn.triton_norm_kernels`), imported on first use: Triton loads lazily."""
-    from . import triton_norm_kernels as kernels
+    from . import triton_norm_kernels
 
-    return kernels.norm_silu_rows, kernels.bias_add_rows, kernels.copy_batch_rows, kernels.upsample_nearest2x_rows
+    return triton_norm_kernels
 
 
 def set_enabled(enabled: bool = True) -> None:
@@ -90,10 +91,9 @@ def past_and_norm_silu(
     if rows == 0 or batch == 0:
         return out
     block_c, block_r, grid = _launch_shape(channels, rows, batch)
-    norm_silu_rows = _kernels()[0]
     gamma = gamma.detach().reshape(-1).contiguous()
     bias = None if bias is None else bias.detach().reshape(-1).contiguous()
-    norm_silu_rows[grid](
+    _kernels().norm_silu_rows[grid](
         x,
         gamma,
         bias if bias is not None else gamma,
@@ -128,8 +128,7 @@ def bias_add(
     if rows == 0 or batch == 0:
         return out
     block_c, block_r, grid = _launch_shape(channels, rows, batch)
-    bias_add_rows = _kernels()[1]
-    bias_add_rows[grid](
+    _kernels().bias_add_rows[grid](
         h,
         biases[0] if biases[0] is not None else h,
         skip,
@@ -166,14 +165,13 @@ def copy_frames(destination: torch.Tensor, source: torch.Tensor) -> None:
     ):
         destination.copy_(source)
         return
-    batch = destination.shape[0]
-    per_batch = destination[0].numel()
+    batch, per_batch = destination.shape[0], math.prod(destination.shape[1:])
     if per_batch == 0 or batch == 0:
         return
     block = min(COPY_BLOCK, 64) if interpreted() else COPY_BLOCK
-    copy_batch_rows = _kernels()[2]
     grid = (_cdiv(per_batch, block), batch)
-    copy_batch_rows[grid](source, destination, per_batch, source.stride(0), destination.stride(0), BLOCK=block)
+    strides = (source.stride(0), destination.stride(0))
+    _kernels().copy_batch_rows[grid](source, destination, per_batch, *strides, BLOCK=block)
 
 
 def upsample_nearest2x(frames: torch.Tensor) -> torch.Tensor | None:
@@ -198,9 +196,8 @@ def upsample_nearest2x(frames: torch.Tensor) -> torch.Tensor | None:
     pixels = 4 * height * width
     if pixels == 0 or count == 0:
         return out
-    block_c, block_r, _ = _launch_shape(channels, pixels, count)
-    upsample = _kernels()[3]
-    upsample[(_cdiv(pixels, block_r), count)](
+    block_c, block_r, grid = _launch_shape(channels, pixels, count)
+    _kernels().upsample_nearest2x_rows[grid](
         frames,
         out,
         pixels,
