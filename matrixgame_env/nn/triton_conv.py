@@ -181,9 +181,8 @@ def causal_conv3x3x3(
     if packed_weight.shape[0] != 27 * c_in:
         raise ValueError(f"packed kernel of shape {tuple(packed_weight.shape)} does not fit {c_in} input channels")
     frames = frames_in - 2
-    out = torch.empty((batch, c_out, frames, height, width), device=joined.device, dtype=joined.dtype).contiguous(
-        memory_format=torch.channels_last_3d
-    )
+    shape = (batch, c_out, frames, height, width)  # allocated channels-last: no copy to get there
+    out = torch.empty(shape, device=joined.device, dtype=joined.dtype, memory_format=torch.channels_last_3d)
     if out.numel() == 0:
         return out
     plain, tuned = _kernels()

@@ -83,8 +83,8 @@ def past_and_norm_silu(
         raise ValueError(f"gamma and bias need {channels} values, got {gamma.numel()} and "
                          f"{None if bias is None else bias.numel()}")  # fmt: skip
     held = past.shape[2]
-    out = torch.empty((batch, channels, held + frames, height, width), device=x.device, dtype=x.dtype)
-    out = out.contiguous(memory_format=torch.channels_last_3d)
+    shape = (batch, channels, held + frames, height, width)  # allocated channels-last: no copy to get there
+    out = torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last_3d)
     if held:
         copy_frames(out[:, :, :held], past)
     rows = frames * height * width
@@ -191,8 +191,8 @@ def upsample_nearest2x(frames: torch.Tensor) -> torch.Tensor | None:
         or frames.stride(2) != width * channels
     ):
         return None
-    out = torch.empty((count, channels, 2 * height, 2 * width), device=frames.device, dtype=frames.dtype)
-    out = out.contiguous(memory_format=torch.channels_last)
+    shape = (count, channels, 2 * height, 2 * width)
+    out = torch.empty(shape, device=frames.device, dtype=frames.dtype, memory_format=torch.channels_last)
     pixels = 4 * height * width
     if pixels == 0 or count == 0:
         return out

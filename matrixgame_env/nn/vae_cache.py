@@ -112,7 +112,6 @@ def _copy_of(frames: torch.Tensor) -> torch.Tensor:
     (`triton_norm.copy_frames`), others by `clone`."""
     if not triton_norm.applies(frames):
         return frames.clone()
-    copy = torch.empty(frames.shape, dtype=frames.dtype, device=frames.device)
-    copy = copy.contiguous(memory_format=torch.channels_last_3d)
+    copy = torch.empty(frames.shape, dtype=frames.dtype, device=frames.device, memory_format=torch.channels_last_3d)
     triton_norm.copy_frames(copy, frames)
     return copy
