@@ -127,10 +127,14 @@ def rms_norm_rope_rows(
     # (r % heads, r // heads % frames, r // (heads * frames) % locations, r // (heads * frames * locations))
     # through the given strides; its values are pairs (2j, 2j+1) = (real, imaginary), rotated by
     # angle row (r // angle_div) % angle_mod, pair j % PAIRS_PER_HEAD.
+    # A row's W values are read and written as one contiguous run (vectorised), split into pairs in registers.
     r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     j = tl.arange(0, BLOCK_P)
+    v = tl.arange(0, 2 * BLOCK_P)
     pair_ok = j < W // 2
-    mask = (r < rows)[:, None] & pair_ok[None, :]
+    row_ok = r < rows
+    mask = row_ok[:, None] & pair_ok[None, :]
+    value_mask = row_ok[:, None] & (v < W)[None, :]
     per_frame = r // heads
     per_location = per_frame // frames
     source = (
@@ -139,9 +143,8 @@ def rms_norm_rope_rows(
         + (per_location % locations) * location_stride
         + (per_location // locations) * batch_stride
     )
-    first = source[:, None] + 2 * j[None, :]
-    real = tl.load(t_ptr + first, mask=mask, other=0.0).to(tl.float32)
-    imag = tl.load(t_ptr + first + 1, mask=mask, other=0.0).to(tl.float32)
+    values = tl.load(t_ptr + source[:, None] + v[None, :], mask=value_mask, other=0.0).to(tl.float32)
+    real, imag = tl.split(tl.reshape(values, (BLOCK_R, BLOCK_P, 2)))
     inverse_rms = 1.0 / tl.sqrt((tl.sum(real * real, axis=1) + tl.sum(imag * imag, axis=1)) / W + eps)
     real = real * inverse_rms[:, None]
     imag = imag * inverse_rms[:, None]
@@ -150,8 +153,10 @@ def rms_norm_rope_rows(
         real = real.to(dtype).to(tl.float32)
         imag = imag.to(dtype).to(tl.float32)
     if HAS_WEIGHT:
-        real = real * tl.load(weight_ptr + 2 * j, mask=pair_ok, other=0.0).to(tl.float32)[None, :]
-        imag = imag * tl.load(weight_ptr + 2 * j + 1, mask=pair_ok, other=0.0).to(tl.float32)[None, :]
+        weight = tl.load(weight_ptr + v, mask=v < W, other=0.0).to(tl.float32)
+        weight_real, weight_imag = tl.split(tl.reshape(weight, (BLOCK_P, 2)))
+        real = real * weight_real[None, :]
+        imag = imag * weight_imag[None, :]
     if ROUND_PRODUCT:  # the product stays in t's dtype there
         real = real.to(dtype).to(tl.float32)
         imag = imag.to(dtype).to(tl.float32)
@@ -160,10 +165,8 @@ def rms_norm_rope_rows(
         cos = tl.load(cos_ptr + angle, mask=mask, other=1.0)
         sin = tl.load(sin_ptr + angle, mask=mask, other=0.0)
         real, imag = real * cos - imag * sin, imag * cos + real * sin
-    out_dtype = y_ptr.dtype.element_ty
-    target = r[:, None] * W + 2 * j[None, :]
-    tl.store(y_ptr + target, real.to(out_dtype), mask=mask)
-    tl.store(y_ptr + target + 1, imag.to(out_dtype), mask=mask)
+    out = tl.reshape(tl.join(real, imag), (BLOCK_R, 2 * BLOCK_P))
+    tl.store(y_ptr + r[:, None] * W + v[None, :], out.to(y_ptr.dtype.element_ty), mask=value_mask)
 
 
 @triton.jit
