@@ -618,3 +618,42 @@ def test_sightings_count_per_owner_and_restart_for_a_new_owner_at_a_recycled_id(
     stale_key = (id(first), 0)
     sightings[stale_key] = (sightings[(id(second), 0)][0], 5)  # recorded for another owner
     assert sighting_count(sightings, stale_key, first) == 1
+
+
+@cuda
+def test_noise_drawn_ahead_on_cuda_is_the_noise_drawn_when_needed_and_settles_back():
+    from matrixgame_env.world.noise import draw, draw_ahead
+
+    generators = [torch.Generator(device="cuda").manual_seed(s) for s in (5, 6, 7)]
+    offsets = [g.get_offset() for g in generators]
+    drawn = draw_ahead(generators, (3, 16, 3, 12, 22), 3, torch.device("cuda"))
+    assert drawn.stream == torch.cuda.current_stream()
+    drawn.settle()
+    assert [g.get_offset() for g in generators] == offsets
+    again = [draw(generators, (3, 16, 3, 12, 22), torch.device("cuda")) for _ in range(3)]
+    for a, b in zip(drawn.tensors, again):
+        assert torch.equal(a, b)
+
+
+@cuda
+def test_blocks_through_graphs_are_the_same_with_and_without_noise_drawn_ahead():
+    """Steady blocks replayed from graphs, a snapshot, a restore and a fork: drawing each block's noise
+    ahead (the default on CUDA) changes none of the values."""
+    world = WorldModel.from_pretrained("doom-small", device="cuda")
+    results = {}
+    for ahead in (True, False):
+        world.sampler.draw_noise_ahead = ahead
+        world.sampler.enable_cuda_graphs(True)
+        state = world.start([str(p) for p in world.start_image_paths()[:2]], seed=3)
+        latents = [world.step_latents(state, *_actions(2, b)) for b in range(5)]
+        snapshot = state.snapshot()
+        latents += [world.step_latents(state, *_actions(2, b)) for b in range(5, 7)]
+        state.restore(snapshot)
+        latents += [world.step_latents(state, *_actions(2, b)) for b in range(5, 7)]
+        forked = state.fork(2)
+        latents.append(world.step_latents(forked, *_actions(4, 7)))
+        results[ahead] = torch.cat([x.float().cpu() for x in latents[:-1]], 2), latents[-1].float().cpu()
+        world.sampler.enable_cuda_graphs(False)
+    world.sampler.draw_noise_ahead = None
+    assert torch.equal(results[True][0], results[False][0])
+    assert torch.equal(results[True][1], results[False][1])

@@ -48,6 +48,8 @@ def merge_states(model: CausalDiT, states: Sequence[WorldState]) -> WorldState:
     if not states:
         raise ValueError("merge_states needs at least one state")
     _check_mergeable({f"state {i}": state for i, state in enumerate(states)})
+    for state in states:
+        state.settle_noise()
     target = min(state.frame for state in states)
     shifted = [_moved_to(model, state, target) for state in states]
     return _concatenate(shifted, target)
@@ -68,6 +70,8 @@ def absorb(model: CausalDiT, host: WorldState, rows: Sequence[int], guest: World
     if rows and (min(rows) < 0 or max(rows) >= host.batch_size):
         raise ValueError(f"host rows must lie in 0..{host.batch_size - 1}, got {rows}")
     _check_mergeable({"the host": host, "the guest": guest})
+    host.settle_noise()
+    guest.settle_noise()
     if guest.frame < host.frame:
         _move_in_place(model, host, guest.frame)
     guest = _moved_to(model, guest, host.frame)

@@ -25,6 +25,7 @@ from .cache import RingKVCache
 from .compiled_dit import CompiledDiT
 from .condition import ImageLatents, first_frame_mask
 from .graphs import BlockGraphs, BlockInputs, layer_ring_caches, ring_caches
+from .noise import current_stream, draw, draw_ahead
 from .state import WorldState
 
 
@@ -125,6 +126,9 @@ class StreamingSampler:
         # The DiT's elementwise chains as Triton kernels in this sampler's blocks (`nn.triton_dit`):
         # True / False whatever the process-wide switch says, None as it says. `fast=True` sets it.
         self.dit_kernels: bool | None = None
+        # Draw the next block's noise right after queueing a block (`world.noise`): the same values,
+        # drawn while the GPU works. None: on CUDA devices, where the host would otherwise hold it up.
+        self.draw_noise_ahead: bool | None = None
         # What the blocks call for a DiT pass: the module itself, or its compiled form (`compile_dit`).
         self._dit: Callable[..., torch.Tensor] = model
 
@@ -173,6 +177,7 @@ class StreamingSampler:
         since). Snapshots of `state` share its context tensors, which this overwrites: take none that
         must outlive it. Returns `state`."""
         image, context, generators = self._start_parts(image_latents, visual_context, seed, finite_checked)
+        state.settle_noise()
         caches = ring_caches(state)
         if len(generators) != state.batch_size or len(state.caches) != len(self.model.blocks):
             raise ValueError(
@@ -310,12 +315,7 @@ class StreamingSampler:
             dim=1,
         )
         shape = (batch, c, fpb, h, w)
-        # All random draws up front, in the order the steps use them (noise, then one per re-noising).
-        x = self._noise(noise, shape, state, "noise")
-        eps = [
-            self._noise(renoise[k] if renoise is not None else None, shape, state, f"renoise[{k}]")
-            for k in range(len(self.timesteps) - 1)
-        ]
+        x, *eps = self._block_noise(state, shape, noise, renoise)
         inputs = BlockInputs(
             x,
             eps,
@@ -329,6 +329,10 @@ class StreamingSampler:
         else:
             x0 = self.denoise_block(state, inputs, before_refresh)
         state.frame = start + fpb
+        ahead = self.draw_noise_ahead if self.draw_noise_ahead is not None else device.type == "cuda"
+        if ahead and noise is None and renoise is None:
+            # The next block's draws, made while the GPU runs this one (`world.noise`).
+            state.drawn_noise = draw_ahead(state.generators, shape, len(self.timesteps), device)
         return x0
 
     def denoise_block(
@@ -467,6 +471,27 @@ class StreamingSampler:
         self.graphs = BlockGraphs(self, max_graphs) if enabled else None
 
     # ------------------------------------------------------------------ helpers
+    def _block_noise(
+        self,
+        state: WorldState,
+        shape: tuple[int, ...],
+        noise: torch.Tensor | None,
+        renoise: Sequence[torch.Tensor] | None,
+    ) -> list[torch.Tensor]:
+        """The block's random draws in the order the steps use them: the noise, then one per re-noising;
+        from the state's generators (or drawn ahead from them) where not given."""
+        device = self.model.device
+        drawn = state.drawn_noise
+        if noise is None and renoise is None and drawn is not None:
+            state.drawn_noise = None
+            if drawn.matches(state.generators, shape, current_stream(device)):
+                return drawn.tensors
+            drawn.settle()
+        state.settle_noise()  # given noise leaves the streams where they are
+        given = [noise, *(renoise[k] if renoise is not None else None for k in range(len(self.timesteps) - 1))]
+        names = ["noise", *(f"renoise[{k}]" for k in range(len(self.timesteps) - 1))]
+        return [self._noise(g, shape, state, name) for g, name in zip(given, names)]
+
     def _noise(self, given: torch.Tensor | None, shape: tuple[int, ...], state: WorldState, name: str) -> torch.Tensor:
         device = self.model.device
         if given is not None:
@@ -474,7 +499,7 @@ class StreamingSampler:
                 raise ValueError(f"{name} must have shape {list(shape)}, got {list(given.shape)}")
             _check_finite(given, name)
             return given.to(device, torch.float32)
-        return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in state.generators])
+        return draw(state.generators, shape, device)
 
     def _check_actions(
         self, actions: torch.Tensor | None, name: str, width: int, batch: int, frames: int, device: torch.device

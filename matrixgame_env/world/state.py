@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -12,6 +12,7 @@ from ..nn.dit import ContextKV, LayerCaches
 from ..nn.transfer import to_device
 from .cache import RingKVCache
 from .condition import ImageLatents
+from .noise import DrawnNoise
 
 
 @dataclass
@@ -34,6 +35,8 @@ class WorldState:
     # Per world: latent frames it generated before `frame` counts from (worlds moved back in time
     # by `merge_states`, to step together with younger ones); None: 0 for every world.
     frame_shift: list[int] | None = None
+    # The next block's noise, drawn ahead from `generators` (CUDA; see `world.noise`); internal.
+    drawn_noise: DrawnNoise | None = field(default=None, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
@@ -66,7 +69,15 @@ class WorldState:
                 total += sum(c.nbytes for c in (layer.action.mouse, layer.action.keyboard) if c is not None)
         return total
 
+    def settle_noise(self) -> None:
+        """Hand back noise drawn ahead for the next block: the generators return to where they were
+        before it, so that whatever reads them next sees the streams as the blocks so far left them."""
+        if self.drawn_noise is not None:
+            self.drawn_noise.settle()
+            self.drawn_noise = None
+
     def snapshot(self) -> WorldState:
+        self.settle_noise()
         return WorldState(
             caches=[_map_layer(layer, RingKVCache.clone) for layer in self.caches],
             context=self.context,  # never modified after start
@@ -86,6 +97,7 @@ class WorldState:
                 f"snapshot has {snapshot.batch_size} worlds and {len(snapshot.caches)} layers; "
                 f"this state has {self.batch_size} and {len(self.caches)}"
             )
+        self.settle_noise()
         for mine, theirs in zip(self.caches, snapshot.caches):
             mine.self_attn.copy_from(theirs.self_attn)
             if mine.action is not None:
@@ -108,6 +120,7 @@ class WorldState:
         if indices.numel() and (indices.min() < 0 or indices.max() >= self.batch_size):
             raise ValueError(f"world indices must lie in 0..{self.batch_size - 1}, got {indices.tolist()}")
         on_device = to_device(indices, self.device)  # one upload for every tensor of the state
+        self.settle_noise()
         return WorldState(
             caches=[_map_layer(layer, lambda c: c.select(on_device)) for layer in self.caches],
             context=self.context.select(on_device),
