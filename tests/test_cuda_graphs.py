@@ -534,8 +534,8 @@ def test_triton_norms_decode_like_the_eager_decoder_and_through_decoder_graphs()
 
 @cuda
 @pytest.mark.parametrize("c_in, c_out", [(16, 16), (32, 16), (64, 64)])
-@pytest.mark.parametrize("row_taps", [False, True])
-def test_triton_convolution_matches_float64_in_bfloat16(c_in, c_out, row_taps):
+@pytest.mark.parametrize("row_taps, group", [(False, 1), (True, 1), (True, 4)])
+def test_triton_convolution_matches_float64_in_bfloat16(c_in, c_out, row_taps, group):
     import torch.nn.functional as F
 
     from matrixgame_env.nn import triton_conv
@@ -546,7 +546,8 @@ def test_triton_convolution_matches_float64_in_bfloat16(c_in, c_out, row_taps):
     weight = (torch.randn(c_out, c_in, 3, 3, 3, device="cuda", generator=g) / (27 * c_in) ** 0.5).bfloat16()
     bias = torch.randn(c_out, device="cuda", generator=g).bfloat16()
     assert triton_conv.applies(joined, weight) == ((c_in, c_out) in triton_conv.PAYING_WIDTHS)
-    out = triton_conv.causal_conv3x3x3(joined, triton_conv.pack_weight(weight), bias, block_m=128, row_taps=row_taps)
+    packed = triton_conv.pack_weight(weight)
+    out = triton_conv.causal_conv3x3x3(joined, packed, bias, block_m=64, row_taps=row_taps, frames_per_program=group)
     reference = F.conv3d(joined[:1].double(), weight.double(), bias.double(), padding=(0, 1, 1))
     # one bfloat16 rounding of a float32 sum: half a unit in the last place, 2**-8 relative
     excess = (out[:1].double() - reference).abs() - reference.abs() * 2.0**-8

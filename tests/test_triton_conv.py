@@ -67,14 +67,17 @@ def test_kernel_matches_float64_convolution_for_each_width_with_and_without_bias
             weight = (torch.randn(c_out, c_in, 3, 3, 3, generator=g) / (27 * c_in) ** 0.5).half()
             bias = torch.randn(c_out, generator=g).half() if with_bias else None
             ref = F.conv3d(x.double(), weight.double(), None if bias is None else bias.double(), padding=(0, 1, 1))
-            for row_taps in (False, True):  # 27 products of depth C_in, or 9 of the row's taps together
-                y = tc.causal_conv3x3x3(x, tc.pack_weight(weight), bias, row_taps=row_taps)
+            # 27 products of depth C_in, or 9 of the row's taps together; those with output frames in
+            # groups of 2 or 4 (each input row read once for all its output frames; 3 frames: a group
+            # of 4 runs past the end, one of 2 ends halfway)
+            for row_taps, group in ((False, 1), (True, 1), (True, 2), (True, 4)):
+                y = tc.causal_conv3x3x3(x, tc.pack_weight(weight), bias, row_taps=row_taps, frames_per_program=group)
                 assert y.shape == ref.shape and y.dtype == torch.float16
                 assert y.is_contiguous(memory_format=torch.channels_last_3d)
                 # one float16 rounding of the float32 sum: half a unit in the last place, 2**-11 relative
                 err = ((y.double() - ref).abs() - ref.abs() * 2.0**-11).max().item()
-                print(c_in, c_out, row_taps, err)
-                assert err <= 1e-6, (c_in, c_out, h, w, row_taps, err)
+                print(c_in, c_out, row_taps, group, err)
+                assert err <= 1e-6, (c_in, c_out, h, w, row_taps, group, err)
         print("ok")
         """
     )
@@ -92,8 +95,8 @@ def test_kernel_reads_views_with_their_own_batch_and_frame_strides():
         weight = (torch.randn(16, 16, 3, 3, 3, generator=g) / 20).half()
         assert tc.applies(view, weight)
         ref = F.conv3d(view.double(), weight.double(), padding=(0, 1, 1))
-        for row_taps in (False, True):
-            y = tc.causal_conv3x3x3(view, tc.pack_weight(weight), None, row_taps=row_taps)
+        for row_taps, group in ((False, 1), (True, 1), (True, 4)):
+            y = tc.causal_conv3x3x3(view, tc.pack_weight(weight), None, row_taps=row_taps, frames_per_program=group)
             assert ((y.double() - ref).abs() - ref.abs() * 2.0**-11).max().item() <= 1e-6
         print("ok")
         """
@@ -165,6 +168,11 @@ def test_bad_kernel_inputs_say_what_is_accepted():
     joined = torch.zeros(1, 16, 3, 4, 4, dtype=torch.float16).contiguous(memory_format=torch.channels_last_3d)
     with pytest.raises(ValueError, match=r"packed kernel of shape \(16, 16\) does not fit 16 input channels"):
         triton_conv.causal_conv3x3x3(joined, torch.zeros(16, 16, dtype=torch.float16), None)
+    packed = torch.zeros(27 * 16, 16, dtype=torch.float16)
+    with pytest.raises(ValueError, match="frames_per_program must be 1, or 2 or 4 with row_taps, got 3"):
+        triton_conv.causal_conv3x3x3(joined, packed, None, row_taps=True, frames_per_program=3)
+    with pytest.raises(ValueError, match="frames_per_program must be 1, or 2 or 4 with row_taps, got 4"):
+        triton_conv.causal_conv3x3x3(joined, packed, None, frames_per_program=4)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without a GPU")

@@ -55,66 +55,118 @@ def _kernels():
         HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr,
         ROW_TAPS: tl.constexpr,
+        FRAMES: tl.constexpr,
     ):
         # Program (m, n): pixels m*BLOCK_M .. of output frame n = (batch, frame). Pixel and channel
         # strides are those of channels-last-3d tensors: C_in (resp. C_out) and 1.
         # ROW_TAPS: the three taps along a row read one run of 3 * C_in contiguous values (pixels
         # w - 1 .. w + 1), taken as one [BLOCK_M, 4 * C_in] product with the fourth quarter masked
         # out (9 products of depth 4 * C_in instead of 27 of depth C_in).
+        # FRAMES > 1 (with ROW_TAPS): program (m, n) computes output frames n*FRAMES .. of one world
+        # (a group within a batch element); each input row run is read once and serves the (up to
+        # three) output frames it is a tap of, instead of once per output frame.
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        batch = pid_n // frames_out
-        frame = pid_n % frames_out
+        groups = (frames_out + FRAMES - 1) // FRAMES
+        batch = pid_n // groups
+        frame = (pid_n % groups) * FRAMES
         pixels = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         inside = pixels < height * width
         row = pixels // width
         col = pixels % width
         c_out = tl.arange(0, C_OUT)
         x_frame = x_ptr + batch.to(tl.int64) * x_batch_stride + frame.to(tl.int64) * x_frame_stride
-        acc = tl.zeros((BLOCK_M, C_OUT), dtype=tl.float32)
-        if ROW_TAPS:
-            k = tl.arange(0, 4 * C_IN)
-            tap_w = k // C_IN  # 0, 1, 2: columns w - 1, w, w + 1; 3: padding
-            c = col[:, None] + tap_w[None, :] - 1
-            col_ok = (tap_w[None, :] < 3) & (c >= 0) & (c < width)
-            for dt in tl.static_range(3):
-                for dh in tl.static_range(3):
-                    r = row + (dh - 1)
-                    ok = (inside & (r >= 0) & (r < height))[:, None] & col_ok
-                    offsets = ((r * width + col - 1) * C_IN)[:, None] + k[None, :]
-                    a = tl.load(x_frame + dt * x_frame_stride + offsets, mask=ok, other=0.0)
-                    rows = (dt * 9 + dh * 3) * C_IN + k  # taps (dt, dh, 0..2) are consecutive rows
-                    w = tl.load(w_ptr + rows[:, None] * C_OUT + c_out[None, :], mask=(tap_w < 3)[:, None], other=0.0)
-                    acc += tl.dot(a, w)
-        else:
-            c_in = tl.arange(0, C_IN)
-            for dt in tl.static_range(3):
-                for dh in tl.static_range(3):
-                    r = row + (dh - 1)
-                    row_ok = inside & (r >= 0) & (r < height)
-                    for dw in tl.static_range(3):
-                        c = col + (dw - 1)
-                        ok = row_ok & (c >= 0) & (c < width)
-                        offsets = (r * width + c) * C_IN
-                        a = tl.load(
-                            x_frame + dt * x_frame_stride + offsets[:, None] + c_in[None, :],
-                            mask=ok[:, None],
-                            other=0.0,
-                        )
-                        tap = (dt * 9 + dh * 3 + dw) * C_IN
-                        w = tl.load(w_ptr + (tap + c_in)[:, None] * C_OUT + c_out[None, :])
-                        acc += tl.dot(a, w)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + c_out).to(tl.float32)[None, :]
         y_frame = y_ptr + batch.to(tl.int64) * y_batch_stride + frame.to(tl.int64) * y_frame_stride
         out = y_frame + pixels[:, None] * C_OUT + c_out[None, :]
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=inside[:, None])
+        if FRAMES > 1:
+            bias = tl.zeros((C_OUT,), dtype=tl.float32)
+            if HAS_BIAS:
+                bias = tl.load(b_ptr + c_out).to(tl.float32)
+            acc0 = tl.zeros((BLOCK_M, C_OUT), dtype=tl.float32) + bias[None, :]
+            acc1 = tl.zeros((BLOCK_M, C_OUT), dtype=tl.float32) + bias[None, :]
+            acc2 = tl.zeros((BLOCK_M, C_OUT), dtype=tl.float32) + bias[None, :]
+            acc3 = tl.zeros((BLOCK_M, C_OUT), dtype=tl.float32) + bias[None, :]
+            k = tl.arange(0, 4 * C_IN)
+            tap_w = k // C_IN
+            c = col[:, None] + tap_w[None, :] - 1
+            col_ok = (tap_w[None, :] < 3) & (c >= 0) & (c < width)
+            for f in tl.static_range(FRAMES + 2):  # input frames of the group, read once each
+                frame_ok = (row * 0 + frame + f) < frames_out + 2  # per pixel: a mask tensor
+                for dh in tl.static_range(3):
+                    r = row + (dh - 1)
+                    ok = (inside & (r >= 0) & (r < height) & frame_ok)[:, None] & col_ok
+                    offsets = ((r * width + col - 1) * C_IN)[:, None] + k[None, :]
+                    a = tl.load(x_frame + f * x_frame_stride + offsets, mask=ok, other=0.0)
+                    for dt in tl.static_range(3):  # input frame f is tap dt of output frame f - dt
+                        if f - dt >= 0:
+                            if f - dt < FRAMES:
+                                rows = (dt * 9 + dh * 3) * C_IN + k
+                                w_mask = (tap_w < 3)[:, None]
+                                w = tl.load(w_ptr + rows[:, None] * C_OUT + c_out[None, :], mask=w_mask, other=0.0)
+                                if f - dt == 0:
+                                    acc0 += tl.dot(a, w)
+                                elif f - dt == 1:
+                                    acc1 += tl.dot(a, w)
+                                elif f - dt == 2:
+                                    acc2 += tl.dot(a, w)
+                                else:
+                                    acc3 += tl.dot(a, w)
+            dtype = y_ptr.dtype.element_ty
+            tl.store(out, acc0.to(dtype), mask=inside[:, None])
+            tl.store(out + y_frame_stride, acc1.to(dtype), mask=(inside & (row * 0 + frame + 1 < frames_out))[:, None])
+            if FRAMES > 2:
+                later = row * 0 + frame
+                tl.store(out + 2 * y_frame_stride, acc2.to(dtype), mask=(inside & (later + 2 < frames_out))[:, None])
+                tl.store(out + 3 * y_frame_stride, acc3.to(dtype), mask=(inside & (later + 3 < frames_out))[:, None])
+        else:
+            acc = tl.zeros((BLOCK_M, C_OUT), dtype=tl.float32)
+            if ROW_TAPS:
+                k = tl.arange(0, 4 * C_IN)
+                tap_w = k // C_IN  # 0, 1, 2: columns w - 1, w, w + 1; 3: padding
+                c = col[:, None] + tap_w[None, :] - 1
+                col_ok = (tap_w[None, :] < 3) & (c >= 0) & (c < width)
+                for dt in tl.static_range(3):
+                    for dh in tl.static_range(3):
+                        r = row + (dh - 1)
+                        ok = (inside & (r >= 0) & (r < height))[:, None] & col_ok
+                        offsets = ((r * width + col - 1) * C_IN)[:, None] + k[None, :]
+                        a = tl.load(x_frame + dt * x_frame_stride + offsets, mask=ok, other=0.0)
+                        rows = (dt * 9 + dh * 3) * C_IN + k  # taps (dt, dh, 0..2) are consecutive rows
+                        w = tl.load(
+                            w_ptr + rows[:, None] * C_OUT + c_out[None, :], mask=(tap_w < 3)[:, None], other=0.0
+                        )
+                        acc += tl.dot(a, w)
+            else:
+                c_in = tl.arange(0, C_IN)
+                for dt in tl.static_range(3):
+                    for dh in tl.static_range(3):
+                        r = row + (dh - 1)
+                        row_ok = inside & (r >= 0) & (r < height)
+                        for dw in tl.static_range(3):
+                            c = col + (dw - 1)
+                            ok = row_ok & (c >= 0) & (c < width)
+                            offsets = (r * width + c) * C_IN
+                            a = tl.load(
+                                x_frame + dt * x_frame_stride + offsets[:, None] + c_in[None, :],
+                                mask=ok[:, None],
+                                other=0.0,
+                            )
+                            tap = (dt * 9 + dh * 3 + dw) * C_IN
+                            w = tl.load(w_ptr + (tap + c_in)[:, None] * C_OUT + c_out[None, :])
+                            acc += tl.dot(a, w)
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + c_out).to(tl.float32)[None, :]
+            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=inside[:, None])
 
     # A few tiles only: each configuration compiles once per layer shape (about a second each).
     configs = [
-        triton.Config({"BLOCK_M": m, "ROW_TAPS": row_taps}, num_warps=warps)
+        triton.Config({"BLOCK_M": m, "ROW_TAPS": row_taps, "FRAMES": 1}, num_warps=warps)
         for m, warps in ((64, 4), (128, 4), (256, 8))
         for row_taps in (False, True)
+    ]
+    configs += [
+        triton.Config({"BLOCK_M": m, "ROW_TAPS": True, "FRAMES": 4}, num_warps=warps)
+        for m, warps in ((64, 4), (128, 4), (128, 8))
     ]
     tuned = triton.autotune(configs, key=["height", "width", "C_IN", "C_OUT"])(causal_conv3x3x3)
     return causal_conv3x3x3, tuned
@@ -169,17 +221,21 @@ def causal_conv3x3x3(
     bias: torch.Tensor | None,
     block_m: int | None = None,
     row_taps: bool = False,
+    frames_per_program: int = 1,
 ) -> torch.Tensor:
     """The valid-in-time, same-in-space 3x3x3 convolution of `joined` [B, C_in, T + 2, H, W]
     (channels-last-3d; `applies` must hold) -> [B, C_out, T, H, W] channels-last-3d, with the kernel
-    packed by `pack_weight`. `block_m` and `row_taps` fix the kernel's tile and form (else autotuned
-    on GPUs; 16 pixels interpreted)."""
+    packed by `pack_weight`. `block_m`, `row_taps` and `frames_per_program` (1, 2 or 4; above 1 each
+    input row is read once for the output frames it serves, with `row_taps`) fix the kernel's tile
+    and form (else autotuned on GPUs; 16 pixels, one frame, interpreted)."""
     batch, c_in, frames_in, height, width = joined.shape
     c_out = packed_weight.shape[1]
     if c_in not in WIDTHS or c_out not in WIDTHS:
         raise ValueError(f"the kernel takes {WIDTHS} channels in and out, got {c_in} -> {c_out}")
     if packed_weight.shape[0] != 27 * c_in:
         raise ValueError(f"packed kernel of shape {tuple(packed_weight.shape)} does not fit {c_in} input channels")
+    if frames_per_program not in (1, 2, 4) or (frames_per_program > 1 and not row_taps):
+        raise ValueError(f"frames_per_program must be 1, or 2 or 4 with row_taps, got {frames_per_program}")
     frames = frames_in - 2
     shape = (batch, c_out, frames, height, width)  # allocated channels-last: no copy to get there
     out = torch.empty(shape, device=joined.device, dtype=joined.dtype, memory_format=torch.channels_last_3d)
@@ -201,12 +257,12 @@ def causal_conv3x3x3(
     )
     constants = {"C_IN": c_in, "C_OUT": c_out, "HAS_BIAS": bias is not None}
     if block_m is None and not interpreted():
-        grid = lambda meta: (_cdiv(height * width, meta["BLOCK_M"]), batch * frames)  # noqa: E731
+        grid = lambda meta: (_cdiv(height * width, meta["BLOCK_M"]), batch * _cdiv(frames, meta["FRAMES"]))  # noqa: E731
         tuned[grid](*arguments, **constants)
     else:
         block_m = block_m or 16
-        grid = (_cdiv(height * width, block_m), batch * frames)
-        plain[grid](*arguments, **constants, BLOCK_M=block_m, ROW_TAPS=row_taps)
+        grid = (_cdiv(height * width, block_m), batch * _cdiv(frames, frames_per_program))
+        plain[grid](*arguments, **constants, BLOCK_M=block_m, ROW_TAPS=row_taps, FRAMES=frames_per_program)
     return out
 
 
