@@ -168,7 +168,9 @@ def _kernels():
         triton.Config({"BLOCK_M": m, "ROW_TAPS": True, "FRAMES": 4}, num_warps=warps)
         for m, warps in ((64, 4), (128, 4), (128, 8))
     ]
-    tuned = triton.autotune(configs, key=["height", "width", "C_IN", "C_OUT"])(causal_conv3x3x3)
+    # Tuned per output frame count too: a stream's first latent decodes 1 frame, later calls 4 per latent,
+    # and a tile that suits the first (tuned first) leaves the grouped form unused for the others.
+    tuned = triton.autotune(configs, key=["frames_out", "height", "width", "C_IN", "C_OUT"])(causal_conv3x3x3)
     return causal_conv3x3x3, tuned
 
 
@@ -236,6 +238,9 @@ def causal_conv3x3x3(
         raise ValueError(f"packed kernel of shape {tuple(packed_weight.shape)} does not fit {c_in} input channels")
     if frames_per_program not in (1, 2, 4) or (frames_per_program > 1 and not row_taps):
         raise ValueError(f"frames_per_program must be 1, or 2 or 4 with row_taps, got {frames_per_program}")
+    if frames_per_program > 1 and c_in > 32:
+        # 64 channels: the tile's rows take 327,680 bytes of shared memory on an H100 (232,448 there)
+        raise ValueError(f"frames_per_program above 1 takes at most 32 input channels, got {c_in}")
     frames = frames_in - 2
     shape = (batch, c_out, frames, height, width)  # allocated channels-last: no copy to get there
     out = torch.empty(shape, device=joined.device, dtype=joined.dtype, memory_format=torch.channels_last_3d)
