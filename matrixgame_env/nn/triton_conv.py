@@ -5,8 +5,9 @@ the output channels by 32 or more, so half of every tile is padding (benchmarks/
 kernel is an implicit matrix product sized to the layer: each program takes BLOCK_M pixels of one
 output frame and sums the 27 taps' [BLOCK_M, C_in] x [C_in, C_out] products in float32, reading the
 channels-last input directly (zero padding in height and width; the caller joins the cached past
-frames in front, as for torch's conv3d). The same function as `F.conv3d(joined, w, b, padding=(0, 1, 1))`
-up to float32 summation order.
+frames in front, as for torch's conv3d). In its grouped form a program takes up to 4 output frames
+of one world and reads each input row once for all the frames it is a tap of. The same function as
+`F.conv3d(joined, w, b, padding=(0, 1, 1))` up to float32 summation order.
 
 Triton is optional: `available()` says whether the kernel can run here; with TRITON_INTERPRET=1 it
 runs on CPU tensors through Triton's interpreter (slowly: for tests).
