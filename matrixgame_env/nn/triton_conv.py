@@ -79,7 +79,14 @@ def _kernels():
         x_frame = x_ptr + batch.to(tl.int64) * x_batch_stride + frame.to(tl.int64) * x_frame_stride
         y_frame = y_ptr + batch.to(tl.int64) * y_batch_stride + frame.to(tl.int64) * y_frame_stride
         out = y_frame + pixels[:, None] * C_OUT + c_out[None, :]
+        if ROW_TAPS:
+            k = tl.arange(0, 4 * C_IN)
+            tap_w = k // C_IN  # 0, 1, 2: columns w - 1, w, w + 1; 3: padding
+            c = col[:, None] + tap_w[None, :] - 1
+            col_ok = (tap_w[None, :] < 3) & (c >= 0) & (c < width)
+            w_mask = (tap_w < 3)[:, None]
         if FRAMES > 1:
+            first = row * 0 + frame  # the group's first output frame, per pixel: a tensor for the masks
             bias = tl.zeros((C_OUT,), dtype=tl.float32)
             if HAS_BIAS:
                 bias = tl.load(b_ptr + c_out).to(tl.float32)
@@ -87,12 +94,8 @@ def _kernels():
             acc1 = tl.zeros((BLOCK_M, C_OUT), dtype=tl.float32) + bias[None, :]
             acc2 = tl.zeros((BLOCK_M, C_OUT), dtype=tl.float32) + bias[None, :]
             acc3 = tl.zeros((BLOCK_M, C_OUT), dtype=tl.float32) + bias[None, :]
-            k = tl.arange(0, 4 * C_IN)
-            tap_w = k // C_IN
-            c = col[:, None] + tap_w[None, :] - 1
-            col_ok = (tap_w[None, :] < 3) & (c >= 0) & (c < width)
             for f in tl.static_range(FRAMES + 2):  # input frames of the group, read once each
-                frame_ok = (row * 0 + frame + f) < frames_out + 2  # per pixel: a mask tensor
+                frame_ok = first + f < frames_out + 2
                 for dh in tl.static_range(3):
                     r = row + (dh - 1)
                     ok = (inside & (r >= 0) & (r < height) & frame_ok)[:, None] & col_ok
@@ -102,7 +105,6 @@ def _kernels():
                         if f - dt >= 0:
                             if f - dt < FRAMES:
                                 rows = (dt * 9 + dh * 3) * C_IN + k
-                                w_mask = (tap_w < 3)[:, None]
                                 w = tl.load(w_ptr + rows[:, None] * C_OUT + c_out[None, :], mask=w_mask, other=0.0)
                                 if f - dt == 0:
                                     acc0 += tl.dot(a, w)
@@ -114,18 +116,13 @@ def _kernels():
                                     acc3 += tl.dot(a, w)
             dtype = y_ptr.dtype.element_ty
             tl.store(out, acc0.to(dtype), mask=inside[:, None])
-            tl.store(out + y_frame_stride, acc1.to(dtype), mask=(inside & (row * 0 + frame + 1 < frames_out))[:, None])
+            tl.store(out + y_frame_stride, acc1.to(dtype), mask=(inside & (first + 1 < frames_out))[:, None])
             if FRAMES > 2:
-                later = row * 0 + frame
-                tl.store(out + 2 * y_frame_stride, acc2.to(dtype), mask=(inside & (later + 2 < frames_out))[:, None])
-                tl.store(out + 3 * y_frame_stride, acc3.to(dtype), mask=(inside & (later + 3 < frames_out))[:, None])
+                tl.store(out + 2 * y_frame_stride, acc2.to(dtype), mask=(inside & (first + 2 < frames_out))[:, None])
+                tl.store(out + 3 * y_frame_stride, acc3.to(dtype), mask=(inside & (first + 3 < frames_out))[:, None])
         else:
             acc = tl.zeros((BLOCK_M, C_OUT), dtype=tl.float32)
             if ROW_TAPS:
-                k = tl.arange(0, 4 * C_IN)
-                tap_w = k // C_IN  # 0, 1, 2: columns w - 1, w, w + 1; 3: padding
-                c = col[:, None] + tap_w[None, :] - 1
-                col_ok = (tap_w[None, :] < 3) & (c >= 0) & (c < width)
                 for dt in tl.static_range(3):
                     for dh in tl.static_range(3):
                         r = row + (dh - 1)
@@ -133,9 +130,7 @@ def _kernels():
                         offsets = ((r * width + col - 1) * C_IN)[:, None] + k[None, :]
                         a = tl.load(x_frame + dt * x_frame_stride + offsets, mask=ok, other=0.0)
                         rows = (dt * 9 + dh * 3) * C_IN + k  # taps (dt, dh, 0..2) are consecutive rows
-                        w = tl.load(
-                            w_ptr + rows[:, None] * C_OUT + c_out[None, :], mask=(tap_w < 3)[:, None], other=0.0
-                        )
+                        w = tl.load(w_ptr + rows[:, None] * C_OUT + c_out[None, :], mask=w_mask, other=0.0)
                         acc += tl.dot(a, w)
             else:
                 c_in = tl.arange(0, C_IN)

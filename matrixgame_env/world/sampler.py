@@ -480,17 +480,15 @@ class StreamingSampler:
     ) -> list[torch.Tensor]:
         """The block's random draws in the order the steps use them: the noise, then one per re-noising;
         from the state's generators (or drawn ahead from them) where not given."""
-        device = self.model.device
         drawn = state.drawn_noise
         if noise is None and renoise is None and drawn is not None:
-            state.drawn_noise = None
-            if drawn.matches(state.generators, shape, current_stream(device)):
+            if drawn.matches(state.generators, shape, current_stream(self.model.device)):
+                state.drawn_noise = None
                 return drawn.tensors
-            drawn.settle()
-        state.settle_noise()  # given noise leaves the streams where they are
-        given = [noise, *(renoise[k] if renoise is not None else None for k in range(len(self.timesteps) - 1))]
-        names = ["noise", *(f"renoise[{k}]" for k in range(len(self.timesteps) - 1))]
-        return [self._noise(g, shape, state, name) for g, name in zip(given, names)]
+        state.settle_noise()  # drawn for other generators or shapes; given noise leaves the streams as they are
+        steps = range(len(self.timesteps) - 1)
+        given = [("noise", noise), *((f"renoise[{k}]", None if renoise is None else renoise[k]) for k in steps)]
+        return [self._noise(tensor, shape, state, name) for name, tensor in given]
 
     def _noise(self, given: torch.Tensor | None, shape: tuple[int, ...], state: WorldState, name: str) -> torch.Tensor:
         device = self.model.device
