@@ -204,6 +204,34 @@ def test_compiled_decoder_gives_the_eager_frames_in_one_graph_and_restarts_witho
     torch._dynamo.reset()
 
 
+def test_compiled_decoder_decodes_a_blocks_last_frame_alone_in_one_call_like_the_eager_decoder():
+    """With `last_frames` the compiled decoder takes the block's latents in one call (its trimmed layers
+    then skip most frames): the eager decoder's last frame, and the same frames after."""
+    torch._dynamo.reset()
+    vae = _tiny_vae()
+    latents = torch.randn(1, 4, 7, 4, 6, generator=torch.Generator().manual_seed(4))
+    eager_cache = vae.new_decoder_cache(1)
+    vae.decode_stream(latents[:, :, :1], eager_cache)
+    expected = vae.decode_stream(latents[:, :, 1:4], eager_cache)
+    expected_next = vae.decode_stream(latents[:, :, 4:], eager_cache)
+    compile_decoder(vae)
+    calls = []
+    runner = vae.decoder_runner
+    vae.set_decoder_runner(lambda x, cache, **options: (calls.append((x.shape[2], options)), runner(x, cache, **options))[1])
+    try:
+        cache = vae.new_decoder_cache(1)
+        vae.decode_stream(latents[:, :, :1], cache)
+        calls.clear()
+        got = vae.decode_stream(latents[:, :, 1:4], cache, last_frames=1)
+        assert calls == [(3, {"last_frames": 1})] and got.shape == (1, 1, 3, 16, 24)
+        assert (got - expected[:, -1:]).abs().max() < 1e-4
+        got_next = vae.decode_stream(latents[:, :, 4:], cache)
+        assert (got_next - expected_next).abs().max() < 1e-4
+    finally:
+        compile_decoder(vae, False)
+        torch._dynamo.reset()
+
+
 def test_compiled_decoder_follows_changed_weights_and_is_refused_off_the_cpu():
     """The compiled graph holds the weights frozen: weights changed in place after compiling are
     noticed, and it warns, compiles again and decodes what the eager decoder gives with them."""

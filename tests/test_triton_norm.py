@@ -154,6 +154,38 @@ def test_decoder_streams_the_same_frames_with_the_fused_kernels():
     assert out.strip().endswith("ok")
 
 
+def test_decoding_the_last_frames_through_the_fused_kernels_gives_them_and_the_same_cache():
+    out = run_interpreted(
+        """
+        from matrixgame_env.nn import triton_norm
+        vae.set_decoder_triton(True)
+        joins = []  # (cached frames, new frames) of each fused norm
+        norm_silu = triton_norm.past_and_norm_silu
+        triton_norm.past_and_norm_silu = lambda past, x, *rest: (joins.append((past.shape[2], x.shape[2])), norm_silu(past, x, *rest))[1]
+        two = [torch.cat([z, z.flip(-1)]) for z in latents]  # two worlds: frames sliced per world
+        more = torch.randn(2, 16, 1, 1, 2).half()
+        caches = [vae.new_decoder_cache(2) for _ in range(2)]
+        with torch.no_grad():
+            for cache in caches:
+                vae.decode_stream(two[0], cache, check_finite=False)
+            every = vae.decode_stream(two[1], caches[0], check_finite=False)
+            joins.clear()
+            last = vae.decode_stream(two[1], caches[1], check_finite=False, last_frames=1)
+            # the head reads 3 new frames alone; a layer keeping 7 of 8 frames reads 1 cached one
+            assert joins[-1] == (0, 3) and (1, 8) in joins, joins
+            assert last.shape == (2, 1, 3, 8, 16), last.shape
+            assert (last - every[:, -1:]).abs().max().item() < 1e-3
+            for a, b in zip(*(cache.slots for cache in caches)):
+                assert (a.float() - b.float()).abs().max().item() < 1e-3
+            after = [vae.decode_stream(more, cache, check_finite=False) for cache in caches]
+        assert (after[0] - after[1]).abs().max().item() < 1e-3
+        print("ok")
+        """,
+        prelude=TINY_DECODER,
+    )
+    assert out.strip().endswith("ok")
+
+
 def test_kernels_take_only_what_they_compute():
     assert triton_norm.enabled()  # on by default
     video = torch.zeros(1, 16, 2, 3, 4).contiguous(memory_format=torch.channels_last_3d)

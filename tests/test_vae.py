@@ -228,6 +228,60 @@ def test_decode_stream_frame_counts(vae: WanVAE, fixture: Fixture) -> None:
     assert first.abs().max() <= 1 and later.abs().max() <= 1
 
 
+@pytest.mark.parametrize("conv3d", ["auto", "native", "stacked"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_decoding_only_the_last_frames_gives_them_computes_less_and_moves_the_cache_on_alike(
+    vae: WanVAE, fixture: Fixture, monkeypatch, conv3d: str, channels_last: bool
+) -> None:
+    latents = torch.cat([fixture.input("latents")] * 2)[:, :, :5]  # two worlds: frames sliced per world
+    latents[1] = latents[1].flip(-1)
+    set_conv3d_mode(conv3d)
+    computed: list[int] = []  # every causal convolution's output frames
+    convolve = CausalConv3d._convolve_joined
+    monkeypatch.setattr(
+        CausalConv3d,
+        "_convolve_joined",
+        lambda self, joined, *rest: (computed.append(joined.shape[2] - self.past_frames), convolve(self, joined, *rest))[1],
+    )
+    real_stacked = CausalConv3d._forward_stacked_taps
+
+    def stacked(self, past, x, cache):
+        computed.append(past.shape[2] + x.shape[2] - self.past_frames)
+        return real_stacked(self, past, x, cache)
+
+    monkeypatch.setattr(CausalConv3d, "_forward_stacked_taps", stacked)
+    vae.set_decoder_channels_last(channels_last)
+    try:
+        whole, trimmed = vae.new_decoder_cache(2), vae.new_decoder_cache(2)
+        for cache in (whole, trimmed):
+            vae.decode_stream(latents[:, :, :1], cache)
+        computed.clear()
+        every = vae.decode_stream(latents[:, :, 1:4], whole)  # 12 frames
+        all_work = sum(computed)
+        for last in (1, 5):
+            probe = trimmed.clone()
+            computed.clear()
+            kept = vae.decode_stream(latents[:, :, 1:4], probe, last_frames=last)
+            assert kept.shape == (2, last, *every.shape[2:])
+            assert max_relative_error(kept, every[:, -last:]) <= OTHER_CHUNKING_TOLERANCE
+            assert sum(computed) < all_work
+            for a, b in zip(probe.slots, whole.slots):
+                assert max_relative_error(a, b) <= OTHER_CHUNKING_TOLERANCE
+        assert computed[-1] == 5  # the head: only the frames asked for
+        vae.decode_stream(latents[:, :, 1:4], trimmed, last_frames=1)
+        after_whole = vae.decode_stream(latents[:, :, 4:5], whole)
+        after_trimmed = vae.decode_stream(latents[:, :, 4:5], trimmed)
+        assert max_relative_error(after_trimmed, after_whole) <= OTHER_CHUNKING_TOLERANCE
+        first = vae.decode_stream(latents[:, :, :2], vae.new_decoder_cache(2), last_frames=3)  # a stream's first latents
+        reference = vae.decode_stream(latents[:, :, :2], vae.new_decoder_cache(2))
+        assert max_relative_error(first, reference[:, -3:]) <= OTHER_CHUNKING_TOLERANCE
+        for bad in (0, -2, 1.0, True):
+            with pytest.raises(ValueError, match="last_frames must be a positive integer or None"):
+                vae.decode_stream(latents[:, :, 4:5], whole, last_frames=bad)
+    finally:
+        vae.set_decoder_channels_last(False)
+
+
 # Image condition
 
 

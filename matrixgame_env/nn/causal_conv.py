@@ -169,13 +169,28 @@ class CausalConv3d(nn.Conv3d):
         self.cache_slot = -1  # set by _assign_cache_slots once the whole network exists
         self.triton_kernel = False  # WanVAE.set_decoder_triton: the Triton kernel under conv3d mode "auto"
 
-    def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
-        # x: [B, C, T, H, W] -> [B, C_out, T, H, W]
-        past = self._past(x, cache)
+    def forward(self, x: torch.Tensor, cache: FeatureCache, keep: int | None = None) -> torch.Tensor:
+        """x [B, C, T, H, W] -> [B, C_out, T, H, W]; with `keep`, only the last `keep` output frames,
+        computed from the input frames they need alone (`window`). The cache moves on as without it."""
+        past, x = self.window(x, cache, keep)
         form = self._form(x)
         if form == "stacked":
             return self._forward_stacked_taps(past, x, cache)
         return self._convolve_joined(torch.cat([same_layout(past, x), x], dim=2), cache, self.bias, form)
+
+    def window(self, x: torch.Tensor, cache: FeatureCache, keep: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(past, part): the frames before the chunk x and the part of x that the last `keep` output
+        frames read (all of them for None); the convolution of cat([past, part]) gives exactly those
+        outputs. Where x holds `keep` + past_frames frames or more, its own earlier frames stand in for
+        the cache's (past is empty, part the last frames of x), else past is the cache's last frames.
+        Either way the joined input ends with the frames the cache keeps for the next chunk."""
+        frames = x.shape[2]
+        if keep is not None and frames >= keep + self.past_frames:
+            return x[:, :, :0], x[:, :, frames - keep - self.past_frames :]
+        past = self._past(x, cache)
+        if keep is not None and keep < frames:
+            past = past[:, :, frames - keep :]  # keep + past_frames - frames of the cached frames
+        return past, x
 
     def takes_fused_input(self, x: torch.Tensor) -> bool:
         """Whether `forward_normed` joins, normalises and adds biases in fused kernels for this input:
@@ -214,27 +229,37 @@ class CausalConv3d(nn.Conv3d):
         cache: FeatureCache,
         input_bias: torch.Tensor | None = None,
         add_bias: bool = True,
+        keep: int | None = None,
     ) -> torch.Tensor:
         """The convolution of SiLU(norm(x + input_bias)). On fused inputs (`takes_fused_input`) one
         kernel adds the bias, normalises and writes the result after the cached past frames, where
         `forward` would normalise, then copy both into a joined input. `add_bias=False` leaves this
         convolution's own bias out (for the caller to add in its next fused kernel): cuDNN adds it to
         channels-last outputs in a pass of its own. Both work on any input (fused or not) except with
-        stacked taps."""
+        stacked taps. `keep`: only the last `keep` output frames, as for `forward`; the norm then runs
+        on the input frames they need alone."""
         kind = self._fused_kind(x)
-        if kind is None and input_bias is None and add_bias:
+        past, x = self.window(x, cache, keep)
+        if kind is None and input_bias is None and add_bias and past.shape[2] == self.past_frames:
             return self(norm.silu_of(x), cache)
         form = self._form(x)
+        if kind is None and input_bias is None and add_bias:  # x's first frames stand in for the past
+            h = norm.silu_of(x)
+            joined = torch.cat([same_layout(past, h), h], dim=2)
+            if form == "stacked":
+                return self._forward_stacked_taps(joined[:, :, :0], joined, cache)
+            return self._convolve_joined(joined, cache, self.bias, form)
         if form == "stacked":
             raise ValueError(
                 "input_bias and add_bias=False need a convolution of the joined input "
                 "(set_conv3d_mode('native') or 'onednn'), not stacked taps"
             )
-        past = self._past(x, cache)
         if kind == "triton":
             joined = triton_norm.past_and_norm_silu(past, x, norm.gamma, norm.scale, input_bias)
         else:
-            joined = channel_rms_norm_silu(x, norm.gamma, norm.scale, past=past, bias=input_bias)
+            joined = channel_rms_norm_silu(
+                x, norm.gamma, norm.scale, past=past if past.shape[2] else None, bias=input_bias
+            )
         return self._convolve_joined(joined, cache, self.bias if add_bias else None, form)
 
     def _form(self, x: torch.Tensor) -> str:
@@ -284,17 +309,19 @@ class CausalConv3d(nn.Conv3d):
 
     def _forward_stacked_taps(self, past: torch.Tensor, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         """The same convolution as one 2D convolution over each output frame's k input frames stacked
-        in channels, [B*T, k*C, H, W] with the kernel [C_out, k*C, kh, kw]; equal up to float rounding.
-        The result is a frame-major view [B, C_out, T, H, W] of a [B, T, C_out, H, W] tensor."""
-        batch, channels, frames, height, width = x.shape
+        in channels, [B*T', k*C, H, W] with the kernel [C_out, k*C, kh, kw]; equal up to float rounding.
+        past may hold any number of frames (`window`): T' = past + T - (k - 1) outputs. The result is a
+        frame-major view [B, C_out, T', H, W] of a [B, T', C_out, H, W] tensor."""
+        batch, channels, _, height, width = x.shape
         taps = self.past_frames + 1
-        sequence = [past[:, :, i] for i in range(self.past_frames)] + [x[:, :, i] for i in range(frames)]
+        sequence = [past[:, :, i] for i in range(past.shape[2])] + [x[:, :, i] for i in range(x.shape[2])]
+        frames = len(sequence) - self.past_frames
         windows = torch.stack([sequence[t + j] for t in range(frames) for j in range(taps)], dim=1)
         # Kept after the windows are built: they read the past frames, which keep may overwrite.
         cache.keep(self.cache_slot, torch.stack(sequence[-self.past_frames :], dim=2), owned=True)  # [B, C, past, H, W]
-        windows = windows.reshape(batch * frames, taps * channels, height, width)  # [B*T, k*C, H, W]
+        windows = windows.reshape(batch * frames, taps * channels, height, width)  # [B*T', k*C, H, W]
         weight = self.weight.transpose(1, 2).flatten(1, 2)  # [C_out, k*C, kh, kw]
-        y = F.conv2d(windows, weight, self.bias, padding=self.padding[1:])  # [B*T, C_out, H, W]
+        y = F.conv2d(windows, weight, self.bias, padding=self.padding[1:])  # [B*T', C_out, H, W]
         return y.unflatten(0, (batch, frames)).transpose(1, 2)
 
 

@@ -111,15 +111,19 @@ class ResidualBlock(nn.Module):
         )
         self.shortcut = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: FeatureCache, keep: int | None = None) -> torch.Tensor:
+        """`keep`: only the last `keep` output frames, from x's last `input_frames(keep)` frames; x is
+        then a whole chunk or a chunk's last frames, at least that many. The cache moves on as without."""
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
+        inner = None if keep is None else keep + conv2.past_frames  # what conv2's last `keep` outputs read
         if not conv1.takes_fused_input(x):
-            h = conv1.forward_normed(x, norm1, cache)
-            h = conv2.forward_normed(h, norm2, cache)
-            return h + self.shortcut(x)
+            h = conv1.forward_normed(x, norm1, cache, keep=inner)
+            h = conv2.forward_normed(h, norm2, cache, keep=keep)
+            return h + self.shortcut(x[:, :, -h.shape[2] :])
         # Fused: every bias joins the next fused kernel instead of a pass of its own.
-        h = conv1.forward_normed(x, norm1, cache, add_bias=False)
-        h = conv2.forward_normed(h, norm2, cache, input_bias=conv1.bias, add_bias=False)
+        h = conv1.forward_normed(x, norm1, cache, add_bias=False, keep=inner)
+        h = conv2.forward_normed(h, norm2, cache, input_bias=conv1.bias, add_bias=False, keep=keep)
+        x = x[:, :, -h.shape[2] :]
         if isinstance(self.shortcut, nn.Conv3d):
             skip, skip_bias = F.conv3d(x, self.shortcut.weight), self.shortcut.bias
         else:
@@ -127,6 +131,11 @@ class ResidualBlock(nn.Module):
         if conv2.fuses_with_triton(h) and triton_norm.applies(skip):
             return same_layout(triton_norm.bias_add(h, conv2.bias, skip, skip_bias), x)
         return same_layout(channel_bias_add(h, conv2.bias, skip, skip_bias), x)  # GPUs: already x's layout
+
+    def input_frames(self, keep: int) -> int:
+        """How many of a chunk's last input frames the last `keep` output frames depend on."""
+        norm1, _, conv1, norm2, _, _, conv2 = self.residual
+        return keep + conv2.past_frames + conv1.past_frames
 
 
 class AttentionBlock(nn.Module):
@@ -138,9 +147,15 @@ class AttentionBlock(nn.Module):
         self.to_qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
 
-    def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
-        """`cache` is unused (nothing crosses frames); it is taken so that every layer of a stack runs alike."""
+    def forward(self, x: torch.Tensor, cache: FeatureCache, keep: int | None = None) -> torch.Tensor:
+        """`cache` is unused (nothing crosses frames); it is taken so that every layer of a stack runs
+        alike. `keep`: only the last `keep` frames."""
+        x = _last_frames(x, keep)
         return x + _per_frame(self._attend, x)
+
+    def input_frames(self, keep: int) -> int:
+        """How many of a chunk's last input frames the last `keep` output frames depend on."""
+        return keep
 
     def _attend(self, frames: torch.Tensor) -> torch.Tensor:
         # frames: [N, C, H, W]
@@ -192,7 +207,12 @@ class Upsample(nn.Module):
         self.time_conv = CausalConv3d(channels, 2 * channels, (3, 1, 1)) if temporal else None
         self.triton_kernel = False  # WanVAE.set_decoder_triton: the nearest upsampling as a Triton kernel
 
-    def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: FeatureCache, keep: int | None = None) -> torch.Tensor:
+        """`keep`: only the last `keep` output frames (spatial upsamplers only: frames map one to one)."""
+        if keep is not None:
+            if self.time_conv is not None:
+                raise ValueError("a temporal upsampler doubles its frames: keep applies to spatial ones only")
+            x = _last_frames(x, keep)
         if self.time_conv is not None:
             x = self._double_frames(x, cache)
         if use_transposed_upsampling(x.device):
@@ -200,6 +220,10 @@ class Upsample(nn.Module):
         if self.triton_kernel and triton_norm.enabled() and not torch.is_grad_enabled():
             return _per_frame(self._upsample_triton, x)
         return _per_frame(self.resample, x)  # [B, C/2, T, 2H, 2W]
+
+    def input_frames(self, keep: int) -> int:
+        """How many of a chunk's last input frames the last `keep` output frames depend on (spatial)."""
+        return keep
 
     def _upsample_triton(self, frames: torch.Tensor) -> torch.Tensor:
         """`resample` with the nearest upsampling in one Triton pass where it applies (channels-last frames)."""
@@ -227,6 +251,13 @@ class Upsample(nn.Module):
         pairs = self.time_conv(x, cache)  # [B, 2C, T, H, W]
         pairs = pairs.view(batch, 2, channels, frames, height, width).permute(0, 2, 3, 1, 4, 5)
         return same_layout(pairs.reshape(batch, channels, 2 * frames, height, width), x)  # [B, C, 2T, H, W]
+
+
+def _last_frames(x: torch.Tensor, keep: int | None) -> torch.Tensor:
+    """The last `keep` frames of a video [B, C, T, H, W] (all for None), in x's memory layout."""
+    if keep is None or keep >= x.shape[2]:
+        return x
+    return same_layout(x[:, :, -keep:], x)
 
 
 def _is_channels_last_picture(x: torch.Tensor) -> bool:
@@ -318,16 +349,47 @@ class Decoder(nn.Module):
         self.head = nn.Sequential(RMSNorm(width), nn.SiLU(), CausalConv3d(width, 3, 3))
         self.num_cache_slots = _assign_cache_slots(self)
 
-    def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: FeatureCache, last_frames: int | None = None) -> torch.Tensor:
+        """`last_frames`: only the chunk's last `last_frames` video frames. The layers after the last
+        temporal upsampler (frames map one to one there) then compute only the frames those depend
+        on; the cache moves on exactly as when decoding every frame."""
+        check_last_frames(last_frames)
         x = self.conv1(x, cache)
-        for layer in [*self.middle, *self.upsamples]:
+        layers = [*self.middle, *self.upsamples]
+        first_trimmed = len(layers) if last_frames is None else self._frame_preserving_tail(layers)
+        for layer in layers[:first_trimmed]:
             x = layer(x, cache)
         norm, _, conv = self.head
-        return conv.forward_normed(x, norm, cache)
+        if last_frames is None:
+            return conv.forward_normed(x, norm, cache)
+        keeps = [min(last_frames, x.shape[2])]  # each trimmed layer's output frames, from the head back
+        needed = keeps[0] + conv.past_frames
+        for layer in reversed(layers[first_trimmed:]):
+            keeps.append(min(needed, x.shape[2]))
+            needed = layer.input_frames(keeps[-1])
+        *tail, head = reversed(keeps)
+        for layer, keep in zip(layers[first_trimmed:], tail):
+            x = layer(x, cache, keep)
+        return conv.forward_normed(x, norm, cache, keep=head)
+
+    @staticmethod
+    def _frame_preserving_tail(layers: list[nn.Module]) -> int:
+        """Index of the first of the last layers that keep the frame count (after the last temporal upsampler)."""
+        start = len(layers)
+        while start > 0 and not (isinstance(layers[start - 1], Upsample) and layers[start - 1].time_conv is not None):
+            start -= 1
+        return start
 
 
-# Runs the decoder on one latent frame [B, z_dim, 1, h, w] with its cache (`WanVAE.set_decoder_runner`).
-DecoderRunner = Callable[[torch.Tensor, FeatureCache], torch.Tensor]
+def check_last_frames(last_frames: int | None) -> None:
+    """Refuse a `last_frames` that is neither None nor a positive integer."""
+    if last_frames is not None and (isinstance(last_frames, bool) or not isinstance(last_frames, int) or last_frames < 1):
+        raise ValueError(f"last_frames must be a positive integer or None, got {last_frames!r}")
+
+
+# Runs the decoder on one latent frame [B, z_dim, 1, h, w] with its cache (`WanVAE.set_decoder_runner`);
+# `last_frames` as for `Decoder.forward` (passed only where it is asked for).
+DecoderRunner = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -610,35 +672,50 @@ class WanVAE(nn.Module):
         return self.decode_stream(latents, self.new_decoder_cache(latents.shape[0]))
 
     @torch.no_grad()
-    def decode_stream(self, latents: torch.Tensor, cache: DecoderCache, check_finite: bool = True) -> torch.Tensor:
+    def decode_stream(
+        self, latents: torch.Tensor, cache: DecoderCache, check_finite: bool = True, last_frames: int | None = None
+    ) -> torch.Tensor:
         """Decodes the next n latent frames of a stream; `cache` is updated in place.
 
         Args:
             latents: [B, z_dim, n, h, w], normalised, the latents that follow those already decoded.
             cache: from `new_decoder_cache(B)` before the first call, then passed back unchanged.
             check_finite: reject NaN/inf latents (a device sync; off for latents the sampler made).
+            last_frames: return only the last `last_frames` video frames (None: all). The decoder's
+                last layers then compute only what those frames depend on (`Decoder.forward`); the
+                cache moves on as when decoding all, so later calls give the same frames.
 
         Returns:
-            Video frames [B, T, 3, 8h, 8w] in [-1, 1]: T = 1 + 4 (n - 1) on the first call, 4n later.
+            Video frames [B, T, 3, 8h, 8w] in [-1, 1]: T = 1 + 4 (n - 1) on the first call, 4n later
+            (at most `last_frames`).
         """
         latents = self._checked_latents(latents, check_finite)
         self._check_decoder_cache(cache, latents)
+        check_last_frames(last_frames)
         x = self._decoder_input(self._denormalise(latents))  # [B, z_dim, n, h, w]
         # The official decoder takes one latent per call. A stream's first latent must go alone (the
         # layers' first-chunk rules apply to a call); once every layer has kept frames, one call of
         # several latents computes what as many calls of one would (causal convolutions over [kept
         # frames, chunk]; norms, attention and upsampling per frame) in fewer, larger kernels. A
         # decoder runner (`set_decoder_runner`: a compiled decoder, traced for one latent) keeps one, and
-        # `set_latents_per_decoder_call` caps the count.
+        # `set_latents_per_decoder_call` caps the count. With `last_frames` a runner takes the latents
+        # in one call too: the trimmed layers then skip most frames, not just the last latent's.
         decode = self._decoder_runner or self.decoder
-        most = 1 if self._decoder_runner is not None else (self._latents_per_decoder_call or x.shape[2])
+        one_by_one = self._decoder_runner is not None and last_frames is None
+        most = 1 if one_by_one else (self._latents_per_decoder_call or x.shape[2])
         frames, start, total = [], 0, x.shape[2]
         while start < total:
             alone = any(cache.is_empty(s) for s in range(len(cache.slots)))
             count = 1 if alone else min(most, total - start)
-            frames.append(decode(x[:, :, start : start + count], cache))  # [B, 3, 1 or 4 * count, H, W]
+            chunk = x[:, :, start : start + count]
+            if last_frames is None or start + count < total:
+                frames.append(decode(chunk, cache))  # [B, 3, 1 or 4 * count, H, W]
+            else:
+                frames.append(decode(chunk, cache, last_frames=last_frames))
             start += count
         video = frames[0] if len(frames) == 1 else torch.cat(frames, dim=2)  # [B, 3, T, H, W]
+        if last_frames is not None:
+            video = video[:, :, -last_frames:]
         return video.transpose(1, 2).contiguous().clamp_(-1.0, 1.0)  # [B, T, 3, H, W]
 
     # Training: the same computations with gradients, on unnormalised latents, without clamping.

@@ -21,10 +21,10 @@ class CompiledDecoder(FrozenCompiled):
     def __init__(self, decoder: Decoder) -> None:
         super().__init__(decoder, "decoder")
 
-    def __call__(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, cache: FeatureCache, last_frames: int | None = None) -> torch.Tensor:
         if self.failed or torch.is_grad_enabled() or x.device.type != "cpu" or _filling(cache):
-            return self.module(x, cache)
-        return self.run(x, cache)
+            return self.module(x, cache, last_frames)
+        return self.run(x, cache, last_frames)
 
 
 def _filling(cache: FeatureCache) -> bool:
