@@ -80,6 +80,11 @@ class DistributedVectorEnv(VectorEnv):
                 "DistributedVectorEnv gathers frames: observation='latent' is for MatrixGameVectorEnv and "
                 "MatrixGameEnv; accepted here: 'last', 'block'"
             )
+        if options.get("info_frames", True) is not True:
+            raise ValueError(
+                "DistributedVectorEnv gathers every frame of each block: info_frames=False is for "
+                "MatrixGameVectorEnv and MatrixGameEnv"
+            )
         device = distributed.init(device)
         self.rank, self.processes = distributed.rank(), distributed.world_size()
         self.shares = world_shares(num_envs, self.processes)

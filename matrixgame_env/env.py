@@ -2,7 +2,9 @@
 
 One `step` generates one block of video (9 frames on the first step, 12 after) with the action
 held for the whole block. The observation is the block's last frame (or all its frames with
-`observation="block"`); `info["frames"]` holds every frame of the block. With
+`observation="block"`); `info["frames"]` holds every frame of the block, unless `info_frames=False`:
+with the last frame as the observation the decoder then computes only that frame and what the next
+blocks need (about half its work at doom-small; the stream goes on exactly the same). With
 `observation="latent"` the VAE decoder does not run: the observation is the block's latent frames
 (float32 [C, F, h, w], the space the DiT generates in; after a reset the start picture's latent
 frame, repeated) and there are no frames.
@@ -21,7 +23,7 @@ import torch
 from gymnasium import spaces
 
 from .images import ImageLike, fit_image
-from .rewards import NeverTerminate, StepOutcome, ZeroReward, bind_all, check_frames_not_needed
+from .rewards import NeverTerminate, StepOutcome, ZeroReward, bind_all, check_frames_not_needed, plugin_reads_frames
 from .spaces import ActionLayout, layout_for
 from .world.model import WorldModel, enable_fast_path, to_host
 from .world.state import WorldState
@@ -84,6 +86,30 @@ def check_latent_observation(observation: str, render_mode: str | None, *plugins
             "use render_mode=None, or observation 'last' or 'block'"
         )
     check_frames_not_needed(*plugins, what="observation='latent'")
+
+
+def decoded_last_frames(observation: str, info_frames: bool, render_mode: str | None, *plugins: Any) -> int | None:
+    """How many of a block's last frames an env decodes: 1 where it observes the last frame and keeps
+    no frames in info (`info_frames=False`), else None (all). Refuses what would need the others: a
+    window that plays every frame, plug-ins that may read every frame (`step.frames`)."""
+    if not isinstance(info_frames, bool):
+        raise ValueError(f"info_frames must be True or False, got {info_frames!r}")
+    if info_frames or observation != "last":
+        return None
+    if render_mode == "human":
+        raise ValueError(
+            "render_mode='human' plays every frame of a block, but observation='last' with info_frames=False "
+            "decodes only its last frame; use info_frames=True, or render_mode='rgb_array' or None"
+        )
+    for plugin in plugins:
+        if plugin_reads_frames(plugin):
+            name = getattr(plugin, "__qualname__", None) or type(plugin).__qualname__
+            raise ValueError(
+                f"observation='last' with info_frames=False decodes only each block's last frame, but the "
+                f"plug-in {name} may read every frame (step.frames); use info_frames=True, plug-ins that "
+                "read only latents and actions, or give this one the attribute reads_frames = False"
+            )
+    return 1
 
 
 def start_latents(state: WorldState, frames_per_block: int) -> np.ndarray:
@@ -151,6 +177,9 @@ class MatrixGameEnv(gym.Env):
     weakly acting keys count more than the mouse; a value that differs from the action guidance
     costs a third DiT pass per denoising step); None keeps the model's config (by default: the same
     as the action guidance). Set on the world model, as action_guidance.
+    info_frames: False leaves `info["frames"]` out; with observation "last" only each block's last
+    frame is then decoded (the same frame, for about half the decoder's work at doom-small). Not with
+    render_mode "human" (it plays every frame) or plug-ins that may read every frame.
     """
 
     metadata = {"render_modes": ["rgb_array", "human"], "render_fps": 25}
@@ -171,6 +200,7 @@ class MatrixGameEnv(gym.Env):
         fast: bool | str = True,
         action_guidance: float | None = None,
         keyboard_guidance: float | None = None,
+        info_frames: bool = True,
     ) -> None:
         super().__init__()
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -196,6 +226,10 @@ class MatrixGameEnv(gym.Env):
         self.reward_fn = reward if reward is not None else ZeroReward()
         self.termination_fn = termination if termination is not None else NeverTerminate()
         check_latent_observation(observation, render_mode, self.reward_fn, self.termination_fn)
+        self.info_frames = info_frames
+        self._decoded_last = decoded_last_frames(
+            observation, info_frames, render_mode, self.reward_fn, self.termination_fn
+        )
         bind_all(self.world, self.reward_fn, self.termination_fn)
         self._state: WorldState | None = None
         self._steps = 0
@@ -220,6 +254,8 @@ class MatrixGameEnv(gym.Env):
             return self._observation(self._last_frames), {"frame_index": 0, "block": 0}
         self._last_frames = picture_as_uint8(picture, self.world.video_size)[None]
         info = {"frames": self._last_frames, "frame_index": 0, "block": 0}
+        if not self.info_frames:
+            del info["frames"]
         return self._observation(self._last_frames), info
 
     def step(self, action: Any):
@@ -234,9 +270,9 @@ class MatrixGameEnv(gym.Env):
             observed = to_host(latents[0].float()).numpy()
             shown = video_frames_in_block(self._steps == 0, latents.shape[2])
         else:
-            latents, frames_t = self.world.generate(self._state, keyboard_t, mouse_t)
+            latents, frames_t = self.world.generate(self._state, keyboard_t, mouse_t, self._decoded_last)
             frames = frames_t.numpy()
-            observed, shown = frames[0], frames.shape[1]
+            observed, shown = frames[0], video_frames_in_block(self._steps == 0, latents.shape[2])
         elapsed = time.perf_counter() - started
         self._steps += 1
         outcome = StepOutcome(
@@ -252,7 +288,7 @@ class MatrixGameEnv(gym.Env):
         self._last_frames = observed
         self.last_timing = {"generate_s": elapsed, "fps": shown / elapsed}
         info = {"frame_index": self._state.video_frame - 1, "block": self._steps}
-        if frames is not None:
+        if frames is not None and self.info_frames:
             info["frames"] = frames[0]
         if self.report_timing:
             info["timing"] = dict(self.last_timing)

@@ -37,6 +37,7 @@ from gymnasium.vector.utils import batch_space
 from .env import (
     DEFAULT_MODEL,
     check_latent_observation,
+    decoded_last_frames,
     decodes_frames,
     imagine_plans,
     observation_space_for,
@@ -107,6 +108,8 @@ class MatrixGameVectorEnv(VectorEnv):
     kernels can fill what the big cohort leaves of the GPU; the same kernels on the same inputs (each
     stream replays CUDA graphs of its own). No effect on CPUs. Off by default: at 64 worlds on an
     H200 it ran 1.16x and 1.00x the steps/s in two runs, within the spread of the settings' order.
+    info_frames: False leaves `info["frames"]` out; with observation "last" only each block's last
+    frame is then decoded and copied to the host (see `MatrixGameEnv`).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 25, "autoreset_mode": AutoresetMode.NEXT_STEP}
@@ -130,6 +133,7 @@ class MatrixGameVectorEnv(VectorEnv):
         merge_cohorts: bool = True,
         pad_new_cohorts: int = 0,
         young_cohort_stream: bool = False,
+        info_frames: bool = True,
     ) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
@@ -176,6 +180,10 @@ class MatrixGameVectorEnv(VectorEnv):
         self.reward_fn = reward if reward is not None else ZeroReward()
         self.termination_fn = termination if termination is not None else NeverTerminate()
         check_latent_observation(observation, render_mode, self.reward_fn, self.termination_fn)
+        self.info_frames = info_frames
+        self._decoded_last = decoded_last_frames(
+            observation, info_frames, render_mode, self.reward_fn, self.termination_fn
+        )
         bind_all(self.world, self.reward_fn, self.termination_fn)
         self._rngs = [seeding.np_random(None)[0] for _ in range(num_envs)]
         self._cohorts: list[_Cohort] = []
@@ -250,7 +258,7 @@ class MatrixGameVectorEnv(VectorEnv):
                 truncated[worlds] = self._steps[worlds] >= self.max_episode_steps
             for j, i in enumerate(worlds):
                 self._last_frames[i] = block[j]
-            if latent_mode:  # a world's first block stands for fewer video frames
+            if latent_mode or self._decoded_last:  # a world's first block stands for fewer video frames
                 first, later = (video_frames_in_block(f, latents.shape[2]) for f in (True, False))
                 new_frames[worlds] = np.where(self._steps[worlds] == 1, first, later)
             else:
@@ -263,11 +271,13 @@ class MatrixGameVectorEnv(VectorEnv):
             return self._observations(frames), rewards, terminated, truncated, info
         whole = self._whole_batch_block(block, resetting)
         if whole is None:
-            blocks, observations = self._padded_blocks(frames), self._observations(frames)
+            observations = self._observations(frames)
+            if self.info_frames:
+                info["frames"] = self._padded_blocks(frames)
         else:
-            blocks = whole
             observations = whole[:, -1].copy() if self.observation_mode == "last" else whole
-        info["frames"] = blocks
+            if self.info_frames:
+                info["frames"] = whole
         return observations, rewards, terminated, truncated, info
 
     def _generate_blocks(
@@ -291,7 +301,7 @@ class MatrixGameVectorEnv(VectorEnv):
                 if self.observation_mode == "latent":  # no decoding: the latents are the observation
                     frames = queue_to_host(latents.float())
                 else:
-                    frames = queue_to_host(self.world.decode_on_device(cohort.state, latents))
+                    frames = queue_to_host(self.world.decode_on_device(cohort.state, latents, self._decoded_last))
             if aside:
                 latents.record_stream(main)  # read on the main stream after the wait below
             generated.append((cohort, latents, frames))
@@ -319,8 +329,10 @@ class MatrixGameVectorEnv(VectorEnv):
 
     def _whole_batch_block(self, block: np.ndarray | None, resetting: np.ndarray) -> np.ndarray | None:
         """The last cohort's block [N, T, H, W, 3] when it already is every world's full block in order
-        (one cohort of all worlds, no resets), so that it need not be copied again; else None."""
-        if block is None or len(self._cohorts) != 1 or len(resetting) or block.shape[1] != self.block_frames:
+        (one cohort of all worlds, no resets; with `info_frames` False its last frame), so that it need
+        not be copied again; else None."""
+        decoded = self._decoded_last or self.block_frames
+        if block is None or len(self._cohorts) != 1 or len(resetting) or block.shape[1] != decoded:
             return None
         cohort = self._cohorts[0]
         return block if cohort.live.all() and np.array_equal(cohort.worlds, np.arange(self.num_envs)) else None

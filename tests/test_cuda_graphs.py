@@ -336,6 +336,35 @@ def test_latent_observations_through_graphs_are_the_latents_of_the_decoding_env(
 
 
 @cuda
+def test_the_last_frame_decoded_alone_through_graphs_is_the_frame_of_the_whole_decode():
+    """A vector env without info frames decodes each block's last frame alone (its own decoder graphs,
+    the fused kernels on trimmed inputs), with a restart and the merge of its cohort between: the
+    same observations as the env that decodes every frame, and the same frames after."""
+    import numpy as np
+
+    from matrixgame_env.vector import MatrixGameVectorEnv
+
+    observed = {}
+    for info_frames in (True, False):
+        venv = MatrixGameVectorEnv("doom-small", num_envs=3, device="cuda", info_frames=info_frames)
+        venv.reset(seed=6)
+        observed[info_frames] = []
+        for step in range(9):
+            if step == 2:
+                venv.reset_worlds([1])
+            keys, mouse = _actions(3, step)
+            obs, *_, info = venv.step({"keyboard": keys.numpy().astype(np.int8), "mouse": mouse.numpy()})
+            observed[info_frames].append(obs.astype(int))
+            assert ("frames" in info) == info_frames
+        decoder_graphs = venv.world.decoder_graphs
+        assert venv.num_cohorts == 1 and decoder_graphs.replays > 0
+        assert all(key[-1] == (None if info_frames else 1) for key in decoder_graphs.graphs)
+    for every, alone in zip(observed[True], observed[False]):
+        difference = np.abs(every - alone)
+        assert difference.max() <= 1 and difference.mean() < 1e-3
+
+
+@cuda
 def test_padded_cohorts_of_new_worlds_share_one_state_and_match_unpadded_ones_within_bf16():
     """Cohorts of 1 and 2 new worlds, padded to 3 rows, restart in one kept state and replay its
     graphs; their frames are those of unpadded cohorts up to bf16 rounding (other batch sizes)."""

@@ -238,6 +238,74 @@ def test_vector_env_with_latent_observations_equals_single_envs(world):
     assert venv.num_cohorts == 1  # rejoined once world 1's caches were full
 
 
+def test_without_info_frames_the_last_frame_is_observed_the_same(world):
+    every, last = MatrixGameEnv(model=world), MatrixGameEnv(model=world, info_frames=False)
+    assert every.reset(seed=3)[0].tobytes() == last.reset(seed=3)[0].tobytes()
+    assert "frames" not in last.reset(seed=3)[1]
+    every.reset(seed=3)
+    actions = [_action(), _action((0, 0, 1, 0), (0.0, -0.2)), _action((0, 1, 0, 0), (0.1, 0.0))]
+    for action in actions:
+        obs, *_, info = every.step(action)
+        trimmed_obs, *_, trimmed_info = last.step(action)
+        assert "frames" not in trimmed_info and trimmed_info["frame_index"] == info["frame_index"]
+        assert np.abs(trimmed_obs.astype(int) - obs.astype(int)).max() <= 1
+    assert last.last_timing["fps"] > 0
+    check_env(MatrixGameEnv(model=world, info_frames=False), skip_render_check=True)
+
+
+def test_a_vector_env_without_info_frames_decodes_one_frame_a_block_through_resets(world, monkeypatch):
+    shapes = []
+    decode = WorldModel.decode_on_device
+
+    def spy(self, *args, **kwargs):
+        frames = decode(self, *args, **kwargs)
+        shapes.append(frames.shape[1])
+        return frames
+
+    monkeypatch.setattr(WorldModel, "decode_on_device", spy)
+    n = 3
+    every = MatrixGameVectorEnv(model=world, num_envs=n, max_episode_steps=3)
+    last = MatrixGameVectorEnv(model=world, num_envs=n, max_episode_steps=3, info_frames=False, render_mode="rgb_array")
+    assert np.array_equal(every.reset(seed=5)[0], last.reset(seed=5)[0])
+    rng = np.random.default_rng(2)
+    for step in range(7):
+        if step == 1:
+            assert np.array_equal(every.reset_worlds([1]), last.reset_worlds([1]))  # two cohorts
+        actions = {
+            "keyboard": rng.integers(0, 2, (n, 4)).astype(np.int8),
+            "mouse": rng.uniform(-0.2, 0.2, (n, 2)).astype(np.float32),
+        }
+        shapes.clear()
+        obs, rewards, terminated, truncated, info = every.step(actions)
+        assert set(shapes) <= {9, 12}
+        shapes.clear()
+        trimmed = last.step(actions)
+        assert shapes and set(shapes) == {1}
+        assert "frames" not in trimmed[4] and last.observation_space.contains(trimmed[0])
+        assert np.abs(trimmed[0].astype(int) - obs.astype(int)).max() <= 1
+        assert trimmed[4]["new_frames"].tolist() == info["new_frames"].tolist()
+        assert trimmed[4]["frame_index"].tolist() == info["frame_index"].tolist()
+        assert np.array_equal(trimmed[3], truncated)
+    assert np.array_equal(last.render(), trimmed[0])
+
+
+def test_without_info_frames_what_needs_every_frame_is_refused(world):
+    with pytest.raises(ValueError, match="render_mode='human' plays every frame"):
+        MatrixGameEnv(model=world, info_frames=False, render_mode="human")
+    with pytest.raises(ValueError, match="PixelGoalReward may read every frame"):
+        MatrixGameVectorEnv(model=world, info_frames=False, reward=PixelGoalReward(np.zeros((16, 32, 3), np.uint8)))
+    with pytest.raises(ValueError, match="info_frames must be True or False"):
+        MatrixGameEnv(model=world, info_frames="no")
+    block = MatrixGameEnv(model=world, observation="block", info_frames=False)  # every frame is the observation
+    obs, _ = block.reset(seed=0)
+    obs, *_, info = block.step(_action())
+    assert obs.shape == (12, 16, 32, 3) and "frames" not in info
+    from matrixgame_env.distributed_vector import DistributedVectorEnv
+
+    with pytest.raises(ValueError, match="info_frames=False is for MatrixGameVectorEnv"):
+        DistributedVectorEnv(world, 2, info_frames=False)
+
+
 def test_an_eager_env_keeps_its_dit_chains_eager_whatever_the_process_wide_switch(world):
     from matrixgame_env.nn import triton_dit
 

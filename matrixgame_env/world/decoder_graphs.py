@@ -22,9 +22,12 @@ from ..nn.vae_cache import DecoderCache
 from .graphs import StreamPools, sighting_count
 
 
-def decode_to_uint8(vae: WanVAE, latents: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
-    """Normalised latents [B, z, n, h, w] (the VAE's dtype) -> frames [B, T, H, W, 3] uint8, on the device."""
-    return to_uint8_frames(vae.decode_stream(latents, cache, check_finite=False))
+def decode_to_uint8(
+    vae: WanVAE, latents: torch.Tensor, cache: DecoderCache, last_frames: int | None = None
+) -> torch.Tensor:
+    """Normalised latents [B, z, n, h, w] (the VAE's dtype) -> frames [B, T, H, W, 3] uint8, on the
+    device; `last_frames`: only the last ones (`WanVAE.decode_stream`)."""
+    return to_uint8_frames(vae.decode_stream(latents, cache, check_finite=False, last_frames=last_frames))
 
 
 class _CapturedDecode:
@@ -74,13 +77,14 @@ class DecoderGraphs:
         addresses = tuple(t.data_ptr() for t in cache.slots) + tuple((t.data_ptr(), t._version) for t in weights)
         return (self.pools.current_stream(), *addresses)
 
-    def decode(self, latents: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
-        """Frames [B, T, H, W, 3] uint8 of a block, from a replay once the cache is `eligible`
-        (eagerly before); `cache` moves on exactly as `WanVAE.decode_stream` would move it."""
+    def decode(self, latents: torch.Tensor, cache: DecoderCache, last_frames: int | None = None) -> torch.Tensor:
+        """Frames [B, T, H, W, 3] uint8 of a block (its last `last_frames`: `WanVAE.decode_stream`), from a
+        replay once the cache is `eligible` (eagerly before); `cache` moves on exactly as
+        `WanVAE.decode_stream` would move it. Each `last_frames` has graphs of its own."""
         if not self.eligible(cache):
-            return decode_to_uint8(self.vae, latents, cache)
+            return decode_to_uint8(self.vae, latents, cache, last_frames)
         first = any(cache.emptied)  # a restarted cache's first block: its own graph
-        key = (id(cache), tuple(latents.shape), latents.dtype, first)
+        key = (id(cache), tuple(latents.shape), latents.dtype, first, last_frames)
         self._drop_dead()
         captured = self.graphs.get(key)
         if captured is not None and (captured.cache() is not cache or captured.binding != self._binding(cache)):
@@ -89,17 +93,19 @@ class DecoderGraphs:
         if captured is None:
             if len(self.graphs) >= self.max_graphs:
                 self.eager_decodes += 1
-                return decode_to_uint8(self.vae, latents, cache)
+                return decode_to_uint8(self.vae, latents, cache, last_frames)
             if sighting_count(self._sightings, key, cache) <= self.capture_after:
-                return decode_to_uint8(self.vae, latents, cache)
-            return self._capture(latents, cache, key)
+                return decode_to_uint8(self.vae, latents, cache, last_frames)
+            return self._capture(latents, cache, key, last_frames)
         captured.latents.copy_(latents)
         captured.graph.replay()
         self.replays += 1
         cache.emptied = [False] * len(cache.slots)  # the Python-side bookkeeping the replay skipped
         return captured.frames.clone()
 
-    def _capture(self, latents: torch.Tensor, cache: DecoderCache, key: tuple) -> torch.Tensor:
+    def _capture(
+        self, latents: torch.Tensor, cache: DecoderCache, key: tuple, last_frames: int | None
+    ) -> torch.Tensor:
         """Decode eagerly on the capture stream (the real result, and the warm-up), then capture the
         same decode; the capture computes nothing, so the cache is left as the eager run wrote it.
         The capture starts from the cache's bookkeeping as the eager run found it (empty slots of a
@@ -111,12 +117,12 @@ class DecoderGraphs:
         pool = self.pools.current()
         self.stream.wait_stream(current)
         with torch.cuda.stream(self.stream):
-            result = decode_to_uint8(self.vae, static, cache)
+            result = decode_to_uint8(self.vae, static, cache, last_frames)
         current.wait_stream(self.stream)
         cache.emptied = emptied
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool, stream=self.stream):
-            frames = decode_to_uint8(self.vae, static, cache)
+            frames = decode_to_uint8(self.vae, static, cache, last_frames)
         self.graphs[key] = _CapturedDecode(graph, static, frames, cache, self._binding(cache))
         self.captures += 1
         return result

@@ -146,18 +146,21 @@ class WorldModel:
         return self.sampler.step(state, keyboard, mouse)
 
     @torch.no_grad()
-    def decode(self, state: WorldState, latents: torch.Tensor) -> torch.Tensor:
-        """Stream-decode a block of latents -> frames [B, T, H, W, 3] uint8 on the CPU."""
-        frames = self.decode_on_device(state, latents)
+    def decode(self, state: WorldState, latents: torch.Tensor, last_frames: int | None = None) -> torch.Tensor:
+        """Stream-decode a block of latents -> frames [B, T, H, W, 3] uint8 on the CPU; `last_frames`:
+        only the block's last frames, for less work and the same stream (`WanVAE.decode_stream`)."""
+        frames = self.decode_on_device(state, latents, last_frames)
         return to_host(frames)
 
     @torch.no_grad()
-    def decode_on_device(self, state: WorldState, latents: torch.Tensor) -> torch.Tensor:
+    def decode_on_device(
+        self, state: WorldState, latents: torch.Tensor, last_frames: int | None = None
+    ) -> torch.Tensor:
         """Like `decode`, but the uint8 frames stay on the model's device (no host sync)."""
         latents = latents.to(self.vae.dtype)
         if self.decoder_graphs is not None:
-            return self.decoder_graphs.decode(latents, state.decoder_cache)
-        return decode_to_uint8(self.vae, latents, state.decoder_cache)
+            return self.decoder_graphs.decode(latents, state.decoder_cache, last_frames)
+        return decode_to_uint8(self.vae, latents, state.decoder_cache, last_frames)
 
     def set_decode_beside(self, enabled: bool = True) -> None:
         """On a GPU, `generate` decodes on a stream of its own, so that the decode and the caches'
@@ -176,22 +179,25 @@ class WorldModel:
         self.decoder_graphs = DecoderGraphs(self.vae, max_graphs) if enabled else None
 
     @torch.no_grad()
-    def step(self, state: WorldState, keyboard=None, mouse=None) -> torch.Tensor:
+    def step(self, state: WorldState, keyboard=None, mouse=None, last_frames: int | None = None) -> torch.Tensor:
         """Generate the next block for every world -> frames [B, T, H, W, 3] uint8 (CPU).
 
         keyboard [B, K] / mouse [B, 2] are held for the block, or [B, T, K] / [B, T, 2] give one
-        action per new video frame (T = 9 for the first block, 12 after).
+        action per new video frame (T = 9 for the first block, 12 after). `last_frames`: only the
+        block's last frames (the decoder computes less; the stream goes on the same).
         """
-        return self.generate(state, keyboard, mouse)[1]
+        return self.generate(state, keyboard, mouse, last_frames)[1]
 
     @torch.no_grad()
-    def generate(self, state: WorldState, keyboard=None, mouse=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def generate(
+        self, state: WorldState, keyboard=None, mouse=None, last_frames: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Like `step`, with the block's latents: (latents on the model's device, frames on the CPU).
 
         The block is decoded between its denoising steps and the clean-context re-run that refreshes
         the caches (which the frames do not depend on): on a GPU the frames reach the host while the
         re-run still runs, so a caller gets them that much sooner. The same results as
-        `decode(state, step_latents(state, ...))`.
+        `decode(state, step_latents(state, ...), last_frames)`.
         """
         frames: list[torch.Tensor] = []
         copied: list[torch.cuda.Event] = []
@@ -202,7 +208,7 @@ class WorldModel:
                 beside.wait_stream(torch.cuda.current_stream(self.device))
                 latents.record_stream(beside)
             with torch.cuda.stream(beside) if beside is not None else contextlib.nullcontext():
-                frames.append(queue_to_host(self.decode_on_device(state, latents)))
+                frames.append(queue_to_host(self.decode_on_device(state, latents, last_frames)))
                 if self.device.type == "cuda":
                     copied.append(torch.cuda.Event())
                     copied[0].record()
