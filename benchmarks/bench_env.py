@@ -3,11 +3,12 @@
   cpu     one MatrixGameEnv on the CPU (threads as given by --threads)
   gpu     MatrixGameVectorEnv with 1..64 worlds in one batch, eager and with CUDA graphs
 Both with frame observations (the VAE decoder runs every step) and, with --observations latent,
-latent observations (no decoding), side by side.
+latent observations (no decoding), side by side; --observations last_only: the last frame of each
+block observed and decoded alone (the envs' info_frames=False).
 
 Usage: python benchmarks/bench_env.py [--model doom-small] [--cpu-steps 20] [--gpu-worlds 1 4 16 64]
        [--paths eager graphs compile] [--channels-last off|on|both] [--action-guidance 1 2]
-       [--upsample nearest transposed] [--decoder-graphs off|on|both] [--observations last latent]
+       [--upsample nearest transposed] [--decoder-graphs off|on|both] [--observations last last_only latent]
        [--cpu-paths fast compile_dit compile compile_python] [--cpu-rounds N] [--out DIR]
 """
 
@@ -44,6 +45,20 @@ FAST_OPTIONS = {"eager": False, "graphs": True, "compile": "compile"}  # --paths
 CPU_PATHS = {**FAST_PATHS, "compile_dit": "compile", "compile_python": "compile"}
 
 
+# --observations name -> the envs' observation options
+OBSERVATIONS = {
+    "last": {"observation": "last"},
+    "last_only": {"observation": "last", "info_frames": False},  # no info["frames"]: the last frame alone decoded
+    "latent": {"observation": "latent"},
+}
+SEEN = {"last": "", "last_only": ", last frame alone decoded", "latent": ", latent observations"}
+
+
+def observation_name(env) -> str:
+    """The --observations name of an env's observation options."""
+    return "last_only" if env.observation_mode == "last" and not env.info_frames else env.observation_mode
+
+
 def cpu_env(model: str, path: str, dtype: str, guidance: float | None, observation: str) -> MatrixGameEnv:
     """The CPU env of a --cpu-paths name, reset; nothing compiled yet (its first steps compile)."""
     env = MatrixGameEnv(
@@ -52,7 +67,7 @@ def cpu_env(model: str, path: str, dtype: str, guidance: float | None, observati
         fast=CPU_PATHS[path],
         action_guidance=guidance,
         dtype=getattr(torch, dtype),
-        observation=observation,
+        **OBSERVATIONS[observation],
     )
     if path == "compile_dit":
         compile_decoder(env.world.vae, False)
@@ -78,10 +93,10 @@ def cpu_row(env: MatrixGameEnv, path: str, dtype: str, conv3d: str, upsample: st
     fast = CPU_PATHS[path]
     guidance = env.world.sampler.config.action_guidance
     channels_last = env.world.vae.decoder_channels_last
-    observation = env.observation_mode
+    observation = observation_name(env)
     layout = ", decoder channels-last" if channels_last else ""
     chains = ", compiled chains" if fused else ""
-    seen = ", latent observations" if observation == "latent" else ""
+    seen = SEEN[observation]
     dit = {
         "compile": ", DiT and decoder compiled",
         "compile_dit": ", DiT compiled",
@@ -141,28 +156,34 @@ def cpu_single(
 
 
 def cpu_side_by_side(
-    model: str, paths: list[str], steps: int, rounds: int, warmup: int, dtype: str, observation: str
+    model: str, paths: list[str], steps: int, rounds: int, warmup: int, dtype: str, observations: list[str]
 ) -> list[dict]:
-    """One CPU env per --cpu-paths name, all built and warmed up first, then timed in `rounds`
-    alternating rounds of `steps` steps (the order reversed every other round), so that a shared
-    machine's drift falls on every path alike. A row's step_s is the median of its rounds' medians.
-    (Compiled envs share Dynamo's caches: a later one's lookups check the earlier ones' guards first,
-    so the order of `paths` favours the first compiled path, slightly.)"""
+    """One CPU env per --cpu-paths name and observation, all built and warmed up first, then timed in
+    `rounds` alternating rounds of `steps` steps (the order reversed every other round), so that a
+    shared machine's drift falls on every setting alike. A row's step_s is the median of its rounds'
+    medians. (Compiled envs share Dynamo's caches: a later one's lookups check the earlier ones'
+    guards first, so the order of `paths` favours the first compiled path, slightly.)"""
     envs, warmups, rng = {}, {}, np.random.default_rng(0)
-    for path in dict.fromkeys(paths):
-        envs[path] = cpu_env(model, path, dtype, None, observation)
+    for setting in itertools.product(dict.fromkeys(paths), dict.fromkeys(observations)):
+        envs[setting] = cpu_env(model, setting[0], dtype, None, setting[1])
         started = time.perf_counter()
-        timed_steps(envs[path], warmup, rng)
-        warmups[path] = time.perf_counter() - started
-    medians: dict[str, list[float]] = {path: [] for path in envs}
+        timed_steps(envs[setting], warmup, rng)
+        warmups[setting] = time.perf_counter() - started
+    medians: dict[tuple[str, str], list[float]] = {setting: [] for setting in envs}
     for round_index in range(rounds):
         order = list(envs) if round_index % 2 == 0 else list(reversed(envs))
-        for path in order:
-            medians[path].append(statistics.median(timed_steps(envs[path], steps, rng)))
+        for setting in order:
+            medians[setting].append(statistics.median(timed_steps(envs[setting], steps, rng)))
     rows = []
-    for path, env in envs.items():
-        row = cpu_row(env, path, dtype, "auto", "auto", False, statistics.median(medians[path]))
-        rows.append({**row, "warmup_s": warmups[path], "rounds_steps_per_s": [1 / m for m in medians[path]]})
+    for (path, observation), env in envs.items():
+        row = cpu_row(env, path, dtype, "auto", "auto", False, statistics.median(medians[path, observation]))
+        rows.append(
+            {
+                **row,
+                "warmup_s": warmups[path, observation],
+                "rounds_steps_per_s": [1 / m for m in medians[path, observation]],
+            }
+        )
         env.close()
     torch._dynamo.reset()
     return rows
@@ -224,7 +245,7 @@ def gpu_vector(
         f"{', decoder graphs' if decoder_graphs else ''}{', Triton norms' if fused_norms else ''}"
         f"{', Triton DiT chains' if dit_kernels else ''}, "
         f"upsample {upsample}, conv3d {conv3d}, "
-        f"action guidance {guidance:g}{', latent observations' if observation == 'latent' else ''})",
+        f"action guidance {guidance:g}{SEEN[observation]})",
         "observation": observation,
         "worlds": worlds,
         "action_guidance": guidance,
@@ -295,7 +316,7 @@ def warm_vector_env(
     `decoder_graphs` replays the decoder from CUDA graphs too (`WorldModel.enable_decoder_graphs`);
     `dit_kernels` switches the DiT's Triton chains in its sampler (None: as the env's fast path chose)."""
     env = MatrixGameVectorEnv(
-        model, num_envs=worlds, device="cuda", fast=fast, action_guidance=guidance, observation=observation
+        model, num_envs=worlds, device="cuda", fast=fast, action_guidance=guidance, **OBSERVATIONS[observation]
     )
     if dit_kernels is not None:
         env.world.sampler.dit_kernels = dit_kernels
@@ -416,16 +437,18 @@ def main() -> None:
     parser.add_argument(
         "--observations",
         nargs="+",
-        choices=["last", "latent"],
+        choices=list(OBSERVATIONS),
         default=["last"],
-        help="observations measured: frames (the decoder runs) and/or latents (no decoding)",
+        help="observations measured: frames (the decoder runs), the last frame decoded alone (info_frames=False) "
+        "and/or latents (no decoding)",
     )
     parser.add_argument(
         "--cpu-rounds",
         type=int,
         default=0,
         help="side by side: every --cpu-paths env built and warmed first, then timed in this many alternating "
-        "rounds of --cpu-steps steps (per dtype and observation; conv3d, upsample and fusion as by default)",
+        "rounds of --cpu-steps steps (per dtype, observations alternating too; conv3d, upsample and fusion as "
+        "by default)",
     )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -433,9 +456,9 @@ def main() -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     if args.cpu_rounds and args.cpu_steps:
-        for dtype, observation in itertools.product(args.cpu_dtypes, args.observations):
+        for dtype in args.cpu_dtypes:
             side_rows = cpu_side_by_side(
-                args.model, args.cpu_paths, args.cpu_steps, args.cpu_rounds, args.warmup, dtype, observation
+                args.model, args.cpu_paths, args.cpu_steps, args.cpu_rounds, args.warmup, dtype, args.observations
             )
             for row in side_rows:
                 row["threads"] = args.threads

@@ -7,7 +7,7 @@ waits for the host: preparing the next block, converting actions, drawing noise,
 Prints a table and writes JSON.
 
 Usage: python benchmarks/profile_vector_host.py [--worlds 64] [--path graphs|compile|eager]
-       [--observation last|latent] [--out DIR]
+       [--observation last|last_only|latent] [--out DIR]
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--model", default="doom-small")
     parser.add_argument("--worlds", type=int, default=64)
     parser.add_argument("--path", choices=sorted(FAST_OPTIONS), default="graphs")
-    parser.add_argument("--observation", choices=["last", "latent"], default="last")
+    parser.add_argument("--observation", choices=["last", "last_only", "latent"], default="last")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (then 5 profiled, 10 under cProfile)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
