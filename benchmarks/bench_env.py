@@ -33,7 +33,7 @@ from matrixgame_env.env import MatrixGameEnv  # noqa: E402
 from matrixgame_env.nn import triton_norm  # noqa: E402
 from matrixgame_env.nn.fusion import enable_fusion, fusion_enabled  # noqa: E402
 from matrixgame_env.nn.vae import set_conv3d_mode, set_upsample_mode  # noqa: E402
-from matrixgame_env.speed import FAST_PATHS, random_actions  # noqa: E402
+from matrixgame_env.speed import FAST_PATHS, OBSERVATIONS, random_actions  # noqa: E402
 from matrixgame_env.vector import MatrixGameVectorEnv  # noqa: E402
 from matrixgame_env.world.compiled_decoder import compile_decoder  # noqa: E402
 
@@ -45,12 +45,6 @@ FAST_OPTIONS = {"eager": False, "graphs": True, "compile": "compile"}  # --paths
 CPU_PATHS = {**FAST_PATHS, "compile_dit": "compile", "compile_python": "compile"}
 
 
-# --observations name -> the envs' observation options
-OBSERVATIONS = {
-    "last": {"observation": "last"},
-    "last_only": {"observation": "last", "info_frames": False},  # no info["frames"]: the last frame alone decoded
-    "latent": {"observation": "latent"},
-}
 SEEN = {"last": "", "last_only": ", last frame alone decoded", "latent": ", latent observations"}
 
 

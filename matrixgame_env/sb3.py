@@ -3,7 +3,9 @@
 stable-baselines3 takes no Dict actions, so actions are flat as with `wrappers.FlattenActions`
 (`Box(-1, 1, (K + 2,))`: key k pressed when > 0, then the mouse as a fraction of its limit);
 one-hot layouts stay `Discrete`. Finished worlds restart at once and report
-`info["terminal_observation"]`, as stable-baselines3 expects.
+`info["terminal_observation"]`, as stable-baselines3 expects. stable-baselines3 sees no frames in
+infos, so an env built here decodes only each block's last frame (`info_frames=False`) unless a
+reward or termination plug-in may read every frame, or `info_frames` is given.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 from gymnasium import spaces
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv
 
+from .rewards import plugin_reads_frames
 from .vector import MatrixGameVectorEnv
 
 
@@ -22,6 +25,9 @@ class DreamVecEnv(VecEnv):
     """Wraps a `MatrixGameVectorEnv` (built here from the same arguments, or given)."""
 
     def __init__(self, venv: MatrixGameVectorEnv | None = None, **kwargs: Any) -> None:
+        if venv is None and "info_frames" not in kwargs:
+            plugins = [kwargs.get(name) for name in ("reward", "termination")]
+            kwargs["info_frames"] = any(p is not None and plugin_reads_frames(p) for p in plugins)
         self.venv = venv if venv is not None else MatrixGameVectorEnv(**kwargs)
         layout = self.venv.layout
         self.layout = layout

@@ -24,7 +24,12 @@ from tqdm import tqdm
 
 from .dtype_names import add_dtype_argument, dtype_from_name
 
-OBSERVATIONS = ("last", "latent")
+# --observations name -> the envs' observation options ("last_only": info_frames=False, the last frame decoded alone)
+OBSERVATIONS = {
+    "last": {"observation": "last"},
+    "last_only": {"observation": "last", "info_frames": False},
+    "latent": {"observation": "latent"},
+}
 FAST_PATHS = {"eager": False, "fast": True, "compile": "compile"}  # path name -> the envs' `fast`
 
 
@@ -37,9 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--observations",
         nargs="+",
-        choices=OBSERVATIONS,
+        choices=list(OBSERVATIONS),
         default=["last"],
-        help="last: frames (the VAE decoder runs); latent: the block's latents, no decoding",
+        help="last: frames (the VAE decoder runs); last_only: the last frame of each block decoded alone "
+        "(info_frames=False); latent: the block's latents, no decoding",
     )
     parser.add_argument("--steps", type=int, default=20, help="timed steps per setting")
     parser.add_argument(
@@ -94,10 +100,10 @@ def measure(world: Any, worlds: int, observation: str, steps: int, warmup: int, 
     if cuda:
         torch.cuda.reset_peak_memory_stats(world.device)
     if worlds == 1:
-        env = MatrixGameEnv(world, observation=observation, fast=fast)
+        env = MatrixGameEnv(world, fast=fast, **OBSERVATIONS[observation])
         space, batch = env.action_space, None
     else:
-        env = MatrixGameVectorEnv(world, num_envs=worlds, observation=observation, fast=fast)
+        env = MatrixGameVectorEnv(world, num_envs=worlds, fast=fast, **OBSERVATIONS[observation])
         space, batch = env.single_action_space, worlds
     rng = np.random.default_rng(seed)
     env.reset(seed=seed)

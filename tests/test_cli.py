@@ -183,12 +183,13 @@ def test_bench_measures_every_setting_and_writes_json(model, tmp_path, capsys) -
 
     out = tmp_path / "speed" / "bench.json"
     status, errors = run_cli("bench", "--model", str(model), "--device", "cpu", "--worlds", "1", "2",
-                             "--observations", "last", "latent", "--steps", "2", "--warmup", "1",
+                             "--observations", "last", "latent", "last_only", "--steps", "2", "--warmup", "1",
                              "--json", str(out), "--no-progress")  # fmt: skip
     assert status == 0, errors
     report = json.loads(out.read_text())
     rows = report["rows"]
-    assert [(r["worlds"], r["observation"]) for r in rows] == [(1, "last"), (1, "latent"), (2, "last"), (2, "latent")]
+    settings = [(worlds, seen) for worlds in (1, 2) for seen in ("last", "latent", "last_only")]
+    assert [(r["worlds"], r["observation"]) for r in rows] == settings
     for row in rows:
         assert row["steps_per_s"] > 0 and row["step_s"] > 0 and row["peak_gib"] is None  # CPU: no GPU memory
         assert row["frames_per_s"] == pytest.approx(12 * row["steps_per_s"])

@@ -44,6 +44,9 @@ def test_vec_env_restarts_finished_worlds_and_reports_terminal_observations(worl
     assert dones.all() and all("terminal_observation" in i for i in infos)
     assert all(i["TimeLimit.truncated"] for i in infos)
     assert obs.shape == first.shape
+    assert not venv.venv.info_frames  # infos carry no frames: the last frame alone is decoded
+    goal = np.zeros((16, 32, 3), np.uint8)
+    assert DreamVecEnv(model=world, num_envs=2, reward=PixelGoalReward(goal)).venv.info_frames  # it may read frames
 
 
 class LatentMotion:
