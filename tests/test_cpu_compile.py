@@ -217,7 +217,9 @@ def test_compiled_decoder_decodes_a_blocks_last_frame_alone_in_one_call_like_the
     compile_decoder(vae)
     calls = []
     runner = vae.decoder_runner
-    vae.set_decoder_runner(lambda x, cache, **options: (calls.append((x.shape[2], options)), runner(x, cache, **options))[1])
+    vae.set_decoder_runner(
+        lambda x, cache, **options: (calls.append((x.shape[2], options)), runner(x, cache, **options))[1]
+    )
     try:
         cache = vae.new_decoder_cache(1)
         vae.decode_stream(latents[:, :, :1], cache)

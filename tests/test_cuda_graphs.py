@@ -17,6 +17,23 @@ def _actions(batch: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     return keys, mouse
 
 
+def _steps_with_a_restart(venv, steps: int, seed: int) -> list[tuple[tuple, int]]:
+    """(what `step` returned, cohorts after it) for `steps` steps of random actions from reset(seed),
+    world 1 restarting before the third step."""
+    import numpy as np
+
+    venv.reset(seed=seed)
+    results = []
+    for step in range(steps):
+        if step == 2:
+            venv.reset_worlds([1])
+        keys, mouse = _actions(venv.num_envs, step)
+        results.append(
+            (venv.step({"keyboard": keys.numpy().astype(np.int8), "mouse": mouse.numpy()}), venv.num_cohorts)
+        )
+    return results
+
+
 def _stream(world: WorldModel, graphs: bool, blocks: int, batch: int = 3):
     world.sampler.enable_cuda_graphs(graphs)
     starts = [str(p) for p in world.start_image_paths()[:batch]]
@@ -318,14 +335,7 @@ def test_latent_observations_through_graphs_are_the_latents_of_the_decoding_env(
         recorder = LatentRecorder()
         world = WorldModel.from_pretrained("doom-small", device="cuda")
         venv = MatrixGameVectorEnv(world, num_envs=3, observation=observation, reward=recorder)
-        venv.reset(seed=5)
-        observed[observation] = []
-        for step in range(8):
-            if step == 2:
-                venv.reset_worlds([1])
-            keys, mouse = _actions(3, step)
-            obs = venv.step({"keyboard": keys.numpy().astype(np.int8), "mouse": mouse.numpy()})[0]
-            observed[observation].append((obs, venv.num_cohorts))
+        observed[observation] = [(result[0], cohorts) for result, cohorts in _steps_with_a_restart(venv, 8, seed=5)]
         assert venv.num_cohorts == 1 and world.sampler.graphs.replays > 0
         recorded[observation] = recorder.blocks
     assert len(recorded["latent"]) == len(recorded["last"]) > 8  # two cohorts for a while
@@ -339,7 +349,7 @@ def test_latent_observations_through_graphs_are_the_latents_of_the_decoding_env(
 def test_the_last_frame_decoded_alone_through_graphs_is_the_frame_of_the_whole_decode():
     """A vector env without info frames decodes each block's last frame alone (its own decoder graphs,
     the fused kernels on trimmed inputs), with a restart and the merge of its cohort between: the
-    same observations as the env that decodes every frame, and the same frames after."""
+    same observations as the env that decodes every frame."""
     import numpy as np
 
     from matrixgame_env.vector import MatrixGameVectorEnv
@@ -347,15 +357,9 @@ def test_the_last_frame_decoded_alone_through_graphs_is_the_frame_of_the_whole_d
     observed = {}
     for info_frames in (True, False):
         venv = MatrixGameVectorEnv("doom-small", num_envs=3, device="cuda", info_frames=info_frames)
-        venv.reset(seed=6)
-        observed[info_frames] = []
-        for step in range(9):
-            if step == 2:
-                venv.reset_worlds([1])
-            keys, mouse = _actions(3, step)
-            obs, *_, info = venv.step({"keyboard": keys.numpy().astype(np.int8), "mouse": mouse.numpy()})
-            observed[info_frames].append(obs.astype(int))
-            assert ("frames" in info) == info_frames
+        results = _steps_with_a_restart(venv, 9, seed=6)
+        assert all(("frames" in info) == info_frames for (*_, info), _ in results)
+        observed[info_frames] = [obs.astype(int) for (obs, *_), _ in results]
         decoder_graphs = venv.world.decoder_graphs
         assert venv.num_cohorts == 1 and decoder_graphs.replays > 0
         assert all(key[-1] == (None if info_frames else 1) for key in decoder_graphs.graphs)

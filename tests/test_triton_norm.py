@@ -161,7 +161,10 @@ def test_decoding_the_last_frames_through_the_fused_kernels_gives_them_and_the_s
         vae.set_decoder_triton(True)
         joins = []  # (cached frames, new frames) of each fused norm
         norm_silu = triton_norm.past_and_norm_silu
-        triton_norm.past_and_norm_silu = lambda past, x, *rest: (joins.append((past.shape[2], x.shape[2])), norm_silu(past, x, *rest))[1]
+        def spy(past, x, *rest):
+            joins.append((past.shape[2], x.shape[2]))
+            return norm_silu(past, x, *rest)
+        triton_norm.past_and_norm_silu = spy
         two = [torch.cat([z, z.flip(-1)]) for z in latents]  # two worlds: frames sliced per world
         more = torch.randn(2, 16, 1, 1, 2).half()
         caches = [vae.new_decoder_cache(2) for _ in range(2)]

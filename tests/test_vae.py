@@ -241,7 +241,10 @@ def test_decoding_only_the_last_frames_gives_them_computes_less_and_moves_the_ca
     monkeypatch.setattr(
         CausalConv3d,
         "_convolve_joined",
-        lambda self, joined, *rest: (computed.append(joined.shape[2] - self.past_frames), convolve(self, joined, *rest))[1],
+        lambda self, joined, *rest: (
+            computed.append(joined.shape[2] - self.past_frames),
+            convolve(self, joined, *rest),
+        )[1],
     )
     real_stacked = CausalConv3d._forward_stacked_taps
 
@@ -272,7 +275,8 @@ def test_decoding_only_the_last_frames_gives_them_computes_less_and_moves_the_ca
         after_whole = vae.decode_stream(latents[:, :, 4:5], whole)
         after_trimmed = vae.decode_stream(latents[:, :, 4:5], trimmed)
         assert max_relative_error(after_trimmed, after_whole) <= OTHER_CHUNKING_TOLERANCE
-        first = vae.decode_stream(latents[:, :, :2], vae.new_decoder_cache(2), last_frames=3)  # a stream's first latents
+        # A stream's first latents: the first goes alone, the second's chunk is trimmed.
+        first = vae.decode_stream(latents[:, :, :2], vae.new_decoder_cache(2), last_frames=3)
         reference = vae.decode_stream(latents[:, :, :2], vae.new_decoder_cache(2))
         assert max_relative_error(first, reference[:, -3:]) <= OTHER_CHUNKING_TOLERANCE
         for bad in (0, -2, 1.0, True):

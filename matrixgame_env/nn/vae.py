@@ -383,7 +383,9 @@ class Decoder(nn.Module):
 
 def check_last_frames(last_frames: int | None) -> None:
     """Refuse a `last_frames` that is neither None nor a positive integer."""
-    if last_frames is not None and (isinstance(last_frames, bool) or not isinstance(last_frames, int) or last_frames < 1):
+    if last_frames is not None and (
+        isinstance(last_frames, bool) or not isinstance(last_frames, int) or last_frames < 1
+    ):
         raise ValueError(f"last_frames must be a positive integer or None, got {last_frames!r}")
 
 

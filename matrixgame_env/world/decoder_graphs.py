@@ -103,9 +103,7 @@ class DecoderGraphs:
         cache.emptied = [False] * len(cache.slots)  # the Python-side bookkeeping the replay skipped
         return captured.frames.clone()
 
-    def _capture(
-        self, latents: torch.Tensor, cache: DecoderCache, key: tuple, last_frames: int | None
-    ) -> torch.Tensor:
+    def _capture(self, latents: torch.Tensor, cache: DecoderCache, key: tuple, last_frames: int | None) -> torch.Tensor:
         """Decode eagerly on the capture stream (the real result, and the warm-up), then capture the
         same decode; the capture computes nothing, so the cache is left as the eager run wrote it.
         The capture starts from the cache's bookkeeping as the eager run found it (empty slots of a
