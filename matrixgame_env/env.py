@@ -4,7 +4,8 @@ One `step` generates one block of video (9 frames on the first step, 12 after) w
 held for the whole block. The observation is the block's last frame (or all its frames with
 `observation="block"`); `info["frames"]` holds every frame of the block, unless `info_frames=False`:
 with the last frame as the observation the decoder then computes only that frame and what the next
-blocks need (about half its work at doom-small; the stream goes on exactly the same). With
+blocks need (the stream goes on exactly the same; doom-small's 64-world step on an H100 took 28.8
+instead of 37.3 ms of GPU time). With
 `observation="latent"` the VAE decoder does not run: the observation is the block's latent frames
 (float32 [C, F, h, w], the space the DiT generates in; after a reset the start picture's latent
 frame, repeated) and there are no frames.
@@ -178,8 +179,9 @@ class MatrixGameEnv(gym.Env):
     costs a third DiT pass per denoising step); None keeps the model's config (by default: the same
     as the action guidance). Set on the world model, as action_guidance.
     info_frames: False leaves `info["frames"]` out; with observation "last" only each block's last
-    frame is then decoded (the same frame, for about half the decoder's work at doom-small). Not with
-    render_mode "human" (it plays every frame) or plug-ins that may read every frame.
+    frame is then decoded (the same frame; the decoder's last layers compute only what it and the
+    next blocks depend on). Not with render_mode "human" (it plays every frame) or plug-ins that may
+    read every frame.
     """
 
     metadata = {"render_modes": ["rgb_array", "human"], "render_fps": 25}
