@@ -24,7 +24,7 @@ import torch
 from gymnasium import spaces
 
 from .images import ImageLike, fit_image
-from .rewards import NeverTerminate, StepOutcome, ZeroReward, bind_all, check_frames_not_needed, plugin_reads_frames
+from .rewards import NeverTerminate, StepOutcome, ZeroReward, bind_all, check_frames_not_needed, frame_reader
 from .spaces import ActionLayout, layout_for
 from .world.model import WorldModel, enable_fast_path, to_host
 from .world.state import WorldState
@@ -102,14 +102,13 @@ def decoded_last_frames(observation: str, info_frames: bool, render_mode: str | 
             "render_mode='human' plays every frame of a block, but observation='last' with info_frames=False "
             "decodes only its last frame; use info_frames=True, or render_mode='rgb_array' or None"
         )
-    for plugin in plugins:
-        if plugin_reads_frames(plugin):
-            name = getattr(plugin, "__qualname__", None) or type(plugin).__qualname__
-            raise ValueError(
-                f"observation='last' with info_frames=False decodes only each block's last frame, but the "
-                f"plug-in {name} may read every frame (step.frames); use info_frames=True, plug-ins that "
-                "read only latents and actions, or give this one the attribute reads_frames = False"
-            )
+    name = frame_reader(*plugins)
+    if name is not None:
+        raise ValueError(
+            f"observation='last' with info_frames=False decodes only each block's last frame, but the "
+            f"plug-in {name} may read every frame (step.frames); use info_frames=True, plug-ins that "
+            "read only latents and actions, or give this one the attribute reads_frames = False"
+        )
     return 1
 
 
@@ -255,9 +254,9 @@ class MatrixGameEnv(gym.Env):
             self._last_frames = start_latents(self._state, self.world.sampler.config.frames_per_block)[0]
             return self._observation(self._last_frames), {"frame_index": 0, "block": 0}
         self._last_frames = picture_as_uint8(picture, self.world.video_size)[None]
-        info = {"frames": self._last_frames, "frame_index": 0, "block": 0}
-        if not self.info_frames:
-            del info["frames"]
+        info = {"frame_index": 0, "block": 0}
+        if self.info_frames:
+            info["frames"] = self._last_frames
         return self._observation(self._last_frames), info
 
     def step(self, action: Any):

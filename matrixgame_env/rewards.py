@@ -145,16 +145,23 @@ def plugin_reads_frames(plugin: Any) -> bool:
     return bool(getattr(plugin, "reads_frames", True))
 
 
+def frame_reader(*plugins: Any) -> str | None:
+    """The name of the first plug-in that may read `step.frames` (None: none may; None plug-ins are skipped)."""
+    for plugin in plugins:
+        if plugin is not None and plugin_reads_frames(plugin):
+            return getattr(plugin, "__qualname__", None) or type(plugin).__qualname__
+    return None
+
+
 def check_frames_not_needed(*plugins: Any, what: str) -> None:
     """Refuse plug-ins that may read frames where `what` decodes none, saying how to proceed."""
-    for plugin in plugins:
-        if plugin_reads_frames(plugin):
-            name = getattr(plugin, "__qualname__", None) or type(plugin).__qualname__
-            raise ValueError(
-                f"{what} decodes no frames, but the plug-in {name} may read them (step.frames); use "
-                "plug-ins that read only latents and actions (e.g. LearnedReward, ZeroReward), ask for "
-                "frames, or, if this one never reads step.frames, give it the attribute reads_frames = False"
-            )
+    name = frame_reader(*plugins)
+    if name is not None:
+        raise ValueError(
+            f"{what} decodes no frames, but the plug-in {name} may read them (step.frames); use "
+            "plug-ins that read only latents and actions (e.g. LearnedReward, ZeroReward), ask for "
+            "frames, or, if this one never reads step.frames, give it the attribute reads_frames = False"
+        )
 
 
 def bind_all(world: Any, *plugins: Any) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 from gymnasium import spaces
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv
 
-from .rewards import plugin_reads_frames
+from .rewards import frame_reader
 from .vector import MatrixGameVectorEnv
 
 
@@ -26,8 +26,7 @@ class DreamVecEnv(VecEnv):
 
     def __init__(self, venv: MatrixGameVectorEnv | None = None, **kwargs: Any) -> None:
         if venv is None and "info_frames" not in kwargs:
-            plugins = [kwargs.get(name) for name in ("reward", "termination")]
-            kwargs["info_frames"] = any(p is not None and plugin_reads_frames(p) for p in plugins)
+            kwargs["info_frames"] = frame_reader(kwargs.get("reward"), kwargs.get("termination")) is not None
         self.venv = venv if venv is not None else MatrixGameVectorEnv(**kwargs)
         layout = self.venv.layout
         self.layout = layout

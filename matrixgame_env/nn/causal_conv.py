@@ -172,7 +172,10 @@ class CausalConv3d(nn.Conv3d):
     def forward(self, x: torch.Tensor, cache: FeatureCache, keep: int | None = None) -> torch.Tensor:
         """x [B, C, T, H, W] -> [B, C_out, T, H, W]; with `keep`, only the last `keep` output frames,
         computed from the input frames they need alone (`window`). The cache moves on as without it."""
-        past, x = self.window(x, cache, keep)
+        return self._convolve(*self.window(x, cache, keep), cache)
+
+    def _convolve(self, past: torch.Tensor, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        """The convolution (with its bias) of cat([past, x]), in this input's form; keeps its last frames."""
         form = self._form(x)
         if form == "stacked":
             return self._forward_stacked_taps(past, x, cache)
@@ -240,15 +243,9 @@ class CausalConv3d(nn.Conv3d):
         on the input frames they need alone."""
         kind = self._fused_kind(x)
         past, x = self.window(x, cache, keep)
-        if kind is None and input_bias is None and add_bias and past.shape[2] == self.past_frames:
-            return self(norm.silu_of(x), cache)
+        if kind is None and input_bias is None and add_bias:
+            return self._convolve(past, norm.silu_of(x), cache)
         form = self._form(x)
-        if kind is None and input_bias is None and add_bias:  # x's first frames stand in for the past
-            h = norm.silu_of(x)
-            joined = torch.cat([same_layout(past, h), h], dim=2)
-            if form == "stacked":
-                return self._forward_stacked_taps(joined[:, :, :0], joined, cache)
-            return self._convolve_joined(joined, cache, self.bias, form)
         if form == "stacked":
             raise ValueError(
                 "input_bias and add_bias=False need a convolution of the joined input "

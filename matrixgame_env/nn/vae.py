@@ -134,7 +134,7 @@ class ResidualBlock(nn.Module):
 
     def input_frames(self, keep: int) -> int:
         """How many of a chunk's last input frames the last `keep` output frames depend on."""
-        norm1, _, conv1, norm2, _, _, conv2 = self.residual
+        conv1, conv2 = self.residual[2], self.residual[6]
         return keep + conv2.past_frames + conv1.past_frames
 
 
