@@ -18,8 +18,9 @@ SYNC_WARNING = "called a synchronizing CUDA operation"  # what torch warns at ea
 def count_host_waits(work: Callable[[], object], within: Path = PACKAGE_DIR) -> collections.Counter:
     """Runs `work` under torch's CUDA sync debug mode and counts every operation that made the host
     wait for the GPU (implicit syncs such as `.item()` or uploads from pageable memory, and explicit
-    ones), keyed "file.py:line:function" by the innermost frame of the caller's code under `within`
-    (torch names its own frames; see `wait_site`). Empty where CUDA is absent."""
+    ones: a stream's, the device's or an event's synchronisation), keyed "file.py:line:function" by
+    the innermost frame of the caller's code under `within` (torch names its own frames; see
+    `wait_site`). Empty where CUDA is absent."""
     counts: collections.Counter = collections.Counter()
     if not torch.cuda.is_available():
         work()
@@ -29,14 +30,22 @@ def count_host_waits(work: Callable[[], object], within: Path = PACKAGE_DIR) -> 
         if is_host_wait(message):
             counts[wait_site(traceback.extract_stack(), within)] += 1
 
+    event_synchronize = torch.cuda.Event.synchronize
+
+    def synchronize(event: torch.cuda.Event) -> None:  # torch's debug mode does not report these
+        counts[wait_site(traceback.extract_stack(), within)] += 1
+        event_synchronize(event)
+
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
+        torch.cuda.Event.synchronize = synchronize
         try:
             work()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.Event.synchronize = event_synchronize
     return counts
 
 

@@ -53,7 +53,7 @@ from .nn.transfer import to_device
 from .rewards import NeverTerminate, StepOutcome, ZeroReward, bind_all
 from .spaces import layout_for
 from .world.merge import absorb, can_merge, merge_states
-from .world.model import WorldModel, enable_fast_path, queue_to_host
+from .world.model import WorldModel, copied_event, enable_fast_path, queue_to_host
 from .world.state import WorldState
 from .world.state_pool import StatePool
 
@@ -286,30 +286,44 @@ class MatrixGameVectorEnv(VectorEnv):
         """(cohort, latents, frames on the host; with observation "latent" the latents on the host) of
         every cohort but the one this step's resets just started (its worlds show their start
         picture). All cohorts' work is queued before the one wait for their frames, so that on a GPU
-        one cohort's launches overlap the previous one's kernels."""
+        one cohort's launches overlap the previous one's kernels. Each block is decoded and copied to
+        the host between its denoising steps and its caches' refresh, and the wait is for the copies
+        alone: the refreshes run on while the host hands the frames out and prepares the next step."""
         pending = [cohort for cohort in self._cohorts if not np.isin(cohort.live_worlds, resetting).any()]
         side = self._young_stream()
         beside = [side is not None and cohort.state.batch_size < self.num_envs for cohort in pending]
         main = torch.cuda.current_stream(self.world.device) if any(beside) else None
         if main is not None:
             side.wait_stream(main)  # the starts and joins queued so far
-        generated = []
+        generated, copies = [], {}
         # The whole batch's cohort first, so that its work is queued before the young cohorts'.
         for cohort, aside in sorted(zip(pending, beside), key=lambda pair: pair[1]):
+            host: list[torch.Tensor] = []
+
+            def to_host(latents: torch.Tensor, state: WorldState = cohort.state, host: list = host) -> None:
+                host.append(self._queue_to_host(state, latents))
+                event = copied_event(self.world.device)
+                if event is not None:  # the last copy queued on each stream
+                    copies[torch.cuda.current_stream(self.world.device)] = event
+
             with torch.cuda.stream(side) if aside else contextlib.nullcontext():
-                latents = self.world.step_latents(cohort.state, *self._cohort_actions(cohort, keyboard, mouse))
-                if self.observation_mode == "latent":  # no decoding: the latents are the observation
-                    frames = queue_to_host(latents.float())
-                else:
-                    frames = queue_to_host(self.world.decode_on_device(cohort.state, latents, self._decoded_last))
+                latents = self.world.step_latents(
+                    cohort.state, *self._cohort_actions(cohort, keyboard, mouse), before_refresh=to_host
+                )
             if aside:
                 latents.record_stream(main)  # read on the main stream after the wait below
-            generated.append((cohort, latents, frames))
+            generated.append((cohort, latents, host[0]))
             if not self.overlap_cohorts:
-                self._wait_for_device()
-        if generated:
-            self._wait_for_device()
+                self._wait_for(copies)
+        self._wait_for(copies)
         return generated
+
+    def _queue_to_host(self, state: WorldState, latents: torch.Tensor) -> torch.Tensor:
+        """Queue a block's observations' copy to the host: its frames (decoded), or with observation
+        "latent" the latents themselves."""
+        if self.observation_mode == "latent":
+            return queue_to_host(latents.float())
+        return queue_to_host(self.world.decode_on_device(state, latents, self._decoded_last))
 
     def _young_stream(self) -> torch.cuda.Stream | None:
         """The second stream of the young cohorts (`young_cohort_stream`), or None."""
@@ -319,13 +333,14 @@ class MatrixGameVectorEnv(VectorEnv):
             self._side_stream = torch.cuda.Stream(device=self.world.device)
         return self._side_stream
 
-    def _wait_for_device(self) -> None:
-        """Wait for the work queued so far (one host wait, the young cohorts' stream included)."""
-        if self.world.device.type == "cuda":
-            main = torch.cuda.current_stream(self.world.device)
-            if self._side_stream is not None:
-                main.wait_stream(self._side_stream)
-            main.synchronize()
+    def _wait_for(self, copies: dict[torch.cuda.Stream, torch.cuda.Event]) -> None:
+        """Wait until the copies to the host queued on each stream are done (one wait per stream, not
+        for the work queued after them). The main stream is also ordered after the young cohorts'
+        stream (no host wait), so that the next step's starts and joins come after everything there."""
+        if self._side_stream is not None:
+            torch.cuda.current_stream(self.world.device).wait_stream(self._side_stream)
+        for event in copies.values():
+            event.synchronize()
 
     def _whole_batch_block(self, block: np.ndarray | None, resetting: np.ndarray) -> np.ndarray | None:
         """The last cohort's block [N, T, H, W, 3] when it already is every world's full block in order

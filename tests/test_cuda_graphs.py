@@ -454,7 +454,7 @@ def test_a_desynchronised_vector_step_waits_for_the_gpu_only_for_its_frames():
     # Two young blocks, then the write-back: each step's waits on their own, so that a failure names the step.
     per_step = {k: count_host_waits(lambda k=k: step(k)) for k in range(6, 10)}
     for waits in per_step.values():
-        assert len(waits) == 1 and next(iter(waits)).endswith(":_wait_for_device"), per_step
+        assert len(waits) == 1 and next(iter(waits)).endswith(":_wait_for"), per_step
         assert waits.total() == 1, per_step  # one per step
     assert venv.num_cohorts == 1
 

@@ -1,4 +1,5 @@
-"""Noise drawn ahead (`world.noise`): the same values as drawn when needed, whatever reads the streams.
+"""Noise drawn ahead (`world.noise`): the same values as drawn when needed, whatever reads the streams;
+conditions built ahead (`BlockConditions`): those of the next block, or built again.
 
 On CUDA the sampler draws a block's noise right after queueing the block before; here the same
 bookkeeping runs on the CPU (`draw_noise_ahead = True`) and every result must be bit-identical to a
@@ -12,6 +13,7 @@ from tiny import tiny_dit
 from tiny_model import write_tiny_model
 
 from matrixgame_env.vector import MatrixGameVectorEnv
+from matrixgame_env.world.condition import ImageLatents
 from matrixgame_env.world.merge import absorb, merge_states
 from matrixgame_env.world.model import WorldModel
 from matrixgame_env.world.noise import draw_ahead
@@ -72,6 +74,33 @@ def test_blocks_are_bit_identical_with_and_without_drawing_ahead(samplers):
     ahead, when_needed = _script(samplers[True]), _script(samplers[False])
     for k, (a, b) in enumerate(zip(ahead, when_needed, strict=True)):
         assert torch.equal(a, b), f"block {k} differs"
+
+
+def test_conditions_built_ahead_are_the_next_blocks_and_are_used_once(samplers, monkeypatch):
+    sampler = samplers[True]
+    state = _start(sampler, 2, seed=3)
+    built = []
+    original = sampler._conditions
+    monkeypatch.setattr(sampler, "_conditions", lambda s: built.append(s.frame) or original(s))
+    for k in range(4):
+        _step(sampler, state, k)
+        prepared = state.prepared_conditions
+        assert prepared.frame == state.frame and prepared.image is state.image
+        fresh = original(state)
+        assert torch.equal(prepared.cond, fresh.cond)
+        pairs = [(prepared.rotations.dit, fresh.rotations.dit), (prepared.rotations.action, fresh.rotations.action)]
+        for mine, theirs in pairs:
+            assert torch.equal(mine.cos, theirs.cos) and torch.equal(mine.sin, theirs.sin)
+    # the first block built its own, then each block built only the next one's
+    assert built == [0, 3, 6, 9, 12]
+    state.image = ImageLatents(state.image.latents + 1)  # another image condition: built again for the block
+    built.clear()
+    _step(sampler, state, 4)
+    assert built == [12, 15]
+    state.restore(state.snapshot())  # the same frame and image: still the block's
+    built.clear()
+    _step(sampler, state, 5)
+    assert built == [18]
 
 
 def test_settling_puts_every_generator_back_where_it_was():

@@ -54,9 +54,9 @@ def test_a_wait_is_keyed_by_the_innermost_package_frame_else_by_the_callers_own(
         return traceback.StackSummary.from_list([(str(path), line, name, "") for path, line, name in frames])
 
     caller = (elsewhere / "test_x.py", 12, "step")
-    inner = (package / "vector.py", 293, "_wait_for_device")
+    inner = (package / "vector.py", 293, "_wait_for")
     torch_frame = (tmp_path / "torch" / "cuda" / "streams.py", 80, "synchronize")
-    assert wait_site(stack(caller, inner, torch_frame), package) == "vector.py:293:_wait_for_device"
+    assert wait_site(stack(caller, inner, torch_frame), package) == "vector.py:293:_wait_for"
     # No package frame: the innermost frame but the warnings machinery's names where the wait came from.
     warnings_frame = (tmp_path / "lib" / "warnings.py", 100, "_showwarnmsg")
     assert wait_site(stack(caller, torch_frame, warnings_frame), package) == "outside streams.py:80:synchronize"
@@ -65,7 +65,7 @@ def test_a_wait_is_keyed_by_the_innermost_package_frame_else_by_the_callers_own(
     worker = threading.Thread(target=lambda: keys.append(wait_site(stack(caller, inner), package)), name="uploader")
     worker.start()
     worker.join()
-    assert keys == ["vector.py:293:_wait_for_device (thread uploader)"]
+    assert keys == ["vector.py:293:_wait_for (thread uploader)"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

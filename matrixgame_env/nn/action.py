@@ -28,16 +28,35 @@ def action_windows(
     first_video_frame < 0 when the sequence is front-padded. Returns [B, num_frames, window, C]
     where row (f, i) is video frame max(0, compression * f - window + i).
     """
-    frames = torch.arange(start_frame, start_frame + num_frames)
-    video = (compression * frames[:, None] - window + torch.arange(window)[None, :]).clamp(min=0)
-    index = video - first_video_frame
-    if index.min() < 0 or index.max() >= actions.shape[1]:
+    video = [
+        [max(0, compression * f - window + i) for i in range(window)]
+        for f in range(start_frame, start_frame + num_frames)
+    ]
+    index = tuple(tuple(v - first_video_frame for v in row) for row in video)
+    flat = [i for row in index for i in row]
+    if min(flat) < 0 or max(flat) >= actions.shape[1]:
+        needed = [v for row in video for v in row]
         raise ValueError(
             f"actions hold video frames {first_video_frame}..{first_video_frame + actions.shape[1] - 1} "
             f"but latent frames {start_frame}..{start_frame + num_frames - 1} "
-            f"need {int(video.min())}..{int(video.max())}"
+            f"need {min(needed)}..{max(needed)}"
         )
-    return actions[:, to_device(index, actions.device)]
+    return actions[:, _window_index(index, actions.device)]
+
+
+_WINDOW_INDEX: dict[tuple, torch.Tensor] = {}  # (device, index rows) -> the index on that device
+
+
+def _window_index(index: tuple[tuple[int, ...], ...], device: torch.device) -> torch.Tensor:
+    """The gather index of `action_windows` on `device`, uploaded once per pattern: a stream's steady
+    blocks all gather the same rows, so each block costs no upload."""
+    key = (device, index)
+    cached = _WINDOW_INDEX.get(key)
+    if cached is None:
+        if len(_WINDOW_INDEX) >= 256:
+            _WINDOW_INDEX.clear()
+        cached = _WINDOW_INDEX[key] = to_device(torch.tensor(index, dtype=torch.long), device)
+    return cached
 
 
 class ActionCaches:

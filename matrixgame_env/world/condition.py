@@ -1,9 +1,13 @@
-"""The image condition: latents of the start image followed by the zero-frame latents."""
+"""The image condition: latents of the start image followed by the zero-frame latents; a block's
+conditions (the condition channels and the RoPE tables), which can be prepared a block ahead."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..nn.dit import FrameRotations
 from ..nn.transfer import to_device
 
 
@@ -52,3 +56,23 @@ def first_frame_mask(
     if start == 0:
         mask[:, :, 0] = 1
     return mask
+
+
+@dataclass
+class BlockConditions:
+    """What a block reads besides noise and actions: the condition channels [B, mask + image channels,
+    f, h, w] and the RoPE tables of its frames. Both are functions of the block's first latent frame
+    and the state's image condition alone, so they can be built while the GPU still runs the block
+    before (`StreamingSampler.step` does so where it draws noise ahead); `frame`, `image` and `stream`
+    say what they were built for and where they were queued."""
+
+    frame: int
+    image: ImageLatents
+    stream: torch.cuda.Stream | None
+    cond: torch.Tensor
+    rotations: FrameRotations
+
+    def matches(self, frame: int, image: ImageLatents, stream: torch.cuda.Stream | None) -> bool:
+        """True when these are the conditions of a block starting at `frame` of a state with `image`
+        (the same object: image conditions are replaced, never modified), queued on `stream`."""
+        return self.frame == frame and self.image is image and self.stream == stream

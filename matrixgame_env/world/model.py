@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -141,9 +141,16 @@ class WorldModel:
         return state
 
     @torch.no_grad()
-    def step_latents(self, state: WorldState, keyboard=None, mouse=None) -> torch.Tensor:
-        """One block of latent frames [B, 16, 3, h, w], without decoding."""
-        return self.sampler.step(state, keyboard, mouse)
+    def step_latents(
+        self,
+        state: WorldState,
+        keyboard=None,
+        mouse=None,
+        before_refresh: Callable[[torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """One block of latent frames [B, 16, 3, h, w], without decoding; `before_refresh(latents)` is
+        queued between the denoising steps and the caches' refresh (`StreamingSampler.step`)."""
+        return self.sampler.step(state, keyboard, mouse, before_refresh=before_refresh)
 
     @torch.no_grad()
     def decode(self, state: WorldState, latents: torch.Tensor, last_frames: int | None = None) -> torch.Tensor:
@@ -200,7 +207,7 @@ class WorldModel:
         `decode(state, step_latents(state, ...), last_frames)`.
         """
         frames: list[torch.Tensor] = []
-        copied: list[torch.cuda.Event] = []
+        copied: list[torch.cuda.Event | None] = []
 
         def decode(latents: torch.Tensor) -> None:
             beside = self.decode_stream
@@ -209,13 +216,11 @@ class WorldModel:
                 latents.record_stream(beside)
             with torch.cuda.stream(beside) if beside is not None else contextlib.nullcontext():
                 frames.append(queue_to_host(self.decode_on_device(state, latents, last_frames)))
-                if self.device.type == "cuda":
-                    copied.append(torch.cuda.Event())
-                    copied[0].record()
+                copied.append(copied_event(self.device))
 
         latents = self.sampler.step(state, keyboard, mouse, before_refresh=decode)
-        for event in copied:
-            event.synchronize()  # the frames' copy, not the re-run queued after it
+        if copied[0] is not None:
+            copied[0].synchronize()  # the frames' copy, not the re-run queued after it
         return latents, frames[0]
 
 
@@ -237,6 +242,17 @@ def queue_to_host(tensor: torch.Tensor) -> torch.Tensor:
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     host.copy_(tensor, non_blocking=True)
     return host
+
+
+def copied_event(device: torch.device) -> torch.cuda.Event | None:
+    """On a GPU, an event recorded on the current stream after what is queued there so far (copies to
+    the host by `queue_to_host`): waiting for it waits for them, not for work queued later. None on
+    other devices, whose copies are done when queued."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
 
 
 def enable_fast_path(world: WorldModel, fast: bool | str = True, batch: int = 1) -> None:

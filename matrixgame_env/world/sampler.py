@@ -23,7 +23,7 @@ from ..nn.scheduler import FlowMatchScheduler
 from ..nn.transfer import to_device
 from .cache import RingKVCache
 from .compiled_dit import CompiledDiT
-from .condition import ImageLatents, first_frame_mask
+from .condition import BlockConditions, ImageLatents, first_frame_mask
 from .graphs import BlockGraphs, BlockInputs, layer_ring_caches, ring_caches
 from .noise import current_stream, draw, draw_ahead
 from .state import WorldState
@@ -126,8 +126,9 @@ class StreamingSampler:
         # The DiT's elementwise chains as Triton kernels in this sampler's blocks (`nn.triton_dit`):
         # True / False whatever the process-wide switch says, None as it says. `fast=True` sets it.
         self.dit_kernels: bool | None = None
-        # Draw the next block's noise right after queueing a block (`world.noise`): the same values,
-        # drawn while the GPU works. None: on CUDA devices, where the host would otherwise hold it up.
+        # Draw the next block's noise and build its conditions (`BlockConditions`) right after queueing
+        # a block (`world.noise`): the same values, made while the GPU works. None: on CUDA devices,
+        # where the host would otherwise hold it up.
         self.draw_noise_ahead: bool | None = None
         # What the blocks call for a DiT pass: the module itself, or its compiled form (`compile_dit`).
         self._dit: Callable[..., torch.Tensor] = model
@@ -306,34 +307,39 @@ class StreamingSampler:
         keyboard_windows, state.keyboard_history = self._windows(keyboard, state.keyboard_history, start, new_frames)
         mouse_windows, state.mouse_history = self._windows(mouse, state.mouse_history, start, new_frames)
 
-        h, w, c = self.latent_height, self.latent_width, model.config.out_dim
-        cond = torch.cat(
-            [
-                first_frame_mask(batch, self._mask_channels(), start, start + fpb, h, w, device),
-                state.image.frames(start, start + fpb),
-            ],
-            dim=1,
-        )
-        shape = (batch, c, fpb, h, w)
+        conditions = self._block_conditions(state)
+        shape = (batch, model.config.out_dim, fpb, self.latent_height, self.latent_width)
         x, *eps = self._block_noise(state, shape, noise, renoise)
-        inputs = BlockInputs(
-            x,
-            eps,
-            cond,
-            keyboard_windows,
-            mouse_windows,
-            model.frame_rotations(start, fpb, h // model.config.patch_size[1], w // model.config.patch_size[2], device),
-        )
+        inputs = BlockInputs(x, eps, conditions.cond, keyboard_windows, mouse_windows, conditions.rotations)
         if self.graphs is not None:  # replays steady blocks, and young blocks of restarted states
             x0 = self.graphs.run(state, inputs, before_refresh)
         else:
             x0 = self.denoise_block(state, inputs, before_refresh)
         state.frame = start + fpb
         ahead = self.draw_noise_ahead if self.draw_noise_ahead is not None else device.type == "cuda"
-        if ahead and noise is None and renoise is None:
-            # The next block's draws, made while the GPU runs this one (`world.noise`).
-            state.drawn_noise = draw_ahead(state.generators, shape, len(self.timesteps), device)
+        if ahead:  # the next block's draws and conditions, made while the GPU runs this one (`world.noise`)
+            if noise is None and renoise is None:
+                state.drawn_noise = draw_ahead(state.generators, shape, len(self.timesteps), device)
+            state.prepared_conditions = self._conditions(state)
         return x0
+
+    def _block_conditions(self, state: WorldState) -> BlockConditions:
+        """The conditions of the state's next block: those prepared ahead where they fit, else built now."""
+        prepared, state.prepared_conditions = state.prepared_conditions, None
+        if prepared is not None and prepared.matches(state.frame, state.image, current_stream(self.model.device)):
+            return prepared
+        return self._conditions(state)
+
+    def _conditions(self, state: WorldState) -> BlockConditions:
+        """The condition channels and RoPE tables of a block starting at the state's frame."""
+        model, device = self.model, self.model.device
+        start, stop = state.frame, state.frame + self.config.frames_per_block
+        h, w = self.latent_height, self.latent_width
+        mask = first_frame_mask(state.batch_size, self._mask_channels(), start, stop, h, w, device)
+        cond = torch.cat([mask, state.image.frames(start, stop)], dim=1)
+        _, ph, pw = model.config.patch_size
+        rotations = model.frame_rotations(start, stop - start, h // ph, w // pw, device)
+        return BlockConditions(start, state.image, current_stream(device), cond, rotations)
 
     def denoise_block(
         self, state: WorldState, inputs: BlockInputs, before_refresh: Callable[[torch.Tensor], None] | None = None

@@ -11,7 +11,7 @@ from ..nn.action import ActionCaches
 from ..nn.dit import ContextKV, LayerCaches
 from ..nn.transfer import to_device
 from .cache import RingKVCache
-from .condition import ImageLatents
+from .condition import BlockConditions, ImageLatents
 from .noise import DrawnNoise
 
 
@@ -37,6 +37,8 @@ class WorldState:
     frame_shift: list[int] | None = None
     # The next block's noise, drawn ahead from `generators` (CUDA; see `world.noise`); internal.
     drawn_noise: DrawnNoise | None = field(default=None, repr=False, compare=False)
+    # The next block's conditions, built ahead with the noise (`BlockConditions`); internal.
+    prepared_conditions: BlockConditions | None = field(default=None, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
