@@ -349,6 +349,24 @@ def test_vector_env_observations_are_the_blocks_last_frames_and_independent_of_t
         assert np.array_equal(info["frames"], kept)
 
 
+def test_a_vector_step_decodes_each_block_before_its_caches_refresh(world, monkeypatch):
+    """The frames are queued for the host between a block's denoising steps and its caches' refresh,
+    so that on a GPU the step waits for them and not for the refresh."""
+    venv = MatrixGameVectorEnv(model=world, num_envs=2)
+    venv.reset(seed=4)
+    action = {"keyboard": np.eye(4, dtype=np.int8)[:2], "mouse": np.zeros((2, 2), np.float32)}
+    order = []
+    refresh, decode = world.sampler.refresh_caches, WorldModel.decode_on_device
+    monkeypatch.setattr(world.sampler, "refresh_caches", lambda *a: (order.append("refresh"), refresh(*a))[1])
+    monkeypatch.setattr(WorldModel, "decode_on_device", lambda self, *a: (order.append("decode"), decode(self, *a))[1])
+    for _ in range(3):
+        venv.step(action)
+    venv.reset_worlds([1])  # two cohorts: each block decoded before its own refresh
+    order.clear()
+    venv.step(action)
+    assert order == ["decode", "refresh"] * 2
+
+
 def test_vector_env_autoresets_on_the_next_step(world):
     venv = MatrixGameVectorEnv(model=world, num_envs=2, max_episode_steps=2)
     first, _ = venv.reset(seed=0, options={"image": np.full((40, 40, 3), 90, np.uint8)})
