@@ -269,3 +269,17 @@ def test_fused_chains_compiled_on_this_cpu_give_the_eager_latents(sampler):
     finally:
         fusion.enable_fusion(False)
     torch.testing.assert_close(fused, eager, rtol=0, atol=1e-4)
+
+
+def test_action_windows_gather_each_latent_frames_window_and_say_what_is_missing():
+    actions = torch.randn(2, 20, 3)
+    for first, start in ((-4, 0), (-4, 1), (1, 2), (5, 3)):
+        windows = action_windows(actions, first, start, 3, 4)
+        for f in range(3):
+            for i in range(4):
+                video = max(0, 4 * (start + f) - 4 + i)
+                assert torch.equal(windows[:, f, i], actions[:, video - first])
+        again = action_windows(actions, first, start, 3, 4)  # the same pattern: the cached index
+        assert torch.equal(again, windows)
+    with pytest.raises(ValueError, match=r"actions hold video frames 5\.\.24 but latent frames 0\.\.2 need 0\.\.7"):
+        action_windows(actions, 5, 0, 3, 4)

@@ -44,13 +44,16 @@ def action_windows(
     return actions[:, _window_index(index, actions.device)]
 
 
-_WINDOW_INDEX: dict[tuple, torch.Tensor] = {}  # (device, index rows) -> the index on that device
+_WINDOW_INDEX: dict[tuple, torch.Tensor] = {}  # (device, stream, index rows) -> the index there
 
 
 def _window_index(index: tuple[tuple[int, ...], ...], device: torch.device) -> torch.Tensor:
     """The gather index of `action_windows` on `device`, uploaded once per pattern: a stream's steady
-    blocks all gather the same rows, so each block costs no upload."""
-    key = (device, index)
+    blocks all gather the same rows, so each block costs no upload. On a GPU each stream keeps its own
+    copy, read only on the stream that uploaded it, so no read can overtake the upload and the copy's
+    memory is never reused while another stream may still read it."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    key = (device, stream, index)
     cached = _WINDOW_INDEX.get(key)
     if cached is None:
         if len(_WINDOW_INDEX) >= 256:
