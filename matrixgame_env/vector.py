@@ -295,13 +295,12 @@ class MatrixGameVectorEnv(VectorEnv):
         main = torch.cuda.current_stream(self.world.device) if any(beside) else None
         if main is not None:
             side.wait_stream(main)  # the starts and joins queued so far
-        generated, copies = [], {}
+        generated, queued, copies = [], [], {}
         # The whole batch's cohort first, so that its work is queued before the young cohorts'.
         for cohort, aside in sorted(zip(pending, beside), key=lambda pair: pair[1]):
-            host: list[torch.Tensor] = []
 
-            def to_host(latents: torch.Tensor, state: WorldState = cohort.state, host: list = host) -> None:
-                host.append(self._queue_to_host(state, latents))
+            def to_host(latents: torch.Tensor, state: WorldState = cohort.state) -> None:
+                queued.append(self._queue_to_host(state, latents))
                 event = copied_event(self.world.device)
                 if event is not None:  # the last copy queued on each stream
                     copies[torch.cuda.current_stream(self.world.device)] = event
@@ -312,7 +311,7 @@ class MatrixGameVectorEnv(VectorEnv):
                 )
             if aside:
                 latents.record_stream(main)  # read on the main stream after the wait below
-            generated.append((cohort, latents, host[0]))
+            generated.append((cohort, latents, queued.pop()))
             if not self.overlap_cohorts:
                 self._wait_for(copies)
         self._wait_for(copies)

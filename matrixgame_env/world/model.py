@@ -206,8 +206,7 @@ class WorldModel:
         re-run still runs, so a caller gets them that much sooner. The same results as
         `decode(state, step_latents(state, ...), last_frames)`.
         """
-        frames: list[torch.Tensor] = []
-        copied: list[torch.cuda.Event | None] = []
+        queued: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []  # the frames, and their copy's event
 
         def decode(latents: torch.Tensor) -> None:
             beside = self.decode_stream
@@ -215,13 +214,14 @@ class WorldModel:
                 beside.wait_stream(torch.cuda.current_stream(self.device))
                 latents.record_stream(beside)
             with torch.cuda.stream(beside) if beside is not None else contextlib.nullcontext():
-                frames.append(queue_to_host(self.decode_on_device(state, latents, last_frames)))
-                copied.append(copied_event(self.device))
+                frames = queue_to_host(self.decode_on_device(state, latents, last_frames))
+                queued.append((frames, copied_event(self.device)))
 
         latents = self.sampler.step(state, keyboard, mouse, before_refresh=decode)
-        if copied[0] is not None:
-            copied[0].synchronize()  # the frames' copy, not the re-run queued after it
-        return latents, frames[0]
+        frames, copied = queued[0]
+        if copied is not None:
+            copied.synchronize()  # the frames' copy, not the re-run queued after it
+        return latents, frames
 
 
 def to_host(tensor: torch.Tensor) -> torch.Tensor:
