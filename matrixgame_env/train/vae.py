@@ -122,10 +122,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--action-weight", type=float, default=0.0, help="weight of the --action-judge loss")
     parser.add_argument(
         "--reference-weight", type=float, default=0.0,
-        help="with --decoder-only: weight of an L1 loss, on pixels and on their spatial differences (edges), between "
-        "the decoding and what the --init model's decoder (a frozen copy) makes of the same latents; above 1 (the "
-        "L1 to the true frames) the loss is least at the starting decoder's own frames, so a fine-tune (e.g. with "
-        "--action-judge) changes only what its other losses pay for and keeps that decoder's sharpness (0: none)",
+        help="weight of an L1 loss, on pixels and on their spatial differences (edges), between the decoding and "
+        "the --init model's (a frozen copy): with --decoder-only, its decoding of the same latents; otherwise its "
+        "own round trip of the same clips. Above 1 (the L1 to the true frames) the loss is least at the starting "
+        "model's frames, so a fine-tune (e.g. with --action-judge) changes only what its other losses pay for and "
+        "keeps that model's sharpness (0: none)",
     )  # fmt: skip
     parser.add_argument(
         "--finish-minutes", type=float, default=1.0,
@@ -146,6 +147,8 @@ def vae_losses(
     adversary: Adversary | None = None,
     motion_weight: float = 0.0,
     action: Adversary | None = None,
+    reference: WanVAE | None = None,
+    reference_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Training losses of a batch of clips [B, 3, T, H, W] in [-1, 1].
 
@@ -154,11 +157,18 @@ def vae_losses(
     value of the unnormalised posterior against N(0, 1)), "psnr" (dB, 0..1 range) and "motion" when
     weighted, and the detached decoded clips as "reconstruction". With `adversary` (decoded clips ->
     weighted generator loss) its value is added to "loss" and reported as "gan"; likewise `action` (decoded
-    clips -> the weighted action judge's loss, see train/action_judge.py) as "action".
+    clips -> the weighted action judge's loss, see train/action_judge.py) as "action"; with `reference` (a
+    frozen VAE), reference_weight * (L1 + edge loss) to its round trip of the clips (its posterior means
+    decoded) as "reference".
     """
+    with torch.no_grad():
+        held = reference is not None and reference_weight > 0
+        kept = reference.decode_unnormalised(reference.encode_distribution(video)[0]) if held else None
     mu, logvar = vae.encode_distribution(video)
     z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample else mu
-    losses = reconstruction_losses(vae.decode_unnormalised(z), video, edge_weight, adversary, motion_weight, action)
+    decoded = vae.decode_unnormalised(z)
+    losses = reconstruction_losses(decoded, video, edge_weight, adversary, motion_weight, action)
+    _add_reference_term(losses, decoded, kept, reference_weight)
     mu, logvar = mu.float(), logvar.float()
     kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
     losses["loss"] = losses["loss"] + kl_weight * kl
@@ -189,15 +199,24 @@ def decoder_losses(
         if latent_noise > 0:
             std = torch.as_tensor(vae.config["latent_std"], dtype=mu.dtype, device=mu.device).view(1, -1, 1, 1, 1)
             mu = mu + latent_noise * std * torch.randn_like(mu)
-        kept = reference.decode_unnormalised(mu).float() if reference is not None and reference_weight > 0 else None
+        kept = reference.decode_unnormalised(mu) if reference is not None and reference_weight > 0 else None
     decoded = vae.decode_unnormalised(mu)
     losses = reconstruction_losses(decoded, video, edge_weight, adversary, motion_weight, action)
-    if kept is not None:
-        decoded = decoded.float()
-        held = (decoded - kept).abs().mean() + edge_loss(decoded, kept)
-        losses["loss"] = losses["loss"] + reference_weight * held
-        losses["reference"] = held.detach()
+    _add_reference_term(losses, decoded, kept, reference_weight)
     return losses
+
+
+def _add_reference_term(
+    losses: dict[str, torch.Tensor], decoded: torch.Tensor, kept: torch.Tensor | None, weight: float
+) -> None:
+    """Adds weight * (L1 + edge loss) between the `decoded` clips and a reference's frames `kept` to
+    losses["loss"], and the term as "reference"; nothing when `kept` is None."""
+    if kept is None:
+        return
+    decoded, kept = decoded.float(), kept.float()
+    held = (decoded - kept).abs().mean() + edge_loss(decoded, kept)
+    losses["loss"] = losses["loss"] + weight * held
+    losses["reference"] = held.detach()
 
 
 def reconstruction_losses(
@@ -322,7 +341,7 @@ def run(args: argparse.Namespace) -> Path:
             action = None if actions is None else _weighted_judge(judge, args.action_weight, actions)
             if not args.decoder_only:
                 return vae_losses(vae, video, args.kl_weight, sample, args.edge_weight, adversary, args.motion_weight,
-                                  action)  # fmt: skip
+                                  action, reference, args.reference_weight)  # fmt: skip
             losses = decoder_losses(vae, video, args.latent_noise, args.edge_weight, adversary, args.motion_weight,
                                     action, reference, args.reference_weight)  # fmt: skip
             if latents is not None:
@@ -489,9 +508,9 @@ def _check_loss_options(args: argparse.Namespace) -> None:
     if (args.action_weight > 0) != (args.action_judge is not None):
         raise StageError("--action-judge and --action-weight > 0 go together (the judge's loss needs a weight, and "
                          "a weight needs a judge: an IDM folder saved by `matrixgame-env eval --idm-out`)")  # fmt: skip
-    if args.reference_weight > 0 and not args.decoder_only:
-        raise StageError("--reference-weight applies to --decoder-only training (the reference decodes the frozen "
-                         "encoder's latents, which a full VAE run changes)")  # fmt: skip
+    if args.reference_weight > 0 and args.init is None:
+        raise StageError("--reference-weight needs --init: a trained model whose VAE the run keeps to (its frames "
+                         "are the reference)")  # fmt: skip
     if args.latent_noise > 0 and not args.decoder_only:
         raise StageError("--latent-noise applies to --decoder-only training (the full VAE samples its own posterior)")
     if args.generated_from is not None:
@@ -535,7 +554,7 @@ def _action_judge(
 
 
 def _frozen_copy(vae: WanVAE) -> WanVAE:
-    """The --init VAE as it starts, frozen and in eval mode: the decoder --reference-weight keeps to."""
+    """The --init VAE as it starts, frozen and in eval mode: the VAE --reference-weight keeps to."""
     reference = copy.deepcopy(vae).eval()
     reference.requires_grad_(False)
     return reference
