@@ -36,6 +36,11 @@
 #   bash scripts/device_next_model.sh complete # after adapt (same MG_ADAPT_TAG): `eval` of its student and decoder beside
 #                                               # encoding the recording and the reward head's training on its latents;
 #                                               # eval, head and logs in $OUT (<tag>_complete.tar.part*)
+#   bash scripts/device_next_model.sh whole    # the action judge on the whole VAE (encoder too) from the shipped
+#                                               # model's, side by side at reference weights $MG_WHOLE_REFERENCES
+#                                               # (default "5 2"); then the round trips of the shipped VAE and of each,
+#                                               # judged by the eval IDM (scripts/compare_decoders.py); VAEs, logs and
+#                                               # the comparison in $OUT (whole.tar.part*)
 # The student of 300 steps with the adversarial decoder: `train`, `distill` (resumes the distillation to its
 # 300 steps; again if the call ends first), then `MG_TEACHER_EVAL=0 ... finish`, on one warm machine.
 # MG_CALL_SECONDS (default 585) bounds the train call: both trainings get what recording and packing leave.
@@ -81,7 +86,7 @@ distill_recipe="--critic-steps 5 --lr 2e-5 --action-lr-mult 10 --guidance 1.5 --
 # MG_ACTION_READER: a reader packed by an earlier run (on the same seeded recording) instead of training one.
 if [ -n "${MG_ACTION_WEIGHT:-}" ]; then distill_recipe="$distill_recipe --action-weight $MG_ACTION_WEIGHT"; fi
 if [ -n "${MG_ACTION_READER:-}" ]; then distill_recipe="$distill_recipe --action-reader $MG_ACTION_READER"; fi
-case ${1:?give train, finish, decoders, judge, distill, student, adapt or complete} in
+case ${1:?give train, finish, decoders, judge, distill, student, adapt, complete or whole} in
   train)
     pipeline setup next
     record_and_encode
@@ -231,5 +236,29 @@ EOF
     cp "$MG_WORK"/runs/reward/model/{reward_head.safetensors,config.json} "$MG_WORK"/runs/reward/{log.jsonl,result.json} \
       "$done_dir/reward/" 2>/dev/null || true
     bundle "${tag}_complete" ;;
-  *) echo "unknown call $1 (train, finish, decoders, judge, distill, student, adapt or complete)" >&2; exit 2 ;;
+  whole)
+    pipeline setup
+    [ -d "$MG_WORK/data" ] || pipeline "record:${MG_RECORD_MINUTES:-90}"
+    references=${MG_WHOLE_REFERENCES:-5 2}
+    minutes=$(python3 -c "print(round(($(left) - 120) / 60, 2))")
+    for r in $references; do  # one GPU shared: each run gets about half of it
+      python3 -m matrixgame_env.cli train vae --data "$MG_WORK/data" --init models/doom-small --out "$MG_WORK/whole_ref$r" \
+        --minutes "$minutes" --finish-minutes 0.6 --action-judge models/next/action-judge-w24 --action-weight 1 \
+        --reference-weight "$r" --gan-weight 0 --lr 1e-4 --warmup-steps 50 --steps 1400 --clip-frames 9 \
+        --edge-weight 0.5 --batch-size 16 --workers 6 --no-progress > "$MG_WORK/whole_ref$r.txt" 2>&1 &
+    done
+    wait || true
+    rm -rf /tmp/whole && mkdir -p /tmp/whole
+    models=()
+    for r in $references; do
+      run=$MG_WORK/whole_ref$r/vae; tail -n 2 "$MG_WORK/whole_ref$r.txt"
+      [ -f "$run/model/vae.safetensors" ] || { echo "the run at reference $r left no model"; continue; }
+      mkdir -p "/tmp/whole/ref$r" && models+=("$run/model")
+      cp "$run/model/vae.safetensors" "$run/model/config.json" "$run/log.jsonl" "$run/result.json" "/tmp/whole/ref$r/"
+    done
+    python3 scripts/compare_decoders.py --data "$MG_WORK/data" models/doom-small "${models[@]}" --clips 64 --frames 33 \
+      --device cuda --idm models/doom-small/eval/idm --out /tmp/whole/compare.json | tee /tmp/whole/compare.txt \
+      || echo "the comparison failed: the VAEs come back without it"
+    bundle whole ;;
+  *) echo "unknown call $1 (train, finish, decoders, judge, distill, student, adapt, complete or whole)" >&2; exit 2 ;;
 esac
