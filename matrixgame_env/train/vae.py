@@ -162,8 +162,8 @@ def vae_losses(
     decoded) as "reference".
     """
     with torch.no_grad():
-        held = reference is not None and reference_weight > 0
-        kept = reference.decode_unnormalised(reference.encode_distribution(video)[0]) if held else None
+        referenced = reference is not None and reference_weight > 0
+        kept = reference.decode_unnormalised(reference.encode_distribution(video)[0]) if referenced else None
     mu, logvar = vae.encode_distribution(video)
     z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample else mu
     decoded = vae.decode_unnormalised(z)
