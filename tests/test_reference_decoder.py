@@ -33,6 +33,13 @@ def _clip(start: Path) -> torch.Tensor:
     return torch.rand(1, 3, 9, height, width) * 2 - 1
 
 
+def _reference_term(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+    """L1 plus the L1 of horizontal and vertical differences, in float64."""
+    mine, theirs = mine.double(), theirs.double()
+    edges = sum((mine.diff(dim=d) - theirs.diff(dim=d)).abs().mean() for d in (-1, -2))
+    return (mine - theirs).abs().mean() + edges
+
+
 def test_the_reference_term_against_float64_and_zero_at_the_start(start) -> None:
     vae = load_model(start, device="cpu").vae.float()
     reference = copy.deepcopy(vae).requires_grad_(False)
@@ -48,9 +55,7 @@ def test_the_reference_term_against_float64_and_zero_at_the_start(start) -> None
     plain = decoder_losses(vae, video)
     with torch.no_grad():
         mu, _ = vae.encode_distribution(video)
-        mine, theirs = vae.decode_unnormalised(mu).double(), reference.decode_unnormalised(mu).double()
-        edges = sum((mine.diff(dim=d) - theirs.diff(dim=d)).abs().mean() for d in (-1, -2))
-        expected = (mine - theirs).abs().mean() + edges
+        expected = _reference_term(vae.decode_unnormalised(mu), reference.decode_unnormalised(mu))
     assert moved["reference"].item() > 0
     assert math.isclose(moved["reference"].item(), expected.item(), rel_tol=1e-5)
     assert math.isclose(moved["loss"].item(), plain["loss"].item() + 2.0 * expected.item(), rel_tol=1e-5)
@@ -71,10 +76,10 @@ def test_the_whole_vaes_reference_term_is_the_starting_round_trip(start) -> None
     moved = vae_losses(vae, video, 1e-5, sample=False, reference=reference, reference_weight=3.0)
     plain = vae_losses(vae, video, 1e-5, sample=False)
     with torch.no_grad():
-        mine = vae.decode_unnormalised(vae.encode_distribution(video)[0]).double()
-        theirs = reference.decode_unnormalised(reference.encode_distribution(video)[0]).double()
-        edges = sum((mine.diff(dim=d) - theirs.diff(dim=d)).abs().mean() for d in (-1, -2))
-        expected = (mine - theirs).abs().mean() + edges
+        expected = _reference_term(
+            vae.decode_unnormalised(vae.encode_distribution(video)[0]),
+            reference.decode_unnormalised(reference.encode_distribution(video)[0]),
+        )
     assert moved["reference"].item() > 0
     assert math.isclose(moved["reference"].item(), expected.item(), rel_tol=1e-5)
     assert math.isclose(moved["loss"].item(), plain["loss"].item() + 3.0 * expected.item(), rel_tol=1e-5)
