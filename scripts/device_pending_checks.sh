@@ -23,6 +23,11 @@
 #                                                 # Triton norms (off / on), fast=True's DiT chains (about 3 minutes)
 #   bash scripts/device_pending_checks.sh desync  # bench_desync.py, 64 desynchronised worlds, two rounds of merged /
 #                                                 # merged_eager_dit_chains / merged_eager_norms (about 8 minutes)
+#   bash scripts/device_pending_checks.sh sides   # bench_env.py at 64 synchronised worlds (the last frame alone, then
+#                                                 # every frame), this tree and the older tree in $MG_BASE_TREE (a
+#                                                 # folder holding its matrixgame_env/, e.g. from `git archive`)
+#                                                 # alternating base / this / this / base, then
+#                                                 # profile_vector_host.py --phases (about 8 minutes: alone in a call)
 #   bash scripts/device_pending_checks.sh cold    # bench_cold_start.py: a fresh process to the first frame of the
 #                                                 # full-size architecture (random weights written first), 3 times
 #                                                 # (about 3 minutes)
@@ -36,7 +41,8 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 for check in "$@"; do
   case $check in
     tests)
-      timeout 240 python3 -m pytest -q -p no:warnings --tb=line tests/test_cuda_graphs.py >"$OUT/tests.log" 2>&1
+      timeout 240 python3 -m pytest -q -p no:warnings --tb=line tests/test_cuda_graphs.py tests/test_transfer.py \
+          >"$OUT/tests.log" 2>&1
       grep -E "^E  |^FAILED|passed|failed" "$OUT/tests.log" | cut -c1-400 | tail -30 ;;
     interp)
       timeout 400 python3 -m pytest -q -p no:warnings --tb=line tests/test_triton_dit.py tests/test_triton_norm.py \
@@ -71,10 +77,23 @@ for check in "$@"; do
           --steps 100 --rounds 2 --settings merged merged_eager_dit_chains merged_eager_norms --fast graphs --out "$OUT" \
           >"$OUT/desync.log" 2>&1
       grep -v -i warn "$OUT/desync.log" | tail -8 ;;
+    sides)
+      base=${MG_BASE_TREE:?set MG_BASE_TREE to a folder that holds an older matrixgame_env/}
+      rm -rf /tmp/base_tree && mkdir -p /tmp/base_tree && cp -r "$base/matrixgame_env" benchmarks models /tmp/base_tree/
+      for tag in base_a this_a this_b base_b; do
+        tree=$PWD; [ "${tag%_*}" = base ] && tree=/tmp/base_tree
+        (cd "$tree" && PYTHONPATH=/tmp/site:$tree timeout 120 python3 benchmarks/bench_env.py --cpu-steps 0 \
+            --gpu-worlds 64 --paths graphs --observations last_only last --out "/tmp/sides_$tag" >"$OUT/sides_$tag.log" 2>&1)
+        echo "$tag: rc $?"; grep -E "^gpu vector" "$OUT/sides_$tag.log" | tail -2
+        for f in /tmp/sides_"$tag"/*.json; do [ -f "$f" ] && cp "$f" "$OUT/sides_${tag}_$(basename "$f")"; done
+      done
+      timeout 120 python3 benchmarks/profile_vector_host.py --worlds 64 --observation last_only --phases --out "$OUT" \
+          >"$OUT/host_phases.log" 2>&1
+      tail -24 "$OUT/host_phases.log" ;;
     cold)
       timeout 400 python3 benchmarks/bench_cold_start.py --random universal --repeats 3 --out "$OUT" \
           >"$OUT/cold.log" 2>&1
       tail -8 "$OUT/cold.log" ;;
-    *) echo "unknown check $check (tests, interp, stream, batch1, env, latent, small, desync or cold)" >&2; exit 2 ;;
+    *) echo "unknown check $check (tests, interp, stream, batch1, env, latent, small, desync, sides or cold)" >&2; exit 2 ;;
   esac
 done
