@@ -40,7 +40,8 @@
 #                                               # model's, side by side at reference weights $MG_WHOLE_REFERENCES
 #                                               # (default "5 2"); then the round trips of the shipped VAE and of each,
 #                                               # judged by the eval IDM (scripts/compare_decoders.py); VAEs, logs and
-#                                               # the comparison in $OUT (whole.tar.part*)
+#                                               # the comparison in $OUT (whole.tar.part*); MG_WHOLE_ARGS: more
+#                                               # `train vae` options for both (e.g. --no-sample)
 # The student of 300 steps with the adversarial decoder: `train`, `distill` (resumes the distillation to its
 # 300 steps; again if the call ends first), then `MG_TEACHER_EVAL=0 ... finish`, on one warm machine.
 # MG_CALL_SECONDS (default 585) bounds the train call: both trainings get what recording and packing leave.
@@ -245,7 +246,7 @@ EOF
       python3 -m matrixgame_env.cli train vae --data "$MG_WORK/data" --init models/doom-small --out "$MG_WORK/whole_ref$r" \
         --minutes "$minutes" --finish-minutes 0.6 --action-judge models/next/action-judge-w24 --action-weight 1 \
         --reference-weight "$r" --gan-weight 0 --lr 1e-4 --warmup-steps 50 --steps 1400 --clip-frames 9 \
-        --edge-weight 0.5 --batch-size 16 --workers 6 --no-progress > "$MG_WORK/whole_ref$r.txt" 2>&1 &
+        --edge-weight 0.5 --batch-size 16 --workers 6 --no-progress ${MG_WHOLE_ARGS:-} > "$MG_WORK/whole_ref$r.txt" 2>&1 &
     done
     wait || true
     rm -rf /tmp/whole && mkdir -p /tmp/whole
