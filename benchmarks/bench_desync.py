@@ -48,7 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_env import FAST_OPTIONS  # noqa: E402
+from bench_env import FAST_OPTIONS, graph_captures  # noqa: E402
 from common import environment, profile_tables, synchronize, table, write_json  # noqa: E402
 
 import matrixgame_env.vector as vector_module  # noqa: E402
@@ -170,11 +170,6 @@ def run_setting(args: argparse.Namespace, worlds: int, setting: str, fast: str) 
         "restarted_states_timed": pool.hits - hits_before,
         "new_states_timed": pool.misses - misses_before,
     }
-
-
-def graph_captures(env: MatrixGameVectorEnv) -> list[int]:
-    """CUDA graphs captured so far by the env's sampler and decoder (0 where there are none)."""
-    return [0 if graphs is None else graphs.captures for graphs in (env.world.sampler.graphs, env.world.decoder_graphs)]
 
 
 class CaptureTally:

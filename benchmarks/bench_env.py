@@ -224,10 +224,12 @@ def gpu_vector(
     triton = env.world.vae.decoder_triton
     fused_norms = triton and triton_norm.enabled()
     dit_kernels = bool(env.world.sampler.dit_kernels) and not fusion_enabled()
+    captures_before = graph_captures(env)
     t0 = time.perf_counter()
     for _ in range(steps):
         env.step(random_actions(env.single_action_space, rng, worlds))
     elapsed = time.perf_counter() - t0
+    captures_timed = [after - before for after, before in zip(graph_captures(env), captures_before)]
     peak = torch.cuda.max_memory_allocated() / 2**30
     env.close()
     set_upsample_mode("auto")
@@ -252,6 +254,7 @@ def gpu_vector(
         "step_s": elapsed / steps,
         "steps_per_s": worlds * steps / elapsed,
         "peak_gib": peak,
+        "captures_timed": captures_timed,  # [DiT, decoder] CUDA graphs captured inside the timed steps
     }
 
 
@@ -291,6 +294,11 @@ def profile_vector_step(
         "conv3d": conv3d,
         **profile_tables(prof, steps),
     }
+
+
+def graph_captures(env: MatrixGameVectorEnv) -> list[int]:
+    """CUDA graphs captured so far by the env's sampler and decoder (0 where there are none)."""
+    return [0 if graphs is None else graphs.captures for graphs in (env.world.sampler.graphs, env.world.decoder_graphs)]
 
 
 def warm_vector_env(
@@ -512,9 +520,12 @@ def main() -> None:
                             dit_fused,
                             observation,
                         )
-                        print(table([row], ["setting", "worlds", "steps_per_s", "step_s", "peak_gib"]), flush=True)
+                        print(
+                            table([row], ["setting", "worlds", "steps_per_s", "step_s", "peak_gib", "captures_timed"]),
+                            flush=True,
+                        )
                         rows.append(row)
-    print(table(rows, ["setting", "worlds", "steps_per_s", "step_s", "peak_gib", "threads"]))
+    print(table(rows, ["setting", "worlds", "steps_per_s", "step_s", "peak_gib", "captures_timed", "threads"]))
     result = {"environment": environment(), "model": args.model, "rows": rows}
     if args.profile and torch.cuda.is_available():
         layout = {"auto": None, "off": False}.get(args.channels_last, True)
