@@ -27,7 +27,7 @@
 #                                                 # every frame), this tree and the older tree in $MG_BASE_TREE (a
 #                                                 # folder holding its matrixgame_env/, e.g. from `git archive`)
 #                                                 # alternating base / this / this / base, then
-#                                                 # profile_vector_host.py --phases (about 8 minutes: alone in a call)
+#                                                 # profile_vector_host.py --phases (about 3 minutes on an H100)
 #   bash scripts/device_pending_checks.sh cold    # bench_cold_start.py: a fresh process to the first frame of the
 #                                                 # full-size architecture (random weights written first), 3 times
 #                                                 # (about 3 minutes)
@@ -83,8 +83,9 @@ for check in "$@"; do
       for tag in base_a this_a this_b base_b; do
         tree=$PWD; [ "${tag%_*}" = base ] && tree=/tmp/base_tree
         (cd "$tree" && PYTHONPATH=/tmp/site:$tree timeout 120 python3 benchmarks/bench_env.py --cpu-steps 0 \
-            --gpu-worlds 64 --paths graphs --observations last_only last --out "/tmp/sides_$tag" >"$OUT/sides_$tag.log" 2>&1)
-        echo "$tag: rc $?"; grep -E "^gpu vector" "$OUT/sides_$tag.log" | tail -2
+            --gpu-worlds 64 --paths graphs --observations last_only last --out "/tmp/sides_$tag" >"/tmp/sides_$tag.log" 2>&1)
+        echo "$tag: rc $?"; grep -E "^gpu vector" "/tmp/sides_$tag.log" | tail -2
+        { echo "== $tag"; grep -v -i warn "/tmp/sides_$tag.log"; } >>"$OUT/sides.log"  # one file: $OUT returns few
         for f in /tmp/sides_"$tag"/*.json; do [ -f "$f" ] && cp "$f" "$OUT/sides_${tag}_$(basename "$f")"; done
       done
       timeout 120 python3 benchmarks/profile_vector_host.py --worlds 64 --observation last_only --phases --out "$OUT" \
