@@ -35,6 +35,18 @@
 # scripts/device_speed_check.sh).
 set -uo pipefail
 : "${OUT:?set OUT to the folder that receives the results}"
+checks="tests, interp, stream, batch1, env, latent, small, desync, sides or cold"
+for check in "$@"; do  # every name and input checked before anything is installed or run
+  case $check in
+    tests|interp|stream|batch1|env|latent|small|desync|cold) ;;
+    sides)
+      if [ ! -d "${MG_BASE_TREE:-}/matrixgame_env" ]; then
+        echo "sides: MG_BASE_TREE must name a folder that holds an older matrixgame_env/ (got '${MG_BASE_TREE:-}')" >&2
+        exit 2
+      fi ;;
+    *) echo "unknown check $check ($checks)" >&2; exit 2 ;;
+  esac
+done
 mkdir -p /tmp/site && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -78,8 +90,7 @@ for check in "$@"; do
           >"$OUT/desync.log" 2>&1
       grep -v -i warn "$OUT/desync.log" | tail -8 ;;
     sides)
-      base=${MG_BASE_TREE:?set MG_BASE_TREE to a folder that holds an older matrixgame_env/}
-      rm -rf /tmp/base_tree && mkdir -p /tmp/base_tree && cp -r "$base/matrixgame_env" benchmarks models /tmp/base_tree/
+      rm -rf /tmp/base_tree && mkdir -p /tmp/base_tree && cp -r "$MG_BASE_TREE/matrixgame_env" benchmarks models /tmp/base_tree/
       for tag in base_a this_a this_b base_b; do
         tree=$PWD; [ "${tag%_*}" = base ] && tree=/tmp/base_tree
         (cd "$tree" && PYTHONPATH=/tmp/site:$tree timeout 120 python3 benchmarks/bench_env.py --cpu-steps 0 \
@@ -95,6 +106,5 @@ for check in "$@"; do
       timeout 400 python3 benchmarks/bench_cold_start.py --random universal --repeats 3 --out "$OUT" \
           >"$OUT/cold.log" 2>&1
       tail -8 "$OUT/cold.log" ;;
-    *) echo "unknown check $check (tests, interp, stream, batch1, env, latent, small, desync, sides or cold)" >&2; exit 2 ;;
   esac
 done
