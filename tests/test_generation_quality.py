@@ -201,7 +201,8 @@ def test_the_bundled_model_turns_and_walks_as_told(world, judge):
     often when W is held. The session-5 release read right turns as right on 54 % of the windows,
     session 6 on 78 %, session 7 on 82 %, the release of 2026-12-05 on 99 % (left turns 95 %, W held
     0.96 against 0.56 without), the release of 2026-12-06 on 98 % (left 93 %, W held 0.99 against
-    0.64 without), that of 2026-12-06b on 100 % (left 95 %, W held 0.98 against 0.29 without)."""
+    0.64 without), that of 2026-12-06b on 100 % (left 95 %, W held 0.98 against 0.29 without), that of
+    2026-12-07 on 100 % (left 97 %, W held 0.96 against 0.29 without)."""
     still = [0.0, 0.0, 0.0, 0.0]
     rollouts = _judged_rollouts(
         world,
