@@ -28,6 +28,10 @@
 #                                                 # folder holding its matrixgame_env/, e.g. from `git archive`)
 #                                                 # alternating base / this / this / base, then
 #                                                 # profile_vector_host.py --phases (about 3 minutes on an H100)
+#   bash scripts/device_pending_checks.sh warmup  # bench_env.py at 64 synchronised worlds, the last frame alone, with
+#                                                 # 4 and with 8 steps of warm-up alternating (4, 8, 8, 4): whether
+#                                                 # captures inside the timed steps (captures_timed) explain its gap to
+#                                                 # profile_vector_host.py (about 4 minutes on an H100)
 #   bash scripts/device_pending_checks.sh cold    # bench_cold_start.py: a fresh process to the first frame of the
 #                                                 # full-size architecture (random weights written first), 3 times
 #                                                 # (about 3 minutes)
@@ -35,10 +39,10 @@
 # scripts/device_speed_check.sh).
 set -uo pipefail
 : "${OUT:?set OUT to the folder that receives the results}"
-checks="tests, interp, stream, batch1, env, latent, small, desync, sides or cold"
+checks="tests, interp, stream, batch1, env, latent, small, desync, sides, warmup or cold"
 for check in "$@"; do  # every name and input checked before anything is installed or run
   case $check in
-    tests|interp|stream|batch1|env|latent|small|desync|cold) ;;
+    tests|interp|stream|batch1|env|latent|small|desync|warmup|cold) ;;
     sides)
       if [ ! -d "${MG_BASE_TREE:-}/matrixgame_env" ]; then
         echo "sides: MG_BASE_TREE must name a folder that holds an older matrixgame_env/ (got '${MG_BASE_TREE:-}')" >&2
@@ -102,6 +106,15 @@ for check in "$@"; do
       timeout 120 python3 benchmarks/profile_vector_host.py --worlds 64 --observation last_only --phases --out "$OUT" \
           >"$OUT/host_phases.log" 2>&1
       tail -24 "$OUT/host_phases.log" ;;
+    warmup)
+      for tag in w4_a w8_a w8_b w4_b; do
+        steps=${tag%_*}; steps=${steps#w}
+        timeout 110 python3 benchmarks/bench_env.py --cpu-steps 0 --gpu-worlds 64 --paths graphs \
+            --observations last_only --warmup "$steps" --out "/tmp/warmup_$tag" >"/tmp/warmup_$tag.log" 2>&1
+        echo "$tag: rc $?"; grep "gpu vector" "/tmp/warmup_$tag.log" | tail -1
+        { echo "== $tag"; grep -v -i warn "/tmp/warmup_$tag.log"; } >>"$OUT/warmup.log"  # one file: $OUT returns few
+        for f in /tmp/warmup_"$tag"/*.json; do [ -f "$f" ] && cp "$f" "$OUT/warmup_${tag}_$(basename "$f")"; done
+      done ;;
     cold)
       timeout 400 python3 benchmarks/bench_cold_start.py --random universal --repeats 3 --out "$OUT" \
           >"$OUT/cold.log" 2>&1

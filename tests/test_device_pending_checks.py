@@ -37,6 +37,6 @@ def test_sides_without_an_older_tree_is_refused_first(tmp_path, base):
 def test_an_unknown_check_is_named_with_the_known_ones(tmp_path):
     done = _checks(tmp_path, "tests", "speed")
     assert done.returncode == 2
-    known = "tests, interp, stream, batch1, env, latent, small, desync, sides or cold"
+    known = "tests, interp, stream, batch1, env, latent, small, desync, sides, warmup or cold"
     assert done.stderr.strip() == f"unknown check speed ({known})", "nothing may run before the refusal"
     assert done.stdout == ""
