@@ -54,6 +54,14 @@ done
 mkdir -p /tmp/site && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name --format=csv,noheader
+bench_env_64() {  # $1 mode, $2 run tag, $3 tree, then bench_env.py options: one run at 64 synchronised worlds
+  local mode=$1 tag=$2 tree=$3; shift 3
+  (cd "$tree" && PYTHONPATH=/tmp/site:$tree timeout 120 python3 benchmarks/bench_env.py --cpu-steps 0 \
+      --gpu-worlds 64 --paths graphs "$@" --out "/tmp/${mode}_$tag" >"/tmp/${mode}_$tag.log" 2>&1)
+  echo "$tag: rc $?"; grep -E "^gpu vector" "/tmp/${mode}_$tag.log" | tail -2
+  { echo "== $tag"; grep -v -i warn "/tmp/${mode}_$tag.log"; } >>"$OUT/$mode.log"  # one file: $OUT returns few
+  for f in /tmp/"${mode}_$tag"/*.json; do [ -f "$f" ] && cp "$f" "$OUT/${mode}_${tag}_$(basename "$f")"; done
+}
 for check in "$@"; do
   case $check in
     tests)
@@ -97,23 +105,14 @@ for check in "$@"; do
       rm -rf /tmp/base_tree && mkdir -p /tmp/base_tree && cp -r "$MG_BASE_TREE/matrixgame_env" benchmarks models /tmp/base_tree/
       for tag in base_a this_a this_b base_b; do
         tree=$PWD; [ "${tag%_*}" = base ] && tree=/tmp/base_tree
-        (cd "$tree" && PYTHONPATH=/tmp/site:$tree timeout 120 python3 benchmarks/bench_env.py --cpu-steps 0 \
-            --gpu-worlds 64 --paths graphs --observations last_only last --out "/tmp/sides_$tag" >"/tmp/sides_$tag.log" 2>&1)
-        echo "$tag: rc $?"; grep -E "^gpu vector" "/tmp/sides_$tag.log" | tail -2
-        { echo "== $tag"; grep -v -i warn "/tmp/sides_$tag.log"; } >>"$OUT/sides.log"  # one file: $OUT returns few
-        for f in /tmp/sides_"$tag"/*.json; do [ -f "$f" ] && cp "$f" "$OUT/sides_${tag}_$(basename "$f")"; done
+        bench_env_64 sides "$tag" "$tree" --observations last_only last
       done
       timeout 120 python3 benchmarks/profile_vector_host.py --worlds 64 --observation last_only --phases --out "$OUT" \
           >"$OUT/host_phases.log" 2>&1
       tail -24 "$OUT/host_phases.log" ;;
     warmup)
       for tag in w4_a w8_a w8_b w4_b; do
-        steps=${tag%_*}; steps=${steps#w}
-        timeout 110 python3 benchmarks/bench_env.py --cpu-steps 0 --gpu-worlds 64 --paths graphs \
-            --observations last_only --warmup "$steps" --out "/tmp/warmup_$tag" >"/tmp/warmup_$tag.log" 2>&1
-        echo "$tag: rc $?"; grep "gpu vector" "/tmp/warmup_$tag.log" | tail -1
-        { echo "== $tag"; grep -v -i warn "/tmp/warmup_$tag.log"; } >>"$OUT/warmup.log"  # one file: $OUT returns few
-        for f in /tmp/warmup_"$tag"/*.json; do [ -f "$f" ] && cp "$f" "$OUT/warmup_${tag}_$(basename "$f")"; done
+        steps=${tag%_*}; bench_env_64 warmup "$tag" "$PWD" --observations last_only --warmup "${steps#w}"
       done ;;
     cold)
       timeout 400 python3 benchmarks/bench_cold_start.py --random universal --repeats 3 --out "$OUT" \
