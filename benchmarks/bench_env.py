@@ -33,7 +33,7 @@ from matrixgame_env.env import MatrixGameEnv  # noqa: E402
 from matrixgame_env.nn import triton_norm  # noqa: E402
 from matrixgame_env.nn.fusion import enable_fusion, fusion_enabled  # noqa: E402
 from matrixgame_env.nn.vae import set_conv3d_mode, set_upsample_mode  # noqa: E402
-from matrixgame_env.speed import FAST_PATHS, OBSERVATIONS, random_actions  # noqa: E402
+from matrixgame_env.speed import FAST_PATHS, OBSERVATIONS, graph_counts, random_actions, warm_to_steady  # noqa: E402
 from matrixgame_env.vector import MatrixGameVectorEnv  # noqa: E402
 from matrixgame_env.world.compiled_decoder import compile_decoder  # noqa: E402
 
@@ -207,7 +207,7 @@ def gpu_vector(
     set_conv3d_mode(conv3d)
     norms_before = triton_norm.enabled()
     triton_norm.set_enabled(triton_norms)
-    env, rng = warm_vector_env(
+    env, rng, warmup_steps = warm_vector_env(
         model,
         worlds,
         fast,
@@ -255,6 +255,7 @@ def gpu_vector(
         "steps_per_s": worlds * steps / elapsed,
         "peak_gib": peak,
         "captures_timed": captures_timed,  # [DiT, decoder] CUDA graphs captured inside the timed steps
+        "warmup_steps": warmup_steps,
     }
 
 
@@ -275,7 +276,7 @@ def profile_vector_step(
 
     set_upsample_mode(upsample)
     set_conv3d_mode(conv3d)
-    env, rng = warm_vector_env(
+    env, rng, _ = warm_vector_env(
         model, worlds, FAST_OPTIONS[path], channels_last, None, 4, graphs=False, observation=observation
     )
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -298,7 +299,8 @@ def profile_vector_step(
 
 def graph_captures(env: MatrixGameVectorEnv) -> list[int]:
     """CUDA graphs captured so far by the env's sampler and decoder (0 where there are none)."""
-    return [0 if graphs is None else graphs.captures for graphs in (env.world.sampler.graphs, env.world.decoder_graphs)]
+    counts = graph_counts(env.world)
+    return [0, 0] if counts is None else list(counts[0])
 
 
 def warm_vector_env(
@@ -312,8 +314,9 @@ def warm_vector_env(
     decoder_graphs: bool | None = None,
     dit_kernels: bool | None = None,
     observation: str = "last",
-) -> tuple[MatrixGameVectorEnv, np.random.Generator]:
-    """A reset GPU vector env after `warmup` steps of random actions, and the actions' generator.
+) -> tuple[MatrixGameVectorEnv, np.random.Generator, int]:
+    """A reset GPU vector env after at least `warmup` steps of random actions (with CUDA graphs, then on
+    to steady state: `matrixgame_env.speed.warm_to_steady`), the actions' generator and the warm-up steps taken.
     `channels_last` None keeps the env's decoder layout; `graphs=False` turns CUDA graphs off;
     `decoder_graphs` replays the decoder from CUDA graphs too (`WorldModel.enable_decoder_graphs`);
     `dit_kernels` switches the DiT's Triton chains in its sampler (None: as the env's fast path chose)."""
@@ -332,8 +335,9 @@ def warm_vector_env(
     env.reset(seed=0)
     for _ in range(warmup):
         env.step(random_actions(env.single_action_space, rng, worlds))
+    taken = warm_to_steady(env.world, lambda: env.step(random_actions(env.single_action_space, rng, worlds)))
     torch.cuda.synchronize()
-    return env, rng
+    return env, rng, warmup + taken
 
 
 def main() -> None:
@@ -373,7 +377,13 @@ def main() -> None:
     )
     parser.add_argument("--gpu-worlds", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--gpu-steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=4,
+        help="steps of warm-up at least; GPU vector envs with CUDA graphs then step on until their blocks replay "
+        "without captures (matrixgame_env.speed.warm_to_steady)",
+    )
     parser.add_argument(
         "--paths",
         nargs="+",
@@ -521,11 +531,27 @@ def main() -> None:
                             observation,
                         )
                         print(
-                            table([row], ["setting", "worlds", "steps_per_s", "step_s", "peak_gib", "captures_timed"]),
+                            table(
+                                [row],
+                                [
+                                    "setting",
+                                    "worlds",
+                                    "steps_per_s",
+                                    "step_s",
+                                    "peak_gib",
+                                    "captures_timed",
+                                    "warmup_steps",
+                                ],
+                            ),
                             flush=True,
                         )
                         rows.append(row)
-    print(table(rows, ["setting", "worlds", "steps_per_s", "step_s", "peak_gib", "captures_timed", "threads"]))
+    print(
+        table(
+            rows,
+            ["setting", "worlds", "steps_per_s", "step_s", "peak_gib", "captures_timed", "warmup_steps", "threads"],
+        )
+    )
     result = {"environment": environment(), "model": args.model, "rows": rows}
     if args.profile and torch.cuda.is_available():
         layout = {"auto": None, "off": False}.get(args.channels_last, True)

@@ -138,7 +138,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     fast = FAST_OPTIONS[args.path]
-    env, rng = warm_vector_env(args.model, args.worlds, fast, None, None, 8, observation=args.observation)
+    env, rng, _ = warm_vector_env(args.model, args.worlds, fast, None, None, 8, observation=args.observation)
     actions = [random_actions(env.single_action_space, rng, args.worlds) for _ in range(args.steps + 35)]
     torch.cuda.synchronize()
     start = time.perf_counter()

@@ -2,8 +2,9 @@
 
 Each setting (worlds x observation) steps an env with seeded random actions: one world through
 `MatrixGameEnv`, more through `MatrixGameVectorEnv` (one forward per step). Steps are timed after a
-warm-up (CUDA graphs captured, kernels tuned); the table gives world-steps per second (a step is one
-block: 12 video frames), video frames per second, the median step time and, on a GPU, peak memory.
+warm-up (kernels tuned; with CUDA graphs, on until the blocks replay without new captures); the table
+gives world-steps per second (a step is one block: 12 video frames), video frames per second, the
+median step time and, on a GPU, peak memory.
 
     matrixgame-env bench --worlds 1 16 --observations last latent --json speed.json
 """
@@ -15,6 +16,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,34 @@ OBSERVATIONS = {
     "latent": {"observation": "latent"},
 }
 FAST_PATHS = {"eager": False, "fast": True, "compile": "compile"}  # path name -> the envs' `fast`
+# Steady state: STEADY_STEPS steps in a row (a ring period: a state's blocks alternate two cache phases, each
+# its own graph) that replayed their blocks from CUDA graphs and captured none; warm-ups step on for it at
+# most STEADY_LIMIT steps. A capture costs about a step's time, so one among the timed steps skews them.
+STEADY_STEPS, STEADY_LIMIT = 2, 32
+
+
+def graph_counts(world: Any) -> tuple[tuple[int, int], int] | None:
+    """((graphs captured by the world's sampler, by its decoder), blocks the sampler replayed) so far;
+    None where the sampler has no CUDA graphs."""
+    graphs = world.sampler.graphs
+    if graphs is None:
+        return None
+    decoder = world.decoder_graphs
+    return (graphs.captures, 0 if decoder is None else decoder.captures), graphs.replays
+
+
+def warm_to_steady(world: Any, step: Callable[[], Any], limit: int = STEADY_LIMIT) -> int:
+    """Calls `step()` (one env step of `world`) until STEADY_STEPS steps in a row replayed their
+    blocks and captured no graph, at most `limit` times (not at all without CUDA graphs); returns the
+    steps taken."""
+    taken = steady = 0
+    while graph_counts(world) is not None and steady < STEADY_STEPS and taken < limit:
+        (captures, replays) = graph_counts(world)
+        step()
+        taken += 1
+        after, replayed = graph_counts(world)
+        steady = steady + 1 if after == captures and replayed > replays else 0
+    return taken
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +79,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--steps", type=int, default=20, help="timed steps per setting")
     parser.add_argument(
-        "--warmup", type=int, default=3, help="untimed steps first: the 9-frame first block, graph captures, tuning"
+        "--warmup",
+        type=int,
+        default=3,
+        help="untimed steps first (the 9-frame first block, graph captures, tuning); with CUDA graphs more "
+        "follow until the blocks replay without captures",
     )
     path = parser.add_mutually_exclusive_group()
     path.add_argument("--eager", action="store_true", help="the eager reference path (default: the fast path)")
@@ -107,8 +141,12 @@ def measure(world: Any, worlds: int, observation: str, steps: int, warmup: int, 
         space, batch = env.single_action_space, worlds
     rng = np.random.default_rng(seed)
     env.reset(seed=seed)
+    for _ in range(warmup):
+        env.step(random_actions(space, rng, batch))
+        bar.update()
+    warmup += warm_to_steady(world, lambda: env.step(random_actions(space, rng, batch)))
     times = []
-    for step in range(warmup + steps):
+    for _ in range(steps):
         action = random_actions(space, rng, batch)
         if cuda:
             torch.cuda.synchronize(world.device)
@@ -116,8 +154,7 @@ def measure(world: Any, worlds: int, observation: str, steps: int, warmup: int, 
         env.step(action)
         if cuda:
             torch.cuda.synchronize(world.device)
-        if step >= warmup:
-            times.append(time.perf_counter() - started)
+        times.append(time.perf_counter() - started)
         bar.update()
     env.close()
     total = sum(times)
@@ -128,6 +165,7 @@ def measure(world: Any, worlds: int, observation: str, steps: int, warmup: int, 
         "frames_per_s": worlds * len(times) * world.frames_per_block / total,
         "step_s": statistics.median(times),
         "peak_gib": torch.cuda.max_memory_allocated(world.device) / 2**30 if cuda else None,
+        "warmup_steps": warmup,
     }
 
 

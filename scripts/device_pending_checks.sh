@@ -105,7 +105,8 @@ for check in "$@"; do
       rm -rf /tmp/base_tree && mkdir -p /tmp/base_tree && cp -r "$MG_BASE_TREE/matrixgame_env" benchmarks models /tmp/base_tree/
       for tag in base_a this_a this_b base_b; do
         tree=$PWD; [ "${tag%_*}" = base ] && tree=/tmp/base_tree
-        bench_env_64 sides "$tag" "$tree" --observations last_only last
+        # both trees run this tree's benchmarks/, warmed 8 steps at least (after 4 a capture fell in the timed steps)
+        bench_env_64 sides "$tag" "$tree" --observations last_only last --warmup 8
       done
       timeout 120 python3 benchmarks/profile_vector_host.py --worlds 64 --observation last_only --phases --out "$OUT" \
           >"$OUT/host_phases.log" 2>&1

@@ -695,3 +695,32 @@ def test_blocks_through_graphs_are_the_same_with_and_without_noise_drawn_ahead()
     world.sampler.draw_noise_ahead = None
     assert torch.equal(results[True][0], results[False][0])
     assert torch.equal(results[True][1], results[False][1])
+
+
+@cuda
+def test_a_warm_up_to_steady_state_leaves_no_capture_for_the_timed_steps():
+    """`speed.warm_to_steady` (the warm-up of `matrixgame-env bench` and `benchmarks/bench_env.py`) steps a
+    vector env on past a one-step warm-up until its blocks replay: the steps after it capture no graph
+    and replay every block."""
+    import numpy as np
+
+    from matrixgame_env.speed import STEADY_STEPS, graph_counts, random_actions, warm_to_steady
+    from matrixgame_env.vector import MatrixGameVectorEnv
+
+    env = MatrixGameVectorEnv("doom-small", num_envs=4, device="cuda", fast=True, info_frames=False)
+    rng = np.random.default_rng(0)
+
+    def step():
+        env.step(random_actions(env.single_action_space, rng, 4))
+
+    try:
+        env.reset(seed=0)
+        step()
+        taken = warm_to_steady(env.world, step)
+        assert STEADY_STEPS < taken < 32  # the ring's two phases are captured after the first block
+        (captures, replays) = graph_counts(env.world)
+        for _ in range(6):
+            step()
+        assert graph_counts(env.world) == (captures, replays + 6)
+    finally:
+        env.close()

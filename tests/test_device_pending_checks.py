@@ -91,7 +91,10 @@ def test_sides_runs_the_older_tree_and_this_one_alternating(tmp_path):
     (tmp_path / "out").mkdir()
     done = _checks(tmp_path, "sides", PATH=path, MG_BASE_TREE=str(tmp_path / "base"))
     assert done.returncode == 0, done.stderr
-    trees = {p.name: json.loads(p.read_text())["tree"] for p in (tmp_path / "out").glob("sides_*_env.json")}
+    runs = {p.name: json.loads(p.read_text()) for p in (tmp_path / "out").glob("sides_*_env.json")}
+    trees = {name: run["tree"] for name, run in runs.items()}
+    # every tree warmed 8 steps at least (with 4, a CUDA graph capture fell inside the timed steps)
+    assert {run["argv"][run["argv"].index("--warmup") + 1] for run in runs.values()} == {"8"}
     base, this = "/tmp/base_tree", str(tmp_path)
     assert trees == {"sides_base_a_env.json": base, "sides_this_a_env.json": this, "sides_this_b_env.json": this,
                      "sides_base_b_env.json": base}  # fmt: skip
