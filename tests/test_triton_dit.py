@@ -217,6 +217,9 @@ def test_a_streaming_dit_with_the_kernels_gives_the_eager_blocks():
         # and the CLIP context's keys of each layer, once at the start
         passes = calls["norm_modulate_rows"] // 6
         assert calls["rms_norm_rope_rows"] == 15 * passes + 3, calls
+        # the cross attention's affine norm (3 a pass), the mouse MLP's closing LayerNorm in the two layers
+        # with action modules (2 a pass), and the CLIP projection's two LayerNorms, once at the start
+        assert calls["affine_norm_rows"] == 5 * passes + 2, calls
         scale = eager.abs().max().item()
         err = (fused - eager).abs().max().item()
         assert err <= 1e-5 * scale, (err, scale)  # float32 rounding (about 2e-7 of the scale here)

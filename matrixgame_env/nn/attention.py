@@ -7,7 +7,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from .fusion import few_key_attention, rms_norm
+from .fusion import affine_norm, few_key_attention, rms_norm
 
 # Key counts up to this go through `few_key_attention` (the action modules' streaming attention over
 # at most a window of frames); longer ones through SDPA's attention kernels.
@@ -60,6 +60,8 @@ class FloatLayerNorm(torch.nn.LayerNorm):
     """LayerNorm evaluated in float32 whatever the input dtype; output in the input dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None and self.bias is not None and len(self.normalized_shape) == 1:
+            return affine_norm(x, self.weight, self.bias, self.eps, x.dtype)  # one Triton kernel where it applies
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)

@@ -221,7 +221,10 @@ def _norm_silu(
 
 @fusable
 def residual_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x + y in x's dtype: a branch's output (any dtype) added to the float32 residual stream."""
+    """x + y in x's dtype: a branch's output (any dtype) added to the float32 residual stream. A
+    narrower y is widened inside the add (one kernel, the same values) rather than copied first."""
+    if torch.promote_types(x.dtype, y.dtype) == x.dtype:
+        return x + y
     return x + y.to(x.dtype)
 
 
