@@ -29,9 +29,10 @@
 #                                                 # alternating base / this / this / base, then
 #                                                 # profile_vector_host.py --phases (about 3 minutes on an H100)
 #   bash scripts/device_pending_checks.sh warmup  # bench_env.py at 64 synchronised worlds, the last frame alone, with
-#                                                 # 4 and with 8 steps of warm-up alternating (4, 8, 8, 4): whether
-#                                                 # captures inside the timed steps (captures_timed) explain its gap to
-#                                                 # profile_vector_host.py (about 4 minutes on an H100)
+#                                                 # 4 and with 8 steps of warm-up alternating (4, 8, 8, 4): that both
+#                                                 # time steady steps (captures_timed [0, 0]; before bench_env.py warmed
+#                                                 # up to steady state, 4 left a capture in them: 1,912 against 2,158
+#                                                 # steps/s on an H100) (about 4 minutes on an H100)
 #   bash scripts/device_pending_checks.sh cold    # bench_cold_start.py: a fresh process to the first frame of the
 #                                                 # full-size architecture (random weights written first), 3 times
 #                                                 # (about 3 minutes)
