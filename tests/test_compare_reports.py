@@ -276,6 +276,34 @@ def test_the_action_loss_10_release_compared_clip_by_clip(capsys):
     assert (distill["action_weight"], distill["steps"], distill["finished"]) == (1.0, 232, False)
 
 
+def test_the_action_loss_15_student_is_not_told_apart_from_the_release_but_at_half_a_second(capsys):
+    """models/next/dit-mapped-motion's last section: the student of action loss 1.5 (300 of 300 steps)
+    against the release of 2026-12-07, both full CPU reports on the same clips: less faithful at 0.5 s
+    with an interval clear of zero, level from 1 s; keys and yaw within intervals holding zero, the keys
+    still below the round trip's and the target; no collapse. Its distillation finished its schedule."""
+    folder = ROOT / "models/next/dit-mapped-motion"
+    release = ROOT / "models/doom-small/eval/eval.json"
+    student = folder / "student300_action15_cpu_eval.json"
+    comparison = _compare_json(capsys, str(release), str(student), "--names", "release", "student")
+
+    def change(label: str) -> dict:
+        return _row(comparison, f"{label}, change from the first report")["values"]["student"]
+
+    early = change("PSNR at 0.5s")
+    assert -0.6 < early["low"] < early["mean"] < early["high"] < 0, early
+    for horizon in ("1s", "2s", "4s"):
+        level = change(f"PSNR at {horizon}")
+        assert level["low"] < 0 < level["high"], (horizon, level)
+    for label in ("IDM keys", "IDM yaw direction"):
+        judged = change(label)
+        assert judged["low"] < 0 < judged["high"] and abs(judged["mean"]) < 0.01, (label, judged)
+    assert _row(comparison, "collapsed")["values"] == {"release": False, "student": False}
+    idm = json.loads(student.read_text())["idm"]
+    assert idm["generated"]["keyboard"] < idm["vae_round_trip"]["keyboard"] < 0.9
+    result = json.loads((folder / "student300_action15_distill_result.json").read_text())
+    assert (result["step"], result["finished"]) == (300, True)
+
+
 def _release_changes(capsys, before: str, after: str):
     """`compare` of two paired release reports: a function from a row's label to the later release's
     "change from the first report" (mean, low, high)."""
