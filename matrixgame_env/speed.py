@@ -53,13 +53,16 @@ def warm_to_steady(world: Any, step: Callable[[], Any], limit: int = STEADY_LIMI
     """Calls `step()` (one env step of `world`) until STEADY_STEPS steps in a row replayed their
     blocks and captured no graph, at most `limit` times (not at all without CUDA graphs); returns the
     steps taken."""
+    before = graph_counts(world)
+    if before is None:
+        return 0
     taken = steady = 0
-    while graph_counts(world) is not None and steady < STEADY_STEPS and taken < limit:
-        (captures, replays) = graph_counts(world)
+    while steady < STEADY_STEPS and taken < limit:
         step()
         taken += 1
-        after, replayed = graph_counts(world)
-        steady = steady + 1 if after == captures and replayed > replays else 0
+        after = graph_counts(world)
+        steady = steady + 1 if after[0] == before[0] and after[1] > before[1] else 0
+        before = after
     return taken
 
 
