@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -57,6 +58,31 @@ class CountedLaunches:
         return Launcher()
 
 
+def steady_world(model: str, worlds: int = 1, dtype: torch.dtype | None = None):
+    """(world on the CPU, its state of `worlds` worlds past the young blocks, keyboard, mouse): the next
+    `step_latents(state, keyboard, mouse)` is a steady block, as CUDA graphs replay (W held)."""
+    world = WorldModel.from_pretrained(model, device="cpu", dtype=dtype)
+    state = world.start([str(world.start_image_paths()[0])] * worlds, seed=list(range(1, worlds + 1)))
+    keyboard, mouse = torch.zeros(worlds, 4), torch.zeros(worlds, 2)
+    keyboard[:, 0] = 1
+    for _ in range(3):
+        world.step_latents(state, keyboard, mouse)
+    return world, state, keyboard, mouse
+
+
+@contextlib.contextmanager
+def launches_counted(counted: CountedLaunches):
+    """Within the block, `triton_dit`'s chains on and their kernels launched into `counted` (not run)."""
+    real_kernels = triton_dit._kernels
+    try:
+        triton_dit._kernels = lambda: counted
+        triton_dit.set_enabled(True)
+        yield counted
+    finally:
+        triton_dit._kernels = real_kernels
+        triton_dit.set_enabled(False)
+
+
 def count_block(world: WorldModel, state, keyboard: torch.Tensor, mouse: torch.Tensor) -> collections.Counter:
     """Kernel-like operators of one block from `state` (left as it was), by name."""
     saved = state.snapshot()
@@ -79,17 +105,10 @@ def main() -> None:
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise SystemExit("run with TRITON_INTERPRET=1: the kernels are counted through Triton's interpreter on the CPU")
     torch.set_num_threads(2)
-    world = WorldModel.from_pretrained(args.model, device="cpu")
-    state = world.start([str(world.start_image_paths()[0])], seed=1)
-    keyboard, mouse = torch.zeros(1, 4), torch.zeros(1, 2)
-    keyboard[:, 0] = 1
-    for _ in range(3):  # past the young blocks: a steady block, as CUDA graphs replay
-        world.step_latents(state, keyboard, mouse)
+    world, state, keyboard, mouse = steady_world(args.model)
     counted = CountedLaunches()
-    real_kernels = triton_dit._kernels
     rows = []
-    try:
-        triton_dit._kernels = lambda: counted
+    with launches_counted(counted):
         for kernels in (False, True):
             triton_dit.set_enabled(kernels)
             operators = count_block(world, state, keyboard, mouse)
@@ -102,9 +121,6 @@ def main() -> None:
                 "top_operators": dict(operators.most_common(12)),
                 "launches_by_kernel": dict(counted.launches) if kernels else {},
             })  # fmt: skip
-    finally:
-        triton_dit._kernels = real_kernels
-        triton_dit.set_enabled(False)
     rows[1]["ratio"] = rows[1]["total"] / rows[0]["total"]
     print(table(rows, ["chains", "operators", "triton_launches", "total", "ratio"]))
     result = {"environment": environment(), "model": args.model, "block": "steady, from step_latents", "rows": rows}

@@ -26,10 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, table, write_json  # noqa: E402
-from dit_operator_count import CountedLaunches  # noqa: E402
-
-from matrixgame_env.nn import triton_dit  # noqa: E402
-from matrixgame_env.world.model import WorldModel  # noqa: E402
+from dit_operator_count import CountedLaunches, launches_counted, steady_world  # noqa: E402
 
 # Operators that only make views or allocate: everything else writes memory.
 VIEWS = {
@@ -78,22 +75,10 @@ def main() -> None:
     if args.worlds < 1:
         raise SystemExit(f"--worlds must be at least 1, got {args.worlds}")
     torch.set_num_threads(2)
-    world = WorldModel.from_pretrained(args.model, device="cpu", dtype=torch.bfloat16)
-    state = world.start([str(world.start_image_paths()[0])] * args.worlds, seed=list(range(args.worlds)))
-    keyboard, mouse = torch.zeros(args.worlds, 4), torch.zeros(args.worlds, 2)
-    keyboard[:, 0] = 1
-    for _ in range(3):  # past the young blocks: a steady block, as CUDA graphs replay
-        world.step_latents(state, keyboard, mouse)
-    counted, real_kernels = CountedLaunches(), triton_dit._kernels
+    world, state, keyboard, mouse = steady_world(args.model, args.worlds, torch.bfloat16)
     traffic = TrafficByLine()
-    try:
-        triton_dit._kernels = lambda: counted
-        triton_dit.set_enabled(True)
-        with traffic:
-            world.step_latents(state, keyboard, mouse)
-    finally:
-        triton_dit._kernels = real_kernels
-        triton_dit.set_enabled(False)
+    with launches_counted(CountedLaunches()) as counted, traffic:
+        world.step_latents(state, keyboard, mouse)
     total = sum(traffic.bytes.values())
     rows = [
         {"operator": op, "line": line, "dtype": dtype, "calls": traffic.calls[op, line, dtype], "mb": written / 1e6,
