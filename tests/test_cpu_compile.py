@@ -234,6 +234,72 @@ def test_compiled_decoder_decodes_a_blocks_last_frame_alone_in_one_call_like_the
         torch._dynamo.reset()
 
 
+def test_a_streams_first_call_decodes_eagerly_and_its_steady_blocks_go_to_the_runner():
+    """A world's first block decodes without the runner: the rest of it (two latents after the first)
+    would otherwise compile a graph of its own, and the steady three-latent blocks a second one with
+    the frame count dynamic. The runner sees only the steady blocks, within float rounding of eager."""
+    torch._dynamo.reset()
+    vae = _tiny_vae()
+    latents = torch.randn(1, 4, 9, 4, 6, generator=torch.Generator().manual_seed(5))
+    eager_cache = vae.new_decoder_cache(1)
+    expected = [vae.decode_stream(latents[:, :, i : i + 3], eager_cache, last_frames=1) for i in (0, 3, 6)]
+    compile_decoder(vae)
+    calls = []
+    runner = vae.decoder_runner
+    vae.set_decoder_runner(
+        lambda x, cache, **options: (calls.append((x.shape[2], options)), runner(x, cache, **options))[1]
+    )
+    try:
+        cache = vae.new_decoder_cache(1)
+        first = vae.decode_stream(latents[:, :, :3], cache, last_frames=1)
+        assert calls == [] and torch.equal(first, expected[0])
+        for i, want in zip((3, 6), expected[1:]):
+            got = vae.decode_stream(latents[:, :, i : i + 3], cache, last_frames=1)
+            assert got.shape == (1, 1, 3, 16, 24) and (got - want).abs().max() < 1e-4
+        assert calls == [(3, {"last_frames": 1})] * 2
+    finally:
+        compile_decoder(vae, False)
+        torch._dynamo.reset()
+
+
+def test_two_compiled_decoders_with_other_weights_each_decode_their_own_frames(monkeypatch):
+    """The compiled graphs keep only the identity checks of the modules' guards (`identity_guards_only`):
+    two decoders of one class, with other frozen weights, still each run a graph of their own."""
+    from matrixgame_env.world import frozen_compile
+
+    identity_guards_only = frozen_compile.identity_guards_only
+    torch._dynamo.reset()
+    latents = torch.randn(1, 4, 6, 4, 6, generator=torch.Generator().manual_seed(6))
+    vaes = [_tiny_vae(seed=0), _tiny_vae(seed=1)]
+    expected = [_decoded_stream(vae, latents) for vae in vaes]
+    assert (expected[0] - expected[1]).abs().max() > 1e-2
+    kept = []
+
+    def recorded(entries):
+        keep = identity_guards_only(entries)
+        kept.append([(entry.guard_type, flag) for entry, flag in zip(entries, keep)])
+        return keep
+
+    monkeypatch.setattr(frozen_compile, "identity_guards_only", recorded)
+    try:
+        for vae in vaes:
+            compile_decoder(vae)
+        compiled = []
+        for _ in range(2):  # the second round runs the graphs already there
+            for vae, want in zip(vaes, expected):
+                got = _decoded_stream(vae, latents)
+                assert (got - want).abs().max() < 1e-4
+            compiled.append(len(kept))
+        assert compiled[0] >= 2 and compiled[1] == compiled[0]
+        for entries in kept:
+            assert all(flag for kind, flag in entries if kind in ("ID_MATCH", "TENSOR_MATCH"))
+            assert sum(flag for _, flag in entries) < len(entries) / 2
+    finally:
+        for vae in vaes:
+            compile_decoder(vae, False)
+        torch._dynamo.reset()
+
+
 def test_compiled_decoder_follows_changed_weights_and_is_refused_off_the_cpu():
     """The compiled graph holds the weights frozen: weights changed in place after compiling are
     noticed, and it warns, compiles again and decodes what the eager decoder gives with them."""

@@ -701,8 +701,12 @@ class WanVAE(nn.Module):
         # frames, chunk]; norms, attention and upsampling per frame) in fewer, larger kernels. A
         # decoder runner (`set_decoder_runner`: a compiled decoder, traced for one latent) keeps one, and
         # `set_latents_per_decoder_call` caps the count. With `last_frames` a runner takes the latents
-        # in one call too: the trimmed layers then skip most frames, not just the last latent's.
-        decode = self._decoder_runner or self.decoder
+        # in one call too: the trimmed layers then skip most frames, not just the last latent's. A
+        # stream's first call (its cache empty) runs the decoder itself throughout: the rest of a
+        # first block comes in a chunk size that occurs once a stream, and a runner that saw it
+        # would trace the steady chunks' graph again with the frame count dynamic (slower kernels).
+        first_call = any(cache.is_empty(s) for s in range(len(cache.slots)))
+        decode = self.decoder if first_call else (self._decoder_runner or self.decoder)
         one_by_one = self._decoder_runner is not None and last_frames is None
         most = 1 if one_by_one else (self._latents_per_decoder_call or x.shape[2])
         frames, start, total = [], 0, x.shape[2]
