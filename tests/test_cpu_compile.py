@@ -204,6 +204,16 @@ def test_compiled_decoder_gives_the_eager_frames_in_one_graph_and_restarts_witho
     torch._dynamo.reset()
 
 
+def _recorded_runner_calls(vae: WanVAE) -> list[tuple[int, dict]]:
+    """Has the VAE's runner note each call's latent count and options in the list it returns."""
+    calls: list[tuple[int, dict]] = []
+    runner = vae.decoder_runner
+    vae.set_decoder_runner(
+        lambda x, cache, **options: (calls.append((x.shape[2], options)), runner(x, cache, **options))[1]
+    )
+    return calls
+
+
 def test_compiled_decoder_decodes_a_blocks_last_frame_alone_in_one_call_like_the_eager_decoder():
     """With `last_frames` the compiled decoder takes the block's latents in one call (its trimmed layers
     then skip most frames): the eager decoder's last frame, and the same frames after."""
@@ -215,11 +225,7 @@ def test_compiled_decoder_decodes_a_blocks_last_frame_alone_in_one_call_like_the
     expected = vae.decode_stream(latents[:, :, 1:4], eager_cache)
     expected_next = vae.decode_stream(latents[:, :, 4:], eager_cache)
     compile_decoder(vae)
-    calls = []
-    runner = vae.decoder_runner
-    vae.set_decoder_runner(
-        lambda x, cache, **options: (calls.append((x.shape[2], options)), runner(x, cache, **options))[1]
-    )
+    calls = _recorded_runner_calls(vae)
     try:
         cache = vae.new_decoder_cache(1)
         vae.decode_stream(latents[:, :, :1], cache)
@@ -244,11 +250,7 @@ def test_a_streams_first_call_decodes_eagerly_and_its_steady_blocks_go_to_the_ru
     eager_cache = vae.new_decoder_cache(1)
     expected = [vae.decode_stream(latents[:, :, i : i + 3], eager_cache, last_frames=1) for i in (0, 3, 6)]
     compile_decoder(vae)
-    calls = []
-    runner = vae.decoder_runner
-    vae.set_decoder_runner(
-        lambda x, cache, **options: (calls.append((x.shape[2], options)), runner(x, cache, **options))[1]
-    )
+    calls = _recorded_runner_calls(vae)
     try:
         cache = vae.new_decoder_cache(1)
         first = vae.decode_stream(latents[:, :, :3], cache, last_frames=1)

@@ -704,7 +704,7 @@ class WanVAE(nn.Module):
         # in one call too: the trimmed layers then skip most frames, not just the last latent's. A
         # stream's first call (its cache empty) runs the decoder itself throughout: the rest of a
         # first block comes in a chunk size that occurs once a stream, and a runner that saw it
-        # would trace the steady chunks' graph again with the frame count dynamic (slower kernels).
+        # would compile a graph for it and then the steady chunks' with the frame count dynamic.
         first_call = any(cache.is_empty(s) for s in range(len(cache.slots)))
         decode = self.decoder if first_call else (self._decoder_runner or self.decoder)
         one_by_one = self._decoder_runner is not None and last_frames is None
