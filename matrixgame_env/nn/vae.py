@@ -705,13 +705,13 @@ class WanVAE(nn.Module):
         # stream's first call (its cache empty) runs the decoder itself throughout: the rest of a
         # first block comes in a chunk size that occurs once a stream, and a runner that saw it
         # would compile a graph for it and then the steady chunks' with the frame count dynamic.
-        first_call = any(cache.is_empty(s) for s in range(len(cache.slots)))
+        first_call = cache.filling()
         decode = self.decoder if first_call else (self._decoder_runner or self.decoder)
         one_by_one = self._decoder_runner is not None and last_frames is None
         most = 1 if one_by_one else (self._latents_per_decoder_call or x.shape[2])
         frames, start, total = [], 0, x.shape[2]
         while start < total:
-            alone = any(cache.is_empty(s) for s in range(len(cache.slots)))
+            alone = cache.filling()
             count = 1 if alone else min(most, total - start)
             chunk = x[:, :, start : start + count]
             if last_frames is None or start + count < total:

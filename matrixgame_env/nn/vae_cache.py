@@ -40,6 +40,10 @@ class FeatureCache:
         """Whether the slot's layer has not run yet in this stream (its first chunk comes next)."""
         return self.slots[slot] is None or self.emptied[slot]
 
+    def filling(self) -> bool:
+        """Whether some slot's layer has not run yet in this stream (its next chunk is its first)."""
+        return any(self.is_empty(slot) for slot in range(len(self.slots)))
+
     def keep(self, slot: int, frames: torch.Tensor, owned: bool = False) -> None:
         """Stores `frames` in `slot`: overwriting its tensor under `write_in_place`, else as a copy, or
         as they are when `owned` (a tensor nothing else refers to)."""

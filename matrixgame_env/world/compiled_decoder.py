@@ -22,14 +22,9 @@ class CompiledDecoder(FrozenCompiled):
         super().__init__(decoder, "decoder")
 
     def __call__(self, x: torch.Tensor, cache: FeatureCache, last_frames: int | None = None) -> torch.Tensor:
-        if self.failed or torch.is_grad_enabled() or x.device.type != "cpu" or _filling(cache):
+        if self.failed or torch.is_grad_enabled() or x.device.type != "cpu" or cache.filling():
             return self.module(x, cache, last_frames)
         return self.run(x, cache, last_frames)
-
-
-def _filling(cache: FeatureCache) -> bool:
-    """Whether some layer has not yet kept frames in this stream (its next chunk is its first)."""
-    return any(cache.is_empty(slot) for slot in range(len(cache.slots)))
 
 
 def compile_decoder(vae: WanVAE, enabled: bool = True) -> None:

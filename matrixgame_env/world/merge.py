@@ -256,4 +256,4 @@ def _cat_decoder_caches(caches: list[DecoderCache | None]) -> DecoderCache | Non
 
 def _steady(cache: DecoderCache) -> bool:
     """Every slot filled (after a world's first block each keeps the same number of frames)."""
-    return not any(cache.is_empty(i) for i in range(len(cache.slots)))
+    return not cache.filling()
