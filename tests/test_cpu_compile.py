@@ -243,22 +243,26 @@ def test_compiled_decoder_decodes_a_blocks_last_frame_alone_in_one_call_like_the
 def test_a_streams_first_call_decodes_eagerly_and_its_steady_blocks_go_to_the_runner():
     """A world's first block decodes without the runner: the rest of it (two latents after the first)
     would otherwise compile a graph of its own, and the steady three-latent blocks a second one with
-    the frame count dynamic. The runner sees only the steady blocks, within float rounding of eager."""
+    the frame count dynamic. The runner sees only the steady blocks, within float rounding of eager,
+    and compiles once: the cache keeps every slot in one layout (`FeatureCache.channels_last`), so the
+    slots the eager first block left and those the compiled graph leaves pass the same guards."""
     torch._dynamo.reset()
     vae = _tiny_vae()
-    latents = torch.randn(1, 4, 9, 4, 6, generator=torch.Generator().manual_seed(5))
+    latents = torch.randn(1, 4, 12, 4, 6, generator=torch.Generator().manual_seed(5))
     eager_cache = vae.new_decoder_cache(1)
-    expected = [vae.decode_stream(latents[:, :, i : i + 3], eager_cache, last_frames=1) for i in (0, 3, 6)]
+    expected = [vae.decode_stream(latents[:, :, i : i + 3], eager_cache, last_frames=1) for i in (0, 3, 6, 9)]
     compile_decoder(vae)
     calls = _recorded_runner_calls(vae)
     try:
         cache = vae.new_decoder_cache(1)
+        assert cache.channels_last
         first = vae.decode_stream(latents[:, :, :3], cache, last_frames=1)
         assert calls == [] and torch.equal(first, expected[0])
-        for i, want in zip((3, 6), expected[1:]):
-            got = vae.decode_stream(latents[:, :, i : i + 3], cache, last_frames=1)
+        for i, want in zip((3, 6, 9), expected[1:]):
+            with torch.compiler.set_stance("fail_on_recompile" if i > 3 else "default"):
+                got = vae.decode_stream(latents[:, :, i : i + 3], cache, last_frames=1)
             assert got.shape == (1, 1, 3, 16, 24) and (got - want).abs().max() < 1e-4
-        assert calls == [(3, {"last_frames": 1})] * 2
+        assert calls == [(3, {"last_frames": 1})] * 3
     finally:
         compile_decoder(vae, False)
         torch._dynamo.reset()

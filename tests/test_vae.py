@@ -428,6 +428,31 @@ def test_cache_select_and_expand_batch_fork_worlds(vae: WanVAE, fixture: Fixture
     assert max_relative_error(vae.decode_stream(second[:, :, 3:6], kept), reference[1:]) <= OTHER_BATCH_TOLERANCE
 
 
+def test_a_channels_last_decoders_cache_keeps_every_slot_in_one_layout(vae: WanVAE, fixture: Fixture) -> None:
+    """Slices of joins, stacked taps and forks are kept as new dense channels-last tensors (what a
+    compiled decoder's stride guards then meet at every call), holding the same values as a cache
+    without a layout of its own."""
+    latents = fixture.input("latents")
+    sizes = _latents_per_decode_call(fixture, vae.temporal_factor)
+    vae.set_decoder_channels_last(True)
+    try:
+        laid_out, free = vae.new_decoder_cache(1), DecoderCache(vae.decoder.num_cache_slots, 1)
+        assert laid_out.channels_last and not free.channels_last
+        for conv3d in ("native", "stacked"):
+            set_conv3d_mode(conv3d)
+            for cache in (laid_out, free):
+                cache.restart()
+                _stream(vae, latents, sizes, cache)
+            for cache in (laid_out, laid_out.clone(), laid_out.select([0, 0]), laid_out.expand_batch(2)):
+                for slot in cache.slots:
+                    expected = torch.empty(slot.shape, memory_format=torch.channels_last_3d).stride()
+                    assert slot.stride() == expected
+            assert all(torch.equal(a, b) for a, b in zip(laid_out.slots, free.slots))
+            assert any(a.stride() != b.stride() for a, b in zip(laid_out.slots, free.slots))
+    finally:
+        vae.set_decoder_channels_last(False)
+
+
 def test_cache_memory_does_not_grow(vae: WanVAE, fixture: Fixture) -> None:
     latents = fixture.input("latents")
     cache = vae.new_decoder_cache(1)

@@ -665,7 +665,7 @@ class WanVAE(nn.Module):
 
     def new_decoder_cache(self, batch_size: int) -> DecoderCache:
         """An empty cache for streaming `batch_size` worlds through `decode_stream` from their first latent."""
-        return DecoderCache(self.decoder.num_cache_slots, batch_size)
+        return DecoderCache(self.decoder.num_cache_slots, batch_size, channels_last=self._decoder_channels_last)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -26,15 +26,20 @@ class FeatureCache:
     reads and writes); every cache made from another (`clone`, `select`, `to`, ...) starts unset.
     `restart` empties a cache for a new stream but keeps its tensors: its slots then count as empty
     (`is_empty`) until their layers write them again.
+    With `channels_last` every slot is kept as a dense channels-last tensor of its own, whatever the
+    layout of the frames it was given (a slice of a larger join, the output of a compiled graph): a
+    compiled decoder, whose guards check its inputs' strides, then meets the same slots from call to
+    call and from the eager first chunk to the compiled later ones.
     """
 
-    def __init__(self, num_slots: int, batch_size: int) -> None:
+    def __init__(self, num_slots: int, batch_size: int, channels_last: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.slots: list[torch.Tensor | None] = [None] * num_slots
         self.emptied = [False] * num_slots  # slots that hold a tensor but count as empty (`restart`)
         self.batch_size = batch_size
         self.write_in_place = False
+        self.channels_last = channels_last
 
     def is_empty(self, slot: int) -> bool:
         """Whether the slot's layer has not run yet in this stream (its first chunk comes next)."""
@@ -46,12 +51,12 @@ class FeatureCache:
 
     def keep(self, slot: int, frames: torch.Tensor, owned: bool = False) -> None:
         """Stores `frames` in `slot`: overwriting its tensor under `write_in_place`, else as a copy, or
-        as they are when `owned` (a tensor nothing else refers to)."""
+        as they are when `owned` (a tensor nothing else refers to) and already in the slots' layout."""
         held = self.slots[slot]
         if self.write_in_place and held is not None and held.shape == frames.shape and held.dtype == frames.dtype:
             triton_norm.copy_frames(held, frames)
         else:
-            self.slots[slot] = frames if owned else _copy_of(frames)
+            self.slots[slot] = frames if owned and self._in_layout(frames) else self._copy_of(frames)
         self.emptied[slot] = False
 
     def restart(self) -> None:
@@ -96,11 +101,31 @@ class FeatureCache:
         """A copy on another device and/or in another floating-point dtype."""
         return self._map(lambda slot: slot.to(device=device, dtype=dtype, copy=True), self.batch_size)
 
+    def _in_layout(self, frames: torch.Tensor) -> bool:
+        """Whether `frames` may be kept as they are: any layout, or under `channels_last` a dense
+        channels-last one with the strides a new tensor of that layout has."""
+        return not self.channels_last or frames.dim() != 5 or frames.stride() == _channels_last_strides(frames.shape)
+
+    def _copy_of(self, frames: torch.Tensor) -> torch.Tensor:
+        """A copy of `frames`: channels-last frames the Triton kernels take are copied by one of them
+        (`triton_norm.copy_frames`), others by `clone`, or under `channels_last` into a new
+        channels-last tensor."""
+        if not ((self.channels_last and frames.dim() == 5) or triton_norm.applies(frames)):
+            return frames.clone()
+        copy = torch.empty(frames.shape, dtype=frames.dtype, device=frames.device, memory_format=torch.channels_last_3d)
+        triton_norm.copy_frames(copy, frames)
+        return copy
+
     def _map(self: CacheT, transform: Callable[[torch.Tensor], torch.Tensor], batch_size: int) -> CacheT:
-        result = type(self)(len(self.slots), batch_size)
-        result.slots = [None if slot is None else transform(slot) for slot in self.slots]
+        result = type(self)(len(self.slots), batch_size, self.channels_last)
+        result.slots = [None if slot is None else result.adopt(transform(slot)) for slot in self.slots]
         result.emptied = list(self.emptied)
         return result
+
+    def adopt(self, frames: torch.Tensor) -> torch.Tensor:
+        """`frames`, a tensor that will be one of this cache's slots and nothing else's, in the
+        slots' layout (copied only where it differs)."""
+        return frames if self._in_layout(frames) else self._copy_of(frames)
 
 
 class DecoderCache(FeatureCache):
@@ -111,11 +136,7 @@ class DecoderCache(FeatureCache):
     """
 
 
-def _copy_of(frames: torch.Tensor) -> torch.Tensor:
-    """A copy of `frames`: channels-last frames the Triton kernels take are copied by one of them
-    (`triton_norm.copy_frames`), others by `clone`."""
-    if not triton_norm.applies(frames):
-        return frames.clone()
-    copy = torch.empty(frames.shape, dtype=frames.dtype, device=frames.device, memory_format=torch.channels_last_3d)
-    triton_norm.copy_frames(copy, frames)
-    return copy
+def _channels_last_strides(shape: torch.Size) -> tuple[int, ...]:
+    """The strides of a new dense channels-last tensor of `shape` [B, C, T, H, W]."""
+    batch, channels, frames, height, width = shape
+    return (channels * frames * height * width, 1, height * width * channels, width * channels, channels)

@@ -249,8 +249,8 @@ def _cat_decoder_caches(caches: list[DecoderCache | None]) -> DecoderCache | Non
         if len(shapes) > 1:
             raise ValueError(f"the states' decoder caches differ in slot {i}: {sorted(shapes)}")
         slots.append(torch.cat(slot_group))
-    joined = DecoderCache(len(slots), sum(cache.batch_size for cache in caches))
-    joined.slots = slots
+    joined = DecoderCache(len(slots), sum(cache.batch_size for cache in caches), caches[0].channels_last)
+    joined.slots = [joined.adopt(slot) for slot in slots]
     return joined
 
 
