@@ -169,7 +169,8 @@ class MatrixGameEnv(gym.Env):
     fuses the elementwise chains of the DiT and the decoder with torch.compile (about 15 s of
     compiling on first use, results within bf16 rounding); False: the eager reference path. On a
     CPU: True runs the decoder channels-last; "compile" also compiles the DiT's passes and the
-    decoder (about a minute on first use on 2 cores, results equal to float rounding).
+    decoder (one to two minutes on first use in a process on 2 cores, results equal to float
+    rounding).
     action_guidance: strengthen what the actions do (`SamplerConfig.action_guidance`: 1 is off, as
     the official sampler; each value above 1 costs one more DiT pass per denoising step); None keeps
     the model's config. It is set on the world model, so envs sharing one `WorldModel` share it.
