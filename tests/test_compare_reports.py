@@ -305,6 +305,34 @@ def test_the_release_on_an_h100_in_bfloat16_reads_like_on_the_cpu(capsys):
     assert targets["psnr_above_copy_last_frame_at_1s"]["passed"] and targets["no_collapse"]["passed"]
 
 
+def test_the_generation_loses_keys_in_the_first_half_of_each_latent_frame_since_the_motion_vae():
+    """The model card's item 4 of what to improve: split by where the judged change falls among a latent
+    frame's 4 video frames, the generated keys of every release on the motion VAE read worse in the
+    first half than in the second, where the round trip and the real frames read alike at every phase;
+    the first VAE's release did not split so."""
+    eval_dir = ROOT / "models/doom-small/eval"
+
+    def phases(path: Path, source: str) -> list[float]:
+        return json.loads(path.read_text())["idm"][source]["by_phase"]["keyboard"]
+
+    current = eval_dir / "eval.json"
+    assert [round(v, 3) for v in phases(current, "generated")] == [0.832, 0.829, 0.869, 0.871]
+    assert [round(v, 3) for v in phases(current, "vae_round_trip")] == [0.869, 0.857, 0.868, 0.869]
+    assert max(phases(current, "real_clips")) - min(phases(current, "real_clips")) < 0.01
+    for name in (
+        "eval.json",
+        "h100/eval.json",
+        *(f"release_{day}/eval.json" for day in ("2026-12-06b", "2026-12-06", "2026-12-05")),
+    ):
+        generated = phases(eval_dir / name, "generated")
+        round_trip = phases(eval_dir / name, "vae_round_trip")
+        first, second = sum(generated[:2]) / 2, sum(generated[2:]) / 2
+        assert 0.80 <= first <= 0.833 and 0.83 <= second <= 0.876 and second - first > 0.02, (name, generated)
+        assert max(round_trip) - min(round_trip) < 0.015, (name, round_trip)
+    previous = phases(eval_dir / "eval_previous_release.json", "generated")
+    assert round(min(previous), 2) == 0.79 and round(max(previous), 2) == 0.81
+
+
 def test_the_action_loss_15_student_is_not_told_apart_from_the_release_but_at_half_a_second(capsys):
     """models/next/dit-mapped-motion's last section: the student of action loss 1.5 (300 of 300 steps)
     against the release of 2026-12-07, both full CPU reports on the same clips: less faithful at 0.5 s
