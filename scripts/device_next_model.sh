@@ -87,6 +87,10 @@ distill_recipe="--critic-steps 5 --lr 2e-5 --action-lr-mult 10 --guidance 1.5 --
 # MG_ACTION_READER: a reader packed by an earlier run (on the same seeded recording) instead of training one.
 if [ -n "${MG_ACTION_WEIGHT:-}" ]; then distill_recipe="$distill_recipe --action-weight $MG_ACTION_WEIGHT"; fi
 if [ -n "${MG_ACTION_READER:-}" ]; then distill_recipe="$distill_recipe --action-reader $MG_ACTION_READER"; fi
+# MG_ACTION_READER_FRAMES=4: the reader trained here names each video frame's keys (`--action-reader-frames 4`).
+if [ -n "${MG_ACTION_READER_FRAMES:-}" ]; then
+  distill_recipe="$distill_recipe --action-reader-frames $MG_ACTION_READER_FRAMES"
+fi
 case ${1:?give train, finish, decoders, judge, distill, student, adapt, complete or whole} in
   train)
     pipeline setup next

@@ -101,3 +101,53 @@ def test_training_a_reader_leaves_the_callers_random_state_and_repeats_from_its_
 def test_a_single_latent_frame_is_refused():
     with pytest.raises(ValueError, match="F >= 2"):
         LatentActionReader(16, 4)(torch.randn(1, 16, 1, 4, 8))
+
+
+def test_per_frame_targets_keep_each_video_frames_keys():
+    keyboard = torch.zeros(1, 9, 4)
+    keyboard[0, 3:7, 0] = 1  # W down at the third frame of latent frame 1, up after the second of latent frame 2
+    mouse = torch.zeros(1, 9, 2)
+    targets = action_targets(keyboard, mouse, frames=3, per_frame=True)
+    assert targets.keys.shape == (1, 2, 4, 4)
+    assert targets.keys[0, :, :, 0].tolist() == [[0, 0, 1, 1], [1, 1, 0, 0]]
+    assert torch.equal(targets.keys.mean(dim=2), action_targets(keyboard, mouse, frames=3).keys)
+
+
+def _key_onsets(batch: int, frames: int = 5, seed: int = 0) -> ClipBatch:
+    """Clips in which W goes down at a random video frame of each latent frame (or not at all) and stays
+    down to its end; the latent frame's channel 0 holds how many of its 4 frames had W down. Every
+    latent frame's share of frames says as much, but only a reader of each frame names which ones."""
+    g = torch.Generator().manual_seed(seed)
+    held = torch.randint(0, 5, (batch, frames - 1), generator=g)  # frames with W down, at the end of each
+    latents = torch.randn(batch, 16, frames, 8, 8, generator=g)
+    latents[:, 0, 1:] += held.float()[..., None, None]
+    phase = torch.arange(4)
+    per_frame = (phase >= 4 - held[..., None]).float()  # [B, F-1, 4]
+    keyboard = torch.zeros(batch, 1 + 4 * (frames - 1), 4)
+    keyboard[:, 1:, 0] = per_frame.flatten(1)
+    return ClipBatch(
+        latents, keyboard, torch.zeros(batch, keyboard.shape[1], 2), torch.zeros(batch, 8, 8, 3, dtype=torch.uint8)
+    )
+
+
+def test_a_reader_of_each_video_frame_learns_where_inside_a_latent_frame_a_key_went_down(tmp_path):
+    batches = (_key_onsets(16, seed=seed) for seed in range(10_000))
+    reader = train_reader(
+        batches, latent_channels=16, keys=4, steps=300, device="cpu", lr=3e-3, progress=False, frames_per_latent=4
+    )
+    held_out = _key_onsets(64, seed=-1)
+    key_logits, yaw_logits = reader(held_out.latents)
+    assert key_logits.shape == (64, 4, 4, 4) and yaw_logits.shape == (64, 4, 3)
+    judged = reader_accuracy(reader, [held_out], "cpu")
+    assert judged["latent_frames"] == 64 * 4
+    # W alone takes a quarter of the per-frame answers: chance is high, so the frames of W are checked too
+    assert judged["key_accuracy"] > 0.97 and judged["key_accuracy"] > judged["key_commonest_share"] + 0.1, judged
+    w_read = key_logits[..., 0] > 0
+    w_held = held_out.keyboard[:, 1:, 0].unflatten(1, (4, 4)) > 0.5
+    assert (w_read == w_held).float().mean() > 0.9
+    loaded = load_reader(save_reader(reader, tmp_path / "reader.safetensors"), 16, 4, "cpu")
+    assert loaded.frames_per_latent == 4 and torch.equal(loaded(held_out.latents)[0], key_logits)
+    with pytest.raises(ValueError, match="per_frame=True"):
+        action_loss(reader, held_out.latents, action_targets(held_out.keyboard, held_out.mouse, 5))
+    with pytest.raises(ValueError, match="frames_per_latent must be 1"):
+        LatentActionReader(16, 4, frames_per_latent=2)

@@ -219,6 +219,23 @@ def test_stage_with_an_action_weight_trains_its_reader_once_and_records_what_it_
         distill.run(_args(inputs, tmp_path / "negative", "--action-weight", "-1"))
 
 
+def test_stage_with_a_reader_of_each_video_frame_trains_it_and_adds_its_loss(inputs, tmp_path):
+    """`--action-reader-frames 4`: the reader the stage trains names each video frame's keys, the student's
+    update holds its loss, and what it read is recorded with the form; a given reader says its own."""
+    options = ("--check-clips", "0", "--action-weight", "0.5", "--action-reader-steps", "3")
+    folder = distill.run(_args(inputs, tmp_path, "--steps", "1", "--action-reader-frames", "4", *options))
+    saved = tmp_path / "distill" / "action_reader.safetensors"
+    assert read_state_dict(saved)["head.weight"].shape[0] == 4 * 4 + 3
+    judged = WorldModel.from_pretrained(folder, device="cpu").config.extra["training"]["distill"][
+        "action_reader_on_real_latents"
+    ]
+    assert judged["frames_per_latent"] == 4 and 0 <= judged["key_accuracy"] <= 1
+    assert [("action_loss" in r) for r in _log(tmp_path / "distill") if "dmd_loss" in r] == [True]
+    other = distill.run(_args(inputs, tmp_path / "given", "--steps", "1", *options, "--action-reader", str(saved)))
+    settings = WorldModel.from_pretrained(other, device="cpu").config.extra["training"]["distill"]
+    assert settings["action_reader_on_real_latents"]["frames_per_latent"] == 4
+
+
 def test_a_negative_data_weight_is_refused(inputs, tmp_path):
     with pytest.raises(distill.StageError, match="--data-weight"):
         distill.run(_args(inputs, tmp_path, "--data-weight", "-1"))

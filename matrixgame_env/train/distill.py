@@ -55,9 +55,9 @@ from .latent_actions import (
     READER_FILE,
     LatentActionReader,
     action_loss,
-    action_targets,
     load_reader,
     reader_accuracy,
+    reader_targets,
     save_reader,
     train_reader,
 )
@@ -114,6 +114,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--action-reader-steps", type=int, default=1500, help="steps of training the action reader (default: 1500)"
+    )
+    parser.add_argument(
+        "--action-reader-frames",
+        type=int,
+        choices=(1, 4),
+        default=1,
+        help="what a reader trained here names of each latent frame's keys: 1, the share of its 4 video frames "
+        "with each key held (default); 4, each video frame's keys, so the student is also pulled towards "
+        "showing where inside a latent frame a key went down or up (a given --action-reader says its own)",
     )
     parser.add_argument("--min-level", type=float, default=0.02, help="lowest DMD noise level (unshifted, 0..1)")
     parser.add_argument("--max-level", type=float, default=0.98, help="highest DMD noise level (unshifted, 0..1)")
@@ -202,8 +211,7 @@ class Distillation:
         if self.data_weight:
             losses["data_loss"] = self.data_forcing.loss(self.student, batch.latents, conditions).loss
         if self.action_weight:
-            targets = action_targets(batch.keyboard, batch.mouse, batch.num_frames)
-            losses["action_loss"] = action_loss(self.reader, sample, targets)
+            losses["action_loss"] = action_loss(self.reader, sample, reader_targets(self.reader, batch))
         return losses
 
     def step(self, batch: ClipBatch) -> dict[str, torch.Tensor]:
@@ -244,13 +252,21 @@ def action_reader(
         )  # the same batches in every process, so every process trains the same reader
         batches = (ClipBatch.from_item(item) for item in loader)
         reader = train_reader(
-            batches, channels, keys, args.action_reader_steps, training.device, progress=training.show_progress
+            batches,
+            channels,
+            keys,
+            args.action_reader_steps,
+            training.device,
+            progress=training.show_progress,
+            frames_per_latent=args.action_reader_frames,
         )
         if training.is_main:
             save_reader(reader, path)
     judged = reader_accuracy(reader, fixed_batches(val_clips or train_clips, 256, args.batch_size), training.device)
+    judged["frames_per_latent"] = reader.frames_per_latent
     training.message(
-        f"action reader on real latents: keys {judged['key_accuracy']:.3f} (always the commonest: "
+        f"action reader on real latents ({'each video frame' if reader.frames_per_latent > 1 else 'shares'}): "
+        f"keys {judged['key_accuracy']:.3f} (always the commonest: "
         f"{judged['key_commonest_share']:.3f}), yaw {judged['yaw_accuracy']:.3f} "
         f"({judged['yaw_commonest_share']:.3f}), {judged['latent_frames']} latent frames"
     )
