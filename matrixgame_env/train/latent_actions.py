@@ -103,8 +103,9 @@ def action_targets(
 
 
 def action_loss(reader: LatentActionReader, latents: torch.Tensor, targets: ActionTargets) -> torch.Tensor:
-    """Binary cross-entropy of the keys (against the share of frames each was held) plus cross-entropy
-    of the yaw direction, averaged over latent frames: what `reader` finds missing in `latents`."""
+    """Binary cross-entropy of the keys (against the share of frames each was held, or for a reader of
+    each video frame against whether it was held in that frame) plus cross-entropy of the yaw
+    direction, averaged over latent frames: what `reader` finds missing in `latents`."""
     key_logits, yaw_logits = reader(latents)
     if key_logits.shape != targets.keys.shape:
         raise ValueError(
