@@ -26,10 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, table, write_json  # noqa: E402
+from common import environment, noted_decodes, table, write_json  # noqa: E402
 
 from matrixgame_env.env import MatrixGameEnv  # noqa: E402
 from matrixgame_env.nn.vae_cache import DecoderCache  # noqa: E402
@@ -39,17 +38,7 @@ from matrixgame_env.speed import random_actions  # noqa: E402
 def warm_up(model: str, steps: int) -> list[dict]:
     """Each of an env's first `steps` steps: its decode's seconds and the graphs compiled during it."""
     env = MatrixGameEnv(model, device="cpu", fast="compile", dtype=torch.bfloat16, info_frames=False)
-    world, calls = env.world, []
-    decode = world.decode_on_device
-
-    def noted(*args, **kwargs):
-        graphs = counters["stats"]["unique_graphs"]
-        started = time.perf_counter()
-        frames = decode(*args, **kwargs)
-        calls.append((time.perf_counter() - started, counters["stats"]["unique_graphs"] - graphs))
-        return frames
-
-    world.decode_on_device = noted
+    calls = noted_decodes(env)
     rng = np.random.default_rng(0)
     env.reset(seed=0)
     rows = []

@@ -22,25 +22,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, table, write_json  # noqa: E402
+from common import environment, noted_decodes, table, write_json  # noqa: E402
 
 from matrixgame_env.env import MatrixGameEnv  # noqa: E402
 from matrixgame_env.speed import random_actions  # noqa: E402
-
-
-def timed_decodes(env: MatrixGameEnv) -> list[float]:
-    """Wraps the world's decode to note each call's seconds; returns the list it fills."""
-    world, seconds = env.world, []
-    decode = world.decode_on_device
-
-    def timed(*args, **kwargs):
-        started = time.perf_counter()
-        frames = decode(*args, **kwargs)
-        seconds.append(time.perf_counter() - started)
-        return frames
-
-    world.decode_on_device = timed
-    return seconds
 
 
 def main() -> None:
@@ -54,12 +39,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     env = MatrixGameEnv(args.model, device="cpu", fast="compile", dtype=torch.bfloat16, info_frames=False)
-    decodes = timed_decodes(env)
+    decodes = noted_decodes(env)
     rng = np.random.default_rng(0)
     env.reset(seed=0)
     for _ in range(args.warmup):
         env.step(random_actions(env.action_space, rng))
-    first_two = sum(decodes[:2])
+    first_two = sum(seconds for seconds, _ in decodes[:2])
     rates: dict[str, list[float]] = {"checked": [], "skipped": []}
     for r in range(args.rounds):
         mode = "checked" if r % 2 == 0 else "skipped"

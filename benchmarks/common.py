@@ -43,6 +43,25 @@ def _cpu_model() -> dict[str, Any]:
     return {"cpu_model": fields.get("model name", "unknown"), "cpu_flags": [f for f in wanted if f in flags]}
 
 
+def noted_decodes(env: Any) -> list[tuple[float, int]]:
+    """Wraps an env's world's decode to note each call's seconds and the graphs Dynamo compiled during
+    it; returns the list it fills."""
+    from torch._dynamo.utils import counters
+
+    world, calls = env.world, []
+    decode = world.decode_on_device
+
+    def noted(*args: Any, **kwargs: Any) -> Any:
+        graphs = counters["stats"]["unique_graphs"]
+        started = time.perf_counter()
+        frames = decode(*args, **kwargs)
+        calls.append((time.perf_counter() - started, counters["stats"]["unique_graphs"] - graphs))
+        return frames
+
+    world.decode_on_device = noted
+    return calls
+
+
 def synchronize(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()

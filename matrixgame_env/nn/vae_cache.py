@@ -56,7 +56,7 @@ class FeatureCache:
         if self.write_in_place and held is not None and held.shape == frames.shape and held.dtype == frames.dtype:
             triton_norm.copy_frames(held, frames)
         else:
-            self.slots[slot] = frames if owned and self._in_layout(frames) else self._copy_of(frames)
+            self.slots[slot] = self.adopt(frames) if owned else self._copy_of(frames)
         self.emptied[slot] = False
 
     def restart(self) -> None:

@@ -35,7 +35,7 @@ def can_merge(state: WorldState) -> bool:
         return False
     if any(cache.end_frame < cache.capacity for cache in ring_caches(state)):
         return False
-    return state.decoder_cache is None or _steady(state.decoder_cache)
+    return state.decoder_cache is None or not state.decoder_cache.filling()
 
 
 def merge_states(model: CausalDiT, states: Sequence[WorldState]) -> WorldState:
@@ -252,8 +252,3 @@ def _cat_decoder_caches(caches: list[DecoderCache | None]) -> DecoderCache | Non
     joined = DecoderCache(len(slots), sum(cache.batch_size for cache in caches), caches[0].channels_last)
     joined.slots = [joined.adopt(slot) for slot in slots]
     return joined
-
-
-def _steady(cache: DecoderCache) -> bool:
-    """Every slot filled (after a world's first block each keeps the same number of frames)."""
-    return not cache.filling()
