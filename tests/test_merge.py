@@ -56,6 +56,23 @@ def test_a_merged_state_continues_each_world_as_it_would_have_gone_on_alone(worl
     assert merged.world_frames() == [old.frame, old.frame, young.frame]
 
 
+def test_merged_states_of_a_channels_last_decoder_keep_their_caches_one_layout(tmp_path):
+    """A merged state's decoder cache keeps the merged caches' slot layout (`FeatureCache.channels_last`),
+    so its later slots stay in the strides a compiled decoder was traced for."""
+    world = WorldModel.from_pretrained(write_tiny_model(tmp_path), device="cpu")
+    world.vae.set_decoder_channels_last(True)
+    rng = np.random.default_rng(3)
+    states = [world.start(_pictures(rng, 1), seed=[seed]) for seed in (4, 5)]
+    for state, blocks in zip(states, (3, 2)):
+        _advance(world, state, rng, blocks)
+    merged = merge_states(world.sampler.model, [state.snapshot() for state in states])
+    _advance(world, merged, rng, 1)
+    cache = merged.decoder_cache
+    assert cache.channels_last and cache.batch_size == 2
+    for slot in cache.slots:
+        assert slot.stride() == torch.empty(slot.shape, memory_format=torch.channels_last_3d).stride()
+
+
 @pytest.mark.parametrize("guest_blocks", [2, 7])  # younger than the host (it moves back in place), older
 def test_absorb_writes_a_world_into_a_host_row_in_place_and_both_go_on_as_alone(world, guest_blocks):
     rng = np.random.default_rng(5)
