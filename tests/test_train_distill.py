@@ -236,6 +236,100 @@ def test_stage_with_a_reader_of_each_video_frame_trains_it_and_adds_its_loss(inp
     assert settings["action_reader_on_real_latents"]["frames_per_latent"] == 4
 
 
+def _judge(folder, seed=1, size=None):
+    """A small IDM of the tiny model's frames, saved in `folder`."""
+    from matrixgame_env.eval.idm import IDMConfig, InverseDynamicsModel, save_idm
+
+    torch.manual_seed(seed)
+    return save_idm(InverseDynamicsModel(IDMConfig(video_size=size or CONFIG.video_size, width=8)), folder)
+
+
+def test_the_pixel_judge_reads_the_decoding_of_the_latents_and_passes_its_gradient_back(parts, tmp_path):
+    """Its loss is the judge's loss on `decode_unnormalised` of the first clips' denormalised latents,
+    and the gradient reaches the latents of those clips only."""
+    from matrixgame_env.train.action_judge import ActionJudge
+    from matrixgame_env.train.pixel_judge import DecodedClipJudge
+
+    vae = copy.deepcopy(parts[1])
+    judged = DecodedClipJudge.load(vae, _judge(tmp_path / "judge"), clips=2, device="cpu")
+    batch = random_clips(CONFIG, batch=3, frames=3, seed=11)
+    latents = batch.latents.clone().requires_grad_(True)
+    loss = judged.loss(latents, batch.keyboard, batch.mouse)
+    loss.backward()
+    with torch.no_grad():
+        video = vae.decode_unnormalised(vae.denormalise(batch.latents[:2]))
+        expected = ActionJudge.load(tmp_path / "judge").loss(video, batch.keyboard[:2], batch.mouse[:2])
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert latents.grad[:2].abs().sum() > 0 and torch.equal(latents.grad[2], torch.zeros_like(latents.grad[2]))
+    assert all(p.grad is None for p in vae.parameters()) and all(
+        p.grad is None for p in judged.judge.model.parameters()
+    )
+    with pytest.raises(ValueError, match="3 latent frames decode to 9 video frames; the actions cover 8"):
+        judged.loss(latents, batch.keyboard[:, :8], batch.mouse)
+    with pytest.raises(ValueError, match="clips must be at least 1"):
+        DecodedClipJudge(vae, judged.judge, clips=0)
+
+
+def test_the_pixel_judge_weight_adds_its_loss_to_the_students_update(parts, tmp_path):
+    """With a pixel judge's weight the step reports the judge's loss and the student moves elsewhere
+    than under DMD alone from the same start; a weight without a judge is refused."""
+    from matrixgame_env.train.pixel_judge import DecodedClipJudge
+
+    judged = DecodedClipJudge.load(copy.deepcopy(parts[1]), _judge(tmp_path / "judge"), clips=1, device="cpu")
+    batch = random_clips(CONFIG, batch=3, frames=6, image_latents=True, seed=8)
+    students = {}
+    for weight in (0.0, 10.0):
+        step, _, student, _, _ = _distillation(
+            parts, tmp_path / str(weight), pixel_judge=judged, pixel_judge_weight=weight
+        )
+        torch.manual_seed(0)
+        metrics = step.step(batch)
+        students[weight] = student.state_dict()
+        assert ("judge_loss" in metrics) == (weight > 0)
+    assert torch.isfinite(metrics["judge_loss"]) and metrics["judge_loss"] > 0
+    assert any(not torch.equal(students[0.0][k], students[10.0][k]) for k in students[0.0])
+    with pytest.raises(ValueError, match="needs a judge"):
+        _distillation(parts, tmp_path / "none", pixel_judge_weight=1.0)
+
+
+def test_stage_with_a_pixel_judge_logs_its_loss_and_records_the_judge_for_eval(inputs, tmp_path):
+    """`--pixel-judge`: the student's updates log `judge_loss`, the exported config names the judge and
+    its weights hash, and eval's search for judges a model trained against finds it."""
+    from matrixgame_env.eval.command import _action_judges
+    from matrixgame_env.eval.idm import idm_weights_sha256
+
+    judge = _judge(tmp_path / "judge")
+    options = ("--check-clips", "0", "--pixel-judge", str(judge), "--pixel-judge-weight", "0.5")
+    folder = distill.run(_args(inputs, tmp_path / "run", "--steps", "2", *options))
+    assert [("judge_loss" in r) for r in _log(tmp_path / "run" / "distill") if "dmd_loss" in r] == [True, True]
+    training = WorldModel.from_pretrained(folder, device="cpu").config.extra["training"]
+    settings = training["distill"]
+    assert settings["pixel_judge_sha256"] == idm_weights_sha256(judge)
+    assert settings["pixel_judge_weight"] == 0.5 and settings["pixel_judge_clips"] == 8
+    assert idm_weights_sha256(judge) in _action_judges(training)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (("--pixel-judge-weight", "1"), "--pixel-judge and --pixel-judge-weight > 0 go together"),
+        (("--pixel-judge", "JUDGE"), "--pixel-judge and --pixel-judge-weight > 0 go together"),
+        (("--pixel-judge", "JUDGE", "--pixel-judge-weight", "-1"), "go together \\(got -1.0\\)"),
+        (("--pixel-judge", "JUDGE", "--pixel-judge-weight", "1", "--pixel-judge-clips", "0"), "at least 1, got 0"),
+        (("--pixel-judge", "nowhere", "--pixel-judge-weight", "1"), "--pixel-judge nowhere: "),
+        (
+            ("--pixel-judge", "WIDE", "--pixel-judge-weight", "1"),
+            "reads \\(32, 64\\) frames, the model makes \\(16, 32\\)",
+        ),
+    ],
+)
+def test_bad_pixel_judge_options_are_refused(inputs, tmp_path, options, message):
+    judges = {"JUDGE": str(_judge(tmp_path / "judge")), "WIDE": str(_judge(tmp_path / "wide", size=(32, 64)))}
+    options = [judges.get(option, option) for option in options]
+    with pytest.raises(distill.StageError, match=message):
+        distill.run(_args(inputs, tmp_path / "run", "--steps", "1", *options))
+
+
 def test_a_negative_data_weight_is_refused(inputs, tmp_path):
     with pytest.raises(distill.StageError, match="--data-weight"):
         distill.run(_args(inputs, tmp_path, "--data-weight", "-1"))

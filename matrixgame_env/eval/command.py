@@ -188,8 +188,8 @@ def _load_judge(folder: str, world, device) -> tuple[Any, dict[str, Any]]:
 
         raise CommandError(f"cannot use the IDM at {folder}: {error}") from error
     entry: dict[str, Any] = {"source": str(Path(folder).resolve()), "sha256": idm_weights_sha256(folder)}
-    if entry["sha256"] in _action_judges(world.config.extra.get("training", {}).get("vae")):
-        entry["trained_against"] = True  # the VAE learned to please this very judge: not independent
+    if entry["sha256"] in _action_judges(world.config.extra.get("training", {})):
+        entry["trained_against"] = True  # the VAE or the DiT learned to please this very judge: not independent
     return model, entry
 
 
@@ -214,13 +214,16 @@ def _judge_readings(args: argparse.Namespace, model, clips: dict | None, by_part
 
 
 def _action_judges(record: Any) -> set[str]:
-    """The weights hashes of every IDM a VAE training record (and the records it continued, also in lists
-    such as a model card's `decoder_stages`) trained against."""
+    """The weights hashes of every IDM a training record trained against: a VAE's `--action-judge`, a
+    distillation's `--pixel-judge`, also in the records they continued and in lists such as a model
+    card's `decoder_stages`."""
     if isinstance(record, list):
         return set().union(*(_action_judges(item) for item in record))
     if not isinstance(record, dict):
         return set()
-    found = {record["action_judge_sha256"]} if isinstance(record.get("action_judge_sha256"), str) else set()
+    found = {
+        value for key in ("action_judge_sha256", "pixel_judge_sha256") if isinstance(value := record.get(key), str)
+    }
     for value in record.values():
         found |= _action_judges(value)
     return found

@@ -14,7 +14,10 @@ distilled generator, exported) and the critic (fake score). Each step:
    recorded latents of its clips, which anchors the student to the data DMD alone lets it leave.
    With `--action-weight a > 0` it also holds a times the action loss of a latent action reader
    (`latent_actions.py`: trained on the recorded latents first, then frozen): what of the clip's keys
-   and turns the reader cannot find in the student's latents.
+   and turns the reader cannot find in the student's latents. With `--pixel-judge IDM
+   --pixel-judge-weight j > 0` it also holds j times a frozen inverse-dynamics model's loss on the
+   student's clips decoded by the model's own decoder (`pixel_judge.py`): what of the keys and turns,
+   and of when they change, that judge cannot see in the frames.
 The teacher and the critic start as the `--init` DiT unless `--teacher` / `--critic-init` name other model
 folders with the same DiT config: a later session can take an exported student further (`--init` the
 student, `--teacher` the diffusion-forcing model it learned from).
@@ -62,6 +65,7 @@ from .latent_actions import (
     train_reader,
 )
 from .latent_clips import fixed_batches, open_latent_splits
+from .pixel_judge import DecodedClipJudge
 from .sampling_check import export_and_check
 from .self_forcing import SelfForcingRollout
 
@@ -124,6 +128,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "with each key held (default); 4, each video frame's keys, so the student is also pulled towards "
         "showing where inside a latent frame a key went down or up (a given --action-reader says its own)",
     )
+    parser.add_argument(
+        "--pixel-judge",
+        default=None,
+        metavar="IDM",
+        help="an inverse-dynamics model saved by `matrixgame-env eval` (--idm-out): frozen, it reads the student's "
+        "clips decoded by the model's own decoder, and --pixel-judge-weight times its loss against the recorded "
+        "actions is added to the student's update (train/pixel_judge.py); use another judge than the one eval "
+        "scores with",
+    )
+    parser.add_argument(
+        "--pixel-judge-weight", type=float, default=0.0, help="weight of the --pixel-judge loss (0: none)"
+    )
+    parser.add_argument(
+        "--pixel-judge-clips",
+        type=int,
+        default=8,
+        help="how many of the student's clips per update are decoded and judged (default: 8)",
+    )
     parser.add_argument("--min-level", type=float, default=0.02, help="lowest DMD noise level (unshifted, 0..1)")
     parser.add_argument("--max-level", type=float, default=0.98, help="highest DMD noise level (unshifted, 0..1)")
 
@@ -146,19 +168,26 @@ class Distillation:
         data_weight: float = 0.0,
         reader: LatentActionReader | None = None,
         action_weight: float = 0.0,
+        pixel_judge: DecodedClipJudge | None = None,
+        pixel_judge_weight: float = 0.0,
     ) -> None:
         """`data_forcing` and `data_weight` > 0: the student's update adds data_weight times the
         diffusion-forcing loss of the student on the recorded latents of its clips. `reader` and
-        `action_weight` > 0: it adds action_weight times the reader's action loss on the student's clip."""
+        `action_weight` > 0: it adds action_weight times the reader's action loss on the student's clip.
+        `pixel_judge` and `pixel_judge_weight` > 0: it adds pixel_judge_weight times the judge's loss on
+        the student's decoded clips."""
         if data_weight < 0 or (data_weight > 0 and data_forcing is None):
             raise ValueError(f"data_weight must be >= 0, and > 0 needs data_forcing; got {data_weight}")
         if action_weight < 0 or (action_weight > 0 and reader is None):
             raise ValueError(f"action_weight must be >= 0, and > 0 needs a reader; got {action_weight}")
+        if pixel_judge_weight < 0 or (pixel_judge_weight > 0 and pixel_judge is None):
+            raise ValueError(f"pixel_judge_weight must be >= 0, and > 0 needs a judge; got {pixel_judge_weight}")
         self.training, self.teacher, self.student, self.critic = training, teacher, student, critic
         self.image_encoder, self.rollout, self.dmd = image_encoder, rollout, dmd
         self.critic_forcing, self.critic_steps = critic_forcing, critic_steps
         self.data_forcing, self.data_weight = data_forcing, data_weight
         self.reader, self.action_weight = reader, action_weight
+        self.pixel_judge, self.pixel_judge_weight = pixel_judge, pixel_judge_weight
         # Data-parallel over the processes of a distributed run (each is the function itself in one process).
         self.critic_loss = training.data_parallel(self._critic_loss, critic)
         self.student_loss = training.data_parallel(self._student_loss, student)
@@ -186,12 +215,18 @@ class Distillation:
 
     def student_step(self, batch: ClipBatch) -> dict[str, torch.Tensor]:
         """One DMD update of the student; returns its losses (`dmd_loss`, `data_loss` with a data
-        weight, `action_loss` with an action weight) and `grad_norm`."""
+        weight, `action_loss` with an action weight, `judge_loss` with a pixel judge's weight) and
+        `grad_norm`."""
         conditions = self.conditions(batch)
         frame_mask = self.critic_forcing.frame_mask(batch.num_frames, batch.latents.device)
         with self.training.autocast():
             losses = self.student_loss(conditions, torch.randn_like(batch.latents), frame_mask, batch)
-        weights = {"dmd_loss": 1.0, "data_loss": self.data_weight, "action_loss": self.action_weight}
+        weights = {
+            "dmd_loss": 1.0,
+            "data_loss": self.data_weight,
+            "action_loss": self.action_weight,
+            "judge_loss": self.pixel_judge_weight,
+        }
         loss = sum(weights[name] * value for name, value in losses.items())
         result = {name: value.detach() for name, value in losses.items()}
         result["grad_norm"] = self.training.optimize(loss, "student")
@@ -205,13 +240,16 @@ class Distillation:
     ) -> dict[str, torch.Tensor]:
         """The DMD loss of a clip the student streams from `noise` (with gradient on each block's exit
         step); with a data weight the student's diffusion-forcing loss on the recorded latents; with an
-        action weight the reader's action loss on the streamed clip against the clip's actions."""
+        action weight the reader's action loss on the streamed clip against the clip's actions; with a
+        pixel judge's weight that judge's loss on the decoded clip."""
         sample = self.rollout(conditions, noise)
         losses = {"dmd_loss": self.dmd.loss(sample, self.teacher, self.critic, conditions, frame_mask).loss}
         if self.data_weight:
             losses["data_loss"] = self.data_forcing.loss(self.student, batch.latents, conditions).loss
         if self.action_weight:
             losses["action_loss"] = action_loss(self.reader, sample, reader_targets(self.reader, batch))
+        if self.pixel_judge_weight:
+            losses["judge_loss"] = self.pixel_judge.loss(sample, batch.keyboard, batch.mouse)
         return losses
 
     def step(self, batch: ClipBatch) -> dict[str, torch.Tensor]:
@@ -273,6 +311,21 @@ def action_reader(
     return reader, judged
 
 
+def decoded_clip_judge(
+    args: argparse.Namespace, config: ModelConfig, vae, train_clips, device: torch.device
+) -> DecodedClipJudge:
+    """The frozen judge of --pixel-judge on the model's own decoder, checked against the clips it will read."""
+    try:
+        judged = DecodedClipJudge.load(vae, args.pixel_judge, args.pixel_judge_clips, device)
+    except (OSError, ValueError, RuntimeError) as error:  # no IDM there, another format, or mismatched weights
+        raise StageError(f"--pixel-judge {args.pixel_judge}: {error}") from error
+    first = train_clips[0]
+    problem = judged.judge.check(config.video_size, first["keyboard"].shape[-1], first["keyboard"].shape[0])
+    if problem:
+        raise StageError(f"--pixel-judge {args.pixel_judge} {problem}")
+    return judged
+
+
 def dit_of(folder: str, option: str, config: ModelConfig) -> CausalDiT:
     """The float32 DiT of model folder `folder` (given as `option`), which must have `config`'s DiT config."""
     existing_dir(folder, option, "give a model folder (config.json + safetensors)")
@@ -297,6 +350,13 @@ def run(args: argparse.Namespace) -> Path:
         raise StageError(f"--data-weight must be >= 0, got {args.data_weight}")
     if args.action_weight < 0:
         raise StageError(f"--action-weight must be >= 0, got {args.action_weight}")
+    if args.pixel_judge_weight < 0 or (args.pixel_judge_weight > 0) != (args.pixel_judge is not None):
+        raise StageError(
+            f"--pixel-judge and --pixel-judge-weight > 0 go together (got {args.pixel_judge_weight}): the judge's "
+            "loss needs a weight, and a weight needs a judge (an IDM folder saved by `matrixgame-env eval --idm-out`)"
+        )
+    if args.pixel_judge_clips < 1:
+        raise StageError(f"--pixel-judge-clips must be at least 1, got {args.pixel_judge_clips}")
     training = TrainRun.from_args(args, STAGE, minutes=args.minutes - args.finish_minutes)
     config, initial, vae, clip, source = initial_model(args.init, args.model_config)
     if "dit" not in config.extra.get("training", {}):
@@ -341,9 +401,10 @@ def run(args: argparse.Namespace) -> Path:
     reader = reader_judged = None
     if args.action_weight:
         reader, reader_judged = action_reader(args, training, train_clips, val_clips, student)
+    pixel_judge = decoded_clip_judge(args, config, vae, train_clips, device) if args.pixel_judge_weight else None
     distillation = Distillation(
         training, teacher, student, critic, clip, rollout, dmd, critic_forcing, args.critic_steps,
-        data_forcing, args.data_weight, reader, args.action_weight,
+        data_forcing, args.data_weight, reader, args.action_weight, pixel_judge, args.pixel_judge_weight,
     )  # fmt: skip
     if not training.finished:
         training.local_batch_size(args.batch_size)  # each process takes its share of every part of a step
@@ -366,6 +427,13 @@ def run(args: argparse.Namespace) -> Path:
     if args.action_weight:
         settings["action_weight"] = args.action_weight
         settings["action_reader_on_real_latents"] = reader_judged
+    if pixel_judge is not None:
+        settings.update(
+            pixel_judge=pixel_judge.judge.source,
+            pixel_judge_sha256=pixel_judge.judge.sha256,
+            pixel_judge_weight=args.pixel_judge_weight,
+            pixel_judge_clips=args.pixel_judge_clips,
+        )
     folder = export_and_check(
         training, STAGE, config, parts, source, check_clips, args.check_blocks, trends, settings=settings
     )

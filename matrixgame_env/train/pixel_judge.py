@@ -1,0 +1,51 @@
+"""A frozen judge of decoded pixels in the distillation: the student's clips must show their actions.
+
+The latent action reader of `train distill --action-weight` names what it finds of each latent frame's
+keys in the latents, and it finds little about where inside a latent frame's 4 video frames a key went
+down or up, though the decoder renders that timing (the VAE's round trip reads alike at every phase).
+With `--pixel-judge IDM --pixel-judge-weight W` the student's update also decodes part of its streamed
+clips with the model's own decoder (frozen, with gradients into the latents) and adds W times a frozen
+inverse-dynamics model's loss on those frames against the clips' recorded actions (`ActionJudge`), so
+the gradient asks for the frames the judge needs, where it needs them. Use another judge than the one
+`eval` scores with: the judge's weights hash is kept in the model's config, and `eval` notes when it is
+the same model.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..nn.vae import WanVAE
+from .action_judge import ActionJudge
+
+
+class DecodedClipJudge:
+    """`ActionJudge`'s loss on the decoding of normalised latents by a frozen VAE decoder."""
+
+    def __init__(self, vae: WanVAE, judge: ActionJudge, clips: int) -> None:
+        """`clips`: how many of a batch's clips (the first ones) are decoded and judged."""
+        if clips < 1:
+            raise ValueError(f"clips must be at least 1, got {clips}")
+        self.vae = vae.eval().requires_grad_(False)
+        self.judge, self.clips = judge, clips
+
+    @classmethod
+    def load(cls, vae: WanVAE, path: str | os.PathLike, clips: int, device: torch.device | str) -> DecodedClipJudge:
+        """The IDM folder `path` as the judge, `vae` moved to `device` as the decoder."""
+        return cls(vae.to(device), ActionJudge.load(path, device), clips)
+
+    def loss(self, latents: torch.Tensor, keyboard: torch.Tensor, mouse: torch.Tensor) -> torch.Tensor:
+        """The judge's loss on the first `clips` of latents [B, C, F, h, w] (normalised, as the DiT makes
+        them), decoded to 1 + 4 (F - 1) frames, against keyboard [B, T, K] and mouse [B, T, 2] of those
+        frames; differentiable in `latents`."""
+        count = min(self.clips, latents.shape[0])
+        frames = 1 + 4 * (latents.shape[2] - 1)
+        if keyboard.shape[1] != frames or mouse.shape[1] != frames:
+            raise ValueError(
+                f"{latents.shape[2]} latent frames decode to {frames} video frames; the actions cover "
+                f"{keyboard.shape[1]} (keyboard) and {mouse.shape[1]} (mouse)"
+            )
+        video = self.vae.decode_unnormalised(self.vae.denormalise(latents[:count]))  # [n, 3, T, H, W]
+        return self.judge.loss(video, keyboard[:count], mouse[:count])
