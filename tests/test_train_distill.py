@@ -179,6 +179,21 @@ def test_the_data_weight_pulls_the_student_towards_the_recorded_latents(parts, t
     assert with_data < 0.9 * start and with_data < dmd_only, (start, dmd_only, with_data)
 
 
+def _assert_the_weight_adds_its_loss(parts, folder, loss, weight_option, **options):
+    """One step at weight 0 and at weight 10 of `weight_option` from the same start: only the second
+    reports `loss` (finite, positive), and the two students differ."""
+    batch = random_clips(CONFIG, batch=3, frames=6, image_latents=True, seed=8)
+    students = {}
+    for weight in (0.0, 10.0):
+        step, _, student, _, _ = _distillation(parts, folder / str(weight), **options, **{weight_option: weight})
+        torch.manual_seed(0)
+        metrics = step.step(batch)
+        students[weight] = student.state_dict()
+        assert (loss in metrics) == (weight > 0)
+    assert torch.isfinite(metrics[loss]) and metrics[loss] > 0
+    assert any(not torch.equal(students[0.0][k], students[10.0][k]) for k in students[0.0])
+
+
 def test_the_action_weight_adds_the_readers_loss_to_the_students_update(parts, tmp_path):
     """With an action weight the student's update holds the frozen reader's loss on its streamed clip:
     the step reports it, and the student moves elsewhere than under DMD alone from the same start."""
@@ -186,16 +201,7 @@ def test_the_action_weight_adds_the_readers_loss_to_the_students_update(parts, t
 
     torch.manual_seed(5)
     reader = LatentActionReader(16, 4).eval().requires_grad_(False)
-    batch = random_clips(CONFIG, batch=3, frames=6, image_latents=True, seed=8)
-    students = {}
-    for weight in (0.0, 10.0):
-        step, _, student, _, _ = _distillation(parts, tmp_path / str(weight), reader=reader, action_weight=weight)
-        torch.manual_seed(0)
-        metrics = step.step(batch)
-        students[weight] = student.state_dict()
-        assert ("action_loss" in metrics) == (weight > 0)
-    assert torch.isfinite(metrics["action_loss"]) and metrics["action_loss"] > 0
-    assert any(not torch.equal(students[0.0][k], students[10.0][k]) for k in students[0.0])
+    _assert_the_weight_adds_its_loss(parts, tmp_path, "action_loss", "action_weight", reader=reader)
     with pytest.raises(ValueError, match="needs a reader"):
         _distillation(parts, tmp_path / "none", action_weight=1.0)
 
@@ -276,18 +282,7 @@ def test_the_pixel_judge_weight_adds_its_loss_to_the_students_update(parts, tmp_
     from matrixgame_env.train.pixel_judge import DecodedClipJudge
 
     judged = DecodedClipJudge.load(copy.deepcopy(parts[1]), _judge(tmp_path / "judge"), clips=1, device="cpu")
-    batch = random_clips(CONFIG, batch=3, frames=6, image_latents=True, seed=8)
-    students = {}
-    for weight in (0.0, 10.0):
-        step, _, student, _, _ = _distillation(
-            parts, tmp_path / str(weight), pixel_judge=judged, pixel_judge_weight=weight
-        )
-        torch.manual_seed(0)
-        metrics = step.step(batch)
-        students[weight] = student.state_dict()
-        assert ("judge_loss" in metrics) == (weight > 0)
-    assert torch.isfinite(metrics["judge_loss"]) and metrics["judge_loss"] > 0
-    assert any(not torch.equal(students[0.0][k], students[10.0][k]) for k in students[0.0])
+    _assert_the_weight_adds_its_loss(parts, tmp_path, "judge_loss", "pixel_judge_weight", pixel_judge=judged)
     with pytest.raises(ValueError, match="needs a judge"):
         _distillation(parts, tmp_path / "none", pixel_judge_weight=1.0)
 
