@@ -9,9 +9,10 @@
 #                                                  # (resumes on a second call), logs in $OUT
 #   bash scripts/device_judged_student.sh eval     # `eval` of every variant (10 minutes of drift), side by side;
 #                                                  # reports and the judged variants' DiTs (bfloat16) in $OUT
+#   bash scripts/device_judged_student.sh both     # train, then eval, in one call (the training ~3.5 minutes shorter)
 # MG_VARIANTS (default "control judge1 judge3"): "control" continues with the release's recipe alone, "judgeW" adds the
 # judge (models/next/action-judge-w24, not the IDM eval scores with) at weight W. MG_STEPS (default 120) is the
-# schedule's length, MG_LR (default 1e-5) its peak learning rate. Join the pieces here with
+# schedule's length, MG_LR (default 1e-5) its peak learning rate, MG_RECIPE the rest (default: the release's). Join the pieces here with
 # `cat judged.tar.part* | tar x`.
 set -eo pipefail
 cd "$(dirname "$0")/.."
@@ -23,62 +24,67 @@ left() { echo $((${MG_CALL_SECONDS:-585} - ($(date +%s) - started))); }
 shipped=$MG_WORK/shipped
 teacher=$MG_WORK/teacher
 variants=${MG_VARIANTS:-control judge1 judge3}
-recipe="--batch-size 16 --critic-steps 5 --action-lr-mult 10 --guidance 1.5 --data-weight 0.25 --action-weight 1.0"
-model_folder() {  # a model folder $2 of the shipped model's files with the DiT $1
-  mkdir -p "$2" && cp "$shipped"/{config.json,vae.safetensors,clip.safetensors} "$2/" && cp "$1" "$2/dit.safetensors"
+recipe=${MG_RECIPE:-"--batch-size 16 --critic-steps 5 --action-lr-mult 10 --guidance 1.5 --data-weight 0.25 --action-weight 1.0"}
+model_folder() {  # a model folder $3 of model folder $1's config, VAE and image encoder with the DiT file $2
+  mkdir -p "$3" && cp "$1"/{config.json,vae.safetensors,clip.safetensors} "$3/" && cp "$2" "$3/dit.safetensors"
 }
-case ${1:?give prepare, train or eval} in
+train() {  # every variant side by side, for the call's time less $1 seconds
+  [ -d "$MG_WORK/runs/encode" ] || { echo "run the prepare call first, on this machine" >&2; exit 2; }
+  [ -d "$teacher" ] || model_folder "$shipped" models/next/dit-mapped-motion/dit.safetensors "$teacher"
+  local minutes pids=() v out extra resume
+  minutes=$(python3 -c "print(round(($(left) - 25 - $1) / 60, 2))")
+  for v in $variants; do
+    extra=()
+    case $v in
+      control) ;;
+      judge*) extra=(--pixel-judge models/next/action-judge-w24 --pixel-judge-weight "${v#judge}") ;;
+      *) echo "unknown variant $v (control or judgeW)" >&2; exit 2 ;;
+    esac
+    out=$MG_WORK/cont_$v
+    resume=(); [ -d "$out/distill/checkpoints" ] && resume=(--resume)
+    cli train distill --data "$MG_WORK/runs/encode" --init "$shipped" --teacher "$teacher" --out "$out" \
+      --minutes "$minutes" --steps "${MG_STEPS:-120}" --lr "${MG_LR:-1e-5}" --warmup-steps 10 --workers 3 \
+      --check-clips 32 --no-progress $recipe "${extra[@]}" "${resume[@]}" > "$MG_WORK/train_$v.txt" 2>&1 &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || echo "a variant failed"; done
+  mkdir -p "$OUT/logs"
+  for v in $variants; do
+    tail -n 3 "$MG_WORK/train_$v.txt"
+    cp "$MG_WORK/train_$v.txt" "$OUT/logs/" && cp "$MG_WORK/cont_$v/distill/log.jsonl" "$OUT/logs/${v}_log.jsonl" || true
+    cp "$MG_WORK/cont_$v/distill/result.json" "$OUT/logs/${v}_result.json" 2>/dev/null || true
+  done
+}
+evaluate() {  # every variant's eval side by side; reports, logs and the judged variants' DiTs in $OUT
+  local pids=() v
+  for v in $variants; do
+    [ -d "$MG_WORK/cont_$v/distill/model" ] || { echo "no model of $v: run the train call first" >&2; exit 2; }
+    MG_EVAL_MODEL=$MG_WORK/cont_$v/distill/model MG_EVAL_OUT=$MG_WORK/eval_$v \
+      pipeline eval > "$MG_WORK/eval_$v.txt" 2>&1 &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || echo "an eval failed"; done
+  rm -rf /tmp/judged && mkdir -p /tmp/judged
+  for v in $variants; do
+    tail -n 2 "$MG_WORK/eval_$v.txt"
+    mkdir -p "/tmp/judged/$v"
+    cp "$MG_WORK/eval_$v"/eval.{json,png} "$MG_WORK/eval_$v.txt" "/tmp/judged/$v/" || true
+    cp "$MG_WORK/cont_$v/distill/log.jsonl" "$MG_WORK/cont_$v/distill/model/config.json" "/tmp/judged/$v/" || true
+    if [ "$v" != control ]; then
+      python3 scripts/pack_model.py --cast "$MG_WORK/cont_$v/distill/model/dit.safetensors" "/tmp/judged/$v/dit.safetensors"
+    fi
+  done
+  tar cf - -C /tmp judged | split -b 15M - "$OUT/judged.tar.part" && ls -la "$OUT"
+}
+case ${1:?give prepare, train, eval or both} in
   prepare)
     pipeline setup "record:${MG_RECORD_MINUTES:-90}"
-    model_folder models/doom-small/dit.safetensors "$shipped"
+    model_folder models/doom-small models/doom-small/dit.safetensors "$shipped"
     cp models/doom-small/start_*.png "$shipped/"
     [ -d "$MG_WORK/runs/encode" ] || MG_ENCODE_INIT=$shipped pipeline encode:3
     du -sh "$MG_WORK"/* ;;
-  train)
-    [ -d "$MG_WORK/runs/encode" ] || { echo "run the prepare call first, on this machine" >&2; exit 2; }
-    [ -d "$teacher" ] || model_folder models/next/dit-mapped-motion/dit.safetensors "$teacher"
-    minutes=$(python3 -c "print(round(($(left) - 25) / 60, 2))")
-    pids=()
-    for v in $variants; do
-      extra=()
-      case $v in
-        control) ;;
-        judge*) extra=(--pixel-judge models/next/action-judge-w24 --pixel-judge-weight "${v#judge}") ;;
-        *) echo "unknown variant $v (control or judgeW)" >&2; exit 2 ;;
-      esac
-      out=$MG_WORK/cont_$v
-      resume=(); [ -d "$out/distill/checkpoints" ] && resume=(--resume)
-      cli train distill --data "$MG_WORK/runs/encode" --init "$shipped" --teacher "$teacher" --out "$out" \
-        --minutes "$minutes" --steps "${MG_STEPS:-120}" --lr "${MG_LR:-1e-5}" --warmup-steps 10 --workers 3 \
-        --check-clips 32 --no-progress $recipe "${extra[@]}" "${resume[@]}" > "$MG_WORK/train_$v.txt" 2>&1 &
-      pids+=($!)
-    done
-    for pid in "${pids[@]}"; do wait "$pid" || echo "a variant failed"; done
-    mkdir -p "$OUT/logs"
-    for v in $variants; do
-      tail -n 3 "$MG_WORK/train_$v.txt"
-      cp "$MG_WORK/train_$v.txt" "$OUT/logs/" && cp "$MG_WORK/cont_$v/distill/log.jsonl" "$OUT/logs/${v}_log.jsonl" || true
-      cp "$MG_WORK/cont_$v/distill/result.json" "$OUT/logs/${v}_result.json" 2>/dev/null || true
-    done ;;
-  eval)
-    pids=()
-    for v in $variants; do
-      [ -d "$MG_WORK/cont_$v/distill/model" ] || { echo "no model of $v: run the train call first" >&2; exit 2; }
-      MG_EVAL_MODEL=$MG_WORK/cont_$v/distill/model MG_EVAL_OUT=$MG_WORK/eval_$v \
-        pipeline eval > "$MG_WORK/eval_$v.txt" 2>&1 &
-      pids+=($!)
-    done
-    for pid in "${pids[@]}"; do wait "$pid" || echo "an eval failed"; done
-    rm -rf /tmp/judged && mkdir -p /tmp/judged
-    for v in $variants; do
-      tail -n 2 "$MG_WORK/eval_$v.txt"
-      mkdir -p "/tmp/judged/$v"
-      cp "$MG_WORK/eval_$v"/eval.{json,png} "$MG_WORK/eval_$v.txt" "/tmp/judged/$v/" || true
-      cp "$MG_WORK/cont_$v/distill/log.jsonl" "$MG_WORK/cont_$v/distill/model/config.json" "/tmp/judged/$v/" || true
-      if [ "$v" != control ]; then
-        python3 scripts/pack_model.py --cast "$MG_WORK/cont_$v/distill/model/dit.safetensors" "/tmp/judged/$v/dit.safetensors"
-      fi
-    done
-    tar cf - -C /tmp judged | split -b 15M - "$OUT/judged.tar.part" && ls -la "$OUT" ;;
-  *) echo "unknown call $1 (prepare, train or eval)" >&2; exit 2 ;;
+  train) train 0 ;;
+  eval) evaluate ;;
+  both) train "${MG_EVAL_SECONDS:-210}" && evaluate ;;
+  *) echo "unknown call $1 (prepare, train, eval or both)" >&2; exit 2 ;;
 esac
