@@ -15,7 +15,7 @@ from tiny_model import write_tiny_model
 from tiny_training import VAL_FRACTION, run_cli, tiny_dataset, tiny_model_folder
 
 from matrixgame_env.data.dataset import VideoClipDataset
-from matrixgame_env.eval.command import summary_lines
+from matrixgame_env.eval.command import reads_above_real, summary_lines
 from matrixgame_env.eval.drift import drift_report, frame_statistics, real_ranges
 from matrixgame_env.eval.fidelity import (
     clip_frames,
@@ -468,14 +468,17 @@ def test_eval_also_judge_reads_the_same_clips_beside_the_main_judge(dataset, mod
     idm = report["idm"]
     assert report["settings"]["also_judge"] == [str(tmp_path / "judge")]
     [other] = idm["also"]
+    generated = idm["generated"]
     assert other["source"] == idm["source"] and other["sha256"] == idm["sha256"]
     assert other["config"] == idm["config"] and other["config"]["context"] == 4
     assert other["real_val"] == idm["real_val"]
     for key in ("real_clips", "generated", "vae_round_trip"):  # the same judge on the same clips reads the same
         assert other[key] == {k: v for k, v in idm[key].items() if k not in ("by_phase", "yaw_by_size")}, key
     assert other["generated_share_of_round_trip"] == idm["generated_share_of_round_trip"]
+    assert (
+        other["generated_above_real"] == idm["generated_above_real"] == reads_above_real(generated, idm["real_clips"])
+    )
     [summary] = [text for text in summary_lines({"idm": idm}) if text.startswith("also judged by")]
-    generated = idm["generated"]
     assert f"generated keys {generated['keyboard']:.3f}, yaw {generated['yaw_direction']:.3f}" in summary
 
     out = tmp_path / "refused"
@@ -691,3 +694,19 @@ def test_key_readability_of_a_real_recording(dataset) -> None:
         assert row["chance"] <= row["readable"] <= 1.0  # the rule can always answer the majority
     # The exploration policy walks forward most of the time, and walking moves the player forward.
     assert report["forward"]["held_share"] > 0.3 and report["forward"]["readable"] > report["forward"]["chance"]
+
+
+def test_generated_video_that_reads_better_than_the_real_frames_is_named() -> None:
+    """Above the real frames' reading by more than the margin, a measure is named, and the summary says
+    that this is exaggeration or a judge's cues rather than fidelity; at or below it, nothing is said."""
+    real = {"keyboard": 0.90, "yaw_direction": 0.897}
+    assert reads_above_real({"keyboard": 0.974, "yaw_direction": 0.997}, real) == ["keyboard", "yaw_direction"]
+    assert reads_above_real({"keyboard": 0.85, "yaw_direction": 0.903}, real) == []  # within 0.01 of the real
+    assert reads_above_real({"keyboard": 0.92, "yaw_direction": 0.80}, real) == ["keyboard"]
+    lines = summary_lines({"idm": {"generated_above_real": ["keyboard"]}})
+    assert any(
+        line.startswith("note: the generated video reads better than the real frames in keyboard") for line in lines
+    )
+    assert not any(
+        "better than the real frames" in line for line in summary_lines({"idm": {"generated_above_real": []}})
+    )

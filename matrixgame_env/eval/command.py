@@ -210,7 +210,17 @@ def _judge_readings(args: argparse.Namespace, model, clips: dict | None, by_part
             readings[key] = {**judged, "by_phase": by_phase, "yaw_by_size": by_size} if by_parts else judged
         readings["generated_share_of_round_trip"] = share_above_chance(readings["generated"],
                                                                        readings["vae_round_trip"])  # fmt: skip
+        readings["generated_above_real"] = reads_above_real(readings["generated"], readings["real_clips"])
     return readings
+
+
+def reads_above_real(generated: dict[str, Any], real: dict[str, Any], margin: float = 0.01) -> list[str]:
+    """The measures ("keyboard", "yaw_direction") an IDM reads more than `margin` better in generated
+    video than in the real frames of the same clips under the same actions. A faithful model reads at
+    most as well as the game; above it the video exaggerates its actions, or a judge of pixels that the
+    model was trained against (`train distill --pixel-judge`, `train vae --action-judge`) taught it
+    cues that this IDM reads too: judges of one kind trained on the same frames share what they read."""
+    return [name for name in ("keyboard", "yaw_direction") if generated[name] > real[name] + margin]
 
 
 def _action_judges(record: Any) -> set[str]:
@@ -310,8 +320,13 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                 low, clear, count = sizes["bands"][-1][0], sizes["yaw_direction"][-1], sizes["windows"][-1]
                 lines.append(f"  yaw direction of clear turns (|yaw| > {low:g}): {clear:.3f} of {count} frames")
     if report.get("idm", {}).get("trained_against"):
-        lines.append("note: this model's VAE was trained against this IDM (train vae --action-judge): its reads are "
-                     "not an independent measure; judge with another IDM")  # fmt: skip
+        lines.append("note: this model was trained against this IDM (train vae --action-judge or train distill "
+                     "--pixel-judge): its reads are not an independent measure; judge with another IDM")  # fmt: skip
+    above = report.get("idm", {}).get("generated_above_real")
+    if above:
+        lines.append(f"note: the generated video reads better than the real frames in {' and '.join(above)}: the "
+                     "model exaggerates those actions, or learned from a judge of pixels what this IDM reads too; "
+                     "not a sign of fidelity")  # fmt: skip
     for other in report.get("idm", {}).get("also", []):
         config, parts = other["config"], []
         for key, label in (("generated", "generated"), ("real_clips", "real clips"), ("vae_round_trip", "round trip")):
@@ -320,7 +335,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         if not parts:
             parts.append(f"held-out episodes keys {other['real_val']['keyboard']:.3f}, "
                          f"yaw {other['real_val']['yaw_direction']:.3f}")  # fmt: skip
-        against = "; its VAE was trained against this judge" if other.get("trained_against") else ""
+        against = "; the model was trained against this judge" if other.get("trained_against") else ""
         lines.append(f"also judged by {other['source']} ({config['context']} frames, {config['before']} before): "
                      f"{'; '.join(parts)}{against}")  # fmt: skip
     shares = report.get("idm", {}).get("generated_share_of_round_trip")
