@@ -10,8 +10,9 @@
 #   bash scripts/device_judged_student.sh eval     # `eval` of every variant (10 minutes of drift), side by side;
 #                                                  # reports and the judged variants' DiTs (bfloat16) in $OUT
 #   bash scripts/device_judged_student.sh both     # train, then eval, in one call (the training ~3.5 minutes shorter)
-# MG_VARIANTS (default "control judge1 judge3"): "control" continues with the release's recipe alone, "judgeW" adds the
-# judge (models/next/action-judge-w24, not the IDM eval scores with) at weight W. MG_STEPS (default 120) is the
+# MG_VARIANTS (default "control judge1 floor1"): "control" continues with the release's recipe alone, "judgeW" adds the
+# judge (models/next/action-judge-w24, not the IDM eval scores with) at weight W, "floorW" the same judge counted only
+# above its reading of the recorded clips' round trip (--pixel-judge-floor). MG_STEPS (default 120) is the
 # schedule's length, MG_LR (default 1e-5) its peak learning rate, MG_RECIPE the rest (default: the release's). Join the pieces here with
 # `cat judged.tar.part* | tar x`.
 set -eo pipefail
@@ -23,7 +24,7 @@ started=$(date +%s)
 left() { echo $((${MG_CALL_SECONDS:-585} - ($(date +%s) - started))); }
 shipped=$MG_WORK/shipped
 teacher=$MG_WORK/teacher
-variants=${MG_VARIANTS:-control judge1 judge3}
+variants=${MG_VARIANTS:-control judge1 floor1}
 recipe=${MG_RECIPE:-"--batch-size 16 --critic-steps 5 --action-lr-mult 10 --guidance 1.5 --data-weight 0.25 --action-weight 1.0"}
 model_folder() {  # a model folder $3 of model folder $1's config, VAE and image encoder with the DiT file $2
   mkdir -p "$3" && cp "$1"/{config.json,vae.safetensors,clip.safetensors} "$3/" && cp "$2" "$3/dit.safetensors"
@@ -38,7 +39,8 @@ train() {  # every variant side by side, for the call's time less $1 seconds
     case $v in
       control) ;;
       judge*) extra=(--pixel-judge models/next/action-judge-w24 --pixel-judge-weight "${v#judge}") ;;
-      *) echo "unknown variant $v (control or judgeW)" >&2; exit 2 ;;
+      floor*) extra=(--pixel-judge models/next/action-judge-w24 --pixel-judge-weight "${v#floor}" --pixel-judge-floor) ;;
+      *) echo "unknown variant $v (control, judgeW or floorW)" >&2; exit 2 ;;
     esac
     out=$MG_WORK/cont_$v
     resume=(); [ -d "$out/distill/checkpoints" ] && resume=(--resume)

@@ -276,6 +276,36 @@ def test_the_pixel_judge_reads_the_decoding_of_the_latents_and_passes_its_gradie
         DecodedClipJudge(vae, judged.judge, clips=0)
 
 
+def test_a_pixel_judge_with_a_floor_counts_each_window_only_above_the_recorded_clips_round_trip(parts, tmp_path):
+    """With a floor the loss is the mean over windows of max(0, judge loss - its loss on the round trip of
+    the recorded latents): zero, with no gradient, for the recorded latents themselves; by hand otherwise."""
+    from matrixgame_env.train.pixel_judge import DecodedClipJudge
+
+    vae = copy.deepcopy(parts[1])
+    judged = DecodedClipJudge.load(vae, _judge(tmp_path / "judge"), clips=2, device="cpu", floor=True)
+    batch = random_clips(CONFIG, batch=2, frames=3, seed=12)
+    recorded = batch.latents.clone().requires_grad_(True)
+    same = judged.loss(recorded, batch.keyboard, batch.mouse, batch.latents)
+    same.backward()
+    assert float(same.detach()) == 0.0 and torch.equal(recorded.grad, torch.zeros_like(recorded.grad))
+
+    other = batch.latents + 0.5 * torch.randn(batch.latents.shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        own = judged.judge.window_losses(vae.decode_unnormalised(vae.denormalise(other)), batch.keyboard, batch.mouse)
+        floor = judged.judge.window_losses(
+            vae.decode_unnormalised(vae.denormalise(batch.latents)), batch.keyboard, batch.mouse
+        )
+        whole = judged.judge.loss(vae.decode_unnormalised(vae.denormalise(other)), batch.keyboard, batch.mouse)
+    assert (own > floor).any() and (own < floor).any(), "the case should have windows on both sides"
+    expected = (own - floor).clamp(min=0).mean()
+    assert float(judged.loss(other, batch.keyboard, batch.mouse, batch.latents)) == pytest.approx(
+        float(expected), rel=1e-5
+    )
+    assert float(whole) == pytest.approx(float(own.mean()), rel=1e-6)  # the loss is the windows' mean
+    with pytest.raises(ValueError, match="needs the recorded latents"):
+        judged.loss(other, batch.keyboard, batch.mouse)
+
+
 def test_the_pixel_judge_weight_adds_its_loss_to_the_students_update(parts, tmp_path):
     """With a pixel judge's weight the step reports the judge's loss and the student moves elsewhere
     than under DMD alone from the same start; a weight without a judge is refused."""
@@ -301,6 +331,10 @@ def test_stage_with_a_pixel_judge_logs_its_loss_and_records_the_judge_for_eval(i
     settings = training["distill"]
     assert settings["pixel_judge_sha256"] == idm_weights_sha256(judge)
     assert settings["pixel_judge_weight"] == 0.5 and settings["pixel_judge_clips"] == 8
+    assert settings["pixel_judge_floor"] is False
+    floored = distill.run(_args(inputs, tmp_path / "floored", "--steps", "1", *options, "--pixel-judge-floor"))
+    assert WorldModel.from_pretrained(floored, device="cpu").config.extra["training"]["distill"]["pixel_judge_floor"]
+    assert [("judge_loss" in r) for r in _log(tmp_path / "floored" / "distill") if "dmd_loss" in r] == [True]
     assert idm_weights_sha256(judge) in _action_judges(training)
 
 

@@ -49,14 +49,20 @@ class ActionJudge:
     def loss(self, video: torch.Tensor, keyboard: torch.Tensor, mouse: torch.Tensor) -> torch.Tensor:
         """Mean key BCE + yaw cross-entropy over every window of `video` [B, 3, T, H, W] (float, [-1, 1]),
         labelled from keyboard [B, T, K] and mouse [B, T, 2]; differentiable in `video`."""
+        return self.window_losses(video, keyboard, mouse).mean()
+
+    def window_losses(self, video: torch.Tensor, keyboard: torch.Tensor, mouse: torch.Tensor) -> torch.Tensor:
+        """Each window's key BCE (mean over the keys) + yaw cross-entropy, [B (T - context + 1)] in the
+        order of `clip_windows`; `loss` is their mean."""
         model = self.model
         frames = video.transpose(1, 2).float()  # [B, T, 3, H, W]
         windows, keys, mice = clip_windows(frames, keyboard.to(frames.device), mouse.to(frames.device),
                                            model.config.context)  # fmt: skip
         labels = Labels.of_windows(keys, mice, model.config)
         key_logits, yaw_logits = model.read_pixels(windows.to(model.device))
-        key_loss = F.binary_cross_entropy_with_logits(key_logits.float(), labels.keys.float().to(key_logits.device))
-        yaw_loss = F.cross_entropy(yaw_logits.float(), labels.yaw.to(yaw_logits.device))
+        targets = labels.keys.float().to(key_logits.device)
+        key_loss = F.binary_cross_entropy_with_logits(key_logits.float(), targets, reduction="none").mean(1)
+        yaw_loss = F.cross_entropy(yaw_logits.float(), labels.yaw.to(yaw_logits.device), reduction="none")
         return key_loss + yaw_loss
 
 

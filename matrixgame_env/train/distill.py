@@ -146,6 +146,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=8,
         help="how many of the student's clips per update are decoded and judged (default: 8)",
     )
+    parser.add_argument(
+        "--pixel-judge-floor",
+        action="store_true",
+        help="count the judge's loss on each window only above its loss on the VAE round trip of the clip's "
+        "recorded latents, so the student is asked to show its actions as readably as the real frames, not more",
+    )
     parser.add_argument("--min-level", type=float, default=0.02, help="lowest DMD noise level (unshifted, 0..1)")
     parser.add_argument("--max-level", type=float, default=0.98, help="highest DMD noise level (unshifted, 0..1)")
 
@@ -249,7 +255,7 @@ class Distillation:
         if self.action_weight:
             losses["action_loss"] = action_loss(self.reader, sample, reader_targets(self.reader, batch))
         if self.pixel_judge_weight:
-            losses["judge_loss"] = self.pixel_judge.loss(sample, batch.keyboard, batch.mouse)
+            losses["judge_loss"] = self.pixel_judge.loss(sample, batch.keyboard, batch.mouse, batch.latents)
         return losses
 
     def step(self, batch: ClipBatch) -> dict[str, torch.Tensor]:
@@ -316,7 +322,7 @@ def decoded_clip_judge(
 ) -> DecodedClipJudge:
     """The frozen judge of --pixel-judge on the model's own decoder, checked against the clips it will read."""
     try:
-        judged = DecodedClipJudge.load(vae, args.pixel_judge, args.pixel_judge_clips, device)
+        judged = DecodedClipJudge.load(vae, args.pixel_judge, args.pixel_judge_clips, device, args.pixel_judge_floor)
     except (OSError, ValueError, RuntimeError) as error:  # no IDM there, another format, or mismatched weights
         raise StageError(f"--pixel-judge {args.pixel_judge}: {error}") from error
     first = train_clips[0]
@@ -433,6 +439,7 @@ def run(args: argparse.Namespace) -> Path:
             pixel_judge_sha256=pixel_judge.judge.sha256,
             pixel_judge_weight=args.pixel_judge_weight,
             pixel_judge_clips=args.pixel_judge_clips,
+            pixel_judge_floor=args.pixel_judge_floor,
         )
     folder = export_and_check(
         training, STAGE, config, parts, source, check_clips, args.check_blocks, trends, settings=settings

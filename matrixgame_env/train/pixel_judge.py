@@ -9,6 +9,13 @@ inverse-dynamics model's loss on those frames against the clips' recorded action
 the gradient asks for the frames the judge needs, where it needs them. Use another judge than the one
 `eval` scores with: the judge's weights hash is kept in the model's config, and `eval` notes when it is
 the same model.
+
+A judge of pixels teaches cues that other judges of the same kind read too, whether or not the frames
+get truer (`scripts/judge_transfer_pilot.py`: latents optimised against one judge were read far better
+than real frames by another, while moving away from the real frames). With `floor` the loss of each
+window counts only above the judge's loss on the same window of the VAE round trip of the clip's
+recorded latents (the real frames as the model can show them): the student is asked to show its
+actions as readably as the game does, not more.
 """
 
 from __future__ import annotations
@@ -24,22 +31,32 @@ from .action_judge import ActionJudge
 class DecodedClipJudge:
     """`ActionJudge`'s loss on the decoding of normalised latents by a frozen VAE decoder."""
 
-    def __init__(self, vae: WanVAE, judge: ActionJudge, clips: int) -> None:
-        """`clips`: how many of a batch's clips (the first ones) are decoded and judged."""
+    def __init__(self, vae: WanVAE, judge: ActionJudge, clips: int, floor: bool = False) -> None:
+        """`clips`: how many of a batch's clips (the first ones) are decoded and judged; `floor`: each
+        window's loss counts only above the judge's loss on the round trip of the recorded latents."""
         if clips < 1:
             raise ValueError(f"clips must be at least 1, got {clips}")
         self.vae = vae.eval().requires_grad_(False)
-        self.judge, self.clips = judge, clips
+        self.judge, self.clips, self.floor = judge, clips, floor
 
     @classmethod
-    def load(cls, vae: WanVAE, path: str | os.PathLike, clips: int, device: torch.device | str) -> DecodedClipJudge:
+    def load(
+        cls, vae: WanVAE, path: str | os.PathLike, clips: int, device: torch.device | str, floor: bool = False
+    ) -> DecodedClipJudge:
         """The IDM folder `path` as the judge, `vae` moved to `device` as the decoder."""
-        return cls(vae.to(device), ActionJudge.load(path, device), clips)
+        return cls(vae.to(device), ActionJudge.load(path, device), clips, floor)
 
-    def loss(self, latents: torch.Tensor, keyboard: torch.Tensor, mouse: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self,
+        latents: torch.Tensor,
+        keyboard: torch.Tensor,
+        mouse: torch.Tensor,
+        recorded: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The judge's loss on the first `clips` of latents [B, C, F, h, w] (normalised, as the DiT makes
         them), decoded to 1 + 4 (F - 1) frames, against keyboard [B, T, K] and mouse [B, T, 2] of those
-        frames; differentiable in `latents`."""
+        frames; differentiable in `latents`. With `floor`, `recorded` (the clips' recorded latents, same
+        shape) gives each window's floor: the mean over windows of max(0, loss - its round trip's loss)."""
         count = min(self.clips, latents.shape[0])
         frames = 1 + 4 * (latents.shape[2] - 1)
         if keyboard.shape[1] != frames or mouse.shape[1] != frames:
@@ -47,5 +64,15 @@ class DecodedClipJudge:
                 f"{latents.shape[2]} latent frames decode to {frames} video frames; the actions cover "
                 f"{keyboard.shape[1]} (keyboard) and {mouse.shape[1]} (mouse)"
             )
-        video = self.vae.decode_unnormalised(self.vae.denormalise(latents[:count]))  # [n, 3, T, H, W]
-        return self.judge.loss(video, keyboard[:count], mouse[:count])
+        keyboard, mouse = keyboard[:count], mouse[:count]
+        video = self._decode(latents[:count])  # [n, 3, T, H, W]
+        if not self.floor:
+            return self.judge.loss(video, keyboard, mouse)
+        if recorded is None or recorded.shape != latents.shape:
+            raise ValueError(f"a judge with a floor needs the recorded latents, shaped {tuple(latents.shape)}")
+        with torch.no_grad():
+            floor = self.judge.window_losses(self._decode(recorded[:count]), keyboard, mouse)
+        return torch.relu(self.judge.window_losses(video, keyboard, mouse) - floor).mean()
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode_unnormalised(self.vae.denormalise(latents))
