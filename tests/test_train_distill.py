@@ -277,8 +277,9 @@ def test_the_pixel_judge_reads_the_decoding_of_the_latents_and_passes_its_gradie
 
 
 def test_a_pixel_judge_with_a_floor_counts_each_window_only_above_the_recorded_clips_round_trip(parts, tmp_path):
-    """With a floor the loss is the mean over windows of max(0, judge loss - its loss on the round trip of
-    the recorded latents): zero, with no gradient, for the recorded latents themselves; by hand otherwise."""
+    """With a floor the loss is the mean over windows of the sum over the keys' and the turn's parts of
+    max(0, judge loss - its loss on the round trip of the recorded latents): zero, with no gradient, for
+    the recorded latents themselves; by hand otherwise."""
     from matrixgame_env.train.pixel_judge import DecodedClipJudge
 
     vae = copy.deepcopy(parts[1])
@@ -297,11 +298,12 @@ def test_a_pixel_judge_with_a_floor_counts_each_window_only_above_the_recorded_c
         )
         whole = judged.judge.loss(vae.decode_unnormalised(vae.denormalise(other)), batch.keyboard, batch.mouse)
     assert (own > floor).any() and (own < floor).any(), "the case should have windows on both sides"
-    expected = (own - floor).clamp(min=0).mean()
+    expected = (own - floor).clamp(min=0).sum(1).mean()
     assert float(judged.loss(other, batch.keyboard, batch.mouse, batch.latents)) == pytest.approx(
         float(expected), rel=1e-5
     )
-    assert float(whole) == pytest.approx(float(own.mean()), rel=1e-6)  # the loss is the windows' mean
+    assert own.shape[1] == 2  # keys and turn apart
+    assert float(whole) == pytest.approx(float(own.sum(1).mean()), rel=1e-6)  # the loss is the windows' mean
     with pytest.raises(ValueError, match="needs the recorded latents"):
         judged.loss(other, batch.keyboard, batch.mouse)
 

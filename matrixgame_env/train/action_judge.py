@@ -49,11 +49,11 @@ class ActionJudge:
     def loss(self, video: torch.Tensor, keyboard: torch.Tensor, mouse: torch.Tensor) -> torch.Tensor:
         """Mean key BCE + yaw cross-entropy over every window of `video` [B, 3, T, H, W] (float, [-1, 1]),
         labelled from keyboard [B, T, K] and mouse [B, T, 2]; differentiable in `video`."""
-        return self.window_losses(video, keyboard, mouse).mean()
+        return self.window_losses(video, keyboard, mouse).sum(1).mean()
 
     def window_losses(self, video: torch.Tensor, keyboard: torch.Tensor, mouse: torch.Tensor) -> torch.Tensor:
-        """Each window's key BCE (mean over the keys) + yaw cross-entropy, [B (T - context + 1)] in the
-        order of `clip_windows`; `loss` is their mean."""
+        """Each window's key BCE (mean over the keys) and yaw cross-entropy, [B (T - context + 1), 2] in
+        the order of `clip_windows`; `loss` is the mean of their sums."""
         model = self.model
         frames = video.transpose(1, 2).float()  # [B, T, 3, H, W]
         windows, keys, mice = clip_windows(frames, keyboard.to(frames.device), mouse.to(frames.device),
@@ -63,7 +63,7 @@ class ActionJudge:
         targets = labels.keys.float().to(key_logits.device)
         key_loss = F.binary_cross_entropy_with_logits(key_logits.float(), targets, reduction="none").mean(1)
         yaw_loss = F.cross_entropy(yaw_logits.float(), labels.yaw.to(yaw_logits.device), reduction="none")
-        return key_loss + yaw_loss
+        return torch.stack([key_loss, yaw_loss], dim=1)
 
 
 def describe(path: str | os.PathLike) -> tuple[str, str]:

@@ -149,8 +149,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pixel-judge-floor",
         action="store_true",
-        help="count the judge's loss on each window only above its loss on the VAE round trip of the clip's "
-        "recorded latents, so the student is asked to show its actions as readably as the real frames, not more",
+        help="count the judge's loss on each window (keys and turn apart) only above its loss on the VAE round trip "
+        "of the clip's recorded latents, so the student is asked to show its actions as readably as the real "
+        "frames, not more",
     )
     parser.add_argument("--min-level", type=float, default=0.02, help="lowest DMD noise level (unshifted, 0..1)")
     parser.add_argument("--max-level", type=float, default=0.98, help="highest DMD noise level (unshifted, 0..1)")

@@ -14,8 +14,8 @@ A judge of pixels teaches cues that other judges of the same kind read too, whet
 get truer (`scripts/judge_transfer_pilot.py`: latents optimised against one judge were read far better
 than real frames by another, while moving away from the real frames). With `floor` the loss of each
 window counts only above the judge's loss on the same window of the VAE round trip of the clip's
-recorded latents (the real frames as the model can show them): the student is asked to show its
-actions as readably as the game does, not more.
+recorded latents (the real frames as the model can show them), the keys' and the turn's parts apart:
+the student is asked to show each as readably as the game does, not more.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ class DecodedClipJudge:
         """The judge's loss on the first `clips` of latents [B, C, F, h, w] (normalised, as the DiT makes
         them), decoded to 1 + 4 (F - 1) frames, against keyboard [B, T, K] and mouse [B, T, 2] of those
         frames; differentiable in `latents`. With `floor`, `recorded` (the clips' recorded latents, same
-        shape) gives each window's floor: the mean over windows of max(0, loss - its round trip's loss)."""
+        shape) gives each window's floors: the mean over windows of the sum over the keys' and the
+        turn's parts of max(0, loss - the round trip's loss)."""
         count = min(self.clips, latents.shape[0])
         frames = 1 + 4 * (latents.shape[2] - 1)
         if keyboard.shape[1] != frames or mouse.shape[1] != frames:
@@ -72,7 +73,7 @@ class DecodedClipJudge:
             raise ValueError(f"a judge with a floor needs the recorded latents, shaped {tuple(latents.shape)}")
         with torch.no_grad():
             floor = self.judge.window_losses(self._decode(recorded[:count]), keyboard, mouse)
-        return torch.relu(self.judge.window_losses(video, keyboard, mouse) - floor).mean()
+        return torch.relu(self.judge.window_losses(video, keyboard, mouse) - floor).sum(1).mean()
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode_unnormalised(self.vae.denormalise(latents))
