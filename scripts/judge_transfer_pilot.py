@@ -3,12 +3,13 @@
     python scripts/judge_transfer_pilot.py --data ENCODED --out REPORT.json [--clips 8 --steps 6 --lr 0.05]
 
 The model's student generates clips from the start pictures and under the recorded actions of encoded
-clips (`train encode` output, the first train shard). Their latents are then optimised directly by Adam
+clips (a `train encode` folder's train split, clips spread over it). Their latents are then optimised directly by Adam
 on a training judge's loss (`ActionJudge`, default models/next/action-judge-w24) through the model's
 frozen decoder: the strongest form of what `train distill --pixel-judge` asks of a student. At half the
 steps and at the end the report gives what the scoring IDM (default the one `eval` uses) and the training
 judge read (keys, yaw direction, keys by phase within a latent frame), and the PSNR of the frames to their
-start and to the VAE round trip of the real clips (a proxy for the real frames). Runs on the CPU in
+start and to the VAE round trip of the real clips (a proxy for the real frames). `--floor` optimises the
+loss of `--pixel-judge-floor` instead: each window only above the judge's loss on that round trip. Runs on the CPU in
 bfloat16 autocast for the optimisation; about 1 minute a step for 8 clips on 2 cores.
 """
 
@@ -29,6 +30,7 @@ from matrixgame_env.eval.idm import judge_clips, load_idm  # noqa: E402
 from matrixgame_env.train.action_judge import ActionJudge  # noqa: E402
 from matrixgame_env.train.conditions import ClipBatch, build_conditions  # noqa: E402
 from matrixgame_env.train.latent_clips import open_latent_splits  # noqa: E402
+from matrixgame_env.train.pixel_judge import DecodedClipJudge  # noqa: E402
 from matrixgame_env.train.self_forcing import SelfForcingRollout  # noqa: E402
 from matrixgame_env.world.sampler import SamplerConfig  # noqa: E402
 
@@ -44,6 +46,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--floor", action="store_true", help="optimise the floored loss (`train distill --pixel-judge-floor`)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -90,12 +95,13 @@ def main() -> None:
         "judge_loss": [],
     }
     print("round trip", json.dumps(report["round_trip"]), "\ngenerated", json.dumps(report["generated"]), flush=True)
+    judged = DecodedClipJudge(vae, judge, args.clips, floor=args.floor)
     latents = start.clone().requires_grad_(True)
     optimiser = torch.optim.Adam([latents], lr=args.lr)
     began = time.monotonic()
     for step in range(1, args.steps + 1):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = judge.loss(decode(latents), batch.keyboard, batch.mouse)
+            loss = judged.loss(latents, batch.keyboard, batch.mouse, batch.latents)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
