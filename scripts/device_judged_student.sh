@@ -29,19 +29,23 @@ recipe=${MG_RECIPE:-"--batch-size 16 --critic-steps 5 --action-lr-mult 10 --guid
 model_folder() {  # a model folder $3 of model folder $1's config, VAE and image encoder with the DiT file $2
   mkdir -p "$3" && cp "$1"/{config.json,vae.safetensors,clip.safetensors} "$3/" && cp "$2" "$3/dit.safetensors"
 }
+variant_options() {  # the `train distill` options variant $1 adds to the recipe, or exit 2
+  local weight=${1#judge}; [ "$weight" = "$1" ] && weight=${1#floor}
+  if [ "$1" = control ]; then return; fi
+  if [ "$weight" = "$1" ] || ! [[ $weight =~ ^[0-9]+(\.[0-9]+)?$ ]]; then
+    echo "unknown variant $1 (control, judgeW or floorW)" >&2; exit 2
+  fi
+  echo "--pixel-judge models/next/action-judge-w24 --pixel-judge-weight $weight"
+  [[ $1 == floor* ]] && echo "--pixel-judge-floor" || true
+}
 train() {  # every variant side by side, for the call's time less $1 seconds
   [ -d "$MG_WORK/runs/encode" ] || { echo "run the prepare call first, on this machine" >&2; exit 2; }
+  local minutes pids=() v out extra resume failed=0
+  for v in $variants; do variant_options "$v" > /dev/null; done  # every name checked before anything starts
   [ -d "$teacher" ] || model_folder "$shipped" models/next/dit-mapped-motion/dit.safetensors "$teacher"
-  local minutes pids=() v out extra resume
   minutes=$(python3 -c "print(round(($(left) - 25 - $1) / 60, 2))")
   for v in $variants; do
-    extra=()
-    case $v in
-      control) ;;
-      judge*) extra=(--pixel-judge models/next/action-judge-w24 --pixel-judge-weight "${v#judge}") ;;
-      floor*) extra=(--pixel-judge models/next/action-judge-w24 --pixel-judge-weight "${v#floor}" --pixel-judge-floor) ;;
-      *) echo "unknown variant $v (control, judgeW or floorW)" >&2; exit 2 ;;
-    esac
+    read -r -a extra <<< "$(variant_options "$v" | tr '\n' ' ')"
     out=$MG_WORK/cont_$v
     resume=(); [ -d "$out/distill/checkpoints" ] && resume=(--resume)
     cli train distill --data "$MG_WORK/runs/encode" --init "$shipped" --teacher "$teacher" --out "$out" \
@@ -49,25 +53,29 @@ train() {  # every variant side by side, for the call's time less $1 seconds
       --check-clips 32 --no-progress $recipe "${extra[@]}" "${resume[@]}" > "$MG_WORK/train_$v.txt" 2>&1 &
     pids+=($!)
   done
-  for pid in "${pids[@]}"; do wait "$pid" || echo "a variant failed"; done
+  for pid in "${pids[@]}"; do wait "$pid" || { echo "a variant failed"; failed=1; }; done
   mkdir -p "$OUT/logs"
   for v in $variants; do
     tail -n 3 "$MG_WORK/train_$v.txt"
     cp "$MG_WORK/train_$v.txt" "$OUT/logs/" && cp "$MG_WORK/cont_$v/distill/log.jsonl" "$OUT/logs/${v}_log.jsonl" || true
     cp "$MG_WORK/cont_$v/distill/result.json" "$OUT/logs/${v}_result.json" 2>/dev/null || true
   done
+  return $failed
 }
-evaluate() {  # every variant's eval side by side; reports, logs and the judged variants' DiTs in $OUT
-  local pids=() v
+evaluate() {  # every trained variant's eval side by side; reports, logs and the judged variants' DiTs in $OUT
+  local pids=() v trained=()
   for v in $variants; do
-    [ -d "$MG_WORK/cont_$v/distill/model" ] || { echo "no model of $v: run the train call first" >&2; exit 2; }
+    if [ -d "$MG_WORK/cont_$v/distill/model" ]; then trained+=("$v"); else echo "no model of $v: left out" >&2; fi
+  done
+  [ ${#trained[@]} -gt 0 ] || { echo "no variant has a model: run the train call first" >&2; exit 2; }
+  for v in "${trained[@]}"; do
     MG_EVAL_MODEL=$MG_WORK/cont_$v/distill/model MG_EVAL_OUT=$MG_WORK/eval_$v \
       pipeline eval > "$MG_WORK/eval_$v.txt" 2>&1 &
     pids+=($!)
   done
   for pid in "${pids[@]}"; do wait "$pid" || echo "an eval failed"; done
   rm -rf /tmp/judged && mkdir -p /tmp/judged
-  for v in $variants; do
+  for v in "${trained[@]}"; do
     tail -n 2 "$MG_WORK/eval_$v.txt"
     mkdir -p "/tmp/judged/$v"
     cp "$MG_WORK/eval_$v"/eval.{json,png} "$MG_WORK/eval_$v.txt" "/tmp/judged/$v/" || true
@@ -87,6 +95,6 @@ case ${1:?give prepare, train, eval or both} in
     du -sh "$MG_WORK"/* ;;
   train) train 0 ;;
   eval) evaluate ;;
-  both) train "${MG_EVAL_SECONDS:-210}" && evaluate ;;
+  both) train "${MG_EVAL_SECONDS:-210}" || echo "evaluating the variants that finished"; evaluate ;;
   *) echo "unknown call $1 (prepare, train, eval or both)" >&2; exit 2 ;;
 esac
