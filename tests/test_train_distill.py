@@ -348,6 +348,7 @@ def test_stage_with_a_pixel_judge_logs_its_loss_and_records_the_judge_for_eval(i
         (("--pixel-judge", "JUDGE", "--pixel-judge-weight", "-1"), "go together \\(got -1.0\\)"),
         (("--pixel-judge", "JUDGE", "--pixel-judge-weight", "1", "--pixel-judge-clips", "0"), "at least 1, got 0"),
         (("--pixel-judge", "nowhere", "--pixel-judge-weight", "1"), "--pixel-judge nowhere: "),
+        (("--pixel-judge-floor",), "give --pixel-judge too"),
         (
             ("--pixel-judge", "WIDE", "--pixel-judge-weight", "1"),
             "reads \\(32, 64\\) frames, the model makes \\(16, 32\\)",

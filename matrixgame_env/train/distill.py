@@ -364,6 +364,8 @@ def run(args: argparse.Namespace) -> Path:
         )
     if args.pixel_judge_clips < 1:
         raise StageError(f"--pixel-judge-clips must be at least 1, got {args.pixel_judge_clips}")
+    if args.pixel_judge_floor and args.pixel_judge is None:
+        raise StageError("--pixel-judge-floor sets how --pixel-judge's loss counts: give --pixel-judge too")
     training = TrainRun.from_args(args, STAGE, minutes=args.minutes - args.finish_minutes)
     config, initial, vae, clip, source = initial_model(args.init, args.model_config)
     if "dit" not in config.extra.get("training", {}):
