@@ -114,7 +114,7 @@ def test_decoder_training_against_a_judge_is_recorded_and_eval_names_that_judge(
     status, errors = run_cli("compare", *reports, "--names", "same", "another")
     assert status == 0, errors
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: judged by")]
-    assert notes == ["note: judged by the IDM their VAE was trained against (same): their IDM rows are not an "
+    assert notes == ["note: judged by the IDM their VAE or DiT was trained against (same): their IDM rows are not an "
                      "independent measure"]  # fmt: skip
 
 

@@ -162,8 +162,8 @@ def comparison_notes(reports: Sequence[dict[str, Any]], names: Sequence[str]) ->
                          "[95 % bootstrap interval]; an interval holding 0 cannot tell the two apart")  # fmt: skip
     partial = [name for name, r in zip(names, reports) if _get(r, "idm", "trained_against")]
     if partial:
-        notes.append(f"judged by the IDM their VAE was trained against ({', '.join(partial)}): their IDM rows are "
-                     "not an independent measure")  # fmt: skip
+        notes.append(f"judged by the IDM their VAE or DiT was trained against ({', '.join(partial)}): their IDM "
+                     "rows are not an independent measure")  # fmt: skip
     return notes
 
 
