@@ -91,7 +91,14 @@ def test_resume_writes_only_the_missing_shards(encoded, dataset, model, tmp_path
     assert first.stat().st_mtime_ns == first_written
     original = read_state_dict(encoded / "train" / last.name)
     rewritten = read_state_dict(last)
-    assert all(torch.equal(original[key], rewritten[key]) for key in original)
+    assert set(rewritten) == set(original)
+    for (
+        key
+    ) in original:  # the encoder's float32 sums may differ by rounding, stored in bfloat16: one step apart at most
+        if key in ("latents", "image_latents"):
+            torch.testing.assert_close(rewritten[key].float(), original[key].float(), rtol=2**-7, atol=1e-6)
+        else:  # copied from the recording
+            assert torch.equal(original[key], rewritten[key]), key
     assert read_latent_index(out / "encode")["complete"]
 
 
