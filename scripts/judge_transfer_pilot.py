@@ -70,9 +70,6 @@ def main() -> None:
         start = rollout(conditions, torch.randn(batch.latents.shape, generator=generator),
                         exit_steps=[rollout.num_steps - 1] * blocks, generator=generator)  # fmt: skip
 
-    def decode(latents: torch.Tensor) -> torch.Tensor:
-        return vae.decode_unnormalised(vae.denormalise(latents))  # [N, 3, T, H, W]
-
     def read(video: torch.Tensor) -> dict:
         frames = ((video.detach().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
         readings = {}
@@ -85,6 +82,8 @@ def main() -> None:
     def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
         return float(10 * torch.log10(4.0 / ((a.clamp(-1, 1) - b.clamp(-1, 1)) ** 2).mean()))
 
+    judged = DecodedClipJudge(vae, judge, args.clips, floor=args.floor)
+    decode = judged.decode  # [N, 3, T, H, W]
     with torch.no_grad():
         round_trip, generated = decode(batch.latents), decode(start)
     report = {
@@ -95,7 +94,6 @@ def main() -> None:
         "judge_loss": [],
     }
     print("round trip", json.dumps(report["round_trip"]), "\ngenerated", json.dumps(report["generated"]), flush=True)
-    judged = DecodedClipJudge(vae, judge, args.clips, floor=args.floor)
     latents = start.clone().requires_grad_(True)
     optimiser = torch.optim.Adam([latents], lr=args.lr)
     began = time.monotonic()

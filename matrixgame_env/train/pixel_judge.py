@@ -66,14 +66,15 @@ class DecodedClipJudge:
                 f"{keyboard.shape[1]} (keyboard) and {mouse.shape[1]} (mouse)"
             )
         keyboard, mouse = keyboard[:count], mouse[:count]
-        video = self._decode(latents[:count])  # [n, 3, T, H, W]
+        video = self.decode(latents[:count])  # [n, 3, T, H, W]
         if not self.floor:
             return self.judge.loss(video, keyboard, mouse)
         if recorded is None or recorded.shape != latents.shape:
             raise ValueError(f"a judge with a floor needs the recorded latents, shaped {tuple(latents.shape)}")
         with torch.no_grad():
-            floor = self.judge.window_losses(self._decode(recorded[:count]), keyboard, mouse)
+            floor = self.judge.window_losses(self.decode(recorded[:count]), keyboard, mouse)
         return torch.relu(self.judge.window_losses(video, keyboard, mouse) - floor).sum(1).mean()
 
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents [B, C, F, h, w] -> frames [B, 3, 1 + 4 (F - 1), H, W], unclamped, with gradients."""
         return self.vae.decode_unnormalised(self.vae.denormalise(latents))
