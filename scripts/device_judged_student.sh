@@ -6,10 +6,13 @@
 #                                                  # encode with the shipped VAE, keep the shipped model in $MG_WORK
 #   bash scripts/device_judged_student.sh train    # carry the teacher's DiT (models/next/dit-mapped-motion): every
 #                                                  # variant of $MG_VARIANTS side by side for the rest of the call
-#                                                  # (resumes on a second call), logs in $OUT
-#   bash scripts/device_judged_student.sh eval     # `eval` of every variant (10 minutes of drift), side by side;
-#                                                  # reports and the judged variants' DiTs (bfloat16) in $OUT
+#                                                  # (resumes on a second call)
+#   bash scripts/device_judged_student.sh eval     # `eval` of every variant (10 minutes of drift), side by side,
+#                                                  # stopped at the call's end; the judged variants' DiTs (bfloat16)
+#                                                  # in $OUT/judged.tar.part*
 #   bash scripts/device_judged_student.sh both     # train, then eval, in one call (the training ~3.5 minutes shorter)
+# The train, eval and both calls keep $OUT/logs.tar up to date every 15 s with the training logs and the eval reports
+# written so far, so that a call cut short still brings back what it did.
 # MG_VARIANTS (default "control judge1 floor1"): "control" continues with the release's recipe alone, "judgeW" adds the
 # judge (models/next/action-judge-w24, not the IDM eval scores with) at weight W, "floorW" the same judge counted only
 # above its reading of the recorded clips' round trip (--pixel-judge-floor). MG_STEPS (default 120) is the
@@ -38,50 +41,65 @@ variant_options() {  # the `train distill` options variant $1 adds to the recipe
   echo "--pixel-judge models/next/action-judge-w24 --pixel-judge-weight $weight"
   [[ $1 == floor* ]] && echo "--pixel-judge-floor" || true
 }
+report=$MG_WORK/report  # logs and eval reports; `logs.tar` in $OUT holds its latest state
+ship_report() {
+  [ -d "$report" ] || return 0
+  mkdir -p "$OUT" && tar cf "$OUT/logs.tmp" -C "$MG_WORK" report && mv "$OUT/logs.tmp" "$OUT/logs.tar"
+}
+keep_shipping() {  # $OUT/logs.tar refreshed every 15 s, so that a call cut short still brings back what was written
+  while sleep 15; do ship_report 2>/dev/null || true; done &
+  shipper=$!
+  trap 'kill $shipper 2>/dev/null; ship_report' EXIT
+}
 train() {  # every variant side by side, for the call's time less $1 seconds
   [ -d "$MG_WORK/runs/encode" ] || { echo "run the prepare call first, on this machine" >&2; exit 2; }
   local minutes pids=() v out extra resume failed=0
   for v in $variants; do variant_options "$v" > /dev/null; done  # every name checked before anything starts
   [ -d "$teacher" ] || model_folder "$shipped" models/next/dit-mapped-motion/dit.safetensors "$teacher"
   minutes=$(python3 -c "print(round(($(left) - 25 - $1) / 60, 2))")
+  mkdir -p "$report"
   for v in $variants; do
     read -r -a extra <<< "$(variant_options "$v" | tr '\n' ' ')"
     out=$MG_WORK/cont_$v
     resume=(); [ -d "$out/distill/checkpoints" ] && resume=(--resume)
     cli train distill --data "$MG_WORK/runs/encode" --init "$shipped" --teacher "$teacher" --out "$out" \
       --minutes "$minutes" --steps "${MG_STEPS:-120}" --lr "${MG_LR:-1e-5}" --warmup-steps 10 --workers 3 \
-      --check-clips 32 --no-progress $recipe "${extra[@]}" "${resume[@]}" > "$MG_WORK/train_$v.txt" 2>&1 &
+      --check-clips 32 --no-progress $recipe "${extra[@]}" "${resume[@]}" > "$report/train_$v.txt" 2>&1 &
     pids+=($!)
   done
   for pid in "${pids[@]}"; do wait "$pid" || { echo "a variant failed"; failed=1; }; done
-  mkdir -p "$OUT/logs"
   for v in $variants; do
-    tail -n 3 "$MG_WORK/train_$v.txt"
-    cp "$MG_WORK/train_$v.txt" "$OUT/logs/" && cp "$MG_WORK/cont_$v/distill/log.jsonl" "$OUT/logs/${v}_log.jsonl" || true
-    cp "$MG_WORK/cont_$v/distill/result.json" "$OUT/logs/${v}_result.json" 2>/dev/null || true
+    tail -n 3 "$report/train_$v.txt"
+    cp "$MG_WORK/cont_$v/distill/log.jsonl" "$report/${v}_log.jsonl" 2>/dev/null || true
+    cp "$MG_WORK/cont_$v/distill/result.json" "$report/${v}_result.json" 2>/dev/null || true
   done
   return $failed
 }
-evaluate() {  # every trained variant's eval side by side; reports, logs and the judged variants' DiTs in $OUT
-  local pids=() v trained=()
+evaluate() {  # every trained variant's eval side by side, stopped at the call's end; reports and DiTs in $OUT
+  local pids=() v trained=() budget
   for v in $variants; do
     if [ -d "$MG_WORK/cont_$v/distill/model" ]; then trained+=("$v"); else echo "no model of $v: left out" >&2; fi
   done
   [ ${#trained[@]} -gt 0 ] || { echo "no variant has a model: run the train call first" >&2; exit 2; }
+  budget=$(($(left) - ${MG_PACK_SECONDS:-30}))  # what is left of the call, less the packing
+  [ "$budget" -gt 0 ] || { echo "no time left in this call to evaluate: call eval again" >&2; exit 2; }
+  mkdir -p "$report"
   for v in "${trained[@]}"; do
-    MG_EVAL_MODEL=$MG_WORK/cont_$v/distill/model MG_EVAL_OUT=$MG_WORK/eval_$v \
-      pipeline eval > "$MG_WORK/eval_$v.txt" 2>&1 &
+    (  # each report joins $report as soon as it is written
+      MG_EVAL_MODEL=$MG_WORK/cont_$v/distill/model MG_EVAL_OUT=$MG_WORK/eval_$v \
+        timeout "$budget" bash scripts/device_pipeline.sh eval > "$report/eval_$v.txt" 2>&1 || exit 1
+      for f in "eval_$v/eval.json" "eval_$v/eval.png" "cont_$v/distill/model/config.json"; do
+        cp "$MG_WORK/$f" "$report/${v}_${f##*/}"
+      done
+    ) &
     pids+=($!)
   done
-  for pid in "${pids[@]}"; do wait "$pid" || echo "an eval failed"; done
+  for pid in "${pids[@]}"; do wait "$pid" || echo "an eval failed or ran out of time"; done
   rm -rf /tmp/judged && mkdir -p /tmp/judged
   for v in "${trained[@]}"; do
-    tail -n 2 "$MG_WORK/eval_$v.txt"
-    mkdir -p "/tmp/judged/$v"
-    cp "$MG_WORK/eval_$v"/eval.{json,png} "$MG_WORK/eval_$v.txt" "/tmp/judged/$v/" || true
-    cp "$MG_WORK/cont_$v/distill/log.jsonl" "$MG_WORK/cont_$v/distill/model/config.json" "/tmp/judged/$v/" || true
-    if [ "$v" != control ]; then
-      python3 scripts/pack_model.py --cast "$MG_WORK/cont_$v/distill/model/dit.safetensors" "/tmp/judged/$v/dit.safetensors"
+    tail -n 2 "$report/eval_$v.txt"
+    if [ "$v" != control ] && [ -f "$report/${v}_eval.json" ]; then
+      python3 scripts/pack_model.py --cast "$MG_WORK/cont_$v/distill/model/dit.safetensors" "/tmp/judged/${v}_dit.safetensors"
     fi
   done
   tar cf - -C /tmp judged | split -b 15M - "$OUT/judged.tar.part" && ls -la "$OUT"
@@ -93,8 +111,8 @@ case ${1:?give prepare, train, eval or both} in
     cp models/doom-small/start_*.png "$shipped/"
     [ -d "$MG_WORK/runs/encode" ] || MG_ENCODE_INIT=$shipped pipeline encode:3
     du -sh "$MG_WORK"/* ;;
-  train) train 0 ;;
-  eval) evaluate ;;
-  both) train "${MG_EVAL_SECONDS:-210}" || echo "evaluating the variants that finished"; evaluate ;;
+  train) keep_shipping; train 0 ;;
+  eval) keep_shipping; evaluate ;;
+  both) keep_shipping; train "${MG_EVAL_SECONDS:-210}" || echo "evaluating the variants that finished"; evaluate ;;
   *) echo "unknown call $1 (prepare, train, eval or both)" >&2; exit 2 ;;
 esac

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -79,4 +80,23 @@ def test_the_device_script_names_an_unknown_variant_before_anything_starts(tmp_p
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 2 and f"unknown variant {variant.split()[-1]} (control, judgeW or floorW)" in done.stderr
-    assert not (tmp_path / "work" / "train_judge1.txt").exists(), "nothing may start before every name is checked"
+    assert not (tmp_path / "work" / "report").exists(), "nothing may start before every name is checked"
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_the_device_script_brings_back_the_logs_of_a_call_with_no_time_left_to_evaluate(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    for variant in ("control", "judge1"):
+        (work / f"cont_{variant}" / "distill" / "model").mkdir(parents=True)
+    (work / "report").mkdir()
+    (work / "report" / "train_judge1.txt").write_text("distill model at step 40 written\n")
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "device_judged_student.sh"), "eval"],
+        env={**os.environ, "MG_WORK": str(work), "OUT": str(out), "MG_VARIANTS": "control judge1",
+             "MG_CALL_SECONDS": "20", "MG_PACK_SECONDS": "30"},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and "no time left in this call to evaluate: call eval again" in done.stderr
+    with tarfile.open(out / "logs.tar") as shipped:
+        assert shipped.extractfile("report/train_judge1.txt").read() == b"distill model at step 40 written\n"
+    assert sorted(p.name for p in out.iterdir()) == ["logs.tar"], "only the finished archive, no partial one"
