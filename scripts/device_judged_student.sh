@@ -8,8 +8,9 @@
 #                                                  # variant of $MG_VARIANTS side by side for the rest of the call
 #                                                  # (resumes on a second call)
 #   bash scripts/device_judged_student.sh eval     # `eval` of every variant (10 minutes of drift), side by side,
-#                                                  # stopped at the call's end; the judged variants' DiTs (bfloat16)
-#                                                  # in $OUT/judged.tar.part*
+#                                                  # stopped at the call's end; the judged variants' DiTs (bfloat16;
+#                                                  # the control's too if its eval did not finish; two at most) in
+#                                                  # $OUT/judged.tar.part*
 #   bash scripts/device_judged_student.sh both     # train, then eval, in one call (the training ~3.5 minutes shorter)
 # The train, eval and both calls keep $OUT/logs.tar up to date every 15 s with the training logs and the eval reports
 # written so far, so that a call cut short still brings back what it did.
@@ -96,9 +97,12 @@ evaluate() {  # every trained variant's eval side by side, stopped at the call's
   done
   for pid in "${pids[@]}"; do wait "$pid" || echo "an eval failed or ran out of time"; done
   rm -rf /tmp/judged && mkdir -p /tmp/judged
-  for v in "${trained[@]}"; do
-    tail -n 2 "$report/eval_$v.txt"
-    if [ "$v" != control ] && [ -f "$report/${v}_eval.json" ]; then
+  for v in "${trained[@]}"; do tail -n 2 "$report/eval_$v.txt"; done
+  # the judged variants' DiTs (bfloat16, 24 MB each), then the control's if its eval did not finish, so that an eval
+  # cut short can be run again elsewhere; two at most, the most that $OUT brings back
+  for v in "${trained[@]}" control; do
+    [ "$(ls /tmp/judged | wc -l)" -lt 2 ] && [ ! -f "/tmp/judged/${v}_dit.safetensors" ] || continue
+    if { [ "$v" != control ] || [ ! -f "$report/control_eval.json" ]; } && [ -d "$MG_WORK/cont_$v/distill/model" ]; then
       python3 scripts/pack_model.py --cast "$MG_WORK/cont_$v/distill/model/dit.safetensors" "/tmp/judged/${v}_dit.safetensors"
     fi
   done
