@@ -77,7 +77,7 @@ train() {  # every variant side by side, for the call's time less $1 seconds
   return $failed
 }
 evaluate() {  # every trained variant's eval side by side, stopped at the call's end; reports and DiTs in $OUT
-  local pids=() v trained=() budget
+  local pids=() v trained=() packed=() budget
   for v in $variants; do
     if [ -d "$MG_WORK/cont_$v/distill/model" ]; then trained+=("$v"); else echo "no model of $v: left out" >&2; fi
   done
@@ -100,11 +100,10 @@ evaluate() {  # every trained variant's eval side by side, stopped at the call's
   for v in "${trained[@]}"; do tail -n 2 "$report/eval_$v.txt"; done
   # the judged variants' DiTs (bfloat16, 24 MB each), then the control's if its eval did not finish, so that an eval
   # cut short can be run again elsewhere; two at most, the most that $OUT brings back
-  for v in "${trained[@]}" control; do
-    [ "$(ls /tmp/judged | wc -l)" -lt 2 ] && [ ! -f "/tmp/judged/${v}_dit.safetensors" ] || continue
-    if { [ "$v" != control ] || [ ! -f "$report/control_eval.json" ]; } && [ -d "$MG_WORK/cont_$v/distill/model" ]; then
-      python3 scripts/pack_model.py --cast "$MG_WORK/cont_$v/distill/model/dit.safetensors" "/tmp/judged/${v}_dit.safetensors"
-    fi
+  for v in "${trained[@]}"; do [ "$v" = control ] || packed+=("$v"); done
+  [[ " ${trained[*]} " == *" control "* ]] && [ ! -f "$report/control_eval.json" ] && packed+=(control)
+  for v in "${packed[@]:0:2}"; do
+    python3 scripts/pack_model.py --cast "$MG_WORK/cont_$v/distill/model/dit.safetensors" "/tmp/judged/${v}_dit.safetensors"
   done
   tar cf - -C /tmp judged | split -b 15M - "$OUT/judged.tar.part" && ls -la "$OUT"
 }

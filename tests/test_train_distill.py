@@ -292,11 +292,12 @@ def test_a_pixel_judge_with_a_floor_counts_each_window_only_above_the_recorded_c
 
     other = batch.latents + 0.5 * torch.randn(batch.latents.shape, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        own = judged.judge.window_losses(vae.decode_unnormalised(vae.denormalise(other)), batch.keyboard, batch.mouse)
+        other_video = vae.decode_unnormalised(vae.denormalise(other))
+        own = judged.judge.window_losses(other_video, batch.keyboard, batch.mouse)
         floor = judged.judge.window_losses(
             vae.decode_unnormalised(vae.denormalise(batch.latents)), batch.keyboard, batch.mouse
         )
-        whole = judged.judge.loss(vae.decode_unnormalised(vae.denormalise(other)), batch.keyboard, batch.mouse)
+        whole = judged.judge.loss(other_video, batch.keyboard, batch.mouse)
     assert (own > floor).any() and (own < floor).any(), "the case should have windows on both sides"
     expected = (own - floor).clamp(min=0).sum(1).mean()
     assert float(judged.loss(other, batch.keyboard, batch.mouse, batch.latents)) == pytest.approx(

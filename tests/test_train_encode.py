@@ -92,9 +92,8 @@ def test_resume_writes_only_the_missing_shards(encoded, dataset, model, tmp_path
     original = read_state_dict(encoded / "train" / last.name)
     rewritten = read_state_dict(last)
     assert set(rewritten) == set(original)
-    for (
-        key
-    ) in original:  # the encoder's float32 sums may differ by rounding, stored in bfloat16: one step apart at most
+    # the encoder's float32 sums may differ by rounding, stored in bfloat16: one step apart at most
+    for key in original:
         if key in ("latents", "image_latents"):
             torch.testing.assert_close(rewritten[key].float(), original[key].float(), rtol=2**-7, atol=1e-6)
         else:  # copied from the recording
