@@ -6,7 +6,8 @@
 #                                                  # encode with the shipped VAE, keep the shipped model in $MG_WORK
 #   bash scripts/device_judged_student.sh train    # carry the teacher's DiT (models/next/dit-mapped-motion): every
 #                                                  # variant of $MG_VARIANTS side by side for the rest of the call
-#                                                  # (resumes on a second call)
+#                                                  # (resumes on a second call); their DiTs packed as by eval, so
+#                                                  # that eval can run on another machine if this one goes back
 #   bash scripts/device_judged_student.sh eval     # `eval` of every variant (10 minutes of drift), side by side,
 #                                                  # stopped at the call's end; the judged variants' DiTs (bfloat16;
 #                                                  # the control's too if its eval did not finish; two at most) in
@@ -76,11 +77,26 @@ train() {  # every variant side by side, for the call's time less $1 seconds
   done
   return $failed
 }
-evaluate() {  # every trained variant's eval side by side, stopped at the call's end; reports and DiTs in $OUT
-  local pids=() v trained=() packed=() budget
+trained_variants() {  # the variants of $variants that have a trained model, one a line
+  local v
   for v in $variants; do
-    if [ -d "$MG_WORK/cont_$v/distill/model" ]; then trained+=("$v"); else echo "no model of $v: left out" >&2; fi
+    if [ -d "$MG_WORK/cont_$v/distill/model" ]; then echo "$v"; else echo "no model of $v: left out" >&2; fi
   done
+}
+pack() {  # the judged variants' DiTs of $@ (bfloat16, 24 MB each), then the control's if it has no eval report, in
+  # $OUT/judged.tar.part*, so that an eval not run or cut short can be run elsewhere; two at most, what $OUT brings back
+  local v packed=()
+  for v in "$@"; do [ "$v" = control ] || packed+=("$v"); done
+  [[ " $* " == *" control "* ]] && [ ! -f "$report/control_eval.json" ] && packed+=(control)
+  rm -rf /tmp/judged && mkdir -p /tmp/judged "$OUT"
+  for v in "${packed[@]:0:2}"; do
+    python3 scripts/pack_model.py --cast "$MG_WORK/cont_$v/distill/model/dit.safetensors" "/tmp/judged/${v}_dit.safetensors"
+  done
+  tar cf - -C /tmp judged | split -b 15M - "$OUT/judged.tar.part" && ls -la "$OUT"
+}
+evaluate() {  # every trained variant's eval side by side, stopped at the call's end; reports and DiTs in $OUT
+  local pids=() v trained budget
+  mapfile -t trained < <(trained_variants)
   [ ${#trained[@]} -gt 0 ] || { echo "no variant has a model: run the train call first" >&2; exit 2; }
   budget=$(($(left) - ${MG_PACK_SECONDS:-30}))  # what is left of the call, less the packing
   [ "$budget" -gt 0 ] || { echo "no time left in this call to evaluate: call eval again" >&2; exit 2; }
@@ -96,16 +112,8 @@ evaluate() {  # every trained variant's eval side by side, stopped at the call's
     pids+=($!)
   done
   for pid in "${pids[@]}"; do wait "$pid" || echo "an eval failed or ran out of time"; done
-  rm -rf /tmp/judged && mkdir -p /tmp/judged
   for v in "${trained[@]}"; do tail -n 2 "$report/eval_$v.txt"; done
-  # the judged variants' DiTs (bfloat16, 24 MB each), then the control's if its eval did not finish, so that an eval
-  # cut short can be run again elsewhere; two at most, the most that $OUT brings back
-  for v in "${trained[@]}"; do [ "$v" = control ] || packed+=("$v"); done
-  [[ " ${trained[*]} " == *" control "* ]] && [ ! -f "$report/control_eval.json" ] && packed+=(control)
-  for v in "${packed[@]:0:2}"; do
-    python3 scripts/pack_model.py --cast "$MG_WORK/cont_$v/distill/model/dit.safetensors" "/tmp/judged/${v}_dit.safetensors"
-  done
-  tar cf - -C /tmp judged | split -b 15M - "$OUT/judged.tar.part" && ls -la "$OUT"
+  pack "${trained[@]}"
 }
 case ${1:?give prepare, train, eval or both} in
   prepare)
@@ -114,7 +122,9 @@ case ${1:?give prepare, train, eval or both} in
     cp models/doom-small/start_*.png "$shipped/"
     [ -d "$MG_WORK/runs/encode" ] || MG_ENCODE_INIT=$shipped pipeline encode:3
     du -sh "$MG_WORK"/* ;;
-  train) keep_shipping; train 0 ;;
+  train) keep_shipping; train "${MG_PACK_SECONDS:-30}" || echo "packing the variants that finished"
+    mapfile -t finished < <(trained_variants)
+    if [ ${#finished[@]} -gt 0 ]; then pack "${finished[@]}"; else echo "no variant has a model" >&2; exit 1; fi ;;
   eval) keep_shipping; evaluate ;;
   both) keep_shipping; train "${MG_EVAL_SECONDS:-210}" || echo "evaluating the variants that finished"; evaluate ;;
   *) echo "unknown call $1 (prepare, train, eval or both)" >&2; exit 2 ;;
