@@ -1,5 +1,5 @@
 """scripts/judge_transfer_pilot.py on a tiny model: what a judge's gradient does to generated clips, read by
-another judge, and `device_judged_student.sh`'s refusals before any work."""
+another judge, and `device_judged_student.sh`'s refusals before any work and what its calls bring back."""
 
 import json
 import os
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from script_module import load_script
 from tiny_clips import write_latent_dataset
 from tiny_model import tiny_model_config, write_tiny_model
@@ -100,3 +101,34 @@ def test_the_device_script_brings_back_the_logs_of_a_call_with_no_time_left_to_e
     with tarfile.open(out / "logs.tar") as shipped:
         assert shipped.extractfile("report/train_judge1.txt").read() == b"distill model at step 40 written\n"
     assert sorted(p.name for p in out.iterdir()) == ["logs.tar"], "only the finished archive, no partial one"
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_the_device_script_packs_the_models_a_train_call_leaves_even_when_this_call_trained_nothing(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "runs" / "encode").mkdir(parents=True)
+    (work / "teacher").mkdir()
+    weights = {"control": torch.linspace(-1, 1, 12).reshape(3, 4), "judge1": torch.arange(6.0).reshape(2, 3) / 7}
+    for variant, weight in weights.items():  # models an earlier call trained
+        model = work / f"cont_{variant}" / "distill" / "model"
+        model.mkdir(parents=True)
+        save_file({"blocks.0.weight": weight, "step": torch.tensor([3])}, model / "dit.safetensors")
+    done = subprocess.run(  # this call's distillations fail at once: no shipped model, and no time
+        ["bash", str(ROOT / "scripts" / "device_judged_student.sh"), "train"],
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+             "MG_WORK": str(work), "OUT": str(out), "MG_VARIANTS": "control judge1", "MG_CALL_SECONDS": "1"},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0 and "a variant failed" in done.stdout, done.stdout + done.stderr
+    assert "packing the variants that finished" in done.stdout
+    with tarfile.open(out / "logs.tar") as shipped:
+        assert {"report/train_control.txt", "report/train_judge1.txt"} <= set(shipped.getnames())
+    pieces = sorted(out.glob("judged.tar.part*"))
+    assert pieces and sorted(p.name for p in out.iterdir()) == sorted(["logs.tar", *(p.name for p in pieces)])
+    (tmp_path / "joined.tar").write_bytes(b"".join(p.read_bytes() for p in pieces))
+    with tarfile.open(tmp_path / "joined.tar") as packed:
+        packed.extractall(tmp_path / "back", filter="data")
+    for variant, weight in weights.items():  # the judged variant first, the control's too (it has no eval report)
+        back = load_file(tmp_path / "back" / "judged" / f"{variant}_dit.safetensors")
+        assert back["blocks.0.weight"].dtype == torch.bfloat16 and torch.equal(back["step"], torch.tensor([3]))
+        assert torch.equal(back["blocks.0.weight"], weight.bfloat16())
