@@ -59,7 +59,10 @@ train() {  # every variant side by side, for the call's time less $1 seconds
   for v in $variants; do variant_options "$v" > /dev/null; done  # every name checked before anything starts
   [ -d "$teacher" ] || model_folder "$shipped" models/next/dit-mapped-motion/dit.safetensors "$teacher"
   minutes=$(python3 -c "print(round(($(left) - 25 - $1) / 60, 2))")
-  mkdir -p "$report"
+  mkdir -p "$report/earlier"
+  for v in $variants; do  # an earlier call's eval reports score models this call trains further: set aside, so that
+    for f in "$report/${v}"_{eval.json,eval.png,config.json}; do [ ! -f "$f" ] || mv "$f" "$report/earlier/"; done
+  done  # the control's new DiT is packed (a control with a report is not)
   for v in $variants; do
     read -r -a extra <<< "$(variant_options "$v" | tr '\n' ' ')"
     out=$MG_WORK/cont_$v

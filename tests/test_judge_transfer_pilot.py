@@ -113,6 +113,8 @@ def test_the_device_script_packs_the_models_a_train_call_leaves_even_when_this_c
         model = work / f"cont_{variant}" / "distill" / "model"
         model.mkdir(parents=True)
         save_file({"blocks.0.weight": weight, "step": torch.tensor([3])}, model / "dit.safetensors")
+    (work / "report").mkdir()
+    (work / "report" / "control_eval.json").write_text('{"scored": "the model before this call"}')
     done = subprocess.run(  # this call's distillations fail at once: no shipped model, and no time
         ["bash", str(ROOT / "scripts" / "device_judged_student.sh"), "train"],
         env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -123,12 +125,14 @@ def test_the_device_script_packs_the_models_a_train_call_leaves_even_when_this_c
     assert "packing the variants that finished" in done.stdout
     with tarfile.open(out / "logs.tar") as shipped:
         assert {"report/train_control.txt", "report/train_judge1.txt"} <= set(shipped.getnames())
+        assert "report/control_eval.json" not in shipped.getnames(), "a report of the model before this call"
+        assert b"before this call" in shipped.extractfile("report/earlier/control_eval.json").read()
     pieces = sorted(out.glob("judged.tar.part*"))
     assert pieces and sorted(p.name for p in out.iterdir()) == sorted(["logs.tar", *(p.name for p in pieces)])
     (tmp_path / "joined.tar").write_bytes(b"".join(p.read_bytes() for p in pieces))
     with tarfile.open(tmp_path / "joined.tar") as packed:
         packed.extractall(tmp_path / "back", filter="data")
-    for variant, weight in weights.items():  # the judged variant first, the control's too (it has no eval report)
+    for variant, weight in weights.items():  # the judged variant first, the control's too (its report was set aside)
         back = load_file(tmp_path / "back" / "judged" / f"{variant}_dit.safetensors")
         assert back["blocks.0.weight"].dtype == torch.bfloat16 and torch.equal(back["step"], torch.tensor([3]))
         assert torch.equal(back["blocks.0.weight"], weight.bfloat16())
