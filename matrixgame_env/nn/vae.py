@@ -36,6 +36,7 @@ from .causal_conv import (
     set_upsample_mode,
     use_transposed_upsampling,
 )
+from .frame_actions import FrameModulation
 from .fusion import channel_bias_add
 from .vae_cache import DecoderCache, FeatureCache
 
@@ -81,6 +82,7 @@ _CONFIG_KEYS = (
     "latent_mean",
     "latent_std",
     "decoder_dim",
+    "decoder_frame_actions",
 )
 # The official code spells this argument "temperal"; accept its configs as they are.
 _OFFICIAL_SPELLINGS = {"temperal_downsample": "temporal_downsample"}
@@ -325,6 +327,7 @@ class Decoder(nn.Module):
         num_res_blocks: int,
         attn_scales: Sequence[float],
         temporal_upsample: Sequence[bool],
+        frame_action_features: int = 0,
     ) -> None:
         super().__init__()
         widths = [dim * dim_mult[-1]] + [dim * multiple for multiple in reversed(dim_mult)]
@@ -348,17 +351,40 @@ class Decoder(nn.Module):
         self.upsamples = nn.ModuleList(layers)
         self.head = nn.Sequential(RMSNorm(width), nn.SiLU(), CausalConv3d(width, 3, 3))
         self.num_cache_slots = _assign_cache_slots(self)
+        # Shown each video frame's recent actions (nn/frame_actions.py): a modulation after every
+        # upsampler from the last temporal one on, where frames are video frames. Absent by default.
+        self.frame_modulations: nn.ModuleDict | None = None
+        if frame_action_features > 0:
+            all_layers = [*self.middle, *self.upsamples]
+            self.frame_modulations = nn.ModuleDict(
+                {
+                    str(index): FrameModulation(layer.resample[1].out_channels, frame_action_features)
+                    for index, layer in enumerate(all_layers)
+                    if isinstance(layer, Upsample) and index >= self._frame_preserving_tail(all_layers) - 1
+                }
+            )
 
-    def forward(self, x: torch.Tensor, cache: FeatureCache, last_frames: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: FeatureCache,
+        last_frames: int | None = None,
+        frame_actions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """`last_frames`: only the chunk's last `last_frames` video frames. The layers after the last
         temporal upsampler (frames map one to one there) then compute only the frames those depend
-        on; the cache moves on exactly as when decoding every frame."""
+        on; the cache moves on exactly as when decoding every frame. `frame_actions`: for a decoder
+        shown the actions, the features [B, T, F] of the chunk's T video frames
+        (`frame_action_features`); refused by a decoder without."""
         check_last_frames(last_frames)
+        modulations = self._modulations(frame_actions)
         x = self.conv1(x, cache)
         layers = [*self.middle, *self.upsamples]
         first_trimmed = len(layers) if last_frames is None else self._frame_preserving_tail(layers)
-        for layer in layers[:first_trimmed]:
+        for index, layer in enumerate(layers[:first_trimmed]):
             x = layer(x, cache)
+            if index in modulations:
+                x = modulations[index](x, frame_actions)
         norm, _, conv = self.head
         if last_frames is None:
             return conv.forward_normed(x, norm, cache)
@@ -368,9 +394,28 @@ class Decoder(nn.Module):
             keeps.append(min(needed, x.shape[2]))
             needed = layer.input_frames(keeps[-1])
         *tail, head = reversed(keeps)
-        for layer, keep in zip(layers[first_trimmed:], tail):
+        for index, (layer, keep) in enumerate(zip(layers[first_trimmed:], tail), start=first_trimmed):
             x = layer(x, cache, keep)
+            if index in modulations:
+                x = modulations[index](x, frame_actions)
         return conv.forward_normed(x, norm, cache, keep=head)
+
+    @property
+    def shown_actions(self) -> bool:
+        """Whether this decoder takes each video frame's action features (`frame_actions`)."""
+        return self.frame_modulations is not None
+
+    def _modulations(self, frame_actions: torch.Tensor | None) -> dict[int, FrameModulation]:
+        if self.frame_modulations is None:
+            if frame_actions is not None:
+                raise ValueError("this decoder is not shown actions (decoder_frame_actions 0): give no frame_actions")
+            return {}
+        if frame_actions is None:
+            raise ValueError(
+                "this decoder is shown each video frame's actions: give frame_actions [B, T, F] "
+                "(nn.frame_actions.frame_action_features)"
+            )
+        return {int(index): module for index, module in self.frame_modulations.items()}
 
     @staticmethod
     def _frame_preserving_tail(layers: list[nn.Module]) -> int:
@@ -448,9 +493,12 @@ class WanVAE(nn.Module):
         latent_mean: Sequence[float] = WAN21_LATENT_MEAN,
         latent_std: Sequence[float] = WAN21_LATENT_STD,
         decoder_dim: int | None = None,
+        decoder_frame_actions: int = 0,
     ) -> None:
         super().__init__()
         decoder_dim = dim if decoder_dim is None else decoder_dim
+        if decoder_frame_actions < 0:
+            raise ValueError(f"decoder_frame_actions must be 0 (off) or a feature count, got {decoder_frame_actions}")
         if dim < 1 or decoder_dim < 1:
             raise ValueError(f"dim and decoder_dim must be positive, got {dim} and {decoder_dim}")
         if len(temporal_downsample) != len(dim_mult) - 1:
@@ -475,6 +523,8 @@ class WanVAE(nn.Module):
         }
         if decoder_dim != dim:  # the official models share one width; only a narrower or wider decoder says so
             self._config["decoder_dim"] = int(decoder_dim)
+        if decoder_frame_actions:  # ours only: a decoder shown each frame's actions (nn/frame_actions.py)
+            self._config["decoder_frame_actions"] = int(decoder_frame_actions)
         self.z_dim = z_dim
         self._decoder_channels_last = False  # see set_decoder_channels_last
         self._decoder_runner: DecoderRunner | None = None  # see set_decoder_runner
@@ -486,7 +536,13 @@ class WanVAE(nn.Module):
         self.conv1 = nn.Conv3d(2 * z_dim, 2 * z_dim, 1)  # encoder output -> mean | log-variance
         self.conv2 = nn.Conv3d(z_dim, z_dim, 1)  # first layer of decoding
         self.decoder = Decoder(
-            decoder_dim, z_dim, dim_mult, num_res_blocks, attn_scales, tuple(reversed(temporal_downsample))
+            decoder_dim,
+            z_dim,
+            dim_mult,
+            num_res_blocks,
+            attn_scales,
+            tuple(reversed(temporal_downsample)),
+            decoder_frame_actions,
         )
         # Not in the checkpoint: constants of the latent space, kept with the model.
         self.register_buffer("latent_mean", torch.tensor(latent_mean, dtype=torch.float32), persistent=False)
@@ -739,16 +795,28 @@ class WanVAE(nn.Module):
         mu, logvar = moments.chunk(2, dim=1)
         return mu, logvar.clamp(-30.0, 20.0)
 
-    def decode_unnormalised(self, z: torch.Tensor) -> torch.Tensor:
+    def decode_unnormalised(self, z: torch.Tensor, frame_actions: torch.Tensor | None = None) -> torch.Tensor:
         """Unnormalised latents z [B, z_dim, F, h, w] -> video [B, 3, 1 + 4 (F - 1), 8h, 8w], with gradients.
 
         The decoder of `decode` (one latent per call, same first-latent rule) without normalisation or
         clamping, and in the encoder's [B, C, T, H, W] layout, so that losses see every pixel value.
+        `frame_actions` [B, 1 + 4 (F - 1), features]: each video frame's action features, for a decoder
+        shown them (`decoder_frame_actions`; see nn/frame_actions.py).
         """
         z = _checked_tensor(z, "z", "[B, z_dim, F, h, w]", channels=self.z_dim).to(device=self.device, dtype=self.dtype)
         x = self._decoder_input(z)
         cache = self.new_decoder_cache(z.shape[0])
-        return torch.cat([self.decoder(x[:, :, i : i + 1], cache) for i in range(x.shape[2])], dim=2)
+        latents, factor = x.shape[2], self.temporal_factor
+        if frame_actions is not None and tuple(frame_actions.shape[:2]) != (z.shape[0], 1 + factor * (latents - 1)):
+            raise ValueError(
+                f"frame_actions must be [B={z.shape[0]}, T={1 + factor * (latents - 1)}, features] for {latents} "
+                f"latent frames, got {tuple(frame_actions.shape)}"
+            )
+        chunks = []
+        for i in range(latents):
+            frames = None if frame_actions is None else frame_actions[:, max(0, 1 + factor * (i - 1)) : 1 + factor * i]
+            chunks.append(self.decoder(x[:, :, i : i + 1], cache, frame_actions=frames))
+        return torch.cat(chunks, dim=2)
 
     def normalise(self, mu: torch.Tensor) -> torch.Tensor:
         """Unnormalised posterior means -> the model's latents, (mu - latent_mean) / latent_std per channel."""
