@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from matrixgame_env.data.dataset import VideoClipDataset  # noqa: E402
 from matrixgame_env.eval.fidelity import clip_frames, frame_scores, horizon_frames, roll_out  # noqa: E402
 from matrixgame_env.eval.idm import judge_clips, load_idm  # noqa: E402
+from matrixgame_env.eval.intervals import paired_interval  # noqa: E402
 from matrixgame_env.eval.real_data import FrameWindows, resize_frames  # noqa: E402
 from matrixgame_env.images import to_uint8_frames  # noqa: E402
 from matrixgame_env.nn.frame_actions import frame_action_features  # noqa: E402
@@ -196,7 +197,29 @@ def judge(args: argparse.Namespace) -> None:
               f"PSNR {' / '.join(f'{v:.2f}' for v in g['psnr'].values())}; round trip keys {_fmt(r['keys'])} "
               f"yaw {_fmt(r['yaw_direction'])} PSNR {r['psnr'].get('1s', float('nan')):.2f}; "
               f"generated keys by phase {' / '.join(f'{v:.3f}' for v in g['by_phase']['keyboard'])}")  # fmt: skip
+    if len(args.decoders) > 1:  # each later decoder against the first (the control), clip by clip
+        first = str(args.decoders[0])
+        report["against_first"] = {str(f): paired(report[first], report[str(f)]) for f in args.decoders[1:]}
+        for name, pairs in report["against_first"].items():
+            for kind, rows in pairs.items():
+                print(f"{name} - {first}, {kind}: " + "; ".join(f"{k} {v['text']}" for k, v in rows.items()))
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+
+
+def paired(before: dict, after: dict) -> dict:
+    """Clip-by-clip differences (after - before) of two decoders' scores with their 95 % bootstrap intervals:
+    PSNR at each horizon, the IDM's keys and yaw direction; for the generated clips and the round trip."""
+    out = {}
+    for kind in ("generated", "round_trip"):
+        a, b = before[kind], after[kind]
+        rows = {f"psnr_{label}": (a["psnr_clips"][label], b["psnr_clips"][label]) for label in a["psnr_clips"]}
+        rows["keys"] = (a["per_clip"]["keyboard"], b["per_clip"]["keyboard"])
+        rows["yaw_direction"] = (a["per_clip"]["yaw_direction"], b["per_clip"]["yaw_direction"])
+        out[kind] = {}
+        for name, (x, y) in rows.items():
+            interval = paired_interval(x, y)
+            out[kind][name] = {**interval.as_dict(), "text": interval.format(3 if "psnr" not in name else 2)}
+    return out
 
 
 def _fmt(value: float) -> str:

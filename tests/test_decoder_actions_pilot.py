@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from script_module import load_script
@@ -57,5 +58,12 @@ def test_the_pilot_trains_both_decoders_and_reads_what_each_draws(tmp_path_facto
             scores = report[name][kind]
             assert list(scores["psnr"]) == ["0.5s", "1s"] and len(scores["psnr_clips"]["1s"]) == 2
             assert 0 <= scores["keys"] <= 1 and len(scores["by_phase"]["keyboard"]) == 4
+    pairs = report["against_first"][decoders[1]]
+    for kind in ("generated", "round_trip"):
+        keys = pairs[kind]["keys"]
+        actions, control = report[decoders[1]][kind]["per_clip"], report[decoders[0]][kind]["per_clip"]
+        difference = sum(a - c for a, c in zip(actions["keyboard"], control["keyboard"])) / 2
+        assert keys["mean"] == pytest.approx(difference) and keys["low"] <= keys["mean"] <= keys["high"]
+        assert set(pairs[kind]) == {"psnr_0.5s", "psnr_1s", "keys", "yaw_direction"}
     printed = capsys.readouterr().out
     assert all(f"{name}: generated keys" in printed for name in decoders)
