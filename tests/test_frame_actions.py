@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_model import tiny_model_config, tiny_modules
 
 from matrixgame_env.nn.frame_actions import MOUSE_SCALE, FrameModulation, frame_action_features
 from matrixgame_env.nn.vae import WanVAE
+from matrixgame_env.world.model import WorldModel
 
 TINY = {"dim": 8, "z_dim": 4, "dim_mult": (1, 2, 2, 2), "num_res_blocks": 1, "latent_mean": [0.0] * 4,
         "latent_std": [1.0] * 4}  # fmt: skip
@@ -110,3 +112,12 @@ def test_decoding_refuses_actions_a_decoder_is_not_shown_and_misses_those_it_is(
             shown.decode_unnormalised(z, features[:, :8])
     with pytest.raises(ValueError, match="decoder_frame_actions must be"):
         WanVAE(**TINY, decoder_frame_actions=-1)
+
+
+def test_a_world_model_refuses_a_decoder_it_cannot_stream_the_actions_to():
+    config = tiny_model_config()
+    dit, vae, clip = tiny_modules(config)
+    shown = WanVAE.from_config({**vae.config, "decoder_frame_actions": 6})
+    with pytest.raises(ValueError, match="does not stream; decode its latents with"):
+        WorldModel(dit, shown, clip, config)
+    assert WorldModel(dit, vae, clip, config).vae is vae

@@ -43,6 +43,11 @@ class WorldModel:
         config: ModelConfig,
         folder: str | os.PathLike | None = None,
     ) -> None:
+        if vae.decoder.shown_actions:
+            raise ValueError(
+                "this VAE's decoder is shown each frame's actions (vae config decoder_frame_actions), which a world "
+                "model does not stream; decode its latents with WanVAE.decode_unnormalised(z, frame_actions)"
+            )
         self.dit, self.vae, self.clip, self.config = dit, vae, clip, config
         self.folder = Path(folder) if folder is not None else None
         self.sampler = StreamingSampler(dit, SamplerConfig.from_dict(config.sampler), latent_size=config.latent_size)
