@@ -356,11 +356,12 @@ class Decoder(nn.Module):
         self.frame_modulations: nn.ModuleDict | None = None
         if frame_action_features > 0:
             all_layers = [*self.middle, *self.upsamples]
+            last_temporal = self._frame_preserving_tail(all_layers) - 1  # -1 without temporal upsamplers
             self.frame_modulations = nn.ModuleDict(
                 {
                     str(index): FrameModulation(layer.resample[1].out_channels, frame_action_features)
                     for index, layer in enumerate(all_layers)
-                    if isinstance(layer, Upsample) and index >= self._frame_preserving_tail(all_layers) - 1
+                    if isinstance(layer, Upsample) and index >= last_temporal
                 }
             )
 
