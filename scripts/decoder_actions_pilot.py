@@ -127,8 +127,8 @@ def eval_clips(world: WorldModel, data: str, clips: int, horizon_s: float, val_f
     return {"real": real, "keyboard": items["keyboard"], "mouse": items["mouse"]}
 
 
+@torch.no_grad()
 def latents(args: argparse.Namespace) -> None:
-    torch.set_grad_enabled(False)
     world = WorldModel.from_pretrained(args.model, device="cpu", dtype=torch.float32)
     items = eval_clips(world, args.data, args.clips, args.horizon_s, args.val_fraction)
     generated = roll_out(world, world.step_latents, 2, items["real"][:, 0], items["keyboard"], items["mouse"],
@@ -173,8 +173,8 @@ def scores(real: torch.Tensor, frames: torch.Tensor, fps: float, judge, keyboard
     }
 
 
+@torch.no_grad()
 def judge(args: argparse.Namespace) -> None:
-    torch.set_grad_enabled(False)
     world = WorldModel.from_pretrained(args.model, device="cpu", dtype=torch.float32)
     saved = torch.load(args.generated, weights_only=True)
     real, keyboard, mouse = saved["real"], saved["keyboard"], saved["mouse"]

@@ -65,5 +65,6 @@ def test_the_pilot_trains_both_decoders_and_reads_what_each_draws(tmp_path_facto
         difference = sum(a - c for a, c in zip(actions["keyboard"], control["keyboard"])) / 2
         assert keys["mean"] == pytest.approx(difference) and keys["low"] <= keys["mean"] <= keys["high"]
         assert set(pairs[kind]) == {"psnr_0.5s", "psnr_1s", "keys", "yaw_direction"}
+    assert torch.is_grad_enabled()  # the script's no-grad parts leave the caller's mode alone
     printed = capsys.readouterr().out
     assert all(f"{name}: generated keys" in printed for name in decoders)
