@@ -79,9 +79,10 @@ def train(args: argparse.Namespace) -> None:
     clips = VideoClipDataset(args.data, clip_frames=args.clip_frames, split="train", val_fraction=args.val_fraction,
                              size=tuple(args.size))  # fmt: skip
     generator = torch.Generator().manual_seed(args.seed)
-    params = [p for p in vae.parameters() if p.requires_grad]
-    new = [p for n, p in vae.named_parameters() if ".frame_modulations." in n]
-    old = [p for p in params if all(p is not q for q in new)]
+    new, old = [], []  # the modulations, and the rest of the decoder (the encoder half is frozen)
+    for name, p in vae.named_parameters():
+        if p.requires_grad:
+            (new if ".frame_modulations." in name else old).append(p)
     groups = [{"params": old, "lr": args.lr}] + ([{"params": new, "lr": args.lr * args.new_lr_mult}] if new else [])
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     std = torch.as_tensor(vae.config["latent_std"]).view(1, -1, 1, 1, 1)
